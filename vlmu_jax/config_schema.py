@@ -71,6 +71,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # local Hugging Face checkpoint folder (config.json + safetensors + tokenizer)
     c.model.tiny = False  # build a tiny random LLaVA + demo tokenizer instead of loading `path`
+    c.model.tiny_shape = ml_collections.ConfigDict()  # the tiny model's shape (used when tiny=True)
+    c.model.tiny_shape.text_model = "llama"  # llama | phi3
+    c.model.tiny_shape.vocab_size = 1024
+    c.model.tiny_shape.hidden_size = 128
+    c.model.tiny_shape.intermediate_size = 256
+    c.model.tiny_shape.num_layers = 2
+    c.model.tiny_shape.num_heads = 4
+    c.model.tiny_shape.vision_hidden_size = 64
+    c.model.tiny_shape.vision_layers = 2
+    c.model.tiny_shape.vision_heads = 4
+    c.model.tiny_shape.image_size = 32
+    c.model.tiny_shape.patch_size = 8
     c.model.template = "llava-1.5"  # prompt template, see vlmu_jax.data.templates
     c.model.dtype = "bfloat16"  # compute/param dtype of the loaded model
     c.model.attention = "xla"  # xla | cudnn
