@@ -1,0 +1,44 @@
+"""The command line rejects bad configs with one clear line, a non-zero exit and no files written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vlmu_jax.main", "--workdir", str(workdir), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--config", "configs/demo.py", "--config.unlearn.lrr=1"], 'Did you mean "lr"'),
+        (["--config", "configs/demo.py", "--config.unlearn.lr=abc"], "could not convert string to float"),
+        (["--config", "configs/demo.py", "--config.stages=finetune,dance"], "unknown stage(s) ['dance']"),
+        (["--config", "configs/nothere.py"], "No such file or directory: 'configs/nothere.py'"),
+        (["--config", "configs/fiubench_llava15.py:nosuchmethod"], "unknown method variant 'nosuchmethod'"),
+        (["--config", "configs/fiubench_llava15.py"], "config.model.path is empty"),
+        (["--config", "configs/fiubench_llava15.py", "--config.model.path=/no/such/ckpt"],
+         "config.model.path '/no/such/ckpt' is not a folder"),
+        (["--config", "configs/mllmu_llava15.py", "--config.model.path=/", "--config.data.root=/no/such/data"],
+         "config.data.root '/no/such/data' is not a folder"),
+    ],
+)
+def test_bad_config_is_one_line_error(tmp_path: Path, args: list[str], expected: str) -> None:
+    workdir = tmp_path / "run"
+    result = _run(args, workdir)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vlmu_jax: error: ")
+    assert expected in lines[0]
+    assert not workdir.exists()
