@@ -31,8 +31,8 @@ class Dense(nnx.Module):
         lead = ("layers",) * len(stack)
         self.kernel = nnx.Param(_normal(rngs, (*stack, din, dout), std, dtype), axes=lead + tuple(axes))
         self.bias = nnx.Param(jnp.zeros((*stack, dout), dtype), axes=lead + (axes[-1],)) if use_bias else None
-        self.lora_a: nnx.LoRAParam | None = None
-        self.lora_b: nnx.LoRAParam | None = None
+        self.lora_a: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_b: nnx.LoRAParam | None = nnx.data(None)
         self.lora_scale = 1.0
         self.lora_dropout = 0.0
         self.deterministic = True

@@ -72,7 +72,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         self.lm_head = None if t.tie_word_embeddings else nnx.Param(
             (t.init_std * jax.random.normal(rngs.params(), (t.vocab_size, t.hidden_size))).astype(dtype),
             axes=("vocab", "embed"))
-        self.lora_rngs: nnx.Rngs | None = None
+        self.lora_rngs: nnx.Rngs | None = nnx.data(None)
 
     def head_weight(self) -> jax.Array:
         """Output projection [V, D] (logits = hidden @ W.T); the embedding when tied."""
