@@ -19,19 +19,41 @@ def test_greedy_matches_hf(tmp_path, text):
     folder, hf = save_tiny(tmp_path / text, text)
     batch = tiny_batch([7, 2, 4], padding="left", seed=1)
     with torch.no_grad():
-        ref = hf.generate(input_ids=torch.tensor(batch["input_ids"]).long(),
-                          attention_mask=torch.tensor(batch["attention_mask"]).long(),
-                          pixel_values=torch.tensor(batch["pixel_values"]), max_new_tokens=NEW, do_sample=False,
-                          eos_token_id=EOS, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:].numpy()
+        ref = hf.generate(
+            input_ids=torch.tensor(batch["input_ids"]).long(),
+            attention_mask=torch.tensor(batch["attention_mask"]).long(),
+            pixel_values=torch.tensor(batch["pixel_values"]),
+            max_new_tokens=NEW,
+            do_sample=False,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )[:, batch["input_ids"].shape[1] :].numpy()
     ref = np.pad(ref, ((0, 0), (0, NEW - ref.shape[1])), constant_values=PAD)
-    got = np.asarray(generate(load_pretrained(folder), batch["input_ids"], batch["attention_mask"],
-                              batch["pixel_values"], max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD))
+    got = np.asarray(
+        generate(
+            load_pretrained(folder),
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            max_new_tokens=NEW,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
+    )
     np.testing.assert_array_equal(got, ref)
 
 
 def test_sampling_runs_and_respects_shape(tmp_path):
     folder, _ = save_tiny(tmp_path / "m", "llama")
     batch = tiny_batch([3, 5], padding="left")
-    out = generate(load_pretrained(folder), batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                   max_new_tokens=4, temperature=0.7, top_p=0.9, rng=jax.random.key(1))
+    out = generate(
+        load_pretrained(folder),
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        max_new_tokens=4,
+        temperature=0.7,
+        top_p=0.9,
+        rng=jax.random.key(1),
+    )
     assert out.shape == (2, 4) and out.dtype == np.int32

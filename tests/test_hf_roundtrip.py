@@ -1,4 +1,5 @@
-"""HF tiny -> load_pretrained -> export_hf -> transformers.from_pretrained is bit-identical; bad inputs fail clearly."""
+"""HF tiny -> load_pretrained -> export_hf -> transformers.from_pretrained is bit-identical; bad inputs
+fail clearly."""
 
 from __future__ import annotations
 

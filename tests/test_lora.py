@@ -15,7 +15,9 @@ from vlmu_jax.models.lora import apply_lora, merge_lora, trainable_filter
 
 
 def _logps(model, batch):
-    return np.asarray(token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"]))
+    return np.asarray(
+        token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    )
 
 
 def _randomize_b(model):
@@ -53,11 +55,19 @@ def test_trainable_filter_and_dropout(tmp_path):
     folder, _ = save_tiny(tmp_path / "m", "llama")
     model = load_pretrained(folder)
     apply_lora(model, rank=2, alpha=4, dropout=0.5, seed=0)
-    trainable = nnx.state(model, trainable_filter(lora=True, tune_vision_tower=False, tune_mm_projector=False,
-                                                  tune_language_model=False))
+    trainable = nnx.state(
+        model,
+        trainable_filter(
+            lora=True, tune_vision_tower=False, tune_mm_projector=False, tune_language_model=False
+        ),
+    )
     assert all(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(trainable))
-    proj = nnx.state(model, trainable_filter(lora=False, tune_vision_tower=False, tune_mm_projector=True,
-                                             tune_language_model=False))
+    proj = nnx.state(
+        model,
+        trainable_filter(
+            lora=False, tune_vision_tower=False, tune_mm_projector=True, tune_language_model=False
+        ),
+    )
     assert {p[0] for p, _ in nnx.to_flat_state(proj)} == {"multi_modal_projector"}
     _randomize_b(model)
     batch = tiny_batch([4, 4])

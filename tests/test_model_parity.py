@@ -14,8 +14,12 @@ from vlmu_jax.eval.scoring import token_logprobs
 
 
 def _jax_logprobs(model, batch, **kw):
-    return [np.asarray(x) for x in token_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                                  batch["pixel_values"], with_stats=True, **kw)]
+    return [
+        np.asarray(x)
+        for x in token_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], with_stats=True, **kw
+        )
+    ]
 
 
 @pytest.mark.parametrize("text", ["llama", "phi3"])
@@ -23,7 +27,7 @@ def test_logprobs_match_torch_with_right_padding(tmp_path, text):
     folder, hf = save_tiny(tmp_path / text, text)
     batch = tiny_batch([9, 4, 6], padding="right")
     want = torch_logprobs(hf, batch)
-    valid = (batch["attention_mask"][:, 1:] == 1)
+    valid = batch["attention_mask"][:, 1:] == 1
     assert np.ptp(want[0][valid]) > 2.0  # log-probs spread: the comparison is not trivially near-uniform
     model = load_pretrained(folder)
     got = _jax_logprobs(model, batch, chunk_size=5)
@@ -45,12 +49,13 @@ def test_old_key_layout_loads_identically(tmp_path):
     tensors = load_file(folder / "model.safetensors")
     renamed = {}
     for k, v in tensors.items():
-        k = k.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.",
-                                                                                  "vision_tower.vision_model.")
+        k = k.replace("model.language_model.", "language_model.model.").replace(
+            "model.vision_tower.", "vision_tower.vision_model."
+        )
         k = k.replace("model.multi_modal_projector.", "multi_modal_projector.")
         k = "language_model.lm_head.weight" if k == "lm_head.weight" else k
         if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
-            k = "vision_tower.vision_model." + k[len("vision_tower."):]
+            k = "vision_tower.vision_model." + k[len("vision_tower.") :]
         renamed[k] = v
     old = tmp_path / "old"
     old.mkdir()
@@ -59,5 +64,6 @@ def test_old_key_layout_loads_identically(tmp_path):
     assert any(k.startswith("language_model.model.") for k in renamed)
     assert any(k.startswith("vision_tower.vision_model.") for k in renamed)
     batch = tiny_batch([6, 2])
-    np.testing.assert_array_equal(_jax_logprobs(load_pretrained(old), batch)[0],
-                                  _jax_logprobs(load_pretrained(folder), batch)[0])
+    np.testing.assert_array_equal(
+        _jax_logprobs(load_pretrained(old), batch)[0], _jax_logprobs(load_pretrained(folder), batch)[0]
+    )

@@ -1,4 +1,5 @@
-"""On 8 fake CPU devices, mesh (data=2, fsdp=2, tensor=2): sharded models score like single-device ones and their
+"""On 8 fake CPU devices, mesh (data=2, fsdp=2, tensor=2): sharded models score like single-device ones and
+their
 big matrices really are split."""
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ from vlmu_jax.models.sharding import make_mesh
 
 
 def _logps(model, batch):
-    return np.asarray(token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"]))
+    return np.asarray(
+        token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    )
 
 
 def _assert_sharded(model):
     flat = {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
-    for path in [("language_model", "layers", "mlp", "gate_proj", "kernel"), ("language_model", "embed_tokens"),
-                 ("lm_head",), ("vision_tower", "layers", "mlp", "fc1", "kernel")]:
+    for path in [
+        ("language_model", "layers", "mlp", "gate_proj", "kernel"),
+        ("language_model", "embed_tokens"),
+        ("lm_head",),
+        ("vision_tower", "layers", "mlp", "fc1", "kernel"),
+    ]:
         spec = flat[path].sharding.spec
         assert any(s is not None for s in spec), (path, spec)
         assert len(flat[path].sharding.device_set) == 8

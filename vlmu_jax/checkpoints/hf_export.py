@@ -1,5 +1,6 @@
 """Flax LLaVA -> HF folder (config.json + safetensors, sharded with an index above a size threshold) that
-``transformers.LlavaForConditionalGeneration.from_pretrained`` loads. LoRA adapters are merged on the way out; the
+``transformers.LlavaForConditionalGeneration.from_pretrained`` loads. LoRA adapters are merged on the way
+out; the
 model itself is left untouched.
 """
 
@@ -25,8 +26,11 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     """Plain safetensors writer (handles bfloat16, which safetensors.numpy does not)."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, t in tensors.items():
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + t.nbytes]}
+        header[name] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)
@@ -47,14 +51,18 @@ def merged_kernel(flat: dict[tuple, nnx.Variable], path: tuple[str, ...], scale:
     a, b = flat.get(path[:-1] + ("lora_a",)), flat.get(path[:-1] + ("lora_b",))
     if path[-1] != "kernel" or a is None:
         return kernel
-    delta = jnp.einsum("...ir,...ro->...io", a.get_value().astype(jnp.float32), b.get_value().astype(jnp.float32))
+    delta = jnp.einsum(
+        "...ir,...ro->...io", a.get_value().astype(jnp.float32), b.get_value().astype(jnp.float32)
+    )
     return (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
 
 
 def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
     """Every HF tensor of the model (LoRA merged), in HF layout, cast to dtype if given."""
     flat = dict(nnx.to_flat_state(nnx.state(model)))
-    modules = {tuple(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+    modules = {
+        tuple(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)
+    }
     out: dict[str, np.ndarray] = {}
     for path, hp in hf_name_map(model).items():
         scale = getattr(modules.get(path[:-1]), "lora_scale", 1.0)
@@ -90,7 +98,9 @@ def export_hf(model: nnx.Module, out_dir: str | Path, dtype=None, max_shard_byte
             names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
             for name, shard in zip(names, shards, strict=True):
                 write_safetensors(out / name, shard)
-            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                     "weight_map": {k: n for n, s in zip(names, shards, strict=True) for k in s}}
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                "weight_map": {k: n for n, s in zip(names, shards, strict=True) for k in s},
+            }
             (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out

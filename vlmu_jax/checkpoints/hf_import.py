@@ -1,7 +1,10 @@
-"""Local HF LLaVA checkpoint (config.json + safetensors) -> Flax model, each tensor streamed into its sharding.
+"""Local HF LLaVA checkpoint (config.json + safetensors) -> Flax model, each tensor streamed into its
+sharding.
 
-safetensors files are memory-mapped and parsed from their JSON header (no pickle, no torch); every Flax param is
-built with ``jax.make_array_from_callback`` so a device only ever receives its own shard. Old llava-hf key layouts
+safetensors files are memory-mapped and parsed from their JSON header (no pickle, no torch); every Flax
+param is
+built with ``jax.make_array_from_callback`` so a device only ever receives its own shard. Old llava-hf key
+layouts
 (``language_model.model.*``, ``vision_tower.vision_model.*``) and the transformers-5 layout are both accepted.
 """
 
@@ -22,9 +25,18 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from vlmu_jax.models.registry import abstract_model, canonical_hf_name, check_architecture, hf_name_map
 from vlmu_jax.models.sharding import variable_sharding
 
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                      "BOOL": np.bool_}
+SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 class TensorIndex:
@@ -59,7 +71,7 @@ class TensorIndex:
         if path not in self._maps:
             self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
         start, end = info["data_offsets"]
-        raw = self._maps[path][base + start:base + end]
+        raw = self._maps[path][base + start : base + end]
         return raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
@@ -67,12 +79,15 @@ def _check(index: TensorIndex, name: str, want: tuple[int, ...], folder: Path) -
     if name not in index.entries:
         raise KeyError(f"tensor {name!r} missing from the checkpoint in {folder}")
     if index.shape(name) != want:
-        raise ValueError(f"tensor {name!r} in {index.entries[name][0]} has shape {index.shape(name)}, "
-                         f"expected {want} from config.json")
+        raise ValueError(
+            f"tensor {name!r} in {index.entries[name][0]} has shape {index.shape(name)}, "
+            f"expected {want} from config.json"
+        )
 
 
-def load_pretrained(path: str | Path, dtype=jnp.float32, mesh: Mesh | None = None,
-                    **options: Any) -> nnx.Module:
+def load_pretrained(
+    path: str | Path, dtype=jnp.float32, mesh: Mesh | None = None, **options: Any
+) -> nnx.Module:
     """Build the model of a local HF folder and fill it from its safetensors, sharded over ``mesh`` if given.
 
     options (remat, scan_layers, attention_impl) are forwarded to the model config.
@@ -94,13 +109,21 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, mesh: Mesh | None = Non
         want = per[::-1] if hp.transpose else per
         for name in names:
             _check(index, name, tuple(want), folder)
-        sharding = variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+        sharding = (
+            variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+        )
         var.set_value(_make_array(index, names, hp, shape, dtype, sharding))
     return nnx.merge(graphdef, state)
 
 
-def _make_array(index: TensorIndex, names: list[str], hp, shape: tuple[int, ...], dtype,
-                sharding: NamedSharding | SingleDeviceSharding) -> jax.Array:
+def _make_array(
+    index: TensorIndex,
+    names: list[str],
+    hp,
+    shape: tuple[int, ...],
+    dtype,
+    sharding: NamedSharding | SingleDeviceSharding,
+) -> jax.Array:
     """Assemble only the requested shard of a (possibly layer-stacked) param from its HF tensors."""
     np_dtype = np.dtype(jnp.dtype(dtype))
 

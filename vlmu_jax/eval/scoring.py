@@ -1,6 +1,7 @@
 """Teacher-forced per-token log-probs through a chunked output head.
 
-The head runs over sequence chunks inside a scan with remat, so neither the forward nor the backward pass ever holds
+The head runs over sequence chunks inside a scan with remat, so neither the forward nor the backward pass
+ever holds
 B x T x V float32 logits: only one [B, chunk, V] block at a time.
 """
 
@@ -13,9 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def head_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, with_stats: bool = False,
-                  chunk_size: int = 128) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
-    """log p(targets) [B, N] from hidden [B, N, D] and head [V, D]; with_stats adds mu/var of log p under p."""
+def head_logprobs(
+    hidden: jax.Array, head: jax.Array, targets: jax.Array, *, with_stats: bool = False, chunk_size: int = 128
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+    """log p(targets) [B, N] from hidden [B, N, D] and head [V, D]; with_stats adds mu/var of log p under
+    p."""
     b, n, d = hidden.shape
     c = min(chunk_size, n)
     pad = (-n) % c
@@ -38,18 +41,29 @@ def head_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, wit
     return outs if with_stats else outs[0]
 
 
-def compute_token_logprobs(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array,
-                           pixel_values: jax.Array | None, with_stats: bool = False, chunk_size: int = 128
-                           ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+def compute_token_logprobs(
+    model: nnx.Module,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    pixel_values: jax.Array | None,
+    with_stats: bool = False,
+    chunk_size: int = 128,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Traceable: logps [B, T-1] = log p(x_{t+1} | x_<=t); with_stats also (mu, var) of log p under p."""
     hidden = model(input_ids, attention_mask, pixel_values)
-    return head_logprobs(hidden[:, :-1], model.head_weight(), input_ids[:, 1:], with_stats=with_stats,
-                         chunk_size=chunk_size)
+    return head_logprobs(
+        hidden[:, :-1], model.head_weight(), input_ids[:, 1:], with_stats=with_stats, chunk_size=chunk_size
+    )
 
 
 @partial(nnx.jit, static_argnames=("with_stats", "chunk_size"))
-def token_logprobs(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array,
-                   pixel_values: jax.Array | None, with_stats: bool = False, chunk_size: int = 128
-                   ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+def token_logprobs(
+    model: nnx.Module,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    pixel_values: jax.Array | None,
+    with_stats: bool = False,
+    chunk_size: int = 128,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Jitted public wrapper of compute_token_logprobs."""
     return compute_token_logprobs(model, input_ids, attention_mask, pixel_values, with_stats, chunk_size)

@@ -31,11 +31,18 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, c: dict[str, Any]) -> VisionConfig:
-        return cls(hidden_size=c.get("hidden_size", 768), intermediate_size=c.get("intermediate_size", 3072),
-                   num_layers=c.get("num_hidden_layers", 12), num_heads=c.get("num_attention_heads", 12),
-                   image_size=c.get("image_size", 224), patch_size=c.get("patch_size", 32),
-                   num_channels=c.get("num_channels", 3), layer_norm_eps=c.get("layer_norm_eps", 1e-5),
-                   hidden_act=c.get("hidden_act", "quick_gelu"), init_std=c.get("initializer_range", 0.02))
+        return cls(
+            hidden_size=c.get("hidden_size", 768),
+            intermediate_size=c.get("intermediate_size", 3072),
+            num_layers=c.get("num_hidden_layers", 12),
+            num_heads=c.get("num_attention_heads", 12),
+            image_size=c.get("image_size", 224),
+            patch_size=c.get("patch_size", 32),
+            num_channels=c.get("num_channels", 3),
+            layer_norm_eps=c.get("layer_norm_eps", 1e-5),
+            hidden_act=c.get("hidden_act", "quick_gelu"),
+            init_std=c.get("initializer_range", 0.02),
+        )
 
     @property
     def num_patches(self) -> int:
@@ -117,12 +124,19 @@ class ClipVisionTower(nnx.Module):
         self.layers = ClipLayer(c, stack=(c.num_layers,), dtype=dtype, rngs=rngs)
         self.post_layernorm = LayerNorm(c.hidden_size, c.layer_norm_eps, dtype=dtype)
 
-    def __call__(self, pixel_values: jax.Array, num_layers: int, *, impl: str, remat: str,
-                 scan: bool) -> jax.Array:
+    def __call__(
+        self, pixel_values: jax.Array, num_layers: int, *, impl: str, remat: str, scan: bool
+    ) -> jax.Array:
         h = self.pre_layrnorm(self.embeddings(pixel_values))
         if num_layers == 0:
             return h
         h = constrain(h, ("batch", None, None))
-        h, _ = run_layers(self.layers, lambda layer, c, _: (layer(c, impl), None), h,
-                          remat=remat, scan=scan, limit=num_layers)
+        h, _ = run_layers(
+            self.layers,
+            lambda layer, c, _: (layer(c, impl), None),
+            h,
+            remat=remat,
+            scan=scan,
+            limit=num_layers,
+        )
         return h

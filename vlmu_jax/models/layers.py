@@ -24,10 +24,21 @@ def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype) -> jax.Arra
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias), kernel [*stack, in, out] with logical axes; optional LoRA adapter (see lora.py)."""
+    """y = x @ kernel (+ bias), kernel [*stack, in, out] with logical axes; optional LoRA adapter (see
+    lora.py)."""
 
-    def __init__(self, din: int, dout: int, *, axes: Axes, stack: tuple[int, ...] = (), use_bias: bool = False,
-                 std: float = 0.02, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        *,
+        axes: Axes,
+        stack: tuple[int, ...] = (),
+        use_bias: bool = False,
+        std: float = 0.02,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         lead = ("layers",) * len(stack)
         self.kernel = nnx.Param(_normal(rngs, (*stack, din, dout), std, dtype), axes=lead + tuple(axes))
         self.bias = nnx.Param(jnp.zeros((*stack, dout), dtype), axes=lead + (axes[-1],)) if use_bias else None
@@ -83,8 +94,10 @@ class LayerNorm(nnx.Module):
 
 # ------------------------------------------------------------------------------------ rotary embedding
 
+
 def rope_parameters(text_config: dict[str, Any]) -> dict[str, Any]:
-    """HF rope settings from either the transformers-5 ``rope_parameters`` or the older ``rope_scaling``/``rope_theta``."""
+    """HF rope settings from either the transformers-5 ``rope_parameters`` or the older
+    ``rope_scaling``/``rope_theta``."""
     params = dict(text_config.get("rope_parameters") or text_config.get("rope_scaling") or {})
     params.setdefault("rope_theta", text_config.get("rope_theta", 10000.0))
     params.setdefault("partial_rotary_factor", text_config.get("partial_rotary_factor", 1.0))
@@ -92,7 +105,9 @@ def rope_parameters(text_config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def rope_inv_freq(params: dict[str, Any], head_dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
+def rope_inv_freq(
+    params: dict[str, Any], head_dim: int, max_position_embeddings: int
+) -> tuple[np.ndarray, float]:
     """Inverse frequencies and attention scaling for the rope types we support: default, linear, llama3."""
     dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
     inv_freq = 1.0 / (params["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
@@ -116,12 +131,13 @@ def rope_inv_freq(params: dict[str, Any], head_dim: int, max_position_embeddings
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scaling: float = 1.0) -> jax.Array:
-    """Rotate the first 2*len(inv_freq) channels of x [B,T,N,H] (HF rotate_half layout) at integer positions [B,T]."""
+    """Rotate the first 2*len(inv_freq) channels of x [B,T,N,H] (HF rotate_half layout) at integer
+    positions [B,T]."""
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     cos = (jnp.cos(emb) * scaling).astype(x.dtype)[:, :, None, :]
     sin = (jnp.sin(emb) * scaling).astype(x.dtype)[:, :, None, :]
-    rot, rest = x[..., : emb.shape[-1]], x[..., emb.shape[-1]:]
+    rot, rest = x[..., : emb.shape[-1]], x[..., emb.shape[-1] :]
     half = rot.shape[-1] // 2
     rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
     return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
@@ -129,9 +145,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scaling
 
 # ------------------------------------------------------------------------------------------- attention
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array, sliding_window: int | None = None
-                   ) -> jax.Array:
-    """Boolean [B,1,T,S]: causal by position, keys restricted to valid (non-pad) slots and the sliding window."""
+
+def attention_mask(
+    q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array, sliding_window: int | None = None
+) -> jax.Array:
+    """Boolean [B,1,T,S]: causal by position, keys restricted to valid (non-pad) slots and the sliding
+    window."""
     mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :].astype(bool)
     if sliding_window is not None:
         mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
@@ -139,17 +158,19 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array, slidi
 
 
 def resolve_attention_impl(impl: str) -> str:
-    """"auto" -> cudnn on GPU, XLA elsewhere."""
+    """ "auto" -> cudnn on GPU, XLA elsewhere."""
     if impl == "auto":
         return "cudnn" if jax.default_backend() == "gpu" else "xla"
     return impl
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, impl: str,
-           causal: bool = False) -> jax.Array:
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, impl: str, causal: bool = False
+) -> jax.Array:
     """Scaled dot-product attention, GQA when k/v have fewer heads. q [B,T,N,H], k/v [B,S,K,H].
 
-    With impl="cudnn" and causal=True the explicit mask is dropped: for right-padded batches causality alone is exact
+    With impl="cudnn" and causal=True the explicit mask is dropped: for right-padded batches causality
+    alone is exact
     on every real position (pad positions only produce ignored outputs), and it keeps the fused kernel.
     """
     impl = resolve_attention_impl(impl)
@@ -159,6 +180,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, 
 
 
 # ------------------------------------------------------------------------------------------------ MLPs
+
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     """HF ACT2FN names used by our architectures."""
@@ -218,11 +240,21 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
-def run_layers(stack: nnx.Module, fn: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry: Any, xs: Any = None,
-               *, remat: str = "none", scan: bool = True, limit: int | None = None) -> tuple[Any, Any]:
-    """Run ``fn(layer, carry, x) -> (carry, y)`` over the layers of ``stack`` (a layer module holding [L, ...] params).
+def run_layers(
+    stack: nnx.Module,
+    fn: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+    carry: Any,
+    xs: Any = None,
+    *,
+    remat: str = "none",
+    scan: bool = True,
+    limit: int | None = None,
+) -> tuple[Any, Any]:
+    """Run ``fn(layer, carry, x) -> (carry, y)`` over the layers of ``stack`` (a layer module holding [L,
+    ...] params).
 
-    scan=True compiles one layer body (lax.scan); scan=False unrolls a Python loop, for debugging. xs is a pytree
+    scan=True compiles one layer body (lax.scan); scan=False unrolls a Python loop, for debugging. xs is a
+    pytree
     with a leading L axis (or None); ys come back stacked. limit runs only the first ``limit`` layers.
     """
     if remat not in REMAT_POLICIES:

@@ -1,6 +1,8 @@
-"""Llama decoder (Vicuna / LLaVA-1.5 language model), also the shared decoder skeleton that phi3.py specialises.
+"""Llama decoder (Vicuna / LLaVA-1.5 language model), also the shared decoder skeleton that phi3.py
+specialises.
 
-The decoder maps input embeddings to final-normed hidden states; it owns the token embedding but not the output
+The decoder maps input embeddings to final-normed hidden states; it owns the token embedding but not the
+output
 head (llava.py does), so scoring can run a chunked head. An optional KV cache (stacked [L, B, S, K, H]) serves
 generation: new keys/values are written at slot ``index`` and attention runs over all cache slots.
 """
@@ -55,16 +57,28 @@ class TextConfig:
     def from_hf(cls, c: dict[str, Any], arch: str = "llama", **overrides: Any) -> TextConfig:
         heads = c.get("num_attention_heads", 32)
         head_dim = c.get("head_dim") or c["hidden_size"] // heads
-        inv_freq, scaling = rope_inv_freq(rope_parameters(c), head_dim, c.get("max_position_embeddings", 4096))
-        fields = dict(arch=arch, hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-                      num_layers=c["num_hidden_layers"], num_heads=heads,
-                      num_kv_heads=c.get("num_key_value_heads") or heads, head_dim=head_dim,
-                      vocab_size=c["vocab_size"], rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-                      hidden_act=c.get("hidden_act", "silu"), inv_freq=tuple(float(f) for f in inv_freq),
-                      rope_scaling=scaling, attention_bias=bool(c.get("attention_bias", False)),
-                      mlp_bias=bool(c.get("mlp_bias", False)), sliding_window=None,
-                      tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-                      init_std=c.get("initializer_range", 0.02))
+        inv_freq, scaling = rope_inv_freq(
+            rope_parameters(c), head_dim, c.get("max_position_embeddings", 4096)
+        )
+        fields = dict(
+            arch=arch,
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            vocab_size=c["vocab_size"],
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            hidden_act=c.get("hidden_act", "silu"),
+            inv_freq=tuple(float(f) for f in inv_freq),
+            rope_scaling=scaling,
+            attention_bias=bool(c.get("attention_bias", False)),
+            mlp_bias=bool(c.get("mlp_bias", False)),
+            sliding_window=None,
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            init_std=c.get("initializer_range", 0.02),
+        )
         fields.update(overrides)
         return cls(**fields)
 
@@ -84,9 +98,18 @@ class LlamaAttention(nnx.Module):
     def qkv(self, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         return self.q_proj(x, fold(rng, 0)), self.k_proj(x, fold(rng, 1)), self.v_proj(x, fold(rng, 2))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *, impl: str, causal: bool,
-                 cache: KVCache | None, index: jax.Array | None, rng: jax.Array | None
-                 ) -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        *,
+        impl: str,
+        causal: bool,
+        cache: KVCache | None,
+        index: jax.Array | None,
+        rng: jax.Array | None,
+    ) -> tuple[jax.Array, KVCache | None]:
         c = self.config
         b, t, _ = x.shape
         q, k, v = self.qkv(x, rng)
@@ -102,7 +125,8 @@ class LlamaAttention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: h + attn(norm(h)); h + mlp(norm(h)). The attention and MLP classes set the architecture."""
+    """Pre-norm block: h + attn(norm(h)); h + mlp(norm(h)). The attention and MLP classes set the
+    architecture."""
 
     def __init__(self, c: TextConfig, attn: nnx.Module, mlp: nnx.Module, *, stack: tuple[int, ...], dtype):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, stack=stack, dtype=dtype)
@@ -110,11 +134,28 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, stack=stack, dtype=dtype)
         self.mlp = mlp
 
-    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array, *, impl: str, causal: bool,
-                 cache: KVCache | None, index: jax.Array | None, rng: jax.Array | None
-                 ) -> tuple[jax.Array, KVCache | None]:
-        a, cache = self.self_attn(self.input_layernorm(h), positions, mask, impl=impl, causal=causal, cache=cache,
-                                  index=index, rng=fold(rng, 0))
+    def __call__(
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        *,
+        impl: str,
+        causal: bool,
+        cache: KVCache | None,
+        index: jax.Array | None,
+        rng: jax.Array | None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        a, cache = self.self_attn(
+            self.input_layernorm(h),
+            positions,
+            mask,
+            impl=impl,
+            causal=causal,
+            cache=cache,
+            index=index,
+            rng=fold(rng, 0),
+        )
         h = h + a
         h = h + self.mlp(self.post_attention_layernorm(h), fold(rng, 1))
         return constrain(h, ("batch", "seq", None)), cache
@@ -122,8 +163,16 @@ class DecoderLayer(nnx.Module):
 
 def llama_layer(c: TextConfig, *, stack: tuple[int, ...], dtype, rngs: nnx.Rngs) -> DecoderLayer:
     attn = LlamaAttention(c, stack=stack, dtype=dtype, rngs=rngs)
-    mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, stack=stack, use_bias=c.mlp_bias,
-                   std=c.init_std, dtype=dtype, rngs=rngs)
+    mlp = GatedMLP(
+        c.hidden_size,
+        c.intermediate_size,
+        c.hidden_act,
+        stack=stack,
+        use_bias=c.mlp_bias,
+        std=c.init_std,
+        dtype=dtype,
+        rngs=rngs,
+    )
     return DecoderLayer(c, attn, mlp, stack=stack, dtype=dtype)
 
 
@@ -137,7 +186,8 @@ class DecoderLM(nnx.Module):
         self.config = c
         self.embed_tokens = nnx.Param(
             (c.init_std * jax.random.normal(rngs.params(), (c.vocab_size, c.hidden_size))).astype(dtype),
-            axes=("vocab", "embed"))
+            axes=("vocab", "embed"),
+        )
         self.layers = make_layer(c, stack=(c.num_layers,), dtype=dtype, rngs=rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
 
@@ -145,9 +195,19 @@ class DecoderLM(nnx.Module):
         ids = jnp.clip(input_ids, 0, self.config.vocab_size - 1)
         return jnp.take(self.embed_tokens[...], ids, axis=0)
 
-    def __call__(self, h: jax.Array, positions: jax.Array, kv_valid: jax.Array, *, impl: str, remat: str,
-                 scan: bool, cache: KVCache | None = None, index: jax.Array | int = 0,
-                 rng: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        kv_valid: jax.Array,
+        *,
+        impl: str,
+        remat: str,
+        scan: bool,
+        cache: KVCache | None = None,
+        index: jax.Array | int = 0,
+        rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         """h [B,T,D] embeddings at cache slots index..index+T; kv_valid [B,S] marks real (non-pad) key slots.
 
         Without a cache S == T and attention is causal within h; with a cache S is the cache length.
@@ -162,8 +222,16 @@ class DecoderLM(nnx.Module):
 
         def step(layer, carry, xs):
             layer_cache, layer_rng = xs
-            return layer(carry, positions, mask, impl=impl, causal=causal, cache=layer_cache, index=index,
-                         rng=layer_rng)
+            return layer(
+                carry,
+                positions,
+                mask,
+                impl=impl,
+                causal=causal,
+                cache=layer_cache,
+                index=index,
+                rng=layer_rng,
+            )
 
         h = constrain(h, ("batch", "seq", None))
         h, cache = run_layers(self.layers, step, h, (cache, layer_rngs), remat=remat, scan=scan)

@@ -1,7 +1,9 @@
 """LoRA on chosen Dense projections (PEFT semantics: y += (alpha / rank) * dropout(x) @ A @ B, B zero-init).
 
-A and B are ``nnx.LoRAParam`` variables on the Dense itself, stacked like its kernel ([L, in, r] / [L, r, out] in
-scanned layers), so one filter (``nnx.LoRAParam``) selects everything that trains and the frozen base stays put.
+A and B are ``nnx.LoRAParam`` variables on the Dense itself, stacked like its kernel ([L, in, r] / [L, r,
+out] in
+scanned layers), so one filter (``nnx.LoRAParam``) selects everything that trains and the frozen base stays
+put.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from jax.sharding import NamedSharding
 from vlmu_jax.models.layers import Dense
 from vlmu_jax.models.sharding import variable_sharding
 
-DEFAULT_TARGETS = r"language_model.*(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|down_proj)"
+DEFAULT_TARGETS = (
+    r"language_model.*(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|down_proj)"
+)
 
 
 def _dense_modules(model: nnx.Module, targets: str) -> list[tuple[str, Dense]]:
@@ -29,8 +33,15 @@ def _dense_modules(model: nnx.Module, targets: str) -> list[tuple[str, Dense]]:
     return found
 
 
-def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0.0,
-               targets: str = DEFAULT_TARGETS, seed: int = 0) -> list[str]:
+def apply_lora(
+    model: nnx.Module,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    targets: str = DEFAULT_TARGETS,
+    seed: int = 0,
+) -> list[str]:
     """Add float32 LoRA A/B to every Dense whose dotted module path matches ``targets`` (re.search); in place.
 
     Returns the adapted module paths. A ~ U(+-1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5))), B = 0.
@@ -43,10 +54,12 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0
         kernel = dense.kernel.get_value()
         *stack, din, dout = kernel.shape
         axes = dense.kernel.get_metadata().get("axes") or (None,) * kernel.ndim
-        bound = 1.0 / din ** 0.5
+        bound = 1.0 / din**0.5
         a = jax.random.uniform(jax.random.fold_in(key, i), (*stack, din, rank), jnp.float32, -bound, bound)
         lora_a = nnx.LoRAParam(a, axes=(*axes[:-1], "lora_rank"))
-        lora_b = nnx.LoRAParam(jnp.zeros((*stack, rank, dout), jnp.float32), axes=(*axes[:-2], "lora_rank", axes[-1]))
+        lora_b = nnx.LoRAParam(
+            jnp.zeros((*stack, rank, dout), jnp.float32), axes=(*axes[:-2], "lora_rank", axes[-1])
+        )
         if isinstance(getattr(kernel, "sharding", None), NamedSharding):
             for var in (lora_a, lora_b):
                 var.set_value(jax.device_put(var.get_value(), variable_sharding(var, kernel.sharding.mesh)))
@@ -71,8 +84,13 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     return model
 
 
-def trainable_filter(*, lora: bool, tune_vision_tower: bool = False, tune_mm_projector: bool = False,
-                     tune_language_model: bool = False) -> nnx.filterlib.Filter:
+def trainable_filter(
+    *,
+    lora: bool,
+    tune_vision_tower: bool = False,
+    tune_mm_projector: bool = False,
+    tune_language_model: bool = False,
+) -> nnx.filterlib.Filter:
     """NNX filter of what trains: LoRA params and/or the full Params of the tuned towers."""
     base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
     parts: list = [nnx.LoRAParam] if lora else []

@@ -30,11 +30,12 @@ class Phi3Attention(LlamaAttention):
         c = self.config
         qkv = self.qkv_proj(x, fold(rng, 0))
         nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        return qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+        return qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
 
 
 def phi3_layer(c: TextConfig, *, stack: tuple[int, ...], dtype, rngs: nnx.Rngs) -> DecoderLayer:
     attn = Phi3Attention(c, stack=stack, dtype=dtype, rngs=rngs)
-    mlp = FusedGatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, stack=stack, std=c.init_std,
-                        dtype=dtype, rngs=rngs)
+    mlp = FusedGatedMLP(
+        c.hidden_size, c.intermediate_size, c.hidden_act, stack=stack, std=c.init_std, dtype=dtype, rngs=rngs
+    )
     return DecoderLayer(c, attn, mlp, stack=stack, dtype=dtype)

@@ -1,7 +1,8 @@
 """Architecture registry: config.json -> model class, its config, and the explicit HF <-> Flax name map.
 
 ``init_model`` builds params directly in their shardings: the model is traced abstractly (nnx.eval_shape), the
-shardings come from each variable's logical axes, and one jit with out_shardings materialises every array in place.
+shardings come from each variable's logical axes, and one jit with out_shardings materialises every array
+in place.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ ARCHITECTURES = {"LlavaForConditionalGeneration": "llava"}
 
 @dataclass(frozen=True)
 class HFParam:
-    """Where one Flax param lives in an HF checkpoint: name (``{i}`` = layer index when stacked) and layout."""
+    """Where one Flax param lives in an HF checkpoint: name (``{i}`` = layer index when stacked) and
+    layout."""
 
     name: str
     transpose: bool
@@ -39,14 +41,20 @@ def check_architecture(hf_config: dict[str, Any]) -> None:
     arch = (hf_config.get("architectures") or [None])[0]
     mtype = hf_config.get("model_type")
     if mtype != "llava" or (arch is not None and arch not in ARCHITECTURES):
-        raise ValueError(f"unknown architecture: model_type={mtype!r}, architectures={hf_config.get('architectures')}"
-                         f"; supported: model_type 'llava' with {sorted(ARCHITECTURES)}")
+        raise ValueError(
+            f"unknown architecture: model_type={mtype!r}, architectures={hf_config.get('architectures')}"
+            f"; supported: model_type 'llava' with {sorted(ARCHITECTURES)}"
+        )
     text_type = hf_config.get("text_config", {}).get("model_type", "llama")
     if text_type not in TEXT_CONFIGS:
-        raise ValueError(f"unknown architecture: text_config.model_type={text_type!r}; supported {sorted(TEXT_CONFIGS)}")
+        raise ValueError(
+            f"unknown architecture: text_config.model_type={text_type!r}; supported {sorted(TEXT_CONFIGS)}"
+        )
     vis_type = hf_config.get("vision_config", {}).get("model_type", "clip_vision_model")
     if vis_type != "clip_vision_model":
-        raise ValueError(f"unknown architecture: vision_config.model_type={vis_type!r}; supported 'clip_vision_model'")
+        raise ValueError(
+            f"unknown architecture: vision_config.model_type={vis_type!r}; supported 'clip_vision_model'"
+        )
 
 
 def model_config(hf_config: dict[str, Any], **options: Any) -> LlavaConfig:
@@ -59,7 +67,8 @@ def model_config(hf_config: dict[str, Any], **options: Any) -> LlavaConfig:
     strategy = hf_config.get("vision_feature_select_strategy", "default")
     eos = tc.get("eos_token_id", hf_config.get("eos_token_id"))
     return LlavaConfig(
-        text=text, vision=vision,
+        text=text,
+        vision=vision,
         image_token_id=hf_config.get("image_token_id", hf_config.get("image_token_index", 32000)),
         num_image_tokens=vision.num_patches + (strategy == "full"),
         vocab_size=text.vocab_size,
@@ -69,17 +78,22 @@ def model_config(hf_config: dict[str, Any], **options: Any) -> LlavaConfig:
         vision_feature_select_strategy=strategy,
         projector_hidden_act=hf_config.get("projector_hidden_act", "gelu"),
         projector_bias=hf_config.get("multimodal_projector_bias", True),
-        hf_config=hf_config, **options)
+        hf_config=hf_config,
+        **options,
+    )
 
 
-def abstract_model(hf_config: dict[str, Any], dtype=jnp.float32, **options: Any) -> LlavaForConditionalGeneration:
+def abstract_model(
+    hf_config: dict[str, Any], dtype=jnp.float32, **options: Any
+) -> LlavaForConditionalGeneration:
     """Shape-only model (no memory): for sharding plans and checkpoint loading."""
     config = model_config(hf_config, **options)
     return nnx.eval_shape(lambda: LlavaForConditionalGeneration(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def init_model(hf_config: dict[str, Any], *, seed: int, dtype=jnp.float32, mesh: Mesh | None = None,
-               **options: Any) -> LlavaForConditionalGeneration:
+def init_model(
+    hf_config: dict[str, Any], *, seed: int, dtype=jnp.float32, mesh: Mesh | None = None, **options: Any
+) -> LlavaForConditionalGeneration:
     """Random init with every param created directly in its sharding (no full copy on one device)."""
     config = model_config(hf_config, **options)
     graphdef, abstract = nnx.split(abstract_model(hf_config, dtype, **options))
@@ -97,16 +111,26 @@ def set_options(model: nnx.Module, **options: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- HF name map
-_PREFIXES = {"vision_tower": "model.vision_tower", "multi_modal_projector": "model.multi_modal_projector",
-             "language_model": "model.language_model"}
+_PREFIXES = {
+    "vision_tower": "model.vision_tower",
+    "multi_modal_projector": "model.multi_modal_projector",
+    "language_model": "model.language_model",
+}
 _STACKS = {"vision_tower": "encoder.layers.{i}", "language_model": "layers.{i}"}
-_LEAVES = {"kernel": ("weight", True), "bias": ("bias", False), "weight": ("weight", False),
-           "embed_tokens": ("embed_tokens.weight", False), "patch_embedding": ("patch_embedding.weight", False),
-           "class_embedding": ("class_embedding", False), "position_embedding": ("position_embedding.weight", False)}
+_LEAVES = {
+    "kernel": ("weight", True),
+    "bias": ("bias", False),
+    "weight": ("weight", False),
+    "embed_tokens": ("embed_tokens.weight", False),
+    "patch_embedding": ("patch_embedding.weight", False),
+    "class_embedding": ("class_embedding", False),
+    "position_embedding": ("position_embedding.weight", False),
+}
 
 
 def hf_name_map(model: nnx.Module) -> dict[tuple[str, ...], HFParam]:
-    """Flax param path -> HF (transformers-5 layout) tensor name, for every base param (LoRA params excluded)."""
+    """Flax param path -> HF (transformers-5 layout) tensor name, for every base param (LoRA params
+    excluded)."""
     out = {}
     state = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(state):
@@ -124,7 +148,8 @@ def hf_name_map(model: nnx.Module) -> dict[tuple[str, ...], HFParam]:
     return out
 
 
-# Other on-disk layouts -> the transformers-5 names above (llava-hf checkpoints and transformers' own save use these).
+# Other on-disk layouts -> the transformers-5 names above (llava-hf checkpoints and transformers' own save
+# use these).
 _ALIASES = [
     (re.compile(r"^language_model\.model\."), "model.language_model."),
     (re.compile(r"^language_model\.lm_head\."), "lm_head."),

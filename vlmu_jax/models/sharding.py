@@ -1,6 +1,7 @@
 """Logical axis names -> mesh axes: the one table of sharding rules, plus mesh and placement helpers.
 
-Every parameter declares logical axes next to its shape (Variable metadata ``axes``); the mesh layout is decided
+Every parameter declares logical axes next to its shape (Variable metadata ``axes``); the mesh layout is
+decided
 here only, so the same model code runs on 1 CPU, 8 fake CPU devices, a GPU host or a TPU pod.
 """
 
@@ -48,7 +49,9 @@ def logical_to_spec(axes: Sequence[str | None], rules=RULES) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """Mesh with axes (data, fsdp, tensor); data=-1 takes the devices left over."""
     devices = list(jax.devices() if devices is None else devices)
     if data == -1:
@@ -61,7 +64,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
 def _fits(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
     """Drop mesh axes that do not divide a dimension (tiny test shapes), so placement never fails."""
     out = []
-    for dim, names in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for dim, names in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
         group = (names,) if isinstance(names, str) else tuple(names or ())
         size = int(np.prod([mesh.shape[n] for n in group])) if group else 1
         out.append(names if dim % size == 0 else None)
@@ -79,7 +82,9 @@ def state_shardings(state: nnx.State, mesh: Mesh | None) -> nnx.State | None:
     """Per-variable NamedShardings for a state (abstract or concrete); None without a mesh."""
     if mesh is None:
         return None
-    return jax.tree.map(lambda v: variable_sharding(v, mesh), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        lambda v: variable_sharding(v, mesh), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
