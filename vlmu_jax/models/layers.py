@@ -174,6 +174,8 @@ def attend(
     on every real position (pad positions only produce ignored outputs), and it keeps the fused kernel.
     """
     impl = resolve_attention_impl(impl)
+    if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        impl = "xla"  # cuDNN flash attention needs half precision
     if impl == "cudnn" and causal:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "xla" else impl)
