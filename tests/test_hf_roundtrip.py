@@ -1,0 +1,82 @@
+"""HF tiny -> load_pretrained -> export_hf -> transformers.from_pretrained is bit-identical; bad inputs
+fail clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from transformers import LlavaForConditionalGeneration
+
+from tests.tiny_models import save_tiny
+from vlmu_jax.checkpoints.hf_export import export_hf
+from vlmu_jax.checkpoints.hf_import import load_pretrained
+
+
+def _assert_same(a: LlavaForConditionalGeneration, b: LlavaForConditionalGeneration) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("text,shard", [("llama", False), ("phi3", True)])
+def test_export_roundtrip_bit_identical(tmp_path, text, shard):
+    folder, hf = save_tiny(tmp_path / "src", text)
+    out = export_hf(load_pretrained(folder), tmp_path / "out", max_shard_bytes=20_000 if shard else 2**30)
+    assert (out / "model.safetensors.index.json").exists() == shard
+    _assert_same(hf, LlavaForConditionalGeneration.from_pretrained(out))
+
+
+def test_export_bf16_preserves_dtype(tmp_path):
+    folder, _ = save_tiny(tmp_path / "src", "llama")
+    model = load_pretrained(folder, dtype=jnp.bfloat16)
+    out = export_hf(model, tmp_path / "out")
+    back = LlavaForConditionalGeneration.from_pretrained(out, dtype="auto")
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    again = export_hf(load_pretrained(out, dtype=jnp.bfloat16), tmp_path / "again")
+    _assert_same(back, LlavaForConditionalGeneration.from_pretrained(again, dtype="auto"))
+
+
+def test_missing_safetensors(tmp_path):
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_pretrained(folder)
+
+
+def test_wrong_shape_names_tensor(tmp_path):
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    tensors = load_file(folder / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("layers.1.self_attn.q_proj.weight") and "language" in k)
+    tensors[key] = np.zeros((3, 3), np.float32)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.q_proj\.weight.*shape \(3, 3\)"):
+        load_pretrained(folder)
+
+
+def test_missing_tensor_named(tmp_path):
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    tensors = load_file(folder / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("norm.weight") and "layers" not in k and "language" in k)
+    del tensors[key]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(KeyError, match="model.language_model.norm.weight"):
+        load_pretrained(folder)
+
+
+def test_unknown_architecture(tmp_path):
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["model_type"], config["architectures"] = "blip-2", ["Blip2ForConditionalGeneration"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unknown architecture.*blip-2"):
+        load_pretrained(bad)

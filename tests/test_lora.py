@@ -1,0 +1,78 @@
+"""LoRA changes log-probs once B != 0; merging gives the same log-probs and the same HF export."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.tiny_models import save_tiny, tiny_batch
+from vlmu_jax.checkpoints.hf_export import hf_tensors
+from vlmu_jax.checkpoints.hf_import import load_pretrained
+from vlmu_jax.eval.scoring import token_logprobs
+from vlmu_jax.models.lora import apply_lora, merge_lora, trainable_filter
+
+
+def _logps(model, batch):
+    return np.asarray(
+        token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    )
+
+
+def _randomize_b(model):
+    state = nnx.state(model, nnx.LoRAParam)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    new = [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    nnx.update(model, jax.tree.unflatten(tree, new))
+
+
+@pytest.mark.parametrize("text", ["llama", "phi3"])
+def test_lora_merge_and_export(tmp_path, text):
+    folder, _ = save_tiny(tmp_path / text, text)
+    batch = tiny_batch([6, 3])
+    model = load_pretrained(folder)
+    base = _logps(model, batch)
+    names = apply_lora(model, rank=4, alpha=8, dropout=0.0, seed=0)
+    assert names and all("language_model" in n for n in names)
+    assert any(("qkv_proj" if text == "phi3" else "q_proj") in n for n in names)
+    np.testing.assert_allclose(_logps(model, batch), base, atol=1e-6)  # B = 0: identity
+    _randomize_b(model)
+    lora = _logps(model, batch)
+    assert np.abs(lora - base).max() > 1e-2
+    exported = hf_tensors(model)
+    merge_lora(model)
+    assert not nnx.state(model, nnx.LoRAParam)
+    np.testing.assert_allclose(_logps(model, batch), lora, atol=1e-5)
+    merged = hf_tensors(model)
+    assert exported.keys() == merged.keys()
+    for k in exported:
+        np.testing.assert_array_equal(exported[k], merged[k])
+
+
+def test_trainable_filter_and_dropout(tmp_path):
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    model = load_pretrained(folder)
+    apply_lora(model, rank=2, alpha=4, dropout=0.5, seed=0)
+    trainable = nnx.state(
+        model,
+        trainable_filter(
+            lora=True, tune_vision_tower=False, tune_mm_projector=False, tune_language_model=False
+        ),
+    )
+    assert all(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(trainable))
+    proj = nnx.state(
+        model,
+        trainable_filter(
+            lora=False, tune_vision_tower=False, tune_mm_projector=True, tune_language_model=False
+        ),
+    )
+    assert {p[0] for p, _ in nnx.to_flat_state(proj)} == {"multi_modal_projector"}
+    _randomize_b(model)
+    batch = tiny_batch([4, 4])
+    model.eval()
+    a, b = _logps(model, batch), _logps(model, batch)
+    np.testing.assert_array_equal(a, b)
+    model.train()
+    assert np.abs(_logps(model, batch) - a).max() > 1e-3  # dropout active in train mode

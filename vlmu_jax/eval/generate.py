@@ -1,0 +1,124 @@
+"""Batched decoding with a KV cache in one compiled loop (prefill + lax.while_loop), left-padded prompts.
+
+Positions follow the attention mask as HF does (cumsum - 1), so left padding does not shift the rotary phases;
+pad slots are masked out of every attention. Greedy when temperature == 0, else temperature + top-p sampling.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@partial(nnx.jit, static_argnames=("max_new_tokens", "eos", "pad", "temperature", "top_p"))
+def _generate(
+    model: nnx.Module,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    pixel_values: jax.Array | None,
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    eos: tuple[int, ...],
+    pad: int,
+    temperature: float,
+    top_p: float,
+) -> jax.Array:
+    c = model.config.text
+    b, p = input_ids.shape
+    s = p + max_new_tokens
+    head = model.head_weight()
+    dtype = head.dtype
+    cache = tuple(jnp.zeros((c.num_layers, b, s, c.num_kv_heads, c.head_dim), dtype) for _ in range(2))
+    kv_valid = jnp.zeros((b, s), jnp.int32).at[:, :p].set(attention_mask)
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    h, cache = model.decode(
+        model.embed(input_ids, pixel_values), positions, kv_valid, cache=cache, index=0, impl="xla"
+    )
+    logits = jnp.einsum("bd,vd->bv", h[:, -1], head, preferred_element_type=jnp.float32)
+    out = jnp.full((b, max_new_tokens), pad, jnp.int32)
+    done = jnp.zeros((b,), bool)
+    next_pos = jnp.sum(attention_mask, axis=1).astype(jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, kv_valid, logits, done, out, rng = carry
+        rng, key = jax.random.split(rng)
+        tok = jnp.where(done, pad, _sample(logits, key, temperature, top_p))
+        out = out.at[:, i].set(tok)
+        done = done | jnp.isin(tok, jnp.asarray(eos, jnp.int32)) if eos else done
+        kv_valid = kv_valid.at[:, p + i].set(1)
+        h, cache = model.decode(
+            model.language_model.embed(tok[:, None]),
+            (next_pos + i)[:, None],
+            kv_valid,
+            cache=cache,
+            index=p + i,
+            impl="xla",
+        )
+        logits = jnp.einsum("bd,vd->bv", h[:, -1], head, preferred_element_type=jnp.float32)
+        return i + 1, cache, kv_valid, logits, done, out, rng
+
+    carry = (jnp.int32(0), cache, kv_valid, logits, done, out, rng)
+    return jax.lax.while_loop(cond, body, carry)[5]
+
+
+def generate(
+    model: nnx.Module,
+    input_ids,
+    attention_mask,
+    pixel_values,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | tuple[int, ...] | None = None,
+    pad_token_id: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """New tokens int32 [B, max_new_tokens] for left-padded prompts; after EOS a row holds pad_token_id.
+
+    eos/pad default to the model config's; the loop stops early once every row has finished.
+    """
+    cfg = model.config
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),))
+    pad = (
+        pad_token_id
+        if pad_token_id is not None
+        else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    )
+    if temperature > 0.0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an rng key")
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate(
+        model,
+        jnp.asarray(input_ids, jnp.int32),
+        jnp.asarray(attention_mask, jnp.int32),
+        None if pixel_values is None else jnp.asarray(pixel_values),
+        rng,
+        max_new_tokens=max_new_tokens,
+        eos=eos,
+        pad=int(pad),
+        temperature=float(temperature),
+        top_p=float(top_p),
+    )

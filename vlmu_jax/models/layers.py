@@ -1,0 +1,280 @@
+"""Blocks shared by every architecture: projections, norms, rotary embedding, attention, MLPs, and the
+stacked-layer runner (scan with a named remat policy, or an unrolled loop for debugging).
+
+Parameters of stacked layers carry a leading ``layers`` axis; a layer module is written for one layer and is
+handed its slice inside the scan, so the same code serves scanned and unrolled execution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)).astype(dtype)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias), kernel [*stack, in, out] with logical axes; optional LoRA adapter (see
+    lora.py)."""
+
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        *,
+        axes: Axes,
+        stack: tuple[int, ...] = (),
+        use_bias: bool = False,
+        std: float = 0.02,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        lead = ("layers",) * len(stack)
+        self.kernel = nnx.Param(_normal(rngs, (*stack, din, dout), std, dtype), axes=lead + tuple(axes))
+        self.bias = nnx.Param(jnp.zeros((*stack, dout), dtype), axes=lead + (axes[-1],)) if use_bias else None
+        self.lora_a: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_b: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_scale = 1.0
+        self.lora_dropout = 0.0
+        self.deterministic = True
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        if self.lora_a is not None:
+            h = x
+            if self.lora_dropout > 0.0 and not self.deterministic and rng is not None:
+                keep = jax.random.bernoulli(rng, 1.0 - self.lora_dropout, x.shape)
+                h = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+            h = jnp.einsum("...i,ir->...r", h, self.lora_a[...].astype(x.dtype))
+            y = y + self.lora_scale * jnp.einsum("...r,ro->...o", h, self.lora_b[...].astype(x.dtype))
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Llama/Phi-3 RMSNorm: normalise in float32, cast back, then scale (HF order of operations)."""
+
+    def __init__(self, dim: int, eps: float, *, stack: tuple[int, ...] = (), dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((*stack, dim), dtype), axes=("layers",) * len(stack) + ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * h.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias (CLIP), computed in float32."""
+
+    def __init__(self, dim: int, eps: float, *, stack: tuple[int, ...] = (), dtype=jnp.float32):
+        lead = ("layers",) * len(stack)
+        self.weight = nnx.Param(jnp.ones((*stack, dim), dtype), axes=lead + ("norm",))
+        self.bias = nnx.Param(jnp.zeros((*stack, dim), dtype), axes=lead + ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        return (h * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------ rotary embedding
+
+
+def rope_parameters(text_config: dict[str, Any]) -> dict[str, Any]:
+    """HF rope settings from either the transformers-5 ``rope_parameters`` or the older
+    ``rope_scaling``/``rope_theta``."""
+    params = dict(text_config.get("rope_parameters") or text_config.get("rope_scaling") or {})
+    params.setdefault("rope_theta", text_config.get("rope_theta", 10000.0))
+    params.setdefault("partial_rotary_factor", text_config.get("partial_rotary_factor", 1.0))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_inv_freq(
+    params: dict[str, Any], head_dim: int, max_position_embeddings: int
+) -> tuple[np.ndarray, float]:
+    """Inverse frequencies and attention scaling for the rope types we support: default, linear, llama3."""
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (params["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    kind = params["rope_type"]
+    if kind == "default":
+        pass
+    elif kind == "linear":
+        inv_freq = inv_freq / params["factor"]
+    elif kind == "llama3":
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old = params.get("original_max_position_embeddings", max_position_embeddings)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    else:
+        raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3)")
+    return inv_freq.astype(np.float32), 1.0
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scaling: float = 1.0) -> jax.Array:
+    """Rotate the first 2*len(inv_freq) channels of x [B,T,N,H] (HF rotate_half layout) at integer
+    positions [B,T]."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos = (jnp.cos(emb) * scaling).astype(x.dtype)[:, :, None, :]
+    sin = (jnp.sin(emb) * scaling).astype(x.dtype)[:, :, None, :]
+    rot, rest = x[..., : emb.shape[-1]], x[..., emb.shape[-1] :]
+    half = rot.shape[-1] // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def attention_mask(
+    q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array, sliding_window: int | None = None
+) -> jax.Array:
+    """Boolean [B,1,T,S]: causal by position, keys restricted to valid (non-pad) slots and the sliding
+    window."""
+    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :].astype(bool)
+    if sliding_window is not None:
+        mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
+    return mask[:, None]
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """ "auto" -> cudnn on GPU, XLA elsewhere."""
+    if impl == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return impl
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, impl: str, causal: bool = False
+) -> jax.Array:
+    """Scaled dot-product attention, GQA when k/v have fewer heads. q [B,T,N,H], k/v [B,S,K,H].
+
+    With impl="cudnn" and causal=True the explicit mask is dropped: for right-padded batches causality
+    alone is exact
+    on every real position (pad positions only produce ignored outputs), and it keeps the fused kernel.
+    """
+    impl = resolve_attention_impl(impl)
+    if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        impl = "xla"  # cuDNN flash attention needs half precision
+    if impl == "cudnn" and causal:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "xla" else impl)
+
+
+# ------------------------------------------------------------------------------------------------ MLPs
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """HF ACT2FN names used by our architectures."""
+    table = {
+        "silu": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}")
+    return table[name]
+
+
+def fold(rng: jax.Array | None, i: int) -> jax.Array | None:
+    """Independent dropout key per projection (None passes through)."""
+    return None if rng is None else jax.random.fold_in(rng, i)
+
+
+class GatedMLP(nnx.Module):
+    """Llama MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, d: int, f: int, act: str, *, stack, use_bias: bool, std: float, dtype, rngs: nnx.Rngs):
+        kw = dict(stack=stack, use_bias=use_bias, std=std, dtype=dtype, rngs=rngs)
+        self.gate_proj = Dense(d, f, axes=("embed", "mlp"), **kw)
+        self.up_proj = Dense(d, f, axes=("embed", "mlp"), **kw)
+        self.down_proj = Dense(f, d, axes=("mlp", "embed"), **kw)
+        self.act = act
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        h = activation(self.act)(self.gate_proj(x, fold(rng, 0))) * self.up_proj(x, fold(rng, 1))
+        return self.down_proj(h, fold(rng, 2))
+
+
+class FusedGatedMLP(nnx.Module):
+    """Phi-3 MLP: gate_up_proj holds [gate | up]; down(up * act(gate))."""
+
+    def __init__(self, d: int, f: int, act: str, *, stack, std: float, dtype, rngs: nnx.Rngs):
+        kw = dict(stack=stack, std=std, dtype=dtype, rngs=rngs)
+        self.gate_up_proj = Dense(d, 2 * f, axes=("embed", "mlp"), **kw)
+        self.down_proj = Dense(f, d, axes=("mlp", "embed"), **kw)
+        self.act = act
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        gate, up = jnp.split(self.gate_up_proj(x, fold(rng, 0)), 2, axis=-1)
+        return self.down_proj(up * activation(self.act)(gate), fold(rng, 1))
+
+
+# -------------------------------------------------------------------------------------- stacked layers
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def run_layers(
+    stack: nnx.Module,
+    fn: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+    carry: Any,
+    xs: Any = None,
+    *,
+    remat: str = "none",
+    scan: bool = True,
+    limit: int | None = None,
+) -> tuple[Any, Any]:
+    """Run ``fn(layer, carry, x) -> (carry, y)`` over the layers of ``stack`` (a layer module holding [L,
+    ...] params).
+
+    scan=True compiles one layer body (lax.scan); scan=False unrolls a Python loop, for debugging. xs is a
+    pytree
+    with a leading L axis (or None); ys come back stacked. limit runs only the first ``limit`` layers.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
+    graphdef, state = nnx.split(stack)
+    if limit is not None:
+        state = jax.tree.map(lambda a: a[:limit], state)
+
+    def body(c, inp):
+        layer_state, x = inp
+        return fn(nnx.merge(graphdef, layer_state), c, x)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    if scan:
+        return jax.lax.scan(body, carry, (state, xs))
+    ys = []
+    for i in range(jax.tree.leaves(state)[0].shape[0]):
+        carry, y = body(carry, jax.tree.map(lambda a, i=i: a[i], (state, xs)))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)

@@ -1,0 +1,238 @@
+"""Llama decoder (Vicuna / LLaVA-1.5 language model), also the shared decoder skeleton that phi3.py
+specialises.
+
+The decoder maps input embeddings to final-normed hidden states; it owns the token embedding but not the
+output
+head (llava.py does), so scoring can run a chunked head. An optional KV cache (stacked [L, B, S, K, H]) serves
+generation: new keys/values are written at slot ``index`` and attention runs over all cache slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlmu_jax.models.layers import (
+    Dense,
+    GatedMLP,
+    RMSNorm,
+    apply_rope,
+    attend,
+    attention_mask,
+    fold,
+    rope_inv_freq,
+    rope_parameters,
+    run_layers,
+)
+from vlmu_jax.models.sharding import constrain
+
+KVCache = tuple[jax.Array, jax.Array]
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    arch: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    hidden_act: str
+    inv_freq: tuple[float, ...]
+    rope_scaling: float
+    attention_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    tie_word_embeddings: bool
+    init_std: float
+
+    @classmethod
+    def from_hf(cls, c: dict[str, Any], arch: str = "llama", **overrides: Any) -> TextConfig:
+        heads = c.get("num_attention_heads", 32)
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        inv_freq, scaling = rope_inv_freq(
+            rope_parameters(c), head_dim, c.get("max_position_embeddings", 4096)
+        )
+        fields = dict(
+            arch=arch,
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            vocab_size=c["vocab_size"],
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            hidden_act=c.get("hidden_act", "silu"),
+            inv_freq=tuple(float(f) for f in inv_freq),
+            rope_scaling=scaling,
+            attention_bias=bool(c.get("attention_bias", False)),
+            mlp_bias=bool(c.get("mlp_bias", False)),
+            sliding_window=None,
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            init_std=c.get("initializer_range", 0.02),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+class LlamaAttention(nnx.Module):
+    """Separate q/k/v/o projections, rotary on q and k, grouped-query attention."""
+
+    def __init__(self, c: TextConfig, *, stack: tuple[int, ...], dtype, rngs: nnx.Rngs):
+        kw = dict(stack=stack, use_bias=c.attention_bias, std=c.init_std, dtype=dtype, rngs=rngs)
+        d, hd = c.hidden_size, c.head_dim
+        self.q_proj = Dense(d, c.num_heads * hd, axes=("embed", "heads"), **kw)
+        self.k_proj = Dense(d, c.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        self.v_proj = Dense(d, c.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = Dense(c.num_heads * hd, d, axes=("heads", "embed"), **kw)
+        self.config = c
+
+    def qkv(self, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return self.q_proj(x, fold(rng, 0)), self.k_proj(x, fold(rng, 1)), self.v_proj(x, fold(rng, 2))
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        *,
+        impl: str,
+        causal: bool,
+        cache: KVCache | None,
+        index: jax.Array | None,
+        rng: jax.Array | None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        c = self.config
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x, rng)
+        q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), positions, c.inv_freq, c.rope_scaling)
+        k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions, c.inv_freq, c.rope_scaling)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
+            cache = (k, v)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=impl, causal=causal)
+        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim), fold(rng, 3)), cache
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: h + attn(norm(h)); h + mlp(norm(h)). The attention and MLP classes set the
+    architecture."""
+
+    def __init__(self, c: TextConfig, attn: nnx.Module, mlp: nnx.Module, *, stack: tuple[int, ...], dtype):
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, stack=stack, dtype=dtype)
+        self.self_attn = attn
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, stack=stack, dtype=dtype)
+        self.mlp = mlp
+
+    def __call__(
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        *,
+        impl: str,
+        causal: bool,
+        cache: KVCache | None,
+        index: jax.Array | None,
+        rng: jax.Array | None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        a, cache = self.self_attn(
+            self.input_layernorm(h),
+            positions,
+            mask,
+            impl=impl,
+            causal=causal,
+            cache=cache,
+            index=index,
+            rng=fold(rng, 0),
+        )
+        h = h + a
+        h = h + self.mlp(self.post_attention_layernorm(h), fold(rng, 1))
+        return constrain(h, ("batch", "seq", None)), cache
+
+
+def llama_layer(c: TextConfig, *, stack: tuple[int, ...], dtype, rngs: nnx.Rngs) -> DecoderLayer:
+    attn = LlamaAttention(c, stack=stack, dtype=dtype, rngs=rngs)
+    mlp = GatedMLP(
+        c.hidden_size,
+        c.intermediate_size,
+        c.hidden_act,
+        stack=stack,
+        use_bias=c.mlp_bias,
+        std=c.init_std,
+        dtype=dtype,
+        rngs=rngs,
+    )
+    return DecoderLayer(c, attn, mlp, stack=stack, dtype=dtype)
+
+
+class DecoderLM(nnx.Module):
+    """Token embedding + stacked decoder layers + final norm (no head)."""
+
+    def __init__(self, c: TextConfig, *, dtype, rngs: nnx.Rngs):
+        from vlmu_jax.models.phi3 import phi3_layer
+
+        make_layer = {"llama": llama_layer, "phi3": phi3_layer}[c.arch]
+        self.config = c
+        self.embed_tokens = nnx.Param(
+            (c.init_std * jax.random.normal(rngs.params(), (c.vocab_size, c.hidden_size))).astype(dtype),
+            axes=("vocab", "embed"),
+        )
+        self.layers = make_layer(c, stack=(c.num_layers,), dtype=dtype, rngs=rngs)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        ids = jnp.clip(input_ids, 0, self.config.vocab_size - 1)
+        return jnp.take(self.embed_tokens[...], ids, axis=0)
+
+    def __call__(
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        kv_valid: jax.Array,
+        *,
+        impl: str,
+        remat: str,
+        scan: bool,
+        cache: KVCache | None = None,
+        index: jax.Array | int = 0,
+        rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """h [B,T,D] embeddings at cache slots index..index+T; kv_valid [B,S] marks real (non-pad) key slots.
+
+        Without a cache S == T and attention is causal within h; with a cache S is the cache length.
+        Returns final-normed hidden states and the updated cache.
+        """
+        b, t, _ = h.shape
+        q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
+        k_slots = jnp.broadcast_to(jnp.arange(kv_valid.shape[1]), kv_valid.shape)
+        mask = attention_mask(q_slots, k_slots, kv_valid, self.config.sliding_window)
+        causal = cache is None
+        layer_rngs = None if rng is None else jax.random.split(rng, self.config.num_layers)
+
+        def step(layer, carry, xs):
+            layer_cache, layer_rng = xs
+            return layer(
+                carry,
+                positions,
+                mask,
+                impl=impl,
+                causal=causal,
+                cache=layer_cache,
+                index=index,
+                rng=layer_rng,
+            )
+
+        h = constrain(h, ("batch", "seq", None))
+        h, cache = run_layers(self.layers, step, h, (cache, layer_rngs), remat=remat, scan=scan)
+        return self.norm(h), cache

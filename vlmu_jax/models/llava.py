@@ -1,0 +1,179 @@
+"""LLaVA-1.5: CLIP tower -> feature layer select -> 2-layer MLP projector -> splice into the LM's embeddings.
+
+The model returns final-normed hidden states [B, T, D]; the output head (``head_weight()``, [V, D]) is
+applied by
+the chunked scorer or the generator, never here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlmu_jax.models.clip import ClipVisionTower, VisionConfig
+from vlmu_jax.models.layers import Dense, activation
+from vlmu_jax.models.llama import DecoderLM, KVCache, TextConfig
+
+
+@dataclass(frozen=True)
+class LlavaConfig:
+    """Everything the modules need, derived once from config.json; hf_config is kept verbatim for export."""
+
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int
+    num_image_tokens: int
+    vocab_size: int
+    pad_token_id: int | None
+    eos_token_id: int | tuple[int, ...] | None
+    vision_feature_layer: int | tuple[int, ...]
+    vision_feature_select_strategy: str
+    projector_hidden_act: str
+    projector_bias: bool
+    remat: str = "none"
+    scan_layers: bool = True
+    attention_impl: str = "auto"
+    hf_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def vision_layers_needed(self) -> int:
+        """How many CLIP layers must run so every selected hidden state exists (HF hidden_states indexing)."""
+        layers = (
+            self.vision_feature_layer
+            if isinstance(self.vision_feature_layer, tuple)
+            else (self.vision_feature_layer,)
+        )
+        n = self.vision.num_layers
+        return max(i if i >= 0 else n + 1 + i for i in layers)
+
+
+class LlavaMultiModalProjector(nnx.Module):
+    def __init__(self, din: int, d: int, act: str, use_bias: bool, *, std: float, dtype, rngs: nnx.Rngs):
+        self.linear_1 = Dense(
+            din, d, axes=("embed", "mlp"), use_bias=use_bias, std=std, dtype=dtype, rngs=rngs
+        )
+        self.linear_2 = Dense(d, d, axes=("mlp", "embed"), use_bias=use_bias, std=std, dtype=dtype, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(activation(self.act)(self.linear_1(x)))
+
+
+class LlavaForConditionalGeneration(nnx.Module):
+    """Parameter tree mirrors HF names: vision_tower, multi_modal_projector, language_model, lm_head."""
+
+    def __init__(self, config: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        t, v = config.text, config.vision
+        self.config = config
+        self.vision_tower = ClipVisionTower(v, dtype=dtype, rngs=rngs)
+        n_feat = len(config.vision_feature_layer) if isinstance(config.vision_feature_layer, tuple) else 1
+        self.multi_modal_projector = LlavaMultiModalProjector(
+            v.hidden_size * n_feat,
+            t.hidden_size,
+            config.projector_hidden_act,
+            config.projector_bias,
+            std=t.init_std,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.language_model = DecoderLM(t, dtype=dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if t.tie_word_embeddings
+            else nnx.Param(
+                (t.init_std * jax.random.normal(rngs.params(), (t.vocab_size, t.hidden_size))).astype(dtype),
+                axes=("vocab", "embed"),
+            )
+        )
+        self.lora_rngs: nnx.Rngs | None = nnx.data(None)
+
+    def head_weight(self) -> jax.Array:
+        """Output projection [V, D] (logits = hidden @ W.T); the embedding when tied."""
+        return (self.language_model.embed_tokens if self.lm_head is None else self.lm_head)[...]
+
+    def image_features(self, pixel_values: jax.Array) -> jax.Array:
+        """[B, num_image_tokens, D_text]: selected CLIP hidden states (CLS dropped for "default"),
+        projected."""
+        c = self.config
+        layers = (
+            c.vision_feature_layer if isinstance(c.vision_feature_layer, tuple) else (c.vision_feature_layer,)
+        )
+        n = c.vision.num_layers
+        if len(layers) == 1:
+            hs = [
+                self.vision_tower(
+                    pixel_values,
+                    c.vision_layers_needed,
+                    impl=c.attention_impl,
+                    remat=c.remat,
+                    scan=c.scan_layers,
+                )
+            ]
+        else:
+            hs = [
+                self.vision_tower(
+                    pixel_values,
+                    i if i >= 0 else n + 1 + i,
+                    impl=c.attention_impl,
+                    remat=c.remat,
+                    scan=c.scan_layers,
+                )
+                for i in layers
+            ]
+        if c.vision_feature_select_strategy == "default":
+            hs = [h[:, 1:] for h in hs]
+        return self.multi_modal_projector(jnp.concatenate(hs, axis=-1))
+
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
+        """Token embeddings with row b's k-th image token replaced by row b's k-th image feature."""
+        h = self.language_model.embed(input_ids)
+        if pixel_values is None:
+            return h
+        feats = self.image_features(pixel_values).astype(h.dtype)
+        is_img = input_ids == self.config.image_token_id
+        idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
+        spliced = jnp.take_along_axis(feats, idx[..., None], axis=1)
+        return jnp.where(is_img[..., None], spliced, h)
+
+    def decode(
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        kv_valid: jax.Array,
+        *,
+        cache: KVCache | None = None,
+        index: jax.Array | int = 0,
+        rng: jax.Array | None = None,
+        impl: str | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Run the language model on embeddings (see DecoderLM.__call__)."""
+        c = self.config
+        return self.language_model(
+            h,
+            positions,
+            kv_valid,
+            impl=impl or c.attention_impl,
+            remat=c.remat,
+            scan=c.scan_layers,
+            cache=cache,
+            index=index,
+            rng=rng,
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        pixel_values: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states [B, T, D]. Positions follow the attention mask (HF: cumsum - 1)."""
+        if dropout_rng is None and self.lora_rngs is not None:
+            dropout_rng = self.lora_rngs.dropout()
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        h, _ = self.decode(self.embed(input_ids, pixel_values), positions, attention_mask, rng=dropout_rng)
+        return h

@@ -1,0 +1,104 @@
+"""Logical axis names -> mesh axes: the one table of sharding rules, plus mesh and placement helpers.
+
+Every parameter declares logical axes next to its shape (Variable metadata ``axes``); the mesh layout is
+decided
+here only, so the same model code runs on 1 CPU, 8 fake CPU devices, a GPU host or a TPU pod.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or tuple of axes, or None = replicated). First match wins.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("qkv", "tensor"),
+    ("lora_rank", None),
+    ("layers", None),
+    ("seq", None),
+    ("head_dim", None),
+    ("norm", None),
+    ("patch", None),
+)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules=RULES) -> PartitionSpec:
+    """Map logical axis names to a PartitionSpec, never using a mesh axis twice (later uses replicate)."""
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        target = table.get(name) if name is not None else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        if any(n in used for n in names):
+            names = ()
+        used.update(names)
+        out.append(names[0] if len(names) == 1 else (names or None))
+    return PartitionSpec(*out)
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """Mesh with axes (data, fsdp, tensor); data=-1 takes the devices left over."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data == -1:
+        data = len(devices) // (fsdp * tensor)
+    if data * fsdp * tensor != len(devices):
+        raise ValueError(f"mesh {data}x{fsdp}x{tensor} does not match {len(devices)} devices")
+    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
+
+
+def _fits(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes that do not divide a dimension (tiny test shapes), so placement never fails."""
+    out = []
+    for dim, names in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        group = (names,) if isinstance(names, str) else tuple(names or ())
+        size = int(np.prod([mesh.shape[n] for n in group])) if group else 1
+        out.append(names if dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """NamedSharding of one (possibly abstract) variable from its ``axes`` metadata."""
+    value = var.get_value() if hasattr(var, "get_value") else var.value
+    axes = var.get_metadata().get("axes") or (None,) * len(value.shape)
+    return NamedSharding(mesh, _fits(value.shape, logical_to_spec(axes), mesh))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh | None) -> nnx.State | None:
+    """Per-variable NamedShardings for a state (abstract or concrete); None without a mesh."""
+    if mesh is None:
+        return None
+    return jax.tree.map(
+        lambda v: variable_sharding(v, mesh), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Move an existing model's variables onto the mesh according to the rules (in place)."""
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, state_shardings(state, mesh))
+    nnx.update(model, state)
+    return model
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation's sharding when a mesh is active (jax.set_mesh); a no-op otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    spec = _fits(x.shape, logical_to_spec(axes), mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
