@@ -1,12 +1,10 @@
-"""vlmu_jax counterpart of shared/anchors/bench_hf_llava.py: LLaVA-1.5-7B shape, random bf16 weights on one
-device.
+"""vlmu_jax counterpart of shared/anchors/bench_hf_llava.py: LLaVA-1.5-7B shape, random bf16 weights.
 
-Times teacher-forced per-token log-probs (median of 5 after 2 warm-ups) and greedy generation of 32 new
-tokens,
-printing one JSON line per measurement with the anchor's keys plus peak device memory. ``--small`` = tiny
-shape
-that runs on CPU. Run from the repo root: ``PYTHONPATH=. python bench/bench_jax_llava.py [--small]`` (env
-B, T).
+Same workload as the anchor (B=4 rows of BOS + 576 image tokens + 127 text tokens = 704 tokens):
+teacher-forced log-probs, greedy generation of 32 tokens, and one LoRA (r=128, all LM linears)
+gradient-ascent AdamW step with and without rematerialisation. One JSON line per measurement with the
+anchor's keys plus peak device memory. `--small` is a tiny shape that runs on CPU.
+Run from the repo root: `PYTHONPATH=. python bench/bench_jax_llava.py [--small]`.
 """
 
 from __future__ import annotations
@@ -20,11 +18,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 from vlmu_jax.eval.generate import generate
-from vlmu_jax.eval.scoring import token_logprobs
+from vlmu_jax.eval.scoring import head_logprobs, token_logprobs
 from vlmu_jax.models.layers import resolve_attention_impl
-from vlmu_jax.models.registry import init_model
+from vlmu_jax.models.lora import apply_lora
+from vlmu_jax.models.registry import init_model, set_options
 
 
 def hf_config(small: bool) -> dict:
@@ -122,7 +123,8 @@ def main() -> None:
         flush=True,
     )
     rng = np.random.RandomState(0)
-    ids = rng.randint(100, 32000, (b, 1 + n_img + t_text)).astype(np.int32)
+    # The anchor's rows are n_img + t_text tokens long (BOS, images, then t_text - 1 text tokens).
+    ids = rng.randint(100, 32000, (b, n_img + t_text)).astype(np.int32)
     ids[:, 1 : 1 + n_img], ids[:, 0] = 32000, 1
     ids, mask = jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids))
     pix = jnp.asarray(rng.randn(b, 3, 336, 336), jnp.bfloat16)
@@ -133,7 +135,7 @@ def main() -> None:
             {
                 "what": "eval_logprob",
                 "B": b,
-                "T": n_img + t_text + 1,
+                "T": n_img + t_text,
                 "s": s,
                 "samples_per_s": b / s,
                 "max_mem_gb": peak_gb(),
@@ -149,6 +151,47 @@ def main() -> None:
         ),
         flush=True,
     )
+
+    apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
+    # Loss on the second half of the text, as the anchor's labels; targets are positions 1..T-1.
+    answer = jnp.arange(1, ids.shape[1]) >= 1 + n_img + t_text // 2
+    for remat in ("none", "full"):
+        s, mem = lora_ga_step_time(model, ids, mask, pix, answer, remat)
+        print(json.dumps({"what": "lora_ga_step", "remat": remat, "B": b, "T": n_img + t_text, "s": s,
+                          "samples_per_s": b / s, "max_mem_gb": mem}), flush=True)
+
+
+def lora_ga_step_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: jax.Array, answer: jax.Array,
+                      remat: str) -> tuple[float, float | None]:
+    """Median time of one jitted GA step on the LoRA params only (AdamW, donated state)."""
+    set_options(model, remat=remat)
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    opt = optax.adamw(1e-5)
+    state = {"lora": lora, "opt": opt.init(lora)}
+
+    def neg_nll(lora: nnx.State, rest: nnx.State, key: jax.Array, batch: tuple) -> jax.Array:
+        ids, mask, pix, answer = batch
+        m = nnx.merge(graphdef, lora, rest)
+        lp = head_logprobs(m(ids, mask, pix, dropout_rng=key)[:, :-1], m.head_weight(), ids[:, 1:])
+        return (lp * answer).sum() / (answer.sum() * ids.shape[0])  # = -NLL: ascent on the forget loss
+
+    # Everything is an argument (not a closed-over constant) so XLA does not try to constant-fold the model.
+    def step(state: dict, rest: nnx.State, key: jax.Array, batch: tuple) -> tuple[dict, jax.Array]:
+        loss, grads = jax.value_and_grad(neg_nll)(state["lora"], rest, key, batch)
+        updates, opt_state = opt.update(grads, state["opt"], state["lora"])
+        return {"lora": optax.apply_updates(state["lora"], updates), "opt": opt_state}, loss
+
+    step = jax.jit(step, donate_argnums=0)
+    keys = iter(jax.random.split(jax.random.key(0), 16))
+
+    def run() -> jax.Array:
+        nonlocal state
+        state, loss = step(state, rest, next(keys), (ids, mask, pix, answer))
+        return loss
+
+    s = timeit(run)
+    nnx.update(model, state["lora"])  # the model's own LoRA arrays were donated to the first step
+    return s, peak_gb()
 
 
 if __name__ == "__main__":

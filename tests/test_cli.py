@@ -29,7 +29,8 @@ def _run(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
         (["--config", "configs/fiubench_llava15.py"], "config.model.path is empty"),
         (["--config", "configs/fiubench_llava15.py", "--config.model.path=/no/such/ckpt"],
          "config.model.path '/no/such/ckpt' is not a folder"),
-        (["--config", "configs/mllmu_llava15.py", "--config.model.path=/", "--config.data.root=/no/such/data"],
+        (["--config", "configs/mllmu_llava15.py", "--config.model.path=/",
+          "--config.data.root=/no/such/data"],
          "config.data.root '/no/such/data' is not a folder"),
     ],
 )

@@ -1,0 +1,1 @@
+def run(config, workdir): print("RUN", workdir)
