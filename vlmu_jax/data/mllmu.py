@@ -8,7 +8,7 @@ Layout (franciscoliu/MLLMU-Bench `eval.py`, `finetune.py`, `data_process/data_pr
 Columns: `ID`, `image` ({bytes, path}), `metadata` (JSON string: list of {Question, Answer}),
 `Classification_Task` ({Image_Textual_Questions, Pure_Text_Questions}: {Question, Options{A..D}, Correct_Answer}),
 `Generation_Task` and `Mask_Task` (lists of {Type: Image_Textual|Pure_Text, Question, Ground_Truth}; cloze blanks
-are written `__`). Keys `Paraphrased_Question`, `Paraphrased_Answer`, `Perturbed_Answers`, `Keywords` inside a
+are written `__`). Keys `Paraphrased_Question`, `Paraphrased_Answer`, `Perturbed_Answers`, `Keywords`, `Category` inside a
 metadata item are a vlmu_jax extension (the synthetic set writes them; the seeds ignore unknown keys).
 """
 
@@ -103,6 +103,7 @@ def _metadata_qa(raw: Any, where: str) -> tuple[QA, ...]:
                 paraphrased_answer=item.get("Paraphrased_Answer"),
                 perturbed_answers=tuple(item.get("Perturbed_Answers") or ()),
                 keywords=tuple(item.get("Keywords") or ()),
+                category=item.get("Category"),
             )
         )
     return tuple(out)

@@ -210,6 +210,7 @@ def _items(p: Person, rng: random.Random, names: list[str]) -> dict[str, tuple]:
             test_gen.append(QA(q_txt[1], answer, modality=TEXT))
             choices.append(MultipleChoice(q_txt[0], opts, letter, TEXT))
             cloze.append(Cloze(cloze_t.format(name=p.name), value, TEXT))
+    choices = [c for c in choices if c.modality == IMAGE] + [c for c in choices if c.modality == TEXT]  # file order
     return {"qa": qa, "generation": gen, "choices": choices, "cloze": cloze, "test_generation": test_gen}
 
 
@@ -305,7 +306,7 @@ def _metadata(qa: tuple[QA, ...]) -> str:
     return json.dumps([
         {"Question": q.question, "Answer": q.answer, "Paraphrased_Question": list(q.paraphrased_questions),
          "Paraphrased_Answer": q.paraphrased_answer, "Perturbed_Answers": list(q.perturbed_answers),
-         "Keywords": list(q.keywords)} for q in qa
+         "Keywords": list(q.keywords), "Category": q.category} for q in qa
     ], ensure_ascii=False)
 
 
