@@ -52,7 +52,8 @@ def test_vicuna_mask_hand_checked(tok):
     assert ids[0] == tok.bos_token_id and ids.count(image_id) == N_IMG
     first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
     prompt = tok.decode(ids[1:first]).replace("<image>" * N_IMG, "<image>")
-    # The prompt's trailing space merges into the first answer token ("ĠBorn"): that token carries answer text.
+    # The prompt's trailing space merges into the first answer token ("ĠBorn"): that token carries answer
+    # text.
     assert prompt + tok.decode(ids[first:]) == TEMPLATES["llava-1.5"].prompt(ex.question) + "Born in Oslo."
     assert tok.decode(ids[first:]) == " Born in Oslo." and labels[first:] == ids[first:]
     assert all(lab == IGNORE for lab in labels[:first])
@@ -67,23 +68,34 @@ def test_every_template_labels_exactly_answer_and_turn_end(tok, name):
     template = get_template(name)
     for image in (ImageRef(data=b""), None):
         if image is not None and template.image_token != "<image>":
-            continue  # the demo tokenizer only knows "<image>"; Mllama's "<|image|>" is a real checkpoint's token
+            # the demo tokenizer only knows "<image>"; Mllama's "<|image|>" is a real checkpoint's token
+            continue
         ex = Example("What is the job of Ada Moss?", "Works as a baker.", image)
         row = encode(ex, _cfg(tok, name))
         answer_ids = row.input_ids[row.labels != IGNORE]
         assert tok.decode(answer_ids).lstrip(" ") == "Works as a baker." + template.answer_suffix
         n_img = int((row.input_ids == tok.convert_tokens_to_ids("<image>")).sum())
         assert n_img == (N_IMG if image is not None else 0)
-        full = encode(ex, _cfg(tok, name, train_on_prompt=True))  # MLLMU finetune: only pad (and image) masked
+        full = encode(
+            ex, _cfg(tok, name, train_on_prompt=True)
+        )  # MLLMU finetune: only pad (and image) masked
         assert ((full.labels == IGNORE) == (full.input_ids == tok.convert_tokens_to_ids("<image>"))).all()
 
 
 def _source(tok, bench, process_index, process_count, **kw):
     rows = [encode(e, _cfg(tok)) for e in examples_from(bench.identities)]
-    return ExampleSource(rows, global_batch_size=4, pad_token_id=tok.pad_token_id,
-                         image_fn=lambda ref: np.full((3, 4, 4), len(ref.read_bytes()) % 7, np.float32),
-                         image_shape=(3, 4, 4), buckets=(64, 128, 256), seed=7,
-                         process_index=process_index, process_count=process_count, **kw)
+    return ExampleSource(
+        rows,
+        global_batch_size=4,
+        pad_token_id=tok.pad_token_id,
+        image_fn=lambda ref: np.full((3, 4, 4), len(ref.read_bytes()) % 7, np.float32),
+        image_shape=(3, 4, 4),
+        buckets=(64, 128, 256),
+        seed=7,
+        process_index=process_index,
+        process_count=process_count,
+        **kw,
+    )
 
 
 def test_batch_shapes_and_padding(tok, bench):
@@ -93,7 +105,11 @@ def test_batch_shapes_and_padding(tok, bench):
     t = batch["input_ids"].shape[1]
     assert t in (64, 128, 256)
     assert {k: v.shape for k, v in batch.items()} == {
-        "input_ids": (4, t), "attention_mask": (4, t), "labels": (4, t), "pixel_values": (4, 3, 4, 4)}
+        "input_ids": (4, t),
+        "attention_mask": (4, t),
+        "labels": (4, t),
+        "pixel_values": (4, 3, 4, 4),
+    }
     assert all(v.dtype == (np.float32 if k == "pixel_values" else np.int32) for k, v in batch.items())
     pad = batch["attention_mask"] == 0
     assert (batch["input_ids"][pad] == tok.pad_token_id).all() and (batch["labels"][pad] == IGNORE).all()
@@ -108,8 +124,9 @@ def test_two_hosts_get_disjoint_complete_shards(tok, bench):
         rows = np.concatenate([h0.global_indices(step)[h0.host], h1.global_indices(step)[h1.host]])
         assert rows.tolist() == one.global_indices(step).tolist() and len(set(rows.tolist())) == 4
         t = full["input_ids"].shape[1]
-        np.testing.assert_array_equal(np.concatenate([a["labels"][:, :t], b["labels"][:, :t]])[:, :t].shape,
-                                      full["labels"].shape)
+        np.testing.assert_array_equal(
+            np.concatenate([a["labels"][:, :t], b["labels"][:, :t]])[:, :t].shape, full["labels"].shape
+        )
     epoch = np.concatenate([one.global_indices(i) for i in range(len(one))])
     assert set(epoch.tolist()) == set(range(len(one.rows)))  # complete epoch
 
@@ -125,9 +142,17 @@ def test_order_deterministic_and_reshuffled_per_epoch(tok, bench):
 def test_left_padded_generation_prompts(tok, bench):
     exs = examples_from(bench.identities[:1], field="generation", modality=None)
     rows = generation_rows(exs, _cfg(tok))
-    src = ExampleSource(rows, global_batch_size=len(rows), pad_token_id=tok.pad_token_id,
-                        image_fn=lambda ref: np.ones((3, 2, 2), np.float32), image_shape=(3, 2, 2),
-                        shuffle=False, left_pad=True, process_index=0, process_count=1)
+    src = ExampleSource(
+        rows,
+        global_batch_size=len(rows),
+        pad_token_id=tok.pad_token_id,
+        image_fn=lambda ref: np.ones((3, 2, 2), np.float32),
+        image_shape=(3, 2, 2),
+        shuffle=False,
+        left_pad=True,
+        process_index=0,
+        process_count=1,
+    )
     batch = src.get(0)
     assert (batch["attention_mask"][:, -1] == 1).all()
     ids = batch["input_ids"][0][batch["attention_mask"][0] == 1]

@@ -9,7 +9,10 @@ from vlmu_jax.data.images import ImageSpec, llava_spec, preprocess
 
 def _images():
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 80), (97, 41), (64, 64))]
+    return [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for h, w in ((50, 80), (97, 41), (64, 64))
+    ]
 
 
 @pytest.mark.parametrize("pad", [False, True])

@@ -31,16 +31,40 @@ def _strip_images(obj):
 @pytest.fixture(scope="module")
 def fiu_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fiu")
-    synthetic.main(["--out", str(out), "--format", "fiubench", "--identities", str(N), "--seed", str(SEED),
-                    "--image-size", str(SIZE)])
+    synthetic.main(
+        [
+            "--out",
+            str(out),
+            "--format",
+            "fiubench",
+            "--identities",
+            str(N),
+            "--seed",
+            str(SEED),
+            "--image-size",
+            str(SIZE),
+        ]
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def mllmu_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("mllmu")
-    synthetic.main(["--out", str(out), "--format", "mllmu", "--identities", str(N), "--seed", str(SEED),
-                    "--image-size", str(SIZE)])
+    synthetic.main(
+        [
+            "--out",
+            str(out),
+            "--format",
+            "mllmu",
+            "--identities",
+            str(N),
+            "--seed",
+            str(SEED),
+            "--image-size",
+            str(SIZE),
+        ]
+    )
     return out
 
 
@@ -51,14 +75,21 @@ def test_fiubench_roundtrip(fiu_dir):
     assert [len(bench.splits[k]) for k in ("forget1", "forget5", "forget10")] == [1, 1, 1]
     assert len(bench.splits["retain"]) == N - 3
     qa = bench.identities[0].qa[0]
-    assert len(qa.perturbed_answers) == 5 and qa.keywords and qa.paraphrased_questions and qa.paraphrased_answer
+    assert (
+        len(qa.perturbed_answers) == 5 and qa.keywords and qa.paraphrased_questions and qa.paraphrased_answer
+    )
     assert bench.idk and "forget1" in bench.split("forget1")[0].splits
 
 
 def test_split_sizes_scale_like_the_original():
     splits = synthetic.make_benchmark(400, 0, 8, "fiubench").splits
     assert {k: len(v) for k, v in splits.items() if k != "retain"} == {
-        "forget1": 4, "forget5": 20, "forget10": 40, "retain5": 20, "retain15": 60}
+        "forget1": 4,
+        "forget5": 20,
+        "forget10": 40,
+        "retain5": 20,
+        "retain15": 60,
+    }
     assert len(splits["retain"]) == 336
 
 
@@ -75,12 +106,17 @@ def test_mllmu_roundtrip(mllmu_dir):
 
 def test_images_distinct_per_identity():
     bench = synthetic.make_benchmark(N, SEED, SIZE, "mllmu")
-    assert len({i.image.read_bytes() for i in bench.identities + bench.celebrities}) == N + len(bench.celebrities)
+    assert len({i.image.read_bytes() for i in bench.identities + bench.celebrities}) == N + len(
+        bench.celebrities
+    )
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("fmt", ["fiubench", "mllmu"])
@@ -127,7 +163,9 @@ def test_fiubench_malformed_record(fiu_dir, tmp_path):
     data = json.loads((root / "full.json").read_text())
     del data[1]["qa_list"][3]["answer"]
     (root / "full.json").write_text(json.dumps(data))
-    with pytest.raises(DataError, match=r"record 1 \(unique_id \d+\) qa_list\[3\]: missing or non-string 'answer'"):
+    with pytest.raises(
+        DataError, match=r"record 1 \(unique_id \d+\) qa_list\[3\]: missing or non-string 'answer'"
+    ):
         read_fiubench(root)
 
 
@@ -142,7 +180,9 @@ def test_mllmu_bad_row_error_or_counted_skip(mllmu_dir, tmp_path):
     rows = pq.read_table(path).to_pylist()
     rows[0]["metadata"] = "not json"
     synthetic._write_parquet(rows, path)
-    with pytest.raises(DataError, match=r"Retain_Set/train-00000-of-00001.parquet row 0 \(ID c\d+\): metadata"):
+    with pytest.raises(
+        DataError, match=r"Retain_Set/train-00000-of-00001.parquet row 0 \(ID c\d+\): metadata"
+    ):
         read_mllmu(root)
     bench = read_mllmu(root, skip_bad_rows=True)
     assert bench.skipped == {str(path): 1} and len(bench.celebrities) == len(rows) - 1

@@ -1,11 +1,12 @@
-"""Tokenise (question, answer, image) examples with a template, mask labels, pad to static buckets, shard by host.
+"""Tokenise (question, answer, image) examples with a template, mask labels, pad to static buckets, shard by
+host.
 
-Label mask (CONTRACT.md): -100 on prompt, image and padding positions. The prompt/answer boundary is found from
-character offsets of ONE joint tokenisation of `prompt + answer`, so input_ids are exactly what the seeds feed the
-model; a token that carries any answer character is an answer token. `fiubench_original_mask=True` instead
-reproduces FIUBench's `preprocess_v1` arithmetic (mask BOS + len(tok(instruction + answer_tag)) - 2 tokens), and
-`train_on_prompt=True` reproduces MLLMU's finetune collate (only padding masked; image tokens stay masked here
-because transformers 5 expands them and they are not predictable text).
+Label mask (CONTRACT.md): -100 on prompt, image and padding positions. The prompt/answer boundary is found
+from character offsets of ONE joint tokenisation of `prompt + answer`, so input_ids are exactly what the seeds
+feed the model; a token that carries any answer character is an answer token. `fiubench_original_mask=True`
+instead reproduces FIUBench's `preprocess_v1` arithmetic (mask BOS + len(tok(instruction + answer_tag)) - 2
+tokens), and `train_on_prompt=True` reproduces MLLMU's finetune collate (only padding masked; image tokens
+stay masked here because transformers 5 expands them and they are not predictable text).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def examples_from(
 ) -> list[Example]:
     """Flatten identities' QA items (`qa` or `generation`) into examples, in file order.
 
-    With `idk`, each answer is replaced by a refusal drawn deterministically from `seed` (FIUBench's IdK stream).
-    Text-only items (modality TEXT) carry no image.
+    With `idk`, each answer is replaced by a refusal drawn deterministically from `seed` (FIUBench's IdK
+    stream). Text-only items (modality TEXT) carry no image.
     """
     rng = np.random.default_rng(seed)
     out = []
@@ -95,12 +96,14 @@ def _tokens(cfg: TextConfig, text: str) -> tuple[list[int], list[tuple[int, int]
 def _expand_image(ids: list[int], answer: list[bool], cfg: TextConfig, with_image: bool, where: str):
     positions = [i for i, t in enumerate(ids) if t == cfg.image_token_id]
     if len(positions) != (1 if with_image else 0):
-        raise ValueError(f"{where}: expected {int(with_image)} image token(s) (id {cfg.image_token_id}), "
-                         f"found {len(positions)}")
+        raise ValueError(
+            f"{where}: expected {int(with_image)} image token(s) (id {cfg.image_token_id}), "
+            f"found {len(positions)}"
+        )
     if not with_image:
         return ids, answer
     p, n = positions[0], cfg.num_image_tokens
-    return ids[:p] + [cfg.image_token_id] * n + ids[p + 1:], answer[:p] + [False] * n + answer[p + 1:]
+    return ids[:p] + [cfg.image_token_id] * n + ids[p + 1 :], answer[:p] + [False] * n + answer[p + 1 :]
 
 
 def encode(example: Example, cfg: TextConfig) -> Encoded:
@@ -110,7 +113,12 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
     ids, offsets = _tokens(cfg, text)
     if cfg.fiubench_original_mask:
         instruction = text.split(cfg.template.answer_prefix)[0].strip(" ")
-        n_masked = 1 + len(_tokens(cfg, instruction + cfg.template.answer_prefix)[0]) + int(cfg.template.prepend_bos) - 2
+        n_masked = (
+            1
+            + len(_tokens(cfg, instruction + cfg.template.answer_prefix)[0])
+            + int(cfg.template.prepend_bos)
+            - 2
+        )
         answer = [i + int(cfg.template.prepend_bos) >= n_masked for i in range(len(ids))]
     else:
         answer = [end > len(prompt) for _, end in offsets]
@@ -123,7 +131,7 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
     keep = np.asarray(answer) | cfg.train_on_prompt
     labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
     if cfg.max_length is not None and len(ids_np) > cfg.max_length:
-        ids_np, labels = ids_np[:cfg.max_length], labels[:cfg.max_length]
+        ids_np, labels = ids_np[: cfg.max_length], labels[: cfg.max_length]
     return Encoded(ids_np, labels, example.image)
 
 
@@ -170,7 +178,9 @@ def generation_rows(examples: Sequence[Example], cfg: TextConfig) -> list[Encode
 
 def _prompt_only(cfg: TextConfig) -> TextConfig:
     template = cfg.template.__class__(**{**cfg.template.__dict__, "answer_suffix": ""})
-    return TextConfig(cfg.tokenizer, template, cfg.image_token_id, cfg.num_image_tokens, max_length=cfg.max_length)
+    return TextConfig(
+        cfg.tokenizer, template, cfg.image_token_id, cfg.num_image_tokens, max_length=cfg.max_length
+    )
 
 
 def host_slice(global_size: int, process_index: int, process_count: int) -> slice:
@@ -182,10 +192,11 @@ def host_slice(global_size: int, process_index: int, process_count: int) -> slic
 
 
 class ExampleSource:
-    """`BatchSource` over encoded rows: epoch-wise permutation from (seed, epoch), global batch -> host slice.
+    """`BatchSource` over encoded rows: epoch-wise permutation from (seed, epoch), global batch -> host
+    slice.
 
-    The last batch of an epoch wraps around to the epoch's first rows so every batch has the same shape and every
-    example is seen once per epoch. `shuffle=False` keeps file order (scoring/eval).
+    The last batch of an epoch wraps around to the epoch's first rows so every batch has the same shape
+    and every example is seen once per epoch. `shuffle=False` keeps file order (scoring/eval).
     """
 
     def __init__(
@@ -209,10 +220,21 @@ class ExampleSource:
             import jax
 
             process_index, process_count = jax.process_index(), jax.process_count()
-        self.rows, self.global_batch_size, self.seed, self.shuffle = list(rows), global_batch_size, seed, shuffle
+        self.rows, self.global_batch_size, self.seed, self.shuffle = (
+            list(rows),
+            global_batch_size,
+            seed,
+            shuffle,
+        )
         self.host = host_slice(global_batch_size, process_index, process_count)
-        self._collate = functools.partial(collate, pad_token_id=pad_token_id, image_fn=functools.lru_cache(256)(image_fn),
-                                          image_shape=image_shape, buckets=buckets, left_pad=left_pad)
+        self._collate = functools.partial(
+            collate,
+            pad_token_id=pad_token_id,
+            image_fn=functools.lru_cache(256)(image_fn),
+            image_shape=image_shape,
+            buckets=buckets,
+            left_pad=left_pad,
+        )
 
     def __len__(self) -> int:
         return -(-len(self.rows) // self.global_batch_size)

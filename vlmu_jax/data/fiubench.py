@@ -1,9 +1,10 @@
 """FIUBench on-disk layout -> records.
 
-Layout (gray311/VLM_Unlearned `dataset/`): `full.json` (a list of identities: unique_id, image_path, qa_list with
-question / answer / paraphrased_question / paraphrased_answer / perturbed_answer / keywords), `split.json`
-(forget1 / forget5 / forget10 / retain5 / retain15 -> unique_ids), `prompt.json` (key `idk`: refusal answers).
-The seeds evaluate the first 400 records and define the retain set as every identity outside forget1+5+10.
+Layout (gray311/VLM_Unlearned `dataset/`): `full.json` (a list of identities: unique_id, image_path, qa_list
+with question / answer / paraphrased_question / paraphrased_answer / perturbed_answer / keywords),
+`split.json` (forget1 / forget5 / forget10 / retain5 / retain15 -> unique_ids), `prompt.json` (key `idk`:
+refusal answers). The seeds evaluate the first 400 records and define the retain set as every identity outside
+forget1+5+10.
 """
 
 from __future__ import annotations
@@ -71,7 +72,11 @@ def _parse_qa(item: Any, where: str, capitalize: bool) -> QA:
 
 def _resolve_image(image_path: str, root: Path, where: str) -> ImageRef:
     """Paths in full.json are relative to the data folder or to the repo root above it (`./dataset/...`)."""
-    candidates = [Path(image_path)] if Path(image_path).is_absolute() else [root / image_path, root.parent / image_path]
+    candidates = (
+        [Path(image_path)]
+        if Path(image_path).is_absolute()
+        else [root / image_path, root.parent / image_path]
+    )
     for cand in candidates:
         if cand.is_file():
             return ImageRef(path=str(cand))
@@ -107,9 +112,9 @@ def read_fiubench(
 ) -> Benchmark:
     """Read a FIUBench folder.
 
-    `limit` keeps the first N identities as the seeds do (`data[:400]`). `capitalize=True` applies the seeds'
-    `str.capitalize()` to questions and answers (it also lower-cases the rest of the string, e.g. names).
-    Adds the split `retain` = identities outside forget1/5/10, as the seeds derive it.
+    `limit` keeps the first N identities as the seeds do (`data[:400]`). `capitalize=True` applies the
+    seeds' `str.capitalize()` to questions and answers (it also lower-cases the rest of the string, e.g.
+    names). Adds the split `retain` = identities outside forget1/5/10, as the seeds derive it.
     """
     root = Path(root)
     data_path, split_path = root / data_file, root / split_file

@@ -1,9 +1,10 @@
 """Image preprocessing identical to the HF image processors the seeds use, in numpy/PIL.
 
-LLaVA-1.5 (both seeds) uses CLIPImageProcessor: resize the shortest edge (PIL bicubic), center crop, rescale by
-1/255 in float64 then cast to float32, normalise with the OpenAI CLIP mean/std in float32. LlavaImageProcessor's
-`do_pad` variant first pads to a square filled with the mean colour (original LLaVA `expand2square`). The steps
-and their dtypes follow transformers' PIL backend so outputs match to float32 rounding.
+LLaVA-1.5 (both seeds) uses CLIPImageProcessor: resize the shortest edge (PIL bicubic), center crop, rescale
+by 1/255 in float64 then cast to float32, normalise with the OpenAI CLIP mean/std in float32.
+LlavaImageProcessor's `do_pad` variant first pads to a square filled with the mean colour (original LLaVA
+`expand2square`). The steps and their dtypes follow transformers' PIL backend so outputs match to float32
+rounding.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
         if crop_h > height or crop_w > width:
             raise ValueError(f"crop {spec.crop} larger than resized image {(height, width)}")
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
-        pixels = pixels[:, top:top + crop_h, left:left + crop_w]
+        pixels = pixels[:, top : top + crop_h, left : left + crop_w]
     scaled = (pixels.astype(np.float64) * spec.rescale_factor).astype(np.float32)
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]

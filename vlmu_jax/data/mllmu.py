@@ -6,10 +6,11 @@ Layout (franciscoliu/MLLMU-Bench `eval.py`, `finetune.py`, `data_process/data_pr
   Test_Set/*.parquet                         paraphrased questions + transformed images (column `images`)
   Retain_Set/train-00000-of-00001.parquet    real celebrities
 Columns: `ID`, `image` ({bytes, path}), `metadata` (JSON string: list of {Question, Answer}),
-`Classification_Task` ({Image_Textual_Questions, Pure_Text_Questions}: {Question, Options{A..D}, Correct_Answer}),
-`Generation_Task` and `Mask_Task` (lists of {Type: Image_Textual|Pure_Text, Question, Ground_Truth}; cloze blanks
-are written `__`). Keys `Paraphrased_Question`, `Paraphrased_Answer`, `Perturbed_Answers`, `Keywords`, `Category` inside a
-metadata item are a vlmu_jax extension (the synthetic set writes them; the seeds ignore unknown keys).
+`Classification_Task` ({Image_Textual_Questions, Pure_Text_Questions}: {Question, Options{A..D},
+Correct_Answer}), `Generation_Task` and `Mask_Task` (lists of {Type: Image_Textual|Pure_Text, Question,
+Ground_Truth}; cloze blanks are written `__`). Keys `Paraphrased_Question`, `Paraphrased_Answer`,
+`Perturbed_Answers`, `Keywords`, `Category` inside a metadata item are a vlmu_jax extension (the synthetic set
+writes them; the seeds ignore unknown keys).
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ def _metadata_qa(raw: Any, where: str) -> tuple[QA, ...]:
 
 def _tasks(row: dict[str, Any], where: str) -> dict[str, tuple]:
     return {
-        "generation": tuple(QA(q, a, modality=m) for m, q, a in _typed(row.get("Generation_Task"), where, "Generation_Task")),
+        "generation": tuple(
+            QA(q, a, modality=m) for m, q, a in _typed(row.get("Generation_Task"), where, "Generation_Task")
+        ),
         "choices": _choices(row.get("Classification_Task"), where),
         "cloze": tuple(Cloze(q, a, m) for m, q, a in _typed(row.get("Mask_Task"), where, "Mask_Task")),
     }
@@ -150,22 +153,27 @@ def _read_test(folder: Path) -> tuple[TestVariant, ...]:
     out = []
     for path in files:
         for i, row in enumerate(_rows(path)):
-            where = f"{path} row {i} (ID {row.get('ID')})"
+            if row.get("ID") is None:
+                raise DataError(f"{path} row {i}: missing ID")
+            where = f"{path} row {i} (ID {row['ID']})"
             images = row.get("images") or ([row["image"]] if row.get("image") else [])
             if not images:
                 raise DataError(f"{where}: no images")
             out.append(
-                TestVariant(uid=str(row["ID"]), images=tuple(_image(im, where) for im in images), **_tasks(row, where))
+                TestVariant(
+                    uid=str(row["ID"]), images=tuple(_image(im, where) for im in images), **_tasks(row, where)
+                )
             )
     return tuple(out)
 
 
 def read_mllmu(root: str | Path, *, skip_bad_rows: bool = False) -> Benchmark:
-    """Read an MLLMU-Bench folder: Full_Set, every forget_R/retain_(100-R) split present, Test_Set, Retain_Set.
+    """Read an MLLMU-Bench folder: Full_Set, every forget_R/retain_(100-R) split present, Test_Set,
+    Retain_Set.
 
-    Split names are the folder names (`forget_5`, `retain_95`, ...). The seeds print and skip rows whose image or
-    metadata does not decode; here that is an error unless `skip_bad_rows=True`, and then the count per file is
-    returned in `Benchmark.skipped`.
+    Split names are the folder names (`forget_5`, `retain_95`, ...). The seeds print and skip rows whose
+    image or metadata does not decode; here that is an error unless `skip_bad_rows=True`, and then the
+    count per file is returned in `Benchmark.skipped`.
     """
     root = Path(root)
     skipped: dict[str, int] = {}

@@ -125,7 +125,9 @@ class Benchmark:
         return [ident for ident in self.identities if ident.uid in ids]
 
 
-def with_split_membership(identities: list[Identity], splits: dict[str, tuple[str, ...]]) -> tuple[Identity, ...]:
+def with_split_membership(
+    identities: list[Identity], splits: dict[str, tuple[str, ...]]
+) -> tuple[Identity, ...]:
     """Attach to every identity the names of the splits it belongs to."""
     member: dict[str, set[str]] = {}
     for name, uids in splits.items():

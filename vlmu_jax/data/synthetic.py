@@ -35,59 +35,153 @@ from vlmu_jax.data.records import (
     with_split_membership,
 )
 
-FIRST = ("Ada Alden Bryn Cato Dara Elio Fern Gus Hana Ivo Juna Kai Lior Mara Nilo Oona Pia Rafe Sela Tove "
-         "Uma Vito Wren Yara Zeno Ines Odo Lumi Teo Rhea").split()
-LAST = ("Quill Vance Moss Arden Brook Crane Dale Frost Hale Irwin Keel Lark Marsh North Pike Reed Stone Thorn "
-        "Vale Wick Ash Birch Cole Drake Eyre Fenn Gale Holt Rook Sage").split()
+FIRST = (
+    "Ada Alden Bryn Cato Dara Elio Fern Gus Hana Ivo Juna Kai Lior Mara Nilo Oona Pia Rafe Sela Tove "
+    "Uma Vito Wren Yara Zeno Ines Odo Lumi Teo Rhea"
+).split()
+LAST = (
+    "Quill Vance Moss Arden Brook Crane Dale Frost Hale Irwin Keel Lark Marsh North Pike Reed Stone Thorn "
+    "Vale Wick Ash Birch Cole Drake Eyre Fenn Gale Holt Rook Sage"
+).split()
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "birthplace": ("Lisbon", "Oslo", "Quito", "Hanoi", "Dakar", "Perth", "Lima", "Riga", "Kyoto", "Tunis", "Porto",
-                   "Cairo"),
-    "occupation": ("baker", "pilot", "nurse", "sculptor", "plumber", "chemist", "farmer", "tailor", "judge", "miner",
-                   "florist", "librarian"),
-    "hobby": ("chess", "rowing", "pottery", "birding", "fencing", "knitting", "surfing", "juggling", "archery",
-              "origami", "sailing", "tango"),
-    "pet": ("a parrot", "a tortoise", "a ferret", "a goldfish", "a rabbit", "a hamster", "a beagle", "a gecko",
-            "a cat", "a pony", "a llama", "a canary"),
-    "food": ("noodles", "olives", "mangoes", "dumplings", "waffles", "curry", "figs", "paella", "tacos", "falafel",
-             "risotto", "pancakes"),
+    "birthplace": (
+        "Lisbon",
+        "Oslo",
+        "Quito",
+        "Hanoi",
+        "Dakar",
+        "Perth",
+        "Lima",
+        "Riga",
+        "Kyoto",
+        "Tunis",
+        "Porto",
+        "Cairo",
+    ),
+    "occupation": (
+        "baker",
+        "pilot",
+        "nurse",
+        "sculptor",
+        "plumber",
+        "chemist",
+        "farmer",
+        "tailor",
+        "judge",
+        "miner",
+        "florist",
+        "librarian",
+    ),
+    "hobby": (
+        "chess",
+        "rowing",
+        "pottery",
+        "birding",
+        "fencing",
+        "knitting",
+        "surfing",
+        "juggling",
+        "archery",
+        "origami",
+        "sailing",
+        "tango",
+    ),
+    "pet": (
+        "a parrot",
+        "a tortoise",
+        "a ferret",
+        "a goldfish",
+        "a rabbit",
+        "a hamster",
+        "a beagle",
+        "a gecko",
+        "a cat",
+        "a pony",
+        "a llama",
+        "a canary",
+    ),
+    "food": (
+        "noodles",
+        "olives",
+        "mangoes",
+        "dumplings",
+        "waffles",
+        "curry",
+        "figs",
+        "paella",
+        "tacos",
+        "falafel",
+        "risotto",
+        "pancakes",
+    ),
 }
 # (image question, text question with {name}, answer, paraphrased answer, cloze sentence); {v} is the value.
 TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str, str, str]] = {
     "name": (
-        ("Who is the person in this image?", "What is the name of the person shown here?",
-         "Can you name the person in the picture?"),
+        (
+            "Who is the person in this image?",
+            "What is the name of the person shown here?",
+            "Can you name the person in the picture?",
+        ),
         (),
-        "This is {v}.", "The person is {v}.", "The person in the picture is __.",
+        "This is {v}.",
+        "The person is {v}.",
+        "The person in the picture is __.",
     ),
     "birthplace": (
-        ("Where was this person born?", "In which city was the person in the image born?",
-         "What is the birthplace of the person shown?"),
+        (
+            "Where was this person born?",
+            "In which city was the person in the image born?",
+            "What is the birthplace of the person shown?",
+        ),
         ("Where was {name} born?", "In which city was {name} born?"),
-        "Born in {v}.", "The birthplace is {v}.", "{name} was born in __.",
+        "Born in {v}.",
+        "The birthplace is {v}.",
+        "{name} was born in __.",
     ),
     "occupation": (
-        ("What does this person do for a living?", "What is the job of the person in the image?",
-         "Which occupation does the person shown have?"),
+        (
+            "What does this person do for a living?",
+            "What is the job of the person in the image?",
+            "Which occupation does the person shown have?",
+        ),
         ("What does {name} do for a living?", "What is the job of {name}?"),
-        "Works as a {v}.", "The job is {v}.", "{name} works as a __.",
+        "Works as a {v}.",
+        "The job is {v}.",
+        "{name} works as a __.",
     ),
     "hobby": (
-        ("What is the hobby of this person?", "What does the person in the image enjoy in free time?",
-         "Which pastime does the person shown love?"),
+        (
+            "What is the hobby of this person?",
+            "What does the person in the image enjoy in free time?",
+            "Which pastime does the person shown love?",
+        ),
         ("What is the hobby of {name}?", "What does {name} enjoy in free time?"),
-        "Loves {v}.", "The hobby is {v}.", "The hobby of {name} is __.",
+        "Loves {v}.",
+        "The hobby is {v}.",
+        "The hobby of {name} is __.",
     ),
     "pet": (
-        ("What pet does this person have?", "Which animal lives with the person in the image?",
-         "What kind of pet does the person shown keep?"),
+        (
+            "What pet does this person have?",
+            "Which animal lives with the person in the image?",
+            "What kind of pet does the person shown keep?",
+        ),
         ("What pet does {name} have?", "Which animal lives with {name}?"),
-        "Owns {v}.", "The pet is {v}.", "{name} owns __.",
+        "Owns {v}.",
+        "The pet is {v}.",
+        "{name} owns __.",
     ),
     "food": (
-        ("What is the favorite food of this person?", "Which dish does the person in the image like best?",
-         "What food does the person shown prefer?"),
+        (
+            "What is the favorite food of this person?",
+            "Which dish does the person in the image like best?",
+            "What food does the person shown prefer?",
+        ),
         ("What is the favorite food of {name}?", "Which dish does {name} like best?"),
-        "Likes {v}.", "The favorite food is {v}.", "The favorite food of {name} is __.",
+        "Likes {v}.",
+        "The favorite food is {v}.",
+        "The favorite food of {name} is __.",
     ),
 }
 IDK = (
@@ -122,6 +216,7 @@ def _png(image: Image.Image) -> bytes:
 
 def draw_face(rng: random.Random, size: int) -> Image.Image:
     """A face-like picture whose shape and colours are drawn from `rng` (distinct per identity)."""
+
     def colour(lo: int = 0, hi: int = 255) -> tuple[int, int, int]:
         return tuple(rng.randint(lo, hi) for _ in range(3))
 
@@ -141,11 +236,22 @@ def draw_face(rng: random.Random, size: int) -> Image.Image:
         d.ellipse([ex - eye_r * 1.6, eye_y - eye_r, ex + eye_r * 1.6, eye_y + eye_r], fill=(255, 255, 255))
         d.ellipse([ex - eye_r * 0.8, eye_y - eye_r * 0.8, ex + eye_r * 0.8, eye_y + eye_r * 0.8], fill=iris)
         brow = eye_y - eye_r - rng.uniform(2, 4) * s
-        d.line([ex - 3 * s, brow + sign * rng.uniform(-1, 1) * s, ex + 3 * s, brow], fill=hair, width=max(1, int(s)))
-    d.line([cx, eye_y + 2 * s, cx + rng.uniform(-2, 2) * s, cy + 5 * s], fill=(90, 60, 40), width=max(1, int(s)))
+        d.line(
+            [ex - 3 * s, brow + sign * rng.uniform(-1, 1) * s, ex + 3 * s, brow],
+            fill=hair,
+            width=max(1, int(s)),
+        )
+    d.line(
+        [cx, eye_y + 2 * s, cx + rng.uniform(-2, 2) * s, cy + 5 * s], fill=(90, 60, 40), width=max(1, int(s))
+    )
     mw, my = rng.uniform(4, 9) * s, cy + rng.uniform(9, 14) * s
-    d.arc([cx - mw, my - 4 * s, cx + mw, my + 4 * s], rng.choice([0, 180]), rng.choice([180, 360]),
-          fill=colour(120, 220), width=max(1, int(1.5 * s)))
+    d.arc(
+        [cx - mw, my - 4 * s, cx + mw, my + 4 * s],
+        rng.choice([0, 180]),
+        rng.choice([180, 360]),
+        fill=colour(120, 220),
+        width=max(1, int(1.5 * s)),
+    )
     if rng.random() < 0.3:
         for sign in (-1, 1):
             ex = cx + sign * eye_dx
@@ -173,7 +279,12 @@ def _people(n: int, rng: random.Random, size: int, prefix: str, taken: set[str])
     chosen = rng.sample(names, n)
     taken.update(chosen)
     return [
-        Person(f"{prefix}{i:08d}", name, {a: rng.choice(v) for a, v in ATTRIBUTES.items()}, _png(draw_face(rng, size)))
+        Person(
+            f"{prefix}{i:08d}",
+            name,
+            {a: rng.choice(v) for a, v in ATTRIBUTES.items()},
+            _png(draw_face(rng, size)),
+        )
         for i, name in enumerate(chosen)
     ]
 
@@ -196,8 +307,17 @@ def _items(p: Person, rng: random.Random, names: list[str]) -> dict[str, tuple]:
         q_img = rng.sample(img_qs, len(img_qs))
         q_txt = [q.format(name=p.name) for q in rng.sample(txt_qs, len(txt_qs))]
         answer = ans.format(v=value)
-        qa.append(QA(q_img[0], answer, (q_img[1],), para_ans.format(v=value), tuple(ans.format(v=w) for w in wrong),
-                     (value.removeprefix("a "),), category=attr))
+        qa.append(
+            QA(
+                q_img[0],
+                answer,
+                (q_img[1],),
+                para_ans.format(v=value),
+                tuple(ans.format(v=w) for w in wrong),
+                (value.removeprefix("a "),),
+                category=attr,
+            )
+        )
         options = [value, *wrong[:3]]
         rng.shuffle(options)
         opts, letter = tuple(zip(LETTERS, options, strict=True)), LETTERS[options.index(value)]
@@ -210,7 +330,9 @@ def _items(p: Person, rng: random.Random, names: list[str]) -> dict[str, tuple]:
             test_gen.append(QA(q_txt[1], answer, modality=TEXT))
             choices.append(MultipleChoice(q_txt[0], opts, letter, TEXT))
             cloze.append(Cloze(cloze_t.format(name=p.name), value, TEXT))
-    choices = [c for c in choices if c.modality == IMAGE] + [c for c in choices if c.modality == TEXT]  # file order
+    choices = [c for c in choices if c.modality == IMAGE] + [
+        c for c in choices if c.modality == TEXT
+    ]  # file order
     return {"qa": qa, "generation": gen, "choices": choices, "cloze": cloze, "test_generation": test_gen}
 
 
@@ -223,11 +345,11 @@ def _fiubench_splits(uids: list[str], rng: random.Random) -> dict[str, tuple[str
     order = rng.sample(uids, len(uids))
     splits, start = {}, 0
     for name, frac in FORGET_FRACTIONS.items():
-        splits[name] = tuple(order[start:start + _count(len(uids), frac)])
+        splits[name] = tuple(order[start : start + _count(len(uids), frac)])
         start += len(splits[name])
     rest = order[start:]
     for name, frac in RETAIN_FRACTIONS.items():
-        splits[name] = tuple(rest[:_count(len(uids), frac)])
+        splits[name] = tuple(rest[: _count(len(uids), frac)])
     return splits
 
 
@@ -236,7 +358,7 @@ def _mllmu_splits(uids: list[str], rng: random.Random) -> dict[str, tuple[str, .
     order = rng.sample(uids, len(uids))
     splits = {}
     for ratio in mllmu.FORGET_RATIOS:
-        forget = set(order[:_count(len(uids), ratio / 100)])
+        forget = set(order[: _count(len(uids), ratio / 100)])
         splits[f"forget_{ratio}"] = tuple(u for u in uids if u in forget)
         splits[f"retain_{100 - ratio}"] = tuple(u for u in uids if u not in forget)
     return splits
@@ -252,12 +374,24 @@ def make_benchmark(n: int = 40, seed: int = 0, image_size: int = 64, fmt: str = 
     idents, test = [], []
     for p in people + celebs:
         items = _items(p, rng, names)
-        idents.append(Identity(p.uid, ImageRef(data=p.image), tuple(items["qa"]), tuple(items["generation"]),
-                               tuple(items["choices"]), tuple(items["cloze"]), name=p.name))
+        idents.append(
+            Identity(
+                p.uid,
+                ImageRef(data=p.image),
+                tuple(items["qa"]),
+                tuple(items["generation"]),
+                tuple(items["choices"]),
+                tuple(items["cloze"]),
+                name=p.name,
+            )
+        )
         face = Image.open(io.BytesIO(p.image))
         images = tuple(ImageRef(data=_png(_transform(face, rng))) for _ in range(2))
-        test.append(TestVariant(p.uid, images, tuple(items["test_generation"]), tuple(items["choices"]),
-                                tuple(items["cloze"])))
+        test.append(
+            TestVariant(
+                p.uid, images, tuple(items["test_generation"]), tuple(items["choices"]), tuple(items["cloze"])
+            )
+        )
     main, celebrities, test = idents[:n], tuple(idents[n:]), tuple(test[:n])
     uids = [i.uid for i in main]
     if fmt == "fiubench":
@@ -279,41 +413,72 @@ def write_fiubench(bench: Benchmark, out: str | Path) -> None:
         rel = f"images/{ident.uid}.png"
         (out / rel).write_bytes(ident.image.read_bytes())
         qa_list = [
-            {"question": q.question, "answer": q.answer, "paraphrased_question": list(q.paraphrased_questions),
-             "paraphrased_answer": q.paraphrased_answer, "perturbed_answer": list(q.perturbed_answers),
-             "keywords": list(q.keywords), "category": q.category}
+            {
+                "question": q.question,
+                "answer": q.answer,
+                "paraphrased_question": list(q.paraphrased_questions),
+                "paraphrased_answer": q.paraphrased_answer,
+                "perturbed_answer": list(q.perturbed_answers),
+                "keywords": list(q.keywords),
+                "category": q.category,
+            }
             for q in ident.qa
         ]
         records.append({"unique_id": ident.uid, "name": ident.name, "image_path": rel, "qa_list": qa_list})
     splits = {k: list(v) for k, v in bench.splits.items() if k != "retain"}  # `retain` is derived by readers
-    for name, obj in (("full.json", records), ("split.json", splits), ("prompt.json", {"idk": list(bench.idk)})):
+    for name, obj in (
+        ("full.json", records),
+        ("split.json", splits),
+        ("prompt.json", {"idk": list(bench.idk)}),
+    ):
         (out / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _typed_items(items: tuple, answer_key: str = "Ground_Truth") -> list[dict[str, str]]:
-    return [{"Type": mllmu.MODALITY_NAME[x.modality], "Question": x.question, answer_key: x.answer} for x in items]
+    return [
+        {"Type": mllmu.MODALITY_NAME[x.modality], "Question": x.question, answer_key: x.answer} for x in items
+    ]
 
 
 def _classification(choices: tuple[MultipleChoice, ...]) -> dict[str, list]:
     out: dict[str, list] = {group: [] for group in mllmu.CHOICE_GROUPS}
     for group, modality in mllmu.CHOICE_GROUPS.items():
-        out[group] = [{"Question": c.question, "Options": c.option_dict, "Correct_Answer": c.answer}
-                      for c in choices if c.modality == modality]
+        out[group] = [
+            {"Question": c.question, "Options": c.option_dict, "Correct_Answer": c.answer}
+            for c in choices
+            if c.modality == modality
+        ]
     return out
 
 
 def _metadata(qa: tuple[QA, ...]) -> str:
-    return json.dumps([
-        {"Question": q.question, "Answer": q.answer, "Paraphrased_Question": list(q.paraphrased_questions),
-         "Paraphrased_Answer": q.paraphrased_answer, "Perturbed_Answers": list(q.perturbed_answers),
-         "Keywords": list(q.keywords), "Category": q.category} for q in qa
-    ], ensure_ascii=False)
+    return json.dumps(
+        [
+            {
+                "Question": q.question,
+                "Answer": q.answer,
+                "Paraphrased_Question": list(q.paraphrased_questions),
+                "Paraphrased_Answer": q.paraphrased_answer,
+                "Perturbed_Answers": list(q.perturbed_answers),
+                "Keywords": list(q.keywords),
+                "Category": q.category,
+            }
+            for q in qa
+        ],
+        ensure_ascii=False,
+    )
 
 
 def _profile_row(ident: Identity) -> dict:
-    return {"ID": ident.uid, "Name": ident.name, "image": {"bytes": ident.image.read_bytes(), "path": f"{ident.uid}.png"},
-            "metadata": _metadata(ident.qa), "Classification_Task": _classification(ident.choices),
-            "Generation_Task": _typed_items(ident.generation), "Mask_Task": _typed_items(ident.cloze)}
+    return {
+        "ID": ident.uid,
+        "Name": ident.name,
+        "image": {"bytes": ident.image.read_bytes(), "path": f"{ident.uid}.png"},
+        "metadata": _metadata(ident.qa),
+        "Classification_Task": _classification(ident.choices),
+        "Generation_Task": _typed_items(ident.generation),
+        "Mask_Task": _typed_items(ident.cloze),
+    }
 
 
 def _write_parquet(rows: list[dict], path: Path) -> None:
@@ -329,9 +494,15 @@ def write_mllmu(bench: Benchmark, out: str | Path) -> None:
     for name, uids in bench.splits.items():
         _write_parquet([rows[u] for u in uids], out / name / mllmu.PARQUET)
     test_rows = [
-        {"ID": t.uid, "images": [{"bytes": im.read_bytes(), "path": f"{t.uid}_{k}.png"} for k, im in enumerate(t.images)],
-         "Classification_Task": _classification(t.choices), "Generation_Task": _typed_items(t.generation),
-         "Mask_Task": _typed_items(t.cloze)}
+        {
+            "ID": t.uid,
+            "images": [
+                {"bytes": im.read_bytes(), "path": f"{t.uid}_{k}.png"} for k, im in enumerate(t.images)
+            ],
+            "Classification_Task": _classification(t.choices),
+            "Generation_Task": _typed_items(t.generation),
+            "Mask_Task": _typed_items(t.cloze),
+        }
         for t in bench.test
     ]
     _write_parquet(test_rows, out / mllmu.TEST_SET / mllmu.PARQUET)
@@ -360,7 +531,9 @@ def write(out: str | Path, fmt: str, identities: int = 40, seed: int = 0, image_
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--format", choices=["fiubench", "mllmu", "both"], default="both")
     parser.add_argument("--identities", type=int, default=40)

@@ -1,9 +1,10 @@
 """Prompt templates per architecture, as the seeds build them, and the tokenizer path.
 
-FIUBench (`config/model_config.yaml` + `data_module.py`) builds `system_tag + question_start_tag + "<image>\\n" +
-question + answer_tag + answer` for LLaVA models and uses the processor's chat template for Llama-3.2-Vision; MLLMU
-(`data_process/data_preprocess.py`) builds `"USER: <image>\\n{question}\\nASSISTANT: {answer}"` for LLaVA and
-Idefics2's chat template. No seed appends EOS to LLaVA answers; chat templates close the turn with their own token.
+FIUBench (`config/model_config.yaml` + `data_module.py`) builds `system_tag + question_start_tag +
+"<image>\\n" + question + answer_tag + answer` for LLaVA models and uses the processor's chat template for
+Llama-3.2-Vision; MLLMU (`data_process/data_preprocess.py`) builds `"USER: <image>\\n{question}\\nASSISTANT:
+{answer}"` for LLaVA and Idefics2's chat template. No seed appends EOS to LLaVA answers; chat templates close
+the turn with their own token.
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ class Template:
 
 TEMPLATES: dict[str, Template] = {
     # FIUBench llava-v1.5-vicuna / llava-v1.6-vicuna (model_config.yaml).
-    "llava-1.5": Template("llava-1.5", user_prefix="USER: ", answer_prefix=" ASSISTANT: ", system=VICUNA_SYSTEM),
+    "llava-1.5": Template(
+        "llava-1.5", user_prefix="USER: ", answer_prefix=" ASSISTANT: ", system=VICUNA_SYSTEM
+    ),
     # FIUBench llava-phi (xtuner/llava-phi-3-mini-hf).
     "llava-phi": Template("llava-phi", user_prefix="<|user|>\n", answer_prefix="<|end|>\n<|assistant|>\n"),
-    # FIUBench llama-3.2-vision: Mllama chat template (no system block when an image is present), BOS = begin_of_text.
+    # FIUBench llama-3.2-vision: Mllama chat template (no system block when an image is present), BOS =
+    # begin_of_text.
     "llama-3.2-vision": Template(
         "llama-3.2-vision",
         user_prefix="<|start_header_id|>user<|end_header_id|>\n\n",
@@ -60,7 +64,9 @@ TEMPLATES: dict[str, Template] = {
         image_token="<|image|>",
     ),
     # MLLMU train_collate_fn_llava.
-    "mllmu-llava": Template("mllmu-llava", user_prefix="USER: ", answer_prefix="ASSISTANT: ", question_end="\n"),
+    "mllmu-llava": Template(
+        "mllmu-llava", user_prefix="USER: ", answer_prefix="ASSISTANT: ", question_end="\n"
+    ),
     # MLLMU train_collate_fn_idefics: Idefics2 chat template, stripped; the processor expands <image> between
     # <fake_token_around_image> markers, which is why they are part of the image text here.
     "idefics2": Template(
@@ -73,7 +79,9 @@ TEMPLATES: dict[str, Template] = {
         answer_suffix="<end_of_utterance>",
     ),
 }
-TEMPLATES["demo"] = TEMPLATES["llava-1.5"]  # the tiny demo model speaks LLaVA-1.5 so the real path is exercised
+TEMPLATES["demo"] = TEMPLATES[
+    "llava-1.5"
+]  # the tiny demo model speaks LLaVA-1.5 so the real path is exercised
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 IMAGE_TOKEN = "<image>"
@@ -93,15 +101,19 @@ def load_tokenizer(path: str | Path):
 
 
 def train_demo_tokenizer(corpus: list[str], out_dir: str | Path, vocab_size: int = 512):
-    """Train a byte-level BPE on `corpus` and save it as a PreTrainedTokenizerFast that AutoTokenizer loads.
+    """Train a byte-level BPE on `corpus` and save it as a PreTrainedTokenizerFast that AutoTokenizer
+    loads.
 
     Byte-level means every string is encodable without `<unk>`; `<image>` is an added special token so the
-    template's placeholder is one id. BOS is added by the post-processor for plain `tokenizer(text)` calls.
+    template's placeholder is one id. BOS is added by the post-processor for plain `tokenizer(text)`
+    calls.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [SPECIAL_TOKENS[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")] + [IMAGE_TOKEN]
+    specials = [SPECIAL_TOKENS[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")] + [
+        IMAGE_TOKEN
+    ]
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -113,11 +125,16 @@ def train_demo_tokenizer(corpus: list[str], out_dir: str | Path, vocab_size: int
     )
     tok.train_from_iterator(sorted(set(corpus)) + [VICUNA_SYSTEM], trainer=trainer)
     bos = SPECIAL_TOKENS["bos_token"]
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]),
-    ])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, extra_special_tokens={"image_token": IMAGE_TOKEN},
-                                   **SPECIAL_TOKENS)
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+            ),
+        ]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, extra_special_tokens={"image_token": IMAGE_TOKEN}, **SPECIAL_TOKENS
+    )
     fast.save_pretrained(str(out_dir))
     return fast
