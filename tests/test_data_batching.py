@@ -1,0 +1,167 @@
+"""Templates, demo tokenizer, label masks on hand-checked examples, bucketing, host sharding, determinism."""
+
+import numpy as np
+import pytest
+
+from vlmu_jax.data import synthetic
+from vlmu_jax.data.batching import (
+    IGNORE,
+    Example,
+    ExampleSource,
+    TextConfig,
+    encode,
+    examples_from,
+    generation_rows,
+)
+from vlmu_jax.data.records import ImageRef
+from vlmu_jax.data.templates import TEMPLATES, get_template, load_tokenizer, train_demo_tokenizer
+
+N_IMG = 5
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return synthetic.make_benchmark(8, 1, 16, "mllmu")
+
+
+@pytest.fixture(scope="module")
+def tok(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    train_demo_tokenizer(synthetic.corpus(bench), out, vocab_size=600)
+    return load_tokenizer(out)
+
+
+def _cfg(tok, name="demo", **kw):
+    return TextConfig(tok, get_template(name), tok.convert_tokens_to_ids("<image>"), N_IMG, **kw)
+
+
+def test_demo_tokenizer_covers_corpus_without_unk(bench, tok):
+    assert {tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token} == {"<s>", "</s>", "<pad>", "<unk>"}
+    for text in synthetic.corpus(bench):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.decode(ids) == text
+    assert tok("Hi")["input_ids"][0] == tok.bos_token_id
+    assert len(tok("<image>", add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_vicuna_mask_hand_checked(tok):
+    ex = Example("Where was this person born?", "Born in Oslo.", ImageRef(data=b""))
+    row = encode(ex, _cfg(tok))
+    image_id = tok.convert_tokens_to_ids("<image>")
+    ids, labels = row.input_ids.tolist(), row.labels.tolist()
+    assert ids[0] == tok.bos_token_id and ids.count(image_id) == N_IMG
+    first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
+    prompt = tok.decode(ids[1:first]).replace("<image>" * N_IMG, "<image>")
+    # The prompt's trailing space merges into the first answer token ("ĠBorn"): that token carries answer
+    # text.
+    assert prompt + tok.decode(ids[first:]) == TEMPLATES["llava-1.5"].prompt(ex.question) + "Born in Oslo."
+    assert tok.decode(ids[first:]) == " Born in Oslo." and labels[first:] == ids[first:]
+    assert all(lab == IGNORE for lab in labels[:first])
+    # FIUBench's own arithmetic (preprocess_v1) gives the same mask on this template, and no EOS is appended.
+    assert encode(ex, _cfg(tok, fiubench_original_mask=True)).labels.tolist() == labels
+    eos = encode(ex, _cfg(tok, append_eos=True))
+    assert eos.input_ids[-1] == tok.eos_token_id and eos.labels[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_every_template_labels_exactly_answer_and_turn_end(tok, name):
+    template = get_template(name)
+    for image in (ImageRef(data=b""), None):
+        if image is not None and template.image_token != "<image>":
+            # the demo tokenizer only knows "<image>"; Mllama's "<|image|>" is a real checkpoint's token
+            continue
+        ex = Example("What is the job of Ada Moss?", "Works as a baker.", image)
+        row = encode(ex, _cfg(tok, name))
+        answer_ids = row.input_ids[row.labels != IGNORE]
+        assert tok.decode(answer_ids).lstrip(" ") == "Works as a baker." + template.answer_suffix
+        n_img = int((row.input_ids == tok.convert_tokens_to_ids("<image>")).sum())
+        assert n_img == (N_IMG if image is not None else 0)
+        full = encode(
+            ex, _cfg(tok, name, train_on_prompt=True)
+        )  # MLLMU finetune: only pad (and image) masked
+        assert ((full.labels == IGNORE) == (full.input_ids == tok.convert_tokens_to_ids("<image>"))).all()
+
+
+def _source(tok, bench, process_index, process_count, **kw):
+    rows = [encode(e, _cfg(tok)) for e in examples_from(bench.identities)]
+    return ExampleSource(
+        rows,
+        global_batch_size=4,
+        pad_token_id=tok.pad_token_id,
+        image_fn=lambda ref: np.full((3, 4, 4), len(ref.read_bytes()) % 7, np.float32),
+        image_shape=(3, 4, 4),
+        buckets=(64, 128, 256),
+        seed=7,
+        process_index=process_index,
+        process_count=process_count,
+        **kw,
+    )
+
+
+def test_batch_shapes_and_padding(tok, bench):
+    src = _source(tok, bench, 0, 1)
+    assert len(src) == -(-len(src.rows) // 4)
+    batch = src.get(0)
+    t = batch["input_ids"].shape[1]
+    assert t in (64, 128, 256)
+    assert {k: v.shape for k, v in batch.items()} == {
+        "input_ids": (4, t),
+        "attention_mask": (4, t),
+        "labels": (4, t),
+        "pixel_values": (4, 3, 4, 4),
+    }
+    assert all(v.dtype == (np.float32 if k == "pixel_values" else np.int32) for k, v in batch.items())
+    pad = batch["attention_mask"] == 0
+    assert (batch["input_ids"][pad] == tok.pad_token_id).all() and (batch["labels"][pad] == IGNORE).all()
+    assert (batch["attention_mask"][:, 0] == 1).all()  # right padded
+
+
+def test_two_hosts_get_disjoint_complete_shards(tok, bench):
+    one, h0, h1 = _source(tok, bench, 0, 1), _source(tok, bench, 0, 2), _source(tok, bench, 1, 2)
+    for step in (0, 3, len(one) + 1):
+        full, a, b = one.get(step), h0.get(step), h1.get(step)
+        assert a["input_ids"].shape[0] == b["input_ids"].shape[0] == 2
+        rows = np.concatenate([h0.global_indices(step)[h0.host], h1.global_indices(step)[h1.host]])
+        assert rows.tolist() == one.global_indices(step).tolist() and len(set(rows.tolist())) == 4
+        t = full["input_ids"].shape[1]
+        np.testing.assert_array_equal(
+            np.concatenate([a["labels"][:, :t], b["labels"][:, :t]])[:, :t].shape, full["labels"].shape
+        )
+    epoch = np.concatenate([one.global_indices(i) for i in range(len(one))])
+    assert set(epoch.tolist()) == set(range(len(one.rows)))  # complete epoch
+
+
+def test_order_deterministic_and_reshuffled_per_epoch(tok, bench):
+    a, b = _source(tok, bench, 0, 1), _source(tok, bench, 0, 1)
+    for k in ("input_ids", "labels", "pixel_values"):
+        np.testing.assert_array_equal(a.get(5)[k], b.get(5)[k])
+    assert a.global_indices(0).tolist() != a.global_indices(len(a)).tolist()
+    assert _source(tok, bench, 0, 1, shuffle=False).global_indices(0).tolist() == [0, 1, 2, 3]
+
+
+def test_left_padded_generation_prompts(tok, bench):
+    exs = examples_from(bench.identities[:1], field="generation", modality=None)
+    rows = generation_rows(exs, _cfg(tok))
+    src = ExampleSource(
+        rows,
+        global_batch_size=len(rows),
+        pad_token_id=tok.pad_token_id,
+        image_fn=lambda ref: np.ones((3, 2, 2), np.float32),
+        image_shape=(3, 2, 2),
+        shuffle=False,
+        left_pad=True,
+        process_index=0,
+        process_count=1,
+    )
+    batch = src.get(0)
+    assert (batch["attention_mask"][:, -1] == 1).all()
+    ids = batch["input_ids"][0][batch["attention_mask"][0] == 1]
+    assert tok.decode(ids[1:]).endswith(" ASSISTANT: ") and (rows[0].labels == IGNORE).all()
+    text_only = [i for i, e in enumerate(exs) if e.image is None]
+    assert text_only and (batch["pixel_values"][text_only] == 0).all()
+
+
+def test_idk_answers_replace_forget_answers(bench):
+    exs = examples_from(bench.identities[:2], idk=synthetic.IDK, seed=3)
+    assert all(e.answer in synthetic.IDK for e in exs)
+    assert exs == examples_from(bench.identities[:2], idk=synthetic.IDK, seed=3)

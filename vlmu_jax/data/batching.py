@@ -1,0 +1,250 @@
+"""Tokenise (question, answer, image) examples with a template, mask labels, pad to static buckets, shard by
+host.
+
+Label mask (CONTRACT.md): -100 on prompt, image and padding positions. The prompt/answer boundary is found
+from character offsets of ONE joint tokenisation of `prompt + answer`, so input_ids are exactly what the seeds
+feed the model; a token that carries any answer character is an answer token. `fiubench_original_mask=True`
+instead reproduces FIUBench's `preprocess_v1` arithmetic (mask BOS + len(tok(instruction + answer_tag)) - 2
+tokens), and `train_on_prompt=True` reproduces MLLMU's finetune collate (only padding masked; image tokens
+stay masked here because transformers 5 expands them and they are not predictable text).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from vlmu_jax.data.records import IMAGE, Identity, ImageRef
+from vlmu_jax.data.templates import Template
+
+IGNORE = -100
+DEFAULT_BUCKETS = (64, 128, 256, 512)
+
+
+class BatchSource(Protocol):
+    """CONTRACT.md: `len(src)` batches per epoch; `src.get(i)` the host-local slice of global batch i."""
+
+    def __len__(self) -> int: ...
+
+    def get(self, index: int) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class Example:
+    """One (question, answer) pair, with its identity's image or None for a text-only row."""
+
+    question: str
+    answer: str
+    image: ImageRef | None = None
+    uid: str = ""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: np.ndarray  # int32 [L], image placeholder already expanded
+    labels: np.ndarray  # int32 [L]
+    image: ImageRef | None
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """How examples become token ids; image_token_id / num_image_tokens come from the model config."""
+
+    tokenizer: Any
+    template: Template
+    image_token_id: int
+    num_image_tokens: int
+    append_eos: bool = False
+    train_on_prompt: bool = False
+    fiubench_original_mask: bool = False
+    max_length: int | None = None
+
+
+def examples_from(
+    identities: Sequence[Identity],
+    *,
+    field: str = "qa",
+    modality: str | None = IMAGE,
+    idk: Sequence[str] = (),
+    seed: int = 0,
+) -> list[Example]:
+    """Flatten identities' QA items (`qa` or `generation`) into examples, in file order.
+
+    With `idk`, each answer is replaced by a refusal drawn deterministically from `seed` (FIUBench's IdK
+    stream). Text-only items (modality TEXT) carry no image.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for ident in identities:
+        for qa in getattr(ident, field):
+            if modality is not None and qa.modality != modality:
+                continue
+            answer = idk[int(rng.integers(len(idk)))] if idk else qa.answer
+            out.append(Example(qa.question, answer, ident.image if qa.modality == IMAGE else None, ident.uid))
+    return out
+
+
+def _tokens(cfg: TextConfig, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = cfg.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _expand_image(ids: list[int], answer: list[bool], cfg: TextConfig, with_image: bool, where: str):
+    positions = [i for i, t in enumerate(ids) if t == cfg.image_token_id]
+    if len(positions) != (1 if with_image else 0):
+        raise ValueError(
+            f"{where}: expected {int(with_image)} image token(s) (id {cfg.image_token_id}), "
+            f"found {len(positions)}"
+        )
+    if not with_image:
+        return ids, answer
+    p, n = positions[0], cfg.num_image_tokens
+    return ids[:p] + [cfg.image_token_id] * n + ids[p + 1 :], answer[:p] + [False] * n + answer[p + 1 :]
+
+
+def encode(example: Example, cfg: TextConfig) -> Encoded:
+    """Token ids and labels for one example (see the module docstring for the mask)."""
+    with_image = example.image is not None
+    prompt, text = cfg.template.full(example.question, example.answer, with_image)
+    ids, offsets = _tokens(cfg, text)
+    if cfg.fiubench_original_mask:
+        instruction = text.split(cfg.template.answer_prefix)[0].strip(" ")
+        n_masked = (
+            1
+            + len(_tokens(cfg, instruction + cfg.template.answer_prefix)[0])
+            + int(cfg.template.prepend_bos)
+            - 2
+        )
+        answer = [i + int(cfg.template.prepend_bos) >= n_masked for i in range(len(ids))]
+    else:
+        answer = [end > len(prompt) for _, end in offsets]
+    if cfg.template.prepend_bos:
+        ids, answer = [cfg.tokenizer.bos_token_id, *ids], [False, *answer]
+    if cfg.append_eos:
+        ids, answer = [*ids, cfg.tokenizer.eos_token_id], [*answer, True]
+    ids, answer = _expand_image(ids, answer, cfg, with_image, f"example {example.uid!r} {example.question!r}")
+    ids_np = np.asarray(ids, dtype=np.int32)
+    keep = np.asarray(answer) | cfg.train_on_prompt
+    labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
+    if cfg.max_length is not None and len(ids_np) > cfg.max_length:
+        ids_np, labels = ids_np[: cfg.max_length], labels[: cfg.max_length]
+    return Encoded(ids_np, labels, example.image)
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that fits, so jit sees a handful of shapes."""
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {max(buckets)}; add a bucket")
+
+
+def collate(
+    rows: Sequence[Encoded],
+    *,
+    pad_token_id: int,
+    image_fn: Callable[[ImageRef], np.ndarray],
+    image_shape: tuple[int, int, int],
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    left_pad: bool = False,
+) -> dict[str, np.ndarray]:
+    """Pad rows to one bucket length; right padding for training/scoring, left padding for generation."""
+    t = bucket_length(max(len(r.input_ids) for r in rows), buckets)
+    batch = {
+        "input_ids": np.full((len(rows), t), pad_token_id, np.int32),
+        "attention_mask": np.zeros((len(rows), t), np.int32),
+        "labels": np.full((len(rows), t), IGNORE, np.int32),
+        "pixel_values": np.zeros((len(rows), *image_shape), np.float32),
+    }
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        span = slice(t - n, t) if left_pad else slice(0, n)
+        batch["input_ids"][i, span] = row.input_ids
+        batch["attention_mask"][i, span] = 1
+        batch["labels"][i, span] = row.labels
+        if row.image is not None:
+            batch["pixel_values"][i] = image_fn(row.image)
+    return batch
+
+
+def generation_rows(examples: Sequence[Example], cfg: TextConfig) -> list[Encoded]:
+    """Prompts only (everything up to the answer tag), for left-padded generation batches."""
+    return [encode(Example(ex.question, "", ex.image, ex.uid), _prompt_only(cfg)) for ex in examples]
+
+
+def _prompt_only(cfg: TextConfig) -> TextConfig:
+    template = cfg.template.__class__(**{**cfg.template.__dict__, "answer_suffix": ""})
+    return TextConfig(
+        cfg.tokenizer, template, cfg.image_token_id, cfg.num_image_tokens, max_length=cfg.max_length
+    )
+
+
+def host_slice(global_size: int, process_index: int, process_count: int) -> slice:
+    """Rows of the global batch that this host feeds (contiguous, so device order matches process order)."""
+    if global_size % process_count:
+        raise ValueError(f"global batch {global_size} not divisible by {process_count} processes")
+    local = global_size // process_count
+    return slice(process_index * local, (process_index + 1) * local)
+
+
+class ExampleSource:
+    """`BatchSource` over encoded rows: epoch-wise permutation from (seed, epoch), global batch -> host
+    slice.
+
+    The last batch of an epoch wraps around to the epoch's first rows so every batch has the same shape
+    and every example is seen once per epoch. `shuffle=False` keeps file order (scoring/eval).
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[Encoded],
+        *,
+        global_batch_size: int,
+        pad_token_id: int,
+        image_fn: Callable[[ImageRef], np.ndarray],
+        image_shape: tuple[int, int, int],
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        seed: int = 0,
+        shuffle: bool = True,
+        left_pad: bool = False,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        if not rows:
+            raise ValueError("no examples")
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        self.rows, self.global_batch_size, self.seed, self.shuffle = (
+            list(rows),
+            global_batch_size,
+            seed,
+            shuffle,
+        )
+        self.host = host_slice(global_batch_size, process_index, process_count)
+        self._collate = functools.partial(
+            collate,
+            pad_token_id=pad_token_id,
+            image_fn=functools.lru_cache(256)(image_fn),
+            image_shape=image_shape,
+            buckets=buckets,
+            left_pad=left_pad,
+        )
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.global_batch_size)
+
+    def global_indices(self, index: int) -> np.ndarray:
+        """Row indices of global batch `index` (all hosts)."""
+        epoch, step = divmod(index, len(self))
+        n = len(self.rows)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        return order[np.arange(step * self.global_batch_size, (step + 1) * self.global_batch_size) % n]
+
+    def get(self, index: int) -> dict[str, np.ndarray]:
+        return self._collate([self.rows[i] for i in self.global_indices(index)[self.host]])

@@ -1,0 +1,96 @@
+"""Image preprocessing identical to the HF image processors the seeds use, in numpy/PIL.
+
+LLaVA-1.5 (both seeds) uses CLIPImageProcessor: resize the shortest edge (PIL bicubic), center crop, rescale
+by 1/255 in float64 then cast to float32, normalise with the OpenAI CLIP mean/std in float32.
+LlavaImageProcessor's `do_pad` variant first pads to a square filled with the mean colour (original LLaVA
+`expand2square`). The steps and their dtypes follow transformers' PIL backend so outputs match to float32
+rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What an HF `preprocessor_config.json` says, for the CLIP-style processors."""
+
+    shortest_edge: int = 336
+    crop: tuple[int, int] = (336, 336)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = Image.BICUBIC
+    do_center_crop: bool = True
+    pad_to_square: bool = False
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        return (3, *self.crop)
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ImageSpec:
+        """From a preprocessor_config.json dict (CLIPImageProcessor / LlavaImageProcessor)."""
+        size = cfg.get("size", {"shortest_edge": 336})
+        edge = size["shortest_edge"] if "shortest_edge" in size else size["height"]
+        crop = cfg.get("crop_size", {"height": edge, "width": edge})
+        return cls(
+            shortest_edge=edge,
+            crop=(crop["height"], crop["width"]),
+            mean=tuple(cfg.get("image_mean", CLIP_MEAN)),
+            std=tuple(cfg.get("image_std", CLIP_STD)),
+            rescale_factor=cfg.get("rescale_factor", 1 / 255),
+            resample=cfg.get("resample", Image.BICUBIC),
+            do_center_crop=cfg.get("do_center_crop", True),
+            pad_to_square=cfg.get("do_pad", False),
+        )
+
+
+def llava_spec(image_size: int = 336, pad_to_square: bool = False) -> ImageSpec:
+    """LLaVA-1.5's CLIP-ViT-L/14-336 processor, at any square size (tiny demo models use small ones)."""
+    return ImageSpec(shortest_edge=image_size, crop=(image_size, image_size), pad_to_square=pad_to_square)
+
+
+def _pad_to_square(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def _shortest_edge_size(width: int, height: int, edge: int) -> tuple[int, int]:
+    """(width, height) with the short side = edge and the long side truncated, as transformers computes it."""
+    if width <= height:
+        return edge, int(edge * height / width)
+    return int(edge * width / height), edge
+
+
+def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """One RGB PIL image -> float32 [3, H, W]."""
+    image = image.convert("RGB")
+    if spec.pad_to_square:
+        image = _pad_to_square(image, spec.mean)
+    image = image.resize(_shortest_edge_size(*image.size, spec.shortest_edge), resample=spec.resample)
+    pixels = np.asarray(image).transpose(2, 0, 1)
+    if spec.do_center_crop:
+        crop_h, crop_w = spec.crop
+        _, height, width = pixels.shape
+        if crop_h > height or crop_w > width:
+            raise ValueError(f"crop {spec.crop} larger than resized image {(height, width)}")
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        pixels = pixels[:, top : top + crop_h, left : left + crop_w]
+    scaled = (pixels.astype(np.float64) * spec.rescale_factor).astype(np.float32)
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    return (scaled - mean) / std
