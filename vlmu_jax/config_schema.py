@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.forget_split = "forget10"  # FIUBench: forget1 | forget5 | forget10
     c.data.forget_ratio = 10  # MLLMU-Bench: 5 | 10 | 15
     c.data.max_length = 384
+    c.data.append_eos = False  # the seeds add no EOS after LLaVA answers; a tiny model needs one to stop
     c.data.eval_limit = 400  # FIUBench evaluates the first 400 records
 
     c.model = ml_collections.ConfigDict()

@@ -1,1 +1,167 @@
-def run(config, workdir): print("RUN", workdir)
+"""The stages behind `vlmu_jax.main`: data -> base model -> finetune -> unlearn -> eval -> export -> report.
+
+Each stage reads what earlier stages left in the workdir and writes one folder with a `DONE` marker,
+so an interrupted run picks up where it stopped and a finished stage is skipped unless
+`config.force` is set. Training stages checkpoint with Orbax inside their folder and resume from it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from vlmu_jax import provenance
+from vlmu_jax.config_schema import stage_list
+from vlmu_jax.data import fiubench, mllmu, synthetic
+from vlmu_jax.data.batching import TextConfig
+from vlmu_jax.data.images import ImageSpec, preprocess
+from vlmu_jax.data.records import Benchmark
+from vlmu_jax.data.templates import get_template, load_tokenizer, train_demo_tokenizer
+from vlmu_jax.models import sharding
+from vlmu_jax.models.tiny import clip_preprocessor_config, tiny_llava_config
+
+DONE = "DONE"
+
+
+@dataclass
+class Workspace:
+    """Paths and shared objects of one run; everything a stage needs, derived from config + workdir."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+
+    @cached_property
+    def mesh(self) -> jax.sharding.Mesh:
+        m = self.config.mesh
+        return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+
+    @property
+    def data_root(self) -> Path:
+        if self.config.data.synthetic_identities > 0:
+            return self.workdir / "data" / self.config.benchmark
+        return Path(self.config.data.root)
+
+    @cached_property
+    def bench(self) -> Benchmark:
+        if self.config.benchmark == "fiubench":
+            return fiubench.read_fiubench(self.data_root, limit=self.config.data.eval_limit)
+        return mllmu.read_mllmu(self.data_root)
+
+    @property
+    def base_model(self) -> Path:
+        return self.workdir / "models" / "base" if self.config.model.tiny else Path(self.config.model.path)
+
+    def model_dir(self, name: str) -> Path:
+        return self.workdir / "models" / name
+
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.base_model)
+
+    @cached_property
+    def hf_config(self) -> dict:
+        return json.loads((self.base_model / "config.json").read_text())
+
+    @cached_property
+    def text_config(self) -> TextConfig:
+        from vlmu_jax.models.registry import model_config
+
+        mc = model_config(self.hf_config)
+        return TextConfig(tokenizer=self.tokenizer, template=get_template(self.config.model.template),
+                          image_token_id=mc.image_token_id, num_image_tokens=mc.num_image_tokens,
+                          append_eos=self.config.data.append_eos, max_length=self.config.data.max_length)
+
+    @cached_property
+    def image_spec(self) -> ImageSpec:
+        path = self.base_model / "preprocessor_config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: the checkpoint folder needs its image processor config")
+        return ImageSpec.from_hf(json.loads(path.read_text()))
+
+    def image_fn(self, ref):
+        return preprocess(ref.load(), self.image_spec)
+
+    def load(self, name: str):
+        """A model folder of this run (or the base checkpoint) loaded onto the mesh."""
+        from vlmu_jax.checkpoints.hf_import import load_pretrained
+
+        path = self.base_model if name == "base" else self.model_dir(name)
+        m = self.config.model
+        return load_pretrained(path, dtype=jnp.dtype(m.dtype), mesh=self.mesh, remat=m.remat,
+                               scan_layers=m.scan_layers, attention_impl=m.attention)
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / DONE).exists()
+
+
+def mark_done(folder: Path) -> None:
+    if jax.process_index() == 0:
+        (folder / DONE).write_text("ok\n")
+
+
+def prepare_data(ws: Workspace) -> None:
+    """Writes the embedded synthetic benchmark when the config asks for it (idempotent)."""
+    c = ws.config.data
+    if c.synthetic_identities <= 0 or is_done(ws.data_root):
+        return
+    if jax.process_index() == 0:
+        shutil.rmtree(ws.data_root, ignore_errors=True)
+        synthetic.write(ws.data_root, ws.config.benchmark, c.synthetic_identities, c.synthetic_seed,
+                        c.synthetic_image_size)
+        mark_done(ws.data_root)
+    _sync("data")
+
+
+def prepare_base_model(ws: Workspace) -> None:
+    """For the demo: a tokenizer trained on the benchmark text and a random tiny LLaVA in HF format."""
+    if not ws.config.model.tiny or is_done(ws.base_model):
+        return
+    from vlmu_jax.checkpoints.hf_export import export_hf
+    from vlmu_jax.models.registry import init_model
+
+    out = ws.base_model
+    shape = ws.config.model.tiny_shape
+    if jax.process_index() == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        tok = train_demo_tokenizer(synthetic.corpus(ws.bench), out, vocab_size=shape.vocab_size)
+        (out / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(shape.image_size)))
+    _sync("tokenizer")
+    tok = load_tokenizer(out)
+    hf_config = tiny_llava_config(shape, vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
+    model = init_model(hf_config, seed=ws.config.seed, dtype=jnp.dtype(ws.config.model.dtype), mesh=ws.mesh)
+    export_hf(model, out)
+    mark_done(out)
+    _sync("base model")
+
+
+def _sync(what: str) -> None:
+    """All hosts wait for process 0's files before reading them."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"vlmu_jax:{what}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Runs the configured stages in order; finished ones are skipped unless config.force."""
+    from vlmu_jax import stages
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    provenance.write(workdir, config.to_json_best_effort(indent=2))
+    ws = Workspace(config, workdir)
+    prepare_data(ws)
+    prepare_base_model(ws)
+    for name in stage_list(config):
+        logging.info("stage %s", name)
+        getattr(stages, name)(ws)

@@ -1,8 +1,7 @@
 """Logical axis names -> mesh axes: the one table of sharding rules, plus mesh and placement helpers.
 
 Every parameter declares logical axes next to its shape (Variable metadata ``axes``); the mesh layout is
-decided
-here only, so the same model code runs on 1 CPU, 8 fake CPU devices, a GPU host or a TPU pod.
+decided here only, so the same model code runs on 1 CPU, 8 fake CPU devices, a GPU host or a TPU pod.
 """
 
 from __future__ import annotations
@@ -102,3 +101,14 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = _fits(x.shape, logical_to_spec(axes), mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
+    """This host's rows of a batch -> global arrays split along 'batch' over the mesh (one device: as is)."""
+    if mesh is None:
+        return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        spec = logical_to_spec(("batch",) + (None,) * (v.ndim - 1))
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
+    return out

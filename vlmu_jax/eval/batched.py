@@ -1,0 +1,93 @@
+"""Runs the model over many encoded rows in a few static shapes: answer log-probs and generations.
+
+This is the only place evaluation touches the device. Rows go through the same `ExampleSource` as
+training (same buckets, same host sharding), so a whole split is scored in big jitted batches and a
+task file only sees per-row numpy results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource
+from vlmu_jax.eval.generate import generate
+from vlmu_jax.eval.scoring import token_logprobs
+from vlmu_jax.models.sharding import global_batch
+
+
+@dataclass(frozen=True)
+class AnswerScores:
+    """Per answer token t: log p(a_t | prompt, a_<t), and mean/variance of log p under the model at t."""
+
+    logps: np.ndarray
+    mu: np.ndarray
+    var: np.ndarray
+
+    @property
+    def loss(self) -> float:
+        """Length-normalised NLL: the `loss(a)` of BENCHMARKS.md."""
+        return float(-self.logps.mean())
+
+
+def _batches(source: ExampleSource, desc: str):
+    """(batch, row indices) for every batch, each row index reported once (the last batch wraps)."""
+    seen: set[int] = set()
+    for i in tqdm(range(len(source)), desc=desc, leave=False, disable=jax.process_index() != 0):
+        idx = source.global_indices(i)
+        fresh = np.array([j not in seen for j in idx])
+        seen.update(int(j) for j in idx)
+        yield source.get(i), idx, fresh
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    """A global array as a full numpy array on every host."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def score_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
+               image_fn: Callable, image_shape: tuple[int, int, int], mesh: Mesh | None = None,
+               desc: str = "score") -> list[AnswerScores]:
+    """Teacher-forced answer-token scores for every row, in row order."""
+    source = ExampleSource(list(rows), global_batch_size=batch_size, pad_token_id=pad_token_id,
+                           image_fn=image_fn, image_shape=image_shape, shuffle=False)
+    out: list[AnswerScores | None] = [None] * len(rows)
+    for batch, idx, fresh in _batches(source, desc):
+        inputs = global_batch(batch, mesh)
+        logps, mu, var = (_gather(a) for a in token_logprobs(
+            model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], with_stats=True))
+        answer = _gather(inputs["labels"])[:, 1:] != IGNORE
+        for r in np.flatnonzero(fresh):
+            m = answer[r]
+            out[idx[r]] = AnswerScores(logps[r][m], mu[r][m], var[r][m])
+    return out  # type: ignore[return-value]
+
+
+def generate_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
+                  eos_token_id: int | Sequence[int] | None, max_new_tokens: int, image_fn: Callable,
+                  image_shape: tuple[int, int, int], mesh: Mesh | None = None,
+                  desc: str = "generate") -> list[np.ndarray]:
+    """Greedy continuations of left-padded prompts, cut at the first EOS, in row order."""
+    source = ExampleSource(list(rows), global_batch_size=batch_size, pad_token_id=pad_token_id,
+                           image_fn=image_fn, image_shape=image_shape, shuffle=False, left_pad=True)
+    eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
+    out: list[np.ndarray | None] = [None] * len(rows)
+    for batch, idx, fresh in _batches(source, desc):
+        inputs = global_batch(batch, mesh)
+        tokens = _gather(generate(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                  max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                  pad_token_id=pad_token_id))
+        for r in np.flatnonzero(fresh):
+            seq = tokens[r].tolist()
+            stop = next((k for k, t in enumerate(seq) if t in eos), len(seq))
+            out[idx[r]] = np.asarray(seq[:stop], dtype=np.int32)
+    return out  # type: ignore[return-value]
