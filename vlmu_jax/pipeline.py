@@ -83,7 +83,8 @@ class Workspace:
     def image_spec(self) -> ImageSpec:
         path = self.base_model / "preprocessor_config.json"
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: the checkpoint folder needs its image processor config")
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint folder needs its image processor config")
         return ImageSpec.from_hf(json.loads(path.read_text()))
 
     def image_fn(self, ref):
@@ -136,9 +137,9 @@ def prepare_base_model(ws: Workspace) -> None:
         (out / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(shape.image_size)))
     _sync("tokenizer")
     tok = load_tokenizer(out)
-    hf_config = tiny_llava_config(shape, vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
-                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.pad_token_id)
+    hf_config = tiny_llava_config(
+        shape, vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = init_model(hf_config, seed=ws.config.seed, dtype=jnp.dtype(ws.config.model.dtype), mesh=ws.mesh)
     export_hf(model, out)
     mark_done(out)

@@ -83,9 +83,9 @@ def generate_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int
     out: list[np.ndarray | None] = [None] * len(rows)
     for batch, idx, fresh in _batches(source, desc):
         inputs = global_batch(batch, mesh)
-        tokens = _gather(generate(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                  max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                  pad_token_id=pad_token_id))
+        tokens = _gather(generate(
+            model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+            max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id))
         for r in np.flatnonzero(fresh):
             seq = tokens[r].tolist()
             stop = next((k for k, t in enumerate(seq) if t in eos), len(seq))

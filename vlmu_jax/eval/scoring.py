@@ -41,6 +41,32 @@ def head_logprobs(
     return outs if with_stats else outs[0]
 
 
+def head_kl(hidden: jax.Array, ref_hidden: jax.Array, head: jax.Array, ref_head: jax.Array,
+            chunk_size: int = 128) -> jax.Array:
+    """Full-vocabulary KL(ref || policy) at each position [B, N], chunked like `head_logprobs`.
+
+    KL-regularised unlearning (FIUBench `kl`, MLLMU `kl_min`) needs whole next-token distributions,
+    which never exist as B x T x V arrays here: each chunk's two softmaxes live only inside the scan.
+    """
+    b, n, d = hidden.shape
+    c = min(chunk_size, n)
+    pad = (-n) % c
+
+    def chunks(x: jax.Array) -> jax.Array:
+        return jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, c, d).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk(h_c: jax.Array, r_c: jax.Array) -> jax.Array:
+        logp = jax.nn.log_softmax(jnp.einsum("bcd,vd->bcv", h_c, head.astype(h_c.dtype),
+                                             preferred_element_type=jnp.float32), axis=-1)
+        logq = jax.nn.log_softmax(jnp.einsum("bcd,vd->bcv", r_c, ref_head.astype(r_c.dtype),
+                                             preferred_element_type=jnp.float32), axis=-1)
+        return jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
+
+    _, kl = jax.lax.scan(lambda carry, x: (carry, chunk(*x)), None, (chunks(hidden), chunks(ref_hidden)))
+    return kl.swapaxes(0, 1).reshape(b, -1)[:, :n]
+
+
 def compute_token_logprobs(
     model: nnx.Module,
     input_ids: jax.Array,

@@ -37,7 +37,8 @@ def tiny_llava_config(shape: ml_collections.ConfigDict, *, vocab_size: int, imag
 def clip_preprocessor_config(image_size: int) -> dict[str, Any]:
     """preprocessor_config.json of a CLIP processor at the tiny model's resolution."""
     return {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True,
+        "size": {"shortest_edge": image_size},
         "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "resample": 3,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
