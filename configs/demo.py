@@ -12,7 +12,7 @@ from vlmu_jax.config_schema import base_config
 
 
 def get_config(arg: str | None = None):
-    variant, _, size = (arg or "gd").partition(",")
+    variant = arg or "gd"
     c = base_config()
     c.name = f"demo_{variant}"
     c.benchmark = "fiubench"
@@ -28,19 +28,17 @@ def get_config(arg: str | None = None):
     c.model.dtype = "float32"
     c.mesh.data = -1
     for stage in (c.finetune, c.retain_model):
-        stage.update(epochs=30, batch_size=16, lr=3e-3, schedule="cosine", warmup_ratio=0.05,
+        stage.update(num_epochs=30, batch_size=16, lr=3e-3, lr_schedule="cosine", warmup_ratio=0.05,
                      weight_decay=0.0, tune_mm_projector=True, tune_language_model=True, save_every=50)
-    c.unlearn.update(method="gd", epochs=6, batch_size=4, grad_accum=1, lr=1e-3, warmup_ratio=0.0,
+    c.unlearn.update(objective="gd", num_epochs=6, batch_size=4, grad_accum=1, lr=1e-3, warmup_ratio=0.0,
                      lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, save_every=10, beta=0.1)
     c.eval.batch_size = 32
     c.eval.max_new_tokens = 24
     if variant == "ci":
         c.data.synthetic_identities = 20
         for stage in (c.finetune, c.retain_model):
-            stage.epochs = 15
-        c.unlearn.epochs = 4
+            stage.num_epochs = 15
+        c.unlearn.num_epochs = 4
     elif variant:
-        c.unlearn.method = variant
-    if size:
-        raise ValueError(f"unknown demo option {size!r}")
+        c.unlearn.objective = variant
     return c.lock()

@@ -17,21 +17,19 @@ STAGES = ("finetune", "unlearn", "eval", "export", "report")
 def train_config(**overrides) -> ml_collections.ConfigDict:
     """One training stage (finetune or unlearn): the seeds' knobs under their own names."""
     c = ml_collections.ConfigDict()
-    c.method = "finetune"  # objective name, see vlmu_jax.unlearn.objectives
-    c.data_split = ""  # FIUBench split name / "forget" / "retain" etc., resolved by the stage
-    c.epochs = 1
-    c.max_steps = -1  # > 0 caps the number of optimizer steps (demo, smoke tests)
+    c.objective = "finetune"  # see vlmu_jax.unlearn.objectives.OBJECTIVES
+    c.num_epochs = 1
+    c.num_steps = 0  # > 0: train exactly this many micro-steps instead of num_epochs
     c.batch_size = 4  # global batch per micro step
     c.grad_accum = 1
     c.lr = 1e-5
-    c.schedule = "cosine"  # cosine | linear | constant
+    c.lr_schedule = "cosine"  # cosine | linear | constant
     c.warmup_ratio = 0.0
     c.weight_decay = 0.01
     c.max_grad_norm = 1.0
     c.beta = 0.1  # NPO / DPO / SimNPO temperature
     c.npo_batch_mean = False  # MLLMU-Bench's batch-level NPO instead of the per-sequence NPO paper form
     c.retain_weight = 1.0
-    c.kl_weight = 1.0
     c.simnpo_gamma = 0.0
     c.lora_rank = 0  # 0 = train the tuned towers fully
     c.lora_alpha = 16.0
@@ -44,7 +42,6 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     c.tune_language_model = True
     c.save_every = 100
     c.keep_checkpoints = 2
-    c.log_every = 1
     c.update(overrides)
     return c
 
@@ -95,10 +92,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
 
-    c.finetune = train_config(method="finetune", lr=1e-5, epochs=5)
-    c.retain_model = train_config(method="finetune", lr=1e-5, epochs=5)  # reference for forget quality
+    c.finetune = train_config(objective="finetune", lr=1e-5, num_epochs=5)
+    # The retain-only twin of `finetune`: the reference model of the KS-test forget quality.
+    c.retain_model = train_config(objective="finetune", lr=1e-5, num_epochs=5)
     c.unlearn = train_config(
-        method="ga", lr=1e-4, epochs=5, warmup_ratio=0.06, lora_rank=128, lora_alpha=256.0, grad_accum=16
+        objective="ga", lr=1e-4, num_epochs=5, warmup_ratio=0.06, lora_rank=128, lora_alpha=256.0,
+        grad_accum=16,
     )
 
     c.eval = ml_collections.ConfigDict()

@@ -32,14 +32,14 @@ def fiubench(variant: str | None, *, template: str, model_path: str) -> ml_colle
     c.data.forget_split = "forget10"
     c.data.max_length = 512
     c.seed = 233
-    finetune = dict(method="finetune", lr=1e-5, schedule="cosine", warmup_ratio=0.0, weight_decay=0.01,
-                    max_grad_norm=1.0, batch_size=12, grad_accum=1, epochs=10, lora_rank=0,
+    finetune = dict(objective="finetune", lr=1e-5, lr_schedule="cosine", warmup_ratio=0.0, weight_decay=0.01,
+                    max_grad_norm=1.0, batch_size=12, grad_accum=1, num_epochs=10, lora_rank=0,
                     tune_vision_tower=False, tune_mm_projector=True, tune_language_model=True)
     c.finetune.update(finetune)
     c.retain_model.update(finetune)
-    c.unlearn.update(method=_method(variant, FIUBENCH_METHODS, "ga"), lr=1e-4, schedule="cosine",
+    c.unlearn.update(objective=_method(variant, FIUBENCH_METHODS, "ga"), lr=1e-4, lr_schedule="cosine",
                      warmup_ratio=0.06, weight_decay=0.01, max_grad_norm=1.0, batch_size=4, grad_accum=16,
-                     epochs=5, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05,
+                     num_epochs=5, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05,
                      tune_vision_tower=False, tune_mm_projector=True, tune_language_model=True)
     c.eval.max_new_tokens = 50
     c.eval.generation_max_length = 256
@@ -59,8 +59,8 @@ def mllmu(variant: str | None, *, template: str, model_path: str) -> ml_collecti
     c.data.max_length = 384
     c.seed = 42
     lora = dict(lora_rank=16, lora_alpha=16.0, lora_dropout=0.05, lora_targets=r".*_proj|.*fc\d|.*linear_\d",
-                schedule="linear", warmup_ratio=0.0, weight_decay=0.01, batch_size=4, grad_accum=1)
-    c.finetune.update(method="finetune", lr=2e-5, epochs=5, **lora)
-    c.retain_model.update(method="finetune", lr=2e-5, epochs=5, **lora)
-    c.unlearn.update(method=method, lr=2e-5, epochs=1, beta=0.4, npo_batch_mean=False, **lora)
+                lr_schedule="linear", warmup_ratio=0.0, weight_decay=0.01, batch_size=4, grad_accum=1)
+    c.finetune.update(objective="finetune", lr=2e-5, num_epochs=5, **lora)
+    c.retain_model.update(objective="finetune", lr=2e-5, num_epochs=5, **lora)
+    c.unlearn.update(objective=method, lr=2e-5, num_epochs=1, beta=0.4, npo_batch_mean=False, **lora)
     return c

@@ -1,0 +1,139 @@
+"""One function per pipeline stage; each reads the workspace, does its work and marks its folder done.
+
+finetune:  base -> models/finetuned (all identities) and models/retain_model (identities outside the
+           forget split: the reference of the KS-test forget quality), full or LoRA finetuning.
+unlearn:   models/finetuned + LoRA trained with the configured objective -> models/unlearned (merged).
+eval:      every model above scored on the forget and retain splits -> eval_results/<model>/.
+export:    the unlearn stage's last Orbax checkpoint -> export/hf (a Hugging Face folder, LoRA merged).
+report:    eval_results -> aggregate CSV and plots.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from vlmu_jax.data.batching import IGNORE, ExampleSource, encode, examples_from
+from vlmu_jax.data.records import Identity
+from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl
+from vlmu_jax.models import lora
+from vlmu_jax.pipeline import Workspace, is_done, mark_done
+from vlmu_jax.unlearn.trainer import TrainConfig, train
+
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "preprocessor_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def logps_fn(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Answer-token log-probs of a batch and their mask, for the trainer's objectives."""
+    logps = compute_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    return logps, batch["labels"][:, 1:] != IGNORE
+
+
+def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Full-vocabulary KL(reference || model) at every real token of the batch."""
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    hidden, ref_hidden = model(*args)[:, :-1], jax.lax.stop_gradient(ref_model(*args)[:, :-1])
+    kl = head_kl(hidden, ref_hidden, model.head_weight(), jax.lax.stop_gradient(ref_model.head_weight()))
+    return kl, batch["attention_mask"][:, 1:] > 0
+
+
+def _source(ws: Workspace, identities: list[Identity], stage: ml_collections.ConfigDict, *, seed: int,
+            idk: tuple[str, ...] = ()) -> ExampleSource:
+    rows = [encode(e, ws.text_config) for e in examples_from(identities, idk=idk, seed=seed)]
+    if not rows:
+        raise ValueError("a training stream has no examples: check the split names and the data folder")
+    return ExampleSource(rows, global_batch_size=stage.batch_size, pad_token_id=ws.tokenizer.pad_token_id,
+                         image_fn=ws.image_fn, image_shape=ws.image_spec.output_shape, seed=seed)
+
+
+def _prepare_trainable(model: nnx.Module, stage: ml_collections.ConfigDict, seed: int):
+    """Adds LoRA when asked and returns the NNX filter of what trains."""
+    use_lora = stage.lora_rank > 0
+    if use_lora:
+        lora.apply_lora(model, rank=stage.lora_rank, alpha=stage.lora_alpha, dropout=stage.lora_dropout,
+                        targets=stage.lora_targets, seed=seed)
+    return lora.trainable_filter(lora=use_lora, tune_vision_tower=stage.tune_vision_tower,
+                                 tune_mm_projector=stage.tune_mm_projector,
+                                 tune_language_model=stage.tune_language_model)
+
+
+def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None) -> None:
+    """Merged HF folder plus the base checkpoint's tokenizer and processor files."""
+    from vlmu_jax.checkpoints.hf_export import export_hf
+
+    lora.merge_lora(model)
+    export_hf(model, out, dtype=dtype)
+    if jax.process_index() == 0:
+        for name in _SIDE_FILES:
+            if (ws.base_model / name).exists():
+                shutil.copy2(ws.base_model / name, out / name)
+    mark_done(out)
+
+
+def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collections.ConfigDict,
+                 sources: dict[str, ExampleSource]) -> None:
+    out = ws.model_dir(out_name)
+    if is_done(out) and not ws.config.force:
+        logging.info("%s exists, skipping (config.force=True redoes it)", out)
+        return
+    model = ws.load(start)
+    trainable = _prepare_trainable(model, stage, ws.config.seed)
+    run_dir = ws.workdir / "train" / out_name
+    if ws.config.force:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    result = train(model, TrainConfig.from_config(stage), sources=sources, logps_fn=logps_fn, kl_fn=kl_fn,
+                   workdir=run_dir, trainable=trainable, mesh=ws.mesh)
+    logging.info("%s: %d steps, last loss %.4f", out_name, result.step, result.losses[-1] if result.losses
+                 else float("nan"))
+    _save_model(ws, model, out)
+
+
+def finetune(ws: Workspace) -> None:
+    """The vanilla model (all identities) and its retain-only twin (the forget-quality reference)."""
+    c, bench = ws.config, ws.bench
+    forget = set(bench.splits[_forget_split(ws)])
+    everyone = list(bench.identities)
+    retained = [i for i in everyone if i.uid not in forget]
+    _train_model(ws, start="base", out_name="finetuned", stage=c.finetune,
+                 sources={"train": _source(ws, everyone, c.finetune, seed=c.seed)})
+    _train_model(ws, start="base", out_name="retain_model", stage=c.retain_model,
+                 sources={"train": _source(ws, retained, c.retain_model, seed=c.seed)})
+
+
+def _forget_split(ws: Workspace) -> str:
+    if ws.config.benchmark == "fiubench":
+        return ws.config.data.forget_split
+    return f"forget_{ws.config.data.forget_ratio}"
+
+
+def _retain_split(ws: Workspace) -> str:
+    if ws.config.benchmark == "fiubench":
+        return "retain"
+    return f"retain_{100 - ws.config.data.forget_ratio}"
+
+
+def unlearn(ws: Workspace) -> None:
+    """LoRA unlearning of the forget split with the configured objective and data streams."""
+    c, bench = ws.config, ws.bench
+    forget, retain = bench.split(_forget_split(ws)), bench.split(_retain_split(ws))
+    sources = {"forget": _source(ws, forget, c.unlearn, seed=c.seed),
+               "retain": _source(ws, retain, c.unlearn, seed=c.seed + 1)}
+    if bench.idk:
+        sources["idk"] = _source(ws, forget, c.unlearn, seed=c.seed, idk=bench.idk)
+    _train_model(ws, start="finetuned", out_name="unlearned", stage=c.unlearn, sources=sources)
+
+
+def export(ws: Workspace) -> None:
+    """Hugging Face folder of the unlearned model (LoRA merged) in the configured dtype."""
+    out = ws.workdir / "export" / "hf"
+    if is_done(out) and not ws.config.force:
+        return
+    dtype = jnp.dtype(ws.config.export.dtype) if ws.config.export.dtype else None
+    _save_model(ws, ws.load("unlearned"), out, dtype=dtype)
