@@ -254,6 +254,8 @@ def train(
                 "tokens_per_s": tokens / (time.perf_counter() - t0),
                 **{k: float(v) for k, v in aux.items()},
             }
+            if step == start and start:
+                record["resumed_from"] = start
             log.write(json.dumps(record) + "\n")
             log.flush()
             losses.append(loss)
