@@ -1,0 +1,223 @@
+"""Unlearning and finetuning objectives as pure functions of per-token log-probs.
+
+Every loss sees only `StreamLogps` per stream name, never the model, so the same function serves any
+architecture and is unit-testable on hand-written numbers. `loss_fn(streams, cfg) -> (scalar, aux)`.
+
+Definitions pinned from the originals (see the module README section in the final report):
+- NLL = token mean over the whole batch (HF `outputs.loss`, which both originals use), not a mean of
+  per-sequence means.
+- FIUBench (gray311/VLM_Unlearned `forget.py::main`): `grad_ascent` = -NLL(forget); `idk` = NLL of the
+  forget-questions-with-refusal batch CONCATENATED with the retain batch (one token mean over both);
+  `KL` = -NLL(forget) + kl_div(log_softmax(current), log_softmax(oracle), log_target, batchmean) on retain
+  inputs flattened to [B*T, V], i.e. KL(oracle || current) averaged over positions.
+- MLLMU-Bench (franciscoliu/MLLMU-Bench `baselines/*.py::main`): GA_Difference and KL_Min alternate a
+  forget (ascent) phase and a retain phase with separate optimizer steps; KL_Min's retain loss is
+  NLL(retain) + kl_div(log_softmax(current), softmax(vanilla), batchmean) on [B, T, V] logits, i.e. the KL
+  summed over positions and divided by B; NPO uses the batch-token-mean loss (batch-level NPO).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class StreamLogps(NamedTuple):
+    """Per-token quantities of one data stream, all [B, T-1] float32 (masks bool or 0/1).
+
+    `kl` is the full-vocabulary KL(ref || policy) at each position, which cannot be rebuilt from
+    target-token log-probs; the trainer's `kl_fn` supplies it (chunked over the vocabulary for real
+    models) only for streams an objective lists in `kl_streams`. `kl_mask` marks the positions it
+    averages over (the originals use every position of the retain inputs; we use the real tokens).
+    """
+
+    policy: Array
+    ref: Array | None
+    mask: Array
+    kl: Array | None = None
+    kl_mask: Array | None = None
+
+
+Streams = Mapping[str, StreamLogps]
+LossFn = Callable[[Streams, Any], tuple[Array, dict[str, Array]]]
+
+
+def _param(cfg: Any, name: str, default: float) -> float:
+    """Objective hyper-parameters are optional config fields, so an objective needs no schema change."""
+    return getattr(cfg, name, default) if cfg is not None else default
+
+
+def _sum_logp(s: StreamLogps, logps: Array) -> Array:
+    """Per-sequence sum of target log-probs = log pi(y|x) over answer tokens, [B]."""
+    return jnp.sum(jnp.where(s.mask, logps, 0.0), axis=-1)
+
+
+def _count(s: StreamLogps) -> Array:
+    return jnp.sum(s.mask.astype(jnp.float32), axis=-1)
+
+
+def token_mean_nll(*streams: StreamLogps) -> Array:
+    """HF-style loss: total NLL over all answer tokens of the (concatenated) streams / their count."""
+    total = sum(-jnp.sum(_sum_logp(s, s.policy)) for s in streams)
+    count = sum(jnp.sum(_count(s)) for s in streams)
+    return total / jnp.maximum(count, 1.0)
+
+
+def seq_mean_nll(s: StreamLogps, logps: Array) -> Array:
+    """Per-sequence average NLL over answer tokens, [B] (the BENCHMARKS.md `loss(a)`)."""
+    return -_sum_logp(s, logps) / jnp.maximum(_count(s), 1.0)
+
+
+def kl_token_mean(s: StreamLogps) -> Array:
+    """FIUBench reduction: KL(oracle || current) averaged over positions (kl_div batchmean on [B*T, V])."""
+    mask = s.kl_mask.astype(jnp.float32)
+    return jnp.sum(s.kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def kl_sum_per_seq(s: StreamLogps) -> Array:
+    """MLLMU-Bench reduction: kl_div batchmean on [B, T, V] = KL summed over positions, divided by B."""
+    return jnp.sum(s.kl * s.kl_mask.astype(jnp.float32)) / s.kl.shape[0]
+
+
+def finetune(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """Plain NLL on the `train` stream (finetune stage and the retain-only reference model)."""
+    nll = token_mean_nll(streams["train"])
+    return nll, {"nll": nll}
+
+
+def ga(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """FIUBench grad_ascent / MLLMU GA: maximise the forget NLL."""
+    forget = token_mean_nll(streams["forget"])
+    return -forget, {"forget_nll": forget}
+
+
+def gd(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """GradDiff (TOFU grad_diff): ascent on forget plus descent on retain in one summed loss."""
+    forget = token_mean_nll(streams["forget"])
+    retain = token_mean_nll(streams["retain"])
+    return -forget + _param(cfg, "retain_weight", 1.0) * retain, {"forget_nll": forget, "retain_nll": retain}
+
+
+def kl(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """FIUBench KL: -NLL(forget) + KL(oracle || current) on retain positions (no retain NLL term)."""
+    forget = token_mean_nll(streams["forget"])
+    kl_retain = kl_token_mean(streams["retain"])
+    return -forget + kl_retain, {"forget_nll": forget, "retain_kl": kl_retain}
+
+
+def idk(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """FIUBench idk: refusal answers as targets, one token mean over the idk and retain batches together."""
+    loss = token_mean_nll(streams["idk"], streams["retain"])
+    return loss, {"idk_nll": token_mean_nll(streams["idk"]), "retain_nll": token_mean_nll(streams["retain"])}
+
+
+def _with_retain(loss: Array, aux: dict[str, Array], streams: Streams, cfg: Any) -> tuple[Array, dict]:
+    """Preference-style losses get an optional retain NLL term when the run supplies a retain stream."""
+    if "retain" not in streams:
+        return loss, aux
+    retain = token_mean_nll(streams["retain"])
+    return loss + _param(cfg, "retain_weight", 1.0) * retain, {**aux, "retain_nll": retain}
+
+
+def npo(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """NPO: -(2/beta) mean log sigmoid(-beta log(pi/pi_ref)).
+
+    Intended (NPO paper) definition is per sequence with log pi = summed answer log-prob; with
+    `npo_batch_mean=True` it is MLLMU-Bench's variant: one ratio from the batch-token-mean losses.
+    """
+    s, beta = streams["forget"], _param(cfg, "beta", 0.1)
+    if _param(cfg, "npo_batch_mean", False):
+        ref = StreamLogps(s.ref, None, s.mask)
+        neg_log_ratio = token_mean_nll(s) - token_mean_nll(ref)
+    else:
+        neg_log_ratio = _sum_logp(s, s.ref) - _sum_logp(s, s.policy)
+    loss = -jnp.mean(jax.nn.log_sigmoid(beta * neg_log_ratio)) * 2.0 / beta
+    return _with_retain(loss, {"npo": loss, "forget_nll": token_mean_nll(s)}, streams, cfg)
+
+
+def dpo(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """DPO with the refusal (`idk`) as chosen and the forget answer as rejected (TOFU scaling 2/beta)."""
+    win, lose, beta = streams["idk"], streams["forget"], _param(cfg, "beta", 0.1)
+    margin = (_sum_logp(win, win.policy) - _sum_logp(win, win.ref)) - (
+        _sum_logp(lose, lose.policy) - _sum_logp(lose, lose.ref)
+    )
+    loss = -jnp.mean(jax.nn.log_sigmoid(beta * margin)) * 2.0 / beta
+    aux = {"dpo": loss, "margin": jnp.mean(margin), "forget_nll": token_mean_nll(lose)}
+    return _with_retain(loss, aux, streams, cfg)
+
+
+def simnpo(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """SimNPO (reference-free): -(2/beta) mean log sigmoid(beta * avgNLL(y) - gamma), length-normalised."""
+    s, beta = streams["forget"], _param(cfg, "beta", 0.1)
+    margin = beta * seq_mean_nll(s, s.policy) - _param(cfg, "simnpo_gamma", 0.0)
+    loss = -jnp.mean(jax.nn.log_sigmoid(margin)) * 2.0 / beta
+    return _with_retain(loss, {"simnpo": loss, "forget_nll": token_mean_nll(s)}, streams, cfg)
+
+
+def ga_difference(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """MLLMU GA_Difference: the forget phase ascends, the retain phase descends (separate steps)."""
+    loss, aux = jnp.zeros((), jnp.float32), {}
+    if "forget" in streams:
+        aux["forget_nll"] = token_mean_nll(streams["forget"])
+        loss = loss - aux["forget_nll"]
+    if "retain" in streams:
+        aux["retain_nll"] = token_mean_nll(streams["retain"])
+        loss = loss + aux["retain_nll"]
+    return loss, aux
+
+
+def kl_min(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """MLLMU KL_Min: forget phase ascends; retain phase minimises NLL + KL (summed over positions / B)."""
+    loss, aux = jnp.zeros((), jnp.float32), {}
+    if "forget" in streams:
+        aux["forget_nll"] = token_mean_nll(streams["forget"])
+        loss = loss - aux["forget_nll"]
+    if "retain" in streams:
+        aux["retain_nll"] = token_mean_nll(streams["retain"])
+        aux["retain_kl"] = kl_sum_per_seq(streams["retain"])
+        loss = loss + aux["retain_nll"] + aux["retain_kl"]
+    return loss, aux
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A loss plus what the trainer must feed it.
+
+    phases: stream groups run in turn, each for len(source of its first stream) steps per cycle (one
+      phase for every method except MLLMU's alternating GA_Difference / KL_Min).
+    optional: streams added to every phase when the run provides a source for them.
+    ref_streams / kl_streams: streams that need reference log-probs / full-vocab KL to the reference.
+    """
+
+    fn: LossFn
+    phases: tuple[tuple[str, ...], ...]
+    optional: tuple[str, ...] = ()
+    ref_streams: tuple[str, ...] = ()
+    kl_streams: tuple[str, ...] = ()
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "finetune": Objective(finetune, (("train",),)),
+    "ga": Objective(ga, (("forget",),)),
+    "gd": Objective(gd, (("forget", "retain"),)),
+    "kl": Objective(kl, (("forget", "retain"),), kl_streams=("retain",)),
+    "idk": Objective(idk, (("idk", "retain"),)),
+    "npo": Objective(npo, (("forget",),), optional=("retain",), ref_streams=("forget",)),
+    "dpo": Objective(dpo, (("idk", "forget"),), optional=("retain",), ref_streams=("idk", "forget")),
+    "simnpo": Objective(simnpo, (("forget",),), optional=("retain",)),
+    "ga_difference": Objective(ga_difference, (("forget",), ("retain",))),
+    "kl_min": Objective(kl_min, (("forget",), ("retain",)), kl_streams=("retain",)),
+}
+
+
+def get_objective(name: str) -> Objective:
+    """Look an objective up by its config name, listing the known names on a typo."""
+    if name not in OBJECTIVES:
+        raise KeyError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
