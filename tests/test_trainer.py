@@ -113,3 +113,13 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path) -> None:
         train(ToyLM(), cfg, sources={"train": PoisonedSource(FORGET, 2)}, logps_fn=nan_logps,
               workdir=tmp_path)
     assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == 2
+
+
+def test_mllmu_kl_min_alternates_forget_and_retain_phases(tmp_path) -> None:
+    cfg = TrainConfig(objective="kl_min", lr=1e-2, num_epochs=1, progress=False)
+    sources = {"forget": FixedSource(FORGET, 2), "retain": FixedSource(RETAIN, 4)}  # 2 + 2 steps per epoch
+    train(ToyLM(lora_rank=2), cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl_fn, trainable=nnx.LoRAParam,
+          workdir=tmp_path)
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [("forget_nll" in r, "retain_kl" in r) for r in rows] == [(True, False)] * 2 + [(False, True)] * 2
+    assert rows[2]["retain_kl"] > 0.0  # the forget phase moved the policy away from the LoRA-off reference

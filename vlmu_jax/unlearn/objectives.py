@@ -3,7 +3,7 @@
 Every loss sees only `StreamLogps` per stream name, never the model, so the same function serves any
 architecture and is unit-testable on hand-written numbers. `loss_fn(streams, cfg) -> (scalar, aux)`.
 
-Definitions pinned from the originals (see the module README section in the final report):
+Definitions pinned from the originals:
 - NLL = token mean over the whole batch (HF `outputs.loss`, which both originals use), not a mean of
   per-sequence means.
 - FIUBench (gray311/VLM_Unlearned `forget.py::main`): `grad_ascent` = -NLL(forget); `idk` = NLL of the
