@@ -102,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 16
+    c.eval.retain_split = "retain15"  # FIUBench eval.yaml pairs forget splits with retain5 / retain15
     c.eval.max_new_tokens = 50
     c.eval.generation_max_length = 256
     c.eval.original_behaviour = False  # reproduce the seeds' known bugs instead of the intended definitions

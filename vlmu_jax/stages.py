@@ -2,14 +2,15 @@
 
 finetune:  base -> models/finetuned (all identities) and models/retain_model (identities outside the
            forget split: the reference of the KS-test forget quality), full or LoRA finetuning.
-unlearn:   models/finetuned + LoRA trained with the configured objective -> models/unlearned (merged).
+unlearn:   models/finetuned + LoRA trained with each configured objective -> models/unlearned_<objective>.
 eval:      every model above scored on the forget and retain splits -> eval_results/<model>/.
-export:    the unlearn stage's last Orbax checkpoint -> export/hf (a Hugging Face folder, LoRA merged).
+export:    each unlearned model -> export/unlearned_<objective> (HF folder, LoRA merged, export dtype).
 report:    eval_results -> aggregate CSV and plots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None) -> None
 
 
 def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collections.ConfigDict,
-                 sources: dict[str, ExampleSource]) -> None:
+                 sources: dict[str, ExampleSource], objective: str | None = None) -> None:
     out = ws.model_dir(out_name)
     if is_done(out) and not ws.config.force:
         logging.info("%s exists, skipping (config.force=True redoes it)", out)
@@ -88,7 +89,10 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
     run_dir = ws.workdir / "train" / out_name
     if ws.config.force:
         shutil.rmtree(run_dir, ignore_errors=True)
-    result = train(model, TrainConfig.from_config(stage), sources=sources, logps_fn=logps_fn, kl_fn=kl_fn,
+    cfg = TrainConfig.from_config(stage)
+    if objective is not None:
+        cfg = dataclasses.replace(cfg, objective=objective)
+    result = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl_fn,
                    workdir=run_dir, trainable=trainable, mesh=ws.mesh)
     logging.info("%s: %d steps, last loss %.4f", out_name, result.step, result.losses[-1] if result.losses
                  else float("nan"))
@@ -127,13 +131,83 @@ def unlearn(ws: Workspace) -> None:
                "retain": _source(ws, retain, c.unlearn, seed=c.seed + 1)}
     if bench.idk:
         sources["idk"] = _source(ws, forget, c.unlearn, seed=c.seed, idk=bench.idk)
-    _train_model(ws, start="finetuned", out_name="unlearned", stage=c.unlearn, sources=sources)
+    for objective in objectives(ws):
+        _train_model(ws, start="finetuned", out_name=f"unlearned_{objective}", stage=c.unlearn,
+                     sources=sources, objective=objective)
+
+
+def objectives(ws: Workspace) -> list[str]:
+    """`unlearn.objective` may name several methods ("gd,ga,npo"): one unlearned model each."""
+    return [o.strip() for o in ws.config.unlearn.objective.split(",") if o.strip()]
+
+
+def eval_models(ws: Workspace) -> list[str]:
+    return ["finetuned", "retain_model", *(f"unlearned_{o}" for o in objectives(ws))]
 
 
 def export(ws: Workspace) -> None:
-    """Hugging Face folder of the unlearned model (LoRA merged) in the configured dtype."""
-    out = ws.workdir / "export" / "hf"
-    if is_done(out) and not ws.config.force:
-        return
+    """Hugging Face folders of the unlearned models (LoRA merged) in the configured dtype."""
     dtype = jnp.dtype(ws.config.export.dtype) if ws.config.export.dtype else None
-    _save_model(ws, ws.load("unlearned"), out, dtype=dtype)
+    for objective in objectives(ws):
+        out = ws.workdir / "export" / f"unlearned_{objective}"
+        if not (is_done(out) and not ws.config.force):
+            _save_model(ws, ws.load(f"unlearned_{objective}"), out, dtype=dtype)
+
+
+def _runner(ws: Workspace):
+    from vlmu_jax.eval.tasks.fiubench import Runner
+
+    return Runner(text=ws.text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.image_fn,
+                  image_shape=ws.image_spec.output_shape, max_new_tokens=ws.config.eval.max_new_tokens,
+                  mesh=ws.mesh)
+
+
+def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs
+    """Per-question logs of every trained model on the forget and retain splits."""
+    if ws.config.benchmark != "fiubench":
+        raise NotImplementedError("the eval stage covers FIUBench; MLLMU-Bench tasks are not wired yet")
+    from vlmu_jax.eval.tasks.fiubench import evaluate_split
+    from vlmu_jax.report.aggregate import write_model_logs
+
+    forget = ws.bench.split(_forget_split(ws))
+    retain = ws.bench.split(ws.config.eval.retain_split)
+    runner = _runner(ws)
+    for name in eval_models(ws):
+        out = ws.workdir / "eval_results" / name
+        if not ws.model_dir(name).exists() or (is_done(out) and not ws.config.force):
+            continue
+        model = ws.load(name)
+        forget_log = evaluate_split(model, forget, runner, desc=f"{name} forget")
+        retain_log = evaluate_split(model, retain, runner, desc=f"{name} retain")
+        if jax.process_index() == 0:
+            write_model_logs(out, forget_log, retain_log)
+        mark_done(out)
+
+
+def report(ws: Workspace) -> None:
+    """results.csv / results.json (one row per model) and PNG plots from the eval logs."""
+    from vlmu_jax.eval.tasks.fiubench import aggregate_model, forget_quality
+    from vlmu_jax.report import plots
+    from vlmu_jax.report.aggregate import FORGET_LOG, RETAIN_LOG, read_model_logs, write_table
+
+    if jax.process_index() != 0:
+        return
+    results = ws.workdir / "eval_results"
+    logs = {n: read_model_logs(results / n) for n in eval_models(ws) if is_done(results / n)}
+    if "retain_model" not in logs:
+        raise FileNotFoundError(f"{results / 'retain_model'} has no eval logs: run the eval stage first")
+    rows = []
+    for name, log in logs.items():
+        row: dict = {"Model": name, "Method": name.removeprefix("unlearned_")}
+        row.update(aggregate_model(log[FORGET_LOG], log[RETAIN_LOG]))
+        row.update(forget_quality(log[FORGET_LOG], logs["retain_model"][FORGET_LOG], log[RETAIN_LOG]))
+        rows.append(row)
+    out = ws.workdir / "report"
+    write_table(rows, out / "results.csv")
+    plots.tradeoff(rows, out / "tradeoff.png")
+    shown = ["Prob. Forget", "Prob. Retain", "ROUGE Forget", "ROUGE Retain", "Truth Ratio Forget",
+             "Truth Ratio Retain", "Model Utility", "Exact Match"]
+    plots.metric_bars(rows, shown, out / "metrics.png")
+    plots.loss_curves({n: ws.workdir / "train" / n / "metrics.jsonl" for n in eval_models(ws)},
+                      out / "loss_curves.png")
+    logging.info("report written to %s", out)

@@ -313,7 +313,9 @@ def _items(p: Person, rng: random.Random, names: list[str]) -> dict[str, tuple]:
                 answer,
                 (q_img[1],),
                 para_ans.format(v=value),
-                tuple(ans.format(v=w) for w in wrong),
+                # As in TOFU, perturbed answers are wrong versions of the PARAPHRASED answer, so the
+                # truth ratio compares two phrasings the model never saw in training.
+                tuple(para_ans.format(v=w) for w in wrong),
                 (value.removeprefix("a "),),
                 category=attr,
             )
