@@ -1,4 +1,4 @@
-"""Per-question results -> FIUBench eval logs, ``eval_log_aggregated.json``, the summary row / CSV, run collection.
+"""Per-question results -> FIUBench eval logs, ``eval_log_aggregated.json``, summary row / CSV, collection.
 
 Key names follow gray311/VLM_Unlearned: eval logs as ``evaluate_util.get_all_evals`` writes them (dicts
 keyed by question index for losses / ROUGE / generations, lists for ``exact_match``, ``gpt``, ``loss``,
@@ -82,10 +82,11 @@ def fiubench_eval_log(res: FiuTaskResults, *, forget: bool, original: bool = Fal
         "generated_text": _indexed([list(t) for t in zip(res.prompts, res.generations, res.references,
                                                          res.categories, strict=True)]),
     }
-    for key, values in metrics.fiubench_rouge_recall(res.generations, res.references, original=original).items():
-        log[key] = _indexed(values)
+    rouge = metrics.fiubench_rouge_recall(res.generations, res.references, original=original)
+    log.update({key: _indexed(values) for key, values in rouge.items()})
     if res.keywords is not None:
-        log["exact_match"] = [metrics.exact_match(g, k) for g, k in zip(res.generations, res.keywords, strict=True)]
+        pairs = zip(res.generations, res.keywords, strict=True)
+        log["exact_match"] = [metrics.exact_match(g, k) for g, k in pairs]
     if res.gpt is not None:
         log["gpt"] = list(res.gpt)
     if res.mia_scores is not None:
@@ -114,8 +115,8 @@ def fiubench_summary(aggregated: Mapping[str, Mapping], retain_reference: Mappin
                      empty_lists_as_zero: bool = False, method: str = "", submitted_by: str = "") -> dict:
     """The summary row of one checkpoint (``aggregate_eval_stat.main``): utility, forget quality, extras.
 
-    ``retain_reference``: the retain-only model's aggregated logs or its forget log alone (both accepted, as the
-    original); without it Forget Quality is left out.
+    ``retain_reference``: the retain-only model's aggregated logs or its forget log alone (both accepted, as
+    the original); without it Forget Quality is left out.
     """
     row: dict = {}
     for task, name in _TASK_NAMES.items():
@@ -181,7 +182,7 @@ def write_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
 
 def collect_runs(root: str | Path, retain_reference: Mapping | None = None, *,
                  pattern: str = "*eval_log_aggregated.json", empty_lists_as_zero: bool = False) -> list[dict]:
-    """Summary rows of every aggregated log under ``root``; ``Method`` is the log's folder relative to root."""
+    """Summary rows of every aggregated log under ``root``; ``Method`` = its folder relative to root."""
     root = Path(root)
     rows = []
     for path in sorted(root.rglob(pattern)):
@@ -191,11 +192,12 @@ def collect_runs(root: str | Path, retain_reference: Mapping | None = None, *,
     return rows
 
 
-# ----------------------------------------------------------------------------- MLLMU-Bench (eval.py key names)
+# ----------------------------------------------------------------------------- MLLMU-Bench (eval.py keys)
 _MODALITIES = {"Image_Textual": "image_textual", "Pure_Text": "pure_text"}
 
 
-def mllmu_accuracy(correct: Sequence[bool], modality: Sequence[str], *, prefix: str = "") -> dict[str, float]:
+def mllmu_accuracy(correct: Sequence[bool], modality: Sequence[str], *,
+                   prefix: str = "") -> dict[str, float]:
     """``image_textual_accuracy`` / ``pure_text_accuracy`` in percent (0 for an empty modality, as eval.py).
 
     ``correct``: classification hits (parsed letter == gold) or cloze hits (``metrics.cloze_correct``).
@@ -209,7 +211,7 @@ def mllmu_accuracy(correct: Sequence[bool], modality: Sequence[str], *, prefix: 
 
 def mllmu_generation(predictions: Sequence[str], references: Sequence[str],
                      modality: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F-measure and BLEU per modality present, keyed as ``evaluate_generation`` returns."""
+    """Mean ROUGE-1/2/L F-measure and BLEU per modality present, keyed as ``evaluate_generation``."""
     out = {}
     for mod in _MODALITIES:
         pairs = [(p, r) for p, r, m in zip(predictions, references, modality, strict=True) if m == mod]

@@ -38,7 +38,8 @@ def plot_fq_vs_mu(rows: Sequence[Mapping], path: str | Path, *, label_key: str =
 
 
 def plot_metric_bars(rows: Sequence[Mapping], metrics: Sequence[str], path: str | Path, *,
-                     label_key: str = "Method", size: tuple[float, float] = (8.0, 4.5), dpi: int = 100) -> Path:
+                     label_key: str = "Method", size: tuple[float, float] = (8.0, 4.5),
+                     dpi: int = 100) -> Path:
     """Grouped bars: one group per metric, one bar per run (missing metrics drawn as 0)."""
     fig, ax = plt.subplots(figsize=size)
     width = 0.8 / max(1, len(rows))
