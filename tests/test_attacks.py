@@ -28,7 +28,8 @@ def test_score_ape_em_and_rouge():
     variants = attacks.ape_variants(QAS)
     gens = ["She lives in oslo. Oslo again", "I do not know", "Somewhere.", "A pilot at an airline."]
     got = attacks.score_ape(variants, gens)
-    assert got["generated_text"] == ["She lives in oslo.", "I do not know", "Somewhere.", "A pilot at an airline."]
+    assert got["generated_text"] == ["She lives in oslo.", "I do not know", "Somewhere.",
+                                     "A pilot at an airline."]
     assert got["exact_match"] == [1.0, 0.0, 0.0, 1.0]
     assert got["APE"] == pytest.approx(0.5)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

@@ -12,7 +12,7 @@ from vlmu_jax.eval import mia
 def _hand_min_k(values):
     ordered = sorted(values)
     total = 0.0
-    for ratio, weight in zip((0.1, 0.2, 0.3, 0.4, 0.5), (0.3, 0.3, 0.2, 0.1, 0.1)):
+    for ratio, weight in zip((0.1, 0.2, 0.3, 0.4, 0.5), (0.3, 0.3, 0.2, 0.1, 0.1), strict=True):
         k = int(len(ordered) * ratio)
         if k:  # the original's NaN for k == 0 is dropped from the sum
             total += weight * math.exp(sum(ordered[:k]) / k)
@@ -28,9 +28,10 @@ def test_question_scores_use_tokens_after_the_first():
     assert got["loss"] == pytest.approx(ll)
     assert got["zlib"] == pytest.approx(ll / len(zlib.compress(b"hello world")))
     tail = logps[1:]  # 5 tokens: k = 0, 1, 1, 2, 2
-    assert got["mink"] == pytest.approx(0.3 * math.exp(-2.0) + 0.2 * math.exp(-2.0) + 0.1 * math.exp(-1.5) * 2)
+    hand = 0.3 * math.exp(-2.0) + 0.2 * math.exp(-2.0) + 0.1 * math.exp(-1.5) * 2
+    assert got["mink"] == pytest.approx(hand)
     assert got["mink"] == pytest.approx(_hand_min_k(tail))
-    z = [(lp - m) / math.sqrt(v) for lp, m, v in zip(tail, mu[1:], var[1:])]
+    z = [(lp - m) / math.sqrt(v) for lp, m, v in zip(tail, mu[1:], var[1:], strict=True)]
     assert got["mink++"] == pytest.approx(_hand_min_k(z))
 
 
