@@ -1,63 +1,232 @@
-"""FIUBench / TOFU metrics as pure functions of per-question losses and generations.
+"""FIUBench / TOFU / MLLMU-Bench metrics as pure functions over numpy arrays and strings.
 
-Definitions follow ../shared/BENCHMARKS.md and gray311/VLM_Unlearned `aggregate_eval_stat.py` /
-`evaluate_util.py`: losses are length-normalised answer NLLs, Truth Ratio compares the paraphrased
-answer with the mean perturbed loss, and Model Utility is the harmonic mean of the retain-side
-aggregates that are present.
+Inputs are what the model side produces: per-token log-probs ``logps [B, T-1]`` with the answer mask ``mask
+[B, T-1]`` (``labels[:, 1:] != -100``), and decoded generations. No model lives here, so every number can be
+checked by hand.
+
+Differences from the originals (kept behind flags where they change numbers):
+
+- Answer loss (gray311/VLM_Unlearned ``evaluate_util.py``: ``get_all_evals`` and ``eval_perturbation_ratio``
+  strip the labels to the answer tokens, slice the logits to the last n positions and then call
+  ``data_module.get_batch_loss``, which shifts once more): the first answer token's NLL is dropped from the
+  sum while the divisor is still the full answer length. We sum every answer token (the TOFU / BENCHMARKS.md
+  definition); ``drop_first_token=True`` reproduces the original.
+- Generation cut (``evaluate_util.run_generation``): ``s[:s.find(".") + 1]`` turns a generation without a
+  period into the empty string. We keep the whole text when there is no period; ``original=True`` in
+  :func:`truncate_at_first_period` reproduces it.
+- ROUGE cut (``evaluate_util.eval_rouge_recall``): ``gen[:gen.find(".")]`` drops the last character when
+  there is no period. We keep the text; ``original=True`` in :func:`fiubench_rouge_recall` reproduces it.
+- Ground truth for ROUGE: the original decodes it from ``input_ids`` without skipping special tokens, so end
+  markers (``<|end|>``, ``</s>``) leak into the reference; we score against the answer string itself.
+- Model Utility (``aggregate_eval_stat.get_model_utility``): an empty ``gpt``/``exact_match`` list (always
+  present in the original logs) enters the harmonic mean as 0.0, forcing Model Utility to 0. See
+  ``vlmu_jax.report.aggregate`` (``empty_lists_as_zero``).
+- MLLMU-Bench BLEU (``eval.compute_bleu``) uses NLTK ``sentence_bleu`` with method1 smoothing;
+  :func:`sentence_bleu` is our own implementation of exactly that (tested against NLTK), so NLTK is not a
+  dependency.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 import numpy as np
 from rouge_score import rouge_scorer
-from scipy.stats import hmean, ks_2samp
+from scipy import stats
 
 
-def truth_ratio(paraphrased_loss: np.ndarray, perturbed_loss: np.ndarray) -> np.ndarray:
-    """R = exp(mean_j loss(perturbed_j) - loss(paraphrased)) per question; perturbed_loss is [N, K]."""
-    return np.exp(np.asarray(perturbed_loss).mean(axis=-1) - np.asarray(paraphrased_loss))
+# ----------------------------------------------------------------------------- per-question losses
+def answer_nll(logps: np.ndarray, mask: np.ndarray, *,
+               drop_first_token: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Summed answer NLL and answer length per row: ``(sum_nll [B], n_tokens [B])``.
+
+    Returned separately because FIUBench logs both the sum (``gt_loss``) and the mean (``avg_gt_loss``).
+    ``drop_first_token`` reproduces the original's off-by-one (first answer token missing from the sum, not
+    from the count).
+    """
+    logps = np.asarray(logps, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    n_tokens = mask.sum(-1)
+    summed = mask
+    if drop_first_token:
+        first = np.cumsum(mask, axis=-1) == 1
+        summed = mask & ~first
+    return -(np.where(summed, logps, 0.0)).sum(-1), n_tokens
 
 
-def truth_ratio_score(r: np.ndarray, *, forget: bool) -> float:
-    """Forget: mean(min(R, 1/R)) (1 = no preference); retain: mean(max(0, 1 - 1/R)) (1 = prefers truth)."""
-    r = np.asarray(r, dtype=np.float64)
-    return float(np.mean(np.minimum(r, 1 / r)) if forget else np.mean(np.maximum(0.0, 1 - 1 / r)))
+def mean_answer_nll(logps: np.ndarray, mask: np.ndarray, *, drop_first_token: bool = False) -> np.ndarray:
+    """``loss(a) = -(1/|a|) sum_t log p(a_t | q, a_<t)`` per row (BENCHMARKS.md notation)."""
+    total, n = answer_nll(logps, mask, drop_first_token=drop_first_token)
+    return total / n
 
 
-def probability(gt_loss: np.ndarray, perturbed_loss: np.ndarray | None = None) -> float:
-    """Forget set: mean exp(-loss); retain set: mean p_true / (p_true + sum_j p_perturbed_j)."""
+# ----------------------------------------------------------------------------- probability / truth ratio
+def probability_forget(gt_loss: np.ndarray) -> float:
+    """Forget-set Probability: mean of ``exp(-loss(answer))``."""
+    return float(np.mean(np.exp(-np.asarray(gt_loss, dtype=np.float64))))
+
+
+def probability_retain(gt_loss: np.ndarray, perturb_loss: np.ndarray) -> float:
+    """Retain-set Probability: mean of ``p_true / (p_true + sum_j p_perturbed_j)`` with ``p = exp(-loss)``."""
     p_true = np.exp(-np.asarray(gt_loss, dtype=np.float64))
-    if perturbed_loss is None:
-        return float(p_true.mean())
-    p_false = np.exp(-np.asarray(perturbed_loss, dtype=np.float64)).sum(axis=-1)
-    return float(np.mean(p_true / (p_true + p_false)))
+    p_pert = np.exp(-np.asarray(perturb_loss, dtype=np.float64))
+    return float(np.mean(p_true / (p_true + p_pert.sum(-1))))
 
 
-_SCORER = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+def normalized_gt_loss(gt_loss: np.ndarray, perturb_loss: np.ndarray) -> np.ndarray:
+    """``-log(p_true / (p_true + sum_j p_pert_j))``: the original's ``normalized_gt_loss`` (forget logs)."""
+    p_true = np.exp(-np.asarray(gt_loss, dtype=np.float64))
+    p_pert = np.exp(-np.asarray(perturb_loss, dtype=np.float64))
+    return -np.log(p_true / (p_true + p_pert.sum(-1)))
 
 
-def rouge_recall(generation: str, reference: str) -> tuple[float, float]:
-    """(ROUGE-1 recall, ROUGE-L recall) of a generation against the answer, stemmed as the seeds do."""
-    s = _SCORER.score(reference, generation)
-    return s["rouge1"].recall, s["rougeL"].recall
+def truth_ratio(paraphrased_loss: np.ndarray, perturb_loss: np.ndarray) -> np.ndarray:
+    """Per question ``R = exp(mean_j loss(perturbed_j) - loss(paraphrased))`` = P_para / geo-mean P_pert."""
+    pert = np.asarray(perturb_loss, dtype=np.float64).mean(-1)
+    return np.exp(pert - np.asarray(paraphrased_loss, dtype=np.float64))
 
 
-def exact_match(generation: str, keywords: Sequence[str]) -> float:
-    """Fraction of keywords found (case-insensitive substring) in the generation, capped at 1."""
-    if not keywords:
-        return 0.0
-    hits = sum(1.0 / len(keywords) for k in keywords if k.lower() in generation.lower())
-    return min(1.0, hits)
+def truth_ratio_forget(ratio: np.ndarray) -> float:
+    """Forget aggregate ``mean(min(R, 1/R))``: 1 when the model cannot tell true from false."""
+    ratio = np.asarray(ratio, dtype=np.float64)
+    return float(np.mean(np.minimum(ratio, 1.0 / ratio)))
 
 
-def forget_quality(r_unlearned: np.ndarray, r_retain_model: np.ndarray) -> tuple[float, float]:
-    """(p-value, statistic) of the KS test between the two models' forget-set truth ratios."""
-    res = ks_2samp(np.asarray(r_unlearned), np.asarray(r_retain_model))
-    return float(res.pvalue), float(res.statistic)
+def truth_ratio_retain(ratio: np.ndarray) -> float:
+    """Retain aggregate ``mean(max(0, 1 - 1/R))``: high when the paraphrased truth beats the perturbations."""
+    ratio = np.asarray(ratio, dtype=np.float64)
+    return float(np.mean(np.maximum(0.0, 1.0 - 1.0 / ratio)))
+
+
+def forget_quality(unlearned_ratio: np.ndarray, retain_model_ratio: np.ndarray) -> dict[str, float]:
+    """KS test of the unlearned model's forget-set truth ratios against the retain-only model's.
+
+    Keys as ``aggregate_eval_stat.get_forget_quality``; Forget Quality is the p-value.
+    """
+    res = stats.ks_2samp(np.asarray(unlearned_ratio), np.asarray(retain_model_ratio))
+    return {"Forget Quality": float(res.pvalue), "KS Test PVal Forget": float(res.pvalue),
+            "KS Test Forget": float(res.statistic)}
 
 
 def model_utility(retain_aggregates: Sequence[float]) -> float:
     """Harmonic mean of the retain-side aggregates present (Prob., ROUGE, Truth Ratio, GPT, EM)."""
-    return float(hmean(np.asarray(retain_aggregates, dtype=np.float64)))
+    return float(stats.hmean(np.asarray(retain_aggregates, dtype=np.float64)))
+
+
+# ----------------------------------------------------------------------------- generations (FIUBench)
+def truncate_at_first_period(text: str, *, original: bool = False) -> str:
+    """FIUBench keeps a generation up to and including its first period (one-sentence answers).
+
+    ``original=True``: a text without a period becomes "" as in ``run_generation``.
+    """
+    cut = text.find(".")
+    if cut < 0 and not original:
+        return text
+    return text[: cut + 1]
+
+
+def exact_match(prediction: str, keywords: Sequence[str]) -> float:
+    """Fraction of keywords found case-insensitively as substrings of the prediction, capped at 1."""
+    pred = prediction.lower()
+    score = sum(1.0 / len(keywords) for key in keywords if key.lower() in pred)
+    return min(1.0, score)
+
+
+@lru_cache(maxsize=4)
+def _scorer(types: tuple[str, ...]) -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(list(types), use_stemmer=True)
+
+
+def fiubench_rouge_recall(generations: Sequence[str], references: Sequence[str], *,
+                          original: bool = False) -> dict[str, list[float]]:
+    """ROUGE-1 / ROUGE-L recall (rouge-score, ``use_stemmer=True``) of the text before the first period.
+
+    ``original=True`` also drops the last character of a generation without a period, as the original does.
+    """
+    out: dict[str, list[float]] = {"rouge1_recall": [], "rougeL_recall": []}
+    for gen, ref in zip(generations, references, strict=True):
+        cut = gen.find(".")
+        if cut >= 0 or original:
+            gen = gen[:cut]
+        score = _scorer(("rouge1", "rougeL")).score(ref, gen)
+        out["rouge1_recall"].append(score["rouge1"].recall)
+        out["rougeL_recall"].append(score["rougeL"].recall)
+    return out
+
+
+# ----------------------------------------------------------------------------- MLLMU-Bench
+def assistant_response(generated_text: str) -> str:
+    """The answer part of a decoded generation as MLLMU-Bench ``eval.py`` extracts it.
+
+    Text after the first "ASSISTANT:", else after the first "Answer:", else the whole text, stripped. Our
+    generations hold only the new tokens, so usually this is just ``strip()``.
+    """
+    for tag in ("ASSISTANT:", "Answer:"):
+        if tag in generated_text:
+            return generated_text.split(tag)[1].strip()
+    return generated_text.strip()
+
+
+def parse_choice_letter(generated_text: str, options: Mapping[str, str] | Sequence[str]) -> str | None:
+    """Multiple-choice letter: first character of the response, upper-cased, if it names an option.
+
+    As ``evaluate_classification`` (which, unlike :func:`assistant_response`, does not look for "Answer:").
+    """
+    text = generated_text
+    response = text.split("ASSISTANT:")[1].strip() if "ASSISTANT:" in text else text.strip()
+    if response and response[0].upper() in options:
+        return response[0].upper()
+    return None
+
+
+def choice_by_likelihood(option_loss: np.ndarray, letters: Sequence[str]) -> list[str]:
+    """Likelihood variant of multiple choice: the option whose answer loss is lowest, per question.
+
+    ``option_loss [N, n_options]`` (mean NLL of each option text as the answer); not in the original, which
+    only parses generations, but immune to formatting failures of small or unlearned models.
+    """
+    return [letters[i] for i in np.argmin(np.asarray(option_loss), axis=-1)]
+
+
+def accuracy(predictions: Sequence[str | None], gold: Sequence[str]) -> float:
+    """Fraction of exact matches (None = unparsable = wrong); 0.0 on an empty set, as the original."""
+    if not gold:
+        return 0.0
+    return sum(p == g for p, g in zip(predictions, gold, strict=True)) / len(gold)
+
+
+def cloze_correct(response: str, ground_truth: str) -> bool:
+    """Cloze (Mask_Task) hit: the blank's answer appears case-insensitively in the response."""
+    return ground_truth.lower() in response.lower()
+
+
+def rouge_fmeasure(prediction: str, reference: str) -> dict[str, float]:
+    """MLLMU-Bench generation ROUGE-1/2/L F-measure (rouge-score, ``use_stemmer=True``)."""
+    score = _scorer(("rouge1", "rouge2", "rougeL")).score(reference, prediction)
+    return {name: s.fmeasure for name, s in score.items()}
+
+
+def sentence_bleu(reference: str, hypothesis: str, *, max_order: int = 4, epsilon: float = 0.1) -> float:
+    """Sentence BLEU on whitespace tokens, uniform 4-gram weights, NLTK ``method1`` smoothing.
+
+    Equals ``nltk.translate.bleu_score.sentence_bleu([ref.split()], hyp.split(),
+    smoothing_function=SmoothingFunction().method1)`` as MLLMU-Bench ``eval.compute_bleu`` calls it: an
+    n-gram order with no match gets precision ``epsilon / max(1, len(hyp) - n + 1)``; no unigram match
+    gives 0.
+    """
+    ref, hyp = reference.split(), hypothesis.split()
+    log_p = 0.0
+    for n in range(1, max_order + 1):
+        hyp_ngrams = Counter(tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1))
+        ref_ngrams = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+        matches = sum(min(c, ref_ngrams[g]) for g, c in hyp_ngrams.items())
+        denom = max(1, len(hyp) - n + 1)
+        if n == 1 and matches == 0:
+            return 0.0
+        log_p += math.log((matches if matches else epsilon) / denom) / max_order
+    c, r = len(hyp), len(ref)
+    brevity = 1.0 if c > r else math.exp(1.0 - r / c)
+    return brevity * math.exp(log_p)

@@ -1,50 +1,86 @@
-"""Membership-inference scores per question and their AUC, as FIUBench's `evaluate_util.py` computes them.
+"""Membership-inference scores (loss, zlib, min-k%, min-k%++) per question, and their AUC.
 
-`loss` is the mean answer log-likelihood (-NLL over every answer token); the token-level attacks use
-the answer tokens after the first (the seeds slice `labels[labels != -100][1:]`). min-k% averages the
-lowest k-fraction of token log-probs, min-k%++ the same on log-probs standardised by the mean and
-variance of log p under the model's own next-token distribution; both combine k in
-{0.1,...,0.5} with weights {0.3,0.3,0.2,0.1,0.1}, skipping ratios whose k-fraction is empty.
+Which tokens (gray311/VLM_Unlearned ``evaluate_util.get_all_evals``, the ``mink`` branch): ``loss`` is minus
+the model's mean NLL over ALL answer tokens (HF ``outputs.loss``), while zlib's text and min-k% / min-k%++
+use the answer tokens AFTER THE FIRST one. zlib divides by the zlib-compressed length of the decoded text of
+those tokens (the caller decodes; we take the string).
+
+min-k%: for ratios 0.1..0.5 with weights 0.3, 0.3, 0.2, 0.1, 0.1, ``exp(mean of the int(n * ratio) lowest
+token log-probs)``; a ratio whose k is 0 gives NaN in the original and is skipped WITHOUT renormalising the
+weights, which we reproduce. min-k%++ is the same on ``(log p(x_t) - mu_t) / sqrt(var_t)``.
+
+AUC: the original imports ``sklearn.metrics.roc_curve`` but never computes an AUC; we give the ROC AUC of
+"forget (member) scores higher than holdout scores" via the Mann-Whitney U statistic with average ranks for
+ties (equal to sklearn's ``roc_auc_score`` with forget labelled 1).
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 
-RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
-WEIGHTS = (0.3, 0.3, 0.2, 0.1, 0.1)
+MINK_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+MINK_WEIGHTS = (0.3, 0.3, 0.2, 0.1, 0.1)
 
 
-def _min_k(values: np.ndarray) -> float:
-    ordered = np.sort(values)
+def weighted_min_k(values: np.ndarray) -> float:
+    """Weighted sum over ratios of ``exp(mean(lowest int(n * ratio) values))``; empty ratios skipped."""
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
     total = 0.0
-    for ratio, weight in zip(RATIOS, WEIGHTS, strict=True):
-        k = int(len(values) * ratio)
+    for ratio, weight in zip(MINK_RATIOS, MINK_WEIGHTS, strict=True):
+        k = int(len(ordered) * ratio)
         if k > 0:
             total += weight * float(np.exp(ordered[:k].mean()))
     return total
 
 
-def mia_scores(logps: np.ndarray, mu: np.ndarray, var: np.ndarray, tail_text: str) -> dict[str, float]:
-    """loss, zlib, mink, mink++ for one answer; `tail_text` is the decoded answer after its first token."""
-    logps, mu, var = (np.asarray(a, dtype=np.float64) for a in (logps, mu, var))
+def question_scores(logps: np.ndarray, mu: np.ndarray, var: np.ndarray,
+                    text_after_first: str) -> dict[str, float]:
+    """The four MIA scores of one question from its answer-token arrays (answer positions only, in order).
+
+    ``logps``: log p of each answer token; ``mu``/``var``: mean / variance of log p under the model's own
+    next-token distribution at the same positions;
+    ``text_after_first``: decoded answer tokens after the first.
+    """
+    logps = np.asarray(logps, dtype=np.float64)
     ll = float(logps.mean())
-    tail = slice(1, None)
-    standardised = (logps[tail] - mu[tail]) / np.sqrt(var[tail])
+    tail = logps[1:]
+    z = (tail - np.asarray(mu, dtype=np.float64)[1:]) / np.sqrt(np.asarray(var, dtype=np.float64)[1:])
     return {
         "loss": ll,
-        "zlib": ll / len(zlib.compress(tail_text.encode("utf-8"))),
-        "mink": _min_k(logps[tail]),
-        "mink++": _min_k(standardised),
+        "zlib": ll / len(zlib.compress(text_after_first.encode("utf-8"))),
+        "mink": weighted_min_k(tail),
+        "mink++": weighted_min_k(z),
     }
 
 
-def auc(members: np.ndarray, non_members: np.ndarray) -> float:
-    """P(score(member) > score(non-member)) with ties counted half: the ROC AUC of an attack whose
-    higher score means "was trained on"."""
-    a, b = np.asarray(members, dtype=np.float64), np.asarray(non_members, dtype=np.float64)
-    greater = (a[:, None] > b[None, :]).sum()
-    ties = (a[:, None] == b[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(a) * len(b)))
+def batch_scores(logps: np.ndarray, mask: np.ndarray, mu: np.ndarray, var: np.ndarray,
+                 texts_after_first: Sequence[str]) -> dict[str, list[float]]:
+    """:func:`question_scores` for each row of ``[B, T-1]`` arrays (``mask`` = answer positions).
+
+    Returns lists keyed as the FIUBench eval logs: ``loss``, ``zlib``, ``mink``, ``mink++``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    out: dict[str, list[float]] = {"loss": [], "zlib": [], "mink": [], "mink++": []}
+    for row, text in enumerate(texts_after_first):
+        m = mask[row]
+        logps_row, mu_row, var_row = (np.asarray(a)[row, m] for a in (logps, mu, var))
+        scores = question_scores(logps_row, mu_row, var_row, text)
+        for key, value in scores.items():
+            out[key].append(value)
+    return out
+
+
+def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> float:
+    """ROC AUC of separating members (forget) from non-members (holdout) by score, higher = member.
+
+    Mann-Whitney: ``(sum of member ranks - n_m (n_m + 1) / 2) / (n_m n_n)`` with average ranks for ties.
+    """
+    pos = np.asarray(member_scores, dtype=np.float64)
+    neg = np.asarray(nonmember_scores, dtype=np.float64)
+    ranks = rankdata(np.concatenate([pos, neg]))
+    n_pos, n_neg = len(pos), len(neg)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -1,36 +1,224 @@
-"""Per-model eval logs -> `eval_log_aggregated.json` and one CSV row per model, in FIUBench's key names."""
+"""Per-question results -> FIUBench eval logs, ``eval_log_aggregated.json``, summary row / CSV, collection.
+
+Key names follow gray311/VLM_Unlearned: eval logs as ``evaluate_util.get_all_evals`` writes them (dicts
+keyed by question index for losses / ROUGE / generations, lists for ``exact_match``, ``gpt``, ``loss``,
+``zlib``, ``mink``, ``mink++``), ``eval_log_aggregated.json`` = ``{"eval_forget_log.json": log,
+"eval_retain_log.json": log}``, and the summary row as ``aggregate_eval_stat.py`` (``ROUGE Forget``, ``Prob.
+Retain``, ``Truth Ratio Retain``, ``GPT Retain``, ``EM Retain``, ``Model Utility``, ``Forget Quality``, ``KS
+Test PVal Forget``, ``KS Test Forget``, ``Mink``, ``Mink++``, ``Exact Match``, ``Method``, ``Submitted
+By``). MLLMU-Bench summaries use ``eval.py``'s key names.
+
+Differences from ``aggregate_eval_stat.py``:
+- The original writes ``gpt`` and ``exact_match`` lists into every log even when they were not computed; an
+  empty list then enters Model Utility as 0.0 and forces it to 0. We leave out what is absent or empty;
+  ``empty_lists_as_zero=True`` reproduces the original.
+- The original leaves ``GPT Forget`` and unset metrics as empty-list placeholders in the CSV; we omit them.
+- Added columns (not in the original): ``APE`` (mean EM over the APE variants, from an
+  ``eval_forget_ape_log.json`` task) and ``MIA AUC <score>`` (forget vs retain-log questions, see
+  ``eval.mia``). In the original the APE run overwrites the forget log (early return), so its ``Exact
+  Match`` column is the APE EM when ``ape`` is in the metric list.
+- ``results_collect.py`` copies ``eval_results`` folders of forget1 runs; :func:`collect_runs` instead finds
+  every ``*eval_log_aggregated.json`` under a root and summarises each against the retain-only reference.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-FORGET_LOG, RETAIN_LOG = "eval_forget_log.json", "eval_retain_log.json"
+import numpy as np
 
+from vlmu_jax.eval import metrics, mia
 
-def write_model_logs(out_dir: Path, forget_log: dict[str, Any], retain_log: dict[str, Any]) -> None:
-    """The two per-split logs and their union, as FIUBench's eval writes them."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / FORGET_LOG).write_text(json.dumps(forget_log, indent=1))
-    (out_dir / RETAIN_LOG).write_text(json.dumps(retain_log, indent=1))
-    aggregated = {FORGET_LOG: forget_log, RETAIN_LOG: retain_log}
-    (out_dir / "eval_log_aggregated.json").write_text(json.dumps(aggregated, indent=1))
+FORGET, RETAIN, APE = "eval_forget_log.json", "eval_retain_log.json", "eval_forget_ape_log.json"
+_TASK_NAMES = {FORGET: "Forget", RETAIN: "Retain"}
+_MIA_KEYS = {"loss": "Loss", "zlib": "Zlib", "mink": "Mink", "mink++": "Mink++"}
 
 
-def read_model_logs(out_dir: Path) -> dict[str, Any]:
-    return json.loads((out_dir / "eval_log_aggregated.json").read_text())
+@dataclass
+class FiuTaskResults:
+    """Everything the model side measured on one FIUBench task (one row per question, same order everywhere).
+
+    Loss sums and token counts come from ``metrics.answer_nll``; ``perturb_*`` are ``[N, K]``. ``generations``
+    are already cut by ``metrics.truncate_at_first_period``. Optional parts are None when not computed.
+    """
+
+    gt_loss: np.ndarray
+    gt_num_tokens: np.ndarray
+    paraphrased_loss: np.ndarray
+    paraphrased_num_tokens: np.ndarray
+    perturb_loss: np.ndarray
+    perturb_num_tokens: np.ndarray
+    prompts: Sequence[str]
+    generations: Sequence[str]
+    references: Sequence[str]
+    categories: Sequence[str]
+    keywords: Sequence[Sequence[str]] | None = None
+    mia_scores: Mapping[str, Sequence[float]] | None = None
+    gpt: Sequence[float] | None = None
 
 
-def write_table(rows: list[dict[str, Any]], csv_path: Path) -> None:
-    """One row per model with every column any row has (missing cells empty), plus a JSON twin."""
+def _indexed(values) -> dict[str, object]:
+    return {str(i): (v.tolist() if isinstance(v, np.ndarray) else v) for i, v in enumerate(values)}
+
+
+def fiubench_eval_log(res: FiuTaskResults, *, forget: bool, original: bool = False) -> dict:
+    """One task's eval log with the original key names (indices as strings, as after a JSON round trip)."""
+    avg_gt = np.asarray(res.gt_loss) / np.asarray(res.gt_num_tokens)
+    avg_para = np.asarray(res.paraphrased_loss) / np.asarray(res.paraphrased_num_tokens)
+    avg_pert = np.asarray(res.perturb_loss) / np.asarray(res.perturb_num_tokens)
+    log: dict = {
+        "average_perturb_loss": _indexed(avg_pert), "avg_paraphrased_loss": _indexed(avg_para.tolist()),
+        "truth_ratio": _indexed(metrics.truth_ratio(avg_para, avg_pert).tolist()),
+        "paraphrased_loss": _indexed(np.asarray(res.paraphrased_loss).tolist()),
+        "perturb_loss": _indexed(np.asarray(res.perturb_loss)),
+        "num_token_paraphrased": _indexed(np.asarray(res.paraphrased_num_tokens).tolist()),
+        "num_token_perturb": _indexed(np.asarray(res.perturb_num_tokens)),
+        "avg_gt_loss": _indexed(avg_gt.tolist()), "gt_loss": _indexed(np.asarray(res.gt_loss).tolist()),
+        "num_token_gt": _indexed(np.asarray(res.gt_num_tokens).tolist()),
+        "generated_text": _indexed([list(t) for t in zip(res.prompts, res.generations, res.references,
+                                                         res.categories, strict=True)]),
+    }
+    rouge = metrics.fiubench_rouge_recall(res.generations, res.references, original=original)
+    log.update({key: _indexed(values) for key, values in rouge.items()})
+    if res.keywords is not None:
+        pairs = zip(res.generations, res.keywords, strict=True)
+        log["exact_match"] = [metrics.exact_match(g, k) for g, k in pairs]
+    if res.gpt is not None:
+        log["gpt"] = list(res.gpt)
+    if res.mia_scores is not None:
+        log.update({k: list(v) for k, v in res.mia_scores.items()})
+    if forget:
+        log["normalized_gt_loss"] = _indexed(metrics.normalized_gt_loss(avg_gt, avg_pert).tolist())
+    return log
+
+
+def _values(log: Mapping, key: str) -> np.ndarray:
+    return np.asarray(list(log[key].values()), dtype=np.float64)
+
+
+def _ratio(log: Mapping) -> np.ndarray:
+    return metrics.truth_ratio(_values(log, "avg_paraphrased_loss"), _values(log, "average_perturb_loss"))
+
+
+def _mean_list(log: Mapping, key: str, empty_as_zero: bool) -> float | None:
+    values = log.get(key)
+    if values is None or (not values and not empty_as_zero):
+        return None
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+def fiubench_summary(aggregated: Mapping[str, Mapping], retain_reference: Mapping | None = None, *,
+                     empty_lists_as_zero: bool = False, method: str = "", submitted_by: str = "") -> dict:
+    """The summary row of one checkpoint (``aggregate_eval_stat.main``): utility, forget quality, extras.
+
+    ``retain_reference``: the retain-only model's aggregated logs or its forget log alone (both accepted, as
+    the original); without it Forget Quality is left out.
+    """
+    row: dict = {}
+    for task, name in _TASK_NAMES.items():
+        log = aggregated.get(task)
+        if log is None:
+            continue
+        avg_gt = _values(log, "avg_gt_loss")
+        if task == FORGET:
+            row[f"Prob. {name}"] = metrics.probability_forget(avg_gt)
+            row[f"Truth Ratio {name}"] = metrics.truth_ratio_forget(_ratio(log))
+        else:
+            row[f"Prob. {name}"] = metrics.probability_retain(avg_gt, _values(log, "average_perturb_loss"))
+            row[f"Truth Ratio {name}"] = metrics.truth_ratio_retain(_ratio(log))
+        row[f"ROUGE {name}"] = float(_values(log, "rougeL_recall").mean())
+        if task == RETAIN:
+            for key, col in (("gpt", "GPT"), ("exact_match", "EM")):
+                value = _mean_list(log, key, empty_lists_as_zero)
+                if value is not None:
+                    row[f"{col} {name}"] = value
+    utility = [v for k, v in row.items() if "Forget" not in k]
+    if utility:
+        row["Model Utility"] = metrics.model_utility(utility)
+    forget_log = aggregated.get(FORGET)
+    if forget_log is not None:
+        if retain_reference is not None:
+            ref = retain_reference.get(FORGET, retain_reference)
+            row.update(metrics.forget_quality(_ratio(forget_log), _ratio(ref)))
+        for key, col in (("mink", "Mink"), ("mink++", "Mink++"), ("exact_match", "Exact Match")):
+            value = _mean_list(forget_log, key, empty_lists_as_zero)
+            if value is not None:
+                row[col] = value
+        retain_log = aggregated.get(RETAIN, {})
+        for key, col in _MIA_KEYS.items():
+            if forget_log.get(key) and retain_log.get(key):
+                row[f"MIA AUC {col}"] = mia.auc(forget_log[key], retain_log[key])
+    if APE in aggregated and aggregated[APE].get("exact_match"):
+        row["APE"] = float(np.mean(aggregated[APE]["exact_match"]))
+    row["Method"], row["Submitted By"] = method, submitted_by
+    return row
+
+
+def write_json(obj: Mapping, path: str | Path) -> Path:
+    """Pretty JSON (indent 4, as the original), parent folders created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=4))
+    return path
+
+
+def write_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
+    """Rows to CSV with the union of their columns in first-seen order (missing cells empty)."""
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with csv_path.open("w", newline="") as f:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    csv_path.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    return path
+
+
+def collect_runs(root: str | Path, retain_reference: Mapping | None = None, *,
+                 pattern: str = "*eval_log_aggregated.json", empty_lists_as_zero: bool = False) -> list[dict]:
+    """Summary rows of every aggregated log under ``root``; ``Method`` = its folder relative to root."""
+    root = Path(root)
+    rows = []
+    for path in sorted(root.rglob(pattern)):
+        method = str(path.parent.relative_to(root))
+        rows.append(fiubench_summary(json.loads(path.read_text()), retain_reference,
+                                     empty_lists_as_zero=empty_lists_as_zero, method=method))
+    return rows
+
+
+# ----------------------------------------------------------------------------- MLLMU-Bench (eval.py keys)
+_MODALITIES = {"Image_Textual": "image_textual", "Pure_Text": "pure_text"}
+
+
+def mllmu_accuracy(correct: Sequence[bool], modality: Sequence[str], *,
+                   prefix: str = "") -> dict[str, float]:
+    """``image_textual_accuracy`` / ``pure_text_accuracy`` in percent (0 for an empty modality, as eval.py).
+
+    ``correct``: classification hits (parsed letter == gold) or cloze hits (``metrics.cloze_correct``).
+    """
+    out = {}
+    for mod, key in _MODALITIES.items():
+        hits = [c for c, m in zip(correct, modality, strict=True) if m == mod]
+        out[f"{prefix}{key}_accuracy"] = 100.0 * sum(hits) / len(hits) if hits else 0
+    return out
+
+
+def mllmu_generation(predictions: Sequence[str], references: Sequence[str],
+                     modality: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure and BLEU per modality present, keyed as ``evaluate_generation``."""
+    out = {}
+    for mod in _MODALITIES:
+        pairs = [(p, r) for p, r, m in zip(predictions, references, modality, strict=True) if m == mod]
+        if not pairs:
+            continue
+        rouge = [metrics.rouge_fmeasure(p, r) for p, r in pairs]
+        for name, col in (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")):
+            out[f"Average {col} ({mod})"] = float(np.mean([s[name] for s in rouge]))
+        out[f"Average BLEU ({mod})"] = float(np.mean([metrics.sentence_bleu(r, p) for p, r in pairs]))
+    return out

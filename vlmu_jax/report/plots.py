@@ -1,10 +1,14 @@
-"""PNG figures a researcher would rather look at than read: trade-off, per-metric bars, loss curves."""
+"""PNG figures of evaluation results: forget quality vs model utility, per-metric bars, training-loss curves.
+
+matplotlib with the Agg backend (no display); fixed figure sizes and no tight bbox, so a figure of
+``size=(w, h)`` inches at ``dpi`` is exactly ``w*dpi x h*dpi`` pixels.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -12,47 +16,51 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
-    """Forget Quality (log scale, higher = closer to the retain-only model) against Model Utility."""
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_fq_vs_mu(rows: Sequence[Mapping], path: str | Path, *, label_key: str = "Method",
+                  size: tuple[float, float] = (6.0, 4.5), dpi: int = 100) -> Path:
+    """Scatter of Model Utility (x) against Forget Quality (y, log scale: KS p-values span decades)."""
+    fig, ax = plt.subplots(figsize=size)
     for row in rows:
-        if "Forget Quality" in row:
-            ax.scatter(row["Model Utility"], max(row["Forget Quality"], 1e-30), s=40)
-            ax.annotate(row["Model"], (row["Model Utility"], max(row["Forget Quality"], 1e-30)), fontsize=8)
+        ax.scatter(row["Model Utility"], row["Forget Quality"])
+        ax.annotate(str(row.get(label_key, "")), (row["Model Utility"], row["Forget Quality"]), fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel("Model Utility")
-    ax.set_ylabel("Forget Quality (KS-test p-value)")
-    ax.set_title("Unlearning trade-off")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    ax.set_ylabel("Forget Quality (KS p-value)")
+    return _save(fig, path, dpi)
 
 
-def metric_bars(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
-    """One group of bars per metric, one bar per model."""
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics)), 4), dpi=100)
-    width = 0.8 / max(len(rows), 1)
+def plot_metric_bars(rows: Sequence[Mapping], metrics: Sequence[str], path: str | Path, *,
+                     label_key: str = "Method", size: tuple[float, float] = (8.0, 4.5),
+                     dpi: int = 100) -> Path:
+    """Grouped bars: one group per metric, one bar per run (missing metrics drawn as 0)."""
+    fig, ax = plt.subplots(figsize=size)
+    width = 0.8 / max(1, len(rows))
     for i, row in enumerate(rows):
         xs = [m + i * width for m in range(len(metrics))]
-        ax.bar(xs, [row.get(m, 0.0) for m in metrics], width, label=row["Model"])
-    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))], metrics, rotation=30, ha="right",
-                  fontsize=8)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        ax.bar(xs, [float(row.get(m, 0.0)) for m in metrics], width, label=str(row.get(label_key, i)))
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))], list(metrics), rotation=30, ha="right")
+    ax.legend(fontsize=7)
+    fig.subplots_adjust(bottom=0.25)
+    return _save(fig, path, dpi)
 
 
-def loss_curves(logs: dict[str, Path], path: Path) -> None:
-    """Training loss per step of each training stage's metrics.jsonl."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for name, log in logs.items():
-        if log.exists():
-            lines = [json.loads(line) for line in log.read_text().splitlines() if line]
-            ax.plot([r["step"] for r in lines], [r["loss"] for r in lines], label=name)
-    ax.set_xlabel("micro-step")
-    ax.set_ylabel("loss")
+def plot_loss_curves(logs: Mapping[str, str | Path], path: str | Path, *, key: str = "loss",
+                     step_key: str = "step", size: tuple[float, float] = (6.0, 4.0), dpi: int = 100) -> Path:
+    """Training curves from JSONL logs (one JSON object per line; lines without ``key`` are skipped)."""
+    fig, ax = plt.subplots(figsize=size)
+    for name, log_path in logs.items():
+        records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+        records = [r for r in records if key in r]
+        ax.plot([r.get(step_key, i) for i, r in enumerate(records)], [r[key] for r in records], label=name)
+    ax.set_xlabel(step_key)
+    ax.set_ylabel(key)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return _save(fig, path, dpi)
