@@ -11,6 +11,7 @@ report:    eval_results -> aggregate CSV and plots.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -159,7 +160,7 @@ def _runner(ws: Workspace):
 
     return Runner(text=ws.text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.image_fn,
                   image_shape=ws.image_spec.output_shape, max_new_tokens=ws.config.eval.max_new_tokens,
-                  mesh=ws.mesh)
+                  mesh=ws.mesh, original=ws.config.eval.original_behaviour)
 
 
 def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs
@@ -167,7 +168,7 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
     if ws.config.benchmark != "fiubench":
         raise NotImplementedError("the eval stage covers FIUBench; MLLMU-Bench tasks are not wired yet")
     from vlmu_jax.eval.tasks.fiubench import evaluate_split
-    from vlmu_jax.report.aggregate import write_model_logs
+    from vlmu_jax.report.aggregate import FORGET, RETAIN, write_json
 
     forget = ws.bench.split(_forget_split(ws))
     retain = ws.bench.split(ws.config.eval.retain_split)
@@ -177,37 +178,37 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         if not ws.model_dir(name).exists() or (is_done(out) and not ws.config.force):
             continue
         model = ws.load(name)
-        forget_log = evaluate_split(model, forget, runner, desc=f"{name} forget")
-        retain_log = evaluate_split(model, retain, runner, desc=f"{name} retain")
+        logs = {FORGET: evaluate_split(model, forget, runner, forget=True, desc=f"{name} forget"),
+                RETAIN: evaluate_split(model, retain, runner, forget=False, desc=f"{name} retain")}
         if jax.process_index() == 0:
-            write_model_logs(out, forget_log, retain_log)
+            for task, log in logs.items():
+                write_json(log, out / task)
+            write_json(logs, out / "eval_log_aggregated.json")
         mark_done(out)
 
 
 def report(ws: Workspace) -> None:
-    """results.csv / results.json (one row per model) and PNG plots from the eval logs."""
-    from vlmu_jax.eval.tasks.fiubench import aggregate_model, forget_quality
+    """results.csv / results.json (one row per model, aggregate_eval_stat columns) and PNG plots."""
     from vlmu_jax.report import plots
-    from vlmu_jax.report.aggregate import FORGET_LOG, RETAIN_LOG, read_model_logs, write_table
+    from vlmu_jax.report.aggregate import fiubench_summary, write_csv, write_json
 
     if jax.process_index() != 0:
         return
     results = ws.workdir / "eval_results"
-    logs = {n: read_model_logs(results / n) for n in eval_models(ws) if is_done(results / n)}
-    if "retain_model" not in logs:
+    names = [n for n in eval_models(ws) if is_done(results / n)]
+    if "retain_model" not in names:
         raise FileNotFoundError(f"{results / 'retain_model'} has no eval logs: run the eval stage first")
-    rows = []
-    for name, log in logs.items():
-        row: dict = {"Model": name, "Method": name.removeprefix("unlearned_")}
-        row.update(aggregate_model(log[FORGET_LOG], log[RETAIN_LOG]))
-        row.update(forget_quality(log[FORGET_LOG], logs["retain_model"][FORGET_LOG], log[RETAIN_LOG]))
-        rows.append(row)
+    logs = {n: json.loads((results / n / "eval_log_aggregated.json").read_text()) for n in names}
+    rows = [{"Model": n, **fiubench_summary(logs[n], logs["retain_model"], method=n.removeprefix("unlearned_"),
+                                            empty_lists_as_zero=ws.config.eval.original_behaviour)}
+            for n in names]
     out = ws.workdir / "report"
-    write_table(rows, out / "results.csv")
-    plots.tradeoff(rows, out / "tradeoff.png")
+    write_csv(rows, out / "results.csv")
+    write_json({"rows": rows}, out / "results.json")
+    plots.plot_fq_vs_mu(rows, out / "tradeoff.png")
     shown = ["Prob. Forget", "Prob. Retain", "ROUGE Forget", "ROUGE Retain", "Truth Ratio Forget",
              "Truth Ratio Retain", "Model Utility", "Exact Match"]
-    plots.metric_bars(rows, shown, out / "metrics.png")
-    plots.loss_curves({n: ws.workdir / "train" / n / "metrics.jsonl" for n in eval_models(ws)},
-                      out / "loss_curves.png")
+    plots.plot_metric_bars(rows, shown, out / "metrics.png")
+    plots.plot_loss_curves({n: ws.workdir / "train" / n / "metrics.jsonl" for n in eval_models(ws)
+                            if (ws.workdir / "train" / n / "metrics.jsonl").exists()}, out / "loss_curves.png")
     logging.info("report written to %s", out)

@@ -21,6 +21,7 @@ from vlmu_jax.data.batching import Example, TextConfig, encode, generation_rows
 from vlmu_jax.data.records import IMAGE, Identity
 from vlmu_jax.eval import metrics, mia
 from vlmu_jax.eval.batched import generate_rows, score_rows
+from vlmu_jax.report.aggregate import FiuTaskResults, fiubench_eval_log
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Runner:
     image_shape: tuple[int, int, int]
     max_new_tokens: int
     mesh: Mesh | None = None
+    original: bool = False  # reproduce the seeds' known bugs (see vlmu_jax.eval.metrics)
 
     @property
     def tokenizer(self) -> Any:
@@ -43,7 +45,7 @@ def _questions(identities: Sequence[Identity]) -> list[tuple[Identity, Any]]:
     return [(ident, qa) for ident in identities for qa in ident.qa if qa.modality == IMAGE]
 
 
-def evaluate_split(model: nnx.Module, identities: Sequence[Identity], runner: Runner, *,
+def evaluate_split(model: nnx.Module, identities: Sequence[Identity], runner: Runner, *, forget: bool,
                    desc: str = "") -> dict[str, Any]:
     """Per-question losses, truth ratio, generations, ROUGE, EM and MIA scores for these identities."""
     items = _questions(identities)
@@ -68,80 +70,39 @@ def evaluate_split(model: nnx.Module, identities: Sequence[Identity], runner: Ru
                               pad_token_id=pad, eos_token_id=runner.tokenizer.eos_token_id,
                               max_new_tokens=runner.max_new_tokens, image_fn=runner.image_fn,
                               image_shape=runner.image_shape, mesh=runner.mesh, desc=f"{desc} generate")
-    return _log(items, scores, generated, k, runner)
+    return _log(items, scores, generated, k, runner, forget=forget)
 
 
-def _log(items, scores, generated, k: int, runner: Runner) -> dict[str, Any]:
-    stride = 2 + k
-    log: dict[str, Any] = {key: {} for key in (
-        "avg_gt_loss", "gt_loss", "num_token_gt", "avg_paraphrased_loss", "paraphrased_loss",
-        "num_token_paraphrased", "average_perturb_loss", "perturb_loss", "num_token_perturb", "truth_ratio",
-        "generated_text", "rouge1_recall", "rougeL_recall")}
-    log.update({key: [] for key in ("exact_match", "loss", "zlib", "mink", "mink++")})
-    tok = runner.tokenizer
-    for i, ((_, qa), gen_ids) in enumerate(zip(items, generated, strict=True)):
-        gt, para, pert = scores[i * stride], scores[i * stride + 1], scores[i * stride + 2: (i + 1) * stride]
-        idx = str(i)
-        log["avg_gt_loss"][idx] = gt.loss
-        log["gt_loss"][idx] = float(-gt.logps.sum())
-        log["num_token_gt"][idx] = int(gt.logps.size)
-        log["avg_paraphrased_loss"][idx] = para.loss
-        log["paraphrased_loss"][idx] = float(-para.logps.sum())
-        log["num_token_paraphrased"][idx] = int(para.logps.size)
-        log["average_perturb_loss"][idx] = [p.loss for p in pert]
-        log["perturb_loss"][idx] = [float(-p.logps.sum()) for p in pert]
-        log["num_token_perturb"][idx] = [int(p.logps.size) for p in pert]
-        pert_losses = np.array([p.loss for p in pert])
-        log["truth_ratio"][idx] = float(metrics.truth_ratio(np.array(para.loss), pert_losses))
-        text = tok.decode(gen_ids, skip_special_tokens=True).strip()
-        log["generated_text"][idx] = [qa.question, text, qa.answer, qa.category]
-        log["rouge1_recall"][idx], log["rougeL_recall"][idx] = metrics.rouge_recall(text, qa.answer)
-        log["exact_match"].append(metrics.exact_match(text, qa.keywords))
-        answer_ids = _answer_ids(runner.text, qa.question, qa.answer)
-        for key, value in mia.mia_scores(gt.logps, gt.mu, gt.var, tok.decode(answer_ids[1:])).items():
-            log[key].append(value)
-    return log
+def _log(items, scores, generated, k: int, runner: Runner, *, forget: bool) -> dict[str, Any]:
+    stride, tok, original = 2 + k, runner.tokenizer, runner.original
+
+    def nll(score) -> tuple[float, int]:
+        logps = score.logps[1:] if original else score.logps  # the seeds' off-by-one, see eval.metrics
+        return float(-logps.sum()), int(score.logps.size)
+
+    gt, para, pert, mia_rows = [], [], [], []
+    for i, (_, qa) in enumerate(items):
+        g = scores[i * stride]
+        gt.append(nll(g))
+        para.append(nll(scores[i * stride + 1]))
+        pert.append([nll(p) for p in scores[i * stride + 2: (i + 1) * stride]])
+        tail = tok.decode(_answer_ids(runner.text, qa.question, qa.answer)[1:])
+        mia_rows.append(mia.question_scores(g.logps, g.mu, g.var, tail))
+    texts = [metrics.truncate_at_first_period(tok.decode(ids, skip_special_tokens=True).strip(), original=original)
+             for ids in generated]
+    pert_arr = np.array(pert)
+    results = FiuTaskResults(
+        gt_loss=np.array([x[0] for x in gt]), gt_num_tokens=np.array([x[1] for x in gt]),
+        paraphrased_loss=np.array([x[0] for x in para]), paraphrased_num_tokens=np.array([x[1] for x in para]),
+        perturb_loss=pert_arr[..., 0], perturb_num_tokens=pert_arr[..., 1],
+        prompts=[qa.question for _, qa in items], generations=texts, references=[qa.answer for _, qa in items],
+        categories=[qa.category for _, qa in items], keywords=[list(qa.keywords) for _, qa in items],
+        mia_scores={key: [row[key] for row in mia_rows] for key in mia_rows[0]},
+    )
+    return fiubench_eval_log(results, forget=forget, original=original)
 
 
 def _answer_ids(text: TextConfig, question: str, answer: str) -> np.ndarray:
     """The labelled answer token ids of a (question, answer) row, as the seeds decode them for zlib."""
     row = encode(Example(question, answer, None), text)
     return row.input_ids[row.labels != -100]
-
-
-def aggregate_model(forget_log: dict[str, Any], retain_log: dict[str, Any]) -> dict[str, float]:
-    """`get_model_utility` of aggregate_eval_stat.py: forget/retain aggregates and Model Utility."""
-    out: dict[str, float] = {}
-    for name, log, forget in (("Forget", forget_log, True), ("Retain", retain_log, False)):
-        gt = np.array(list(log["avg_gt_loss"].values()))
-        pert = np.array(list(log["average_perturb_loss"].values()))
-        para = np.array(list(log["avg_paraphrased_loss"].values()))
-        out[f"ROUGE {name}"] = float(np.mean(list(log["rougeL_recall"].values())))
-        out[f"Prob. {name}"] = metrics.probability(gt) if forget else metrics.probability(gt, pert)
-        out[f"Truth Ratio {name}"] = metrics.truth_ratio_score(metrics.truth_ratio(para, pert), forget=forget)
-        if not forget:
-            out["EM Retain"] = float(np.mean(log["exact_match"]))
-            if log.get("gpt"):
-                out["GPT Retain"] = float(np.mean(log["gpt"]))
-    out["Model Utility"] = metrics.model_utility([v for k, v in out.items() if k.endswith("Retain")])
-    return out
-
-
-def forget_quality(forget_log: dict[str, Any], reference_forget_log: dict[str, Any],
-                   retain_log: dict[str, Any]) -> dict[str, float]:
-    """`get_forget_quality` of aggregate_eval_stat.py plus MIA AUCs (forget vs retain questions).
-
-    The AUCs ask whether the attack still tells forget questions apart from retain (member)
-    questions: 0.5 means the forget set looks as memorised as the retain set.
-    """
-    def ratio(log: dict[str, Any]) -> np.ndarray:
-        return metrics.truth_ratio(np.array(list(log["avg_paraphrased_loss"].values())),
-                                   np.array(list(log["average_perturb_loss"].values())))
-
-    pvalue, statistic = metrics.forget_quality(ratio(forget_log), ratio(reference_forget_log))
-    out = {"Forget Quality": pvalue, "KS Test PVal Forget": pvalue, "KS Test Forget": statistic,
-           "Mink": float(np.mean(forget_log["mink"])), "Mink++": float(np.mean(forget_log["mink++"])),
-           "Exact Match": float(np.mean(forget_log["exact_match"]))}
-    for attack in ("loss", "zlib", "mink", "mink++"):
-        out[f"MIA AUC {attack}"] = mia.auc(np.array(retain_log[attack]), np.array(forget_log[attack]))
-    return out
