@@ -1,0 +1,125 @@
+"""The main job end to end on the embedded demo (reduced `ci` variant), resume/skip, and multi-process.
+
+These run `python -m vlmu_jax.main` as a user would and assert on the files it writes and on the
+direction of the unlearning effects, never on timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _main(workdir: Path, *overrides: str, env: dict | None = None) -> None:
+    cmd = [sys.executable, "-m", "vlmu_jax.main", "--config", "configs/demo.py:ci", "--workdir", str(workdir),
+           *overrides]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _rows(workdir: Path) -> dict[str, dict]:
+    return {r["Model"]: r for r in json.loads((workdir / "report" / "results.json").read_text())["rows"]}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("demo")
+    _main(workdir)
+    return workdir
+
+
+def test_demo_writes_everything(demo: Path) -> None:
+    assert json.loads((demo / "config.json").read_text())["unlearn"]["objective"] == "gd,ga"
+    env = json.loads((demo / "environment.json").read_text())
+    assert env["packages"]["jax"] and env["devices"]
+    for name in ("finetuned", "retain_model", "unlearned_gd", "unlearned_ga"):
+        logs = json.loads((demo / "eval_results" / name / "eval_log_aggregated.json").read_text())
+        forget = logs["eval_forget_log.json"]
+        n = len(forget["avg_gt_loss"])
+        assert n > 0 and len(forget["mink++"]) == n and len(forget["average_perturb_loss"]["0"]) == 5
+    for png in ("tradeoff.png", "metrics.png", "loss_curves.png"):
+        with Image.open(demo / "report" / png) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    header = (demo / "report" / "results.csv").read_text().splitlines()[0].split(",")
+    for column in ("Prob. Forget", "Truth Ratio Retain", "ROUGE Retain", "Model Utility", "Forget Quality",
+                   "KS Test Forget", "Mink++", "Exact Match", "MIA AUC Mink++"):
+        assert column in header
+    for name in ("unlearned_gd", "unlearned_ga"):
+        exported = demo / "export" / name
+        assert (exported / "config.json").exists() and (exported / "tokenizer.json").exists()
+        assert list(exported.glob("*.safetensors"))
+
+
+def test_demo_shows_the_unlearning_tradeoff(demo: Path) -> None:
+    rows = _rows(demo)
+    vanilla, retain_ref, gd, ga = (rows[n] for n in ("finetuned", "retain_model", "unlearned_gd", "unlearned_ga"))
+    # Finetuning taught the identities: the vanilla model beats the retain-only model on forget questions.
+    assert vanilla["Prob. Forget"] > retain_ref["Prob. Forget"]
+    # Unlearning makes the forget answers far less likely ...
+    assert gd["Prob. Forget"] < 0.5 * vanilla["Prob. Forget"]
+    assert ga["Prob. Forget"] < 0.5 * vanilla["Prob. Forget"]
+    # ... and GradDiff keeps more of the retain set than plain gradient ascent.
+    assert gd["Prob. Retain"] > ga["Prob. Retain"]
+    assert gd["ROUGE Retain"] > ga["ROUGE Retain"]
+    assert retain_ref["Forget Quality"] == pytest.approx(1.0)
+
+
+def test_rerun_skips_finished_stages(demo: Path) -> None:
+    log = demo / "train" / "finetuned" / "metrics.jsonl"
+    stamp = log.stat().st_mtime_ns
+    before = _rows(demo)
+    _main(demo)
+    assert log.stat().st_mtime_ns == stamp
+    assert _rows(demo) == before
+
+
+def test_every_method_lowers_forget_probability(demo: Path) -> None:
+    """The remaining objectives, unlearned from the same finetuned model in the same workdir.
+
+    The report of this run lists only the models of its own objectives; GA's numbers come from its logs.
+    """
+    from vlmu_jax.report.aggregate import fiubench_summary
+
+    methods = ("kl", "idk", "npo", "dpo", "simnpo")
+    _main(demo, f"--config.unlearn.objective={','.join(methods)}", "--config.stages=unlearn,eval,report")
+    rows = _rows(demo)
+    assert set(rows) == {"finetuned", "retain_model", *(f"unlearned_{m}" for m in methods)}
+    for method in methods:
+        assert rows[f"unlearned_{method}"]["Prob. Forget"] < rows["finetuned"]["Prob. Forget"], method
+    ga_logs = json.loads((demo / "eval_results" / "unlearned_ga" / "eval_log_aggregated.json").read_text())
+    # KL to the finetuned model keeps the retain set better than plain gradient ascent.
+    assert rows["unlearned_kl"]["Prob. Retain"] > fiubench_summary(ga_logs)["Prob. Retain"]
+
+
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    """launch/local_multiprocess.sh (2 processes x 2 CPU devices) = one process with 4 devices."""
+    quick = ["--config.data.synthetic_identities=10", "--config.finetune.num_steps=3",
+             "--config.retain_model.num_steps=3", "--config.unlearn.num_steps=2", "--config.unlearn.objective=gd",
+             "--config.stages=finetune,unlearn,eval,report"]
+    single = tmp_path / "single"
+    _main(single, *quick, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    multi = tmp_path / "multi"
+    result = subprocess.run(
+        ["bash", "launch/local_multiprocess.sh", "2", "2", "--", "--config", "configs/demo.py:ci",
+         "--workdir", str(multi), *quick],
+        cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-4000:]
+    one, two = _rows(single), _rows(multi)
+    assert one.keys() == two.keys() == {"finetuned", "retain_model", "unlearned_gd"}
+    for model in one:
+        for key, value in one[model].items():
+            if isinstance(value, float):
+                np.testing.assert_allclose(two[model][key], value, rtol=1e-4, atol=1e-6, err_msg=f"{model} {key}")
+    losses = [json.loads(line)["loss"] for line in (single / "train" / "finetuned" / "metrics.jsonl").open()]
+    losses_mp = [json.loads(line)["loss"] for line in (multi / "train" / "finetuned" / "metrics.jsonl").open()]
+    np.testing.assert_allclose(losses_mp, losses, rtol=1e-5)
