@@ -23,7 +23,7 @@ def _main(workdir: Path, *overrides: str, env: dict | None = None) -> None:
     cmd = [sys.executable, "-m", "vlmu_jax.main", "--config", "configs/demo.py:ci", "--workdir", str(workdir),
            *overrides]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env or {})})
     assert result.returncode == 0, result.stderr[-4000:]
 
 

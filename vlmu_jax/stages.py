@@ -48,6 +48,10 @@ def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict) -> tuple[jax.Ar
 
 def _source(ws: Workspace, identities: list[Identity], stage: ml_collections.ConfigDict, *, seed: int,
             idk: tuple[str, ...] = ()) -> ExampleSource:
+    shards = ws.mesh.shape["data"] * ws.mesh.shape["fsdp"]
+    if stage.batch_size % shards:
+        raise ValueError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
+                         f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")
     rows = [encode(e, ws.text_config) for e in examples_from(identities, idk=idk, seed=seed)]
     if not rows:
         raise ValueError("a training stream has no examples: check the split names and the data folder")
