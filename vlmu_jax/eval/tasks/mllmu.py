@@ -136,7 +136,7 @@ def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *,
     generated = generate_rows(model, generation_rows(prompts, text), eos_token_id=tok.eos_token_id,
                               max_new_tokens=runner.max_new_tokens, desc=f"{desc} generate", **common)
     texts = [tok.decode(ids, skip_special_tokens=True) for ids in generated]
-    options = [Example(mc.question, text, _image(p, mc.modality), p.uid) for p, mc in choices for _, text in mc.options]
+    options = [Example(mc.question, opt, _image(p, mc.modality), p.uid) for p, mc in choices for _, opt in mc.options]
     scores = (score_rows(model, [encode(e, text) for e in options], desc=f"{desc} score", **common)
               if options else [])
     return _results(choices, clozes, gens, texts, [s.loss for s in scores])
