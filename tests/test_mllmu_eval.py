@@ -73,7 +73,7 @@ def test_evaluate_mllmu(workspace: Workspace) -> None:
             assert sum(r["question type"] == mod for r in preds["classification"]) == n > 0
 
     # prompts longer than the training max_length keep their end (options, instruction, answer tag)
-    text = task.untruncated(ws.text_config)
+    text = ws.text_config
     tag = ws.tokenizer(text.template.answer_prefix, add_special_tokens=False)["input_ids"]
     examples = [Example(task.choice_prompt(mc), "", p.image if mc.modality == IMAGE else None)
                 for people in sets.values() for p in people for mc in p.choices]

@@ -123,3 +123,21 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     losses = [json.loads(line)["loss"] for line in (single / "train" / "finetuned" / "metrics.jsonl").open()]
     losses_mp = [json.loads(line)["loss"] for line in (multi / "train" / "finetuned" / "metrics.jsonl").open()]
     np.testing.assert_allclose(losses_mp, losses, rtol=1e-5)
+
+
+def test_mllmu_pipeline(tmp_path: Path) -> None:
+    """MLLMU-Bench format end to end: forget_10 / retain_90 training streams and eval.py's four result sets."""
+    workdir = tmp_path / "mllmu"
+    _main(workdir, "--config.benchmark=mllmu", "--config.data.synthetic_identities=16",
+          "--config.data.forget_ratio=10", "--config.finetune.num_steps=4", "--config.retain_model.num_steps=4",
+          "--config.unlearn.num_steps=2", "--config.eval.max_new_tokens=4",
+          "--config.stages=finetune,unlearn,eval,report")
+    for name in ("finetuned", "retain_model", "unlearned_gd", "unlearned_ga"):
+        res = json.loads((workdir / "eval_results" / name / "final_evaluation_results.json").read_text())
+        assert set(res) == {"Forget Set Results", "Test Set Results", "Retain Set (shared dataset) Results",
+                            "Retain Set (real person) Results"}
+        for groups in res.values():
+            assert set(groups) >= {"classification", "fill_in_the_blank", "generation"}
+    rows = _rows(workdir)
+    assert set(rows) == {"finetuned", "retain_model", "unlearned_gd", "unlearned_ga"}
+    assert "Forget Set Results / classification / Image-Textual Question Accuracy" in rows["finetuned"]

@@ -162,33 +162,48 @@ def export(ws: Workspace) -> None:
 def _runner(ws: Workspace):
     from vlmu_jax.eval.tasks.fiubench import Runner
 
-    return Runner(text=ws.text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.image_fn,
-                  image_shape=ws.image_spec.output_shape, max_new_tokens=ws.config.eval.max_new_tokens,
-                  mesh=ws.mesh, original=ws.config.eval.original_behaviour)
+    # Evaluation rows are never cut to the training max_length: a cut answer or prompt scores garbage.
+    return Runner(text=dataclasses.replace(ws.text_config, max_length=None), batch_size=ws.config.eval.batch_size,
+                  image_fn=ws.image_fn, image_shape=ws.image_spec.output_shape,
+                  max_new_tokens=ws.config.eval.max_new_tokens, mesh=ws.mesh,
+                  original=ws.config.eval.original_behaviour)
 
 
 def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs
-    """Per-question logs of every trained model on the forget and retain splits."""
-    if ws.config.benchmark != "fiubench":
-        raise NotImplementedError("the eval stage covers FIUBench; MLLMU-Bench tasks are not wired yet")
-    from vlmu_jax.eval.tasks.fiubench import evaluate_split
-    from vlmu_jax.report.aggregate import FORGET, RETAIN, write_json
+    """Per-question logs of every trained model: FIUBench forget/retain/APE, or MLLMU-Bench's four sets."""
+    from vlmu_jax.report.aggregate import write_json
 
-    forget = ws.bench.split(_forget_split(ws))
-    retain = ws.bench.split(ws.config.eval.retain_split)
     runner = _runner(ws)
     for name in eval_models(ws):
         out = ws.workdir / "eval_results" / name
         if not ws.model_dir(name).exists() or (is_done(out) and not ws.config.force):
             continue
         model = ws.load(name)
-        logs = {FORGET: evaluate_split(model, forget, runner, forget=True, desc=f"{name} forget"),
-                RETAIN: evaluate_split(model, retain, runner, forget=False, desc=f"{name} retain")}
+        logs = _fiubench_logs(ws, model, runner, name) if ws.config.benchmark == "fiubench" else \
+            _mllmu_logs(ws, model, runner)
         if jax.process_index() == 0:
-            for task, log in logs.items():
-                write_json(log, out / task)
-            write_json(logs, out / "eval_log_aggregated.json")
+            for file, log in logs.items():
+                write_json(log, out / file)
         mark_done(out)
+
+
+def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, name: str) -> dict[str, dict]:
+    from vlmu_jax.eval.tasks.fiubench import evaluate_ape, evaluate_split
+    from vlmu_jax.report.aggregate import APE, FORGET, RETAIN
+
+    forget, retain = ws.bench.split(_forget_split(ws)), ws.bench.split(ws.config.eval.retain_split)
+    logs = {FORGET: evaluate_split(model, forget, runner, forget=True, desc=f"{name} forget"),
+            RETAIN: evaluate_split(model, retain, runner, forget=False, desc=f"{name} retain"),
+            APE: evaluate_ape(model, forget, runner, desc=f"{name} forget")}
+    return {**logs, "eval_log_aggregated.json": logs}
+
+
+def _mllmu_logs(ws: Workspace, model: nnx.Module, runner) -> dict[str, dict]:
+    from vlmu_jax.eval.tasks.mllmu import evaluate_mllmu
+
+    results = evaluate_mllmu(model, ws.bench, runner, forget_ratio=ws.config.data.forget_ratio, seed=ws.config.seed)
+    predictions = {s: r.pop("predictions") for s, r in results.items()}
+    return {"final_evaluation_results.json": results, "predictions.json": predictions}
 
 
 def report(ws: Workspace) -> None:
@@ -200,6 +215,9 @@ def report(ws: Workspace) -> None:
         return
     results = ws.workdir / "eval_results"
     names = [n for n in eval_models(ws) if is_done(results / n)]
+    if ws.config.benchmark == "mllmu":
+        _mllmu_report(ws, names)
+        return
     if "retain_model" not in names:
         raise FileNotFoundError(f"{results / 'retain_model'} has no eval logs: run the eval stage first")
     logs = {n: json.loads((results / n / "eval_log_aggregated.json").read_text()) for n in names}
@@ -216,3 +234,25 @@ def report(ws: Workspace) -> None:
     plots.plot_loss_curves({n: ws.workdir / "train" / n / "metrics.jsonl" for n in eval_models(ws)
                             if (ws.workdir / "train" / n / "metrics.jsonl").exists()}, out / "loss_curves.png")
     logging.info("report written to %s", out)
+
+
+def _mllmu_report(ws: Workspace, names: list[str]) -> None:
+    """One row per model, one column per (set, metric) in eval.py's names, and a bar chart of accuracies."""
+    from vlmu_jax.report import plots
+    from vlmu_jax.report.aggregate import write_csv, write_json
+
+    rows = []
+    for name in names:
+        res = json.loads((ws.workdir / "eval_results" / name / "final_evaluation_results.json").read_text())
+        row = {"Model": name}
+        for set_name, groups in res.items():
+            for group, values in groups.items():
+                row.update({f"{set_name} / {group} / {k}": v for k, v in values.items()})
+        rows.append(row)
+    out = ws.workdir / "report"
+    write_csv(rows, out / "results.csv")
+    write_json({"rows": rows}, out / "results.json")
+    accuracy = [k for k in rows[0] if "/ classification /" in k]
+    plots.plot_metric_bars(rows, accuracy, out / "metrics.png")
+    plots.plot_loss_curves({n: ws.workdir / "train" / n / "metrics.jsonl" for n in names
+                            if (ws.workdir / "train" / n / "metrics.jsonl").exists()}, out / "loss_curves.png")

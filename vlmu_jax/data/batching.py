@@ -130,8 +130,11 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
     ids_np = np.asarray(ids, dtype=np.int32)
     keep = np.asarray(answer) | cfg.train_on_prompt
     labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
-    if cfg.max_length is not None and len(ids_np) > cfg.max_length:
-        ids_np, labels = ids_np[: cfg.max_length], labels[: cfg.max_length]
+    # The seeds cut at max_length counting the image placeholder as ONE token (it is expanded inside the
+    # model there), so the limit grows by the expansion here.
+    limit = None if cfg.max_length is None else cfg.max_length + (cfg.num_image_tokens - 1) * with_image
+    if limit is not None and len(ids_np) > limit:
+        ids_np, labels = ids_np[:limit], labels[:limit]
     return Encoded(ids_np, labels, example.image)
 
 
@@ -178,9 +181,8 @@ def generation_rows(examples: Sequence[Example], cfg: TextConfig) -> list[Encode
 
 def _prompt_only(cfg: TextConfig) -> TextConfig:
     template = cfg.template.__class__(**{**cfg.template.__dict__, "answer_suffix": ""})
-    return TextConfig(
-        cfg.tokenizer, template, cfg.image_token_id, cfg.num_image_tokens, max_length=cfg.max_length
-    )
+    # A generation prompt is never cut: the end of it (options, instruction, answer tag) is what matters.
+    return TextConfig(cfg.tokenizer, template, cfg.image_token_id, cfg.num_image_tokens)
 
 
 def host_slice(global_size: int, process_index: int, process_count: int) -> slice:

@@ -107,8 +107,7 @@ def global_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, j
     """This host's rows of a batch -> global arrays split along 'batch' over the mesh (one device: as is)."""
     if mesh is None:
         return {k: jax.numpy.asarray(v) for k, v in batch.items()}
-    out = {}
-    for k, v in batch.items():
-        spec = logical_to_spec(("batch",) + (None,) * (v.ndim - 1))
-        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
-    return out
+    axes = logical_to_spec(("batch",))[0]
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.axis_names)
+    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

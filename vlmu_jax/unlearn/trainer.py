@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from vlmu_jax.checkpoints.orbax_io import Checkpointer
+from vlmu_jax.models.sharding import global_batch
 from vlmu_jax.unlearn.objectives import Objective, StreamLogps, get_objective
 from vlmu_jax.unlearn.optim import make_optimizer
 
@@ -101,13 +102,6 @@ def phase_streams(obj: Objective, sources: Mapping[str, Any]) -> list[tuple[str,
     return phases
 
 
-def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding | None) -> Batch:
-    """Host-local rows -> one global array per field, split over the mesh's batch axes."""
-    if sharding is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
 def _stream_logps(name, obj, model, ref_model, batch, logps_fn, kl_fn) -> StreamLogps:
     logps, mask = logps_fn(model, batch)
     ref = kl = kl_mask = None
@@ -149,13 +143,6 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
     return step
 
 
-def _batch_sharding(mesh: Mesh | None, data_axes: Sequence[str]) -> NamedSharding | None:
-    if mesh is None:
-        return None
-    axes = tuple(a for a in data_axes if a in mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(axes))
-
-
 def _truncate_log(path: Path, start: int) -> None:
     """A resumed run rewrites the steps after its checkpoint, so drop their stale lines first."""
     if not path.exists():
@@ -174,7 +161,6 @@ def train(
     trainable: Any = nnx.Param,
     kl_fn: KlFn | None = None,
     mesh: Mesh | None = None,
-    data_axes: Sequence[str] = ("data", "fsdp"),
 ) -> TrainResult:
     """Train `model` in place on `cfg.objective`, resuming from `workdir/checkpoints` if present.
 
@@ -229,7 +215,6 @@ def train(
     log_path = workdir / "metrics.jsonl"
     if is_main:
         _truncate_log(log_path, start)
-    sharding = _batch_sharding(mesh, data_axes)
 
     losses: list[float] = []
     bar = tqdm(total=total, initial=start, disable=not (is_main and cfg.progress), desc=cfg.objective)
@@ -238,7 +223,7 @@ def train(
             t0 = time.perf_counter()
             phase, index = plan_step(step, phase_lengths)
             host = {name: sources[name].get(index) for name in phases[phase]}
-            batches = {name: global_batch(b, sharding) for name, b in host.items()}
+            batches = {name: global_batch(b, mesh) for name, b in host.items()}
             params, opt_state, rng, loss, aux = step_fn(params, opt_state, rng, rest, ref_other, batches)
             loss = float(loss)
             if not math.isfinite(loss):

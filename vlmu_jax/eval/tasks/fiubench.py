@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from vlmu_jax.data.batching import Example, TextConfig, encode, generation_rows
 from vlmu_jax.data.records import IMAGE, Identity
-from vlmu_jax.eval import metrics, mia
+from vlmu_jax.eval import attacks, metrics, mia
 from vlmu_jax.eval.batched import generate_rows, score_rows
 from vlmu_jax.report.aggregate import FiuTaskResults, fiubench_eval_log
 
@@ -100,6 +100,30 @@ def _log(items, scores, generated, k: int, runner: Runner, *, forget: bool) -> d
         mia_scores={key: [row[key] for row in mia_rows] for key in mia_rows[0]},
     )
     return fiubench_eval_log(results, forget=forget, original=original)
+
+
+def evaluate_ape(model: nnx.Module, identities: Sequence[Identity], runner: Runner, *,
+                 desc: str = "") -> dict[str, Any]:
+    """Adversarial privacy extraction: every paraphrase of every forget question, asked with the image.
+
+    The log (`eval_forget_ape_log.json`) holds per-variant EM/ROUGE and the question each came from.
+    """
+    items = _questions(identities)
+    records = [{"paraphrased_question": list(qa.paraphrased_questions), "answer": qa.answer,
+                "keywords": list(qa.keywords)} for _, qa in items]
+    variants = attacks.ape_variants(records, capitalize=runner.original)
+    if not variants:
+        raise ValueError(f"{desc}: no paraphrased questions, APE needs them")
+    prompts = [Example(v.question, "", items[v.qa_index][0].image, items[v.qa_index][0].uid) for v in variants]
+    generated = generate_rows(model, generation_rows(prompts, runner.text), batch_size=runner.batch_size,
+                              pad_token_id=runner.tokenizer.pad_token_id, eos_token_id=runner.tokenizer.eos_token_id,
+                              max_new_tokens=runner.max_new_tokens, image_fn=runner.image_fn,
+                              image_shape=runner.image_shape, mesh=runner.mesh, desc=f"{desc} APE")
+    texts = [runner.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
+    scored = attacks.score_ape(variants, texts, original=runner.original)
+    scored["question"] = [v.question for v in variants]
+    scored["qa_index"] = [v.qa_index for v in variants]
+    return scored
 
 
 def _answer_ids(text: TextConfig, question: str, answer: str) -> np.ndarray:

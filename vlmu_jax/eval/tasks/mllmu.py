@@ -22,14 +22,13 @@ Deliberate differences from ``eval.py``:
   makes numbers depend on the seed; so every question is asked alone and none is skipped.
 - Test set: ``eval.py`` draws ``random.choice(row["images"])`` independently in each task function; we draw
   one transformed image per Test_Set row from ``seed`` and use it for all three tasks (reproducible).
-- Prompts are never cut to the training ``max_length`` (see :func:`untruncated`).
+- Prompts are never cut to the training ``max_length`` (the eval Runner's text config has none).
 - One ``max_new_tokens`` (the runner's) for every task; ``eval.py`` uses 50 (5 for Idefics2 text-only
   classification).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from vlmu_jax.data.batching import Example, TextConfig, encode, generation_rows
+from vlmu_jax.data.batching import Example, encode, generation_rows
 from vlmu_jax.data.mllmu import MODALITY_NAME
 from vlmu_jax.data.records import IMAGE, QA, TEXT, Benchmark, Cloze, Identity, ImageRef, MultipleChoice, TestVariant
 from vlmu_jax.eval import metrics
@@ -109,12 +108,6 @@ def from_test(variants: Sequence[TestVariant], uids: Sequence[str], *, seed: int
     return out
 
 
-def untruncated(text: TextConfig) -> TextConfig:
-    """The runner's text config without ``max_length``: a training cut would drop the end of a long prompt
-    (options, instruction, answer tag) and the answer of a scored option; the buckets still bound shapes."""
-    return dataclasses.replace(text, max_length=None)
-
-
 def _image(person: Person, modality: str) -> ImageRef | None:
     return person.image if modality == IMAGE else None
 
@@ -130,7 +123,7 @@ def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *,
     prompts = ([Example(choice_prompt(mc), "", _image(p, mc.modality), p.uid) for p, mc in choices]
                + [Example(cloze_prompt(c), "", _image(p, c.modality), p.uid) for p, c in clozes]
                + [Example(generation_prompt(qa), "", _image(p, qa.modality), p.uid) for p, qa in gens])
-    tok, pad, text = runner.tokenizer, runner.tokenizer.pad_token_id, untruncated(runner.text)
+    tok, pad, text = runner.tokenizer, runner.tokenizer.pad_token_id, runner.text
     common = dict(batch_size=runner.batch_size, pad_token_id=pad, image_fn=runner.image_fn,
                   image_shape=runner.image_shape, mesh=runner.mesh)
     generated = generate_rows(model, generation_rows(prompts, text), eos_token_id=tok.eos_token_id,
