@@ -1,8 +1,7 @@
 """Teacher-forced per-token log-probs through a chunked output head.
 
 The head runs over sequence chunks inside a scan with remat, so neither the forward nor the backward pass
-ever holds
-B x T x V float32 logits: only one [B, chunk, V] block at a time.
+ever holds B x T x V float32 logits: only one [B, chunk, V] block at a time.
 """
 
 from __future__ import annotations
@@ -14,21 +13,35 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def _over_chunks(fn, inputs: tuple[jax.Array, ...], chunk_size: int) -> tuple[jax.Array, ...]:
+    """Runs `fn` (rematerialised) over sequence chunks of [B, N, ...] inputs; returns [B, N] outputs.
+
+    Only one chunk's [B, chunk, V] logits exist at a time, in the forward and the backward pass.
+    """
+    b, n = inputs[0].shape[:2]
+    c = min(chunk_size, n)
+    pad = (-n) % c
+
+    def split(x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(b, -1, c, *x.shape[2:]).swapaxes(0, 1)
+
+    _, outs = jax.lax.scan(lambda carry, xs: (carry, jax.checkpoint(fn)(*xs)), None, tuple(map(split, inputs)))
+    return tuple(o.swapaxes(0, 1).reshape(b, -1)[:, :n] for o in outs)
+
+
+def _log_softmax_head(h: jax.Array, head: jax.Array) -> jax.Array:
+    logits = jnp.einsum("bcd,vd->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+    return logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+
 def head_logprobs(
     hidden: jax.Array, head: jax.Array, targets: jax.Array, *, with_stats: bool = False, chunk_size: int = 128
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
-    """log p(targets) [B, N] from hidden [B, N, D] and head [V, D]; with_stats adds mu/var of log p under
-    p."""
-    b, n, d = hidden.shape
-    c = min(chunk_size, n)
-    pad = (-n) % c
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, c, d).swapaxes(0, 1)
-    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, c).swapaxes(0, 1)
+    """log p(targets) [B, N] from hidden [B, N, D] and head [V, D]; with_stats adds mu/var of log p under p."""
 
-    @jax.checkpoint
     def chunk(h_c: jax.Array, t_c: jax.Array) -> tuple[jax.Array, ...]:
-        logits = jnp.einsum("bcd,vd->bcv", h_c, head.astype(h_c.dtype), preferred_element_type=jnp.float32)
-        logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        logp = _log_softmax_head(h_c, head)
         tgt = jnp.take_along_axis(logp, t_c[..., None], axis=-1)[..., 0]
         if not with_stats:
             return (tgt,)
@@ -36,8 +49,7 @@ def head_logprobs(
         mu = jnp.sum(p * logp, axis=-1)
         return tgt, mu, jnp.sum(p * logp * logp, axis=-1) - mu * mu
 
-    _, outs = jax.lax.scan(lambda carry, x: (carry, chunk(*x)), None, (h, t))
-    outs = tuple(o.swapaxes(0, 1).reshape(b, -1)[:, :n] for o in outs)
+    outs = _over_chunks(chunk, (hidden, targets), chunk_size)
     return outs if with_stats else outs[0]
 
 
@@ -48,23 +60,12 @@ def head_kl(hidden: jax.Array, ref_hidden: jax.Array, head: jax.Array, ref_head:
     KL-regularised unlearning (FIUBench `kl`, MLLMU `kl_min`) needs whole next-token distributions,
     which never exist as B x T x V arrays here: each chunk's two softmaxes live only inside the scan.
     """
-    b, n, d = hidden.shape
-    c = min(chunk_size, n)
-    pad = (-n) % c
 
-    def chunks(x: jax.Array) -> jax.Array:
-        return jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, c, d).swapaxes(0, 1)
+    def chunk(h_c: jax.Array, r_c: jax.Array) -> tuple[jax.Array]:
+        logp, logq = _log_softmax_head(h_c, head), _log_softmax_head(r_c, ref_head)
+        return (jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1),)
 
-    @jax.checkpoint
-    def chunk(h_c: jax.Array, r_c: jax.Array) -> jax.Array:
-        logp = jax.nn.log_softmax(jnp.einsum("bcd,vd->bcv", h_c, head.astype(h_c.dtype),
-                                             preferred_element_type=jnp.float32), axis=-1)
-        logq = jax.nn.log_softmax(jnp.einsum("bcd,vd->bcv", r_c, ref_head.astype(r_c.dtype),
-                                             preferred_element_type=jnp.float32), axis=-1)
-        return jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
-
-    _, kl = jax.lax.scan(lambda carry, x: (carry, chunk(*x)), None, (chunks(hidden), chunks(ref_hidden)))
-    return kl.swapaxes(0, 1).reshape(b, -1)[:, :n]
+    return _over_chunks(chunk, (hidden, ref_hidden), chunk_size)[0]
 
 
 def compute_token_logprobs(
