@@ -83,6 +83,22 @@ def test_rerun_skips_finished_stages(demo: Path) -> None:
     assert _rows(demo) == before
 
 
+def test_sweep_collects_runs(demo: Path, tmp_path: Path) -> None:
+    """`python -m vlmu_jax.sweep --collect_only` over two finished runs: one table, one trade-off plot."""
+    for seed in ("0", "1"):
+        (tmp_path / f"seed{seed}_forget10").symlink_to(demo)
+    result = subprocess.run(
+        [sys.executable, "-m", "vlmu_jax.sweep", "--config", "configs/demo.py:ci", "--workdir", str(tmp_path),
+         "--seeds", "0,1", "--collect_only"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [(r["Seed"], r["Model"]) for r in rows] == [
+        (s, m) for s in "01" for m in ("finetuned", "retain_model", "unlearned_gd", "unlearned_ga")]
+    assert rows[2]["Prob. Forget"] == _rows(demo)["unlearned_gd"]["Prob. Forget"]
+    with Image.open(tmp_path / "sweep_tradeoff.png") as im:
+        assert im.size[0] > 100
+
+
 def test_every_method_lowers_forget_probability(demo: Path) -> None:
     """The remaining objectives, unlearned from the same finetuned model in the same workdir.
 
