@@ -111,3 +111,22 @@ def test_timeout_then_success(server_factory):
     client = judge.JudgeClient(srv.url, "m", timeout_s=0.2, max_retries=2, backoff_s=0.01)
     assert judge.mllmu_factuality(client, "12", "Job?", "A pilot", "She is a pilot") == 7
     assert client.requests_sent == 2
+
+
+def test_gpt_scores_enter_the_log_and_model_utility(server_factory, tmp_path):
+    from vlmu_jax.eval.tasks.fiubench import add_gpt_scores
+    from vlmu_jax.report.aggregate import FORGET, RETAIN, fiubench_summary
+
+    srv = server_factory(["0.8", "0.4"])
+    client = judge.JudgeClient(srv.url, "judge-model", cache_path=str(tmp_path / "c.json"), timeout_s=5)
+    log = {"generated_text": {"0": ["Who?", "This is Ada Lee.", "This is Ada Lee.", "name"],
+                              "1": ["Where?", "Born in Oslo.", "Born in Lima.", "birthplace"]},
+           "avg_gt_loss": {"0": 0.5, "1": 1.0}, "avg_paraphrased_loss": {"0": 1.0, "1": 1.0},
+           "average_perturb_loss": {"0": [2.0, 2.0], "1": [1.5, 0.5]}, "rougeL_recall": {"0": 1.0, "1": 0.5}}
+    add_gpt_scores(log, client)
+    assert log["gpt"] == [0.8, 0.4]
+    assert "Born in Oslo." in srv.bodies[1]["messages"][-1]["content"]
+    row = fiubench_summary({FORGET: log, RETAIN: log})
+    assert abs(row["GPT Retain"] - 0.6) < 1e-12
+    retain_parts = [row["Prob. Retain"], row["Truth Ratio Retain"], row["ROUGE Retain"], row["GPT Retain"]]
+    assert abs(row["Model Utility"] - len(retain_parts) / sum(1 / v for v in retain_parts)) < 1e-12

@@ -188,13 +188,20 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
 
 
 def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, name: str) -> dict[str, dict]:
-    from vlmu_jax.eval.tasks.fiubench import evaluate_ape, evaluate_split
+    from vlmu_jax.eval.judge import JudgeClient
+    from vlmu_jax.eval.tasks.fiubench import add_gpt_scores, evaluate_ape, evaluate_split
     from vlmu_jax.report.aggregate import APE, FORGET, RETAIN
 
     forget, retain = ws.bench.split(_forget_split(ws)), ws.bench.split(ws.config.eval.retain_split)
     logs = {FORGET: evaluate_split(model, forget, runner, forget=True, desc=f"{name} forget"),
             RETAIN: evaluate_split(model, retain, runner, forget=False, desc=f"{name} retain"),
             APE: evaluate_ape(model, forget, runner, desc=f"{name} forget")}
+    c = ws.config.eval
+    if c.judge_base_url and jax.process_index() == 0:
+        client = JudgeClient(c.judge_base_url, c.judge_model, api_key_env=c.judge_api_key_env,
+                             cache_path=str(ws.workdir / "judge_cache.json"))
+        for task in (FORGET, RETAIN):
+            add_gpt_scores(logs[task], client)
     return {**logs, "eval_log_aggregated.json": logs}
 
 

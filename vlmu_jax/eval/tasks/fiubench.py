@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from vlmu_jax.data.batching import Example, TextConfig, encode, generation_rows
 from vlmu_jax.data.records import IMAGE, Identity
-from vlmu_jax.eval import attacks, metrics, mia
+from vlmu_jax.eval import attacks, judge, metrics, mia
 from vlmu_jax.eval.batched import generate_rows, score_rows
 from vlmu_jax.report.aggregate import FiuTaskResults, fiubench_eval_log
 
@@ -124,6 +124,13 @@ def evaluate_ape(model: nnx.Module, identities: Sequence[Identity], runner: Runn
     scored["question"] = [v.question for v in variants]
     scored["qa_index"] = [v.qa_index for v in variants]
     return scored
+
+
+def add_gpt_scores(log: dict[str, Any], client: judge.JudgeClient) -> None:
+    """Adds the per-question GPT score (`gpt` list, question order) of a task log's generations."""
+    rows = [log["generated_text"][str(i)] for i in range(len(log["generated_text"]))]
+    log["gpt"] = [judge.fiubench_gpt_score(client, question, answer, prediction)
+                  for question, prediction, answer, _ in rows]
 
 
 def _answer_ids(text: TextConfig, question: str, answer: str) -> np.ndarray:
