@@ -118,10 +118,10 @@ def test_every_method_lowers_forget_probability(demo: Path) -> None:
 
 
 def test_two_processes_match_one(tmp_path: Path) -> None:
-    """launch/local_multiprocess.sh (2 processes x 2 CPU devices) = one process with 4 devices."""
+    """launch/local_multiprocess.sh (2 processes x 2 CPU devices): finetune a few steps + eval = one process with
+    4 devices, loss by loss and metric by metric."""
     quick = ["--config.data.synthetic_identities=10", "--config.finetune.num_steps=3",
-             "--config.retain_model.num_steps=3", "--config.unlearn.num_steps=2", "--config.unlearn.objective=gd",
-             "--config.stages=finetune,unlearn,eval,report"]
+             "--config.retain_model.num_steps=3", "--config.stages=finetune,eval"]
     single = tmp_path / "single"
     _main(single, *quick, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     multi = tmp_path / "multi"
@@ -130,15 +130,22 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
          "--workdir", str(multi), *quick],
         cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr[-4000:]
-    one, two = _rows(single), _rows(multi)
-    assert one.keys() == two.keys() == {"finetuned", "retain_model", "unlearned_gd"}
-    for model in one:
-        for key, value in one[model].items():
-            if isinstance(value, float):
-                np.testing.assert_allclose(two[model][key], value, rtol=1e-4, atol=1e-6, err_msg=f"{model} {key}")
-    losses = [json.loads(line)["loss"] for line in (single / "train" / "finetuned" / "metrics.jsonl").open()]
-    losses_mp = [json.loads(line)["loss"] for line in (multi / "train" / "finetuned" / "metrics.jsonl").open()]
-    np.testing.assert_allclose(losses_mp, losses, rtol=1e-5)
+    for model in ("finetuned", "retain_model"):
+        one, two = (json.loads((run / "eval_results" / model / "eval_log_aggregated.json").read_text())
+                    for run in (single, multi))
+        for task in ("eval_forget_log.json", "eval_retain_log.json"):
+            # Likelihood metrics only: greedy text of a 3-step model can flip on near-ties between
+            # collective implementations, which says nothing about correctness.
+            for key in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "truth_ratio"):
+                np.testing.assert_allclose(np.array(list(two[task][key].values()), dtype=float),
+                                           np.array(list(one[task][key].values()), dtype=float),
+                                           rtol=1e-4, atol=1e-6, err_msg=f"{model} {task} {key}")
+            assert len(two[task]["generated_text"]) == len(one[task]["generated_text"]) > 0
+            np.testing.assert_allclose(two[task]["mink++"], one[task]["mink++"], rtol=1e-3, atol=1e-6)
+        losses = [json.loads(line)["loss"] for line in (single / "train" / model / "metrics.jsonl").open()]
+        losses_mp = [json.loads(line)["loss"] for line in (multi / "train" / model / "metrics.jsonl").open()]
+        assert len(losses) == 3
+        np.testing.assert_allclose(losses_mp, losses, rtol=1e-5)
 
 
 def test_mllmu_pipeline(tmp_path: Path) -> None:
@@ -146,14 +153,14 @@ def test_mllmu_pipeline(tmp_path: Path) -> None:
     workdir = tmp_path / "mllmu"
     _main(workdir, "--config.benchmark=mllmu", "--config.data.synthetic_identities=16",
           "--config.data.forget_ratio=10", "--config.finetune.num_steps=4", "--config.retain_model.num_steps=4",
-          "--config.unlearn.num_steps=2", "--config.eval.max_new_tokens=4",
+          "--config.unlearn.num_steps=2", "--config.eval.max_new_tokens=4", "--config.unlearn.objective=gd",
           "--config.stages=finetune,unlearn,eval,report")
-    for name in ("finetuned", "retain_model", "unlearned_gd", "unlearned_ga"):
+    for name in ("finetuned", "retain_model", "unlearned_gd"):
         res = json.loads((workdir / "eval_results" / name / "final_evaluation_results.json").read_text())
         assert set(res) == {"Forget Set Results", "Test Set Results", "Retain Set (shared dataset) Results",
                             "Retain Set (real person) Results"}
         for groups in res.values():
             assert set(groups) >= {"classification", "fill_in_the_blank", "generation"}
     rows = _rows(workdir)
-    assert set(rows) == {"finetuned", "retain_model", "unlearned_gd", "unlearned_ga"}
+    assert set(rows) == {"finetuned", "retain_model", "unlearned_gd"}
     assert "Forget Set Results / classification / Image-Textual Question Accuracy" in rows["finetuned"]
