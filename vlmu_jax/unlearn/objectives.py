@@ -173,15 +173,11 @@ def ga_difference(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
 
 
 def kl_min(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
-    """MLLMU KL_Min: forget phase ascends; retain phase minimises NLL + KL (summed over positions / B)."""
-    loss, aux = jnp.zeros((), jnp.float32), {}
-    if "forget" in streams:
-        aux["forget_nll"] = token_mean_nll(streams["forget"])
-        loss = loss - aux["forget_nll"]
+    """MLLMU KL_Min: GA_Difference plus, in the retain phase, KL to the vanilla model (summed over positions / B)."""
+    loss, aux = ga_difference(streams, cfg)
     if "retain" in streams:
-        aux["retain_nll"] = token_mean_nll(streams["retain"])
         aux["retain_kl"] = kl_sum_per_seq(streams["retain"])
-        loss = loss + aux["retain_nll"] + aux["retain_kl"]
+        loss = loss + aux["retain_kl"]
     return loss, aux
 
 
