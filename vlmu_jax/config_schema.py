@@ -104,7 +104,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.retain_split = "retain15"  # FIUBench eval.yaml pairs forget splits with retain5 / retain15
     c.eval.max_new_tokens = 50
-    c.eval.generation_max_length = 256
     c.eval.original_behaviour = False  # reproduce the seeds' known bugs instead of the intended definitions
     c.eval.judge_base_url = ""  # OpenAI-compatible endpoint for the GPT score; empty = skip
     c.eval.judge_model = ""
@@ -113,10 +112,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()
     c.export.dtype = ""  # empty = keep the model's dtype
 
-    c.coordinator = ml_collections.ConfigDict()
-    c.coordinator.address = ""
-    c.coordinator.num_processes = 0
-    c.coordinator.process_id = -1
     return c
 
 

@@ -42,7 +42,6 @@ def fiubench(variant: str | None, *, template: str, model_path: str) -> ml_colle
                      num_epochs=5, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05,
                      tune_vision_tower=False, tune_mm_projector=True, tune_language_model=True)
     c.eval.max_new_tokens = 50
-    c.eval.generation_max_length = 256
     return c
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from vlmu_jax.data.batching import Example, TextConfig, encode, generation_rows
+from vlmu_jax.data.batching import IGNORE, Example, TextConfig, encode, generation_rows
 from vlmu_jax.data.records import IMAGE, Identity
 from vlmu_jax.eval import attacks, judge, metrics, mia
 from vlmu_jax.eval.batched import generate_rows, score_rows
@@ -62,7 +62,8 @@ def evaluate_split(model: nnx.Module, identities: Sequence[Identity], runner: Ru
         examples.append(Example(qa.question, qa.paraphrased_answer or qa.answer, ident.image, ident.uid))
         examples.extend(Example(qa.question, p, ident.image, ident.uid) for p in qa.perturbed_answers)
     pad = runner.tokenizer.pad_token_id
-    scores = score_rows(model, [encode(e, runner.text) for e in examples], batch_size=runner.batch_size,
+    rows = [encode(e, runner.text) for e in examples]
+    scores = score_rows(model, rows, batch_size=runner.batch_size,
                         pad_token_id=pad, image_fn=runner.image_fn, image_shape=runner.image_shape,
                         mesh=runner.mesh, desc=f"{desc} score")
     prompts = [Example(qa.question, "", ident.image, ident.uid) for ident, qa in items]
@@ -70,10 +71,10 @@ def evaluate_split(model: nnx.Module, identities: Sequence[Identity], runner: Ru
                               pad_token_id=pad, eos_token_id=runner.tokenizer.eos_token_id,
                               max_new_tokens=runner.max_new_tokens, image_fn=runner.image_fn,
                               image_shape=runner.image_shape, mesh=runner.mesh, desc=f"{desc} generate")
-    return _log(items, scores, generated, k, runner, forget=forget)
+    return _log(items, rows, scores, generated, k, runner, forget=forget)
 
 
-def _log(items, scores, generated, k: int, runner: Runner, *, forget: bool) -> dict[str, Any]:
+def _log(items, rows, scores, generated, k: int, runner: Runner, *, forget: bool) -> dict[str, Any]:
     stride, tok, original = 2 + k, runner.tokenizer, runner.original
 
     def nll(score) -> tuple[float, int]:
@@ -81,12 +82,13 @@ def _log(items, scores, generated, k: int, runner: Runner, *, forget: bool) -> d
         return float(-logps.sum()), int(score.logps.size)
 
     gt, para, pert, mia_rows = [], [], [], []
-    for i, (_, qa) in enumerate(items):
+    for i in range(len(items)):
         g = scores[i * stride]
         gt.append(nll(g))
         para.append(nll(scores[i * stride + 1]))
         pert.append([nll(p) for p in scores[i * stride + 2: (i + 1) * stride]])
-        tail = tok.decode(_answer_ids(runner.text, qa.question, qa.answer)[1:])
+        gt_row = rows[i * stride]  # the seeds decode the labelled answer tokens after the first for zlib
+        tail = tok.decode(gt_row.input_ids[gt_row.labels != IGNORE][1:])
         mia_rows.append(mia.question_scores(g.logps, g.mu, g.var, tail))
     texts = [metrics.truncate_at_first_period(tok.decode(ids, skip_special_tokens=True).strip(), original=original)
              for ids in generated]
@@ -132,8 +134,3 @@ def add_gpt_scores(log: dict[str, Any], client: judge.JudgeClient) -> None:
     log["gpt"] = [judge.fiubench_gpt_score(client, question, answer, prediction)
                   for question, prediction, answer, _ in rows]
 
-
-def _answer_ids(text: TextConfig, question: str, answer: str) -> np.ndarray:
-    """The labelled answer token ids of a (question, answer) row, as the seeds decode them for zlib."""
-    row = encode(Example(question, answer, None), text)
-    return row.input_ids[row.labels != -100]
