@@ -127,7 +127,7 @@ def main() -> None:
     ids = rng.randint(100, 32000, (b, n_img + t_text)).astype(np.int32)
     ids[:, 1 : 1 + n_img], ids[:, 0] = 32000, 1
     ids, mask = jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids))
-    pix = jnp.asarray(rng.randn(b, 3, 336, 336), jnp.bfloat16)
+    pix = {"pixel_values": jnp.asarray(rng.randn(b, 3, 336, 336), jnp.bfloat16)}
 
     s = timeit(lambda: token_logprobs(model, ids, mask, pix))
     print(
@@ -161,7 +161,7 @@ def main() -> None:
                           "samples_per_s": b / s, "max_mem_gb": mem}), flush=True)
 
 
-def lora_ga_step_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: jax.Array, answer: jax.Array,
+def lora_ga_step_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, answer: jax.Array,
                       remat: str) -> tuple[float, float | None]:
     """Median time of one jitted GA step on the LoRA params only (AdamW, donated state)."""
     set_options(model, remat=remat)

@@ -42,8 +42,7 @@ def test_split_scored_in_few_compiled_shapes(workspace: Workspace) -> None:
     model = ws.load("base")
     examples = examples_from(ws.bench.identities)
     rows = [encode(e, ws.text_config) for e in examples]
-    kwargs = dict(pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn,
-                  image_shape=ws.image_spec.output_shape)
+    kwargs = dict(pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn)
     lengths = {len(r.input_ids) for r in rows}
     assert len(lengths) > 3  # rows really differ in length
     COUNTER.active, COUNTER.count = True, 0
@@ -67,7 +66,7 @@ def test_generation_in_row_order(workspace: Workspace) -> None:
     examples = examples_from(ws.bench.identities[:3])
     prompts = generation_rows(examples, ws.text_config)
     kwargs = dict(pad_token_id=ws.tokenizer.pad_token_id, eos_token_id=ws.tokenizer.eos_token_id,
-                  max_new_tokens=6, image_fn=ws.image_fn, image_shape=ws.image_spec.output_shape)
+                  max_new_tokens=6, image_fn=ws.image_fn)
     batched = generate_rows(model, prompts, batch_size=8, **kwargs)
     alone = generate_rows(model, prompts[4:5], batch_size=8, **kwargs)
     assert len(batched) == len(prompts)

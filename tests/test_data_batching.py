@@ -1,5 +1,6 @@
 """Templates, demo tokenizer, label masks on hand-checked examples, bucketing, host sharding, determinism."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -88,8 +89,8 @@ def _source(tok, bench, process_index, process_count, **kw):
         rows,
         global_batch_size=4,
         pad_token_id=tok.pad_token_id,
-        image_fn=lambda ref: np.full((3, 4, 4), len(ref.read_bytes()) % 7, np.float32),
-        image_shape=(3, 4, 4),
+        image_fn=lambda ref: {"pixel_values": np.full((3, 4, 4), 0 if ref is None else len(ref.read_bytes()) % 7,
+                                                      np.float32)},
         buckets=(64, 128, 256),
         seed=7,
         process_index=process_index,
@@ -104,13 +105,14 @@ def test_batch_shapes_and_padding(tok, bench):
     batch = src.get(0)
     t = batch["input_ids"].shape[1]
     assert t in (64, 128, 256)
-    assert {k: v.shape for k, v in batch.items()} == {
-        "input_ids": (4, t),
-        "attention_mask": (4, t),
-        "labels": (4, t),
-        "pixel_values": (4, 3, 4, 4),
+    shapes = {"/".join(str(k.key) for k in path): (v.shape, v.dtype) for path, v in
+              jax.tree_util.tree_flatten_with_path(batch)[0]}
+    assert shapes == {
+        "input_ids": ((4, t), np.int32),
+        "attention_mask": ((4, t), np.int32),
+        "labels": ((4, t), np.int32),
+        "images/pixel_values": ((4, 3, 4, 4), np.float32),
     }
-    assert all(v.dtype == (np.float32 if k == "pixel_values" else np.int32) for k, v in batch.items())
     pad = batch["attention_mask"] == 0
     assert (batch["input_ids"][pad] == tok.pad_token_id).all() and (batch["labels"][pad] == IGNORE).all()
     assert (batch["attention_mask"][:, 0] == 1).all()  # right padded
@@ -133,8 +135,7 @@ def test_two_hosts_get_disjoint_complete_shards(tok, bench):
 
 def test_order_deterministic_and_reshuffled_per_epoch(tok, bench):
     a, b = _source(tok, bench, 0, 1), _source(tok, bench, 0, 1)
-    for k in ("input_ids", "labels", "pixel_values"):
-        np.testing.assert_array_equal(a.get(5)[k], b.get(5)[k])
+    jax.tree.map(np.testing.assert_array_equal, a.get(5), b.get(5))
     assert a.global_indices(0).tolist() != a.global_indices(len(a)).tolist()
     assert _source(tok, bench, 0, 1, shuffle=False).global_indices(0).tolist() == [0, 1, 2, 3]
 
@@ -146,8 +147,7 @@ def test_left_padded_generation_prompts(tok, bench):
         rows,
         global_batch_size=len(rows),
         pad_token_id=tok.pad_token_id,
-        image_fn=lambda ref: np.ones((3, 2, 2), np.float32),
-        image_shape=(3, 2, 2),
+        image_fn=lambda ref: {"pixel_values": np.full((3, 2, 2), ref is not None, np.float32)},
         shuffle=False,
         left_pad=True,
         process_index=0,
@@ -158,7 +158,7 @@ def test_left_padded_generation_prompts(tok, bench):
     ids = batch["input_ids"][0][batch["attention_mask"][0] == 1]
     assert tok.decode(ids[1:]).endswith(" ASSISTANT: ") and (rows[0].labels == IGNORE).all()
     text_only = [i for i, e in enumerate(exs) if e.image is None]
-    assert text_only and (batch["pixel_values"][text_only] == 0).all()
+    assert text_only and (batch["images"]["pixel_values"][text_only] == 0).all()
 
 
 def test_idk_answers_replace_forget_answers(bench):

@@ -16,7 +16,7 @@ from vlmu_jax.models.lora import apply_lora, merge_lora, trainable_filter
 
 def _logps(model, batch):
     return np.asarray(
-        token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["images"])
     )
 
 

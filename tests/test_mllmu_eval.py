@@ -31,7 +31,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 def _runner(ws: Workspace) -> Runner:  # as vlmu_jax.stages._runner
     return Runner(text=ws.text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.image_fn,
-                  image_shape=ws.image_spec.output_shape, max_new_tokens=ws.config.eval.max_new_tokens,
+                  max_new_tokens=ws.config.eval.max_new_tokens,
                   mesh=ws.mesh, original=ws.config.eval.original_behaviour)
 
 

@@ -17,7 +17,7 @@ def _jax_logprobs(model, batch, **kw):
     return [
         np.asarray(x)
         for x in token_logprobs(
-            model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], with_stats=True, **kw
+            model, batch["input_ids"], batch["attention_mask"], batch["images"], with_stats=True, **kw
         )
     ]
 

@@ -17,7 +17,7 @@ from vlmu_jax.models.sharding import make_mesh
 
 def _logps(model, batch):
     return np.asarray(
-        token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["images"])
     )
 
 

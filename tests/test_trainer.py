@@ -99,14 +99,14 @@ class PoisonedSource(FixedSource):
 
     def get(self, index: int) -> dict[str, np.ndarray]:
         batch = super().get(index)
-        batch["pixel_values"] = batch["pixel_values"] + (np.nan if index >= 2 else 0.0)
+        batch["images"] = {"pixel_values": batch["images"]["pixel_values"] + (np.nan if index >= 2 else 0.0)}
         return batch
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path) -> None:
     def nan_logps(model, batch):
         logps, mask = logps_fn(model, batch)
-        return logps + 0.0 * batch["pixel_values"].sum(), mask
+        return logps + 0.0 * batch["images"]["pixel_values"].sum(), mask
 
     cfg = TrainConfig(objective="finetune", lr=1e-2, num_steps=6, save_every=1, progress=False)
     with pytest.raises(FloatingPointError, match="at step 2; last good checkpoint: step 2"):

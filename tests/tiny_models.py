@@ -79,7 +79,7 @@ def save_tiny(folder: Path, text: str = "llama", seed: int = 0) -> tuple[Path, L
     return Path(folder), model
 
 
-def tiny_batch(text_lengths: list[int], *, padding: str = "right", seed: int = 0) -> dict[str, np.ndarray]:
+def tiny_batch(text_lengths: list[int], *, padding: str = "right", seed: int = 0) -> dict:
     """Rows = BOS + image tokens + random text of the given lengths, padded to the longest row."""
     rng = np.random.RandomState(seed)
     rows = [
@@ -92,7 +92,7 @@ def tiny_batch(text_lengths: list[int], *, padding: str = "right", seed: int = 0
         sl = slice(0, len(r)) if padding == "right" else slice(t - len(r), t)
         ids[i, sl], mask[i, sl] = r, 1
     pix = rng.randn(len(rows), 3, IMAGE_SIZE, IMAGE_SIZE).astype(np.float32)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix}
+    return {"input_ids": ids, "attention_mask": mask, "images": {"pixel_values": pix}}
 
 
 def torch_logprobs(
@@ -104,7 +104,7 @@ def torch_logprobs(
             model(
                 input_ids=torch.tensor(batch["input_ids"]).long(),
                 attention_mask=torch.tensor(batch["attention_mask"]).long(),
-                pixel_values=torch.tensor(batch["pixel_values"]),
+                pixel_values=torch.tensor(batch["images"]["pixel_values"]),
             )
             .logits[:, :-1]
             .double()

@@ -1,6 +1,6 @@
 """A tiny causal LM with the trainer-facing shape of the real model, plus fixed-sequence BatchSources.
 
-It stands in for LLaVA in the trainer tests: `model(input_ids, attention_mask, pixel_values)` (images
+It stands in for LLaVA in the trainer tests: `model(input_ids, attention_mask, images)` (images
 ignored), optional `nnx.LoRAParam` adapters on one projection (zero-initialised B, like LoRA), and
 dropout so that RNG state matters for resume.
 """
@@ -26,7 +26,7 @@ class ToyLM(nnx.Module):
         self.lora_a = nnx.LoRAParam(0.1 * jax.random.normal(jax.random.key(seed + 3), (2 * DIM, lora_rank)))
         self.lora_b = nnx.LoRAParam(jnp.zeros((lora_rank, DIM)))
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, pixel_values: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, images: dict) -> jax.Array:
         """Logits [B, T, V]; each position sees itself and the causal mean of the prefix."""
         h = self.embed(input_ids) + self.pos[: input_ids.shape[1]]
         m = attention_mask[..., None].astype(h.dtype)
@@ -38,7 +38,7 @@ class ToyLM(nnx.Module):
 
 def logps_fn(model: ToyLM, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Target-token log-probs [B, T-1] and the answer mask (labels != -100), per CONTRACT.md."""
-    logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[:, :-1]
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["images"])[:, :-1]
     targets = batch["input_ids"][:, 1:]
     logps = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
     return logps, batch["labels"][:, 1:] != -100
@@ -46,7 +46,7 @@ def logps_fn(model: ToyLM, batch: dict) -> tuple[jax.Array, jax.Array]:
 
 def kl_fn(model: ToyLM, ref: ToyLM, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Full-vocab KL(ref || model) per position over the real tokens (small V, so no chunking here)."""
-    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    args = (batch["input_ids"], batch["attention_mask"], batch["images"])
     lp, lq = jax.nn.log_softmax(model(*args)[:, :-1]), jax.nn.log_softmax(ref(*args)[:, :-1])
     return jnp.sum(jnp.exp(lq) * (lq - lp), axis=-1), batch["attention_mask"][:, :-1] == 1
 
@@ -59,7 +59,7 @@ def make_batch(rows: np.ndarray, prompt_len: int = 2) -> dict[str, np.ndarray]:
         "input_ids": rows.astype(np.int32),
         "attention_mask": np.ones_like(rows, np.int32),
         "labels": labels.astype(np.int32),
-        "pixel_values": np.zeros((rows.shape[0], 3, 2, 2), np.float32),
+        "images": {"pixel_values": np.zeros((rows.shape[0], 3, 2, 2), np.float32)},
     }
 
 

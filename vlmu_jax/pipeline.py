@@ -16,14 +16,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from vlmu_jax import provenance
 from vlmu_jax.config_schema import stage_list
 from vlmu_jax.data import fiubench, mllmu, synthetic
 from vlmu_jax.data.batching import TextConfig
-from vlmu_jax.data.images import ImageSpec, preprocess
-from vlmu_jax.data.records import Benchmark
+from vlmu_jax.data.images import ImageProcessor, image_processor
+from vlmu_jax.data.records import Benchmark, ImageRef
 from vlmu_jax.data.templates import get_template, load_tokenizer, train_demo_tokenizer
 from vlmu_jax.models import sharding
 from vlmu_jax.models.tiny import clip_preprocessor_config, tiny_llava_config
@@ -80,15 +81,16 @@ class Workspace:
                           append_eos=self.config.data.append_eos, max_length=self.config.data.max_length)
 
     @cached_property
-    def image_spec(self) -> ImageSpec:
+    def image_processor(self) -> ImageProcessor:
         path = self.base_model / "preprocessor_config.json"
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} is missing: the checkpoint folder needs its image processor config")
-        return ImageSpec.from_hf(json.loads(path.read_text()))
+        return image_processor(json.loads(path.read_text()))
 
-    def image_fn(self, ref):
-        return preprocess(ref.load(), self.image_spec)
+    def image_fn(self, ref: ImageRef | None) -> dict[str, np.ndarray]:
+        """A row's image inputs for the model (a text-only row's when `ref` is None)."""
+        return self.image_processor.blank() if ref is None else self.image_processor(ref.load())
 
     def load(self, name: str):
         """A model folder of this run (or the base checkpoint) loaded onto the mesh."""

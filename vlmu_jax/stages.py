@@ -34,13 +34,13 @@ _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
 
 def logps_fn(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Answer-token log-probs of a batch and their mask, for the trainer's objectives."""
-    logps = compute_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    logps = compute_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["images"])
     return logps, batch["labels"][:, 1:] != IGNORE
 
 
 def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Full-vocabulary KL(reference || model) at every real token of the batch."""
-    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    args = (batch["input_ids"], batch["attention_mask"], batch["images"])
     hidden, ref_hidden = model(*args)[:, :-1], jax.lax.stop_gradient(ref_model(*args)[:, :-1])
     kl = head_kl(hidden, ref_hidden, model.head_weight(), jax.lax.stop_gradient(ref_model.head_weight()))
     return kl, batch["attention_mask"][:, 1:] > 0
@@ -56,7 +56,7 @@ def _source(ws: Workspace, identities: list[Identity], stage: ml_collections.Con
     if not rows:
         raise ValueError("a training stream has no examples: check the split names and the data folder")
     return ExampleSource(rows, global_batch_size=stage.batch_size, pad_token_id=ws.tokenizer.pad_token_id,
-                         image_fn=ws.image_fn, image_shape=ws.image_spec.output_shape, seed=seed)
+                         image_fn=ws.image_fn, seed=seed)
 
 
 def _prepare_trainable(model: nnx.Module, stage: ml_collections.ConfigDict, seed: int):
@@ -164,7 +164,7 @@ def _runner(ws: Workspace):
 
     # Evaluation rows are never cut to the training max_length: a cut answer or prompt scores garbage.
     return Runner(text=dataclasses.replace(ws.text_config, max_length=None), batch_size=ws.config.eval.batch_size,
-                  image_fn=ws.image_fn, image_shape=ws.image_spec.output_shape,
+                  image_fn=ws.image_fn,
                   max_new_tokens=ws.config.eval.max_new_tokens, mesh=ws.mesh,
                   original=ws.config.eval.original_behaviour)
 

@@ -1,17 +1,16 @@
-"""Local HF LLaVA checkpoint (config.json + safetensors) -> Flax model, each tensor streamed into its
-sharding.
+"""Local HF checkpoint (config.json + safetensors) -> Flax model, each tensor streamed into its sharding.
 
 safetensors files are memory-mapped and parsed from their JSON header (no pickle, no torch); every Flax
-param is
-built with ``jax.make_array_from_callback`` so a device only ever receives its own shard. Old llava-hf key
-layouts
-(``language_model.model.*``, ``vision_tower.vision_model.*``) and the transformers-5 layout are both accepted.
+param is built with ``jax.make_array_from_callback`` so a device only ever receives its own shard. Tensor
+names go through the architecture's ``canonical_name``, so older layouts (llava-hf's
+``language_model.model.*``, ``vision_tower.vision_model.*``) and the transformers-5 layout both load.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from vlmu_jax.models.registry import abstract_model, canonical_hf_name, check_architecture, hf_name_map
+from vlmu_jax.models.registry import abstract_model, architecture, hf_name_map
 from vlmu_jax.models.sharding import variable_sharding
 
 SAFETENSORS_DTYPES = {
@@ -42,7 +41,7 @@ SAFETENSORS_DTYPES = {
 class TensorIndex:
     """Name -> lazily read numpy tensor over one checkpoint's safetensors files (memory-mapped)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, canonical_name: Callable[[str], str] = lambda name: name):
         single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
         if index.exists():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -60,7 +59,7 @@ class TensorIndex:
                 header = json.loads(f.read(n))
             for key, info in header.items():
                 if key != "__metadata__":
-                    self.entries[canonical_hf_name(key)] = (path, info, 8 + n)
+                    self.entries[canonical_name(key)] = (path, info, 8 + n)
         self._maps: dict[Path, np.memmap] = {}
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -96,8 +95,7 @@ def load_pretrained(
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {folder}")
     hf_config = json.loads((folder / "config.json").read_text())
-    check_architecture(hf_config)
-    index = TensorIndex(folder)
+    index = TensorIndex(folder, architecture(hf_config).canonical_name)
     model = abstract_model(hf_config, dtype, **options)
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))

@@ -30,7 +30,7 @@ class BatchSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def get(self, index: int) -> dict[str, np.ndarray]: ...
+    def get(self, index: int) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -150,27 +150,29 @@ def collate(
     rows: Sequence[Encoded],
     *,
     pad_token_id: int,
-    image_fn: Callable[[ImageRef], np.ndarray],
-    image_shape: tuple[int, int, int],
+    image_fn: Callable[[ImageRef | None], dict[str, np.ndarray]],
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     left_pad: bool = False,
-) -> dict[str, np.ndarray]:
-    """Pad rows to one bucket length; right padding for training/scoring, left padding for generation."""
+) -> dict[str, Any]:
+    """Pad rows to one bucket length; right padding for training/scoring, left padding for generation.
+
+    `image_fn(ref)` gives a row's image inputs (`image_fn(None)` a text-only row's); they are stacked per
+    key under `batch["images"]`.
+    """
     t = bucket_length(max(len(r.input_ids) for r in rows), buckets)
-    batch = {
+    batch: dict[str, Any] = {
         "input_ids": np.full((len(rows), t), pad_token_id, np.int32),
         "attention_mask": np.zeros((len(rows), t), np.int32),
         "labels": np.full((len(rows), t), IGNORE, np.int32),
-        "pixel_values": np.zeros((len(rows), *image_shape), np.float32),
     }
+    images = [image_fn(row.image) for row in rows]
+    batch["images"] = {k: np.stack([im[k] for im in images]) for k in images[0]}
     for i, row in enumerate(rows):
         n = len(row.input_ids)
         span = slice(t - n, t) if left_pad else slice(0, n)
         batch["input_ids"][i, span] = row.input_ids
         batch["attention_mask"][i, span] = 1
         batch["labels"][i, span] = row.labels
-        if row.image is not None:
-            batch["pixel_values"][i] = image_fn(row.image)
     return batch
 
 
@@ -207,8 +209,7 @@ class ExampleSource:
         *,
         global_batch_size: int,
         pad_token_id: int,
-        image_fn: Callable[[ImageRef], np.ndarray],
-        image_shape: tuple[int, int, int],
+        image_fn: Callable[[ImageRef | None], dict[str, np.ndarray]],
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         seed: int = 0,
         shuffle: bool = True,
@@ -233,7 +234,6 @@ class ExampleSource:
             collate,
             pad_token_id=pad_token_id,
             image_fn=functools.lru_cache(256)(image_fn),
-            image_shape=image_shape,
             buckets=buckets,
             left_pad=left_pad,
         )
@@ -248,5 +248,5 @@ class ExampleSource:
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         return order[np.arange(step * self.global_batch_size, (step + 1) * self.global_batch_size) % n]
 
-    def get(self, index: int) -> dict[str, np.ndarray]:
+    def get(self, index: int) -> dict[str, Any]:
         return self._collate([self.rows[i] for i in self.global_indices(index)[self.host]])

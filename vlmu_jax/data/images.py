@@ -1,5 +1,9 @@
 """Image preprocessing identical to the HF image processors the seeds use, in numpy/PIL.
 
+Every architecture's processor maps one PIL image to a dict of per-row arrays (the model's image inputs:
+``pixel_values`` and, for some architectures, masks or tile ids) and says what a text-only row carries
+(``blank``), so batches stack the same keys for every row whatever the model.
+
 LLaVA-1.5 (both seeds) uses CLIPImageProcessor: resize the shortest edge (PIL bicubic), center crop, rescale
 by 1/255 in float64 then cast to float32, normalise with the OpenAI CLIP mean/std in float32.
 LlavaImageProcessor's `do_pad` variant first pads to a square filled with the mean colour (original LLaVA
@@ -9,8 +13,9 @@ rounding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -94,3 +99,41 @@ def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
     return (scaled - mean) / std
+
+
+class ImageProcessor(Protocol):
+    """One architecture's image inputs for one row (see the module docstring)."""
+
+    def __call__(self, image: Image.Image) -> dict[str, np.ndarray]: ...
+
+    def blank(self) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class ClipProcessor:
+    """CLIPImageProcessor / LlavaImageProcessor: one [3, H, W] image per row."""
+
+    spec: ImageSpec
+
+    def __call__(self, image: Image.Image) -> dict[str, np.ndarray]:
+        return {"pixel_values": preprocess(image, self.spec)}
+
+    def blank(self) -> dict[str, np.ndarray]:
+        return {"pixel_values": np.zeros(self.spec.output_shape, np.float32)}
+
+
+# image_processor_type in preprocessor_config.json -> processor factory.
+PROCESSORS: dict[str, Callable[[dict[str, Any]], ImageProcessor]] = {
+    "CLIPImageProcessor": lambda cfg: ClipProcessor(ImageSpec.from_hf(cfg)),
+    "CLIPImageProcessorFast": lambda cfg: ClipProcessor(ImageSpec.from_hf(cfg)),
+    "LlavaImageProcessor": lambda cfg: ClipProcessor(ImageSpec.from_hf(cfg)),
+    "LlavaImageProcessorFast": lambda cfg: ClipProcessor(ImageSpec.from_hf(cfg)),
+}
+
+
+def image_processor(cfg: dict[str, Any]) -> ImageProcessor:
+    """The processor a checkpoint's preprocessor_config.json names (CLIP when it names none)."""
+    kind = cfg.get("image_processor_type", "CLIPImageProcessor")
+    if kind not in PROCESSORS:
+        raise ValueError(f"unsupported image_processor_type {kind!r}; supported: {sorted(PROCESSORS)}")
+    return PROCESSORS[kind](cfg)

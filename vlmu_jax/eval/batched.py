@@ -55,16 +55,16 @@ def _gather(x: jax.Array) -> np.ndarray:
 
 
 def score_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
-               image_fn: Callable, image_shape: tuple[int, int, int], mesh: Mesh | None = None,
+               image_fn: Callable, mesh: Mesh | None = None,
                desc: str = "score") -> list[AnswerScores]:
     """Teacher-forced answer-token scores for every row, in row order."""
     source = ExampleSource(list(rows), global_batch_size=batch_size, pad_token_id=pad_token_id,
-                           image_fn=image_fn, image_shape=image_shape, shuffle=False)
+                           image_fn=image_fn, shuffle=False)
     out: list[AnswerScores | None] = [None] * len(rows)
     for batch, idx, fresh in _batches(source, desc):
         inputs = global_batch(batch, mesh)
         logps, mu, var = (_gather(a) for a in token_logprobs(
-            model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], with_stats=True))
+            model, inputs["input_ids"], inputs["attention_mask"], inputs["images"], with_stats=True))
         answer = _gather(inputs["labels"])[:, 1:] != IGNORE
         for r in np.flatnonzero(fresh):
             m = answer[r]
@@ -74,17 +74,16 @@ def score_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, p
 
 def generate_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
                   eos_token_id: int | Sequence[int] | None, max_new_tokens: int, image_fn: Callable,
-                  image_shape: tuple[int, int, int], mesh: Mesh | None = None,
-                  desc: str = "generate") -> list[np.ndarray]:
+                  mesh: Mesh | None = None, desc: str = "generate") -> list[np.ndarray]:
     """Greedy continuations of left-padded prompts, cut at the first EOS, in row order."""
     source = ExampleSource(list(rows), global_batch_size=batch_size, pad_token_id=pad_token_id,
-                           image_fn=image_fn, image_shape=image_shape, shuffle=False, left_pad=True)
+                           image_fn=image_fn, shuffle=False, left_pad=True)
     eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
     out: list[np.ndarray | None] = [None] * len(rows)
     for batch, idx, fresh in _batches(source, desc):
         inputs = global_batch(batch, mesh)
         tokens = _gather(generate(
-            model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+            model, inputs["input_ids"], inputs["attention_mask"], inputs["images"],
             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id))
         for r in np.flatnonzero(fresh):
             seq = tokens[r].tolist()

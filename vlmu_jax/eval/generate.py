@@ -31,7 +31,7 @@ def _generate(
     model: nnx.Module,
     input_ids: jax.Array,
     attention_mask: jax.Array,
-    pixel_values: jax.Array | None,
+    images: dict[str, jax.Array] | None,
     rng: jax.Array,
     *,
     max_new_tokens: int,
@@ -40,17 +40,11 @@ def _generate(
     temperature: float,
     top_p: float,
 ) -> jax.Array:
-    c = model.config.text
     b, p = input_ids.shape
     s = p + max_new_tokens
     head = model.head_weight()
-    dtype = head.dtype
-    cache = tuple(jnp.zeros((c.num_layers, b, s, c.num_kv_heads, c.head_dim), dtype) for _ in range(2))
     kv_valid = jnp.zeros((b, s), jnp.int32).at[:, :p].set(attention_mask)
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    h, cache = model.decode(
-        model.embed(input_ids, pixel_values), positions, kv_valid, cache=cache, index=0, impl="xla"
-    )
+    h, cache = model.prefill(input_ids, attention_mask, images, s)
     logits = jnp.einsum("bd,vd->bv", h[:, -1], head, preferred_element_type=jnp.float32)
     out = jnp.full((b, max_new_tokens), pad, jnp.int32)
     done = jnp.zeros((b,), bool)
@@ -67,14 +61,7 @@ def _generate(
         out = out.at[:, i].set(tok)
         done = done | jnp.isin(tok, jnp.asarray(eos, jnp.int32)) if eos else done
         kv_valid = kv_valid.at[:, p + i].set(1)
-        h, cache = model.decode(
-            model.language_model.embed(tok[:, None]),
-            (next_pos + i)[:, None],
-            kv_valid,
-            cache=cache,
-            index=p + i,
-            impl="xla",
-        )
+        h, cache = model.decode_step(tok[:, None], (next_pos + i)[:, None], kv_valid, cache, p + i)
         logits = jnp.einsum("bd,vd->bv", h[:, -1], head, preferred_element_type=jnp.float32)
         return i + 1, cache, kv_valid, logits, done, out, rng
 
@@ -86,7 +73,7 @@ def generate(
     model: nnx.Module,
     input_ids,
     attention_mask,
-    pixel_values,
+    images,
     *,
     max_new_tokens: int,
     eos_token_id: int | tuple[int, ...] | None = None,
@@ -96,6 +83,8 @@ def generate(
     rng: jax.Array | None = None,
 ) -> jax.Array:
     """New tokens int32 [B, max_new_tokens] for left-padded prompts; after EOS a row holds pad_token_id.
+
+    `images` is the model's image-input dict for the batch (None: text only).
 
     eos/pad default to the model config's; the loop stops early once every row has finished.
     """
@@ -114,7 +103,7 @@ def generate(
         model,
         jnp.asarray(input_ids, jnp.int32),
         jnp.asarray(attention_mask, jnp.int32),
-        None if pixel_values is None else jnp.asarray(pixel_values),
+        None if images is None else jax.tree.map(jnp.asarray, images),
         rng,
         max_new_tokens=max_new_tokens,
         eos=eos,

@@ -72,12 +72,12 @@ def compute_token_logprobs(
     model: nnx.Module,
     input_ids: jax.Array,
     attention_mask: jax.Array,
-    pixel_values: jax.Array | None,
+    images: dict[str, jax.Array] | None,
     with_stats: bool = False,
     chunk_size: int = 128,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Traceable: logps [B, T-1] = log p(x_{t+1} | x_<=t); with_stats also (mu, var) of log p under p."""
-    hidden = model(input_ids, attention_mask, pixel_values)
+    hidden = model(input_ids, attention_mask, images)
     return head_logprobs(
         hidden[:, :-1], model.head_weight(), input_ids[:, 1:], with_stats=with_stats, chunk_size=chunk_size
     )
@@ -88,9 +88,9 @@ def token_logprobs(
     model: nnx.Module,
     input_ids: jax.Array,
     attention_mask: jax.Array,
-    pixel_values: jax.Array | None,
+    images: dict[str, jax.Array] | None,
     with_stats: bool = False,
     chunk_size: int = 128,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Jitted public wrapper of compute_token_logprobs."""
-    return compute_token_logprobs(model, input_ids, attention_mask, pixel_values, with_stats, chunk_size)
+    return compute_token_logprobs(model, input_ids, attention_mask, images, with_stats, chunk_size)

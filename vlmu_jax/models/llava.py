@@ -1,12 +1,19 @@
 """LLaVA-1.5: CLIP tower -> feature layer select -> 2-layer MLP projector -> splice into the LM's embeddings.
 
 The model returns final-normed hidden states [B, T, D]; the output head (``head_weight()``, [V, D]) is
-applied by
-the chunked scorer or the generator, never here.
+applied by the chunked scorer or the generator, never here.
+
+Every architecture exposes the same surface to scoring, training and generation:
+``__call__(input_ids, attention_mask, images, dropout_rng)`` -> hidden states, ``head_weight()``,
+``prefill(input_ids, attention_mask, images, cache_len)`` -> (hidden states, decode state) and
+``decode_step(tokens, positions, kv_valid, state, index)`` -> (hidden states, decode state); ``images`` is
+the dict the architecture's image processor makes (here ``{"pixel_values": [B, 3, H, W]}``) and the decode
+state is whatever the architecture needs to carry between steps (here the KV cache).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,9 +21,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlmu_jax.models.architecture import Architecture
 from vlmu_jax.models.clip import ClipVisionTower, VisionConfig
+from vlmu_jax.models.hf_names import HFParam, rename, stacked_name_map
 from vlmu_jax.models.layers import Dense, activation
 from vlmu_jax.models.llama import DecoderLM, KVCache, TextConfig
+from vlmu_jax.models.phi3 import phi3_text_config
 
 
 @dataclass(frozen=True)
@@ -128,12 +138,12 @@ class LlavaForConditionalGeneration(nnx.Module):
             hs = [h[:, 1:] for h in hs]
         return self.multi_modal_projector(jnp.concatenate(hs, axis=-1))
 
-    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
+    def embed(self, input_ids: jax.Array, images: dict[str, jax.Array] | None) -> jax.Array:
         """Token embeddings with row b's k-th image token replaced by row b's k-th image feature."""
         h = self.language_model.embed(input_ids)
-        if pixel_values is None:
+        if images is None:
             return h
-        feats = self.image_features(pixel_values).astype(h.dtype)
+        feats = self.image_features(images["pixel_values"]).astype(h.dtype)
         is_img = input_ids == self.config.image_token_id
         idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
         spliced = jnp.take_along_axis(feats, idx[..., None], axis=1)
@@ -168,12 +178,102 @@ class LlavaForConditionalGeneration(nnx.Module):
         self,
         input_ids: jax.Array,
         attention_mask: jax.Array,
-        pixel_values: jax.Array | None = None,
+        images: dict[str, jax.Array] | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """Final-normed hidden states [B, T, D]. Positions follow the attention mask (HF: cumsum - 1)."""
         if dropout_rng is None and self.lora_rngs is not None:
             dropout_rng = self.lora_rngs.dropout()
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        h, _ = self.decode(self.embed(input_ids, pixel_values), positions, attention_mask, rng=dropout_rng)
+        h, _ = self.decode(self.embed(input_ids, images), positions, attention_mask, rng=dropout_rng)
         return h
+
+    def prefill(
+        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int
+    ) -> tuple[jax.Array, KVCache]:
+        """Hidden states of a left-padded prompt and a KV cache of `cache_len` slots holding it."""
+        t, b = self.config.text, input_ids.shape[0]
+        dtype = self.head_weight().dtype
+        cache = tuple(jnp.zeros((t.num_layers, b, cache_len, t.num_kv_heads, t.head_dim), dtype) for _ in range(2))
+        kv_valid = jnp.zeros((b, cache_len), jnp.int32).at[:, : input_ids.shape[1]].set(attention_mask)
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        return self.decode(self.embed(input_ids, images), positions, kv_valid, cache=cache, index=0, impl="xla")
+
+    def decode_step(
+        self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: KVCache, index: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        """Hidden states [B, 1, D] of one new token per row written at cache slot `index`."""
+        return self.decode(self.language_model.embed(tokens), positions, kv_valid, cache=state, index=index,
+                           impl="xla")
+
+
+# ------------------------------------------------------------------------------------------- config.json
+TEXT_CONFIGS = {"llama": TextConfig.from_hf, "phi3": phi3_text_config}
+
+
+def llava_config(hf_config: dict[str, Any], **options: Any) -> LlavaConfig:
+    """LlavaConfig from config.json (clear errors for towers we do not build); options: remat, scan_layers,
+    attention_impl."""
+    tc, vc = hf_config.get("text_config", {}), hf_config.get("vision_config", {})
+    text_type = tc.get("model_type", "llama")
+    if text_type not in TEXT_CONFIGS:
+        raise ValueError(
+            f"unknown architecture: text_config.model_type={text_type!r}; supported {sorted(TEXT_CONFIGS)}"
+        )
+    vis_type = vc.get("model_type", "clip_vision_model")
+    if vis_type != "clip_vision_model":
+        raise ValueError(
+            f"unknown architecture: vision_config.model_type={vis_type!r}; supported 'clip_vision_model'"
+        )
+    text = TEXT_CONFIGS[text_type](tc)
+    vision = VisionConfig.from_hf(vc)
+    layer = hf_config.get("vision_feature_layer", -2)
+    strategy = hf_config.get("vision_feature_select_strategy", "default")
+    eos = tc.get("eos_token_id", hf_config.get("eos_token_id"))
+    return LlavaConfig(
+        text=text,
+        vision=vision,
+        image_token_id=hf_config.get("image_token_id", hf_config.get("image_token_index", 32000)),
+        num_image_tokens=vision.num_patches + (strategy == "full"),
+        vocab_size=text.vocab_size,
+        pad_token_id=tc.get("pad_token_id", hf_config.get("pad_token_id")),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act=hf_config.get("projector_hidden_act", "gelu"),
+        projector_bias=hf_config.get("multimodal_projector_bias", True),
+        hf_config=hf_config,
+        **options,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- HF names
+_PREFIXES = {
+    "vision_tower": "model.vision_tower",
+    "multi_modal_projector": "model.multi_modal_projector",
+    "language_model": "model.language_model",
+}
+_STACKS = {"vision_tower": "encoder.layers.{i}", "language_model": "layers.{i}"}
+
+
+def llava_name_map(model: nnx.Module) -> dict[tuple[str, ...], HFParam]:
+    """Flax path -> transformers-5 tensor name."""
+    return stacked_name_map(model, _PREFIXES, _STACKS, special={("lm_head",): HFParam("lm_head.weight", False, False)})
+
+
+# Other on-disk layouts -> the transformers-5 names (llava-hf checkpoints and transformers' own save use these).
+_ALIASES = [
+    (re.compile(r"^language_model\.model\."), "model.language_model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^(model\.)?vision_tower\.vision_model\."), "model.vision_tower."),
+    (re.compile(r"^vision_tower\."), "model.vision_tower."),
+    (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+]
+
+ARCHITECTURE = Architecture(
+    model_type="llava",
+    config=llava_config,
+    model=LlavaForConditionalGeneration,
+    name_map=llava_name_map,
+    canonical_name=lambda name: rename(name, _ALIASES),
+)

@@ -7,6 +7,7 @@ decided here only, so the same model code runs on 1 CPU, 8 fake CPU devices, a G
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -103,11 +104,11 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def global_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
-    """This host's rows of a batch -> global arrays split along 'batch' over the mesh (one device: as is)."""
+def global_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
+    """This host's rows of a batch (a pytree of arrays) -> global arrays split along 'batch' over the mesh."""
     if mesh is None:
-        return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+        return jax.tree.map(jax.numpy.asarray, batch)
     axes = logical_to_spec(("batch",))[0]
     axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.axis_names)
     sharding = NamedSharding(mesh, PartitionSpec(axes))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)

@@ -30,8 +30,7 @@ class Runner:
 
     text: TextConfig
     batch_size: int
-    image_fn: Callable
-    image_shape: tuple[int, int, int]
+    image_fn: Callable  # ImageRef | None -> the model's image inputs for one row
     max_new_tokens: int
     mesh: Mesh | None = None
     original: bool = False  # reproduce the seeds' known bugs (see vlmu_jax.eval.metrics)
@@ -64,13 +63,12 @@ def evaluate_split(model: nnx.Module, identities: Sequence[Identity], runner: Ru
     pad = runner.tokenizer.pad_token_id
     rows = [encode(e, runner.text) for e in examples]
     scores = score_rows(model, rows, batch_size=runner.batch_size,
-                        pad_token_id=pad, image_fn=runner.image_fn, image_shape=runner.image_shape,
-                        mesh=runner.mesh, desc=f"{desc} score")
+                        pad_token_id=pad, image_fn=runner.image_fn, mesh=runner.mesh, desc=f"{desc} score")
     prompts = [Example(qa.question, "", ident.image, ident.uid) for ident, qa in items]
     generated = generate_rows(model, generation_rows(prompts, runner.text), batch_size=runner.batch_size,
                               pad_token_id=pad, eos_token_id=runner.tokenizer.eos_token_id,
-                              max_new_tokens=runner.max_new_tokens, image_fn=runner.image_fn,
-                              image_shape=runner.image_shape, mesh=runner.mesh, desc=f"{desc} generate")
+                              max_new_tokens=runner.max_new_tokens, image_fn=runner.image_fn, mesh=runner.mesh,
+                              desc=f"{desc} generate")
     return _log(items, rows, scores, generated, k, runner, forget=forget)
 
 
@@ -119,8 +117,8 @@ def evaluate_ape(model: nnx.Module, identities: Sequence[Identity], runner: Runn
     prompts = [Example(v.question, "", items[v.qa_index][0].image, items[v.qa_index][0].uid) for v in variants]
     generated = generate_rows(model, generation_rows(prompts, runner.text), batch_size=runner.batch_size,
                               pad_token_id=runner.tokenizer.pad_token_id, eos_token_id=runner.tokenizer.eos_token_id,
-                              max_new_tokens=runner.max_new_tokens, image_fn=runner.image_fn,
-                              image_shape=runner.image_shape, mesh=runner.mesh, desc=f"{desc} APE")
+                              max_new_tokens=runner.max_new_tokens, image_fn=runner.image_fn, mesh=runner.mesh,
+                              desc=f"{desc} APE")
     texts = [runner.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
     scored = attacks.score_ape(variants, texts, original=runner.original)
     scored["question"] = [v.question for v in variants]

@@ -124,8 +124,7 @@ def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *,
                + [Example(cloze_prompt(c), "", _image(p, c.modality), p.uid) for p, c in clozes]
                + [Example(generation_prompt(qa), "", _image(p, qa.modality), p.uid) for p, qa in gens])
     tok, pad, text = runner.tokenizer, runner.tokenizer.pad_token_id, runner.text
-    common = dict(batch_size=runner.batch_size, pad_token_id=pad, image_fn=runner.image_fn,
-                  image_shape=runner.image_shape, mesh=runner.mesh)
+    common = dict(batch_size=runner.batch_size, pad_token_id=pad, image_fn=runner.image_fn, mesh=runner.mesh)
     generated = generate_rows(model, generation_rows(prompts, text), eos_token_id=tok.eos_token_id,
                               max_new_tokens=runner.max_new_tokens, desc=f"{desc} generate", **common)
     texts = [tok.decode(ids, skip_special_tokens=True) for ids in generated]

@@ -1,0 +1,26 @@
+"""What the registry, the checkpoint reader/writer and the data pipeline need of one model family.
+
+Each family module (llava.py, ...) defines one ``Architecture``; registry.py picks it by config.json's
+``model_type``. The model config it builds must carry ``image_token_id``, ``num_image_tokens``,
+``eos_token_id``, ``pad_token_id`` and the verbatim ``hf_config`` (for export), and its model the surface
+described in llava.py's docstring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flax import nnx
+
+from vlmu_jax.models.hf_names import HFParam
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    config: Callable[..., Any]  # (hf_config dict, **options) -> model config; raises on unsupported parts
+    model: type[nnx.Module]  # model(config, dtype=, rngs=)
+    name_map: Callable[[nnx.Module], dict[tuple[str, ...], HFParam]]  # Flax path -> HF tensor
+    canonical_name: Callable[[str], str]  # any known on-disk tensor name -> the name name_map uses
