@@ -1,5 +1,7 @@
 """Templates, demo tokenizer, label masks on hand-checked examples, bucketing, host sharding, determinism."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -15,7 +17,13 @@ from vlmu_jax.data.batching import (
     generation_rows,
 )
 from vlmu_jax.data.records import ImageRef
-from vlmu_jax.data.templates import TEMPLATES, get_template, load_tokenizer, train_demo_tokenizer
+from vlmu_jax.data.templates import (
+    TEMPLATES,
+    get_template,
+    load_tokenizer,
+    template_markers,
+    train_demo_tokenizer,
+)
 
 N_IMG = 5
 
@@ -65,22 +73,23 @@ def test_vicuna_mask_hand_checked(tok):
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_every_template_labels_exactly_answer_and_turn_end(tok, name):
+def test_every_template_labels_exactly_answer_and_turn_end(bench, tmp_path, name):
     template = get_template(name)
+    train_demo_tokenizer(synthetic.corpus(bench), tmp_path, 600, template)
+    tok = load_tokenizer(tmp_path)
+    image_id = tok.convert_tokens_to_ids(template.image_token)
+    markers = template_markers(template)
+    assert all(len(tok(m, add_special_tokens=False)["input_ids"]) == 1 for m in markers)
     for image in (ImageRef(data=b""), None):
-        if image is not None and template.image_token != "<image>":
-            # the demo tokenizer only knows "<image>"; Mllama's "<|image|>" is a real checkpoint's token
-            continue
         ex = Example("What is the job of Ada Moss?", "Works as a baker.", image)
-        row = encode(ex, _cfg(tok, name))
+        cfg = TextConfig(tok, template, image_id, N_IMG)
+        row = encode(ex, cfg)
         answer_ids = row.input_ids[row.labels != IGNORE]
         assert tok.decode(answer_ids).lstrip(" ") == "Works as a baker." + template.answer_suffix
-        n_img = int((row.input_ids == tok.convert_tokens_to_ids("<image>")).sum())
-        assert n_img == (N_IMG if image is not None else 0)
-        full = encode(
-            ex, _cfg(tok, name, train_on_prompt=True)
-        )  # MLLMU finetune: only pad (and image) masked
-        assert ((full.labels == IGNORE) == (full.input_ids == tok.convert_tokens_to_ids("<image>"))).all()
+        assert int((row.input_ids == image_id).sum()) == (N_IMG if image is not None else 0)
+        # MLLMU finetune: only pad (and image) masked
+        full = encode(ex, dataclasses.replace(cfg, train_on_prompt=True))
+        assert ((full.labels == IGNORE) == (full.input_ids == image_id)).all()
 
 
 def _source(tok, bench, process_index, process_count, **kw):

@@ -135,12 +135,14 @@ def prepare_base_model(ws: Workspace) -> None:
     shape = ws.config.model.tiny_shape
     if jax.process_index() == 0:
         shutil.rmtree(out, ignore_errors=True)
-        tok = train_demo_tokenizer(synthetic.corpus(ws.bench), out, vocab_size=shape.vocab_size)
+        tok = train_demo_tokenizer(synthetic.corpus(ws.bench), out, vocab_size=shape.vocab_size,
+                                   template=get_template(ws.config.model.template))
         (out / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(shape.image_size)))
     _sync("tokenizer")
     tok = load_tokenizer(out)
+    image_token = get_template(ws.config.model.template).image_token
     hf_config = tiny_llava_config(
-        shape, vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+        shape, vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(image_token),
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = init_model(hf_config, seed=ws.config.seed, dtype=jnp.dtype(ws.config.model.dtype), mesh=ws.mesh)
     export_hf(model, out)

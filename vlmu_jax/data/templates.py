@@ -9,6 +9,7 @@ the turn with their own token.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,20 +101,29 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def train_demo_tokenizer(corpus: list[str], out_dir: str | Path, vocab_size: int = 512):
+def template_markers(template: Template) -> list[str]:
+    """The template's `<...>` / `<|...|>` markers (image token first): real checkpoints' tokenizers have each as
+    one special token, so a demo tokenizer must too."""
+    text = "".join([template.image_token, template.system, template.user_prefix, template.text_user_prefix or "",
+                    template.image_text, template.question_end, template.answer_prefix, template.answer_suffix])
+    return list(dict.fromkeys(re.findall(r"<\|?[A-Za-z_]+\|?>", text)))
+
+
+def train_demo_tokenizer(corpus: list[str], out_dir: str | Path, vocab_size: int = 512,
+                         template: Template | None = None):
     """Train a byte-level BPE on `corpus` and save it as a PreTrainedTokenizerFast that AutoTokenizer
     loads.
 
-    Byte-level means every string is encodable without `<unk>`; `<image>` is an added special token so the
-    template's placeholder is one id. BOS is added by the post-processor for plain `tokenizer(text)`
-    calls.
+    Byte-level means every string is encodable without `<unk>`; the template's image token and turn markers
+    are added special tokens so each is one id (the image token is saved as `image_token`). BOS is added by
+    the post-processor for plain `tokenizer(text)` calls.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [SPECIAL_TOKENS[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")] + [
-        IMAGE_TOKEN
-    ]
+    markers = template_markers(template) if template is not None else [IMAGE_TOKEN]
+    basic = [SPECIAL_TOKENS[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")]
+    specials = basic + [m for m in markers if m not in basic]
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -134,7 +144,7 @@ def train_demo_tokenizer(corpus: list[str], out_dir: str | Path, vocab_size: int
         ]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, extra_special_tokens={"image_token": IMAGE_TOKEN}, **SPECIAL_TOKENS
+        tokenizer_object=tok, extra_special_tokens={"image_token": markers[0]}, **SPECIAL_TOKENS
     )
     fast.save_pretrained(str(out_dir))
     return fast
