@@ -70,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # local Hugging Face checkpoint folder (config.json + safetensors + tokenizer)
     c.model.tiny = False  # build a tiny random LLaVA + demo tokenizer instead of loading `path`
     c.model.tiny_shape = ml_collections.ConfigDict()  # the tiny model's shape (used when tiny=True)
-    c.model.tiny_shape.text_model = "llama"  # llama | phi3
+    c.model.tiny_shape.architecture = "llava"  # HF model_type of the tiny model, see vlmu_jax.models.tiny
+    c.model.tiny_shape.text_model = "llama"  # llama | phi3 (llava only)
     c.model.tiny_shape.vocab_size = 1024
     c.model.tiny_shape.hidden_size = 128
     c.model.tiny_shape.intermediate_size = 256

@@ -27,7 +27,7 @@ from vlmu_jax.data.images import ImageProcessor, image_processor
 from vlmu_jax.data.records import Benchmark, ImageRef
 from vlmu_jax.data.templates import get_template, load_tokenizer, train_demo_tokenizer
 from vlmu_jax.models import sharding
-from vlmu_jax.models.tiny import clip_preprocessor_config, tiny_llava_config
+from vlmu_jax.models.tiny import TokenIds, tiny_checkpoint
 
 DONE = "DONE"
 
@@ -125,7 +125,7 @@ def prepare_data(ws: Workspace) -> None:
 
 
 def prepare_base_model(ws: Workspace) -> None:
-    """For the demo: a tokenizer trained on the benchmark text and a random tiny LLaVA in HF format."""
+    """For the demo: a tokenizer trained on the benchmark text and a random tiny model in HF format."""
     if not ws.config.model.tiny or is_done(ws.base_model):
         return
     from vlmu_jax.checkpoints.hf_export import export_hf
@@ -133,17 +133,17 @@ def prepare_base_model(ws: Workspace) -> None:
 
     out = ws.base_model
     shape = ws.config.model.tiny_shape
+    template = get_template(ws.config.model.template)
     if jax.process_index() == 0:
         shutil.rmtree(out, ignore_errors=True)
-        tok = train_demo_tokenizer(synthetic.corpus(ws.bench), out, vocab_size=shape.vocab_size,
-                                   template=get_template(ws.config.model.template))
-        (out / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(shape.image_size)))
+        train_demo_tokenizer(synthetic.corpus(ws.bench), out, vocab_size=shape.vocab_size, template=template)
     _sync("tokenizer")
     tok = load_tokenizer(out)
-    image_token = get_template(ws.config.model.template).image_token
-    hf_config = tiny_llava_config(
-        shape, vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(image_token),
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ids = TokenIds(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(template.image_token),
+                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    hf_config, preprocessor = tiny_checkpoint(shape, ids)
+    if jax.process_index() == 0:
+        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     model = init_model(hf_config, seed=ws.config.seed, dtype=jnp.dtype(ws.config.model.dtype), mesh=ws.mesh)
     export_hf(model, out)
     mark_done(out)
