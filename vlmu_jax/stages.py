@@ -70,8 +70,10 @@ def _prepare_trainable(model: nnx.Module, stage: ml_collections.ConfigDict, seed
                                  tune_language_model=stage.tune_language_model)
 
 
-def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None) -> None:
-    """Merged HF folder plus the base checkpoint's tokenizer and processor files."""
+def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None, info: dict | None = None) -> None:
+    """Merged HF folder plus the base checkpoint's tokenizer and processor files (and `export_info.json`: `info`
+    with the source tree's commit, when given)."""
+    from vlmu_jax import provenance
     from vlmu_jax.checkpoints.hf_export import export_hf
 
     lora.merge_lora(model)
@@ -80,6 +82,10 @@ def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None) -> None
         for name in _SIDE_FILES:
             if (ws.base_model / name).exists():
                 shutil.copy2(ws.base_model / name, out / name)
+        if info is not None:
+            commit = provenance.git_commit(Path(__file__).resolve().parent.parent)
+            record = {**info, "commit": commit, "dtype": str(dtype) if dtype is not None else None}
+            (out / "export_info.json").write_text(json.dumps(record, indent=2))
     mark_done(out)
 
 
@@ -151,12 +157,64 @@ def eval_models(ws: Workspace) -> list[str]:
 
 
 def export(ws: Workspace) -> None:
-    """Hugging Face folders of the unlearned models (LoRA merged) in the configured dtype."""
+    """Hugging Face folders of the unlearned models (LoRA merged) in the configured dtype, each with
+    ``export_info.json`` (source, step, commit).
+
+    ``export.from_checkpoint``: "" exports ``models/unlearned_<method>`` to ``export/unlearned_<method>``;
+    "latest" or a step exports that Orbax checkpoint of ``train/unlearned_<method>`` (also of an interrupted run)
+    to ``export/unlearned_<method>_step<N>``.
+    """
     dtype = jnp.dtype(ws.config.export.dtype) if ws.config.export.dtype else None
+    source = ws.config.export.from_checkpoint
     for objective in objectives(ws):
-        out = ws.workdir / "export" / f"unlearned_{objective}"
+        name = f"unlearned_{objective}"
+        ckpt_dir = ws.workdir / "train" / name / "checkpoints"
+        if not source:
+            out = ws.workdir / "export" / name
+            if not (is_done(out) and not ws.config.force):
+                steps = _checkpoint_steps(ckpt_dir)
+                _save_model(ws, ws.load(name), out, dtype=dtype,
+                            info={"source": str(ws.model_dir(name)), "step": steps[-1] if steps else None})
+            continue
+        step = _pick_step(ckpt_dir, source)
+        out = ws.workdir / "export" / f"{name}_step{step}"
         if not (is_done(out) and not ws.config.force):
-            _save_model(ws, ws.load(f"unlearned_{objective}"), out, dtype=dtype)
+            model = _model_at_checkpoint(ws, ckpt_dir, step, start="finetuned", stage=ws.config.unlearn)
+            _save_model(ws, model, out, dtype=dtype, info={"source": str(ckpt_dir / str(step)), "step": step})
+
+
+def _checkpoint_steps(ckpt_dir: Path) -> list[int]:
+    from vlmu_jax.checkpoints.orbax_io import checkpoint_steps
+
+    return checkpoint_steps(ckpt_dir)
+
+
+def _pick_step(ckpt_dir: Path, source: str) -> int:
+    """The checkpoint step `export.from_checkpoint` names ("latest" or a number) among those on disk."""
+    steps = _checkpoint_steps(ckpt_dir)
+    if not steps:
+        raise FileNotFoundError(f"no Orbax checkpoint in {ckpt_dir}: run the unlearn stage (it checkpoints every "
+                                "unlearn.save_every steps) or leave export.from_checkpoint empty")
+    step = steps[-1] if source == "latest" else int(source)
+    if step not in steps:
+        raise ValueError(f"export.from_checkpoint={source}: {ckpt_dir} has steps {steps} (unlearn.keep_checkpoints "
+                         "keeps only the newest)")
+    return step
+
+
+def _model_at_checkpoint(ws: Workspace, ckpt_dir: Path, step: int, *, start: str,
+                         stage: ml_collections.ConfigDict) -> nnx.Module:
+    """The run's starting model with its trainable parameters (LoRA included) read from checkpoint `step`."""
+    from vlmu_jax.checkpoints.orbax_io import restore_part
+
+    if not is_done(ws.model_dir(start)):
+        raise FileNotFoundError(f"{ws.model_dir(start)} is missing: the checkpoint holds only the trained "
+                                f"parameters, the rest comes from the {start} model")
+    model = ws.load(start)
+    trainable = _prepare_trainable(model, stage, ws.config.seed)
+    params = nnx.state(model, trainable)
+    nnx.update(model, restore_part(ckpt_dir, step, params, index=0))  # the trainer saves (params, opt, rng)
+    return model
 
 
 def _runner(ws: Workspace):
