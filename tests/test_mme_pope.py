@@ -22,6 +22,19 @@ def _mme_tree(root):
     (flat / "c1.txt").write_text("Does it print 3?\tyes\nDoes it print 4?\tno\n")
 
 
+def _pope_file(folder, labels, setting="adversarial", images=False):
+    """A coco_pope_<setting>.json in the release's JSON-lines format (and its images when asked)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"coco_pope_{setting}.json"
+    rows = [{"question_id": i + 1, "image": f"COCO_{i}.jpg", "text": f"Is there a dog in image {i}?",
+             "label": lab} for i, lab in enumerate(labels)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if images:
+        for r in rows:
+            Image.new("RGB", (8, 8), (40 * r["question_id"] % 255, 0, 0)).save(folder / r["image"])
+    return path
+
+
 def test_mme_read_and_score(tmp_path):
     _mme_tree(tmp_path)
     items = mme.read_mme(tmp_path)
@@ -44,11 +57,8 @@ def test_mme_read_and_score(tmp_path):
 
 
 def test_pope_read_and_score(tmp_path):
-    path = tmp_path / "coco_pope_adversarial.json"
     labels = ["yes", "yes", "no", "no", "yes"]
-    rows = [{"question_id": i + 1, "image": f"COCO_{i}.jpg", "text": f"Is there a dog in image {i}?",
-             "label": lab} for i, lab in enumerate(labels)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = _pope_file(tmp_path, labels)
     items = pope.read_pope(path)
     assert items[0].setting == "adversarial" and items[2].label == "no" and items[4].question_id == 5
     replies = ["Yes, there is a dog.", "No.", "Yes", "no", "There is a dog."]
@@ -62,3 +72,28 @@ def test_pope_read_and_score(tmp_path):
     # pope parse: yes, no, yes, no, yes -> right: 1, 0, 0, 1, 1
     assert pope_style["accuracy"] == pytest.approx(3 / 5) and pope_style["yes_ratio"] == pytest.approx(3 / 5)
     assert pope.parse_pope_answer("I do not see one, sorry.", style="pope") == "no"
+
+
+def test_checked_readers_name_what_is_wrong(tmp_path):
+    from vlmu_jax.eval.tasks import utility
+
+    _mme_tree(tmp_path / "mme")
+    assert len(utility.read_mme_checked(tmp_path / "mme")) == 6
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no questions"):
+        utility.read_mme_checked(tmp_path / "empty")
+    (tmp_path / "mme" / "code_reasoning" / "c1.txt").write_text("Does it print 3? yes\n")  # no TAB
+    with pytest.raises(ValueError, match="is not yes/no"):
+        utility.read_mme_checked(tmp_path / "mme")
+
+    path = _pope_file(tmp_path / "pope", ["yes", "no"], images=True)
+    _pope_file(tmp_path / "pope", ["no"], setting="random", images=True)
+    probes = utility.read_pope_checked(tmp_path / "pope")  # a folder: every coco_pope_*.json in it
+    assert [(p.setting, p.label) for p, _ in probes] == [("adversarial", "yes"), ("adversarial", "no"),
+                                                         ("random", "no")]
+    assert probes[0][1] == str(tmp_path / "pope" / "COCO_0.jpg")
+    with pytest.raises(FileNotFoundError, match="pope_image_root"):
+        utility.read_pope_checked(path, tmp_path / "empty")
+    path.write_text('{"question_id": 1, "image": "COCO_0.jpg", "text": "Is there a dog?"}\n')  # no label
+    with pytest.raises(ValueError, match="question_id, image, text and label"):
+        utility.read_pope_checked(path)

@@ -106,12 +106,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.retain_split = "retain15"  # FIUBench eval.yaml pairs forget splits with retain5 / retain15
     c.eval.max_new_tokens = 50
     c.eval.original_behaviour = False  # reproduce the seeds' known bugs instead of the intended definitions
-    c.eval.judge_base_url = ""  # OpenAI-compatible endpoint for the GPT score; empty = skip
-    c.eval.judge_model = ""
+    # LLM judge (FIUBench GPT score, MLLMU-Bench factuality): runs when judge_base_url is set (openai) or
+    # judge_backend is local.
+    c.eval.judge_backend = "openai"  # openai (any OpenAI-compatible endpoint) | local (a vlmu_jax checkpoint)
+    c.eval.judge_base_url = ""  # OpenAI-compatible endpoint (ends in /v1); empty = no HTTP judge
+    c.eval.judge_model = ""  # model name sent to the endpoint (and the cache key; local default: its path)
     c.eval.judge_api_key_env = "OPENAI_API_KEY"
+    c.eval.judge_model_path = ""  # local backend: HF-format checkpoint folder the judge runs on
+    c.eval.judge_template = ""  # local backend: prompt template of the judge checkpoint; empty = model.template
+    c.eval.judge_max_tokens = 0  # verdict length; 0 = the original's (FIUBench 20, MLLMU-Bench 700)
+    c.eval.judge_prompt_file = ""  # text file replacing our judge prompt wording (str.format placeholders)
+    c.eval.judge_system_file = ""  # text file replacing our judge system message
+    # Utility benchmarks, answered by every evaluated model; empty = skip.
+    c.eval.mme_root = ""  # MME_Benchmark_release_version folder (one subfolder per category)
+    c.eval.pope_path = ""  # a coco_pope_<setting>.json file, or a folder of them
+    c.eval.pope_image_root = ""  # folder of the COCO images POPE names; empty = next to the POPE file(s)
 
     c.export = ml_collections.ConfigDict()
     c.export.dtype = ""  # empty = keep the model's dtype
+    # "" = the finished unlearned models; "latest" or a step number = that Orbax checkpoint of each unlearning
+    # run (train/unlearned_<method>/checkpoints), e.g. of an interrupted run.
+    c.export.from_checkpoint = ""
 
     return c
 
@@ -142,3 +157,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
             )
         if not os.path.isdir(config.data.root):
             raise FileNotFoundError(f"config.data.root {config.data.root!r} is not a folder")
+    _validate_eval(config.eval)
+    source = config.export.from_checkpoint
+    if source not in ("", "latest") and not source.isdigit():
+        raise ValueError(f"config.export.from_checkpoint must be '', 'latest' or a step number, got {source!r}")
+
+
+def _validate_eval(e: ml_collections.ConfigDict) -> None:
+    if e.judge_backend not in ("openai", "local"):
+        raise ValueError(f"config.eval.judge_backend must be 'openai' or 'local', got {e.judge_backend!r}")
+    if e.judge_backend == "local":
+        if not e.judge_model_path:
+            raise ValueError("config.eval.judge_backend='local' needs config.eval.judge_model_path (a local "
+                             "Hugging Face checkpoint folder)")
+        if not os.path.isdir(e.judge_model_path):
+            raise FileNotFoundError(f"config.eval.judge_model_path {e.judge_model_path!r} is not a folder")
+    for key in ("judge_prompt_file", "judge_system_file"):
+        if e[key] and not os.path.isfile(e[key]):
+            raise FileNotFoundError(f"config.eval.{key} {e[key]!r} is not a file")
+    if e.mme_root and not os.path.isdir(e.mme_root):
+        raise FileNotFoundError(f"config.eval.mme_root {e.mme_root!r} is not a folder (MME_Benchmark_release_version)")
+    if e.pope_path and not os.path.exists(e.pope_path):
+        raise FileNotFoundError(f"config.eval.pope_path {e.pope_path!r} does not exist (a coco_pope_<setting>.json "
+                                "file or a folder of them)")
+    if e.pope_image_root and not os.path.isdir(e.pope_image_root):
+        raise FileNotFoundError(f"config.eval.pope_image_root {e.pope_image_root!r} is not a folder")

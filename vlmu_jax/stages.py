@@ -70,8 +70,10 @@ def _prepare_trainable(model: nnx.Module, stage: ml_collections.ConfigDict, seed
                                  tune_language_model=stage.tune_language_model)
 
 
-def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None) -> None:
-    """Merged HF folder plus the base checkpoint's tokenizer and processor files."""
+def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None, info: dict | None = None) -> None:
+    """Merged HF folder plus the base checkpoint's tokenizer and processor files (and `export_info.json`: `info`
+    with the source tree's commit, when given)."""
+    from vlmu_jax import provenance
     from vlmu_jax.checkpoints.hf_export import export_hf
 
     lora.merge_lora(model)
@@ -80,6 +82,10 @@ def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None) -> None
         for name in _SIDE_FILES:
             if (ws.base_model / name).exists():
                 shutil.copy2(ws.base_model / name, out / name)
+        if info is not None:
+            commit = provenance.git_commit(Path(__file__).resolve().parent.parent)
+            record = {**info, "commit": commit, "dtype": str(dtype) if dtype is not None else None}
+            (out / "export_info.json").write_text(json.dumps(record, indent=2))
     mark_done(out)
 
 
@@ -151,12 +157,64 @@ def eval_models(ws: Workspace) -> list[str]:
 
 
 def export(ws: Workspace) -> None:
-    """Hugging Face folders of the unlearned models (LoRA merged) in the configured dtype."""
+    """Hugging Face folders of the unlearned models (LoRA merged) in the configured dtype, each with
+    ``export_info.json`` (source, step, commit).
+
+    ``export.from_checkpoint``: "" exports ``models/unlearned_<method>`` to ``export/unlearned_<method>``;
+    "latest" or a step exports that Orbax checkpoint of ``train/unlearned_<method>`` (also of an interrupted run)
+    to ``export/unlearned_<method>_step<N>``.
+    """
     dtype = jnp.dtype(ws.config.export.dtype) if ws.config.export.dtype else None
+    source = ws.config.export.from_checkpoint
     for objective in objectives(ws):
-        out = ws.workdir / "export" / f"unlearned_{objective}"
+        name = f"unlearned_{objective}"
+        ckpt_dir = ws.workdir / "train" / name / "checkpoints"
+        if not source:
+            out = ws.workdir / "export" / name
+            if not (is_done(out) and not ws.config.force):
+                steps = _checkpoint_steps(ckpt_dir)
+                _save_model(ws, ws.load(name), out, dtype=dtype,
+                            info={"source": str(ws.model_dir(name)), "step": steps[-1] if steps else None})
+            continue
+        step = _pick_step(ckpt_dir, source)
+        out = ws.workdir / "export" / f"{name}_step{step}"
         if not (is_done(out) and not ws.config.force):
-            _save_model(ws, ws.load(f"unlearned_{objective}"), out, dtype=dtype)
+            model = _model_at_checkpoint(ws, ckpt_dir, step, start="finetuned", stage=ws.config.unlearn)
+            _save_model(ws, model, out, dtype=dtype, info={"source": str(ckpt_dir / str(step)), "step": step})
+
+
+def _checkpoint_steps(ckpt_dir: Path) -> list[int]:
+    from vlmu_jax.checkpoints.orbax_io import checkpoint_steps
+
+    return checkpoint_steps(ckpt_dir)
+
+
+def _pick_step(ckpt_dir: Path, source: str) -> int:
+    """The checkpoint step `export.from_checkpoint` names ("latest" or a number) among those on disk."""
+    steps = _checkpoint_steps(ckpt_dir)
+    if not steps:
+        raise FileNotFoundError(f"no Orbax checkpoint in {ckpt_dir}: run the unlearn stage (it checkpoints every "
+                                "unlearn.save_every steps) or leave export.from_checkpoint empty")
+    step = steps[-1] if source == "latest" else int(source)
+    if step not in steps:
+        raise ValueError(f"export.from_checkpoint={source}: {ckpt_dir} has steps {steps} (unlearn.keep_checkpoints "
+                         "keeps only the newest)")
+    return step
+
+
+def _model_at_checkpoint(ws: Workspace, ckpt_dir: Path, step: int, *, start: str,
+                         stage: ml_collections.ConfigDict) -> nnx.Module:
+    """The run's starting model with its trainable parameters (LoRA included) read from checkpoint `step`."""
+    from vlmu_jax.checkpoints.orbax_io import restore_part
+
+    if not is_done(ws.model_dir(start)):
+        raise FileNotFoundError(f"{ws.model_dir(start)} is missing: the checkpoint holds only the trained "
+                                f"parameters, the rest comes from the {start} model")
+    model = ws.load(start)
+    trainable = _prepare_trainable(model, stage, ws.config.seed)
+    params = nnx.state(model, trainable)
+    nnx.update(model, restore_part(ckpt_dir, step, params, index=0))  # the trainer saves (params, opt, rng)
+    return model
 
 
 def _runner(ws: Workspace):
@@ -170,25 +228,77 @@ def _runner(ws: Workspace):
 
 
 def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs
-    """Per-question logs of every trained model: FIUBench forget/retain/APE, or MLLMU-Bench's four sets."""
+    """Per-question logs of every trained model: FIUBench forget/retain/APE, or MLLMU-Bench's four sets; the
+    judge's scores when one is configured; MME / POPE (``mme.json`` / ``pope.json``) when their paths are set."""
     from vlmu_jax.report.aggregate import write_json
 
     runner = _runner(ws)
+    utility = _utility_inputs(ws)  # read and checked before any model runs
+    judge = None
     for name in eval_models(ws):
         out = ws.workdir / "eval_results" / name
         if not ws.model_dir(name).exists() or (is_done(out) and not ws.config.force):
             continue
         model = ws.load(name)
-        logs = _fiubench_logs(ws, model, runner, name) if ws.config.benchmark == "fiubench" else \
-            _mllmu_logs(ws, model, runner)
+        judge = judge or _judge(ws)
+        logs = _fiubench_logs(ws, model, runner, name, judge) if ws.config.benchmark == "fiubench" else \
+            _mllmu_logs(ws, model, runner, judge)
+        logs.update(_utility_logs(model, runner, utility, name))
         if jax.process_index() == 0:
             for file, log in logs.items():
                 write_json(log, out / file)
         mark_done(out)
 
 
-def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, name: str) -> dict[str, dict]:
-    from vlmu_jax.eval.judge import JudgeClient
+def _judge(ws: Workspace):
+    """(client, prompt) of the configured judge, or None. The HTTP judge runs on process 0 only; the local one
+    on every process (its generation is sharded like the model's), with process 0 writing the cache."""
+    from vlmu_jax.eval import judge
+
+    c = ws.config.eval
+    local = c.judge_backend == "local"
+    if not local and not (c.judge_base_url and jax.process_index() == 0):
+        return None
+    prompt = judge.load_prompt(ws.config.benchmark, c.judge_prompt_file, c.judge_system_file)
+    max_tokens = c.judge_max_tokens or (judge.FIUBENCH_MAX_TOKENS if ws.config.benchmark == "fiubench"
+                                        else judge.MLLMU_MAX_TOKENS)
+    cache = str(ws.workdir / "judge_cache.json")
+    if not local:
+        return judge.JudgeClient(c.judge_base_url, c.judge_model, api_key_env=c.judge_api_key_env, cache_path=cache,
+                                 max_tokens=max_tokens), prompt
+    from vlmu_jax.eval.local_judge import local_judge
+
+    m = ws.config.model
+    client = local_judge(c.judge_model_path, template=c.judge_template or m.template, batch_size=c.batch_size,
+                         max_tokens=max_tokens, cache_path=cache, model_name=c.judge_model,
+                         write_cache=jax.process_index() == 0, dtype=m.dtype, mesh=ws.mesh, remat=m.remat,
+                         scan_layers=m.scan_layers, attention_impl=m.attention)
+    return client, prompt
+
+
+def _utility_inputs(ws: Workspace) -> dict:
+    from vlmu_jax.eval.tasks import utility
+
+    c, out = ws.config.eval, {}
+    if c.mme_root:
+        out["mme"] = utility.read_mme_checked(c.mme_root)
+    if c.pope_path:
+        out["pope"] = utility.read_pope_checked(c.pope_path, c.pope_image_root or None)
+    return out
+
+
+def _utility_logs(model: nnx.Module, runner, inputs: dict, name: str) -> dict[str, dict]:
+    from vlmu_jax.eval.tasks import utility
+
+    logs = {}
+    if "mme" in inputs:
+        logs["mme.json"] = utility.evaluate_mme(model, inputs["mme"], runner, desc=name)
+    if "pope" in inputs:
+        logs["pope.json"] = utility.evaluate_pope(model, inputs["pope"], runner, desc=name)
+    return logs
+
+
+def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, name: str, judge=None) -> dict[str, dict]:
     from vlmu_jax.eval.tasks.fiubench import add_gpt_scores, evaluate_ape, evaluate_split
     from vlmu_jax.report.aggregate import APE, FORGET, RETAIN
 
@@ -196,19 +306,18 @@ def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, name: str) -> dict[
     logs = {FORGET: evaluate_split(model, forget, runner, forget=True, desc=f"{name} forget"),
             RETAIN: evaluate_split(model, retain, runner, forget=False, desc=f"{name} retain"),
             APE: evaluate_ape(model, forget, runner, desc=f"{name} forget")}
-    c = ws.config.eval
-    if c.judge_base_url and jax.process_index() == 0:
-        client = JudgeClient(c.judge_base_url, c.judge_model, api_key_env=c.judge_api_key_env,
-                             cache_path=str(ws.workdir / "judge_cache.json"))
+    if judge is not None:
         for task in (FORGET, RETAIN):
-            add_gpt_scores(logs[task], client)
+            add_gpt_scores(logs[task], *judge)
     return {**logs, "eval_log_aggregated.json": logs}
 
 
-def _mllmu_logs(ws: Workspace, model: nnx.Module, runner) -> dict[str, dict]:
-    from vlmu_jax.eval.tasks.mllmu import evaluate_mllmu
+def _mllmu_logs(ws: Workspace, model: nnx.Module, runner, judge=None) -> dict[str, dict]:
+    from vlmu_jax.eval.tasks.mllmu import add_factuality, evaluate_mllmu
 
     results = evaluate_mllmu(model, ws.bench, runner, forget_ratio=ws.config.data.forget_ratio, seed=ws.config.seed)
+    if judge is not None:
+        add_factuality(results, *judge)
     predictions = {s: r.pop("predictions") for s, r in results.items()}
     return {"final_evaluation_results.json": results, "predictions.json": predictions}
 
@@ -229,8 +338,8 @@ def report(ws: Workspace) -> None:
         raise FileNotFoundError(f"{results / 'retain_model'} has no eval logs: run the eval stage first")
     logs = {n: json.loads((results / n / "eval_log_aggregated.json").read_text()) for n in names}
     rows = [{"Model": n, **fiubench_summary(logs[n], logs["retain_model"], method=n.removeprefix("unlearned_"),
-                                            empty_lists_as_zero=ws.config.eval.original_behaviour)}
-            for n in names]
+                                            empty_lists_as_zero=ws.config.eval.original_behaviour),
+             **_utility_row(ws, n)} for n in names]
     out = ws.workdir / "report"
     write_csv(rows, out / "results.csv")
     write_json({"rows": rows}, out / "results.json")
@@ -241,6 +350,16 @@ def report(ws: Workspace) -> None:
     plots.plot_loss_curves({n: ws.workdir / "train" / n / "metrics.jsonl" for n in eval_models(ws)
                             if (ws.workdir / "train" / n / "metrics.jsonl").exists()}, out / "loss_curves.png")
     logging.info("report written to %s", out)
+
+
+def _utility_row(ws: Workspace, name: str) -> dict:
+    """MME / POPE columns of one model from its eval_results (none when those benchmarks did not run)."""
+    from vlmu_jax.report.aggregate import utility_columns
+
+    folder = ws.workdir / "eval_results" / name
+    found = {k: json.loads((folder / f"{k}.json").read_text()) for k in ("mme", "pope")
+             if (folder / f"{k}.json").exists()}
+    return utility_columns(found.get("mme"), found.get("pope"))
 
 
 def _mllmu_report(ws: Workspace, names: list[str]) -> None:
@@ -255,7 +374,7 @@ def _mllmu_report(ws: Workspace, names: list[str]) -> None:
         for set_name, groups in res.items():
             for group, values in groups.items():
                 row.update({f"{set_name} / {group} / {k}": v for k, v in values.items()})
-        rows.append(row)
+        rows.append({**row, **_utility_row(ws, name)})
     out = ws.workdir / "report"
     write_csv(rows, out / "results.csv")
     write_json({"rows": rows}, out / "results.json")

@@ -91,3 +91,30 @@ class Checkpointer:
     def close(self) -> None:
         self._mgr.wait_until_finished()
         self._mgr.close()
+
+
+def checkpoint_steps(directory: str | Path) -> list[int]:
+    """Steps of the committed checkpoints in `directory` (oldest first); [] when there are none."""
+    if not Path(directory).is_dir():
+        return []
+    mgr = ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        return sorted(mgr.all_steps())
+    finally:
+        mgr.close()
+
+
+def restore_part(directory: str | Path, step: int, like: Any, index: int) -> Any:
+    """Element `index` of the tuple a `Checkpointer` saved at `step` (e.g. the trained params of the trainer's
+    `(params, opt_state, rng)`), into the structure, dtypes and shardings of `like`; the other elements are
+    not read."""
+    flat_like, treedef = _flat(like)
+    target = {f"{index}.{k}": _abstract(v) for k, v in flat_like.items() if v.size}
+    mgr = ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        restored = mgr.restore(step, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    finally:
+        mgr.close()
+    leaves = [_restored_leaf(restored.get(f"{index}.{k}"), v) for k, v in flat_like.items()]
+    return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -222,3 +222,26 @@ def mllmu_generation(predictions: Sequence[str], references: Sequence[str],
             out[f"Average {col} ({mod})"] = float(np.mean([s[name] for s in rouge]))
         out[f"Average BLEU ({mod})"] = float(np.mean([metrics.sentence_bleu(r, p) for p, r in pairs]))
     return out
+
+
+def mllmu_factuality(scores: Sequence[int | None]) -> dict[str, float | int | None]:
+    """Mean judge factuality (1..10) of a set's generations, as eval_gpt.py's ``Average Generation Factuality
+    Score`` (over parsable verdicts only), with the number judged and the number whose verdict had no score.
+
+    Difference: eval_gpt.py reports 0 when no verdict parses; we report None (an empty CSV cell)."""
+    parsed = [s for s in scores if s is not None]
+    return {"Average Generation Factuality Score": float(np.mean(parsed)) if parsed else None,
+            "Judged": len(scores), "Unparsed Verdicts": len(scores) - len(parsed)}
+
+
+def utility_columns(mme: Mapping | None = None, pope: Mapping | None = None) -> dict[str, float]:
+    """Report columns of a model's MME (Perception / Cognition scores) and POPE (all settings together) results."""
+    row: dict[str, float] = {}
+    for group in ("Perception", "Cognition"):
+        if mme is not None and group in mme:
+            row[f"MME {group}"] = float(mme[group])
+    if pope is not None:
+        for key, col in (("accuracy", "Accuracy"), ("precision", "Precision"), ("recall", "Recall"),
+                         ("f1", "F1"), ("yes_ratio", "Yes Ratio")):
+            row[f"POPE {col}"] = float(pope["all"][key])
+    return row

@@ -126,9 +126,9 @@ def evaluate_ape(model: nnx.Module, identities: Sequence[Identity], runner: Runn
     return scored
 
 
-def add_gpt_scores(log: dict[str, Any], client: judge.JudgeClient) -> None:
-    """Adds the per-question GPT score (`gpt` list, question order) of a task log's generations."""
+def add_gpt_scores(log: dict[str, Any], client: judge.JudgeClient, prompt: judge.JudgePrompt | None = None) -> None:
+    """Adds the per-question GPT score (`gpt` list, question order) of a task log's generations, and
+    `gpt_unparsed`: how many verdicts had no number (scored 0.0, as the original does)."""
     rows = [log["generated_text"][str(i)] for i in range(len(log["generated_text"]))]
-    log["gpt"] = [judge.fiubench_gpt_score(client, question, answer, prediction)
-                  for question, prediction, answer, _ in rows]
-
+    log["gpt"], log["gpt_unparsed"] = judge.fiubench_gpt_scores(
+        client, [(question, answer, prediction) for question, prediction, answer, _ in rows], prompt)

@@ -39,10 +39,10 @@ from flax import nnx
 from vlmu_jax.data.batching import Example, encode, generation_rows
 from vlmu_jax.data.mllmu import MODALITY_NAME
 from vlmu_jax.data.records import IMAGE, QA, TEXT, Benchmark, Cloze, Identity, ImageRef, MultipleChoice, TestVariant
-from vlmu_jax.eval import metrics
+from vlmu_jax.eval import judge, metrics
 from vlmu_jax.eval.batched import generate_rows, score_rows
 from vlmu_jax.eval.tasks.fiubench import Runner
-from vlmu_jax.report.aggregate import mllmu_accuracy, mllmu_generation
+from vlmu_jax.report.aggregate import mllmu_accuracy, mllmu_factuality, mllmu_generation
 
 # eval.py `results_data` top-level keys.
 SET_NAMES = {
@@ -203,3 +203,17 @@ def evaluate_mllmu(model: nnx.Module, bench: Benchmark, runner: Runner, *, forge
         if people:
             out[SET_NAMES[name]] = evaluate_set(model, people, runner, desc=name)
     return out
+
+
+def add_factuality(results: dict[str, dict], client: judge.JudgeClient,
+                   prompt: judge.JudgePrompt | None = None) -> None:
+    """eval_gpt.py's factuality judge on every set's generation answers (``results`` as ``evaluate_mllmu``
+    returns it, predictions still inside): each generation row gets ``Factuality Score`` (None when the verdict
+    has no parsable score) and ``Factuality Verdict``; each set gets ``factuality`` (see
+    ``report.aggregate.mllmu_factuality``)."""
+    for groups in results.values():
+        rows = groups["predictions"]["generation"]
+        scores, verdicts = judge.mllmu_factuality_scores(client, rows, prompt)
+        for row, score, verdict in zip(rows, scores, verdicts, strict=True):
+            row["Factuality Score"], row["Factuality Verdict"] = score, verdict
+        groups["factuality"] = mllmu_factuality(scores)
