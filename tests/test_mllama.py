@@ -142,3 +142,35 @@ def test_lora_forward_and_merge(tiny):
     merged = hf_tensors(model)["model.language_model.layers.1.cross_attn.k_proj.weight"]
     assert not np.allclose(merged, hf_tensors(load_pretrained(folder))[
         "model.language_model.layers.1.cross_attn.k_proj.weight"])
+
+
+@pytest.mark.slow
+def test_pipeline_finetune_and_eval(tmp_path):
+    """The demo pipeline with a tiny Mllama and the llama-3.2-vision template: finetune + eval write logs."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    overrides = ["--config.model.template=llama-3.2-vision", "--config.model.tiny_shape.architecture=mllama",
+                 "--config.stages=finetune,eval", "--config.data.synthetic_identities=10",
+                 "--config.finetune.num_epochs=1", "--config.retain_model.num_epochs=1",
+                 "--config.eval.max_new_tokens=4", "--config.model.tiny_shape.hidden_size=32",
+                 "--config.model.tiny_shape.intermediate_size=64", "--config.model.tiny_shape.vision_hidden_size=16",
+                 "--config.model.tiny_shape.vocab_size=512"]
+    cmd = [sys.executable, "-m", "vlmu_jax.main", "--config", "configs/demo.py:ci", "--workdir", str(tmp_path),
+           *overrides]
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert result.returncode == 0, result.stderr[-4000:]
+    base = json.loads((tmp_path / "models" / "base" / "config.json").read_text())
+    assert base["model_type"] == "mllama"
+    for name in ("finetuned", "retain_model"):
+        logs = json.loads((tmp_path / "eval_results" / name / "eval_log_aggregated.json").read_text())
+        forget = logs["eval_forget_log.json"]
+        n = len(forget["avg_gt_loss"])
+        assert n > 0 and len(forget["generated_text"]) == n
+        assert all(np.isfinite(v) for v in forget["avg_gt_loss"].values())
+        assert logs["eval_retain_log.json"]["avg_gt_loss"]
