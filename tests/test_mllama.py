@@ -174,3 +174,44 @@ def test_pipeline_finetune_and_eval(tmp_path):
         assert n > 0 and len(forget["generated_text"]) == n
         assert all(np.isfinite(v) for v in forget["avg_gt_loss"].values())
         assert logs["eval_retain_log.json"]["avg_gt_loss"]
+
+
+def test_hub_layout_loads_identically(tiny, tmp_path):
+    """meta-llama's published layout (language_model.model.*, vision_model.*, ...) loads like transformers-5's."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder, _ = tiny
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    tensors = load_file(old / "model.safetensors")
+    renamed = {}
+    for k, v in tensors.items():
+        k = k.replace("model.language_model.", "language_model.model.").replace("model.vision_model.", "vision_model.")
+        k = k.replace("model.multi_modal_projector.", "multi_modal_projector.")
+        renamed["language_model.lm_head.weight" if k == "lm_head.weight" else k] = v
+    assert "language_model.lm_head.weight" in renamed and "vision_model.class_embedding" in renamed
+    save_file(renamed, old / "model.safetensors")
+    ours, _ = tiny_batch(ROWS)
+    np.testing.assert_array_equal(_logits(load_pretrained(old), ours), _logits(load_pretrained(folder), ours))
+
+
+def test_sharded_scoring_and_generation_match_single_device(tiny):
+    from vlmu_jax.models.sharding import global_batch, make_mesh
+
+    folder, _ = tiny
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    ours, _ = tiny_batch(ROWS, padding="left", seed=5)
+    single = load_pretrained(folder)
+    sharded = load_pretrained(folder, mesh=mesh)
+    kernel = sharded.language_model.layers["1"].cross_attn.q_proj.kernel.get_value()
+    assert len(kernel.sharding.device_set) == 8 and any(s is not None for s in kernel.sharding.spec)
+    inputs = global_batch(ours, mesh)
+    with jax.set_mesh(mesh):
+        got = _logits(sharded, inputs)
+    np.testing.assert_allclose(got, _logits(single, ours), atol=1e-5)
+    kw = dict(max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD)
+    want = np.asarray(generate(single, ours["input_ids"], ours["attention_mask"], ours["images"], **kw))
+    got = generate(sharded, inputs["input_ids"], inputs["attention_mask"], inputs["images"], **kw)
+    np.testing.assert_array_equal(np.asarray(got), want)
