@@ -20,6 +20,9 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from vlmu_jax.data.mllama_images import PROCESSOR_TYPES as MLLAMA_PROCESSOR_TYPES
+from vlmu_jax.data.mllama_images import MllamaProcessor
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -128,6 +131,7 @@ PROCESSORS: dict[str, Callable[[dict[str, Any]], ImageProcessor]] = {
     "CLIPImageProcessorFast": lambda cfg: ClipProcessor(ImageSpec.from_hf(cfg)),
     "LlavaImageProcessor": lambda cfg: ClipProcessor(ImageSpec.from_hf(cfg)),
     "LlavaImageProcessorFast": lambda cfg: ClipProcessor(ImageSpec.from_hf(cfg)),
+    **{name: MllamaProcessor.from_hf for name in MLLAMA_PROCESSOR_TYPES},
 }
 
 

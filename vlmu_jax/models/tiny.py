@@ -63,8 +63,38 @@ def tiny_llava(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, A
     return config, preprocessor
 
 
+def tiny_mllama(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A MllamaForConditionalGeneration (Llama-3.2-Vision layout) and its tiled image processor.
+
+    max(num_layers, 2) decoder layers with one cross-attention layer in the middle; tiles of image_size
+    (at most 2 per image), 1 global vision layer, the first local layer's output as intermediate feature.
+    """
+    layers = max(shape.num_layers, 2)
+    text = _llama_text(shape, ids, "mllama_text_model")
+    text.update(num_hidden_layers=layers, cross_attention_layers=[layers // 2], rope_theta=10000.0)
+    vh = shape.vision_hidden_size
+    vision = dict(model_type="mllama_vision_model", hidden_size=vh, intermediate_size=2 * vh,
+                  num_hidden_layers=shape.vision_layers, num_global_layers=1, attention_heads=shape.vision_heads,
+                  image_size=shape.image_size, patch_size=shape.patch_size, max_num_tiles=2,
+                  supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]], intermediate_layers_indices=[0],
+                  vision_output_dim=2 * vh, hidden_act="gelu", norm_eps=1e-5, initializer_range=0.02)
+    config = {
+        "model_type": "mllama", "architectures": ["MllamaForConditionalGeneration"],
+        "text_config": text, "vision_config": vision, "image_token_index": ids.image_token_id,
+        "pad_token_id": ids.pad_token_id,
+    }
+    size = shape.image_size
+    preprocessor = {
+        "image_processor_type": "MllamaImageProcessor", "do_convert_rgb": True, "do_resize": True,
+        "size": {"height": size, "width": size}, "max_image_tiles": 2, "do_pad": True,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "resample": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
+    return config, preprocessor
+
+
 # config.model.tiny_shape.architecture (= the family's HF model_type) -> builder.
-BUILDERS: dict[str, Builder] = {"llava": tiny_llava}
+BUILDERS: dict[str, Builder] = {"llava": tiny_llava, "mllama": tiny_mllama}
 
 
 def tiny_checkpoint(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, Any]]:
