@@ -179,3 +179,70 @@ def _dense(model):
     from vlmu_jax.models.lora import _dense_modules
 
     return [(n, d) for n, d in _dense_modules(model, ".*") if d.lora_b is not None]
+
+
+def test_split_image_expansion_and_labels(tmp_path):
+    """With image splitting, the template's <fake><image><fake> becomes <fake>(<image>*n<fake>)*5 (as
+    transformers' processor writes it); image tokens never carry labels; generation prompts expand alike."""
+    from vlmu_jax.data import synthetic
+    from vlmu_jax.data.batching import IGNORE, Example, TextConfig, encode, generation_rows
+    from vlmu_jax.data.records import ImageRef
+    from vlmu_jax.data.templates import get_template, load_tokenizer, train_demo_tokenizer
+
+    template = get_template("idefics2")
+    train_demo_tokenizer(synthetic.corpus(synthetic.make_benchmark(4, 1, 16, "mllmu")), tmp_path, 400, template)
+    tok = load_tokenizer(tmp_path)
+    image_id, fake = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<fake_token_around_image>")
+    proc = image_processor({**PROC, "image_processor_type": "Idefics2ImageProcessor", "do_image_splitting": True})
+    seq = proc.image_token_ids(image_id, LATENTS, tok)
+    cfg = TextConfig(tok, template, image_id, LATENTS, train_on_prompt=True, image_tokens=seq)
+    ex = Example("What is the job of Ada Moss?", "Works as a baker.", ImageRef(data=b""))
+    row = encode(ex, cfg)
+    ids = row.input_ids.tolist()
+    start = ids.index(image_id) - 1
+    want = [fake]
+    for _ in range(5):
+        want += [image_id] * LATENTS + [fake]
+    assert ids[start : start + len(want)] == want and ids.count(image_id) == 5 * LATENTS
+    assert ((row.labels == IGNORE) == (row.input_ids == image_id)).all()
+    prompt = generation_rows([ex], cfg)[0].input_ids.tolist()
+    assert prompt[start : start + len(want)] == want
+    assert proc.blank()["pixel_values"].shape == (5, 3, 42, 42)
+
+
+def test_mllmu_preset_turns_image_splitting_off():
+    from configs.mllmu_idefics2 import get_config
+
+    c = get_config("npo")
+    assert c.model.template == "idefics2" and c.model.image_processor_overrides.do_image_splitting is False
+    assert c.unlearn.objective == "npo"
+
+
+def test_mllmu_pipeline_on_tiny_idefics2(tmp_path):
+    """`python -m vlmu_jax.main` on the MLLMU format with a tiny Idefics2 (demo tokenizer, idefics2 template):
+    finetune trains (finite, logged loss) and eval writes MLLMU's four result sets."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    workdir = tmp_path / "w"
+    cmd = [sys.executable, "-m", "vlmu_jax.main", "--config", "configs/demo.py:ci", "--workdir", str(workdir),
+           "--config.benchmark=mllmu", "--config.model.template=idefics2",
+           "--config.model.tiny_shape.architecture=idefics2", "--config.data.synthetic_identities=8",
+           "--config.data.forget_ratio=10", "--config.finetune.num_steps=2", "--config.retain_model.num_steps=2",
+           "--config.eval.max_new_tokens=2", "--config.stages=finetune,eval"]
+    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert result.returncode == 0, result.stderr[-4000:]
+    hf_config = json.loads((workdir / "models" / "base" / "config.json").read_text())
+    assert hf_config["model_type"] == "idefics2"
+    for name in ("finetuned", "retain_model"):
+        losses = [json.loads(line)["loss"] for line in (workdir / "train" / name / "metrics.jsonl").open()]
+        assert len(losses) == 2 and np.isfinite(losses).all()
+        res = json.loads((workdir / "eval_results" / name / "final_evaluation_results.json").read_text())
+        assert set(res) == {"Forget Set Results", "Test Set Results", "Retain Set (shared dataset) Results",
+                            "Retain Set (real person) Results"}
+        for groups in res.values():
+            assert set(groups) >= {"classification", "fill_in_the_blank", "generation"}
