@@ -246,3 +246,29 @@ def test_mllmu_pipeline_on_tiny_idefics2(tmp_path):
                             "Retain Set (real person) Results"}
         for groups in res.values():
             assert set(groups) >= {"classification", "fill_in_the_blank", "generation"}
+
+
+def test_sharded_load_matches_single_device(tmp_path):
+    """Params split over (fsdp, tensor) by their logical axes and rows over (data, fsdp): same logits and
+    greedy tokens as one device."""
+    import jax
+
+    from vlmu_jax.models.sharding import global_batch, make_mesh
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    folder, _ = _save(tmp_path / "m")
+    ours, _ = _batch([(40, 23), None, (13, 42), (30, 30)], [5, 3, 2, 4], split=False, padding="left")
+    single = load_pretrained(folder)
+    sharded = load_pretrained(folder, mesh=mesh)
+    kernel = sharded.multi_modal_projector.perceiver_resampler.layers.self_attn.q_proj.kernel.get_value()
+    assert len(kernel.sharding.device_set) == 8 and any(s is not None for s in kernel.sharding.spec)
+    inputs = global_batch(ours, mesh)
+    want = _logits(single, ours)
+    got = np.asarray(jax.jit(lambda b: sharded(b["input_ids"], b["attention_mask"], b["images"]))(inputs)
+                     @ np.asarray(sharded.head_weight()).T)
+    valid = ours["attention_mask"] == 1
+    np.testing.assert_allclose(got[valid], want[valid], atol=1e-4, rtol=0)
+    kw = dict(max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
+    ref = np.asarray(generate(single, ours["input_ids"], ours["attention_mask"], ours["images"], **kw))
+    out = generate(sharded, inputs["input_ids"], inputs["attention_mask"], inputs["images"], **kw)
+    np.testing.assert_array_equal(np.asarray(out), ref)

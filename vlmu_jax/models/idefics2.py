@@ -285,7 +285,9 @@ class Idefics2ForConditionalGeneration(LlavaForConditionalGeneration):
         patch_mask = pm.reshape(b * n, nh, p, nw, p).sum(axis=(2, 4)) == p * p
         # Blank (text-only) images have no real patch: give them a dummy full mask so nothing degenerates.
         patch_mask = jnp.where(patch_mask.any(axis=(1, 2))[:, None, None], patch_mask, True)
-        kw = dict(impl=c.attention_impl, remat=c.remat, scan=c.scan_layers)
+        # The vision and perceiver attentions carry a key-padding mask: they run on XLA's attention (exact with
+        # any mask) whatever attention_impl says; the language model uses attention_impl.
+        kw = dict(impl="xla", remat=c.remat, scan=c.scan_layers)
         h = self.vision_tower(pix, patch_mask, **kw)
         feats = self.multi_modal_projector(h, patch_mask.reshape(b * n, -1), **kw)
         return feats.reshape(b, n * feats.shape[1], feats.shape[2])
