@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tiny_shape.image_size = 32
     c.model.tiny_shape.patch_size = 8
     c.model.template = "llava-1.5"  # prompt template, see vlmu_jax.data.templates
+    # Keys that replace the checkpoint's preprocessor_config.json values (e.g. do_image_splitting=False, as
+    # MLLMU-Bench builds Idefics2's processor); presets add the keys they set.
+    c.model.image_processor_overrides = ml_collections.ConfigDict()
     c.model.dtype = "bfloat16"  # compute/param dtype of the loaded model
     c.model.attention = "xla"  # xla | cudnn
     c.model.remat = "none"  # none | full | dots_saveable

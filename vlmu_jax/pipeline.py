@@ -76,9 +76,15 @@ class Workspace:
         from vlmu_jax.models.registry import model_config
 
         mc = model_config(self.hf_config)
+        # An image processor that expands one image into several runs of image tokens says how (Idefics2
+        # with image splitting); otherwise the image token becomes num_image_tokens copies of itself.
+        expand = getattr(self.image_processor, "image_token_ids", None)
+        image_tokens = () if expand is None else tuple(expand(mc.image_token_id, mc.num_image_tokens,
+                                                              self.tokenizer))
         return TextConfig(tokenizer=self.tokenizer, template=get_template(self.config.model.template),
                           image_token_id=mc.image_token_id, num_image_tokens=mc.num_image_tokens,
-                          append_eos=self.config.data.append_eos, max_length=self.config.data.max_length)
+                          append_eos=self.config.data.append_eos, max_length=self.config.data.max_length,
+                          image_tokens=image_tokens)
 
     @cached_property
     def image_processor(self) -> ImageProcessor:
@@ -86,7 +92,9 @@ class Workspace:
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} is missing: the checkpoint folder needs its image processor config")
-        return image_processor(json.loads(path.read_text()))
+        overrides = self.config.model.get("image_processor_overrides") or {}
+        overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+        return image_processor({**json.loads(path.read_text()), **overrides})
 
     def image_fn(self, ref: ImageRef | None) -> dict[str, np.ndarray]:
         """A row's image inputs for the model (a text-only row's when `ref` is None)."""

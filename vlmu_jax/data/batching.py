@@ -62,6 +62,9 @@ class TextConfig:
     train_on_prompt: bool = False
     fiubench_original_mask: bool = False
     max_length: int | None = None
+    # The ids that replace the prompt's one image token; empty = image_token_id x num_image_tokens. Set from
+    # the image processor when an image expands to more than one run (Idefics2 with image splitting).
+    image_tokens: tuple[int, ...] = ()
 
 
 def examples_from(
@@ -102,8 +105,14 @@ def _expand_image(ids: list[int], answer: list[bool], cfg: TextConfig, with_imag
         )
     if not with_image:
         return ids, answer
-    p, n = positions[0], cfg.num_image_tokens
-    return ids[:p] + [cfg.image_token_id] * n + ids[p + 1 :], answer[:p] + [False] * n + answer[p + 1 :]
+    p, seq = positions[0], image_token_sequence(cfg)
+    n = len(seq)
+    return ids[:p] + list(seq) + ids[p + 1 :], answer[:p] + [False] * n + answer[p + 1 :]
+
+
+def image_token_sequence(cfg: TextConfig) -> tuple[int, ...]:
+    """What one image token in the prompt expands to (the only place the expansion is defined)."""
+    return cfg.image_tokens or (cfg.image_token_id,) * cfg.num_image_tokens
 
 
 def encode(example: Example, cfg: TextConfig) -> Encoded:
@@ -132,7 +141,7 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
     labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
     # The seeds cut at max_length counting the image placeholder as ONE token (it is expanded inside the
     # model there), so the limit grows by the expansion here.
-    limit = None if cfg.max_length is None else cfg.max_length + (cfg.num_image_tokens - 1) * with_image
+    limit = None if cfg.max_length is None else cfg.max_length + (len(image_token_sequence(cfg)) - 1) * with_image
     if limit is not None and len(ids_np) > limit:
         ids_np, labels = ids_np[:limit], labels[:limit]
     return Encoded(ids_np, labels, example.image)
@@ -184,7 +193,8 @@ def generation_rows(examples: Sequence[Example], cfg: TextConfig) -> list[Encode
 def _prompt_only(cfg: TextConfig) -> TextConfig:
     template = cfg.template.__class__(**{**cfg.template.__dict__, "answer_suffix": ""})
     # A generation prompt is never cut: the end of it (options, instruction, answer tag) is what matters.
-    return TextConfig(cfg.tokenizer, template, cfg.image_token_id, cfg.num_image_tokens)
+    return TextConfig(cfg.tokenizer, template, cfg.image_token_id, cfg.num_image_tokens,
+                      image_tokens=cfg.image_tokens)
 
 
 def host_slice(global_size: int, process_index: int, process_count: int) -> slice:

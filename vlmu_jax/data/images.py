@@ -141,3 +141,13 @@ def image_processor(cfg: dict[str, Any]) -> ImageProcessor:
     if kind not in PROCESSORS:
         raise ValueError(f"unsupported image_processor_type {kind!r}; supported: {sorted(PROCESSORS)}")
     return PROCESSORS[kind](cfg)
+
+
+def _register_idefics2() -> None:
+    from vlmu_jax.data.idefics2_images import Idefics2Processor
+
+    for name in ("Idefics2ImageProcessor", "Idefics2ImageProcessorFast", "Idefics2ImageProcessorPil"):
+        PROCESSORS[name] = Idefics2Processor.from_hf
+
+
+_register_idefics2()

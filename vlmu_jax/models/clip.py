@@ -61,10 +61,11 @@ class ClipAttention(nnx.Module):
         self.out_proj = Dense(d, d, axes=("heads", "embed"), **kw)
         self.num_heads = c.num_heads
 
-    def __call__(self, x: jax.Array, impl: str) -> jax.Array:
+    def __call__(self, x: jax.Array, impl: str, mask: jax.Array | None = None) -> jax.Array:
+        """mask: optional boolean key mask broadcastable to [B, N, T, T] (Idefics2's padded patches)."""
         b, t, d = x.shape
         split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-        a = attend(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), None, impl=impl)
+        a = attend(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask, impl=impl)
         return self.out_proj(a.reshape(b, t, d))
 
 
@@ -88,8 +89,8 @@ class ClipLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(c.hidden_size, c.layer_norm_eps, stack=stack, dtype=dtype)
         self.mlp = ClipMLP(c, stack=stack, dtype=dtype, rngs=rngs)
 
-    def __call__(self, h: jax.Array, impl: str) -> jax.Array:
-        h = h + self.self_attn(self.layer_norm1(h), impl)
+    def __call__(self, h: jax.Array, impl: str, mask: jax.Array | None = None) -> jax.Array:
+        h = h + self.self_attn(self.layer_norm1(h), impl, mask)
         return h + self.mlp(self.layer_norm2(h))
 
 

@@ -93,8 +93,37 @@ def tiny_mllama(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, 
     return config, preprocessor
 
 
+def tiny_idefics2(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An Idefics2ForConditionalGeneration (SigLIP-style tower, 2-layer perceiver with 8 latents, Mistral LM)
+    and its processor: images resized to at most image_size (at least 2 patches) and padded to image_size."""
+    text = _llama_text(shape, ids, "mistral")
+    text.update(sliding_window=4096, head_dim=shape.hidden_size // shape.num_heads)
+    vision = dict(model_type="idefics2_vision", hidden_size=shape.vision_hidden_size,
+                  intermediate_size=2 * shape.vision_hidden_size, num_hidden_layers=shape.vision_layers,
+                  num_attention_heads=shape.vision_heads, image_size=shape.image_size,
+                  patch_size=shape.patch_size, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                  initializer_range=0.02)
+    heads = 4 if shape.hidden_size % 4 == 0 else 1
+    perceiver = dict(model_type="idefics2_perceiver", hidden_size=shape.hidden_size, hidden_act="silu",
+                     rms_norm_eps=1e-5, resampler_n_latents=8, resampler_depth=2, resampler_n_heads=heads,
+                     resampler_head_dim=shape.hidden_size // heads, num_key_value_heads=max(1, heads // 2),
+                     initializer_range=0.02)
+    config = {
+        "model_type": "idefics2", "architectures": ["Idefics2ForConditionalGeneration"],
+        "text_config": text, "vision_config": vision, "perceiver_config": perceiver,
+        "image_token_id": ids.image_token_id, "tie_word_embeddings": False, "pad_token_id": ids.pad_token_id,
+    }
+    preprocessor = {
+        "image_processor_type": "Idefics2ImageProcessor", "do_convert_rgb": True, "do_resize": True,
+        "size": {"shortest_edge": 2 * shape.patch_size, "longest_edge": shape.image_size},
+        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_pad": True, "do_image_splitting": False,
+    }
+    return config, preprocessor
+
+
 # config.model.tiny_shape.architecture (= the family's HF model_type) -> builder.
-BUILDERS: dict[str, Builder] = {"llava": tiny_llava, "mllama": tiny_mllama}
+BUILDERS: dict[str, Builder] = {"llava": tiny_llava, "mllama": tiny_mllama, "idefics2": tiny_idefics2}
 
 
 def tiny_checkpoint(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, Any]]:
