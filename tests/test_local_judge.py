@@ -82,7 +82,7 @@ def test_prompt_files_replace_our_wording(server_factory, tmp_path):  # noqa: F8
     assert scores == [9]
     messages = srv.bodies[0]["messages"]
     assert messages[0]["content"] == "You are a strict grader."
-    assert messages[1]["content"] == ("Task generation. Q: What is the job of person 0? A: A pilot 0 "
+    assert messages[1]["content"] == ("Task Generation. Q: What is the job of person 0? A: A pilot 0 "
                                       "GT: She is a pilot 0 {json}")
     user.write_text("Q: {question} A: {generated_answer}")
     with pytest.raises(ValueError, match="missing placeholder.*ground_truth"):

@@ -61,7 +61,7 @@ Prediction: {prediction}
 
 Score, key words, explanation:"""
 
-MLLMU_PROMPT = """Rate the factuality of a generated {task_type} answer against its ground truth,
+MLLMU_PROMPT = """Rate the factuality of a generated answer against its ground truth,
 from 1 to 10:
 10-9 fully correct with the same meaning (wording may differ);
 8-7 mostly correct, minor details missing or off;
@@ -70,6 +70,7 @@ from 1 to 10:
 2-1 nonsensical, wrong or irrelevant.
 Extra details help only when relevant and correct; irrelevant or excessive details lower the score.
 
+Task type: {task_type}
 Image ID: {image_id}
 Question: {question}
 Generated Answer: {generated_answer}
@@ -276,10 +277,11 @@ def mllmu_factuality_scores(client: JudgeClient, rows: Sequence[Mapping[str, str
                             prompt: JudgePrompt | None = None,
                             task_type: str = "generation") -> tuple[list[int | None], list[str]]:
     """Factuality 1..10 (None when unparsable) and the verdict text of eval.py generation rows
-    (``image_id``, ``question``, ``generated_answer``, ``ground_truth``)."""
+    (``image_id``, ``question``, ``generated_answer``, ``ground_truth``); ``{task_type}`` is filled capitalised
+    ("Generation"), as eval_gpt.py writes it."""
     prompt = prompt or default_prompt("mllmu")
-    texts = client.complete_many([prompt.format(task_type=task_type, image_id=r["image_id"], question=r["question"],
-                                                generated_answer=r["generated_answer"],
+    texts = client.complete_many([prompt.format(task_type=task_type.capitalize(), image_id=r["image_id"],
+                                                question=r["question"], generated_answer=r["generated_answer"],
                                                 ground_truth=r["ground_truth"]) for r in rows], prompt.system)
     return [parse_mllmu_factuality(t) for t in texts], texts
 
