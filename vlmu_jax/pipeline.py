@@ -22,8 +22,8 @@ from absl import logging
 from vlmu_jax import provenance
 from vlmu_jax.config_schema import stage_list
 from vlmu_jax.data import fiubench, mllmu, synthetic
-from vlmu_jax.data.batching import TextConfig
-from vlmu_jax.data.images import ImageProcessor, image_processor
+from vlmu_jax.data.batching import TextConfig, checkpoint_text_config
+from vlmu_jax.data.images import ImageProcessor, load_image_processor, row_images
 from vlmu_jax.data.records import Benchmark, ImageRef
 from vlmu_jax.data.templates import get_template, load_tokenizer, train_demo_tokenizer
 from vlmu_jax.models import sharding
@@ -75,30 +75,19 @@ class Workspace:
     def text_config(self) -> TextConfig:
         from vlmu_jax.models.registry import model_config
 
-        mc = model_config(self.hf_config)
-        # An image processor that expands one image into several runs of image tokens says how (Idefics2
-        # with image splitting); otherwise the image token becomes num_image_tokens copies of itself.
-        expand = getattr(self.image_processor, "image_token_ids", None)
-        image_tokens = () if expand is None else tuple(expand(mc.image_token_id, mc.num_image_tokens,
-                                                              self.tokenizer))
-        return TextConfig(tokenizer=self.tokenizer, template=get_template(self.config.model.template),
-                          image_token_id=mc.image_token_id, num_image_tokens=mc.num_image_tokens,
-                          append_eos=self.config.data.append_eos, max_length=self.config.data.max_length,
-                          image_tokens=image_tokens)
+        return checkpoint_text_config(self.tokenizer, get_template(self.config.model.template),
+                                      model_config(self.hf_config), self.image_processor,
+                                      append_eos=self.config.data.append_eos, max_length=self.config.data.max_length)
 
     @cached_property
     def image_processor(self) -> ImageProcessor:
-        path = self.base_model / "preprocessor_config.json"
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} is missing: the checkpoint folder needs its image processor config")
         overrides = self.config.model.get("image_processor_overrides") or {}
-        overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
-        return image_processor({**json.loads(path.read_text()), **overrides})
+        return load_image_processor(self.base_model,
+                                    overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides))
 
     def image_fn(self, ref: ImageRef | None) -> dict[str, np.ndarray]:
         """A row's image inputs for the model (a text-only row's when `ref` is None)."""
-        return self.image_processor.blank() if ref is None else self.image_processor(ref.load())
+        return row_images(self.image_processor, ref)
 
     def load(self, name: str):
         """A model folder of this run (or the base checkpoint) loaded onto the mesh."""

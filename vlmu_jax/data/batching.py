@@ -67,6 +67,18 @@ class TextConfig:
     image_tokens: tuple[int, ...] = ()
 
 
+
+def checkpoint_text_config(tokenizer: Any, template: Template, model_config: Any, processor: Any,
+                           **options: Any) -> TextConfig:
+    """A checkpoint's TextConfig: its image token and count come from the model config; an image processor that
+    expands one image into several runs of image tokens (Idefics2 with image splitting) says how through
+    ``image_token_ids``, otherwise the image token becomes ``num_image_tokens`` copies of itself."""
+    mc = model_config
+    expand = getattr(processor, "image_token_ids", None)
+    image_tokens = () if expand is None else tuple(expand(mc.image_token_id, mc.num_image_tokens, tokenizer))
+    return TextConfig(tokenizer=tokenizer, template=template, image_token_id=mc.image_token_id,
+                      num_image_tokens=mc.num_image_tokens, image_tokens=image_tokens, **options)
+
 def examples_from(
     identities: Sequence[Identity],
     *,

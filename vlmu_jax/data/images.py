@@ -13,8 +13,10 @@ rounding.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -151,3 +153,17 @@ def _register_idefics2() -> None:
 
 
 _register_idefics2()
+
+
+def load_image_processor(folder: str | Path, overrides: dict[str, Any] | None = None) -> ImageProcessor:
+    """The processor of a checkpoint folder's preprocessor_config.json, with ``overrides`` over its fields."""
+    path = Path(folder) / "preprocessor_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint folder needs its image processor config "
+                                "(text-only rows still take blank image inputs)")
+    return image_processor({**json.loads(path.read_text()), **(overrides or {})})
+
+
+def row_images(processor: ImageProcessor, ref: Any) -> dict[str, np.ndarray]:
+    """A row's image inputs: the processed image of ``ref`` (an ImageRef), or a text-only row's when None."""
+    return processor.blank() if ref is None else processor(ref.load())

@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from vlmu_jax.data.batching import Example, TextConfig, generation_rows
-from vlmu_jax.data.images import image_processor
+from vlmu_jax.data.batching import Example, TextConfig, checkpoint_text_config, generation_rows
+from vlmu_jax.data.images import load_image_processor, row_images
 from vlmu_jax.data.templates import get_template, load_tokenizer
 from vlmu_jax.eval.batched import generate_rows
 from vlmu_jax.eval.judge import JudgeClient
@@ -47,16 +48,11 @@ class LocalGenerator:
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"eval.judge_model_path {str(folder)!r} has no config.json: give a local "
                                     "Hugging Face checkpoint folder")
-        if not (folder / "preprocessor_config.json").exists():
-            raise FileNotFoundError(f"{folder / 'preprocessor_config.json'} is missing: the judge checkpoint "
-                                    "needs its image processor config (text-only rows still take blank images)")
+        processor = load_image_processor(folder)
         mc = model_config(json.loads((folder / "config.json").read_text()))
-        text = TextConfig(tokenizer=load_tokenizer(folder), template=get_template(template),
-                          image_token_id=mc.image_token_id, num_image_tokens=mc.num_image_tokens)
-        processor = image_processor(json.loads((folder / "preprocessor_config.json").read_text()))
+        text = checkpoint_text_config(load_tokenizer(folder), get_template(template), mc, processor)
         model = load_pretrained(folder, dtype=jnp.dtype(dtype), mesh=mesh, **options)
-        return cls(model, text, lambda ref: processor.blank() if ref is None else processor(ref.load()),
-                   batch_size, mesh)
+        return cls(model, text, partial(row_images, processor), batch_size, mesh)
 
     def __call__(self, prompts: Sequence[str], system: str, max_tokens: int) -> list[str]:
         tok = self.text.tokenizer
