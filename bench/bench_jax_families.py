@@ -1,0 +1,71 @@
+"""vlmu_jax on full-size Llama-3.2-11B-Vision (Mllama) and idefics2-8b shapes, random bf16 weights.
+
+The workload of bench_jax_llava.py (teacher-forced log-probs, greedy generation of 32 tokens, one LoRA r=128
+gradient-ascent AdamW step) on the batch of bench/family_shapes.py; bench_hf_families.py is its PyTorch twin.
+Also reports how far the log-probs of the default attention path (cuDNN on GPU) are from XLA's attention on the
+same weights, which checks the masked vision / cross-attention kernels at full size.
+Run from the repo root: `PYTHONPATH=. python bench/bench_jax_families.py --family mllama|idefics2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.bench_jax_llava import lora_ga_step_time, peak_gb, timeit
+from bench.family_shapes import FAMILIES, batch
+from vlmu_jax.eval.generate import generate
+from vlmu_jax.eval.scoring import token_logprobs
+from vlmu_jax.models.layers import resolve_attention_impl
+from vlmu_jax.models.lora import apply_lora
+from vlmu_jax.models.registry import init_model, set_options
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--family", choices=sorted(FAMILIES), required=True)
+    args = parser.parse_args()
+    b, t_text = int(os.environ.get("B", 4)), int(os.environ.get("T", 128))
+    t0 = time.perf_counter()
+    model = init_model(FAMILIES[args.family][0], seed=0, dtype=jnp.bfloat16)
+    jax.block_until_ready(jax.tree.leaves(model))
+    print(json.dumps({"what": "init", "family": args.family, "params": int(sum(x.size for x in jax.tree.leaves(model))),
+                      "s": time.perf_counter() - t0, "attn": resolve_attention_impl(model.config.attention_impl),
+                      "device": str(jax.devices()[0])}), flush=True)
+    ids_np, images_np, head = batch(args.family, b, t_text)
+    ids = jnp.asarray(ids_np)
+    mask = jnp.ones_like(ids)
+    images = {k: jnp.asarray(v, jnp.bfloat16 if v.dtype.kind == "f" else jnp.int32) for k, v in images_np.items()}
+    t = ids.shape[1]
+
+    s = timeit(lambda: token_logprobs(model, ids, mask, images))
+    print(json.dumps({"what": "eval_logprob", "B": b, "T": t, "s": s, "samples_per_s": b / s,
+                      "max_mem_gb": peak_gb()}), flush=True)
+    default = np.asarray(token_logprobs(model, ids, mask, images), np.float32)
+    set_options(model, attention_impl="xla")
+    xla = np.asarray(token_logprobs(model, ids, mask, images), np.float32)
+    set_options(model, attention_impl="auto")
+    diff = np.abs(default - xla)
+    print(json.dumps({"what": "attention_paths_agree", "mean_abs_logprob_diff": float(diff.mean()),
+                      "max_abs_logprob_diff": float(diff.max()), "mean_logprob": float(xla.mean()),
+                      "finite": bool(np.isfinite(default).all())}), flush=True)
+
+    s = timeit(lambda: generate(model, ids, mask, images, max_new_tokens=32, eos_token_id=()), n=3, warm=1)
+    print(json.dumps({"what": "generate32", "B": b, "s": s, "new_tokens_per_s": b * 32 / s,
+                      "max_mem_gb": peak_gb()}), flush=True)
+
+    apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
+    answer = jnp.arange(1, t) >= head + t_text // 2
+    s, mem = lora_ga_step_time(model, ids, mask, images, answer, "none")
+    print(json.dumps({"what": "lora_ga_step", "remat": "none", "B": b, "T": t, "s": s, "samples_per_s": b / s,
+                      "max_mem_gb": mem}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

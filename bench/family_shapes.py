@@ -1,0 +1,79 @@
+"""Full-size Llama-3.2-11B-Vision and idefics2-8b shapes (random weights) and one shared batch for the bench.
+
+Both benches (ours and the PyTorch twin) build the model from these config.json dicts and the batch through
+vlmu_jax's image processors, so the two sides see identical inputs. Rows: BOS, the family's image tokens, then
+text tokens up to T (default 128) positions after the image tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+MLLAMA = {
+    "model_type": "mllama", "architectures": ["MllamaForConditionalGeneration"], "image_token_index": 128256,
+    "text_config": dict(
+        model_type="mllama_text_model", hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
+        cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38], max_position_embeddings=131072,
+        rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=8192),
+        bos_token_id=128000, eos_token_id=[128001, 128008, 128009], pad_token_id=128004, tie_word_embeddings=False),
+    "vision_config": dict(
+        model_type="mllama_vision_model", hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+        num_global_layers=8, attention_heads=16, image_size=560, patch_size=14, max_num_tiles=4,
+        intermediate_layers_indices=[3, 7, 15, 23, 30], vision_output_dim=7680, norm_eps=1e-5, hidden_act="gelu",
+        supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]),
+}
+MLLAMA_PREPROCESSOR = {
+    "image_processor_type": "MllamaImageProcessor", "do_convert_rgb": True, "do_resize": True,
+    "size": {"height": 560, "width": 560}, "max_image_tiles": 4, "do_pad": True, "do_rescale": True,
+    "rescale_factor": 1 / 255, "do_normalize": True, "resample": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+
+IDEFICS2 = {
+    "model_type": "idefics2", "architectures": ["Idefics2ForConditionalGeneration"], "image_token_id": 32001,
+    "tie_word_embeddings": False,
+    "text_config": dict(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=32003, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=32768, sliding_window=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False),
+    "vision_config": dict(
+        model_type="idefics2_vision", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+        num_attention_heads=16, image_size=980, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "perceiver_config": dict(
+        model_type="idefics2_perceiver", hidden_act="silu", resampler_n_latents=64, resampler_depth=3,
+        resampler_n_heads=16, resampler_head_dim=96, num_key_value_heads=4, rms_norm_eps=1e-6),
+}
+IDEFICS2_PREPROCESSOR = {
+    "image_processor_type": "Idefics2ImageProcessor", "do_convert_rgb": True, "do_resize": True,
+    "size": {"shortest_edge": 378, "longest_edge": 980}, "resample": 2, "do_rescale": True,
+    "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "do_pad": True, "do_image_splitting": False,
+}
+IDEFICS2_FAKE_TOKEN = 32000
+
+FAMILIES = {"mllama": (MLLAMA, MLLAMA_PREPROCESSOR), "idefics2": (IDEFICS2, IDEFICS2_PREPROCESSOR)}
+
+
+def batch(family: str, b: int = 4, t_text: int = 128) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """(input_ids [B, T], image inputs as our processor makes them, index of the first text token)."""
+    from vlmu_jax.data.images import image_processor
+
+    config, preprocessor = FAMILIES[family]
+    rng = np.random.RandomState(0)
+    process = image_processor(preprocessor)
+    # 1120 x 1120 -> a 2 x 2 tile grid for Mllama; 980 x 980 -> one full-resolution image for Idefics2.
+    rows = [process(Image.fromarray(rng.randint(0, 256, (1120, 1120, 3), np.uint8))) for _ in range(b)]
+    images = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if family == "mllama":
+        image = [config["image_token_index"]]
+        bos, vocab = 128000, 128000
+    else:
+        image = [IDEFICS2_FAKE_TOKEN] + [config["image_token_id"]] * 64 + [IDEFICS2_FAKE_TOKEN]
+        bos, vocab = 1, 32000
+    head = [bos, *image]
+    ids = np.concatenate([np.tile(head, (b, 1)), rng.randint(100, vocab, (b, t_text))], axis=1).astype(np.int32)
+    return ids, images, len(head)
