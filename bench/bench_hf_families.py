@@ -86,7 +86,8 @@ def main() -> None:
     def logprobs():
         with torch.no_grad():
             logits = model(**x).logits
-            return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).sum()
+            # Targets from the first text token on: Mllama's image token id lies outside its output head.
+            return torch.log_softmax(logits[:, head - 1 : -1].float(), -1).gather(-1, ids[:, head:, None]).sum()
 
     s = timeit(logprobs)
     print(json.dumps({"what": "eval_logprob", "B": b, "T": t, "s": s, "samples_per_s": b / s,
