@@ -49,7 +49,7 @@ def build(family: str):
 def inputs(family: str, b: int, t_text: int) -> tuple[dict, int]:
     ids, images, head = batch(family, b, t_text)
     dev = "cuda"
-    out = {"input_ids": torch.tensor(ids, device=dev),
+    out = {"input_ids": torch.tensor(ids, device=dev, dtype=torch.long),
            "attention_mask": torch.ones(ids.shape, device=dev, dtype=torch.long)}
     pix = torch.tensor(images["pixel_values"], device=dev, dtype=torch.bfloat16)
     if family == "mllama":
