@@ -176,6 +176,8 @@ def attend(
     impl = resolve_attention_impl(impl)
     if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
         impl = "xla"  # cuDNN flash attention needs half precision
+    if impl == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
+        impl = "xla"  # jax's cuDNN backward rejects odd sequence lengths (seen on H100, jax 0.11.2)
     if impl == "cudnn" and causal:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "xla" else impl)

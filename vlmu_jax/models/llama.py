@@ -217,7 +217,10 @@ class DecoderLM(nnx.Module):
         q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
         k_slots = jnp.broadcast_to(jnp.arange(kv_valid.shape[1]), kv_valid.shape)
         mask = attention_mask(q_slots, k_slots, kv_valid, self.config.sliding_window)
-        causal = cache is None
+        # Causality alone (cuDNN's fused causal kernel, no mask) is exact only while the sliding window, if
+        # any, covers the whole sequence.
+        window = self.config.sliding_window
+        causal = cache is None and (window is None or t <= window)
         layer_rngs = None if rng is None else jax.random.split(rng, self.config.num_layers)
 
         def step(layer, carry, xs):
