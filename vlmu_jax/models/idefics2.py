@@ -33,7 +33,7 @@ from vlmu_jax.models.architecture import Architecture
 from vlmu_jax.models.clip import ClipLayer, VisionConfig
 from vlmu_jax.models.hf_names import LEAVES, HFParam, stacked_name_map
 from vlmu_jax.models.layers import Dense, LayerNorm, RMSNorm, activation, attend, fold, run_layers
-from vlmu_jax.models.llama import TextConfig
+from vlmu_jax.models.llama import TextConfig, output_head
 from vlmu_jax.models.llava import LlavaForConditionalGeneration
 from vlmu_jax.models.sharding import constrain
 
@@ -264,14 +264,7 @@ class Idefics2ForConditionalGeneration(LlavaForConditionalGeneration):
         self.vision_tower = Idefics2VisionTower(config.vision, dtype=dtype, rngs=rngs)
         self.multi_modal_projector = Idefics2Connector(config, dtype=dtype, rngs=rngs)
         self.language_model = DecoderLM(t, dtype=dtype, rngs=rngs)
-        self.lm_head = (
-            None
-            if t.tie_word_embeddings
-            else nnx.Param(
-                (t.init_std * jax.random.normal(rngs.params(), (t.vocab_size, t.hidden_size))).astype(dtype),
-                axes=("vocab", "embed"),
-            )
-        )
+        self.lm_head = output_head(t, dtype=dtype, rngs=rngs)
         self.lora_rngs: nnx.Rngs | None = nnx.data(None)
 
     def image_features(self, pixel_values: jax.Array, pixel_attention_mask: jax.Array) -> jax.Array:

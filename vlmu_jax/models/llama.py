@@ -239,3 +239,11 @@ class DecoderLM(nnx.Module):
         h = constrain(h, ("batch", "seq", None))
         h, cache = run_layers(self.layers, step, h, (cache, layer_rngs), remat=remat, scan=scan)
         return self.norm(h), cache
+
+
+def output_head(t: TextConfig, *, dtype, rngs: nnx.Rngs) -> nnx.Param | None:
+    """The untied output projection [V, D] (None when the head is the tied embedding)."""
+    if t.tie_word_embeddings:
+        return None
+    return nnx.Param((t.init_std * jax.random.normal(rngs.params(), (t.vocab_size, t.hidden_size))).astype(dtype),
+                     axes=("vocab", "embed"))

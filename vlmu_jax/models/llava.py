@@ -25,7 +25,7 @@ from vlmu_jax.models.architecture import Architecture
 from vlmu_jax.models.clip import ClipVisionTower, VisionConfig
 from vlmu_jax.models.hf_names import HFParam, rename, stacked_name_map
 from vlmu_jax.models.layers import Dense, activation
-from vlmu_jax.models.llama import DecoderLM, KVCache, TextConfig
+from vlmu_jax.models.llama import DecoderLM, KVCache, TextConfig, output_head
 from vlmu_jax.models.phi3 import phi3_text_config
 
 
@@ -91,14 +91,7 @@ class LlavaForConditionalGeneration(nnx.Module):
             rngs=rngs,
         )
         self.language_model = DecoderLM(t, dtype=dtype, rngs=rngs)
-        self.lm_head = (
-            None
-            if t.tie_word_embeddings
-            else nnx.Param(
-                (t.init_std * jax.random.normal(rngs.params(), (t.vocab_size, t.hidden_size))).astype(dtype),
-                axes=("vocab", "embed"),
-            )
-        )
+        self.lm_head = output_head(t, dtype=dtype, rngs=rngs)
         self.lora_rngs: nnx.Rngs | None = nnx.data(None)
 
     def head_weight(self) -> jax.Array:
