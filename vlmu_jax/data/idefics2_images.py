@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-IMAGENET_STANDARD = (0.5, 0.5, 0.5)
+from vlmu_jax.data.pixels import IMAGENET_STANDARD, rescale_normalize
+
+# image_processor_type names transformers writes for this processor (v4 slow/fast, v5 torchvision/PIL).
+PROCESSOR_TYPES = ("Idefics2ImageProcessor", "Idefics2ImageProcessorFast", "Idefics2ImageProcessorPil")
 
 
 def resize_output_size(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
@@ -101,14 +104,8 @@ class Idefics2Processor:
         if self.do_resize:
             h, w = resize_output_size(*pixels.shape[:2], self.shortest_edge, self.longest_edge)
             pixels = np.asarray(Image.fromarray(pixels).resize((w, h), resample=self.resample))
-        x = pixels.transpose(2, 0, 1)
-        if self.do_rescale:
-            x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        x = x.astype(np.float32)
-        if self.do_normalize:
-            mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
-            std = np.asarray(self.std, dtype=np.float32)[:, None, None]
-            x = (x - mean) / std
+        x = rescale_normalize(pixels.transpose(2, 0, 1), self.rescale_factor if self.do_rescale else None,
+                              self.mean if self.do_normalize else None, self.std)
         _, h, w = x.shape
         p = self.pad_size
         if h > p or w > p:

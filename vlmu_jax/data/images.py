@@ -22,11 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from vlmu_jax.data.mllama_images import PROCESSOR_TYPES as MLLAMA_PROCESSOR_TYPES
-from vlmu_jax.data.mllama_images import MllamaProcessor
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from vlmu_jax.data import idefics2_images, mllama_images
+from vlmu_jax.data.pixels import CLIP_MEAN, CLIP_STD, rescale_normalize
 
 
 @dataclass(frozen=True)
@@ -100,10 +97,7 @@ def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
             raise ValueError(f"crop {spec.crop} larger than resized image {(height, width)}")
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
         pixels = pixels[:, top : top + crop_h, left : left + crop_w]
-    scaled = (pixels.astype(np.float64) * spec.rescale_factor).astype(np.float32)
-    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    return (scaled - mean) / std
+    return rescale_normalize(pixels, spec.rescale_factor, spec.mean, spec.std)
 
 
 class ImageProcessor(Protocol):
@@ -133,7 +127,8 @@ PROCESSORS: dict[str, Callable[[dict[str, Any]], ImageProcessor]] = {
     "CLIPImageProcessorFast": lambda cfg: ClipProcessor(ImageSpec.from_hf(cfg)),
     "LlavaImageProcessor": lambda cfg: ClipProcessor(ImageSpec.from_hf(cfg)),
     "LlavaImageProcessorFast": lambda cfg: ClipProcessor(ImageSpec.from_hf(cfg)),
-    **{name: MllamaProcessor.from_hf for name in MLLAMA_PROCESSOR_TYPES},
+    **{name: mllama_images.MllamaProcessor.from_hf for name in mllama_images.PROCESSOR_TYPES},
+    **{name: idefics2_images.Idefics2Processor.from_hf for name in idefics2_images.PROCESSOR_TYPES},
 }
 
 
@@ -143,16 +138,6 @@ def image_processor(cfg: dict[str, Any]) -> ImageProcessor:
     if kind not in PROCESSORS:
         raise ValueError(f"unsupported image_processor_type {kind!r}; supported: {sorted(PROCESSORS)}")
     return PROCESSORS[kind](cfg)
-
-
-def _register_idefics2() -> None:
-    from vlmu_jax.data.idefics2_images import Idefics2Processor
-
-    for name in ("Idefics2ImageProcessor", "Idefics2ImageProcessorFast", "Idefics2ImageProcessorPil"):
-        PROCESSORS[name] = Idefics2Processor.from_hf
-
-
-_register_idefics2()
 
 
 def load_image_processor(folder: str | Path, overrides: dict[str, Any] | None = None) -> ImageProcessor:

@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Llama-3.2-Vision's preprocessor_config.json
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from vlmu_jax.data.pixels import CLIP_MEAN, CLIP_STD, rescale_normalize
 
 
 @lru_cache(maxsize=16)
@@ -93,10 +92,7 @@ class MllamaProcessor:
         pixels = np.asarray(image.resize((new_w, new_h), resample=self.resample)).transpose(2, 0, 1)
         canvas = np.zeros((3, canvas_h, canvas_w), pixels.dtype)
         canvas[:, :new_h, :new_w] = pixels
-        scaled = (canvas.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        mean = np.asarray(self.mean, np.float32)[:, None, None]
-        std = np.asarray(self.std, np.float32)[:, None, None]
-        normed = (scaled - mean) / std
+        normed = rescale_normalize(canvas, self.rescale_factor, self.mean, self.std)
         tiles = normed.reshape(3, rows, s, cols, s).transpose(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)
         out = self.blank()
         out["pixel_values"][: rows * cols] = tiles

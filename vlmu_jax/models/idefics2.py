@@ -33,7 +33,7 @@ from vlmu_jax.models.architecture import Architecture
 from vlmu_jax.models.clip import ClipLayer, VisionConfig
 from vlmu_jax.models.hf_names import LEAVES, HFParam, stacked_name_map
 from vlmu_jax.models.layers import Dense, LayerNorm, RMSNorm, activation, attend, fold, run_layers
-from vlmu_jax.models.llama import TextConfig, output_head
+from vlmu_jax.models.llama import DecoderLM, TextConfig, output_head
 from vlmu_jax.models.llava import LlavaForConditionalGeneration
 from vlmu_jax.models.sharding import constrain
 
@@ -257,8 +257,6 @@ class Idefics2ForConditionalGeneration(LlavaForConditionalGeneration):
     lm_head. Decoding, prefill and decode_step are LLaVA's (same Llama-shaped decoder and KV cache)."""
 
     def __init__(self, config: Idefics2Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        from vlmu_jax.models.llama import DecoderLM
-
         t = config.text
         self.config = config
         self.vision_tower = Idefics2VisionTower(config.vision, dtype=dtype, rngs=rngs)
