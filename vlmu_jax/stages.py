@@ -164,6 +164,8 @@ def export(ws: Workspace) -> None:
     "latest" or a step exports that Orbax checkpoint of ``train/unlearned_<method>`` (also of an interrupted run)
     to ``export/unlearned_<method>_step<N>``.
     """
+    from vlmu_jax.checkpoints.orbax_io import checkpoint_steps
+
     dtype = jnp.dtype(ws.config.export.dtype) if ws.config.export.dtype else None
     source = ws.config.export.from_checkpoint
     for objective in objectives(ws):
@@ -172,7 +174,7 @@ def export(ws: Workspace) -> None:
         if not source:
             out = ws.workdir / "export" / name
             if not (is_done(out) and not ws.config.force):
-                steps = _checkpoint_steps(ckpt_dir)
+                steps = checkpoint_steps(ckpt_dir)
                 _save_model(ws, ws.load(name), out, dtype=dtype,
                             info={"source": str(ws.model_dir(name)), "step": steps[-1] if steps else None})
             continue
@@ -183,15 +185,11 @@ def export(ws: Workspace) -> None:
             _save_model(ws, model, out, dtype=dtype, info={"source": str(ckpt_dir / str(step)), "step": step})
 
 
-def _checkpoint_steps(ckpt_dir: Path) -> list[int]:
-    from vlmu_jax.checkpoints.orbax_io import checkpoint_steps
-
-    return checkpoint_steps(ckpt_dir)
-
-
 def _pick_step(ckpt_dir: Path, source: str) -> int:
     """The checkpoint step `export.from_checkpoint` names ("latest" or a number) among those on disk."""
-    steps = _checkpoint_steps(ckpt_dir)
+    from vlmu_jax.checkpoints.orbax_io import checkpoint_steps
+
+    steps = checkpoint_steps(ckpt_dir)
     if not steps:
         raise FileNotFoundError(f"no Orbax checkpoint in {ckpt_dir}: run the unlearn stage (it checkpoints every "
                                 "unlearn.save_every steps) or leave export.from_checkpoint empty")
