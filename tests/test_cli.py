@@ -24,6 +24,8 @@ def _run(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
         (["--config", "configs/demo.py", "--config.unlearn.lrr=1"], 'Did you mean "lr"'),
         (["--config", "configs/demo.py", "--config.unlearn.lr=abc"], "could not convert string to float"),
         (["--config", "configs/demo.py", "--config.stages=finetune,dance"], "unknown stage(s) ['dance']"),
+        (["--config", "configs/demo.py", "--config.protocol=tofu"],
+         "config.protocol must be one of ['original', 'corrected'], got 'tofu'"),
         (["--config", "configs/nothere.py"], "No such file or directory: 'configs/nothere.py'"),
         (["--config", "configs/fiubench_llava15.py:nosuchmethod"], "unknown method variant 'nosuchmethod'"),
         (["--config", "configs/fiubench_llava15.py"], "config.model.path is empty"),

@@ -76,3 +76,19 @@ def test_trainable_filter_and_dropout(tmp_path):
     np.testing.assert_array_equal(a, b)
     model.train()
     assert np.abs(_logps(model, batch) - a).max() > 1e-3  # dropout active in train mode
+
+
+def test_lora_keeps_language_model_base_frozen(tmp_path):
+    """With LoRA on, tune_language_model switches no base LM weight on (PEFT freezes the base); the projector
+    flag still trains the whole projector. Expected count from the HF model's own shapes."""
+    folder, hf = save_tiny(tmp_path / "m", "llama")
+    model = load_pretrained(folder)
+    rank = 2
+    apply_lora(model, rank=rank, alpha=4, seed=0)
+    trainable = nnx.state(model, trainable_filter(lora=True, tune_mm_projector=True, tune_language_model=True))
+    count = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(trainable))
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_count = sum(rank * (m.in_features + m.out_features) for name, m in hf.named_modules()
+                     if "language_model" in name and name.endswith(adapted))
+    projector = sum(p.numel() for name, p in hf.named_parameters() if "multi_modal_projector" in name)
+    assert count == lora_count + projector

@@ -28,6 +28,8 @@ from vlmu_jax.data.records import Benchmark, ImageRef
 from vlmu_jax.data.templates import get_template, load_tokenizer, train_demo_tokenizer
 from vlmu_jax.models import sharding
 from vlmu_jax.models.tiny import TokenIds, tiny_checkpoint
+from vlmu_jax.protocol import Protocol
+from vlmu_jax.protocol import resolve as resolve_protocol
 
 DONE = "DONE"
 
@@ -43,6 +45,10 @@ class Workspace:
     def mesh(self) -> jax.sharding.Mesh:
         m = self.config.mesh
         return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+
+    @cached_property
+    def protocol(self) -> Protocol:
+        return resolve_protocol(self.config)
 
     @property
     def data_root(self) -> Path:

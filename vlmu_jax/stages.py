@@ -222,7 +222,7 @@ def _runner(ws: Workspace):
     return Runner(text=dataclasses.replace(ws.text_config, max_length=None), batch_size=ws.config.eval.batch_size,
                   image_fn=ws.image_fn,
                   max_new_tokens=ws.config.eval.max_new_tokens, mesh=ws.mesh,
-                  original=ws.config.eval.original_behaviour)
+                  original=ws.protocol.fiubench_metric_quirks)
 
 
 def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs
@@ -336,7 +336,7 @@ def report(ws: Workspace) -> None:
         raise FileNotFoundError(f"{results / 'retain_model'} has no eval logs: run the eval stage first")
     logs = {n: json.loads((results / n / "eval_log_aggregated.json").read_text()) for n in names}
     rows = [{"Model": n, **fiubench_summary(logs[n], logs["retain_model"], method=n.removeprefix("unlearned_"),
-                                            empty_lists_as_zero=ws.config.eval.original_behaviour),
+                                            empty_lists_as_zero=ws.protocol.fiubench_metric_quirks),
              **_utility_row(ws, n)} for n in names]
     out = ws.workdir / "report"
     write_csv(rows, out / "results.csv")

@@ -91,13 +91,19 @@ def trainable_filter(
     tune_mm_projector: bool = False,
     tune_language_model: bool = False,
 ) -> nnx.filterlib.Filter:
-    """NNX filter of what trains: LoRA params and/or the full Params of the tuned towers."""
+    """NNX filter of what trains: LoRA params and/or the full Params of the tuned towers.
+
+    With ``lora`` the language model's base weights (and its head) stay frozen whatever ``tune_language_model``
+    says: LoRA on the LM means the adapters are what adapts it, as PEFT's ``get_peft_model`` freezes the base.
+    The vision tower and projector flags still switch their full weights on next to the adapters, as the seeds
+    do after wrapping the model.
+    """
     base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
     parts: list = [nnx.LoRAParam] if lora else []
     if tune_vision_tower:
         parts.append(nnx.All(base, nnx.PathContains("vision_tower")))
     if tune_mm_projector:
         parts.append(nnx.All(base, nnx.PathContains("multi_modal_projector")))
-    if tune_language_model:
+    if tune_language_model and not lora:
         parts.append(nnx.All(base, nnx.Any(nnx.PathContains("language_model"), nnx.PathContains("lm_head"))))
     return nnx.Any(*parts) if parts else nnx.Nothing
