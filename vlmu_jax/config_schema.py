@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     # MLLMU-Bench builds Idefics2's processor); presets add the keys they set.
     c.model.image_processor_overrides = ml_collections.ConfigDict()
     c.model.dtype = "bfloat16"  # compute/param dtype of the loaded model
-    c.model.attention = "xla"  # xla | cudnn
+    c.model.attention = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
     c.model.remat = "none"  # none | full | dots_saveable
     c.model.scan_layers = True
 

@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
+from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.registry import abstract_model, architecture, hf_name_map
 from vlmu_jax.models.sharding import variable_sharding
 
@@ -111,7 +113,18 @@ def load_pretrained(
             variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
         )
         var.set_value(_make_array(index, names, hp, shape, dtype, sharding))
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    logging.info("%s", runtime_summary(model, folder, dtype))
+    return model
+
+
+def runtime_summary(model: nnx.Module, source: str | Path, dtype) -> str:
+    """One line naming the attention kernel and remat policy a loaded model runs with: the fast path is
+    the default, and a run that silently fell back to XLA's attention or to no remat should say so."""
+    c = model.config
+    return (f"model {source}: {c.hf_config.get('model_type', '?')} in {jnp.dtype(dtype).name}, attention "
+            f"{resolve_attention_impl(c.attention_impl, dtype)} (asked {c.attention_impl!r}), remat {c.remat!r}, "
+            f"scan_layers {c.scan_layers}")
 
 
 def _make_array(

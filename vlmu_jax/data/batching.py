@@ -22,7 +22,12 @@ from vlmu_jax.data.records import IMAGE, Identity, ImageRef
 from vlmu_jax.data.templates import Template
 
 IGNORE = -100
-DEFAULT_BUCKETS = (64, 128, 256, 512)
+# The text-length ladder: a row's text (its image placeholder counted as one token, as max_length counts it)
+# falls in one of these or in its source's longest text; image rows are shifted by the image's expansion.
+TEXT_LADDER = (64, 128, 256, 512)
+# Bucket lengths are multiples of this: even lengths keep cuDNN's fused attention (its backward rejects odd
+# ones) and 64 keeps the matmul tiles full.
+BUCKET_MULTIPLE = 64
 
 
 class BatchSource(Protocol):
@@ -48,6 +53,12 @@ class Encoded:
     input_ids: np.ndarray  # int32 [L], image placeholder already expanded
     labels: np.ndarray  # int32 [L]
     image: ImageRef | None
+    image_tokens: int = 0  # positions the image placeholder expanded to (0 for a text-only row)
+
+    @property
+    def text_length(self) -> int:
+        """Length with the image counted as one token: what ``max_length`` bounds."""
+        return len(self.input_ids) - max(self.image_tokens - 1, 0)
 
 
 @dataclass(frozen=True)
@@ -156,7 +167,32 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
     limit = None if cfg.max_length is None else cfg.max_length + (len(image_token_sequence(cfg)) - 1) * with_image
     if limit is not None and len(ids_np) > limit:
         ids_np, labels = ids_np[:limit], labels[:limit]
-    return Encoded(ids_np, labels, example.image)
+    return Encoded(ids_np, labels, example.image, len(image_token_sequence(cfg)) if with_image else 0)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def sequence_buckets(max_text: int, image_tokens: int = 0) -> tuple[int, ...]:
+    """Static sequence lengths for rows of at most ``max_text`` text tokens (the image placeholder counted once)
+    whose image expands to ``image_tokens`` positions (0: text only).
+
+    A fixed power-of-two ladder alone wastes most of a batch at real shapes (LLaVA-1.5's 576 image tokens put a
+    60-token question in a 1024 bucket) or cannot hold it at all; so the text ladder is cut at ``max_text`` and,
+    for image rows, shifted by the expansion: LLaVA-1.5 at max_length 512 gets 640, 704, 832 and 1088 (and
+    64 .. 512 for text-only rows).
+    """
+    text = sorted({b for b in TEXT_LADDER if b < max_text} | {max_text})
+    shifted = [t + image_tokens - 1 for t in text] if image_tokens > 0 else []
+    return tuple(sorted({_round_up(b, BUCKET_MULTIPLE) for b in (*text, *shifted)}))
+
+
+def row_buckets(rows: Sequence[Encoded]) -> tuple[int, ...]:
+    """The buckets of a set of rows: their longest text and largest image expansion (training rows are cut at
+    ``max_length``, so this never exceeds ``sequence_buckets(max_length, image tokens)``; eval rows are not cut
+    and still fit)."""
+    return sequence_buckets(max(r.text_length for r in rows), max(r.image_tokens for r in rows))
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
@@ -172,15 +208,15 @@ def collate(
     *,
     pad_token_id: int,
     image_fn: Callable[[ImageRef | None], dict[str, np.ndarray]],
-    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    buckets: Sequence[int] | None = None,
     left_pad: bool = False,
 ) -> dict[str, Any]:
     """Pad rows to one bucket length; right padding for training/scoring, left padding for generation.
 
     `image_fn(ref)` gives a row's image inputs (`image_fn(None)` a text-only row's); they are stacked per
-    key under `batch["images"]`.
+    key under `batch["images"]`. `buckets` None: `row_buckets(rows)`.
     """
-    t = bucket_length(max(len(r.input_ids) for r in rows), buckets)
+    t = bucket_length(max(len(r.input_ids) for r in rows), buckets or row_buckets(rows))
     batch: dict[str, Any] = {
         "input_ids": np.full((len(rows), t), pad_token_id, np.int32),
         "attention_mask": np.zeros((len(rows), t), np.int32),
@@ -222,7 +258,8 @@ class ExampleSource:
     slice.
 
     The last batch of an epoch wraps around to the epoch's first rows so every batch has the same shape
-    and every example is seen once per epoch. `shuffle=False` keeps file order (scoring/eval).
+    and every example is seen once per epoch. `shuffle=False` keeps file order (scoring/eval). `buckets`
+    None derives them from all the rows (`row_buckets`), so every batch of the source picks from one ladder.
     """
 
     def __init__(
@@ -232,7 +269,7 @@ class ExampleSource:
         global_batch_size: int,
         pad_token_id: int,
         image_fn: Callable[[ImageRef | None], dict[str, np.ndarray]],
-        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        buckets: Sequence[int] | None = None,
         seed: int = 0,
         shuffle: bool = True,
         left_pad: bool = False,
@@ -256,7 +293,7 @@ class ExampleSource:
             collate,
             pad_token_id=pad_token_id,
             image_fn=functools.lru_cache(256)(image_fn),
-            buckets=buckets,
+            buckets=tuple(buckets) if buckets else row_buckets(rows),
             left_pad=left_pad,
         )
 

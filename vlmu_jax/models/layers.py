@@ -157,10 +157,13 @@ def attention_mask(
     return mask[:, None]
 
 
-def resolve_attention_impl(impl: str) -> str:
-    """ "auto" -> cudnn on GPU, XLA elsewhere."""
+def resolve_attention_impl(impl: str, dtype=None) -> str:
+    """The kernel a model's attention runs: "auto" -> cudnn on GPU, XLA elsewhere (on TPU XLA fuses attention
+    itself); cuDNN's flash attention needs half precision, so a float32 ``dtype`` runs XLA's."""
     if impl == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+        impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    if impl == "cudnn" and dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "xla"
     return impl
 
 
@@ -173,9 +176,7 @@ def attend(
     alone is exact
     on every real position (pad positions only produce ignored outputs), and it keeps the fused kernel.
     """
-    impl = resolve_attention_impl(impl)
-    if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
-        impl = "xla"  # cuDNN flash attention needs half precision
+    impl = resolve_attention_impl(impl, q.dtype)
     if impl == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
         impl = "xla"  # jax's cuDNN backward rejects odd sequence lengths (seen on H100, jax 0.11.2)
     if impl == "cudnn" and causal:

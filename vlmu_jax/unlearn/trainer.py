@@ -120,15 +120,17 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
     needs_ref = bool(obj.ref_streams or obj.kl_streams)
 
     def step(params, opt_state, rng, rest, ref_other, batches):
-        ref_model = None
+        ref_params = None
         if needs_ref:
             lora, _ = nnx.split_state(params, nnx.LoRAParam, ...)
-            ref_params = nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other)
-            ref_model = nnx.merge(graphdef_eval, jax.lax.stop_gradient(ref_params), rng, rest)
+            ref_params = jax.lax.stop_gradient(nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other))
 
         def loss_of(p):
-            # Fresh Variables at this trace level: dropout may advance the RNG counters inside grad.
+            # Fresh Variables at this trace level: dropout may advance the RNG counters inside grad (the
+            # reference's too: a model with LoRA dropout draws its key even in eval mode).
             model = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rng), rest)
+            ref_model = None if ref_params is None else nnx.merge(graphdef_eval, ref_params,
+                                                                  jax.tree.map(lambda x: x, rng), rest)
             streams = {
                 n: _stream_logps(n, obj, model, ref_model, b, logps_fn, kl_fn) for n, b in batches.items()
             }
