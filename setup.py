@@ -26,6 +26,7 @@ setup(
         "rouge-score",
         "matplotlib",
         "tqdm",
+        "tensorboardX",
     ],
     extras_require={
         # PyTorch is only needed for parity tests against transformers' reference models.
