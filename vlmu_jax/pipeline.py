@@ -26,6 +26,7 @@ from vlmu_jax.data.images import ImageProcessor, load_image_processor, row_image
 from vlmu_jax.data.records import Benchmark, ImageRef
 from vlmu_jax.data.templates import get_template, load_tokenizer, train_demo_tokenizer
 from vlmu_jax.errors import InputError
+from vlmu_jax.model_sources import given_checkpoints
 from vlmu_jax.models import sharding
 from vlmu_jax.models.tiny import TokenIds, tiny_checkpoint
 
@@ -58,7 +59,11 @@ class Workspace:
 
     @property
     def base_model(self) -> Path:
-        return self.workdir / "models" / "base" if self.config.model.tiny else Path(self.config.model.path)
+        """Where training starts and every stage's tokenizer and processor come from: the demo's tiny model,
+        model.path, or (when only given checkpoints are evaluated) the first of them."""
+        if self.config.model.tiny:
+            return self.workdir / "models" / "base"
+        return Path(self.config.model.path or next(iter(given_checkpoints(self.config.eval).values())))
 
     def model_dir(self, name: str) -> Path:
         return self.workdir / "models" / name
@@ -91,11 +96,12 @@ class Workspace:
         """A row's image inputs for the model (a text-only row's when `ref` is None)."""
         return row_images(self.image_processor, ref)
 
-    def load(self, name: str):
-        """A model folder of this run (or the base checkpoint) loaded onto the mesh."""
+    def load(self, name: str | Path):
+        """A model folder of this run (by name), the base checkpoint ("base") or any checkpoint folder (a Path),
+        loaded onto the mesh."""
         from vlmu_jax.checkpoints.hf_import import load_pretrained
 
-        path = self.base_model if name == "base" else self.model_dir(name)
+        path = name if isinstance(name, Path) else self.base_model if name == "base" else self.model_dir(name)
         m = self.config.model
         return load_pretrained(path, dtype=jnp.dtype(m.dtype), mesh=self.mesh, remat=m.remat,
                                scan_layers=m.scan_layers, attention_impl=m.attention)
@@ -108,6 +114,12 @@ def is_done(folder: Path) -> bool:
 def mark_done(folder: Path) -> None:
     if jax.process_index() == 0:
         (folder / DONE).write_text("ok\n")
+
+
+def clear_done(folder: Path) -> None:
+    """Before a folder is rewritten: a run that fails halfway must not leave it marked done."""
+    if jax.process_index() == 0:
+        (folder / DONE).unlink(missing_ok=True)
 
 
 def prepare_data(ws: Workspace) -> None:

@@ -156,19 +156,14 @@ def _check(index: TensorIndex, name: str, want: tuple[int, ...], folder: Path) -
                          record=f"tensor {name}", field="shape")
 
 
-def load_pretrained(
-    path: str | Path, dtype=jnp.float32, mesh: Mesh | None = None, **options: Any
-) -> nnx.Module:
-    """Build the model of a local HF folder and fill it from its safetensors, sharded over ``mesh`` if given.
-
-    options (remat, scan_layers, attention_impl) are forwarded to the model config.
-    """
-    folder = Path(path)
+def _checked_plan(folder: Path, dtype, options: dict[str, Any]):
+    """The abstract model of `folder` and, per param, its HF tensor names, each checked present with its shape."""
     hf_config = read_hf_config(folder)
     index = TensorIndex(folder, architecture(hf_config).canonical_name)
     model = abstract_model(hf_config, dtype, **options)
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
+    plan = []
     for path_, hp in hf_name_map(model).items():
         var = flat[path_]
         shape = tuple(var.get_value().shape)
@@ -177,6 +172,26 @@ def load_pretrained(
         want = per[::-1] if hp.transpose else per
         for name in names:
             _check(index, name, tuple(want), folder)
+        plan.append((var, hp, names, shape))
+    return graphdef, state, index, plan
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Everything `load_pretrained` checks (config.json, safetensors headers against their files, every tensor's
+    presence and shape) without reading a tensor, so a bad folder fails before work starts on good ones."""
+    _checked_plan(Path(path), jnp.float32, {})
+
+
+def load_pretrained(
+    path: str | Path, dtype=jnp.float32, mesh: Mesh | None = None, **options: Any
+) -> nnx.Module:
+    """Build the model of a local HF folder and fill it from its safetensors, sharded over ``mesh`` if given.
+
+    options (remat, scan_layers, attention_impl) are forwarded to the model config.
+    """
+    folder = Path(path)
+    graphdef, state, index, plan = _checked_plan(folder, dtype, options)
+    for var, hp, names, shape in plan:
         sharding = (
             variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
         )
