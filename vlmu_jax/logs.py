@@ -78,10 +78,11 @@ def timed(name: str) -> Iterator[None]:
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str,
              initial: int = 0, leave: bool = True, disable: bool = False) -> tqdm:
     """A progress bar with count, rate and ETA. On a terminal it redraws often; into a log file (no TTY) it adds
-    an update only every 30 s, so a long run's log is not thousands of carriage-return redraws."""
+    an update only every 30 s, so a long run's log is not thousands of carriage-return redraws, and it is always
+    left in place: a log keeps one line per loop with its duration and rate instead of a blanked one."""
     tty = sys.stderr.isatty()
-    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, leave=leave, disable=disable,
-                file=sys.stderr, mininterval=0.1 if tty else 30.0, dynamic_ncols=tty)
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, leave=leave or not tty,
+                disable=disable, file=sys.stderr, mininterval=0.1 if tty else 30.0, dynamic_ncols=tty)
 
 
 def close_bars() -> None:
