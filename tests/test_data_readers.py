@@ -186,3 +186,13 @@ def test_mllmu_bad_row_error_or_counted_skip(mllmu_dir, tmp_path):
         read_mllmu(root)
     bench = read_mllmu(root, skip_bad_rows=True)
     assert bench.skipped == {str(path): 1} and len(bench.celebrities) == len(rows) - 1
+
+
+def test_undecodable_image_names_its_file_or_row(tmp_path):
+    """Images are decoded when a batch needs them: a truncated file or bad parquet bytes name where they came from."""
+    path = tmp_path / "face.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(DataError, match=rf"^{path}: cannot decode the image"):
+        ImageRef(path=str(path)).load()
+    with pytest.raises(DataError, match=r"^x.parquet: row 3 \(ID 7\): image: cannot decode the image"):
+        ImageRef(data=b"garbage", origin="x.parquet: row 3 (ID 7): image").load()
