@@ -42,8 +42,9 @@ def _table(rows: Sequence[Mapping], headline: Sequence[str], label_key: str) -> 
     columns = [*headline, *(k for k in dict.fromkeys(k for r in rows for k in r) if k not in headline
                             and k != label_key)]
     head = "".join(f"<th>{html.escape(str(r.get(label_key, i)))}</th>" for i, r in enumerate(rows))
+    headline_row = '<tr class="headline">'
     body = "".join(
-        f'<tr class="{"headline" if c in headline else ""}"><td>{html.escape(c)}</td>'
+        f'{headline_row if c in headline else "<tr>"}<td>{html.escape(c)}</td>'
         + "".join(f"<td>{html.escape(format_value(r.get(c)))}</td>" for r in rows) + "</tr>"
         for c in columns)
     return f'<div class="scroll"><table><tr><th>metric</th>{head}</tr>{body}</table></div>'
