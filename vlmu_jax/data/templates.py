@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlmu_jax.errors import InputError
+
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions. "
@@ -98,7 +100,12 @@ def load_tokenizer(path: str | Path):
     """The checkpoint's own tokenizer from a local folder (no network)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:  # what transformers raises for a folder without (readable) tokenizer files
+        raise InputError("no tokenizer that transformers can load: needs tokenizer.json, or tokenizer.model with "
+                         "tokenizer_config.json (copy the base model's, or point config.model.path at the base "
+                         "model; --verbosity=1 shows transformers' own error)", file=path) from err
 
 
 def template_markers(template: Template) -> list[str]:
