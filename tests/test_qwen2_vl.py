@@ -243,3 +243,12 @@ def test_pipeline_on_tiny_qwen2_5_vl(tmp_path):
         losses = [json.loads(line)["loss"] for line in (workdir / "train" / name / "metrics.jsonl").open()]
         assert len(losses) == 2 and np.isfinite(losses).all()
         assert list((workdir / "eval_results" / name).glob("*.json"))
+
+
+@pytest.mark.parametrize("name", ["fiubench_qwen2_5_vl", "mllmu_qwen2_vl"])
+def test_presets_cap_image_size(name):
+    import importlib
+
+    c = importlib.import_module(f"configs.{name}").get_config("npo")
+    assert c.model.template == "qwen2-vl" and c.model.image_processor_overrides.max_pixels == 512 * 28 * 28
+    assert c.unlearn.objective == "npo"
