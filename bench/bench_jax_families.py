@@ -1,10 +1,10 @@
-"""vlmu_jax on full-size Llama-3.2-11B-Vision (Mllama) and idefics2-8b shapes, random bf16 weights.
+"""vlmu_jax on full-size Llama-3.2-11B-Vision (Mllama), idefics2-8b and Qwen2.5-VL-7B shapes, random bf16 weights.
 
 The workload of bench_jax_llava.py (teacher-forced log-probs, greedy generation of 32 tokens, one LoRA r=128
 gradient-ascent AdamW step) on the batch of bench/family_shapes.py; bench_hf_families.py is its PyTorch twin.
 Also reports how far the log-probs of the default attention path (cuDNN on GPU) are from XLA's attention on the
 same weights, which checks the masked vision / cross-attention kernels at full size.
-Run from the repo root: `PYTHONPATH=. python bench/bench_jax_families.py --family mllama|idefics2`.
+Run from the repo root: `PYTHONPATH=. python bench/bench_jax_families.py --family mllama|idefics2|qwen2_5_vl`.
 """
 
 from __future__ import annotations

@@ -76,6 +76,9 @@ class TextConfig:
     # The ids that replace the prompt's one image token; empty = image_token_id x num_image_tokens. Set from
     # the image processor when an image expands to more than one run (Idefics2 with image splitting).
     image_tokens: tuple[int, ...] = ()
+    # How many image tokens a given image becomes, when that depends on the image (Qwen2-VL's native resolution);
+    # None = the fixed expansion above.
+    image_token_count: Callable[[ImageRef], int] | None = None
 
 
 
@@ -87,8 +90,11 @@ def checkpoint_text_config(tokenizer: Any, template: Template, model_config: Any
     mc = model_config
     expand = getattr(processor, "image_token_ids", None)
     image_tokens = () if expand is None else tuple(expand(mc.image_token_id, mc.num_image_tokens, tokenizer))
+    count = getattr(processor, "image_token_count", None)
+    per_image = None if count is None else functools.lru_cache(4096)(lambda ref: count(ref.load()))
     return TextConfig(tokenizer=tokenizer, template=template, image_token_id=mc.image_token_id,
-                      num_image_tokens=mc.num_image_tokens, image_tokens=image_tokens, **options)
+                      num_image_tokens=mc.num_image_tokens, image_tokens=image_tokens,
+                      image_token_count=per_image, **options)
 
 def examples_from(
     identities: Sequence[Identity],
@@ -119,7 +125,8 @@ def _tokens(cfg: TextConfig, text: str) -> tuple[list[int], list[tuple[int, int]
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _expand_image(ids: list[int], answer: list[bool], cfg: TextConfig, with_image: bool, where: str):
+def _expand_image(ids: list[int], answer: list[bool], cfg: TextConfig, image: ImageRef | None, where: str):
+    with_image = image is not None
     positions = [i for i, t in enumerate(ids) if t == cfg.image_token_id]
     if len(positions) != (1 if with_image else 0):
         raise ValueError(
@@ -128,13 +135,18 @@ def _expand_image(ids: list[int], answer: list[bool], cfg: TextConfig, with_imag
         )
     if not with_image:
         return ids, answer
-    p, seq = positions[0], image_token_sequence(cfg)
+    p, seq = positions[0], image_token_sequence(cfg, image)
     n = len(seq)
     return ids[:p] + list(seq) + ids[p + 1 :], answer[:p] + [False] * n + answer[p + 1 :]
 
 
-def image_token_sequence(cfg: TextConfig) -> tuple[int, ...]:
-    """What one image token in the prompt expands to (the only place the expansion is defined)."""
+def image_token_sequence(cfg: TextConfig, image: ImageRef | None = None) -> tuple[int, ...]:
+    """What one image token in the prompt expands to (the only place the expansion is defined); ``image`` is
+    needed when the count depends on it (``image_token_count``)."""
+    if cfg.image_token_count is not None:
+        if image is None:
+            raise ValueError("this model's image token count depends on the image: pass it")
+        return (cfg.image_token_id,) * cfg.image_token_count(image)
     return cfg.image_tokens or (cfg.image_token_id,) * cfg.num_image_tokens
 
 
@@ -158,13 +170,14 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
         ids, answer = [cfg.tokenizer.bos_token_id, *ids], [False, *answer]
     if cfg.append_eos:
         ids, answer = [*ids, cfg.tokenizer.eos_token_id], [*answer, True]
-    ids, answer = _expand_image(ids, answer, cfg, with_image, f"example {example.uid!r} {example.question!r}")
+    ids, answer = _expand_image(ids, answer, cfg, example.image, f"example {example.uid!r} {example.question!r}")
     ids_np = np.asarray(ids, dtype=np.int32)
     keep = np.asarray(answer) | cfg.train_on_prompt
     labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
     # The seeds cut at max_length counting the image placeholder as ONE token (it is expanded inside the
     # model there), so the limit grows by the expansion here.
-    limit = None if cfg.max_length is None else cfg.max_length + (len(image_token_sequence(cfg)) - 1) * with_image
+    extra = len(image_token_sequence(cfg, example.image)) - 1 if with_image else 0
+    limit = None if cfg.max_length is None else cfg.max_length + extra
     if limit is not None and len(ids_np) > limit:
         ids_np, labels = ids_np[:limit], labels[:limit]
     return Encoded(ids_np, labels, example.image, len(image_token_sequence(cfg)) if with_image else 0)
@@ -242,7 +255,7 @@ def _prompt_only(cfg: TextConfig) -> TextConfig:
     template = cfg.template.__class__(**{**cfg.template.__dict__, "answer_suffix": ""})
     # A generation prompt is never cut: the end of it (options, instruction, answer tag) is what matters.
     return TextConfig(cfg.tokenizer, template, cfg.image_token_id, cfg.num_image_tokens,
-                      image_tokens=cfg.image_tokens)
+                      image_tokens=cfg.image_tokens, image_token_count=cfg.image_token_count)
 
 
 def host_slice(global_size: int, process_index: int, process_count: int) -> slice:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from vlmu_jax.data import idefics2_images, mllama_images
+from vlmu_jax.data import idefics2_images, mllama_images, qwen2_vl_images
 from vlmu_jax.data.pixels import CLIP_MEAN, CLIP_STD, rescale_normalize
 from vlmu_jax.errors import InputError
 
@@ -130,6 +130,7 @@ PROCESSORS: dict[str, Callable[[dict[str, Any]], ImageProcessor]] = {
     "LlavaImageProcessorFast": lambda cfg: ClipProcessor(ImageSpec.from_hf(cfg)),
     **{name: mllama_images.MllamaProcessor.from_hf for name in mllama_images.PROCESSOR_TYPES},
     **{name: idefics2_images.Idefics2Processor.from_hf for name in idefics2_images.PROCESSOR_TYPES},
+    **{name: qwen2_vl_images.Qwen2VLProcessor.from_hf for name in qwen2_vl_images.PROCESSOR_TYPES},
 }
 
 

@@ -81,6 +81,19 @@ TEMPLATES: dict[str, Template] = {
         question_end="<end_of_utterance>\n",
         answer_suffix="<end_of_utterance>",
     ),
+    # Qwen2-VL / Qwen2.5-VL chat template (same for both), with its default system turn and no BOS token; the
+    # processor expands <|image_pad|> to one token per merged patch of the image.
+    "qwen2-vl": Template(
+        "qwen2-vl",
+        system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+        user_prefix="<|im_start|>user\n",
+        answer_prefix="<|im_start|>assistant\n",
+        image_text="<|vision_start|><|image_pad|><|vision_end|>",
+        question_end="<|im_end|>\n",
+        answer_suffix="<|im_end|>",
+        image_token="<|image_pad|>",
+        prepend_bos=False,
+    ),
 }
 TEMPLATES["demo"] = TEMPLATES[
     "llava-1.5"

@@ -133,7 +133,14 @@ def rope_inv_freq(
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scaling: float = 1.0) -> jax.Array:
     """Rotate the first 2*len(inv_freq) channels of x [B,T,N,H] (HF rotate_half layout) at integer
     positions [B,T]."""
-    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    return rotate(x, positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq), scaling)
+
+
+def rotate(x: jax.Array, freqs: jax.Array, scaling: float = 1.0) -> jax.Array:
+    """Rotate the first 2*F channels of x [B,T,N,H] by the angles freqs [B,T,F] (HF rotate_half layout).
+
+    Split from ``apply_rope`` because multimodal RoPEs (Qwen2-VL's M-RoPE, its vision tower's 2D rope) take
+    each frequency's position from a different axis; only how the angles are formed differs."""
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     cos = (jnp.cos(emb) * scaling).astype(x.dtype)[:, :, None, :]
     sin = (jnp.sin(emb) * scaling).astype(x.dtype)[:, :, None, :]

@@ -167,6 +167,13 @@ class LlavaForConditionalGeneration(nnx.Module):
             rng=rng,
         )
 
+    def positions(
+        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None
+    ) -> jax.Array:
+        """Rotary positions [B, T] of a prompt: they follow the attention mask (HF: cumsum - 1), so left padding
+        does not shift them (Qwen2-VL overrides this with its 3D M-RoPE positions)."""
+        return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -174,10 +181,10 @@ class LlavaForConditionalGeneration(nnx.Module):
         images: dict[str, jax.Array] | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [B, T, D]. Positions follow the attention mask (HF: cumsum - 1)."""
+        """Final-normed hidden states [B, T, D] (positions: see ``positions``)."""
         if dropout_rng is None and self.lora_rngs is not None:
             dropout_rng = self.lora_rngs.dropout()
-        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        positions = self.positions(input_ids, attention_mask, images)
         h, _ = self.decode(self.embed(input_ids, images), positions, attention_mask, rng=dropout_rng)
         return h
 
@@ -189,7 +196,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         dtype = self.head_weight().dtype
         cache = tuple(jnp.zeros((t.num_layers, b, cache_len, t.num_kv_heads, t.head_dim), dtype) for _ in range(2))
         kv_valid = jnp.zeros((b, cache_len), jnp.int32).at[:, : input_ids.shape[1]].set(attention_mask)
-        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        positions = self.positions(input_ids, attention_mask, images)
         return self.decode(self.embed(input_ids, images), positions, kv_valid, cache=cache, index=0, impl="xla")
 
     def decode_step(
