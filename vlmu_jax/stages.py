@@ -466,7 +466,8 @@ def _mllmu_report(ws: Workspace, names: list[str]) -> None:
     write_csv(rows, out / "results.csv")
     write_json({"rows": rows}, out / "results.json")
     accuracy = [k for k in rows[0] if "/ classification /" in k]
-    plots.plot_metric_bars(rows, accuracy, out / "metrics.png", title="MLLMU-Bench classification accuracy",
-                           ylabel="accuracy (%)")
+    labels = [k.replace(" Results / classification / ", ": ").removesuffix(" Question Accuracy") for k in accuracy]
+    plots.plot_metric_bars(rows, accuracy, out / "metrics.png", label_key="Model", labels=labels, horizontal=True,
+                           title="MLLMU-Bench classification accuracy", value_label="accuracy (%)")
     _loss_plot(ws, names, out)
     _publish(ws, rows, out)
