@@ -47,21 +47,34 @@ def first(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return workdir
 
 
+def _as_transformers_saves_it(folder: Path, out: Path) -> Path:
+    """The checkpoint re-saved by transformers (its own tensor names and config.json, as a PEFT-merged PyTorch
+    model is), with the tokenizer and processor files copied beside it."""
+    from transformers import LlavaForConditionalGeneration
+
+    LlavaForConditionalGeneration.from_pretrained(folder).save_pretrained(out)
+    for file in folder.iterdir():
+        if not (out / file.name).exists() and file.name not in ("DONE", "model.safetensors"):
+            shutil.copy2(file, out / file.name)
+    return out
+
+
 def test_evaluate_given_checkpoints(first: Path, tmp_path: Path) -> None:
     """`--config.stages=eval,report` with `eval.models` and `eval.reference_model` in a fresh workdir, no
     model.path: every checkpoint is evaluated under its name, the report compares against the reference."""
     base, workdir = first / "models" / "base", tmp_path / "eval_only"
+    vanilla = _as_transformers_saves_it(base, tmp_path / "hf")
     result = _run(workdir, "--config.model.tiny=False", "--config.stages=eval,report",
-                  f"--config.eval.models=vanilla={base}", f"--config.eval.reference_model={base}")
+                  f"--config.eval.models=vanilla={vanilla}", f"--config.eval.reference_model={base}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["Model"]: r for r in json.loads((workdir / "report" / "results.json").read_text())["rows"]}
     assert list(rows) == ["vanilla", "retain_model"]
     assert rows["vanilla"]["Forget Quality"] == pytest.approx(1.0)  # the same weights as the reference
-    for name in rows:
+    for name, folder in (("vanilla", vanilla), ("retain_model", base)):
         info = json.loads((workdir / "eval_results" / name / "eval_info.json").read_text())
-        assert info["model"] == str(base.resolve())
+        assert info["model"] == str(folder.resolve())
     page = (workdir / "report" / "index.html").read_text()
-    assert "vanilla" in page and str(base) in page and page.count("data:image/png;base64,") == 2  # no loss curves
+    assert str(vanilla) in page and str(base) in page and page.count("data:image/png;base64,") == 2  # no loss curves
     table = result.stdout.splitlines()
     assert table[0].split() == ["vanilla", "retain_model"] and table[1].startswith("Forget Quality")
     assert re.search(r"^\d\d:\d\d:\d\d eval: done in [\d.]+ s$", result.stderr, re.MULTILINE)

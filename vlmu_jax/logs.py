@@ -81,8 +81,10 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
     an update only every 30 s, so a long run's log is not thousands of carriage-return redraws, and it is always
     left in place: a log keeps one line per loop with its duration and rate instead of a blanked one."""
     tty = sys.stderr.isatty()
+    interval = 0.1 if tty else 30.0
     return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, leave=leave or not tty,
-                disable=disable, file=sys.stderr, mininterval=0.1 if tty else 30.0, dynamic_ncols=tty)
+                disable=disable, file=sys.stderr, mininterval=interval, maxinterval=max(interval, 10.0),
+                dynamic_ncols=tty)
 
 
 def close_bars() -> None:

@@ -53,11 +53,11 @@ def _source(ws: Workspace, identities: list[Identity], stage: ml_collections.Con
             idk: tuple[str, ...] = ()) -> ExampleSource:
     shards = ws.mesh.shape["data"] * ws.mesh.shape["fsdp"]
     if stage.batch_size % shards:
-        raise ValueError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
+        raise InputError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
                          f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")
     rows = [encode(e, ws.text_config) for e in examples_from(identities, idk=idk, seed=seed)]
     if not rows:
-        raise ValueError("a training stream has no examples: check the split names and the data folder")
+        raise InputError("a training stream has no examples: check the split names and the data folder")
     return ExampleSource(rows, global_batch_size=stage.batch_size, pad_token_id=ws.tokenizer.pad_token_id,
                          image_fn=ws.image_fn, seed=seed)
 
@@ -466,7 +466,8 @@ def _mllmu_report(ws: Workspace, names: list[str]) -> None:
     write_csv(rows, out / "results.csv")
     write_json({"rows": rows}, out / "results.json")
     accuracy = [k for k in rows[0] if "/ classification /" in k]
-    plots.plot_metric_bars(rows, accuracy, out / "metrics.png", title="MLLMU-Bench classification accuracy",
-                           ylabel="accuracy (%)")
+    labels = [k.replace(" Results / classification / ", ": ").removesuffix(" Question Accuracy") for k in accuracy]
+    plots.plot_metric_bars(rows, accuracy, out / "metrics.png", label_key="Model", labels=labels, horizontal=True,
+                           title="MLLMU-Bench classification accuracy", value_label="accuracy (%)")
     _loss_plot(ws, names, out)
     _publish(ws, rows, out)

@@ -54,18 +54,28 @@ def plot_fq_vs_mu(rows: Sequence[Mapping], path: str | Path, *, label_key: str =
 
 
 def plot_metric_bars(rows: Sequence[Mapping], metrics: Sequence[str], path: str | Path, *,
-                     label_key: str = "Method", title: str = "Metrics per model", ylabel: str = "value",
+                     label_key: str = "Method", labels: Sequence[str] | None = None, horizontal: bool = False,
+                     title: str = "Metrics per model", value_label: str = "value",
                      size: tuple[float, float] = (8.0, 4.5), dpi: int = 100) -> Path:
-    """Grouped bars: one group per metric, one bar per run (missing metrics drawn as 0); long metric names are
-    wrapped and the legend sits outside the axes, so neither covers a bar nor is cut off."""
+    """Grouped bars: one group per metric (named `labels` when given), one bar per run (missing metrics drawn as
+    0). `horizontal` puts the groups down the side, where long names (MLLMU-Bench's sets) have room; vertical
+    groups wrap their names. The legend sits outside the axes, so neither covers a bar nor is cut off."""
     fig, ax = plt.subplots(figsize=size, layout="constrained")
     width = 0.8 / max(1, len(rows))
     for i, row in enumerate(rows):
-        xs = [m + i * width for m in range(len(metrics))]
-        ax.bar(xs, [float(row.get(m, 0.0)) for m in metrics], width, label=str(row.get(label_key, i)))
-    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))], [textwrap.fill(m, 24) for m in metrics],
-                  rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
+        positions = [m + i * width for m in range(len(metrics))]
+        draw = ax.barh if horizontal else ax.bar
+        draw(positions, [float(row.get(m, 0.0)) for m in metrics], width, label=str(row.get(label_key, i)))
+    ticks, names = [m + 0.4 - width / 2 for m in range(len(metrics))], list(labels or metrics)
+    if horizontal:  # scores are never negative: the value axis starts at 0
+        ax.set_yticks(ticks, names, fontsize=8)
+        ax.invert_yaxis()  # first metric on top
+        ax.set_xlabel(value_label)
+        ax.set_xlim(left=0)
+    else:
+        ax.set_xticks(ticks, [textwrap.fill(n, 24) for n in names], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(value_label)
+        ax.set_ylim(bottom=0)
     ax.set_title(title)
     fig.legend(fontsize=7, loc="outside right upper")
     return _save(fig, path, dpi)
