@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--identities", type=int, default=400)
+    parser.add_argument("--eval_objective", default="npo")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     ws = pipeline.Workspace(config(args.small, args.steps, args.identities), workdir)
@@ -131,6 +132,7 @@ def main() -> None:
     gen = CallTimer(batched.generate, lambda a, k: int(np.shape(a[1])[0]) * k["max_new_tokens"])
     batched.token_logprobs, batched.generate = score, gen
     ws.config.data.forget_split = "forget1"  # eval on forget1 / retain5: the same batches, fewer of them
+    ws.config.unlearn.objective = args.eval_objective  # and of one unlearned model (plus finetuned, retain_model)
     t0 = time.perf_counter()
     stages.eval(ws)
     wall = time.perf_counter() - t0
