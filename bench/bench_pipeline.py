@@ -9,9 +9,10 @@ its MLP is 2x wide, not 4x) and Llama-7B. The vocabulary is the demo tokenizer's
 forget1 / retain5 so the whole run fits a device lease; the per-step and per-batch numbers are what a full run
 repeats.
 
-Model compute: training steps from the trainer's metrics.jsonl (its per-step time includes host batching; a
-step over twice the median met a new bucket shape, and its excess counts as compile); eval from timing every
-jitted scoring / generation call to completion, where a shape's first call beyond its median is compile.
+Model compute: training steps from the trainer's metrics.jsonl (its per-step time includes host batching; the
+first step at each bucket length compiles, and its time beyond the run's fastest step counts as compile); eval
+from timing every jitted scoring / generation call to completion, where a shape's first call beyond its median
+is compile.
 Everything else (building and saving models, loading checkpoints, tokenising, metrics) is the rest of the wall.
 Run from the repo root: `PYTHONPATH=. python bench/bench_pipeline.py --workdir DIR [--small]`.
 """
@@ -83,11 +84,11 @@ def train_compute(workdir: Path, names: list[str]) -> tuple[float, float, int]:
     for name in names:
         rows = [json.loads(ln) for ln in (workdir / "train" / name / "metrics.jsonl").read_text().splitlines()]
         per_step = np.array([r["step_s"] for r in rows])
-        # A step that takes over twice the median met a new bucket shape and compiled: its excess is compile.
-        med = float(np.median(per_step))
-        slow = per_step > 2 * med
-        compute += float(np.where(slow, med, per_step).sum())
-        compile_ += float((per_step - med)[slow].sum())
+        # The first step at each bucket length compiles: its time beyond the run's fastest step is compile.
+        first = np.array([r["seq_len"] not in {q["seq_len"] for q in rows[:i]} for i, r in enumerate(rows)])
+        fastest = float(per_step.min())
+        compute += float(np.where(first, fastest, per_step).sum())
+        compile_ += float((per_step - fastest)[first].sum())
         tokens += sum(r["tokens"] for r in rows)
     return compute, compile_, tokens
 

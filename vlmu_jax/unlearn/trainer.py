@@ -241,6 +241,7 @@ def train(
                 "lr": float(schedule(step // cfg.grad_accum)),
                 "step_s": elapsed,
                 "tokens": tokens,
+                "seq_len": max(int(b["input_ids"].shape[1]) for b in host.values()),  # a new one compiles
                 "tokens_per_s": tokens / elapsed,
                 **{k: float(v) for k, v in aux.items()},
             }
