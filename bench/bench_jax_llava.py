@@ -1,8 +1,8 @@
 """vlmu_jax counterpart of shared/anchors/bench_hf_llava.py: LLaVA-1.5-7B shape, random bf16 weights.
 
 Same workload as the anchor (B=4 rows of BOS + 576 image tokens + 127 text tokens = 704 tokens):
-teacher-forced log-probs, greedy generation of 32 tokens (also at the GEN_B batch sizes, scanned and unrolled
-decoder), and the pipeline's own LoRA (r=128, all LM linears) AdamW train step for GA (with and without
+teacher-forced log-probs, greedy generation of 32 tokens (also at the GEN_B batch sizes; GEN_SCAN=1,0 adds
+the unrolled decoder), and the pipeline's own LoRA (r=128, all LM linears) AdamW train step for GA (with and without
 rematerialisation), GD and NPO (twin: bench/bench_hf_unlearn.py). One JSON line per measurement with the
 anchor's keys plus peak device memory. `--small` is a tiny shape that runs on CPU.
 Run from the repo root: `PYTHONPATH=. python bench/bench_jax_llava.py [--small]`.
@@ -33,8 +33,9 @@ from vlmu_jax.unlearn.optim import make_optimizer
 from vlmu_jax.unlearn.trainer import TrainConfig, make_step
 
 # Extra batch sizes for greedy generation (the issue asks for B=16 and B=64 besides the anchor's B=4).
+# GEN_SCAN=1,0 also times the unrolled decoder (slower on the H200, bench/NOTES.md).
 GEN_BATCHES = tuple(int(x) for x in os.environ.get("GEN_B", "16,64").split(",") if x)
-GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1,0").split(","))
+GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1").split(","))
 
 
 def hf_config(small: bool) -> dict:
