@@ -44,7 +44,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     c.tune_mm_projector = True
     c.tune_language_model = True
     c.save_every = 100
-    c.keep_checkpoints = 2
+    c.keep_checkpoints = 2  # 0: no Orbax checkpoints (no resume; the stage's HF folder is its output)
     c.update(overrides)
     return c
 

@@ -223,11 +223,15 @@ def train(
                     f"non-finite loss {loss} at step {step}; last good checkpoint: step {ckpt.latest_step()}"
                 )
             tokens = sum(int(b["attention_mask"].sum()) for b in host.values()) * jax.process_count()
+            elapsed = time.perf_counter() - t0  # host batching + the step to completion (the first compiles)
             record = {
                 "step": step,
                 "loss": loss,
                 "lr": float(schedule(step // cfg.grad_accum)),
-                "tokens_per_s": tokens / (time.perf_counter() - t0),
+                "step_s": elapsed,
+                "tokens": tokens,
+                "seq_len": max(int(b["input_ids"].shape[1]) for b in host.values()),  # a new one compiles
+                "tokens_per_s": tokens / elapsed,
                 **{k: float(v) for k, v in aux.items()},
             }
             if step == start and start:
