@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.bench_jax_llava import lora_ga_step_time, peak_gb, timeit
+from bench.bench_jax_llava import peak_gb, timeit, unlearn_step_time
 from bench.family_shapes import FAMILIES, batch
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.scoring import token_logprobs
@@ -66,8 +66,10 @@ def main() -> None:
                       "max_mem_gb": peak_gb()}), flush=True)
 
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
-    answer = jnp.arange(1, t) >= head + t_text // 2
-    s, mem = lora_ga_step_time(model, ids, mask, images, answer, "none")
+    answer = jnp.arange(t) >= head + 1 + t_text // 2  # the second half of the text is the answer
+    labels = jnp.where(answer[None, :], ids, -100)
+    s, mem = unlearn_step_time(model, "ga", "none",
+                               {"input_ids": ids, "attention_mask": mask, "images": images, "labels": labels})
     print(json.dumps({"what": "lora_ga_step", "remat": "none", "B": b, "T": t, "s": s, "samples_per_s": b / s,
                       "max_mem_gb": mem}), flush=True)
 
