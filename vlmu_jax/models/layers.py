@@ -273,7 +273,7 @@ def run_layers(
         raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
     graphdef, state = nnx.split(stack)
     if limit is not None:
-        state = jax.tree.map(lambda a: a[:limit], state)
+        state, xs = jax.tree.map(lambda a: a[:limit], (state, xs))
 
     def body(c, inp):
         layer_state, x = inp

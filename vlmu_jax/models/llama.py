@@ -213,11 +213,13 @@ class DecoderLM(nnx.Module):
         cache: KVCache | None = None,
         index: jax.Array | int = 0,
         rng: jax.Array | None = None,
+        output_layer: int | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """h [B,T,D] embeddings at cache slots index..index+T; kv_valid [B,S] marks real (non-pad) key slots.
 
         Without a cache S == T and attention is causal within h; with a cache S is the cache length.
-        Returns final-normed hidden states and the updated cache.
+        Returns final-normed hidden states and the updated cache; with `output_layer` L, the raw output of
+        layer L (0-based, HF `hidden_states[L + 1]`) and only layers 0..L run.
         """
         b, t, _ = h.shape
         q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
@@ -243,8 +245,16 @@ class DecoderLM(nnx.Module):
             )
 
         h = constrain(h, ("batch", "seq", None))
-        h, cache = run_layers(self.layers, step, h, (cache, layer_rngs), remat=remat, scan=scan)
-        return self.norm(h), cache
+        limit = None if output_layer is None else layers_to_run(output_layer, self.config.num_layers)
+        h, cache = run_layers(self.layers, step, h, (cache, layer_rngs), remat=remat, scan=scan, limit=limit)
+        return (self.norm(h) if limit is None else h), cache
+
+
+def layers_to_run(output_layer: int, num_layers: int) -> int:
+    """Layers to run for the output of layer `output_layer` (an out-of-range index is an error, not a clip)."""
+    if not 0 <= output_layer < num_layers:
+        raise ValueError(f"hidden layer {output_layer} is outside the model's {num_layers} decoder layers")
+    return output_layer + 1
 
 
 def output_head(t: TextConfig, *, dtype, rngs: nnx.Rngs) -> nnx.Param | None:

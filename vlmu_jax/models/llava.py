@@ -4,7 +4,8 @@ The model returns final-normed hidden states [B, T, D]; the output head (``head_
 applied by the chunked scorer or the generator, never here.
 
 Every architecture exposes the same surface to scoring, training and generation:
-``__call__(input_ids, attention_mask, images, dropout_rng)`` -> hidden states, ``head_weight()``,
+``__call__(input_ids, attention_mask, images, dropout_rng, *, output_layer=None)`` -> hidden states (final-normed,
+or the raw output of decoder layer ``output_layer``), ``head_weight()``,
 ``prefill(input_ids, attention_mask, images, cache_len)`` -> (hidden states, decode state) and
 ``decode_step(tokens, positions, kv_valid, state, index)`` -> (hidden states, decode state); ``images`` is
 the dict the architecture's image processor makes (here ``{"pixel_values": [B, 3, H, W]}``) and the decode
@@ -152,6 +153,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         index: jax.Array | int = 0,
         rng: jax.Array | None = None,
         impl: str | None = None,
+        output_layer: int | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Run the language model on embeddings (see DecoderLM.__call__)."""
         c = self.config
@@ -165,6 +167,7 @@ class LlavaForConditionalGeneration(nnx.Module):
             cache=cache,
             index=index,
             rng=rng,
+            output_layer=output_layer,
         )
 
     def positions(
@@ -180,12 +183,17 @@ class LlavaForConditionalGeneration(nnx.Module):
         attention_mask: jax.Array,
         images: dict[str, jax.Array] | None = None,
         dropout_rng: jax.Array | None = None,
+        *,
+        output_layer: int | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [B, T, D] (positions: see ``positions``)."""
+        """Final-normed hidden states [B, T, D] (positions: see ``positions``).
+
+        output_layer=L: the raw output of decoder layer L instead, running only layers 0..L (RMU)."""
         if dropout_rng is None and self.lora_rngs is not None:
             dropout_rng = self.lora_rngs.dropout()
         positions = self.positions(input_ids, attention_mask, images)
-        h, _ = self.decode(self.embed(input_ids, images), positions, attention_mask, rng=dropout_rng)
+        h, _ = self.decode(self.embed(input_ids, images), positions, attention_mask, rng=dropout_rng,
+                           output_layer=output_layer)
         return h
 
     def prefill(
