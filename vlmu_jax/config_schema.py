@@ -34,6 +34,16 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     c.npo_batch_mean = False  # MLLMU-Bench's batch-level NPO instead of the per-sequence NPO paper form
     c.retain_weight = 1.0
     c.simnpo_gamma = 0.0
+    # Methods from open-unlearning and MMUnlearner (defaults: their papers' / open-unlearning's configs).
+    c.forget_weight = 1.0  # gamma of the GradDiff family (WGA, SatImp, RMU): weight of the forget term
+    c.wga_beta = 1.0  # WGA token weight p^beta
+    c.satimp_beta1 = 5.0  # SatImp token weight p^beta1 (1 - p)^beta2
+    c.satimp_beta2 = 1.0
+    c.undial_beta = 10.0  # UNDIAL: how far the answer token's reference logit is lowered
+    c.ceu_ignore_first = 1  # CE-U: answer tokens of each sequence left out of the loss
+    c.rmu_steering = 2.0  # RMU: norm c of the control vector c * u
+    c.hidden_layer = 7  # RMU: decoder layer (0-based, HF model.layers[L]) whose output is steered
+    c.saliency_threshold = 1.0  # MMUnlearner: gamma of the mask I_forget / I_preserve >= gamma
     c.lora_rank = 0  # 0 = train the tuned towers fully
     c.lora_alpha = 16.0
     c.lora_dropout = 0.05

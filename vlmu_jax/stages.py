@@ -25,10 +25,11 @@ from vlmu_jax import model_sources
 from vlmu_jax.data.batching import IGNORE, ExampleSource, encode, examples_from
 from vlmu_jax.data.records import Identity
 from vlmu_jax.errors import InputError
-from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl
+from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl, head_token_stat
 from vlmu_jax.logs import say
 from vlmu_jax.models import lora
 from vlmu_jax.pipeline import Workspace, clear_done, is_done, mark_done
+from vlmu_jax.unlearn.objectives import get_objective
 from vlmu_jax.unlearn.trainer import TrainConfig, train
 
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -49,13 +50,33 @@ def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict) -> tuple[jax.Ar
     return kl, batch["attention_mask"][:, 1:] > 0
 
 
+def vocab_fn(model: nnx.Module, ref_model: nnx.Module | None, batch: dict, stat) -> jax.Array:
+    """An objective's per-position statistic of the full next-token distributions (UNDIAL, CE-U), chunked."""
+    args = (batch["input_ids"], batch["attention_mask"], batch["images"])
+    ref_hidden = ref_head = None
+    if ref_model is not None:
+        ref_hidden = jax.lax.stop_gradient(ref_model(*args)[:, :-1])
+        ref_head = jax.lax.stop_gradient(ref_model.head_weight())
+    return head_token_stat(stat, model(*args)[:, :-1], model.head_weight(), batch["input_ids"][:, 1:],
+                           ref_hidden, ref_head)
+
+
+def hidden_fn(model: nnx.Module, batch: dict, layer: int) -> tuple[jax.Array, jax.Array]:
+    """Decoder layer `layer`'s output [B, T, D] (only layers 0..layer run) and the answer mask [B, T] (RMU)."""
+    hidden = model(batch["input_ids"], batch["attention_mask"], batch["images"], output_layer=layer)
+    return hidden, batch["labels"] != IGNORE
+
+
 def _source(ws: Workspace, identities: list[Identity], stage: ml_collections.ConfigDict, *, seed: int,
-            idk: tuple[str, ...] = ()) -> ExampleSource:
+            idk: tuple[str, ...] = (), text_only: bool = False) -> ExampleSource:
     shards = ws.mesh.shape["data"] * ws.mesh.shape["fsdp"]
     if stage.batch_size % shards:
         raise InputError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
                          f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")
-    rows = [encode(e, ws.text_config) for e in examples_from(identities, idk=idk, seed=seed)]
+    examples = examples_from(identities, idk=idk, seed=seed)
+    if text_only:  # the same questions without the identity's image (MMUnlearner's textual knowledge)
+        examples = [dataclasses.replace(e, image=None) for e in examples]
+    rows = [encode(e, ws.text_config) for e in examples]
     if not rows:
         raise InputError("a training stream has no examples: check the split names and the data folder")
     return ExampleSource(rows, global_batch_size=stage.batch_size, pad_token_id=ws.tokenizer.pad_token_id,
@@ -107,8 +128,8 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
     cfg = TrainConfig.from_config(stage)
     if objective is not None:
         cfg = dataclasses.replace(cfg, objective=objective)
-    result = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl_fn,
-                   workdir=run_dir, trainable=trainable, mesh=ws.mesh)
+    result = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl_fn, vocab_fn=vocab_fn,
+                   hidden_fn=hidden_fn, workdir=run_dir, trainable=trainable, mesh=ws.mesh)
     logging.info("%s: %d steps, last loss %.4f", out_name, result.step, result.losses[-1] if result.losses
                  else float("nan"))
     _save_model(ws, model, out)
@@ -147,6 +168,8 @@ def unlearn(ws: Workspace) -> None:
                "retain": _source(ws, retain, c.unlearn, seed=c.seed + 1)}
     if bench.idk:
         sources["idk"] = _source(ws, forget, c.unlearn, seed=c.seed, idk=bench.idk)
+    if any(get_objective(o).preserve_streams for o in objectives(ws)):
+        sources["forget_text"] = _source(ws, forget, c.unlearn, seed=c.seed, text_only=True)
     for objective in objectives(ws):
         _train_model(ws, start="finetuned", out_name=f"unlearned_{objective}", stage=c.unlearn,
                      sources=sources, objective=objective)
