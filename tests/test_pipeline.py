@@ -119,6 +119,19 @@ def test_every_method_lowers_forget_probability(demo: Path) -> None:
     assert rows["unlearned_kl"]["Prob. Retain"] > fiubench_summary(ga_logs)["Prob. Retain"]
 
 
+def test_new_methods_lower_forget_probability(demo: Path) -> None:
+    """WGA, SatImp, UNDIAL, CE-U, RMU and MMUnlearner from the same finetuned model, in one run at a learning rate
+    at which the retain-regularised ones move within the ci variant's 12 steps; the report lists every one."""
+    from vlmu_jax.presets import NEW_METHODS
+
+    _main(demo, f"--config.unlearn.objective={','.join(NEW_METHODS)}", "--config.unlearn.lr=1e-2",
+          "--config.stages=unlearn,eval,report")
+    rows = _rows(demo)
+    assert set(rows) == {"finetuned", "retain_model", *(f"unlearned_{m}" for m in NEW_METHODS)}
+    for method in NEW_METHODS:
+        assert rows[f"unlearned_{method}"]["Prob. Forget"] < rows["finetuned"]["Prob. Forget"] - 0.01, method
+
+
 def test_two_processes_match_one(tmp_path: Path) -> None:
     """launch/local_multiprocess.sh (2 processes x 2 CPU devices): finetune a few steps + eval = one process with
     4 devices, loss by loss and metric by metric."""
