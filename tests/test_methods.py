@@ -156,3 +156,16 @@ def test_mmunlearner_saliency_gates_only_forget_steps(tmp_path) -> None:
     assert not changed(2, math.inf) and changed(3, math.inf)
     with pytest.raises(ValueError, match="forget_text"):
         _train_toy(tmp_path, "mmunlearner", {k: sources[k] for k in ("forget", "retain")}, 1)
+
+
+def test_every_preset_variant_builds_with_a_registered_objective() -> None:
+    from vlmu_jax import presets
+    from vlmu_jax.unlearn.objectives import OBJECTIVES
+
+    for build, methods in ((presets.fiubench, presets.FIUBENCH_METHODS), (presets.mllmu, presets.MLLMU_METHODS)):
+        for method in methods:
+            c = build(method, template="llava-1.5", model_path="")
+            assert c.unlearn.objective == method and method in OBJECTIVES
+    c = presets.fiubench("satimp", template="llava-1.5", model_path="")
+    assert (c.unlearn.forget_weight, c.unlearn.satimp_beta1, c.unlearn.lora_rank) == (0.1, 5.0, 128)
+    assert presets.mllmu("mmunlearner", template="llava-1.5", model_path="").unlearn.lora_rank == 0
