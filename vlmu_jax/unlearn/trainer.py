@@ -175,7 +175,8 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
     return step
 
 
-def _saliency(obj: Objective, cfg: TrainConfig, graphdef_eval, params, rng, rest, sources, logps_fn, mesh):
+def _saliency(obj: Objective, cfg: TrainConfig, graphdef_eval, params, rng, rest, sources, logps_fn, mesh,
+              show: bool):
     """The objective's weight-saliency mask at the starting parameters (see unlearn/saliency.py)."""
 
     def nll(p, context, batch):
@@ -183,7 +184,9 @@ def _saliency(obj: Objective, cfg: TrainConfig, graphdef_eval, params, rng, rest
         return token_mean_nll(StreamLogps(logps, None, mask))
 
     def fisher(names: tuple[str, ...]):
-        batches = (global_batch(sources[n].get(i), mesh) for n in names for i in range(len(sources[n])))
+        todo = [(n, i) for n in names for i in range(len(sources[n]))]
+        bar = progress(todo, desc=f"saliency ({', '.join(names)})", unit="batch", disable=not show)
+        batches = (global_batch(sources[n].get(i), mesh) for n, i in bar)
         return fisher_diagonal(nll, params, batches, context=(rng, rest))
 
     return saliency_mask(fisher(obj.masked_streams), fisher(obj.preserve_streams), cfg.saliency_threshold)
@@ -249,7 +252,8 @@ def train(
     )
     grad_mask = nnx.State({})
     if obj.masked_streams:
-        grad_mask = _saliency(obj, cfg, graphdef_eval, params, rng, rest, sources, logps_fn, mesh)
+        grad_mask = _saliency(obj, cfg, graphdef_eval, params, rng, rest, sources, logps_fn, mesh,
+                              show=jax.process_index() == 0 and cfg.progress)
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
