@@ -150,6 +150,6 @@ def test_tensorboard_events_hold_every_logged_scalar(tmp_path) -> None:
     rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     scalars = _event_scalars(tmp_path)
     assert set(scalars) == {f"train/{k}" for k in ("loss", "lr", "grad_norm", "tokens_per_s", "forget_nll",
-                                                    "retain_nll")}
+                                                    "retain_nll", "step_s", "tokens", "seq_len")}
     for key, by_step in scalars.items():
         assert by_step == pytest.approx({r["step"]: r[key.removeprefix("train/")] for r in rows}, rel=1e-6), key
