@@ -176,11 +176,11 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
     labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
     # The seeds cut at max_length counting the image placeholder as ONE token (it is expanded inside the
     # model there), so the limit grows by the expansion here.
-    extra = len(image_token_sequence(cfg, example.image)) - 1 if with_image else 0
-    limit = None if cfg.max_length is None else cfg.max_length + extra
+    image_tokens = len(image_token_sequence(cfg, example.image)) if with_image else 0
+    limit = None if cfg.max_length is None else cfg.max_length + max(image_tokens - 1, 0)
     if limit is not None and len(ids_np) > limit:
         ids_np, labels = ids_np[:limit], labels[:limit]
-    return Encoded(ids_np, labels, example.image, len(image_token_sequence(cfg)) if with_image else 0)
+    return Encoded(ids_np, labels, example.image, image_tokens)
 
 
 def _round_up(n: int, multiple: int) -> int:
