@@ -23,7 +23,6 @@ def get_config(arg: str | None = None):
     c.data.synthetic_image_size = 64
     c.data.forget_split = "forget10"
     c.data.max_length = 128
-    c.data.append_eos = True
     c.model.tiny = True
     c.model.template = "llava-1.5"
     c.model.dtype = "float32"

@@ -127,10 +127,11 @@ def image_token_sequence(cfg: TextConfig) -> tuple[int, ...]:
     return cfg.image_tokens or (cfg.image_token_id,) * cfg.num_image_tokens
 
 
-def encode(example: Example, cfg: TextConfig) -> Encoded:
-    """Token ids and labels for one example (see the module docstring for the mask)."""
-    with_image = example.image is not None
-    prompt, text = cfg.template.full(example.question, example.answer, with_image)
+def text_ids(example: Example, cfg: TextConfig) -> tuple[list[int], list[bool]]:
+    """Token ids of one example with the image still ONE placeholder token, BOS / EOS added and cut at
+    `max_length` (what the seeds' tokenizer call returns; their model expands the image), and which ids are
+    answer tokens (see the module docstring for the mask)."""
+    prompt, text = cfg.template.full(example.question, example.answer, example.image is not None)
     ids, offsets = _tokens(cfg, text)
     if cfg.fiubench_original_mask:
         instruction = text.split(cfg.template.answer_prefix)[0].strip(" ")
@@ -147,16 +148,24 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
         ids, answer = [cfg.tokenizer.bos_token_id, *ids], [False, *answer]
     if cfg.append_eos:
         ids, answer = [*ids, cfg.tokenizer.eos_token_id], [*answer, True]
-    ids, answer = _expand_image(ids, answer, cfg, with_image, f"example {example.uid!r} {example.question!r}")
+    if cfg.max_length is not None:
+        ids, answer = ids[: cfg.max_length], answer[: cfg.max_length]
+    return ids, answer
+
+
+def expand(ids: Sequence[int], answer: Sequence[bool], example: Example, cfg: TextConfig) -> Encoded:
+    """The model's row: the image placeholder expanded, labels = answer ids (every id with train_on_prompt)."""
+    ids, answer = _expand_image(list(ids), list(answer), cfg, example.image is not None,
+                                f"example {example.uid!r} {example.question!r}")
     ids_np = np.asarray(ids, dtype=np.int32)
-    keep = np.asarray(answer) | cfg.train_on_prompt
+    keep = np.asarray(answer, dtype=bool) | cfg.train_on_prompt
     labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
-    # The seeds cut at max_length counting the image placeholder as ONE token (it is expanded inside the
-    # model there), so the limit grows by the expansion here.
-    limit = None if cfg.max_length is None else cfg.max_length + (len(image_token_sequence(cfg)) - 1) * with_image
-    if limit is not None and len(ids_np) > limit:
-        ids_np, labels = ids_np[:limit], labels[:limit]
     return Encoded(ids_np, labels, example.image)
+
+
+def encode(example: Example, cfg: TextConfig) -> Encoded:
+    """Token ids and labels for one example (see the module docstring for the mask)."""
+    return expand(*text_ids(example, cfg), example, cfg)
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
