@@ -22,7 +22,15 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from vlmu_jax.data.batching import IGNORE, ExampleSource, encode, examples_from
+from vlmu_jax.data.batching import (
+    DEFAULT_BUCKETS,
+    IGNORE,
+    Encoded,
+    ExampleSource,
+    bucket_length,
+    encode,
+    examples_from,
+)
 from vlmu_jax.data.records import Identity
 from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl
 from vlmu_jax.models import lora
@@ -43,8 +51,9 @@ def logps_fn(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
 def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict, *,
           all_positions: bool = False) -> tuple[jax.Array, jax.Array]:
     """Full-vocabulary KL(reference || model) at every real token of the batch that predicts a next one; with
-    `all_positions` (FIUBench forget.py) at every position up to the longest row, padding and the last token
-    included."""
+    `all_positions` (FIUBench forget.py) at every position up to the step's longest row (`step_length`, set by the
+    trainer; else this batch's longest), padding and the last token included. The batch must be padded at least
+    that far: stages.unlearn gives all streams one bucket then."""
     args = (batch["input_ids"], batch["attention_mask"], batch["images"])
     hidden, ref_hidden = model(*args), jax.lax.stop_gradient(ref_model(*args))
     if not all_positions:
@@ -52,21 +61,25 @@ def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict, *,
     kl = head_kl(hidden, ref_hidden, model.head_weight(), jax.lax.stop_gradient(ref_model.head_weight()))
     if not all_positions:
         return kl, batch["attention_mask"][:, 1:] > 0
-    length = jnp.max(jnp.sum(batch["attention_mask"], axis=1))
+    length = batch.get("step_length", jnp.max(jnp.sum(batch["attention_mask"], axis=1)))
     return kl, jnp.broadcast_to(jnp.arange(kl.shape[1]) < length, kl.shape)
 
 
-def _source(ws: Workspace, identities: list[Identity], stage: ml_collections.ConfigDict, *, seed: int,
-            idk: tuple[str, ...] = (), shuffle: bool = True) -> ExampleSource:
+def _rows(ws: Workspace, identities: list[Identity], *, seed: int, idk: tuple[str, ...] = ()) -> list[Encoded]:
+    rows = [encode(e, ws.text_config) for e in examples_from(identities, idk=idk, seed=seed)]
+    if not rows:
+        raise ValueError("a training stream has no examples: check the split names and the data folder")
+    return rows
+
+
+def _source(ws: Workspace, rows: list[Encoded], stage: ml_collections.ConfigDict, *, seed: int,
+            shuffle: bool = True, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> ExampleSource:
     shards = ws.mesh.shape["data"] * ws.mesh.shape["fsdp"]
     if stage.batch_size % shards:
         raise ValueError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
                          f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")
-    rows = [encode(e, ws.text_config) for e in examples_from(identities, idk=idk, seed=seed)]
-    if not rows:
-        raise ValueError("a training stream has no examples: check the split names and the data folder")
     return ExampleSource(rows, global_batch_size=stage.batch_size, pad_token_id=ws.tokenizer.pad_token_id,
-                         image_fn=ws.image_fn, seed=seed, shuffle=shuffle)
+                         image_fn=ws.image_fn, seed=seed, shuffle=shuffle, buckets=buckets)
 
 
 def _prepare_trainable(model: nnx.Module, stage: ml_collections.ConfigDict, seed: int, protocol: Protocol):
@@ -132,9 +145,11 @@ def finetune(ws: Workspace) -> None:
         forget = set(bench.splits[_forget_split(ws)])
         retained = [i for i in everyone if i.uid not in forget]
     _train_model(ws, start="base", out_name="finetuned", stage=c.finetune,
-                 sources={"train": _source(ws, everyone, c.finetune, seed=c.seed, shuffle=shuffle)})
+                 sources={"train": _source(ws, _rows(ws, everyone, seed=c.seed), c.finetune, seed=c.seed,
+                                           shuffle=shuffle)})
     _train_model(ws, start="base", out_name="retain_model", stage=c.retain_model,
-                 sources={"train": _source(ws, retained, c.retain_model, seed=c.seed, shuffle=shuffle)})
+                 sources={"train": _source(ws, _rows(ws, retained, seed=c.seed), c.retain_model, seed=c.seed,
+                                           shuffle=shuffle)})
 
 
 def _forget_split(ws: Workspace) -> str:
@@ -153,10 +168,17 @@ def unlearn(ws: Workspace) -> None:
     """LoRA unlearning of the forget split with the configured objective and data streams."""
     c, bench, shuffle = ws.config, ws.bench, not ws.protocol.fiubench_file_order
     forget, retain = bench.split(_forget_split(ws)), bench.split(_retain_split(ws))
-    sources = {"forget": _source(ws, forget, c.unlearn, seed=c.seed, shuffle=shuffle),
-               "retain": _source(ws, retain, c.unlearn, seed=c.seed + 1)}
+    rows = {"forget": _rows(ws, forget, seed=c.seed), "retain": _rows(ws, retain, seed=c.seed + 1)}
     if bench.idk:
-        sources["idk"] = _source(ws, forget, c.unlearn, seed=c.seed, idk=bench.idk, shuffle=shuffle)
+        rows["idk"] = _rows(ws, forget, seed=c.seed, idk=bench.idk)
+    # forget.py's collator pads a step's forget and retain rows to one length and its KL term counts those padding
+    # positions: then every stream gets the one bucket its longest row needs (see kl_fn).
+    buckets = DEFAULT_BUCKETS
+    if ws.protocol.fiubench_kl_all_positions:
+        buckets = (bucket_length(max(len(r.input_ids) for rs in rows.values() for r in rs), DEFAULT_BUCKETS),)
+    seeds = {"forget": c.seed, "retain": c.seed + 1, "idk": c.seed}
+    sources = {name: _source(ws, rs, c.unlearn, seed=seeds[name], shuffle=shuffle or name == "retain",
+                             buckets=buckets) for name, rs in rows.items()}
     for objective in objectives(ws):
         _train_model(ws, start="finetuned", out_name=f"unlearned_{objective}", stage=c.unlearn,
                      sources=sources, objective=objective)

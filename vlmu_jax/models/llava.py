@@ -174,11 +174,15 @@ class LlavaForConditionalGeneration(nnx.Module):
         images: dict[str, jax.Array] | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [B, T, D]. Positions follow the attention mask (HF: cumsum - 1)."""
+        """Final-normed hidden states [B, T, D]. Positions follow the attention mask (cumsum - 1). Padding slots
+        are what HF LLaVA's image merge makes them (transformers 4.45, the seeds' path): a zero embedding at
+        position 1. Only their own outputs depend on that, and FIUBench's KL term averages those in."""
         if dropout_rng is None and self.lora_rngs is not None:
             dropout_rng = self.lora_rngs.dropout()
-        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        h, _ = self.decode(self.embed(input_ids, images), positions, attention_mask, rng=dropout_rng)
+        real = attention_mask > 0
+        positions = jnp.where(real, jnp.cumsum(attention_mask, axis=1) - 1, 1)
+        embeds = jnp.where(real[..., None], self.embed(input_ids, images), 0)
+        h, _ = self.decode(embeds, positions, attention_mask, rng=dropout_rng)
         return h
 
     def prefill(
