@@ -15,6 +15,8 @@ from vlmu_jax.data.batching import (
     encode,
     examples_from,
     generation_rows,
+    row_buckets,
+    sequence_buckets,
 )
 from vlmu_jax.data.fiubench_prompts import roundtrip_prompt
 from vlmu_jax.data.records import ImageRef
@@ -169,6 +171,26 @@ def test_left_padded_generation_prompts(tok, bench):
     assert tok.decode(ids[1:]).endswith(" ASSISTANT: ") and (rows[0].labels == IGNORE).all()
     text_only = [i for i, e in enumerate(exs) if e.image is None]
     assert text_only and (batch["images"]["pixel_values"][text_only] == 0).all()
+
+
+def test_buckets_follow_max_length_and_image_tokens(tok, bench):
+    """LLaVA-1.5 at FIUBench's max_length: 576 image tokens shift the ladder instead of overflowing it."""
+    assert sequence_buckets(512, 576) == (64, 128, 256, 512, 640, 704, 832, 1088)
+    assert sequence_buckets(100) == (64, 128)  # text only, cut at max_length (rounded to an even tile)
+    cfg = dataclasses.replace(_cfg(tok), num_image_tokens=576, max_length=40)
+    exs = examples_from(bench.identities, modality=None)
+    rows = [encode(e, cfg) for e in exs]
+    buckets = row_buckets(rows)
+    assert max(buckets) <= max(sequence_buckets(40, 576))  # rows are cut at max_length + the expansion
+    src = ExampleSource(rows, global_batch_size=4, pad_token_id=tok.pad_token_id, shuffle=False,
+                        image_fn=lambda ref: {"pixel_values": np.zeros((3, 2, 2), np.float32)},
+                        process_index=0, process_count=1)
+    for i in range(len(src)):
+        lengths = [len(rows[j].input_ids) for j in src.global_indices(i)]
+        t = src.get(i)["input_ids"].shape[1]
+        assert t in buckets and t >= max(lengths) and t % 64 == 0
+        with_image = any(rows[j].image_tokens for j in src.global_indices(i))
+        assert t - max(lengths) < (64 if with_image else 128)  # an image row never lands in a text-sized gap
 
 
 def test_idk_answers_replace_forget_answers(bench):

@@ -121,3 +121,27 @@ def test_fiubench_preset_trainable_set_per_protocol(tmp_path):
     assert rank == 128 and adapters((".qkv_proj",)) > 0
     assert ours("original") == adapters((".o_proj", ".down_proj")) + projector
     assert ours("corrected") == adapters((".qkv_proj", ".o_proj", ".gate_up_proj", ".down_proj")) + projector
+
+
+def test_reference_objective_with_lora_dropout(tmp_path):
+    """NPO's LoRA-off reference forward on a model with LoRA dropout (FIUBench's 0.05): the reference draws its
+    dropout key inside the gradient trace too, and the first step's policy equals the reference."""
+    from vlmu_jax.stages import logps_fn
+    from vlmu_jax.unlearn.trainer import TrainConfig, train
+
+    class Fixed:
+        def __len__(self):
+            return 2
+
+        def get(self, index):
+            return batch
+
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    batch = tiny_batch([6, 3])
+    batch["labels"] = np.where(batch["attention_mask"] > 0, batch["input_ids"], -100)
+    model = load_pretrained(folder)
+    apply_lora(model, rank=2, alpha=4, dropout=0.05, seed=0)
+    cfg = TrainConfig(objective="npo", lr=1e-3, num_steps=1, beta=0.5, progress=False)
+    result = train(model, cfg, sources={"forget": Fixed()}, logps_fn=logps_fn, trainable=nnx.LoRAParam,
+                   workdir=tmp_path / "npo")
+    assert result.losses[0] == pytest.approx(2 / 0.5 * np.log(2), rel=1e-5)

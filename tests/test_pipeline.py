@@ -19,12 +19,14 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _main(workdir: Path, *overrides: str, env: dict | None = None) -> None:
+def _main(workdir: Path, *overrides: str, env: dict | None = None) -> str:
+    """Runs the CLI and returns its log (stderr)."""
     cmd = [sys.executable, "-m", "vlmu_jax.main", "--config", "configs/demo.py:ci", "--workdir", str(workdir),
            *overrides]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200,
                             env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env or {})})
     assert result.returncode == 0, result.stderr[-4000:]
+    return result.stderr
 
 
 def _rows(workdir: Path) -> dict[str, dict]:
@@ -174,3 +176,25 @@ def test_mllmu_pipeline(tmp_path: Path) -> None:
     rows = _rows(workdir)
     assert set(rows) == {"finetuned", "retain_model", "unlearned_gd"}
     assert "Forget Set Results / classification / Image-Textual Question Accuracy" in rows["finetuned"]
+
+
+def test_llava_real_image_size(tmp_path: Path) -> None:
+    """LLaVA-1.5's real image geometry (336 px, patch 14: 576 image tokens) at FIUBench's max_length 512 through
+    finetune, unlearn and eval with a narrow model: the sequence buckets follow the image expansion, and the
+    log names each loaded model's attention and remat."""
+    workdir = tmp_path / "llava336"
+    log = _main(workdir, "--config.data.synthetic_identities=10", "--config.data.max_length=512",
+          "--config.model.tiny_shape.image_size=336", "--config.model.tiny_shape.patch_size=14",
+          "--config.model.tiny_shape.hidden_size=64", "--config.model.tiny_shape.intermediate_size=128",
+          "--config.model.tiny_shape.vision_hidden_size=32", "--config.model.tiny_shape.vision_layers=1",
+          "--config.finetune.num_steps=2", "--config.retain_model.num_steps=1", "--config.unlearn.num_steps=1",
+          "--config.unlearn.objective=gd", "--config.eval.max_new_tokens=2", "--config.eval.batch_size=16",
+          "--config.stages=finetune,unlearn,eval")
+    for name in ("finetuned", "retain_model", "unlearned_gd"):
+        forget = json.loads((workdir / "eval_results" / name / "eval_log_aggregated.json").read_text())[
+            "eval_forget_log.json"]
+        assert len(forget["avg_gt_loss"]) > 0 and np.isfinite(list(forget["avg_gt_loss"].values())).all()
+        assert len(forget["generated_text"]) == len(forget["avg_gt_loss"])
+    # CPU: "auto" attention resolves to XLA's; the demo config keeps remat off.
+    assert f"model {workdir / 'models' / 'finetuned'}: llava in float32, attention xla (asked 'auto'), remat 'none'" \
+        in log

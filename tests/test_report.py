@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -182,3 +183,51 @@ def test_plots_are_pngs_of_the_requested_size(tmp_path):
         assert path.stat().st_size > 0
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size == dims
+
+
+def test_plots_titled_labelled_nothing_clipped_reference_marked(tmp_path, monkeypatch):
+    """Everything drawn (titles, axis labels, tick labels, legends) lies inside the saved image."""
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: (figures.append(fig), save(fig, path, dpi))[1])
+    rows = [{"Method": "retain_model", "Model Utility": 0.5, "Forget Quality": 1.0, "ROUGE Forget": 0.2},
+            {"Method": "npo", "Model Utility": 0.45, "Forget Quality": 3e-7, "ROUGE Forget": 0.4}]
+    log = tmp_path / "train.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / (s + 1)}) + "\n" for s in range(5)))
+    plots.plot_fq_vs_mu(rows, tmp_path / "fq.png", reference="retain_model")
+    long_names = ["Retain Set (shared dataset) Results / classification / Image-Textual Question Accuracy",
+                  "Forget Set Results / classification / Pure Text Question Accuracy"]
+    plots.plot_metric_bars([{"Method": "a very long model name", **dict.fromkeys(long_names, 50.0)}], long_names,
+                           tmp_path / "bars.png", horizontal=True)
+    plots.plot_loss_curves({"unlearned_npo": log}, tmp_path / "loss.png")
+    for fig in figures:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        assert ax.get_title() and ax.get_xlabel() and (ax.get_ylabel() or fig is figures[1])  # bars: names on y
+        drawn, (width, height) = fig.get_tightbbox(), fig.get_size_inches()  # all drawn artists, in inches
+        assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01 and drawn.x1 <= width + 0.01 and drawn.y1 <= height + 0.01
+    fq = figures[0].axes[0]
+    assert fq.get_yscale() == "log"
+    assert [t.get_text() for t in fq.get_legend().get_texts()] == ["retain_model (reference)", "npo"]
+
+
+def test_results_table_and_self_contained_index():
+    from vlmu_jax.report import html, table
+
+    rows = [{"Model": "finetuned", "Forget Quality": 1.234567e-5, "Model Utility": 0.5, "Method": "finetuned"},
+            {"Model": "unlearned_npo", "Forget Quality": 0.25, "Prob. Forget": 0.1, "Method": "npo"}]
+    headline = table.headline_columns(rows, "fiubench")
+    assert headline == ["Forget Quality", "Model Utility", "Prob. Forget"]
+    assert table.format_table(rows, headline).splitlines() == [
+        "                finetuned  unlearned_npo",
+        "Forget Quality  1.235e-05           0.25",
+        "Model Utility         0.5              -",
+        "Prob. Forget            -            0.1"]
+    png = b"\x89PNG\r\n\x1a\n<fake>"
+    page = html.render_index(title="run <1>", rows=rows, headline=headline, plots={"tradeoff.png": png},
+                             sources={"unlearned_npo": "/ckpt/npo"}, config={"benchmark": "fiubench", "protocol":
+                                                                             "corrected", "data": {}},
+                             environment={"git_commit": "abc123"})
+    assert "run &lt;1&gt;" in page and "/ckpt/npo" in page and "corrected" in page and "abc123" in page
+    assert "data:image/png;base64,iVBORw0KGgo8ZmFrZT4=" in page and "1.235e-05" in page
+    assert not re.search(r"""(src|href)=["'](?!data:)""", page)  # nothing outside the file

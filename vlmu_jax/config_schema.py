@@ -11,6 +11,7 @@ import os
 
 import ml_collections
 
+from vlmu_jax import model_sources
 from vlmu_jax.protocol import resolve as resolve_protocol
 
 STAGES = ("finetune", "unlearn", "eval", "export", "report")
@@ -41,7 +42,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     c.tune_mm_projector = True
     c.tune_language_model = True
     c.save_every = 100
-    c.keep_checkpoints = 2
+    c.keep_checkpoints = 2  # 0: no Orbax checkpoints (no resume; the stage's HF folder is its output)
     c.update(overrides)
     return c
 
@@ -90,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     # MLLMU-Bench builds Idefics2's processor); presets add the keys they set.
     c.model.image_processor_overrides = ml_collections.ConfigDict()
     c.model.dtype = "bfloat16"  # compute/param dtype of the loaded model
-    c.model.attention = "xla"  # xla | cudnn
+    c.model.attention = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
     c.model.remat = "none"  # none | full | dots_saveable
     c.model.scan_layers = True
 
@@ -111,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.retain_split = "retain15"  # FIUBench eval.yaml pairs forget splits with retain5 / retain15
     c.eval.max_new_tokens = 50
+    # Checkpoints to evaluate instead of the run's own models (see vlmu_jax.model_sources): "NAME=PATH,..." of HF
+    # folders (ours, transformers', PEFT-merged), and the retain-only reference that Forget Quality compares against.
+    c.eval.models = ""
+    c.eval.reference_model = ""
     # LLM judge (FIUBench GPT score, MLLMU-Bench factuality): runs when judge_base_url is set (openai) or
     # judge_backend is local.
     c.eval.judge_backend = "openai"  # openai (any OpenAI-compatible endpoint) | local (a vlmu_jax checkpoint)
@@ -152,9 +157,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.benchmark must be 'fiubench' or 'mllmu', got {config.benchmark!r}")
     resolve_protocol(config)
     if not config.model.tiny:
-        if not config.model.path:
-            raise ValueError("config.model.path is empty: give a local Hugging Face checkpoint folder")
-        if not os.path.isdir(config.model.path):
+        if not config.model.path and _needs_base_model(config):
+            raise ValueError("config.model.path is empty: give a local Hugging Face checkpoint folder (to only "
+                             "evaluate checkpoints: --config.stages=eval,report --config.eval.models=NAME=PATH,...)")
+        if config.model.path and not os.path.isdir(config.model.path):
             raise FileNotFoundError(f"config.model.path {config.model.path!r} is not a folder")
     if config.data.synthetic_identities <= 0:
         if not config.data.root:
@@ -169,7 +175,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.export.from_checkpoint must be '', 'latest' or a step number, got {source!r}")
 
 
+def _needs_base_model(config: ml_collections.ConfigDict) -> bool:
+    """Training and export start from the base checkpoint; evaluating given checkpoints takes the tokenizer and
+    processor from the first of them, and the report reads only results."""
+    stages = set(stage_list(config))
+    if stages <= {"eval", "report"} and model_sources.given_checkpoints(config.eval):
+        return False
+    return stages != {"report"}
+
+
 def _validate_eval(e: ml_collections.ConfigDict) -> None:
+    model_sources.validate(e)
     if e.judge_backend not in ("openai", "local"):
         raise ValueError(f"config.eval.judge_backend must be 'openai' or 'local', got {e.judge_backend!r}")
     if e.judge_backend == "local":

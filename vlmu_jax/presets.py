@@ -11,6 +11,10 @@ import ml_collections
 from vlmu_jax.config_schema import base_config
 
 FIUBENCH_METHODS = ("ga", "gd", "kl", "idk", "npo", "dpo", "simnpo")
+# Qwen2-VL checkpoints allow up to 12845056 pixels (16384 patches); every row carries max_pixels' worth of patch
+# slots, so presets cap images at 512 merged-patch tokens (401408 pixels), a usual Qwen2-VL fine-tuning setting.
+# Neither seed ran Qwen2-VL; override `model.image_processor_overrides.max_pixels` to change it.
+QWEN_VL_MAX_PIXELS = 512 * 28 * 28
 MLLMU_METHODS = ("ga", "ga_difference", "kl_min", "npo")
 
 
@@ -29,6 +33,8 @@ def fiubench(variant: str | None, *, template: str, model_path: str) -> ml_colle
     c.model.path = model_path
     c.model.template = template
     c.model.remat = "full"
+    if template == "qwen2-vl":
+        c.model.image_processor_overrides.max_pixels = QWEN_VL_MAX_PIXELS
     c.data.forget_split = "forget10"
     c.data.max_length = 512
     c.seed = 233
@@ -58,6 +64,8 @@ def mllmu(variant: str | None, *, template: str, model_path: str) -> ml_collecti
     c.data.max_length = 384
     if template == "idefics2":  # every MLLMU script builds the processor with do_image_splitting=False
         c.model.image_processor_overrides.do_image_splitting = False
+    if template == "qwen2-vl":
+        c.model.image_processor_overrides.max_pixels = QWEN_VL_MAX_PIXELS
     c.seed = 42
     lora = dict(lora_rank=16, lora_alpha=16.0, lora_dropout=0.05, lora_targets=r".*_proj|.*fc\d|.*linear_\d",
                 lr_schedule="linear", warmup_ratio=0.0, weight_decay=0.01, batch_size=4, grad_accum=1)

@@ -22,19 +22,14 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from vlmu_jax.data.batching import (
-    DEFAULT_BUCKETS,
-    IGNORE,
-    Encoded,
-    ExampleSource,
-    bucket_length,
-    encode,
-    examples_from,
-)
+from vlmu_jax import model_sources
+from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length, encode, examples_from, row_buckets
 from vlmu_jax.data.records import Identity
+from vlmu_jax.errors import InputError
 from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl
+from vlmu_jax.logs import say
 from vlmu_jax.models import lora
-from vlmu_jax.pipeline import Workspace, is_done, mark_done
+from vlmu_jax.pipeline import Workspace, clear_done, is_done, mark_done
 from vlmu_jax.protocol import Protocol
 from vlmu_jax.unlearn.trainer import TrainConfig, train
 
@@ -68,15 +63,15 @@ def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict, *,
 def _rows(ws: Workspace, identities: list[Identity], *, seed: int, idk: tuple[str, ...] = ()) -> list[Encoded]:
     rows = [encode(e, ws.text_config) for e in examples_from(identities, idk=idk, seed=seed)]
     if not rows:
-        raise ValueError("a training stream has no examples: check the split names and the data folder")
+        raise InputError("a training stream has no examples: check the split names and the data folder")
     return rows
 
 
 def _source(ws: Workspace, rows: list[Encoded], stage: ml_collections.ConfigDict, *, seed: int,
-            shuffle: bool = True, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> ExampleSource:
+            shuffle: bool = True, buckets: tuple[int, ...] | None = None) -> ExampleSource:
     shards = ws.mesh.shape["data"] * ws.mesh.shape["fsdp"]
     if stage.batch_size % shards:
-        raise ValueError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
+        raise InputError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
                          f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")
     return ExampleSource(rows, global_batch_size=stage.batch_size, pad_token_id=ws.tokenizer.pad_token_id,
                          image_fn=ws.image_fn, seed=seed, shuffle=shuffle, buckets=buckets)
@@ -101,6 +96,7 @@ def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None, info: d
     from vlmu_jax.checkpoints.hf_export import export_hf
 
     lora.merge_lora(model)
+    clear_done(out)
     export_hf(model, out, dtype=dtype)
     if jax.process_index() == 0:
         for name in _SIDE_FILES:
@@ -166,6 +162,7 @@ def _retain_split(ws: Workspace) -> str:
 
 def unlearn(ws: Workspace) -> None:
     """LoRA unlearning of the forget split with the configured objective and data streams."""
+    _require(ws.model_dir("finetuned"), "the unlearn stage starts from it: run the finetune stage first")
     c, bench, shuffle = ws.config, ws.bench, not ws.protocol.fiubench_file_order
     forget, retain = bench.split(_forget_split(ws)), bench.split(_retain_split(ws))
     rows = {"forget": _rows(ws, forget, seed=c.seed), "retain": _rows(ws, retain, seed=c.seed + 1)}
@@ -173,9 +170,10 @@ def unlearn(ws: Workspace) -> None:
         rows["idk"] = _rows(ws, forget, seed=c.seed, idk=bench.idk)
     # forget.py's collator pads a step's forget and retain rows to one length and its KL term counts those padding
     # positions: then every stream gets the one bucket its longest row needs (see kl_fn).
-    buckets = DEFAULT_BUCKETS
+    buckets = None
     if ws.protocol.fiubench_kl_all_positions:
-        buckets = (bucket_length(max(len(r.input_ids) for rs in rows.values() for r in rs), DEFAULT_BUCKETS),)
+        every = [r for rs in rows.values() for r in rs]
+        buckets = (bucket_length(max(len(r.input_ids) for r in every), row_buckets(every)),)
     seeds = {"forget": c.seed, "retain": c.seed + 1, "idk": c.seed}
     sources = {name: _source(ws, rs, c.unlearn, seed=seeds[name], shuffle=shuffle or name == "retain",
                              buckets=buckets) for name, rs in rows.items()}
@@ -191,6 +189,17 @@ def objectives(ws: Workspace) -> list[str]:
 
 def eval_models(ws: Workspace) -> list[str]:
     return ["finetuned", "retain_model", *(f"unlearned_{o}" for o in objectives(ws))]
+
+
+def eval_sources(ws: Workspace) -> dict[str, Path]:
+    """Name -> folder of every model the eval and report stages cover (`vlmu_jax.model_sources`)."""
+    return model_sources.eval_sources({n: ws.model_dir(n) for n in eval_models(ws)}, ws.config.eval)
+
+
+def _require(folder: Path, why: str) -> None:
+    """A stage input from an earlier stage must be finished (its DONE marker), not just present."""
+    if not is_done(folder):
+        raise InputError(f"missing or unfinished (no {folder.name}/DONE): {why}", file=folder)
 
 
 def export(ws: Workspace) -> None:
@@ -211,6 +220,8 @@ def export(ws: Workspace) -> None:
         if not source:
             out = ws.workdir / "export" / name
             if not (is_done(out) and not ws.config.force):
+                _require(ws.model_dir(name), "export writes the unlearned models: run the unlearn stage first (or "
+                                             "export an Orbax checkpoint with --config.export.from_checkpoint)")
                 steps = checkpoint_steps(ckpt_dir)
                 _save_model(ws, ws.load(name), out, dtype=dtype,
                             info={"source": str(ws.model_dir(name)), "step": steps[-1] if steps else None})
@@ -266,14 +277,16 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
     judge's scores when one is configured; MME / POPE (``mme.json`` / ``pope.json``) when their paths are set."""
     from vlmu_jax.report.aggregate import write_json
 
+    sources = _evaluable(ws)  # given checkpoints are checked before any model runs
     runner = _runner(ws)
     utility = _utility_inputs(ws)  # read and checked before any model runs
     judge = None
-    for name in eval_models(ws):
+    for name, path in sources.items():
         out = ws.workdir / "eval_results" / name
-        if not ws.model_dir(name).exists() or (is_done(out) and not ws.config.force):
+        if _evaluated(out, path) and not ws.config.force:
             continue
-        model = ws.load(name)
+        clear_done(out)
+        model = ws.load(path)
         judge = judge or _judge(ws)
         logs = _fiubench_logs(ws, model, runner, name, judge) if ws.config.benchmark == "fiubench" else \
             _mllmu_logs(ws, model, runner, judge)
@@ -281,7 +294,46 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         if jax.process_index() == 0:
             for file, log in logs.items():
                 write_json(log, out / file)
+            write_json({"model": str(path.resolve())}, out / _EVAL_INFO)
         mark_done(out)
+
+
+_EVAL_INFO = "eval_info.json"  # the folder a model's results were computed from
+
+
+def _evaluated(out: Path, path: Path) -> bool:
+    """Results in `out` are finished and come from `path` (results of another checkpoint under the same name are
+    redone); results from before eval_info.json existed count as the run's own model's."""
+    if not is_done(out):
+        return False
+    info = out / _EVAL_INFO
+    recorded = json.loads(info.read_text())["model"] if info.exists() else str(path.resolve())
+    return recorded == str(path.resolve())
+
+
+def _evaluable(ws: Workspace) -> dict[str, Path]:
+    """The models the eval stage can run now: every given checkpoint (checked in full, and against the tokenizer's
+    model type) and the run's finished ones. Says which of the run's own are missing; fails when none is left."""
+    from vlmu_jax.checkpoints.hf_import import check_checkpoint, read_hf_config
+
+    given = model_sources.given_checkpoints(ws.config.eval)
+    for name, path in given.items():
+        check_checkpoint(path)
+        model_type, base_type = read_hf_config(path)["model_type"], ws.hf_config["model_type"]
+        if model_type != base_type:
+            raise InputError(f"{model_type!r}, but the tokenizer and processor come from {ws.base_model} "
+                             f"({base_type!r}): set config.model.path to {name}'s base model",
+                             file=path / "config.json", field="model_type")
+    sources = eval_sources(ws)
+    ready = {n: p for n, p in sources.items() if n in given or is_done(p)}
+    missing = [str(p) for n, p in sources.items() if n not in ready]
+    if not ready:
+        raise InputError(f"stage eval: nothing to evaluate: {', '.join(missing)} not trained (no DONE marker); run "
+                         "the finetune / unlearn stages first, or name checkpoints with "
+                         "--config.eval.models=NAME=PATH,... and --config.eval.reference_model=PATH")
+    if missing:
+        say(f"eval: skipping {', '.join(missing)} (not trained in this workdir)")
+    return ready
 
 
 def _judge(ws: Workspace):
@@ -363,34 +415,64 @@ def _mllmu_logs(ws: Workspace, model: nnx.Module, runner, judge=None) -> dict[st
 
 
 def report(ws: Workspace) -> None:
-    """results.csv / results.json (one row per model, aggregate_eval_stat columns) and PNG plots."""
+    """results.csv / results.json (one row per model, aggregate_eval_stat columns), PNG plots, a self-contained
+    index.html, and the headline results printed as a table."""
     from vlmu_jax.report import plots
     from vlmu_jax.report.aggregate import fiubench_summary, read_ape_log, write_csv, write_json
 
     if jax.process_index() != 0:
         return
     results = ws.workdir / "eval_results"
-    names = [n for n in eval_models(ws) if is_done(results / n)]
+    names = [n for n in eval_sources(ws) if is_done(results / n)]
+    if not names:
+        raise InputError(f"stage report: no finished evaluation results in {results} for "
+                         f"{', '.join(eval_sources(ws))}: run the eval stage first")
     if ws.config.benchmark == "mllmu":
         _mllmu_report(ws, names)
         return
-    if "retain_model" not in names:
-        raise FileNotFoundError(f"{results / 'retain_model'} has no eval logs: run the eval stage first")
     logs = {n: json.loads((results / n / "eval_log_aggregated.json").read_text()) for n in names}
-    rows = [{"Model": n, **fiubench_summary(logs[n], logs["retain_model"], ape_log=read_ape_log(results / n),
+    reference = logs.get(model_sources.REFERENCE)
+    if reference is None:
+        say(f"report: no results of the reference model ({model_sources.REFERENCE}): Forget Quality is left out "
+            "(evaluate one with --config.eval.reference_model=PATH)")
+    rows = [{"Model": n, **fiubench_summary(logs[n], reference, ape_log=read_ape_log(results / n),
                                             method=n.removeprefix("unlearned_"),
                                             empty_lists_as_zero=ws.protocol.fiubench_metric_quirks),
              **_utility_row(ws, n), "Protocol": ws.protocol.name} for n in names]
     out = ws.workdir / "report"
     write_csv(rows, out / "results.csv")
     write_json({"protocol": ws.protocol.name, "rows": rows}, out / "results.json")
-    plots.plot_fq_vs_mu(rows, out / "tradeoff.png")
+    (out / "tradeoff.png").unlink(missing_ok=True)
+    if reference is not None:
+        plots.plot_fq_vs_mu(rows, out / "tradeoff.png", reference=model_sources.REFERENCE)
     shown = ["Prob. Forget", "Prob. Retain", "ROUGE Forget", "ROUGE Retain", "Truth Ratio Forget",
              "Truth Ratio Retain", "Model Utility", "Exact Match"]
-    plots.plot_metric_bars(rows, shown, out / "metrics.png")
-    plots.plot_loss_curves({n: ws.workdir / "train" / n / "metrics.jsonl" for n in eval_models(ws)
-                            if (ws.workdir / "train" / n / "metrics.jsonl").exists()}, out / "loss_curves.png")
-    logging.info("report written to %s", out)
+    plots.plot_metric_bars(rows, shown, out / "metrics.png", title="FIUBench metrics per model")
+    _loss_plot(ws, names, out)
+    _publish(ws, rows, out)
+
+
+def _loss_plot(ws: Workspace, names: list[str], out: Path) -> None:
+    """Training curves of the reported models trained in this workdir (none for given checkpoints)."""
+    from vlmu_jax.report import plots
+
+    logs = {n: ws.workdir / "train" / n / "metrics.jsonl" for n in names
+            if (ws.workdir / "train" / n / "metrics.jsonl").exists()}
+    (out / "loss_curves.png").unlink(missing_ok=True)
+    if logs:
+        plots.plot_loss_curves(logs, out / "loss_curves.png")
+
+
+def _publish(ws: Workspace, rows: list[dict], out: Path) -> None:
+    """index.html next to the CSV and plots, and the headline table on stdout (the results, not a log line)."""
+    from vlmu_jax.report import html, table
+
+    headline, sources = table.headline_columns(rows, ws.config.benchmark), eval_sources(ws)
+    page = html.write_index(out, rows, headline=headline, sources={r["Model"]: str(sources[r["Model"]]) for r in rows},
+                            config=json.loads((ws.workdir / "config.json").read_text()),
+                            environment=json.loads((ws.workdir / "environment.json").read_text()))
+    say(f"report: {page}")
+    print(table.format_table(rows, headline), flush=True)
 
 
 def _utility_row(ws: Workspace, name: str) -> dict:
@@ -420,6 +502,8 @@ def _mllmu_report(ws: Workspace, names: list[str]) -> None:
     write_csv(rows, out / "results.csv")
     write_json({"rows": rows}, out / "results.json")
     accuracy = [k for k in rows[0] if "/ classification /" in k]
-    plots.plot_metric_bars(rows, accuracy, out / "metrics.png")
-    plots.plot_loss_curves({n: ws.workdir / "train" / n / "metrics.jsonl" for n in names
-                            if (ws.workdir / "train" / n / "metrics.jsonl").exists()}, out / "loss_curves.png")
+    labels = [k.replace(" Results / classification / ", ": ").removesuffix(" Question Accuracy") for k in accuracy]
+    plots.plot_metric_bars(rows, accuracy, out / "metrics.png", label_key="Model", labels=labels, horizontal=True,
+                           title="MLLMU-Bench classification accuracy", value_label="accuracy (%)")
+    _loss_plot(ws, names, out)
+    _publish(ws, rows, out)

@@ -22,7 +22,12 @@ from vlmu_jax.data.records import IMAGE, Identity, ImageRef
 from vlmu_jax.data.templates import Template
 
 IGNORE = -100
-DEFAULT_BUCKETS = (64, 128, 256, 512)
+# The text-length ladder: a row's text (its image placeholder counted as one token, as max_length counts it)
+# falls in one of these or in its source's longest text; image rows are shifted by the image's expansion.
+TEXT_LADDER = (64, 128, 256, 512)
+# Bucket lengths are multiples of this: even lengths keep cuDNN's fused attention (its backward rejects odd
+# ones) and 64 keeps the matmul tiles full.
+BUCKET_MULTIPLE = 64
 
 
 class BatchSource(Protocol):
@@ -48,6 +53,12 @@ class Encoded:
     input_ids: np.ndarray  # int32 [L], image placeholder already expanded
     labels: np.ndarray  # int32 [L]
     image: ImageRef | None
+    image_tokens: int = 0  # positions the image placeholder expanded to (0 for a text-only row)
+
+    @property
+    def text_length(self) -> int:
+        """Length with the image counted as one token: what ``max_length`` bounds."""
+        return len(self.input_ids) - max(self.image_tokens - 1, 0)
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,9 @@ class TextConfig:
     # The ids that replace the prompt's one image token; empty = image_token_id x num_image_tokens. Set from
     # the image processor when an image expands to more than one run (Idefics2 with image splitting).
     image_tokens: tuple[int, ...] = ()
+    # How many image tokens a given image becomes, when that depends on the image (Qwen2-VL's native resolution);
+    # None = the fixed expansion above.
+    image_token_count: Callable[[ImageRef], int] | None = None
 
 
 
@@ -76,8 +90,11 @@ def checkpoint_text_config(tokenizer: Any, template: Template, model_config: Any
     mc = model_config
     expand = getattr(processor, "image_token_ids", None)
     image_tokens = () if expand is None else tuple(expand(mc.image_token_id, mc.num_image_tokens, tokenizer))
+    count = getattr(processor, "image_token_count", None)
+    per_image = None if count is None else functools.lru_cache(4096)(lambda ref: count(ref.load()))
     return TextConfig(tokenizer=tokenizer, template=template, image_token_id=mc.image_token_id,
-                      num_image_tokens=mc.num_image_tokens, image_tokens=image_tokens, **options)
+                      num_image_tokens=mc.num_image_tokens, image_tokens=image_tokens,
+                      image_token_count=per_image, **options)
 
 def examples_from(
     identities: Sequence[Identity],
@@ -108,7 +125,8 @@ def _tokens(cfg: TextConfig, text: str) -> tuple[list[int], list[tuple[int, int]
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _expand_image(ids: list[int], answer: list[bool], cfg: TextConfig, with_image: bool, where: str):
+def _expand_image(ids: list[int], answer: list[bool], cfg: TextConfig, image: ImageRef | None, where: str):
+    with_image = image is not None
     positions = [i for i, t in enumerate(ids) if t == cfg.image_token_id]
     if len(positions) != (1 if with_image else 0):
         raise ValueError(
@@ -117,13 +135,18 @@ def _expand_image(ids: list[int], answer: list[bool], cfg: TextConfig, with_imag
         )
     if not with_image:
         return ids, answer
-    p, seq = positions[0], image_token_sequence(cfg)
+    p, seq = positions[0], image_token_sequence(cfg, image)
     n = len(seq)
     return ids[:p] + list(seq) + ids[p + 1 :], answer[:p] + [False] * n + answer[p + 1 :]
 
 
-def image_token_sequence(cfg: TextConfig) -> tuple[int, ...]:
-    """What one image token in the prompt expands to (the only place the expansion is defined)."""
+def image_token_sequence(cfg: TextConfig, image: ImageRef | None = None) -> tuple[int, ...]:
+    """What one image token in the prompt expands to (the only place the expansion is defined); ``image`` is
+    needed when the count depends on it (``image_token_count``)."""
+    if cfg.image_token_count is not None:
+        if image is None:
+            raise ValueError("this model's image token count depends on the image: pass it")
+        return (cfg.image_token_id,) * cfg.image_token_count(image)
     return cfg.image_tokens or (cfg.image_token_id,) * cfg.num_image_tokens
 
 
@@ -155,17 +178,43 @@ def text_ids(example: Example, cfg: TextConfig) -> tuple[list[int], list[bool]]:
 
 def expand(ids: Sequence[int], answer: Sequence[bool], example: Example, cfg: TextConfig) -> Encoded:
     """The model's row: the image placeholder expanded, labels = answer ids (every id with train_on_prompt)."""
-    ids, answer = _expand_image(list(ids), list(answer), cfg, example.image is not None,
+    ids, answer = _expand_image(list(ids), list(answer), cfg, example.image,
                                 f"example {example.uid!r} {example.question!r}")
     ids_np = np.asarray(ids, dtype=np.int32)
     keep = np.asarray(answer, dtype=bool) | cfg.train_on_prompt
     labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
-    return Encoded(ids_np, labels, example.image)
+    n_image = len(image_token_sequence(cfg, example.image)) if example.image is not None else 0
+    return Encoded(ids_np, labels, example.image, n_image)
 
 
 def encode(example: Example, cfg: TextConfig) -> Encoded:
     """Token ids and labels for one example (see the module docstring for the mask)."""
     return expand(*text_ids(example, cfg), example, cfg)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def sequence_buckets(max_text: int, image_tokens: int = 0) -> tuple[int, ...]:
+    """Static sequence lengths for rows of at most ``max_text`` text tokens (the image placeholder counted once)
+    whose image expands to ``image_tokens`` positions (0: text only).
+
+    A fixed power-of-two ladder alone wastes most of a batch at real shapes (LLaVA-1.5's 576 image tokens put a
+    60-token question in a 1024 bucket) or cannot hold it at all; so the text ladder is cut at ``max_text`` and,
+    for image rows, shifted by the expansion: LLaVA-1.5 at max_length 512 gets 640, 704, 832 and 1088 (and
+    64 .. 512 for text-only rows).
+    """
+    text = sorted({b for b in TEXT_LADDER if b < max_text} | {max_text})
+    shifted = [t + image_tokens - 1 for t in text] if image_tokens > 0 else []
+    return tuple(sorted({_round_up(b, BUCKET_MULTIPLE) for b in (*text, *shifted)}))
+
+
+def row_buckets(rows: Sequence[Encoded]) -> tuple[int, ...]:
+    """The buckets of a set of rows: their longest text and largest image expansion (training rows are cut at
+    ``max_length``, so this never exceeds ``sequence_buckets(max_length, image tokens)``; eval rows are not cut
+    and still fit)."""
+    return sequence_buckets(max(r.text_length for r in rows), max(r.image_tokens for r in rows))
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
@@ -181,15 +230,15 @@ def collate(
     *,
     pad_token_id: int,
     image_fn: Callable[[ImageRef | None], dict[str, np.ndarray]],
-    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    buckets: Sequence[int] | None = None,
     left_pad: bool = False,
 ) -> dict[str, Any]:
     """Pad rows to one bucket length; right padding for training/scoring, left padding for generation.
 
     `image_fn(ref)` gives a row's image inputs (`image_fn(None)` a text-only row's); they are stacked per
-    key under `batch["images"]`.
+    key under `batch["images"]`. `buckets` None: `row_buckets(rows)`.
     """
-    t = bucket_length(max(len(r.input_ids) for r in rows), buckets)
+    t = bucket_length(max(len(r.input_ids) for r in rows), buckets or row_buckets(rows))
     batch: dict[str, Any] = {
         "input_ids": np.full((len(rows), t), pad_token_id, np.int32),
         "attention_mask": np.zeros((len(rows), t), np.int32),
@@ -215,7 +264,7 @@ def _prompt_only(cfg: TextConfig) -> TextConfig:
     template = cfg.template.__class__(**{**cfg.template.__dict__, "answer_suffix": ""})
     # A generation prompt is never cut: the end of it (options, instruction, answer tag) is what matters.
     return TextConfig(cfg.tokenizer, template, cfg.image_token_id, cfg.num_image_tokens,
-                      image_tokens=cfg.image_tokens)
+                      image_tokens=cfg.image_tokens, image_token_count=cfg.image_token_count)
 
 
 def host_slice(global_size: int, process_index: int, process_count: int) -> slice:
@@ -231,7 +280,8 @@ class ExampleSource:
     slice.
 
     The last batch of an epoch wraps around to the epoch's first rows so every batch has the same shape
-    and every example is seen once per epoch. `shuffle=False` keeps file order (scoring/eval).
+    and every example is seen once per epoch. `shuffle=False` keeps file order (scoring/eval). `buckets`
+    None derives them from all the rows (`row_buckets`), so every batch of the source picks from one ladder.
     """
 
     def __init__(
@@ -241,7 +291,7 @@ class ExampleSource:
         global_batch_size: int,
         pad_token_id: int,
         image_fn: Callable[[ImageRef | None], dict[str, np.ndarray]],
-        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        buckets: Sequence[int] | None = None,
         seed: int = 0,
         shuffle: bool = True,
         left_pad: bool = False,
@@ -265,7 +315,7 @@ class ExampleSource:
             collate,
             pad_token_id=pad_token_id,
             image_fn=functools.lru_cache(256)(image_fn),
-            buckets=buckets,
+            buckets=tuple(buckets) if buckets else row_buckets(rows),
             left_pad=left_pad,
         )
 

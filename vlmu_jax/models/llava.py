@@ -167,6 +167,14 @@ class LlavaForConditionalGeneration(nnx.Module):
             rng=rng,
         )
 
+    def positions(
+        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None
+    ) -> jax.Array:
+        """Rotary positions [B, T] of a prompt: they follow the attention mask (HF: cumsum - 1), so left padding
+        does not shift them; padding slots get position 1, as HF LLaVA's image merge gives them (only their own
+        outputs depend on it). Qwen2-VL overrides this with its 3D M-RoPE positions."""
+        return jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, 1)
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -174,14 +182,13 @@ class LlavaForConditionalGeneration(nnx.Module):
         images: dict[str, jax.Array] | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [B, T, D]. Positions follow the attention mask (cumsum - 1). Padding slots
-        are what HF LLaVA's image merge makes them (transformers 4.45, the seeds' path): a zero embedding at
-        position 1. Only their own outputs depend on that, and FIUBench's KL term averages those in."""
+        """Final-normed hidden states [B, T, D] (positions: see ``positions``). Padding slots get a zero embedding,
+        as HF LLaVA's image merge gives them (transformers 4.45, the seeds' path): only their own outputs depend on
+        it, and FIUBench's KL term averages those in."""
         if dropout_rng is None and self.lora_rngs is not None:
             dropout_rng = self.lora_rngs.dropout()
-        real = attention_mask > 0
-        positions = jnp.where(real, jnp.cumsum(attention_mask, axis=1) - 1, 1)
-        embeds = jnp.where(real[..., None], self.embed(input_ids, images), 0)
+        positions = self.positions(input_ids, attention_mask, images)
+        embeds = jnp.where(attention_mask[..., None] > 0, self.embed(input_ids, images), 0)
         h, _ = self.decode(embeds, positions, attention_mask, rng=dropout_rng)
         return h
 
@@ -193,7 +200,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         dtype = self.head_weight().dtype
         cache = tuple(jnp.zeros((t.num_layers, b, cache_len, t.num_kv_heads, t.head_dim), dtype) for _ in range(2))
         kv_valid = jnp.zeros((b, cache_len), jnp.int32).at[:, : input_ids.shape[1]].set(attention_mask)
-        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        positions = self.positions(input_ids, attention_mask, images)
         return self.decode(self.embed(input_ids, images), positions, kv_valid, cache=cache, index=0, impl="xla")
 
     def decode_step(

@@ -12,7 +12,6 @@ restores (params, opt_state, rng, step) and replays the identical trajectory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,12 +25,13 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from vlmu_jax.checkpoints.orbax_io import Checkpointer
+from vlmu_jax.logs import progress
 from vlmu_jax.models.sharding import global_batch
 from vlmu_jax.unlearn.objectives import Objective, StreamLogps, get_objective
 from vlmu_jax.unlearn.optim import make_optimizer
+from vlmu_jax.unlearn.run_log import RunLog
 
 Batch = dict[str, Any]
 LogpsFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array]]
@@ -120,15 +120,17 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
     needs_ref = bool(obj.ref_streams or obj.kl_streams)
 
     def step(params, opt_state, rng, rest, ref_other, batches):
-        ref_model = None
+        ref_params = None
         if needs_ref:
             lora, _ = nnx.split_state(params, nnx.LoRAParam, ...)
-            ref_params = nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other)
-            ref_model = nnx.merge(graphdef_eval, jax.lax.stop_gradient(ref_params), rng, rest)
+            ref_params = jax.lax.stop_gradient(nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other))
 
         def loss_of(p):
-            # Fresh Variables at this trace level: dropout may advance the RNG counters inside grad.
+            # Fresh Variables at this trace level: dropout may advance the RNG counters inside grad (the
+            # reference's too: a model with LoRA dropout draws its key even in eval mode).
             model = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rng), rest)
+            ref_model = None if ref_params is None else nnx.merge(graphdef_eval, ref_params,
+                                                                  jax.tree.map(lambda x: x, rng), rest)
             # `step_length`: the longest real row over all of the step's streams, the length FIUBench's collator pads
             # a step's forget and retain rows to (its KL term averages over that many positions, see stages.kl_fn).
             step_length = jnp.max(jnp.stack([jnp.max(jnp.sum(b["attention_mask"], axis=-1))
@@ -144,14 +146,6 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
         return optax.apply_updates(params, updates), opt_state, new_rng, loss, aux
 
     return step
-
-
-def _truncate_log(path: Path, start: int) -> None:
-    """A resumed run rewrites the steps after its checkpoint, so drop their stale lines first."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def train(
@@ -171,7 +165,8 @@ def train(
     logps_fn: traceable `(model, batch) -> (logps [B,T-1], mask [B,T-1])`.
     kl_fn: traceable `(model, ref_model, batch) -> (kl [B,T-1], kl_mask)`, full-vocab KL(ref || model),
       required by objectives with `kl_streams` (kl, kl_min).
-    Writes `workdir/metrics.jsonl` (one line per micro-step). Raises FloatingPointError on a
+    Writes `workdir/metrics.jsonl` (one line per micro-step) and TensorBoard events beside it (`RunLog`); the
+    progress bar is named after `workdir`. Raises FloatingPointError on a
     non-finite loss, after the last good checkpoint is committed.
     The model's trainable and RNG arrays are donated to the step (no second copy of the weights), so
     other references to them (e.g. an `nnx.clone`, which shares arrays) become invalid; the model itself
@@ -215,13 +210,9 @@ def train(
     if start:
         params, opt_state, rng = ckpt.restore(start, (params, opt_state, rng))
     is_main = jax.process_index() == 0
-    log_path = workdir / "metrics.jsonl"
-    if is_main:
-        _truncate_log(log_path, start)
-
     losses: list[float] = []
-    bar = tqdm(total=total, initial=start, disable=not (is_main and cfg.progress), desc=cfg.objective)
-    with open(log_path, "a") if is_main else open("/dev/null", "w") as log:
+    bar = progress(total=total, initial=start, desc=workdir.name, unit="step", disable=not (is_main and cfg.progress))
+    with RunLog(workdir, start=start, enabled=is_main) as log, bar:
         for step in range(start, total):
             t0 = time.perf_counter()
             phase, index = plan_step(step, phase_lengths)
@@ -235,22 +226,25 @@ def train(
                     f"non-finite loss {loss} at step {step}; last good checkpoint: step {ckpt.latest_step()}"
                 )
             tokens = sum(int(b["attention_mask"].sum()) for b in host.values()) * jax.process_count()
+            elapsed = time.perf_counter() - t0  # host batching + the step to completion (the first compiles)
             record = {
                 "step": step,
                 "loss": loss,
                 "lr": float(schedule(step // cfg.grad_accum)),
-                "tokens_per_s": tokens / (time.perf_counter() - t0),
+                "step_s": elapsed,
+                "tokens": tokens,
+                "seq_len": max(int(b["input_ids"].shape[1]) for b in host.values()),  # a new one compiles
+                "tokens_per_s": tokens / elapsed,
                 **{k: float(v) for k, v in aux.items()},
             }
             if step == start and start:
                 record["resumed_from"] = start
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            log.write(record)
             losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=int(record["tokens_per_s"]))
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=int(record["tokens_per_s"]),
+                            refresh=False)  # redraws follow the bar's own interval (rare in a log file)
             bar.update(1)
             ckpt.save(step + 1, (params, opt_state, rng), force=step + 1 == total)
-    bar.close()
     ckpt.close()
     nnx.update(model, params, rng)
     return TrainResult(step=total, losses=losses, opt_state=opt_state)
