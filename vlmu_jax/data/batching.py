@@ -151,9 +151,9 @@ def image_token_sequence(cfg: TextConfig, image: ImageRef | None = None) -> tupl
 
 
 def text_ids(example: Example, cfg: TextConfig) -> tuple[list[int], list[bool]]:
-    """Token ids of one example with the image still ONE placeholder token, BOS / EOS added and cut at
-    `max_length` (what the seeds' tokenizer call returns; their model expands the image), and which ids are
-    answer tokens (see the module docstring for the mask)."""
+    """Token ids of one example with the image still ONE placeholder token and BOS / EOS added (what the seeds'
+    tokenizer call returns; their model expands the image), and which ids are answer tokens (see the module
+    docstring for the mask). Not cut: `expand` applies `max_length`."""
     prompt, text = cfg.template.full(example.question, example.answer, example.image is not None)
     ids, offsets = _tokens(cfg, text)
     if cfg.fiubench_original_mask:
@@ -171,19 +171,23 @@ def text_ids(example: Example, cfg: TextConfig) -> tuple[list[int], list[bool]]:
         ids, answer = [cfg.tokenizer.bos_token_id, *ids], [False, *answer]
     if cfg.append_eos:
         ids, answer = [*ids, cfg.tokenizer.eos_token_id], [*answer, True]
-    if cfg.max_length is not None:
-        ids, answer = ids[: cfg.max_length], answer[: cfg.max_length]
     return ids, answer
 
 
 def expand(ids: Sequence[int], answer: Sequence[bool], example: Example, cfg: TextConfig) -> Encoded:
-    """The model's row: the image placeholder expanded, labels = answer ids (every id with train_on_prompt)."""
+    """The model's row: the image placeholder expanded, labels = answer ids (every id with train_on_prompt), cut at
+    `max_length`."""
     ids, answer = _expand_image(list(ids), list(answer), cfg, example.image,
                                 f"example {example.uid!r} {example.question!r}")
     ids_np = np.asarray(ids, dtype=np.int32)
     keep = np.asarray(answer, dtype=bool) | cfg.train_on_prompt
     labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
+    # The seeds cut at max_length counting the image placeholder as ONE token (it is expanded inside the model
+    # there), so the limit grows by the expansion here.
     n_image = len(image_token_sequence(cfg, example.image)) if example.image is not None else 0
+    if cfg.max_length is not None:
+        limit = cfg.max_length + max(n_image - 1, 0)
+        ids_np, labels = ids_np[:limit], labels[:limit]
     return Encoded(ids_np, labels, example.image, n_image)
 
 
