@@ -18,6 +18,7 @@ from vlmu_jax.data.batching import (
     row_buckets,
     sequence_buckets,
 )
+from vlmu_jax.data.fiubench_prompts import roundtrip_prompt
 from vlmu_jax.data.records import ImageRef
 from vlmu_jax.data.templates import (
     TEMPLATES,
@@ -196,3 +197,46 @@ def test_idk_answers_replace_forget_answers(bench):
     exs = examples_from(bench.identities[:2], idk=synthetic.IDK, seed=3)
     assert all(e.answer in synthetic.IDK for e in exs)
     assert exs == examples_from(bench.identities[:2], idk=synthetic.IDK, seed=3)
+
+
+def _expanded(ids, image_id):
+    return [t for i in ids for t in ([i] * N_IMG if i == image_id else [i])]
+
+
+def test_fiubench_original_mask_labels_the_space_before_a_digit(tok):
+    """preprocess_v1 masks BOS + len(tok(instruction + " ASSISTANT: ")) - 2 tokens. The tag's trailing space is a
+    token of its own there ('Ġ') and, before a digit, in the row too, so the count stops one short: that space is
+    labelled. The corrected mask starts at the first token carrying answer characters."""
+    ex = Example("When was this person born?", "1990 is the year.", ImageRef(data=b""))
+    orig, ours = encode(ex, _cfg(tok, fiubench_original_mask=True)), encode(ex, _cfg(tok))
+    assert orig.input_ids.tolist() == ours.input_ids.tolist()
+    first = int(np.flatnonzero(orig.labels != IGNORE)[0])
+    assert orig.input_ids[first] == tok.convert_tokens_to_ids("Ġ")
+    assert tok.convert_ids_to_tokens(orig.input_ids[first - 1:first + 2].tolist()) == [":", "Ġ", "1"]
+    assert int(np.flatnonzero(ours.labels != IGNORE)[0]) == first + 1
+    assert orig.labels[first + 1:].tolist() == ours.labels[first + 1:].tolist()
+    assert tok.decode(orig.input_ids[orig.labels != IGNORE]) == " 1990 is the year."
+    assert tok.decode(ours.input_ids[ours.labels != IGNORE]) == "1990 is the year."
+
+
+def test_fiubench_generation_prompt_has_two_bos(tok, bench, tmp_path):
+    """run_generation decodes the row with special tokens ("<s>..."), cuts at the answer tag and re-encodes with
+    special tokens: BOS + the text's own "<s>" = two BOS; the reference is the decoded answer."""
+    image_id = tok.convert_tokens_to_ids("<image>")
+    ex = Example("Where was this person born?", "Born in Oslo.", ImageRef(data=b""))
+    prompt = TEMPLATES["llava-1.5"].prompt(ex.question)
+    got = roundtrip_prompt(ex, _cfg(tok))
+    assert got.prompt == "<s>" + prompt and got.reference == "Born in Oslo."
+    body = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert got.row.input_ids.tolist() == _expanded([tok.bos_token_id, tok.bos_token_id, *body], image_id)
+    assert (got.row.labels == IGNORE).all()
+    ours = generation_rows([Example(ex.question, "", ex.image)], _cfg(tok))[0]
+    assert ours.input_ids.tolist() == _expanded([tok.bos_token_id, *body], image_id)
+    # The tag loses its newlines before the cut: Llama-3.2-Vision's prompt ends without "\n\n".
+    template = get_template("llama-3.2-vision")
+    train_demo_tokenizer(synthetic.corpus(bench), tmp_path, 600, template)
+    tok32 = load_tokenizer(tmp_path)
+    cfg32 = TextConfig(tok32, template, tok32.convert_tokens_to_ids(template.image_token), N_IMG)
+    got32 = roundtrip_prompt(ex, cfg32)
+    assert got32.prompt == "<s>" + template.prompt(ex.question).removesuffix("\n\n")
+    assert got32.reference == "\n\nBorn in Oslo.<|eot_id|>"  # strip(" ") keeps the tag's newlines

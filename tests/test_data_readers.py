@@ -188,6 +188,30 @@ def test_mllmu_bad_row_error_or_counted_skip(mllmu_dir, tmp_path):
     assert bench.skipped == {str(path): 1} and len(bench.celebrities) == len(rows) - 1
 
 
+def test_fiubench_original_capitalisation(fiu_dir, tmp_path):
+    """Protocol original: data_module's str.capitalize() on every question (paraphrases too), answer, paraphrased
+    answer and stripped IdK refusal; perturbed answers and keywords keep their case."""
+    root = _copy_fiu(fiu_dir, tmp_path / "d")
+    data = json.loads((root / "full.json").read_text())
+    data[0]["qa_list"][0].update(
+        question="where does Ada LEE live?", answer="ada Lee lives in OSLO.",
+        paraphrased_question=["in which city is Ada's home?", "Ada lives where?"],
+        paraphrased_answer="her home is Oslo.", perturbed_answer=["she lives in Lima.", "Lives in RIGA."],
+        keywords=["Oslo"])
+    (root / "full.json").write_text(json.dumps(data))
+    (root / "prompt.json").write_text(json.dumps({"idk": ["  i do not know Ada. ", "No IDEA."]}))
+    qa = read_fiubench(root, capitalize=True).identities[0].qa[0]
+    assert qa.question == "Where does ada lee live?"
+    assert qa.answer == "Ada lee lives in oslo."
+    assert qa.paraphrased_questions == ("In which city is ada's home?", "Ada lives where?")
+    assert qa.paraphrased_answer == "Her home is oslo."
+    assert qa.perturbed_answers == ("she lives in Lima.", "Lives in RIGA.") and qa.keywords == ("Oslo",)
+    assert read_fiubench(root, capitalize=True).idk == ("I do not know ada.", "No idea.")
+    plain = read_fiubench(root)
+    assert plain.identities[0].qa[0].question == "where does Ada LEE live?"
+    assert plain.idk == ("  i do not know Ada. ", "No IDEA.")
+
+
 def test_undecodable_image_names_its_file_or_row(tmp_path):
     """Images are decoded when a batch needs them: a truncated file or bad parquet bytes name where they came from."""
     path = tmp_path / "face.png"

@@ -94,6 +94,35 @@ def test_lora_keeps_language_model_base_frozen(tmp_path):
     assert count == lora_count + projector
 
 
+def test_fiubench_preset_trainable_set_per_protocol(tmp_path):
+    """Unlearning with the FIUBench preset (LoRA r128 a256, projector tuned) on a tiny LLaVA-Phi-3. forget.py's
+    target regexes end in `\\.(q|k|v|o|gate|up|down)_proj`, so Phi-3's fused qkv_proj / gate_up_proj get no adapter
+    (protocol original); corrected adapts every LM projection. Expected counts from the HF model's shapes."""
+    from vlmu_jax import presets, stages
+    from vlmu_jax.config_schema import base_config
+    from vlmu_jax.protocol import resolve
+
+    folder, hf = save_tiny(tmp_path / "m", "phi3")
+    stage = presets.fiubench("ga", template="llava-phi", model_path=str(folder)).unlearn
+    rank = stage.lora_rank
+
+    def ours(protocol: str) -> int:
+        config = base_config()
+        config.protocol = protocol
+        model = load_pretrained(folder)
+        trainable = stages._prepare_trainable(model, stage, 0, resolve(config))
+        return sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, trainable)))
+
+    def adapters(suffixes: tuple[str, ...]) -> int:
+        return sum(rank * (m.in_features + m.out_features) for name, m in hf.named_modules()
+                   if "language_model" in name and name.endswith(suffixes))
+
+    projector = sum(p.numel() for name, p in hf.named_parameters() if "multi_modal_projector" in name)
+    assert rank == 128 and adapters((".qkv_proj",)) > 0
+    assert ours("original") == adapters((".o_proj", ".down_proj")) + projector
+    assert ours("corrected") == adapters((".qkv_proj", ".o_proj", ".gate_up_proj", ".down_proj")) + projector
+
+
 def test_reference_objective_with_lora_dropout(tmp_path):
     """NPO's LoRA-off reference forward on a model with LoRA dropout (FIUBench's 0.05): the reference draws its
     dropout key inside the gradient trace too, and the first step's policy equals the reference."""

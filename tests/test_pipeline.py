@@ -44,17 +44,27 @@ def test_demo_writes_everything(demo: Path) -> None:
     assert json.loads((demo / "config.json").read_text())["unlearn"]["objective"] == "gd,ga"
     env = json.loads((demo / "environment.json").read_text())
     assert env["packages"]["jax"] and env["devices"]
+    # Each eval folder as FIUBench's aggregate_eval_stat.py reads it: the aggregated file holds exactly the forget
+    # and retain logs (it reads every entry as one of them), each with the keys get_model_utility and
+    # get_forget_quality index (gpt: [] when no judge ran, as evaluate_util writes it); APE has its own file.
+    read = {"avg_gt_loss", "average_perturb_loss", "avg_paraphrased_loss", "rougeL_recall", "gpt", "exact_match"}
     for name in ("finetuned", "retain_model", "unlearned_gd", "unlearned_ga"):
-        logs = json.loads((demo / "eval_results" / name / "eval_log_aggregated.json").read_text())
+        folder = demo / "eval_results" / name
+        logs = json.loads((folder / "eval_log_aggregated.json").read_text())
+        assert set(logs) == {"eval_forget_log.json", "eval_retain_log.json"}
+        for log in logs.values():
+            assert read <= set(log) and log["gpt"] == [] and log["protocol"] == "original"
         forget = logs["eval_forget_log.json"]
         n = len(forget["avg_gt_loss"])
         assert n > 0 and len(forget["mink++"]) == n and len(forget["average_perturb_loss"]["0"]) == 5
+        assert len(forget["mink"]) == len(forget["exact_match"]) == n
+        assert json.loads((folder / "eval_forget_ape_log.json").read_text())["exact_match"]
     for png in ("tradeoff.png", "metrics.png", "loss_curves.png"):
         with Image.open(demo / "report" / png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     header = (demo / "report" / "results.csv").read_text().splitlines()[0].split(",")
     for column in ("Prob. Forget", "Truth Ratio Retain", "ROUGE Retain", "Model Utility", "Forget Quality",
-                   "KS Test Forget", "Mink++", "Exact Match", "MIA AUC Mink++"):
+                   "KS Test Forget", "Mink++", "Exact Match", "MIA AUC Mink++", "APE", "Protocol"):
         assert column in header
     for name in ("unlearned_gd", "unlearned_ga"):
         exported = demo / "export" / name

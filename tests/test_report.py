@@ -65,11 +65,14 @@ def _ratio(para, pert):
 def aggregated():
     forget = _task(F_GT, F_PARA, F_PERT, F_GENS, F_REFS, [["pilot"], ["Oslo", "Rome"]], F_MIA, None)
     retain = _task(R_GT, R_PARA, R_PERT, R_GENS, R_REFS, [["red", "car"], ["blue"]], R_MIA, [0.8, 0.4])
-    qa = {"paraphrased_question": ["a?", "b?"], "answer": "x", "keywords": ["pilot"]}
-    variants = attacks.ape_variants([qa])
     return {aggregate.FORGET: aggregate.fiubench_eval_log(forget, forget=True),
-            aggregate.RETAIN: aggregate.fiubench_eval_log(retain, forget=False),
-            aggregate.APE: attacks.score_ape(variants, ["A pilot.", "No idea."])}
+            aggregate.RETAIN: aggregate.fiubench_eval_log(retain, forget=False)}
+
+
+@pytest.fixture
+def ape():
+    qa = {"paraphrased_question": ["a?", "b?"], "answer": "x", "keywords": ["pilot"]}
+    return attacks.score_ape(attacks.ape_variants([qa]), ["A pilot.", "No idea."])
 
 
 def _reference():
@@ -90,8 +93,8 @@ def test_eval_log_keys_and_values(aggregated):
     assert json.loads(json.dumps(log)) == log  # already in its JSON form
 
 
-def test_every_summary_number_by_hand(aggregated):
-    row = aggregate.fiubench_summary(aggregated, _reference(), method="ga")
+def test_every_summary_number_by_hand(aggregated, ape):
+    row = aggregate.fiubench_summary(aggregated, _reference(), ape_log=ape, method="ga")
     f_gt, r_gt = [_avg(t) for t in F_GT], [_avg(t) for t in R_GT]
     f_r, r_r, ref_r = _ratio(F_PARA, F_PERT), _ratio(R_PARA, R_PERT), _ratio(REF_PARA, REF_PERT)
     r_pert = [[_avg(p) for p in q] for q in R_PERT]
@@ -125,17 +128,29 @@ def test_every_summary_number_by_hand(aggregated):
         assert row[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
 
 
+def test_original_log_layout():
+    """evaluate_util logs truth_ratio = exp(paraphrased - mean perturbed loss) and always writes gpt."""
+    forget = _task(F_GT, F_PARA, F_PERT, F_GENS, F_REFS, [["pilot"], ["Oslo", "Rome"]])
+    log = aggregate.fiubench_eval_log(forget, forget=True, original_layout=True)
+    # question 0: paraphrased loss (1 + 1 + 0.4) / 3 = 0.8, perturbed (1.5 + 3.0) / 2 = 2.25
+    assert log["truth_ratio"]["0"] == pytest.approx(math.exp(0.8 - 2.25))
+    assert aggregate.fiubench_eval_log(forget, forget=True)["truth_ratio"]["0"] == pytest.approx(math.exp(2.25 - 0.8))
+    assert log["gpt"] == [] and "gpt" not in aggregate.fiubench_eval_log(forget, forget=True)
+
+
 def test_original_empty_lists_force_zero_utility(aggregated):
     aggregated[aggregate.RETAIN]["gpt"] = []
     assert "GPT Retain" not in aggregate.fiubench_summary(aggregated)
     assert aggregate.fiubench_summary(aggregated, empty_lists_as_zero=True)["Model Utility"] == 0.0
 
 
-def test_files_collect_and_csv(aggregated, tmp_path):
+def test_files_collect_and_csv(aggregated, ape, tmp_path):
     aggregate.write_json(aggregated, tmp_path / "runs" / "ga" / "forget5_eval_log_aggregated.json")
+    aggregate.write_json(ape, tmp_path / "runs" / "ga" / aggregate.APE)
     aggregate.write_json(aggregated, tmp_path / "runs" / "kl" / "forget5_eval_log_aggregated.json")
     rows = aggregate.collect_runs(tmp_path / "runs", _reference())
     assert [r["Method"] for r in rows] == ["ga", "kl"]
+    assert rows[0]["APE"] == 0.5 and "APE" not in rows[1]
     assert rows[0]["Forget Quality"] == aggregate.fiubench_summary(aggregated, _reference())["Forget Quality"]
     aggregate.write_csv(rows + [{"Method": "extra", "New": 1}], tmp_path / "all.csv")
     with open(tmp_path / "all.csv") as f:

@@ -47,9 +47,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     c.lora_rank = 0  # 0 = train the tuned towers fully
     c.lora_alpha = 16.0
     c.lora_dropout = 0.05
-    c.lora_targets = (
-        r"language_model.*(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|down_proj)"
-    )
+    c.lora_targets = ""  # regex of the adapted modules; empty = the protocol's (vlmu_jax.protocol)
     c.tune_vision_tower = False
     c.tune_mm_projector = True
     c.tune_language_model = True
@@ -79,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.forget_split = "forget10"  # FIUBench: forget1 | forget5 | forget10
     c.data.forget_ratio = 10  # MLLMU-Bench: 5 | 10 | 15
     c.data.max_length = 384
-    c.data.append_eos = False  # the seeds add no EOS after LLaVA answers; a tiny model needs one to stop
+    c.data.append_eos = False  # the seeds add no EOS after LLaVA answers (FIUBench original: must stay False)
     c.data.eval_limit = 400  # FIUBench evaluates the first 400 records
 
     c.model = ml_collections.ConfigDict()

@@ -59,8 +59,14 @@ class Workspace:
 
     @cached_property
     def bench(self) -> Benchmark:
+        """The records every stage trains and scores on, formatted as the protocol says."""
+        return self.read_bench(formatted=True)
+
+    def read_bench(self, *, formatted: bool) -> Benchmark:
+        """`formatted=False` gives the records as stored (the demo tokenizer learns the data, not a protocol)."""
         if self.config.benchmark == "fiubench":
-            return fiubench.read_fiubench(self.data_root, limit=self.config.data.eval_limit)
+            return fiubench.read_fiubench(self.data_root, limit=self.config.data.eval_limit,
+                                          capitalize=formatted and self.protocol.fiubench_capitalize)
         return mllmu.read_mllmu(self.data_root)
 
     @property
@@ -90,7 +96,8 @@ class Workspace:
 
         return checkpoint_text_config(self.tokenizer, get_template(self.config.model.template),
                                       model_config(self.hf_config), self.image_processor,
-                                      append_eos=self.config.data.append_eos, max_length=self.config.data.max_length)
+                                      append_eos=self.config.data.append_eos, max_length=self.config.data.max_length,
+                                      fiubench_original_mask=self.protocol.fiubench_preprocess_mask)
 
     @cached_property
     def image_processor(self) -> ImageProcessor:
@@ -159,7 +166,8 @@ def _write_tiny_base_model(ws: Workspace) -> None:
     template = get_template(ws.config.model.template)
     if jax.process_index() == 0:
         shutil.rmtree(out, ignore_errors=True)
-        train_demo_tokenizer(synthetic.corpus(ws.bench), out, vocab_size=shape.vocab_size, template=template)
+        corpus = synthetic.corpus(ws.read_bench(formatted=False))
+        train_demo_tokenizer(corpus, out, vocab_size=shape.vocab_size, template=template)
     _sync("tokenizer")
     tok = load_tokenizer(out)
     ids = TokenIds(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(template.image_token),

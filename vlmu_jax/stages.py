@@ -11,6 +11,7 @@ report:    eval_results -> aggregate CSV and plots.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -22,13 +23,14 @@ from absl import logging
 from flax import nnx
 
 from vlmu_jax import model_sources
-from vlmu_jax.data.batching import IGNORE, ExampleSource, encode, examples_from
+from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length, encode, examples_from, row_buckets
 from vlmu_jax.data.records import Identity
 from vlmu_jax.errors import InputError
 from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl, head_token_stat
 from vlmu_jax.logs import say
 from vlmu_jax.models import lora
 from vlmu_jax.pipeline import Workspace, clear_done, is_done, mark_done
+from vlmu_jax.protocol import Protocol
 from vlmu_jax.unlearn.objectives import get_objective
 from vlmu_jax.unlearn.trainer import TrainConfig, train
 
@@ -42,12 +44,21 @@ def logps_fn(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
     return logps, batch["labels"][:, 1:] != IGNORE
 
 
-def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Full-vocabulary KL(reference || model) at every real token of the batch."""
+def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict, *,
+          all_positions: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Full-vocabulary KL(reference || model) at every real token of the batch that predicts a next one; with
+    `all_positions` (FIUBench forget.py) at every position up to the step's longest row (`step_length`, set by the
+    trainer; else this batch's longest), padding and the last token included. The batch must be padded at least
+    that far: stages.unlearn gives all streams one bucket then."""
     args = (batch["input_ids"], batch["attention_mask"], batch["images"])
-    hidden, ref_hidden = model(*args)[:, :-1], jax.lax.stop_gradient(ref_model(*args)[:, :-1])
+    hidden, ref_hidden = model(*args), jax.lax.stop_gradient(ref_model(*args))
+    if not all_positions:
+        hidden, ref_hidden = hidden[:, :-1], ref_hidden[:, :-1]
     kl = head_kl(hidden, ref_hidden, model.head_weight(), jax.lax.stop_gradient(ref_model.head_weight()))
-    return kl, batch["attention_mask"][:, 1:] > 0
+    if not all_positions:
+        return kl, batch["attention_mask"][:, 1:] > 0
+    length = batch.get("step_length", jnp.max(jnp.sum(batch["attention_mask"], axis=1)))
+    return kl, jnp.broadcast_to(jnp.arange(kl.shape[1]) < length, kl.shape)
 
 
 def vocab_fn(model: nnx.Module, ref_model: nnx.Module | None, batch: dict, stat) -> jax.Array:
@@ -67,28 +78,34 @@ def hidden_fn(model: nnx.Module, batch: dict, layer: int) -> tuple[jax.Array, ja
     return hidden, batch["labels"] != IGNORE
 
 
-def _source(ws: Workspace, identities: list[Identity], stage: ml_collections.ConfigDict, *, seed: int,
-            idk: tuple[str, ...] = (), text_only: bool = False) -> ExampleSource:
-    shards = ws.mesh.shape["data"] * ws.mesh.shape["fsdp"]
-    if stage.batch_size % shards:
-        raise InputError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
-                         f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")
+def _rows(ws: Workspace, identities: list[Identity], *, seed: int, idk: tuple[str, ...] = (),
+          text_only: bool = False) -> list[Encoded]:
     examples = examples_from(identities, idk=idk, seed=seed)
     if text_only:  # the same questions without the identity's image (MMUnlearner's textual knowledge)
         examples = [dataclasses.replace(e, image=None) for e in examples]
     rows = [encode(e, ws.text_config) for e in examples]
     if not rows:
         raise InputError("a training stream has no examples: check the split names and the data folder")
+    return rows
+
+
+def _source(ws: Workspace, rows: list[Encoded], stage: ml_collections.ConfigDict, *, seed: int,
+            shuffle: bool = True, buckets: tuple[int, ...] | None = None) -> ExampleSource:
+    shards = ws.mesh.shape["data"] * ws.mesh.shape["fsdp"]
+    if stage.batch_size % shards:
+        raise InputError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
+                         f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")
     return ExampleSource(rows, global_batch_size=stage.batch_size, pad_token_id=ws.tokenizer.pad_token_id,
-                         image_fn=ws.image_fn, seed=seed)
+                         image_fn=ws.image_fn, seed=seed, shuffle=shuffle, buckets=buckets)
 
 
-def _prepare_trainable(model: nnx.Module, stage: ml_collections.ConfigDict, seed: int):
-    """Adds LoRA when asked and returns the NNX filter of what trains."""
+def _prepare_trainable(model: nnx.Module, stage: ml_collections.ConfigDict, seed: int, protocol: Protocol):
+    """Adds LoRA when asked (on the stage's targets, else the protocol's) and returns the NNX filter of what
+    trains."""
     use_lora = stage.lora_rank > 0
     if use_lora:
         lora.apply_lora(model, rank=stage.lora_rank, alpha=stage.lora_alpha, dropout=stage.lora_dropout,
-                        targets=stage.lora_targets, seed=seed)
+                        targets=stage.lora_targets or protocol.lora_targets, seed=seed)
     return lora.trainable_filter(lora=use_lora, tune_vision_tower=stage.tune_vision_tower,
                                  tune_mm_projector=stage.tune_mm_projector,
                                  tune_language_model=stage.tune_language_model)
@@ -121,14 +138,15 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
         logging.info("%s exists, skipping (config.force=True redoes it)", out)
         return
     model = ws.load(start)
-    trainable = _prepare_trainable(model, stage, ws.config.seed)
+    trainable = _prepare_trainable(model, stage, ws.config.seed, ws.protocol)
     run_dir = ws.workdir / "train" / out_name
     if ws.config.force:
         shutil.rmtree(run_dir, ignore_errors=True)
     cfg = TrainConfig.from_config(stage)
     if objective is not None:
         cfg = dataclasses.replace(cfg, objective=objective)
-    result = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl_fn, vocab_fn=vocab_fn,
+    kl = functools.partial(kl_fn, all_positions=ws.protocol.fiubench_kl_all_positions)
+    result = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl, vocab_fn=vocab_fn,
                    hidden_fn=hidden_fn, workdir=run_dir, trainable=trainable, mesh=ws.mesh)
     logging.info("%s: %d steps, last loss %.4f", out_name, result.step, result.losses[-1] if result.losses
                  else float("nan"))
@@ -137,14 +155,19 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
 
 def finetune(ws: Workspace) -> None:
     """The vanilla model (all identities) and its retain-only twin (the forget-quality reference)."""
-    c, bench = ws.config, ws.bench
-    forget = set(bench.splits[_forget_split(ws)])
+    c, bench, shuffle = ws.config, ws.bench, not ws.protocol.fiubench_file_order
     everyone = list(bench.identities)
-    retained = [i for i in everyone if i.uid not in forget]
+    if ws.protocol.fiubench_reference_on_retain_split:
+        retained = bench.split("retain")
+    else:
+        forget = set(bench.splits[_forget_split(ws)])
+        retained = [i for i in everyone if i.uid not in forget]
     _train_model(ws, start="base", out_name="finetuned", stage=c.finetune,
-                 sources={"train": _source(ws, everyone, c.finetune, seed=c.seed)})
+                 sources={"train": _source(ws, _rows(ws, everyone, seed=c.seed), c.finetune, seed=c.seed,
+                                           shuffle=shuffle)})
     _train_model(ws, start="base", out_name="retain_model", stage=c.retain_model,
-                 sources={"train": _source(ws, retained, c.retain_model, seed=c.seed)})
+                 sources={"train": _source(ws, _rows(ws, retained, seed=c.seed), c.retain_model, seed=c.seed,
+                                           shuffle=shuffle)})
 
 
 def _forget_split(ws: Workspace) -> str:
@@ -162,14 +185,22 @@ def _retain_split(ws: Workspace) -> str:
 def unlearn(ws: Workspace) -> None:
     """LoRA unlearning of the forget split with the configured objective and data streams."""
     _require(ws.model_dir("finetuned"), "the unlearn stage starts from it: run the finetune stage first")
-    c, bench = ws.config, ws.bench
+    c, bench, shuffle = ws.config, ws.bench, not ws.protocol.fiubench_file_order
     forget, retain = bench.split(_forget_split(ws)), bench.split(_retain_split(ws))
-    sources = {"forget": _source(ws, forget, c.unlearn, seed=c.seed),
-               "retain": _source(ws, retain, c.unlearn, seed=c.seed + 1)}
+    rows = {"forget": _rows(ws, forget, seed=c.seed), "retain": _rows(ws, retain, seed=c.seed + 1)}
     if bench.idk:
-        sources["idk"] = _source(ws, forget, c.unlearn, seed=c.seed, idk=bench.idk)
+        rows["idk"] = _rows(ws, forget, seed=c.seed, idk=bench.idk)
     if any(get_objective(o).preserve_streams for o in objectives(ws)):
-        sources["forget_text"] = _source(ws, forget, c.unlearn, seed=c.seed, text_only=True)
+        rows["forget_text"] = _rows(ws, forget, seed=c.seed, text_only=True)
+    # forget.py's collator pads a step's forget and retain rows to one length and its KL term counts those padding
+    # positions: then every stream gets the one bucket its longest row needs (see kl_fn).
+    buckets = None
+    if ws.protocol.fiubench_kl_all_positions:
+        every = [r for rs in rows.values() for r in rs]
+        buckets = (bucket_length(max(len(r.input_ids) for r in every), row_buckets(every)),)
+    seeds = {"forget": c.seed, "retain": c.seed + 1, "idk": c.seed, "forget_text": c.seed}
+    sources = {name: _source(ws, rs, c.unlearn, seed=seeds[name], shuffle=shuffle or name == "retain",
+                             buckets=buckets) for name, rs in rows.items()}
     for objective in objectives(ws):
         _train_model(ws, start="finetuned", out_name=f"unlearned_{objective}", stage=c.unlearn,
                      sources=sources, objective=objective)
@@ -250,7 +281,7 @@ def _model_at_checkpoint(ws: Workspace, ckpt_dir: Path, step: int, *, start: str
         raise FileNotFoundError(f"{ws.model_dir(start)} is missing: the checkpoint holds only the trained "
                                 f"parameters, the rest comes from the {start} model")
     model = ws.load(start)
-    trainable = _prepare_trainable(model, stage, ws.config.seed)
+    trainable = _prepare_trainable(model, stage, ws.config.seed, ws.protocol)
     params = nnx.state(model, trainable)
     nnx.update(model, restore_part(ckpt_dir, step, params, index=0))  # the trainer saves (params, opt, rng)
     return model
@@ -261,9 +292,8 @@ def _runner(ws: Workspace):
 
     # Evaluation rows are never cut to the training max_length: a cut answer or prompt scores garbage.
     return Runner(text=dataclasses.replace(ws.text_config, max_length=None), batch_size=ws.config.eval.batch_size,
-                  image_fn=ws.image_fn,
-                  max_new_tokens=ws.config.eval.max_new_tokens, mesh=ws.mesh,
-                  original=ws.protocol.fiubench_metric_quirks)
+                  image_fn=ws.image_fn, max_new_tokens=ws.config.eval.max_new_tokens, protocol=ws.protocol,
+                  mesh=ws.mesh)
 
 
 def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs
@@ -384,12 +414,18 @@ def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, name: str, judge=No
 
     forget, retain = ws.bench.split(_forget_split(ws)), ws.bench.split(ws.config.eval.retain_split)
     logs = {FORGET: evaluate_split(model, forget, runner, forget=True, desc=f"{name} forget"),
-            RETAIN: evaluate_split(model, retain, runner, forget=False, desc=f"{name} retain"),
-            APE: evaluate_ape(model, forget, runner, desc=f"{name} forget")}
+            RETAIN: evaluate_split(model, retain, runner, forget=False, desc=f"{name} retain")}
     if judge is not None:
+        client, prompt = judge
+        first_question_of = runner.text.template if ws.protocol.fiubench_metric_quirks else None
         for task in (FORGET, RETAIN):
-            add_gpt_scores(logs[task], *judge)
-    return {**logs, "eval_log_aggregated.json": logs}
+            add_gpt_scores(logs[task], client, prompt, first_question_of=first_question_of)
+    ape = evaluate_ape(model, forget, runner, desc=f"{name} forget")
+    for log in (*logs.values(), ape):
+        log["protocol"] = ws.protocol.name
+    # The aggregated file holds the forget and retain logs only: aggregate_eval_stat.py reads every entry of it as
+    # one of those two, so APE has its own file.
+    return {**logs, APE: ape, "eval_log_aggregated.json": logs}
 
 
 def _mllmu_logs(ws: Workspace, model: nnx.Module, runner, judge=None) -> dict[str, dict]:
@@ -406,7 +442,7 @@ def report(ws: Workspace) -> None:
     """results.csv / results.json (one row per model, aggregate_eval_stat columns), PNG plots, a self-contained
     index.html, and the headline results printed as a table."""
     from vlmu_jax.report import plots
-    from vlmu_jax.report.aggregate import fiubench_summary, write_csv, write_json
+    from vlmu_jax.report.aggregate import fiubench_summary, read_ape_log, write_csv, write_json
 
     if jax.process_index() != 0:
         return
@@ -423,12 +459,13 @@ def report(ws: Workspace) -> None:
     if reference is None:
         say(f"report: no results of the reference model ({model_sources.REFERENCE}): Forget Quality is left out "
             "(evaluate one with --config.eval.reference_model=PATH)")
-    rows = [{"Model": n, **fiubench_summary(logs[n], reference, method=n.removeprefix("unlearned_"),
+    rows = [{"Model": n, **fiubench_summary(logs[n], reference, ape_log=read_ape_log(results / n),
+                                            method=n.removeprefix("unlearned_"),
                                             empty_lists_as_zero=ws.protocol.fiubench_metric_quirks),
-             **_utility_row(ws, n)} for n in names]
+             **_utility_row(ws, n), "Protocol": ws.protocol.name} for n in names]
     out = ws.workdir / "report"
     write_csv(rows, out / "results.csv")
-    write_json({"rows": rows}, out / "results.json")
+    write_json({"protocol": ws.protocol.name, "rows": rows}, out / "results.json")
     (out / "tradeoff.png").unlink(missing_ok=True)
     if reference is not None:
         plots.plot_fq_vs_mu(rows, out / "tradeoff.png", reference=model_sources.REFERENCE)

@@ -150,10 +150,11 @@ def image_token_sequence(cfg: TextConfig, image: ImageRef | None = None) -> tupl
     return cfg.image_tokens or (cfg.image_token_id,) * cfg.num_image_tokens
 
 
-def encode(example: Example, cfg: TextConfig) -> Encoded:
-    """Token ids and labels for one example (see the module docstring for the mask)."""
-    with_image = example.image is not None
-    prompt, text = cfg.template.full(example.question, example.answer, with_image)
+def text_ids(example: Example, cfg: TextConfig) -> tuple[list[int], list[bool]]:
+    """Token ids of one example with the image still ONE placeholder token and BOS / EOS added (what the seeds'
+    tokenizer call returns; their model expands the image), and which ids are answer tokens (see the module
+    docstring for the mask). Not cut: `expand` applies `max_length`."""
+    prompt, text = cfg.template.full(example.question, example.answer, example.image is not None)
     ids, offsets = _tokens(cfg, text)
     if cfg.fiubench_original_mask:
         instruction = text.split(cfg.template.answer_prefix)[0].strip(" ")
@@ -170,17 +171,29 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
         ids, answer = [cfg.tokenizer.bos_token_id, *ids], [False, *answer]
     if cfg.append_eos:
         ids, answer = [*ids, cfg.tokenizer.eos_token_id], [*answer, True]
-    ids, answer = _expand_image(ids, answer, cfg, example.image, f"example {example.uid!r} {example.question!r}")
+    return ids, answer
+
+
+def expand(ids: Sequence[int], answer: Sequence[bool], example: Example, cfg: TextConfig) -> Encoded:
+    """The model's row: the image placeholder expanded, labels = answer ids (every id with train_on_prompt), cut at
+    `max_length`."""
+    ids, answer = _expand_image(list(ids), list(answer), cfg, example.image,
+                                f"example {example.uid!r} {example.question!r}")
     ids_np = np.asarray(ids, dtype=np.int32)
-    keep = np.asarray(answer) | cfg.train_on_prompt
+    keep = np.asarray(answer, dtype=bool) | cfg.train_on_prompt
     labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
-    # The seeds cut at max_length counting the image placeholder as ONE token (it is expanded inside the
-    # model there), so the limit grows by the expansion here.
-    image_tokens = len(image_token_sequence(cfg, example.image)) if with_image else 0
-    limit = None if cfg.max_length is None else cfg.max_length + max(image_tokens - 1, 0)
-    if limit is not None and len(ids_np) > limit:
+    # The seeds cut at max_length counting the image placeholder as ONE token (it is expanded inside the model
+    # there), so the limit grows by the expansion here.
+    n_image = len(image_token_sequence(cfg, example.image)) if example.image is not None else 0
+    if cfg.max_length is not None:
+        limit = cfg.max_length + max(n_image - 1, 0)
         ids_np, labels = ids_np[:limit], labels[:limit]
-    return Encoded(ids_np, labels, example.image, image_tokens)
+    return Encoded(ids_np, labels, example.image, n_image)
+
+
+def encode(example: Example, cfg: TextConfig) -> Encoded:
+    """Token ids and labels for one example (see the module docstring for the mask)."""
+    return expand(*text_ids(example, cfg), example, cfg)
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -62,12 +62,12 @@ def _parse_qa(item: Any, source: Path, record: str, field: str, capitalize: bool
     if para_answer is not None and not isinstance(para_answer, str):
         raise DataError(f"must be a string, got {type(para_answer).__name__}", file=source, record=record,
                         field=f"{field}.paraphrased_answer")
+    paraphrased = _str_list(item.get("paraphrased_question"), source, record, f"{field}.paraphrased_question")
     return QA(
         question=fix(item["question"]),
         answer=fix(item["answer"]),
-        paraphrased_questions=_str_list(item.get("paraphrased_question"), source, record,
-                                        f"{field}.paraphrased_question"),
-        paraphrased_answer=para_answer,
+        paraphrased_questions=tuple(fix(q) for q in paraphrased),
+        paraphrased_answer=None if para_answer is None else fix(para_answer),
         perturbed_answers=_str_list(item.get("perturbed_answer"), source, record, f"{field}.perturbed_answer"),
         keywords=_str_list(item.get("keywords"), source, record, f"{field}.keywords"),
         category=item.get("category"),
@@ -118,9 +118,11 @@ def read_fiubench(
 ) -> Benchmark:
     """Read a FIUBench folder.
 
-    `limit` keeps the first N identities as the seeds do (`data[:400]`). `capitalize=True` applies the
-    seeds' `str.capitalize()` to questions and answers (it also lower-cases the rest of the string, e.g.
-    names). Adds the split `retain` = identities outside forget1/5/10, as the seeds derive it.
+    `limit` keeps the first N identities as the seeds do (`data[:400]`). `capitalize=True` is FIUBench's
+    `str.capitalize()` (protocol `original`): questions, their paraphrases, answers and paraphrased answers, and
+    the IdK refusals after stripping spaces, as `data_module` formats every row it trains or scores on; it also
+    lower-cases the rest of each string (names). Perturbed answers and keywords keep their case, as there. Adds
+    the split `retain` = identities outside forget1/5/10, as the seeds derive it.
     """
     root = Path(root)
     data_path, split_path = root / data_file, root / split_file
@@ -149,6 +151,8 @@ def read_fiubench(
     if prompt_path.is_file():
         prompts = _load_json(prompt_path)
         idk = _str_list(prompts.get("idk") if isinstance(prompts, dict) else None, prompt_path, "", "idk")
+        if capitalize:
+            idk = tuple(refusal.strip(" ").capitalize() for refusal in idk)
     return Benchmark(
         name="fiubench",
         identities=with_split_membership(identities, splits),

@@ -174,8 +174,9 @@ class LlavaForConditionalGeneration(nnx.Module):
         self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None
     ) -> jax.Array:
         """Rotary positions [B, T] of a prompt: they follow the attention mask (HF: cumsum - 1), so left padding
-        does not shift them (Qwen2-VL overrides this with its 3D M-RoPE positions)."""
-        return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        does not shift them; padding slots get position 1, as HF LLaVA's image merge gives them (only their own
+        outputs depend on it). Qwen2-VL overrides this with its 3D M-RoPE positions."""
+        return jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, 1)
 
     def __call__(
         self,
@@ -186,14 +187,16 @@ class LlavaForConditionalGeneration(nnx.Module):
         *,
         output_layer: int | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [B, T, D] (positions: see ``positions``).
+        """Final-normed hidden states [B, T, D] (positions: see ``positions``). Padding slots get a zero embedding,
+        as HF LLaVA's image merge gives them (transformers 4.45, the seeds' path): only their own outputs depend on
+        it, and FIUBench's KL term averages those in.
 
         output_layer=L: the raw output of decoder layer L instead, running only layers 0..L (RMU)."""
         if dropout_rng is None and self.lora_rngs is not None:
             dropout_rng = self.lora_rngs.dropout()
         positions = self.positions(input_ids, attention_mask, images)
-        h, _ = self.decode(self.embed(input_ids, images), positions, attention_mask, rng=dropout_rng,
-                           output_layer=output_layer)
+        embeds = jnp.where(attention_mask[..., None] > 0, self.embed(input_ids, images), 0)
+        h, _ = self.decode(embeds, positions, attention_mask, rng=dropout_rng, output_layer=output_layer)
         return h
 
     def prefill(

@@ -160,7 +160,12 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
             model = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rng), rest)
             ref_model = None if ref_params is None else nnx.merge(graphdef_eval, ref_params,
                                                                   jax.tree.map(lambda x: x, rng), rest)
-            streams = {n: _stream_logps(n, obj, cfg, model, ref_model, b, logps_fn, kl_fn, vocab_fn, hidden_fn)
+            # `step_length`: the longest real row over all of the step's streams, the length FIUBench's collator pads
+            # a step's forget and retain rows to (its KL term averages over that many positions, see stages.kl_fn).
+            step_length = jnp.max(jnp.stack([jnp.max(jnp.sum(b["attention_mask"], axis=-1))
+                                             for b in batches.values()]))
+            streams = {n: _stream_logps(n, obj, cfg, model, ref_model, {**b, "step_length": step_length}, logps_fn,
+                                       kl_fn, vocab_fn, hidden_fn)
                        for n, b in batches.items()}
             loss, aux = obj.fn(streams, cfg)
             return loss, (aux, nnx.state(model, nnx.RngState))
