@@ -56,8 +56,6 @@ def mllmu(variant: str | None, *, template: str, model_path: str) -> ml_collecti
     c.model.remat = "full"
     c.data.forget_ratio = 5
     c.data.max_length = 384
-    if template == "idefics2":  # every MLLMU script builds the processor with do_image_splitting=False
-        c.model.image_processor_overrides.do_image_splitting = False
     c.seed = 42
     lora = dict(lora_rank=16, lora_alpha=16.0, lora_dropout=0.05, lora_targets=r".*_proj|.*fc\d|.*linear_\d",
                 lr_schedule="linear", warmup_ratio=0.0, weight_decay=0.01, batch_size=4, grad_accum=1)

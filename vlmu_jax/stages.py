@@ -218,9 +218,7 @@ def _model_at_checkpoint(ws: Workspace, ckpt_dir: Path, step: int, *, start: str
 def _runner(ws: Workspace):
     from vlmu_jax.eval.tasks.fiubench import Runner
 
-    # Evaluation rows are never cut to the training max_length: a cut answer or prompt scores garbage.
-    return Runner(text=dataclasses.replace(ws.text_config, max_length=None), batch_size=ws.config.eval.batch_size,
-                  image_fn=ws.image_fn,
+    return Runner(text=ws.eval_text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.eval_image_fn,
                   max_new_tokens=ws.config.eval.max_new_tokens, mesh=ws.mesh,
                   original=ws.protocol.fiubench_metric_quirks)
 
@@ -311,13 +309,19 @@ def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, name: str, judge=No
 
 
 def _mllmu_logs(ws: Workspace, model: nnx.Module, runner, judge=None) -> dict[str, dict]:
-    from vlmu_jax.eval.tasks.mllmu import add_factuality, evaluate_mllmu
+    from vlmu_jax.eval.tasks.mllmu import PROTOCOL_KEY, add_factuality, evaluate_eval_py, evaluate_mllmu
 
-    results = evaluate_mllmu(model, ws.bench, runner, forget_ratio=ws.config.data.forget_ratio, seed=ws.config.seed)
+    c, draws = ws.config, None
+    if ws.protocol.mllmu_eval_py:
+        results, draws = evaluate_eval_py(model, ws.bench, runner, forget_ratio=c.data.forget_ratio,
+                                          family=ws.hf_config.get("model_type", ""), seed=c.seed)
+    else:
+        results = evaluate_mllmu(model, ws.bench, runner, forget_ratio=c.data.forget_ratio, seed=c.seed)
     if judge is not None:
         add_factuality(results, *judge)
     predictions = {s: r.pop("predictions") for s, r in results.items()}
-    return {"final_evaluation_results.json": results, "predictions.json": predictions}
+    record = {"name": ws.protocol.name, "seed": c.seed, **({"few_shot_ids": draws} if draws is not None else {})}
+    return {"final_evaluation_results.json": {**results, PROTOCOL_KEY: record}, "predictions.json": predictions}
 
 
 def report(ws: Workspace) -> None:
@@ -362,6 +366,7 @@ def _utility_row(ws: Workspace, name: str) -> dict:
 
 def _mllmu_report(ws: Workspace, names: list[str]) -> None:
     """One row per model, one column per (set, metric) in eval.py's names, and a bar chart of accuracies."""
+    from vlmu_jax.eval.tasks.mllmu import SET_NAMES
     from vlmu_jax.report import plots
     from vlmu_jax.report.aggregate import write_csv, write_json
 
@@ -370,6 +375,8 @@ def _mllmu_report(ws: Workspace, names: list[str]) -> None:
         res = json.loads((ws.workdir / "eval_results" / name / "final_evaluation_results.json").read_text())
         row = {"Model": name}
         for set_name, groups in res.items():
+            if set_name not in SET_NAMES.values():
+                continue
             for group, values in groups.items():
                 row.update({f"{set_name} / {group} / {k}": v for k, v in values.items()})
         rows.append({**row, **_utility_row(ws, name)})

@@ -35,19 +35,33 @@ class BatchSource(Protocol):
 
 @dataclass(frozen=True)
 class Example:
-    """One (question, answer) pair, with its identity's image or None for a text-only row."""
+    """One (question, answer) pair, with its identity's image or None for a text-only row.
+
+    ``context_images``: images the prompt shows before the row's own (few-shot examples), in prompt order; the
+    question text then holds one image token per image.
+    """
 
     question: str
     answer: str
     image: ImageRef | None = None
     uid: str = ""
+    context_images: tuple[ImageRef, ...] = ()
+
+    @property
+    def images(self) -> tuple[ImageRef, ...]:
+        return self.context_images if self.image is None else (*self.context_images, self.image)
 
 
 @dataclass(frozen=True)
 class Encoded:
-    input_ids: np.ndarray  # int32 [L], image placeholder already expanded
+    input_ids: np.ndarray  # int32 [L], image placeholders already expanded
     labels: np.ndarray  # int32 [L]
     image: ImageRef | None
+    context_images: tuple[ImageRef, ...] = ()
+
+    @property
+    def images(self) -> tuple[ImageRef, ...]:
+        return self.context_images if self.image is None else (*self.context_images, self.image)
 
 
 @dataclass(frozen=True)
@@ -108,18 +122,18 @@ def _tokens(cfg: TextConfig, text: str) -> tuple[list[int], list[tuple[int, int]
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _expand_image(ids: list[int], answer: list[bool], cfg: TextConfig, with_image: bool, where: str):
+def _expand_images(ids: list[int], answer: list[bool], cfg: TextConfig, n_images: int, where: str):
+    """Each image token of the text becomes ``image_token_sequence(cfg)``; the text must hold one per image."""
     positions = [i for i, t in enumerate(ids) if t == cfg.image_token_id]
-    if len(positions) != (1 if with_image else 0):
+    if len(positions) != n_images:
         raise ValueError(
-            f"{where}: expected {int(with_image)} image token(s) (id {cfg.image_token_id}), "
-            f"found {len(positions)}"
+            f"{where}: expected {n_images} image token(s) (id {cfg.image_token_id}), found {len(positions)}"
         )
-    if not with_image:
-        return ids, answer
-    p, seq = positions[0], image_token_sequence(cfg)
-    n = len(seq)
-    return ids[:p] + list(seq) + ids[p + 1 :], answer[:p] + [False] * n + answer[p + 1 :]
+    seq = list(image_token_sequence(cfg))
+    for p in reversed(positions):
+        ids = ids[:p] + seq + ids[p + 1 :]
+        answer = answer[:p] + [False] * len(seq) + answer[p + 1 :]
+    return ids, answer
 
 
 def image_token_sequence(cfg: TextConfig) -> tuple[int, ...]:
@@ -147,24 +161,27 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
         ids, answer = [cfg.tokenizer.bos_token_id, *ids], [False, *answer]
     if cfg.append_eos:
         ids, answer = [*ids, cfg.tokenizer.eos_token_id], [*answer, True]
-    ids, answer = _expand_image(ids, answer, cfg, with_image, f"example {example.uid!r} {example.question!r}")
+    ids, answer = _expand_images(ids, answer, cfg, len(example.images), f"example {example.uid!r} {example.question!r}")
     ids_np = np.asarray(ids, dtype=np.int32)
     keep = np.asarray(answer) | cfg.train_on_prompt
     labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
     # The seeds cut at max_length counting the image placeholder as ONE token (it is expanded inside the
     # model there), so the limit grows by the expansion here.
-    limit = None if cfg.max_length is None else cfg.max_length + (len(image_token_sequence(cfg)) - 1) * with_image
+    expansion = (len(image_token_sequence(cfg)) - 1) * len(example.images)
+    limit = None if cfg.max_length is None else cfg.max_length + expansion
     if limit is not None and len(ids_np) > limit:
         ids_np, labels = ids_np[:limit], labels[:limit]
-    return Encoded(ids_np, labels, example.image)
+    return Encoded(ids_np, labels, example.image, example.context_images)
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that fits, so jit sees a handful of shapes."""
+    """The smallest bucket that fits, so jit sees a handful of shapes; past the largest, the next multiple of it
+    (MLLMU eval.py's few-shot prompts carry a dozen images)."""
     for b in sorted(buckets):
         if length <= b:
             return b
-    raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {max(buckets)}; add a bucket")
+    top = max(buckets)
+    return -(-length // top) * top
 
 
 def collate(
@@ -186,8 +203,7 @@ def collate(
         "attention_mask": np.zeros((len(rows), t), np.int32),
         "labels": np.full((len(rows), t), IGNORE, np.int32),
     }
-    images = [image_fn(row.image) for row in rows]
-    batch["images"] = {k: np.stack([im[k] for im in images]) for k in images[0]}
+    batch["images"] = _batch_images(rows, image_fn)
     for i, row in enumerate(rows):
         n = len(row.input_ids)
         span = slice(t - n, t) if left_pad else slice(0, n)
@@ -197,9 +213,28 @@ def collate(
     return batch
 
 
+def _batch_images(rows: Sequence[Encoded], image_fn: Callable[[ImageRef | None], dict[str, np.ndarray]]) -> dict:
+    """Image inputs stacked per key. A row with one image (or none) gives ``image_fn(ref)``; when some row shows
+    several, every row gets the batch's largest count, text-only slots filled with ``image_fn(None)``, joined
+    along the processor's image axis: a new one for one-image processors (LLaVA: [B, N, 3, H, W]), the existing
+    one for processors that already give a stack per image (Idefics2: [B, N * n, 3, H, W])."""
+    if all(not row.context_images for row in rows):
+        images = [image_fn(row.image) for row in rows]
+        return {k: np.stack([im[k] for im in images]) for k in images[0]}
+    n = max(len(row.images) for row in rows)
+    blank = image_fn(None)
+    per_row = []
+    for row in rows:
+        parts = [image_fn(ref) for ref in row.images] + [blank] * (n - len(row.images))
+        join = np.stack if parts[0]["pixel_values"].ndim == 3 else np.concatenate
+        per_row.append({k: join([p[k] for p in parts]) for k in parts[0]})
+    return {k: np.stack([im[k] for im in per_row]) for k in per_row[0]}
+
+
 def generation_rows(examples: Sequence[Example], cfg: TextConfig) -> list[Encoded]:
     """Prompts only (everything up to the answer tag), for left-padded generation batches."""
-    return [encode(Example(ex.question, "", ex.image, ex.uid), _prompt_only(cfg)) for ex in examples]
+    return [encode(Example(ex.question, "", ex.image, ex.uid, ex.context_images), _prompt_only(cfg))
+            for ex in examples]
 
 
 def _prompt_only(cfg: TextConfig) -> TextConfig:

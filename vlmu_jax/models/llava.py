@@ -132,11 +132,15 @@ class LlavaForConditionalGeneration(nnx.Module):
         return self.multi_modal_projector(jnp.concatenate(hs, axis=-1))
 
     def embed(self, input_ids: jax.Array, images: dict[str, jax.Array] | None) -> jax.Array:
-        """Token embeddings with row b's k-th image token replaced by row b's k-th image feature."""
+        """Token embeddings with row b's k-th image token replaced by row b's k-th image feature; pixel_values
+        [B, 3, H, W] (one image per row) or [B, N, 3, H, W] (N images per row, in prompt order)."""
         h = self.language_model.embed(input_ids)
         if images is None:
             return h
-        feats = self.image_features(images["pixel_values"]).astype(h.dtype)
+        pixels = images["pixel_values"]
+        b = pixels.shape[0]
+        feats = self.image_features(pixels.reshape(-1, *pixels.shape[-3:])).astype(h.dtype)
+        feats = feats.reshape(b, -1, feats.shape[-1])
         is_img = input_ids == self.config.image_token_id
         idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
         spliced = jnp.take_along_axis(feats, idx[..., None], axis=1)
