@@ -46,6 +46,38 @@ def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict) -> tuple[jax.Ar
     return kl, batch["attention_mask"][:, 1:] > 0
 
 
+def kl_fn_every_position(model: nnx.Module, ref_model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Full-vocabulary KL(reference || model) at every position of the padded batch, the last and the padding
+    included: MLLMU-Bench KL_Min's kl_div over the [B, T, V] logits. Its batch is padded to its longest row; the
+    columns our bucket adds beyond that are left out."""
+    args = (batch["input_ids"], batch["attention_mask"], batch["images"])
+    hidden, ref_hidden = model(*args), jax.lax.stop_gradient(ref_model(*args))
+    kl = head_kl(hidden, ref_hidden, model.head_weight(), jax.lax.stop_gradient(ref_model.head_weight()))
+    return kl, jnp.broadcast_to(jnp.any(batch["attention_mask"] > 0, axis=0), kl.shape)
+
+
+def kl_fn_for(ws: Workspace):
+    return kl_fn_every_position if ws.protocol.mllmu_baselines else kl_fn
+
+
+def objective_config(ws: Workspace, cfg: TrainConfig) -> TrainConfig:
+    """The protocol's objective reductions: MLLMU-Bench's NPO compares batch-mean losses."""
+    return dataclasses.replace(cfg, npo_batch_mean=True) if ws.protocol.mllmu_baselines else cfg
+
+
+# find_all_linear_names collects names outside HF modules named *multi_modal_projector* / *vision_model*: our
+# vision_tower always, our multi_modal_projector for LLaVA only (Idefics2's is HF's `connector`, which it keeps).
+_PEFT_SKIPPED = {"llava": ("vision_tower", "multi_modal_projector"), "idefics2": ("vision_tower",)}
+
+
+def lora_targets(ws: Workspace, model: nnx.Module, stage: ml_collections.ConfigDict) -> str:
+    """The LoRA targets regex: MLLMU-Bench's PEFT suffix rule under its original protocol, else the stage's."""
+    if not ws.protocol.mllmu_peft_lora:
+        return stage.lora_targets
+    skip = _PEFT_SKIPPED.get(ws.hf_config.get("model_type", ""), ("vision_tower", "multi_modal_projector"))
+    return lora.suffix_targets(model, skip=skip)
+
+
 def _source(ws: Workspace, identities: list[Identity], stage: ml_collections.ConfigDict, *, seed: int,
             idk: tuple[str, ...] = ()) -> ExampleSource:
     shards = ws.mesh.shape["data"] * ws.mesh.shape["fsdp"]
@@ -59,12 +91,13 @@ def _source(ws: Workspace, identities: list[Identity], stage: ml_collections.Con
                          image_fn=ws.image_fn, seed=seed)
 
 
-def _prepare_trainable(model: nnx.Module, stage: ml_collections.ConfigDict, seed: int):
+def _prepare_trainable(ws: Workspace, model: nnx.Module, stage: ml_collections.ConfigDict, seed: int):
     """Adds LoRA when asked and returns the NNX filter of what trains."""
     use_lora = stage.lora_rank > 0
     if use_lora:
         lora.apply_lora(model, rank=stage.lora_rank, alpha=stage.lora_alpha, dropout=stage.lora_dropout,
-                        targets=stage.lora_targets, seed=seed)
+                        targets=lora_targets(ws, model, stage), seed=seed,
+                        init="gaussian" if ws.protocol.mllmu_peft_lora else "kaiming")
     return lora.trainable_filter(lora=use_lora, tune_vision_tower=stage.tune_vision_tower,
                                  tune_mm_projector=stage.tune_mm_projector,
                                  tune_language_model=stage.tune_language_model)
@@ -90,21 +123,27 @@ def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None, info: d
 
 
 def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collections.ConfigDict,
-                 sources: dict[str, ExampleSource], objective: str | None = None) -> None:
+                 sources: dict[str, ExampleSource], objective: str | None = None, reference: str | None = None) -> None:
+    """Trains model folder ``start`` into ``out_name``; ``reference`` names the reference model's folder when it is
+    not ``start`` with LoRA off."""
     out = ws.model_dir(out_name)
     if is_done(out) and not ws.config.force:
         logging.info("%s exists, skipping (config.force=True redoes it)", out)
         return
     model = ws.load(start)
-    trainable = _prepare_trainable(model, stage, ws.config.seed)
+    trainable = _prepare_trainable(ws, model, stage, ws.config.seed)
+    ref_model = None
+    if reference is not None:
+        ref_model = ws.load(reference)
+        _prepare_trainable(ws, ref_model, stage, ws.config.seed)  # the same graph; its zero adapters change nothing
     run_dir = ws.workdir / "train" / out_name
     if ws.config.force:
         shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = TrainConfig.from_config(stage)
+    cfg = objective_config(ws, TrainConfig.from_config(stage))
     if objective is not None:
         cfg = dataclasses.replace(cfg, objective=objective)
-    result = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl_fn,
-                   workdir=run_dir, trainable=trainable, mesh=ws.mesh)
+    result = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl_fn_for(ws),
+                   workdir=run_dir, trainable=trainable, mesh=ws.mesh, reference=ref_model)
     logging.info("%s: %d steps, last loss %.4f", out_name, result.step, result.losses[-1] if result.losses
                  else float("nan"))
     _save_model(ws, model, out)
@@ -144,7 +183,15 @@ def unlearn(ws: Workspace) -> None:
         sources["idk"] = _source(ws, forget, c.unlearn, seed=c.seed, idk=bench.idk)
     for objective in objectives(ws):
         _train_model(ws, start="finetuned", out_name=f"unlearned_{objective}", stage=c.unlearn,
-                     sources=sources, objective=objective)
+                     objective=objective, **_mllmu_npo(ws, objective, sources))
+
+
+def _mllmu_npo(ws: Workspace, objective: str, sources: dict[str, ExampleSource]) -> dict:
+    """MLLMU-Bench's NPO.py (protocol original): no retain term, and the reference is the oracle model, trained
+    on the retain split from the base model (reference_model_FT.py): our retain_model."""
+    if objective == "npo" and ws.protocol.mllmu_baselines:
+        return {"sources": {k: v for k, v in sources.items() if k != "retain"}, "reference": "retain_model"}
+    return {"sources": sources}
 
 
 def objectives(ws: Workspace) -> list[str]:
@@ -209,7 +256,7 @@ def _model_at_checkpoint(ws: Workspace, ckpt_dir: Path, step: int, *, start: str
         raise FileNotFoundError(f"{ws.model_dir(start)} is missing: the checkpoint holds only the trained "
                                 f"parameters, the rest comes from the {start} model")
     model = ws.load(start)
-    trainable = _prepare_trainable(model, stage, ws.config.seed)
+    trainable = _prepare_trainable(ws, model, stage, ws.config.seed)
     params = nnx.state(model, trainable)
     nnx.update(model, restore_part(ckpt_dir, step, params, index=0))  # the trainer saves (params, opt, rng)
     return model

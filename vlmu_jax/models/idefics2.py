@@ -256,6 +256,10 @@ class Idefics2ForConditionalGeneration(LlavaForConditionalGeneration):
     """vision_tower (HF vision_model), multi_modal_projector (HF connector), language_model (HF text_model),
     lm_head. Decoding, prefill and decode_step are LLaVA's (same Llama-shaped decoder and KV cache)."""
 
+    # transformers' Idefics2 keeps padding's embeddings and leaves position_ids to its text model (the index).
+    PAD_POSITION = None
+    ZERO_PAD_EMBEDDINGS = False
+
     def __init__(self, config: Idefics2Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
         t = config.text
         self.config = config

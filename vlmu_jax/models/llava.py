@@ -94,6 +94,12 @@ class LlavaForConditionalGeneration(nnx.Module):
         self.lm_head = output_head(t, dtype=dtype, rngs=rngs)
         self.lora_rngs: nnx.Rngs | None = nnx.data(None)
 
+    # Padding as transformers feeds it, whose outputs only a KL over every position of the padded batch sees
+    # (MLLMU-Bench's KL_Min): LLaVA's merge (4.45, the version MLLMU-Bench pins) zeroes its embeddings and writes
+    # position 1.
+    PAD_POSITION: int | None = 1
+    ZERO_PAD_EMBEDDINGS: bool = True
+
     def head_weight(self) -> jax.Array:
         """Output projection [V, D] (logits = hidden @ W.T); the embedding when tied."""
         return (self.language_model.embed_tokens if self.lm_head is None else self.lm_head)[...]
@@ -178,11 +184,17 @@ class LlavaForConditionalGeneration(nnx.Module):
         images: dict[str, jax.Array] | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [B, T, D]. Positions follow the attention mask (HF: cumsum - 1)."""
+        """Final-normed hidden states [B, T, D]. Positions follow the attention mask (HF: cumsum - 1); padding
+        sits at ``PAD_POSITION`` (None: its index), with a zero embedding when ``ZERO_PAD_EMBEDDINGS``."""
         if dropout_rng is None and self.lora_rngs is not None:
             dropout_rng = self.lora_rngs.dropout()
-        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        h, _ = self.decode(self.embed(input_ids, images), positions, attention_mask, rng=dropout_rng)
+        index = jnp.broadcast_to(jnp.arange(attention_mask.shape[1]), attention_mask.shape)
+        pad = index if self.PAD_POSITION is None else self.PAD_POSITION
+        positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, pad)
+        h = self.embed(input_ids, images)
+        if self.ZERO_PAD_EMBEDDINGS:
+            h = jnp.where(attention_mask[..., None] > 0, h, 0).astype(h.dtype)
+        h, _ = self.decode(h, positions, attention_mask, rng=dropout_rng)
         return h
 
     def prefill(

@@ -5,8 +5,9 @@ pure step maps (trainable, opt_state, rng, batches) to their successors with the
 so only the trainable state and its optimizer moments are ever updated or copied. The reference model
 for KL/NPO/DPO is the same graphdef merged with the LoRA parameters zeroed (no copy); trainable
 non-LoRA parameters (full finetune, tuned projector) are kept as a frozen copy of their initial values
-only when the objective needs a reference. Data position is a pure function of the step, so a resume
-restores (params, opt_state, rng, step) and replays the identical trajectory.
+only when the objective needs a reference. A run may instead name a separate reference model of the same
+graph (MLLMU-Bench's NPO oracle), whose weights then sit beside the model's. Data position is a pure
+function of the step, so a resume restores (params, opt_state, rng, step) and replays the identical trajectory.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    adam_eps: float = 1e-8
     lr_schedule: str = "cosine"
     save_every: int = 0  # micro-steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
@@ -115,16 +117,17 @@ def _stream_logps(name, obj, model, ref_model, batch, logps_fn, kl_fn) -> Stream
 
 
 def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, logps_fn, kl_fn) -> Callable:
-    """The pure train step (jitted by the caller). `ref_other` are the frozen initial values of the
-    trainable non-LoRA params (empty for LoRA runs or when no reference is needed)."""
+    """The pure train step (jitted by the caller). The reference model is `graphdef_eval` with zero LoRA,
+    `ref_other` (the reference's values of the trainable non-LoRA params: empty for LoRA runs or when no reference
+    is needed) and `ref_rest` (its frozen params: the model's own, or a separate reference model's)."""
     needs_ref = bool(obj.ref_streams or obj.kl_streams)
 
-    def step(params, opt_state, rng, rest, ref_other, batches):
+    def step(params, opt_state, rng, rest, ref_other, ref_rest, batches):
         ref_model = None
         if needs_ref:
             lora, _ = nnx.split_state(params, nnx.LoRAParam, ...)
             ref_params = nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other)
-            ref_model = nnx.merge(graphdef_eval, jax.lax.stop_gradient(ref_params), rng, rest)
+            ref_model = nnx.merge(graphdef_eval, jax.lax.stop_gradient(ref_params), rng, ref_rest)
 
         def loss_of(p):
             # Fresh Variables at this trace level: dropout may advance the RNG counters inside grad.
@@ -161,6 +164,7 @@ def train(
     trainable: Any = nnx.Param,
     kl_fn: KlFn | None = None,
     mesh: Mesh | None = None,
+    reference: nnx.Module | None = None,
 ) -> TrainResult:
     """Train `model` in place on `cfg.objective`, resuming from `workdir/checkpoints` if present.
 
@@ -168,6 +172,8 @@ def train(
     logps_fn: traceable `(model, batch) -> (logps [B,T-1], mask [B,T-1])`.
     kl_fn: traceable `(model, ref_model, batch) -> (kl [B,T-1], kl_mask)`, full-vocab KL(ref || model),
       required by objectives with `kl_streams` (kl, kl_min).
+    reference: a separate reference model with the same graph (LoRA included, its adapters are zeroed); default:
+      `model` itself with LoRA zeroed and its trainable non-LoRA params at their initial values.
     Writes `workdir/metrics.jsonl` (one line per micro-step). Raises FloatingPointError on a
     non-finite loss, after the last good checkpoint is committed.
     The model's trainable and RNG arrays are donated to the step (no second copy of the weights), so
@@ -186,6 +192,7 @@ def train(
         max_grad_norm=cfg.max_grad_norm,
         grad_accum=cfg.grad_accum,
         schedule=cfg.lr_schedule,
+        eps=cfg.adam_eps,
     )
 
     model.eval()
@@ -193,7 +200,9 @@ def train(
     model.train()
     graphdef, params, rng, rest = nnx.split(model, trainable, nnx.RngState, ...)
     needs_ref = bool(obj.ref_streams or obj.kl_streams)
-    ref_other = nnx.split_state(params, nnx.LoRAParam, ...)[1] if needs_ref else nnx.State({})
+    ref_params, ref_rest = (params, rest) if reference is None else nnx.split(reference, trainable, nnx.RngState,
+                                                                              ...)[1::2]
+    ref_other = nnx.split_state(ref_params, nnx.LoRAParam, ...)[1] if needs_ref else nnx.State({})
     ref_other = jax.tree.map(jnp.copy, ref_other)
     opt_state = jax.jit(tx.init)(params)
     step_fn = jax.jit(
@@ -224,7 +233,7 @@ def train(
             phase, index = plan_step(step, phase_lengths)
             host = {name: sources[name].get(index) for name in phases[phase]}
             batches = {name: global_batch(b, mesh) for name, b in host.items()}
-            params, opt_state, rng, loss, aux = step_fn(params, opt_state, rng, rest, ref_other, batches)
+            params, opt_state, rng, loss, aux = step_fn(params, opt_state, rng, rest, ref_other, ref_rest, batches)
             loss = float(loss)
             if not math.isfinite(loss):
                 ckpt.close()

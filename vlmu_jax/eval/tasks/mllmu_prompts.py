@@ -209,7 +209,12 @@ def eval_py_items(bench: Benchmark, *, forget_ratio: int, family: str,
             continue
         shots: list[Identity] = []
         if task != GENERATION:
-            drawn = rng.sample(ids, few_shot_count(task, family))
+            k = few_shot_count(task, family)
+            if len(ids) < k:
+                raise ValueError(f"eval.py draws {k} few-shot identities from the {set_name} set, which has "
+                                 f"{len(ids)} (random.sample fails there too): use a larger split or "
+                                 "config.protocol='corrected'")
+            drawn = rng.sample(ids, k)
             draws[f"{set_name}/{task}"] = drawn
             shots = [i for i in bench.identities if i.uid in drawn]
         images = [rng.choice(r.images) if set_name == "test" else r.images[0] for r in rows]
