@@ -98,8 +98,8 @@ def test_lora_keeps_language_model_base_frozen(tmp_path):
 def test_mllmu_preset_lora_trainable_count(tmp_path, protocol):
     """The MLLMU preset's LoRA on a tiny LLaVA. original: find_all_linear_names + PEFT suffix matching adapt every
     Linear named like a language-model projection (the CLIP tower's q/k/v_proj too; not its out_proj / fc1 / fc2,
-    not the projector), A ~ N(0, 1/r); corrected: the preset's regex adapts every projection. Only adapters train.
-    Expected counts from the HF model's own modules."""
+    not the projector), A ~ N(0, 1/r); corrected: the language model's projections only, what skipping the vision
+    tower and projector means. Only adapters train. Expected counts from the HF model's own modules."""
     from types import SimpleNamespace
 
     import torch
@@ -118,7 +118,7 @@ def test_mllmu_preset_lora_trainable_count(tmp_path, protocol):
     assert all(isinstance(v, nnx.LoRAParam) for _, v in flat)
     lm = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     linear = {n: m for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
-    adapted = [m for n, m in linear.items() if protocol == "corrected" or n.endswith(lm)]
+    adapted = [m for n, m in linear.items() if n.endswith(lm) and (protocol == "original" or "language_model" in n)]
     rank = c.unlearn.lora_rank
     assert sum(int(np.prod(v.get_value().shape)) for _, v in flat) == sum(
         rank * (m.in_features + m.out_features) for m in adapted)

@@ -157,6 +157,8 @@ def test_mllmu_pipeline(tmp_path: Path) -> None:
           "--config.stages=finetune,unlearn,eval,report")
     for name in ("finetuned", "retain_model", "unlearned_gd"):
         res = json.loads((workdir / "eval_results" / name / "final_evaluation_results.json").read_text())
+        protocol = res.pop("protocol")  # the default, original: eval.py's prompts and its few-shot draws
+        assert protocol["name"] == "original" and len(protocol["few_shot_ids"]["forget/fill_in_the_blank"]) == 2
         assert set(res) == {"Forget Set Results", "Test Set Results", "Retain Set (shared dataset) Results",
                             "Retain Set (real person) Results"}
         for groups in res.values():

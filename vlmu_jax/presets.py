@@ -64,9 +64,11 @@ def mllmu(variant: str | None, *, template: str, model_path: str) -> ml_collecti
     c.data.forget_ratio = 5
     c.data.max_length = 384
     c.seed = 42
-    lora = dict(lora_rank=16, lora_alpha=16.0, lora_dropout=0.05, lora_targets=r".*_proj|.*fc\d|.*linear_\d",
-                lr_schedule="linear", warmup_ratio=0.0, weight_decay=0.0, adam_eps=1e-6, max_grad_norm=0.0,
-                batch_size=4, grad_accum=1, tune_vision_tower=False, tune_mm_projector=False)
+    # lora_targets stays the language model's projections: what find_all_linear_names means by skipping the vision
+    # tower and projector (protocol original adds what PEFT's suffix matching also catches, see stages.lora_targets).
+    lora = dict(lora_rank=16, lora_alpha=16.0, lora_dropout=0.05, lr_schedule="linear", warmup_ratio=0.0,
+                weight_decay=0.0, adam_eps=1e-6, max_grad_norm=0.0, batch_size=4, grad_accum=1,
+                tune_vision_tower=False, tune_mm_projector=False)
     c.finetune.update(objective="finetune", lr=2e-5, num_epochs=5, **lora)
     c.retain_model.update(objective="finetune", lr=2e-5, num_epochs=5, **lora)
     c.unlearn.update(objective=method, lr=2e-5, num_epochs=1, beta=0.4, npo_batch_mean=False, **lora)
