@@ -56,12 +56,7 @@ class Example:
 class Encoded:
     input_ids: np.ndarray  # int32 [L], image placeholders already expanded
     labels: np.ndarray  # int32 [L]
-    image: ImageRef | None
-    context_images: tuple[ImageRef, ...] = ()
-
-    @property
-    def images(self) -> tuple[ImageRef, ...]:
-        return self.context_images if self.image is None else (*self.context_images, self.image)
+    images: tuple[ImageRef, ...]  # in prompt order; () for a text-only row
 
 
 @dataclass(frozen=True)
@@ -171,7 +166,7 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
     limit = None if cfg.max_length is None else cfg.max_length + expansion
     if limit is not None and len(ids_np) > limit:
         ids_np, labels = ids_np[:limit], labels[:limit]
-    return Encoded(ids_np, labels, example.image, example.context_images)
+    return Encoded(ids_np, labels, example.images)
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
@@ -218,8 +213,8 @@ def _batch_images(rows: Sequence[Encoded], image_fn: Callable[[ImageRef | None],
     several, every row gets the batch's largest count, text-only slots filled with ``image_fn(None)``, joined
     along the processor's image axis: a new one for one-image processors (LLaVA: [B, N, 3, H, W]), the existing
     one for processors that already give a stack per image (Idefics2: [B, N * n, 3, H, W])."""
-    if all(not row.context_images for row in rows):
-        images = [image_fn(row.image) for row in rows]
+    if all(len(row.images) <= 1 for row in rows):
+        images = [image_fn(row.images[0] if row.images else None) for row in rows]
         return {k: np.stack([im[k] for im in images]) for k in images[0]}
     n = max(len(row.images) for row in rows)
     blank = image_fn(None)
