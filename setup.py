@@ -26,7 +26,9 @@ setup(
         "rouge-score",
         "matplotlib",
         "tqdm",
+        "tensorboardX",
     ],
+    entry_points={"console_scripts": ["vlmu-jax = vlmu_jax.main:cli"]},
     extras_require={
         # PyTorch is only needed for parity tests against transformers' reference models.
         # 2.13.0 is pinned because it is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.

@@ -2,7 +2,7 @@
 
 Same measurements and method as shared/anchors/bench_hf_llava.py (medians of timed calls after warm-ups, LoRA
 r=128/alpha=256 on the language model's linears, AdamW on float32 adapters under bf16 autocast), which covers
-LLaVA only. Run from the repo root: `PYTHONPATH=. python bench/bench_hf_families.py --family mllama|idefics2`.
+LLaVA only. Run from the repo root: `PYTHONPATH=. python bench/bench_hf_families.py --family F` (F in FAMILIES).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def build(family: str):
         Idefics2ForConditionalGeneration,
         MllamaConfig,
         MllamaForConditionalGeneration,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
     )
 
     config = dict(FAMILIES[family][0])
@@ -43,6 +45,8 @@ def build(family: str):
     config.pop("model_type")
     if family == "mllama":
         return MllamaForConditionalGeneration(MllamaConfig(**config)), r".*language_model.*\."
+    if family == "qwen2_5_vl":
+        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config)), r".*language_model.*\."
     return Idefics2ForConditionalGeneration(Idefics2Config(**config)), r".*text_model.*\."
 
 
@@ -59,6 +63,12 @@ def inputs(family: str, b: int, t_text: int) -> tuple[dict, int]:
         out.update(pixel_values=pix[:, None], aspect_ratio_mask=tiles[:, None],
                    aspect_ratio_ids=torch.tensor(images["aspect_ratio_ids"], device=dev, dtype=torch.long)[:, None],
                    cross_attention_mask=seen[None, :, None, None] * tiles[:, None, None, :])
+    elif family == "qwen2_5_vl":
+        # transformers packs the rows' real patches into one sequence; each row of ours is padded to a fixed count.
+        grid = torch.tensor(images["image_grid_thw"], device=dev)
+        n = grid.prod(-1).tolist()
+        out.update(pixel_values=torch.cat([pix[i, : n[i]] for i in range(len(n))]), image_grid_thw=grid,
+                   mm_token_type_ids=(out["input_ids"] == FAMILIES[family][0]["image_token_id"]).int())
     else:
         out.update(pixel_values=pix,
                    pixel_attention_mask=torch.tensor(images["pixel_attention_mask"], device=dev).bool())

@@ -1,10 +1,10 @@
-"""vlmu_jax on full-size Llama-3.2-11B-Vision (Mllama) and idefics2-8b shapes, random bf16 weights.
+"""vlmu_jax on full-size Llama-3.2-11B-Vision (Mllama), idefics2-8b and Qwen2.5-VL-7B shapes, random bf16 weights.
 
 The workload of bench_jax_llava.py (teacher-forced log-probs, greedy generation of 32 tokens, one LoRA r=128
 gradient-ascent AdamW step) on the batch of bench/family_shapes.py; bench_hf_families.py is its PyTorch twin.
 Also reports how far the log-probs of the default attention path (cuDNN on GPU) are from XLA's attention on the
 same weights, which checks the masked vision / cross-attention kernels at full size.
-Run from the repo root: `PYTHONPATH=. python bench/bench_jax_families.py --family mllama|idefics2`.
+Run from the repo root: `PYTHONPATH=. python bench/bench_jax_families.py --family mllama|idefics2|qwen2_5_vl`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.bench_jax_llava import lora_ga_step_time, peak_gb, timeit
+from bench.bench_jax_llava import peak_gb, timeit, unlearn_step_time
 from bench.family_shapes import FAMILIES, batch
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.scoring import token_logprobs
@@ -66,8 +66,10 @@ def main() -> None:
                       "max_mem_gb": peak_gb()}), flush=True)
 
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
-    answer = jnp.arange(1, t) >= head + t_text // 2
-    s, mem = lora_ga_step_time(model, ids, mask, images, answer, "none")
+    answer = jnp.arange(t) >= head + 1 + t_text // 2  # the second half of the text is the answer
+    labels = jnp.where(answer[None, :], ids, -100)
+    s, mem = unlearn_step_time(model, "ga", "none",
+                               {"input_ids": ids, "attention_mask": mask, "images": images, "labels": labels})
     print(json.dumps({"what": "lora_ga_step", "remat": "none", "B": b, "T": t, "s": s, "samples_per_s": b / s,
                       "max_mem_gb": mem}), flush=True)
 

@@ -1,8 +1,9 @@
-"""Full-size Llama-3.2-11B-Vision and idefics2-8b shapes (random weights) and one shared batch for the bench.
+"""Full-size Llama-3.2-11B-Vision, idefics2-8b and Qwen2.5-VL-7B shapes (random weights) and one shared batch for
+the bench.
 
 Both benches (ours and the PyTorch twin) build the model from these config.json dicts and the batch through
 vlmu_jax's image processors, so the two sides see identical inputs. Rows: BOS, the family's image tokens, then
-text tokens up to T (default 128) positions after the image tokens.
+text tokens up to T (default 128) positions after the image tokens (Qwen2.5-VL: <|im_start|> instead of BOS).
 """
 
 from __future__ import annotations
@@ -55,7 +56,30 @@ IDEFICS2_PREPROCESSOR = {
 }
 IDEFICS2_FAKE_TOKEN = 32000
 
-FAMILIES = {"mllama": (MLLAMA, MLLAMA_PREPROCESSOR), "idefics2": (IDEFICS2, IDEFICS2_PREPROCESSOR)}
+QWEN2_5_VL = {
+    "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"], "image_token_id": 151655,
+    "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "tie_word_embeddings": False,
+    "text_config": dict(
+        model_type="qwen2_5_vl_text", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6,
+        max_position_embeddings=128000, bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+    "vision_config": dict(
+        model_type="qwen2_5_vl_vision", depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+        out_hidden_size=3584, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu"),
+}
+# 448 x 448 pixels at most: 32 x 32 patches, 256 image tokens per row.
+QWEN2_5_VL_PREPROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor", "do_convert_rgb": True, "do_resize": True,
+    "min_pixels": 56 * 56, "max_pixels": 448 * 448, "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
+    "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+
+FAMILIES = {"mllama": (MLLAMA, MLLAMA_PREPROCESSOR), "idefics2": (IDEFICS2, IDEFICS2_PREPROCESSOR),
+            "qwen2_5_vl": (QWEN2_5_VL, QWEN2_5_VL_PREPROCESSOR)}
 
 
 def batch(family: str, b: int = 4, t_text: int = 128) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
@@ -66,11 +90,15 @@ def batch(family: str, b: int = 4, t_text: int = 128) -> tuple[np.ndarray, dict[
     rng = np.random.RandomState(0)
     process = image_processor(preprocessor)
     # 1120 x 1120 -> a 2 x 2 tile grid for Mllama; 980 x 980 -> one full-resolution image for Idefics2.
-    rows = [process(Image.fromarray(rng.randint(0, 256, (1120, 1120, 3), np.uint8))) for _ in range(b)]
+    pictures = [Image.fromarray(rng.randint(0, 256, (1120, 1120, 3), np.uint8)) for _ in range(b)]
+    rows = [process(p) for p in pictures]
     images = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     if family == "mllama":
         image = [config["image_token_index"]]
         bos, vocab = 128000, 128000
+    elif family == "qwen2_5_vl":  # no BOS: the row opens with "<|im_start|>user" (an even T keeps cuDNN attention)
+        image = [872, 151652] + [config["image_token_id"]] * process.image_token_count(pictures[0]) + [151653]
+        bos, vocab = 151644, 151000
     else:
         image = [IDEFICS2_FAKE_TOKEN] + [config["image_token_id"]] * 64 + [IDEFICS2_FAKE_TOKEN]
         bos, vocab = 1, 32000

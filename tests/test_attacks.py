@@ -13,15 +13,24 @@ QAS = [
 ]
 
 
-def test_variants_one_per_paraphrase_capitalized():
+def test_variants_one_per_paraphrase():
     variants = attacks.ape_variants(QAS)
     assert [(v.qa_index, v.variant_index) for v in variants] == [(0, 0), (0, 1), (0, 2), (1, 0)]
-    assert variants[0].question == "Where is ann's home?"  # str.capitalize, as the original
-    assert variants[1].question == "What city does ann live in?"
+    assert variants[0].question == "Where is Ann's HOME?"  # formatting is the reader's job
     assert variants[3].keywords == ("pilot", "airline")
-    assert attacks.ape_variants(QAS, capitalize=False)[0].question == "Where is Ann's HOME?"
     assert attacks.ape_prompts(variants[:1], lambda q: f"USER: <image>\n{q} ASSISTANT:") == [
-        "USER: <image>\nWhere is ann's home? ASSISTANT:"]
+        "USER: <image>\nWhere is Ann's HOME? ASSISTANT:"]
+
+
+def test_original_pairs_keywords_by_thirds():
+    """get_all_evals scores APE variant n with the keywords of question n // 3."""
+    two = [{"paraphrased_question": "a?", "answer": "x", "keywords": ["k0"]},
+           {"paraphrased_question": ["b?", "c?"], "answer": "y", "keywords": ["k1"]}]
+    assert [v.keywords for v in attacks.ape_variants(two, three_per_question=True)] == [("k0",)] * 3
+    assert [v.keywords for v in attacks.ape_variants(two)] == [("k0",), ("k1",), ("k1",)]
+    with pytest.raises(ValueError, match="past the last one"):
+        attacks.ape_variants([{"paraphrased_question": ["a?", "b?", "c?", "d?"], "answer": "z"}],
+                             three_per_question=True)
 
 
 def test_score_ape_em_and_rouge():

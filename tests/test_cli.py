@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
+def _run(args: list[str], workdir: Path, entry: list[str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "vlmu_jax.main", "--workdir", str(workdir), *args],
+        [*(entry or [sys.executable, "-m", "vlmu_jax.main"]), "--workdir", str(workdir), *args],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
 
@@ -34,6 +35,11 @@ def _run(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
         (["--config", "configs/mllmu_llava15.py", "--config.model.path=/",
           "--config.data.root=/no/such/data"],
          "config.data.root '/no/such/data' is not a folder"),
+        (["--config", "configs/demo.py", "--config.eval.models=gd"], "config.eval.models entry 'gd' is not NAME=PATH"),
+        (["--config", "configs/demo.py", "--config.eval.models=gd=/no/such/ckpt"],
+         "config.eval.models gd '/no/such/ckpt' is not a folder"),
+        (["--config", "configs/demo.py", "--config.eval.models=retain_model=/", "--config.eval.reference_model=/"],
+         "give the reference once"),
     ],
 )
 def test_bad_config_is_one_line_error(tmp_path: Path, args: list[str], expected: str) -> None:
@@ -45,3 +51,13 @@ def test_bad_config_is_one_line_error(tmp_path: Path, args: list[str], expected:
     assert lines[0].startswith("vlmu_jax: error: ")
     assert expected in lines[0]
     assert not workdir.exists()
+
+
+def test_console_script_is_the_same_command_line(tmp_path: Path) -> None:
+    """setup.py's `vlmu-jax` entry point parses the same flags as `python -m vlmu_jax.main`."""
+    module, function = re.search(r'"vlmu-jax = ([\w.]+):(\w+)"', (REPO / "setup.py").read_text()).groups()
+    entry = [sys.executable, "-c", f"from {module} import {function}; {function}()"]
+    result = _run(["--config", "configs/demo.py", "--config.stages=finetune,dance"], tmp_path / "run", entry)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "vlmu_jax: error: bad config: config.stages names unknown stage(s) ['dance']; known: "
+        "['finetune', 'unlearn', 'eval', 'export', 'report']"]

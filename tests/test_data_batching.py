@@ -15,7 +15,10 @@ from vlmu_jax.data.batching import (
     encode,
     examples_from,
     generation_rows,
+    row_buckets,
+    sequence_buckets,
 )
+from vlmu_jax.data.fiubench_prompts import roundtrip_prompt
 from vlmu_jax.data.records import ImageRef
 from vlmu_jax.data.templates import (
     TEMPLATES,
@@ -170,7 +173,70 @@ def test_left_padded_generation_prompts(tok, bench):
     assert text_only and (batch["images"]["pixel_values"][text_only] == 0).all()
 
 
+def test_buckets_follow_max_length_and_image_tokens(tok, bench):
+    """LLaVA-1.5 at FIUBench's max_length: 576 image tokens shift the ladder instead of overflowing it."""
+    assert sequence_buckets(512, 576) == (64, 128, 256, 512, 640, 704, 832, 1088)
+    assert sequence_buckets(100) == (64, 128)  # text only, cut at max_length (rounded to an even tile)
+    cfg = dataclasses.replace(_cfg(tok), num_image_tokens=576, max_length=40)
+    exs = examples_from(bench.identities, modality=None)
+    rows = [encode(e, cfg) for e in exs]
+    buckets = row_buckets(rows)
+    assert max(buckets) <= max(sequence_buckets(40, 576))  # rows are cut at max_length + the expansion
+    src = ExampleSource(rows, global_batch_size=4, pad_token_id=tok.pad_token_id, shuffle=False,
+                        image_fn=lambda ref: {"pixel_values": np.zeros((3, 2, 2), np.float32)},
+                        process_index=0, process_count=1)
+    for i in range(len(src)):
+        lengths = [len(rows[j].input_ids) for j in src.global_indices(i)]
+        t = src.get(i)["input_ids"].shape[1]
+        assert t in buckets and t >= max(lengths) and t % 64 == 0
+        with_image = any(rows[j].image_tokens for j in src.global_indices(i))
+        assert t - max(lengths) < (64 if with_image else 128)  # an image row never lands in a text-sized gap
+
+
 def test_idk_answers_replace_forget_answers(bench):
     exs = examples_from(bench.identities[:2], idk=synthetic.IDK, seed=3)
     assert all(e.answer in synthetic.IDK for e in exs)
     assert exs == examples_from(bench.identities[:2], idk=synthetic.IDK, seed=3)
+
+
+def _expanded(ids, image_id):
+    return [t for i in ids for t in ([i] * N_IMG if i == image_id else [i])]
+
+
+def test_fiubench_original_mask_labels_the_space_before_a_digit(tok):
+    """preprocess_v1 masks BOS + len(tok(instruction + " ASSISTANT: ")) - 2 tokens. The tag's trailing space is a
+    token of its own there ('Ġ') and, before a digit, in the row too, so the count stops one short: that space is
+    labelled. The corrected mask starts at the first token carrying answer characters."""
+    ex = Example("When was this person born?", "1990 is the year.", ImageRef(data=b""))
+    orig, ours = encode(ex, _cfg(tok, fiubench_original_mask=True)), encode(ex, _cfg(tok))
+    assert orig.input_ids.tolist() == ours.input_ids.tolist()
+    first = int(np.flatnonzero(orig.labels != IGNORE)[0])
+    assert orig.input_ids[first] == tok.convert_tokens_to_ids("Ġ")
+    assert tok.convert_ids_to_tokens(orig.input_ids[first - 1:first + 2].tolist()) == [":", "Ġ", "1"]
+    assert int(np.flatnonzero(ours.labels != IGNORE)[0]) == first + 1
+    assert orig.labels[first + 1:].tolist() == ours.labels[first + 1:].tolist()
+    assert tok.decode(orig.input_ids[orig.labels != IGNORE]) == " 1990 is the year."
+    assert tok.decode(ours.input_ids[ours.labels != IGNORE]) == "1990 is the year."
+
+
+def test_fiubench_generation_prompt_has_two_bos(tok, bench, tmp_path):
+    """run_generation decodes the row with special tokens ("<s>..."), cuts at the answer tag and re-encodes with
+    special tokens: BOS + the text's own "<s>" = two BOS; the reference is the decoded answer."""
+    image_id = tok.convert_tokens_to_ids("<image>")
+    ex = Example("Where was this person born?", "Born in Oslo.", ImageRef(data=b""))
+    prompt = TEMPLATES["llava-1.5"].prompt(ex.question)
+    got = roundtrip_prompt(ex, _cfg(tok))
+    assert got.prompt == "<s>" + prompt and got.reference == "Born in Oslo."
+    body = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert got.row.input_ids.tolist() == _expanded([tok.bos_token_id, tok.bos_token_id, *body], image_id)
+    assert (got.row.labels == IGNORE).all()
+    ours = generation_rows([Example(ex.question, "", ex.image)], _cfg(tok))[0]
+    assert ours.input_ids.tolist() == _expanded([tok.bos_token_id, *body], image_id)
+    # The tag loses its newlines before the cut: Llama-3.2-Vision's prompt ends without "\n\n".
+    template = get_template("llama-3.2-vision")
+    train_demo_tokenizer(synthetic.corpus(bench), tmp_path, 600, template)
+    tok32 = load_tokenizer(tmp_path)
+    cfg32 = TextConfig(tok32, template, tok32.convert_tokens_to_ids(template.image_token), N_IMG)
+    got32 = roundtrip_prompt(ex, cfg32)
+    assert got32.prompt == "<s>" + template.prompt(ex.question).removesuffix("\n\n")
+    assert got32.reference == "\n\nBorn in Oslo.<|eot_id|>"  # strip(" ") keeps the tag's newlines

@@ -138,7 +138,7 @@ def test_fiubench_missing_image(fiu_dir, tmp_path):
     root = _copy_fiu(fiu_dir, tmp_path / "d")
     uid = json.loads((root / "full.json").read_text())[2]["unique_id"]
     (root / "images" / f"{uid}.png").unlink()
-    with pytest.raises(DataError, match=rf"full.json record 2 \(unique_id {uid}\): image"):
+    with pytest.raises(DataError, match=rf"full.json: record 2 \(unique_id {uid}\): image_path: image"):
         read_fiubench(root)
 
 
@@ -154,7 +154,7 @@ def test_fiubench_unknown_split_id(fiu_dir, tmp_path):
     splits = json.loads((root / "split.json").read_text())
     splits["forget5"].append("99999999")
     (root / "split.json").write_text(json.dumps(splits))
-    with pytest.raises(DataError, match=r"split 'forget5' names unknown id\(s\) \['99999999'\]"):
+    with pytest.raises(DataError, match=r"split.json: split 'forget5': names unknown id\(s\) \['99999999'\]"):
         read_fiubench(root)
 
 
@@ -164,7 +164,7 @@ def test_fiubench_malformed_record(fiu_dir, tmp_path):
     del data[1]["qa_list"][3]["answer"]
     (root / "full.json").write_text(json.dumps(data))
     with pytest.raises(
-        DataError, match=r"record 1 \(unique_id \d+\) qa_list\[3\]: missing or non-string 'answer'"
+        DataError, match=r"full.json: record 1 \(unique_id \d+\): qa_list\[3\].answer: missing$"
     ):
         read_fiubench(root)
 
@@ -181,8 +181,42 @@ def test_mllmu_bad_row_error_or_counted_skip(mllmu_dir, tmp_path):
     rows[0]["metadata"] = "not json"
     synthetic._write_parquet(rows, path)
     with pytest.raises(
-        DataError, match=r"Retain_Set/train-00000-of-00001.parquet row 0 \(ID c\d+\): metadata"
+        DataError, match=r"Retain_Set/train-00000-of-00001.parquet: row 0 \(ID c\d+\): metadata: not valid JSON"
     ):
         read_mllmu(root)
     bench = read_mllmu(root, skip_bad_rows=True)
     assert bench.skipped == {str(path): 1} and len(bench.celebrities) == len(rows) - 1
+
+
+def test_fiubench_original_capitalisation(fiu_dir, tmp_path):
+    """Protocol original: data_module's str.capitalize() on every question (paraphrases too), answer, paraphrased
+    answer and stripped IdK refusal; perturbed answers and keywords keep their case."""
+    root = _copy_fiu(fiu_dir, tmp_path / "d")
+    data = json.loads((root / "full.json").read_text())
+    data[0]["qa_list"][0].update(
+        question="where does Ada LEE live?", answer="ada Lee lives in OSLO.",
+        paraphrased_question=["in which city is Ada's home?", "Ada lives where?"],
+        paraphrased_answer="her home is Oslo.", perturbed_answer=["she lives in Lima.", "Lives in RIGA."],
+        keywords=["Oslo"])
+    (root / "full.json").write_text(json.dumps(data))
+    (root / "prompt.json").write_text(json.dumps({"idk": ["  i do not know Ada. ", "No IDEA."]}))
+    qa = read_fiubench(root, capitalize=True).identities[0].qa[0]
+    assert qa.question == "Where does ada lee live?"
+    assert qa.answer == "Ada lee lives in oslo."
+    assert qa.paraphrased_questions == ("In which city is ada's home?", "Ada lives where?")
+    assert qa.paraphrased_answer == "Her home is oslo."
+    assert qa.perturbed_answers == ("she lives in Lima.", "Lives in RIGA.") and qa.keywords == ("Oslo",)
+    assert read_fiubench(root, capitalize=True).idk == ("I do not know ada.", "No idea.")
+    plain = read_fiubench(root)
+    assert plain.identities[0].qa[0].question == "where does Ada LEE live?"
+    assert plain.idk == ("  i do not know Ada. ", "No IDEA.")
+
+
+def test_undecodable_image_names_its_file_or_row(tmp_path):
+    """Images are decoded when a batch needs them: a truncated file or bad parquet bytes name where they came from."""
+    path = tmp_path / "face.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(DataError, match=rf"^{path}: cannot decode the image"):
+        ImageRef(path=str(path)).load()
+    with pytest.raises(DataError, match=r"^x.parquet: row 3 \(ID 7\): image: cannot decode the image"):
+        ImageRef(data=b"garbage", origin="x.parquet: row 3 (ID 7): image").load()

@@ -16,6 +16,7 @@ from transformers import LlavaForConditionalGeneration
 from tests.tiny_models import save_tiny
 from vlmu_jax.checkpoints.hf_export import export_hf
 from vlmu_jax.checkpoints.hf_import import load_pretrained
+from vlmu_jax.errors import InputError
 
 
 def _assert_same(a: LlavaForConditionalGeneration, b: LlavaForConditionalGeneration) -> None:
@@ -47,7 +48,17 @@ def test_export_bf16_preserves_dtype(tmp_path):
 def test_missing_safetensors(tmp_path):
     folder, _ = save_tiny(tmp_path / "m", "llama")
     (folder / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(InputError, match="no model.safetensors"):
+        load_pretrained(folder)
+
+
+def test_truncated_safetensors_names_file_and_tensor(tmp_path):
+    """An interrupted copy: the header promises bytes the file no longer has."""
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InputError, match=r"model.safetensors: tensor \S+: data_offsets: truncated: the tensor ends "
+                                         r"at byte \d+, the file has \d+ bytes"):
         load_pretrained(folder)
 
 
@@ -57,7 +68,7 @@ def test_wrong_shape_names_tensor(tmp_path):
     key = next(k for k in tensors if k.endswith("layers.1.self_attn.q_proj.weight") and "language" in k)
     tensors[key] = np.zeros((3, 3), np.float32)
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.q_proj\.weight.*shape \(3, 3\)"):
+    with pytest.raises(InputError, match=r"layers\.1\.self_attn\.q_proj\.weight: shape: \(3, 3\), but config.json"):
         load_pretrained(folder)
 
 
@@ -67,7 +78,7 @@ def test_missing_tensor_named(tmp_path):
     key = next(k for k in tensors if k.endswith("norm.weight") and "layers" not in k and "language" in k)
     del tensors[key]
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(KeyError, match="model.language_model.norm.weight"):
+    with pytest.raises(InputError, match="tensor model.language_model.norm.weight: missing"):
         load_pretrained(folder)
 
 
@@ -78,5 +89,5 @@ def test_unknown_architecture(tmp_path):
     config = json.loads((bad / "config.json").read_text())
     config["model_type"], config["architectures"] = "blip-2", ["Blip2ForConditionalGeneration"]
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unknown architecture.*blip-2"):
+    with pytest.raises(InputError, match="config.json: model_type: unknown architecture.*blip-2"):
         load_pretrained(bad)

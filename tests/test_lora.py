@@ -100,8 +100,6 @@ def test_mllmu_preset_lora_trainable_count(tmp_path, protocol):
     Linear named like a language-model projection (the CLIP tower's q/k/v_proj too; not its out_proj / fc1 / fc2,
     not the projector), A ~ N(0, 1/r); corrected: the language model's projections only, what skipping the vision
     tower and projector means. Only adapters train. Expected counts from the HF model's own modules."""
-    from types import SimpleNamespace
-
     import torch
 
     from vlmu_jax import presets, stages
@@ -110,10 +108,9 @@ def test_mllmu_preset_lora_trainable_count(tmp_path, protocol):
     c = presets.mllmu(None, template="llava-1.5", model_path="")
     c.unlock()
     c.protocol = protocol
-    ws = SimpleNamespace(protocol=resolve(c), hf_config={"model_type": "llava"})
     folder, hf = save_tiny(tmp_path / "m", "llama")
     model = load_pretrained(folder)
-    trainable = stages._prepare_trainable(ws, model, c.unlearn, seed=0)
+    trainable = stages._prepare_trainable(model, c.unlearn, 0, resolve(c))
     flat = nnx.to_flat_state(nnx.state(model, trainable))
     assert all(isinstance(v, nnx.LoRAParam) for _, v in flat)
     lm = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -127,3 +124,56 @@ def test_mllmu_preset_lora_trainable_count(tmp_path, protocol):
         assert len(adapted) == len(linear) - 3 * clip_layers - 2  # CLIP's out_proj, fc1, fc2; the projector's 2
         a = np.concatenate([np.ravel(v.get_value()) for p, v in flat if p[-1] == "lora_a"])
         assert abs(a.std() - 1 / rank) < 0.1 / rank
+
+
+def test_fiubench_preset_trainable_set_per_protocol(tmp_path):
+    """Unlearning with the FIUBench preset (LoRA r128 a256, projector tuned) on a tiny LLaVA-Phi-3. forget.py's
+    target regexes end in `\\.(q|k|v|o|gate|up|down)_proj`, so Phi-3's fused qkv_proj / gate_up_proj get no adapter
+    (protocol original); corrected adapts every LM projection. Expected counts from the HF model's shapes."""
+    from vlmu_jax import presets, stages
+    from vlmu_jax.config_schema import base_config
+    from vlmu_jax.protocol import resolve
+
+    folder, hf = save_tiny(tmp_path / "m", "phi3")
+    stage = presets.fiubench("ga", template="llava-phi", model_path=str(folder)).unlearn
+    rank = stage.lora_rank
+
+    def ours(protocol: str) -> int:
+        config = base_config()
+        config.protocol = protocol
+        model = load_pretrained(folder)
+        trainable = stages._prepare_trainable(model, stage, 0, resolve(config))
+        return sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, trainable)))
+
+    def adapters(suffixes: tuple[str, ...]) -> int:
+        return sum(rank * (m.in_features + m.out_features) for name, m in hf.named_modules()
+                   if "language_model" in name and name.endswith(suffixes))
+
+    projector = sum(p.numel() for name, p in hf.named_parameters() if "multi_modal_projector" in name)
+    assert rank == 128 and adapters((".qkv_proj",)) > 0
+    assert ours("original") == adapters((".o_proj", ".down_proj")) + projector
+    assert ours("corrected") == adapters((".qkv_proj", ".o_proj", ".gate_up_proj", ".down_proj")) + projector
+
+
+def test_reference_objective_with_lora_dropout(tmp_path):
+    """NPO's LoRA-off reference forward on a model with LoRA dropout (FIUBench's 0.05): the reference draws its
+    dropout key inside the gradient trace too, and the first step's policy equals the reference."""
+    from vlmu_jax.stages import logps_fn
+    from vlmu_jax.unlearn.trainer import TrainConfig, train
+
+    class Fixed:
+        def __len__(self):
+            return 2
+
+        def get(self, index):
+            return batch
+
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    batch = tiny_batch([6, 3])
+    batch["labels"] = np.where(batch["attention_mask"] > 0, batch["input_ids"], -100)
+    model = load_pretrained(folder)
+    apply_lora(model, rank=2, alpha=4, dropout=0.05, seed=0)
+    cfg = TrainConfig(objective="npo", lr=1e-3, num_steps=1, beta=0.5, progress=False)
+    result = train(model, cfg, sources={"forget": Fixed()}, logps_fn=logps_fn, trainable=nnx.LoRAParam,
+                   workdir=tmp_path / "npo")
+    assert result.losses[0] == pytest.approx(2 / 0.5 * np.log(2), rel=1e-5)

@@ -33,8 +33,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 def _runner(ws: Workspace) -> Runner:  # as vlmu_jax.stages._runner
     return Runner(text=ws.eval_text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.eval_image_fn,
-                  max_new_tokens=ws.config.eval.max_new_tokens,
-                  mesh=ws.mesh, original=ws.protocol.fiubench_metric_quirks)
+                  max_new_tokens=ws.config.eval.max_new_tokens, protocol=ws.protocol, mesh=ws.mesh)
 
 
 def test_question_texts_as_eval_py() -> None:

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -64,11 +65,14 @@ def _ratio(para, pert):
 def aggregated():
     forget = _task(F_GT, F_PARA, F_PERT, F_GENS, F_REFS, [["pilot"], ["Oslo", "Rome"]], F_MIA, None)
     retain = _task(R_GT, R_PARA, R_PERT, R_GENS, R_REFS, [["red", "car"], ["blue"]], R_MIA, [0.8, 0.4])
-    qa = {"paraphrased_question": ["a?", "b?"], "answer": "x", "keywords": ["pilot"]}
-    variants = attacks.ape_variants([qa])
     return {aggregate.FORGET: aggregate.fiubench_eval_log(forget, forget=True),
-            aggregate.RETAIN: aggregate.fiubench_eval_log(retain, forget=False),
-            aggregate.APE: attacks.score_ape(variants, ["A pilot.", "No idea."])}
+            aggregate.RETAIN: aggregate.fiubench_eval_log(retain, forget=False)}
+
+
+@pytest.fixture
+def ape():
+    qa = {"paraphrased_question": ["a?", "b?"], "answer": "x", "keywords": ["pilot"]}
+    return attacks.score_ape(attacks.ape_variants([qa]), ["A pilot.", "No idea."])
 
 
 def _reference():
@@ -89,8 +93,8 @@ def test_eval_log_keys_and_values(aggregated):
     assert json.loads(json.dumps(log)) == log  # already in its JSON form
 
 
-def test_every_summary_number_by_hand(aggregated):
-    row = aggregate.fiubench_summary(aggregated, _reference(), method="ga")
+def test_every_summary_number_by_hand(aggregated, ape):
+    row = aggregate.fiubench_summary(aggregated, _reference(), ape_log=ape, method="ga")
     f_gt, r_gt = [_avg(t) for t in F_GT], [_avg(t) for t in R_GT]
     f_r, r_r, ref_r = _ratio(F_PARA, F_PERT), _ratio(R_PARA, R_PERT), _ratio(REF_PARA, REF_PERT)
     r_pert = [[_avg(p) for p in q] for q in R_PERT]
@@ -124,17 +128,29 @@ def test_every_summary_number_by_hand(aggregated):
         assert row[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
 
 
+def test_original_log_layout():
+    """evaluate_util logs truth_ratio = exp(paraphrased - mean perturbed loss) and always writes gpt."""
+    forget = _task(F_GT, F_PARA, F_PERT, F_GENS, F_REFS, [["pilot"], ["Oslo", "Rome"]])
+    log = aggregate.fiubench_eval_log(forget, forget=True, original_layout=True)
+    # question 0: paraphrased loss (1 + 1 + 0.4) / 3 = 0.8, perturbed (1.5 + 3.0) / 2 = 2.25
+    assert log["truth_ratio"]["0"] == pytest.approx(math.exp(0.8 - 2.25))
+    assert aggregate.fiubench_eval_log(forget, forget=True)["truth_ratio"]["0"] == pytest.approx(math.exp(2.25 - 0.8))
+    assert log["gpt"] == [] and "gpt" not in aggregate.fiubench_eval_log(forget, forget=True)
+
+
 def test_original_empty_lists_force_zero_utility(aggregated):
     aggregated[aggregate.RETAIN]["gpt"] = []
     assert "GPT Retain" not in aggregate.fiubench_summary(aggregated)
     assert aggregate.fiubench_summary(aggregated, empty_lists_as_zero=True)["Model Utility"] == 0.0
 
 
-def test_files_collect_and_csv(aggregated, tmp_path):
+def test_files_collect_and_csv(aggregated, ape, tmp_path):
     aggregate.write_json(aggregated, tmp_path / "runs" / "ga" / "forget5_eval_log_aggregated.json")
+    aggregate.write_json(ape, tmp_path / "runs" / "ga" / aggregate.APE)
     aggregate.write_json(aggregated, tmp_path / "runs" / "kl" / "forget5_eval_log_aggregated.json")
     rows = aggregate.collect_runs(tmp_path / "runs", _reference())
     assert [r["Method"] for r in rows] == ["ga", "kl"]
+    assert rows[0]["APE"] == 0.5 and "APE" not in rows[1]
     assert rows[0]["Forget Quality"] == aggregate.fiubench_summary(aggregated, _reference())["Forget Quality"]
     aggregate.write_csv(rows + [{"Method": "extra", "New": 1}], tmp_path / "all.csv")
     with open(tmp_path / "all.csv") as f:
@@ -167,3 +183,51 @@ def test_plots_are_pngs_of_the_requested_size(tmp_path):
         assert path.stat().st_size > 0
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size == dims
+
+
+def test_plots_titled_labelled_nothing_clipped_reference_marked(tmp_path, monkeypatch):
+    """Everything drawn (titles, axis labels, tick labels, legends) lies inside the saved image."""
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: (figures.append(fig), save(fig, path, dpi))[1])
+    rows = [{"Method": "retain_model", "Model Utility": 0.5, "Forget Quality": 1.0, "ROUGE Forget": 0.2},
+            {"Method": "npo", "Model Utility": 0.45, "Forget Quality": 3e-7, "ROUGE Forget": 0.4}]
+    log = tmp_path / "train.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / (s + 1)}) + "\n" for s in range(5)))
+    plots.plot_fq_vs_mu(rows, tmp_path / "fq.png", reference="retain_model")
+    long_names = ["Retain Set (shared dataset) Results / classification / Image-Textual Question Accuracy",
+                  "Forget Set Results / classification / Pure Text Question Accuracy"]
+    plots.plot_metric_bars([{"Method": "a very long model name", **dict.fromkeys(long_names, 50.0)}], long_names,
+                           tmp_path / "bars.png", horizontal=True)
+    plots.plot_loss_curves({"unlearned_npo": log}, tmp_path / "loss.png")
+    for fig in figures:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        assert ax.get_title() and ax.get_xlabel() and (ax.get_ylabel() or fig is figures[1])  # bars: names on y
+        drawn, (width, height) = fig.get_tightbbox(), fig.get_size_inches()  # all drawn artists, in inches
+        assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01 and drawn.x1 <= width + 0.01 and drawn.y1 <= height + 0.01
+    fq = figures[0].axes[0]
+    assert fq.get_yscale() == "log"
+    assert [t.get_text() for t in fq.get_legend().get_texts()] == ["retain_model (reference)", "npo"]
+
+
+def test_results_table_and_self_contained_index():
+    from vlmu_jax.report import html, table
+
+    rows = [{"Model": "finetuned", "Forget Quality": 1.234567e-5, "Model Utility": 0.5, "Method": "finetuned"},
+            {"Model": "unlearned_npo", "Forget Quality": 0.25, "Prob. Forget": 0.1, "Method": "npo"}]
+    headline = table.headline_columns(rows, "fiubench")
+    assert headline == ["Forget Quality", "Model Utility", "Prob. Forget"]
+    assert table.format_table(rows, headline).splitlines() == [
+        "                finetuned  unlearned_npo",
+        "Forget Quality  1.235e-05           0.25",
+        "Model Utility         0.5              -",
+        "Prob. Forget            -            0.1"]
+    png = b"\x89PNG\r\n\x1a\n<fake>"
+    page = html.render_index(title="run <1>", rows=rows, headline=headline, plots={"tradeoff.png": png},
+                             sources={"unlearned_npo": "/ckpt/npo"}, config={"benchmark": "fiubench", "protocol":
+                                                                             "corrected", "data": {}},
+                             environment={"git_commit": "abc123"})
+    assert "run &lt;1&gt;" in page and "/ckpt/npo" in page and "corrected" in page and "abc123" in page
+    assert "data:image/png;base64,iVBORw0KGgo8ZmFrZT4=" in page and "1.235e-05" in page
+    assert not re.search(r"""(src|href)=["'](?!data:)""", page)  # nothing outside the file

@@ -85,3 +85,16 @@ def test_sigkill_and_resume_reproduces_trajectory(tmp_path: Path) -> None:
     assert max(finished_checkpoints(killed)) == STEPS
     resumed_at = [r["resumed_from"] for r in records(killed) if "resumed_from" in r]
     assert len(resumed_at) == 1 and resumed_at[0] >= 6, resumed_at
+
+
+def test_keep_zero_checkpoints_writes_nothing(tmp_path) -> None:
+    """keep_checkpoints=0: the trainer's Checkpointer saves and resumes nothing (a 7B full finetune's checkpoint
+    can outgrow the disk)."""
+    import jax.numpy as jnp
+
+    from vlmu_jax.checkpoints.orbax_io import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=0)
+    assert ckpt.save(1, {"w": jnp.ones(3)}, force=True) is False
+    ckpt.close()
+    assert ckpt.latest_step() is None and ckpt.all_steps() == [] and not (tmp_path / "ckpt").exists()

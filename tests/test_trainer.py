@@ -123,3 +123,33 @@ def test_mllmu_kl_min_alternates_forget_and_retain_phases(tmp_path) -> None:
     rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [("forget_nll" in r, "retain_kl" in r) for r in rows] == [(True, False)] * 2 + [(False, True)] * 2
     assert rows[2]["retain_kl"] > 0.0  # the forget phase moved the policy away from the LoRA-off reference
+
+
+def _event_scalars(folder) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of the TensorBoard event files in `folder` (TFRecord framing, Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, dict[int, float]] = {}
+    for path in folder.glob("events.out.tfevents.*"):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])  # length, its crc, payload, its crc
+            i += 12 + n + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[event.step] = value.simple_value
+    return out
+
+
+def test_tensorboard_events_hold_every_logged_scalar(tmp_path) -> None:
+    cfg = TrainConfig(objective="gd", lr=1e-2, num_steps=3, progress=False)
+    train(ToyLM(), cfg, sources={"forget": FixedSource(FORGET, 2), "retain": FixedSource(RETAIN, 2)},
+          logps_fn=logps_fn, workdir=tmp_path)
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scalars = _event_scalars(tmp_path)
+    assert set(scalars) == {f"train/{k}" for k in ("loss", "lr", "grad_norm", "tokens_per_s", "forget_nll",
+                                                    "retain_nll", "step_s", "tokens", "seq_len")}
+    for key, by_step in scalars.items():
+        assert by_step == pytest.approx({r["step"]: r[key.removeprefix("train/")] for r in rows}, rel=1e-6), key

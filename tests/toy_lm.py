@@ -26,14 +26,17 @@ class ToyLM(nnx.Module):
         self.lora_a = nnx.LoRAParam(0.1 * jax.random.normal(jax.random.key(seed + 3), (2 * DIM, lora_rank)))
         self.lora_b = nnx.LoRAParam(jnp.zeros((lora_rank, DIM)))
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, images: dict) -> jax.Array:
-        """Logits [B, T, V]; each position sees itself and the causal mean of the prefix."""
+    def hidden(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """The one "layer"'s output [B, T, D]: each position sees itself and the causal mean of the prefix."""
         h = self.embed(input_ids) + self.pos[: input_ids.shape[1]]
         m = attention_mask[..., None].astype(h.dtype)
         prefix = jnp.cumsum(h * m, axis=1) / jnp.maximum(jnp.cumsum(m, axis=1), 1.0)
         x = jnp.concatenate([h, prefix], axis=-1)
-        h = jnp.tanh(self.mix(x) + x @ self.lora_a @ self.lora_b)
-        return self.head(self.drop(h))
+        return jnp.tanh(self.mix(x) + x @ self.lora_a @ self.lora_b)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, images: dict) -> jax.Array:
+        """Logits [B, T, V]."""
+        return self.head(self.drop(self.hidden(input_ids, attention_mask)))
 
 
 def logps_fn(model: ToyLM, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -49,6 +52,18 @@ def kl_fn(model: ToyLM, ref: ToyLM, batch: dict) -> tuple[jax.Array, jax.Array]:
     args = (batch["input_ids"], batch["attention_mask"], batch["images"])
     lp, lq = jax.nn.log_softmax(model(*args)[:, :-1]), jax.nn.log_softmax(ref(*args)[:, :-1])
     return jnp.sum(jnp.exp(lq) * (lq - lp), axis=-1), batch["attention_mask"][:, :-1] == 1
+
+
+def vocab_fn(model: ToyLM, ref: ToyLM | None, batch: dict, stat) -> jax.Array:
+    """An objective's full-vocab statistic per position, from direct softmaxes (small V)."""
+    args = (batch["input_ids"], batch["attention_mask"], batch["images"])
+    logq = None if ref is None else jax.nn.log_softmax(ref(*args)[:, :-1])
+    return stat(jax.nn.log_softmax(model(*args)[:, :-1]), logq, batch["input_ids"][:, 1:])
+
+
+def hidden_fn(model: ToyLM, batch: dict, layer: int) -> tuple[jax.Array, jax.Array]:
+    """The toy's only hidden layer (any `layer`) and the unshifted answer mask."""
+    return model.hidden(batch["input_ids"], batch["attention_mask"]), batch["labels"] != -100
 
 
 def make_batch(rows: np.ndarray, prompt_len: int = 2) -> dict[str, np.ndarray]:

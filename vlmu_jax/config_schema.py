@@ -11,6 +11,7 @@ import os
 
 import ml_collections
 
+from vlmu_jax import model_sources
 from vlmu_jax.protocol import resolve as resolve_protocol
 
 STAGES = ("finetune", "unlearn", "eval", "export", "report")
@@ -34,17 +35,25 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     c.npo_batch_mean = False  # MLLMU-Bench's batch-level NPO instead of the per-sequence NPO paper form
     c.retain_weight = 1.0
     c.simnpo_gamma = 0.0
+    # Methods from open-unlearning and MMUnlearner (defaults: their papers' / open-unlearning's configs).
+    c.forget_weight = 1.0  # gamma of the GradDiff family (WGA, SatImp, RMU): weight of the forget term
+    c.wga_beta = 1.0  # WGA token weight p^beta
+    c.satimp_beta1 = 5.0  # SatImp token weight p^beta1 (1 - p)^beta2
+    c.satimp_beta2 = 1.0
+    c.undial_beta = 10.0  # UNDIAL: how far the answer token's reference logit is lowered
+    c.ceu_ignore_first = 1  # CE-U: answer tokens of each sequence left out of the loss
+    c.rmu_steering = 2.0  # RMU: norm c of the control vector c * u
+    c.hidden_layer = 7  # RMU: decoder layer (0-based, HF model.layers[L]) whose output is steered
+    c.saliency_threshold = 1.0  # MMUnlearner: gamma of the mask I_forget / I_preserve >= gamma
     c.lora_rank = 0  # 0 = train the tuned towers fully
     c.lora_alpha = 16.0
     c.lora_dropout = 0.05
-    c.lora_targets = (
-        r"language_model.*(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|down_proj)"
-    )
+    c.lora_targets = ""  # regex of the adapted modules; empty = the protocol's (vlmu_jax.protocol)
     c.tune_vision_tower = False
     c.tune_mm_projector = True
     c.tune_language_model = True
     c.save_every = 100
-    c.keep_checkpoints = 2
+    c.keep_checkpoints = 2  # 0: no Orbax checkpoints (no resume; the stage's HF folder is its output)
     c.update(overrides)
     return c
 
@@ -69,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.forget_split = "forget10"  # FIUBench: forget1 | forget5 | forget10
     c.data.forget_ratio = 10  # MLLMU-Bench: 5 | 10 | 15
     c.data.max_length = 384
-    c.data.append_eos = False  # the seeds add no EOS after LLaVA answers; a tiny model needs one to stop
+    c.data.append_eos = False  # the seeds add no EOS after LLaVA answers (FIUBench original: must stay False)
     c.data.eval_limit = 400  # FIUBench evaluates the first 400 records
 
     c.model = ml_collections.ConfigDict()
@@ -93,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     # MLLMU-Bench builds Idefics2's processor); presets add the keys they set.
     c.model.image_processor_overrides = ml_collections.ConfigDict()
     c.model.dtype = "bfloat16"  # compute/param dtype of the loaded model
-    c.model.attention = "xla"  # xla | cudnn
+    c.model.attention = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
     c.model.remat = "none"  # none | full | dots_saveable
     c.model.scan_layers = True
 
@@ -114,6 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.retain_split = "retain15"  # FIUBench eval.yaml pairs forget splits with retain5 / retain15
     c.eval.max_new_tokens = 50
+    # Checkpoints to evaluate instead of the run's own models (see vlmu_jax.model_sources): "NAME=PATH,..." of HF
+    # folders (ours, transformers', PEFT-merged), and the retain-only reference that Forget Quality compares against.
+    c.eval.models = ""
+    c.eval.reference_model = ""
     # LLM judge (FIUBench GPT score, MLLMU-Bench factuality): runs when judge_base_url is set (openai) or
     # judge_backend is local.
     c.eval.judge_backend = "openai"  # openai (any OpenAI-compatible endpoint) | local (a vlmu_jax checkpoint)
@@ -155,9 +168,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.benchmark must be 'fiubench' or 'mllmu', got {config.benchmark!r}")
     resolve_protocol(config)
     if not config.model.tiny:
-        if not config.model.path:
-            raise ValueError("config.model.path is empty: give a local Hugging Face checkpoint folder")
-        if not os.path.isdir(config.model.path):
+        if not config.model.path and _needs_base_model(config):
+            raise ValueError("config.model.path is empty: give a local Hugging Face checkpoint folder (to only "
+                             "evaluate checkpoints: --config.stages=eval,report --config.eval.models=NAME=PATH,...)")
+        if config.model.path and not os.path.isdir(config.model.path):
             raise FileNotFoundError(f"config.model.path {config.model.path!r} is not a folder")
     if config.data.synthetic_identities <= 0:
         if not config.data.root:
@@ -172,7 +186,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.export.from_checkpoint must be '', 'latest' or a step number, got {source!r}")
 
 
+def _needs_base_model(config: ml_collections.ConfigDict) -> bool:
+    """Training and export start from the base checkpoint; evaluating given checkpoints takes the tokenizer and
+    processor from the first of them, and the report reads only results."""
+    stages = set(stage_list(config))
+    if stages <= {"eval", "report"} and model_sources.given_checkpoints(config.eval):
+        return False
+    return stages != {"report"}
+
+
 def _validate_eval(e: ml_collections.ConfigDict) -> None:
+    model_sources.validate(e)
     if e.judge_backend not in ("openai", "local"):
         raise ValueError(f"config.eval.judge_backend must be 'openai' or 'local', got {e.judge_backend!r}")
     if e.judge_backend == "local":

@@ -1,17 +1,24 @@
-"""Command line: `python -m vlmu_jax.main --config configs/X.py[:variant] --workdir DIR [--config.k=v]`.
+"""Command line: `python -m vlmu_jax.main --config configs/X.py[:variant] --workdir DIR [--config.k=v]`, also
+installed as the `vlmu-jax` console script.
 
 Parses flags, checks the config, joins the distributed job and runs the configured stages; all
 work lives in `vlmu_jax.pipeline`. A bad config fails here with one line and exit code 2 before
-anything is written.
+anything is written; so does bad input found later (a data file, a checkpoint, tokenizer or processor files,
+the workdir: `vlmu_jax.errors.InputError` or an OSError naming its file). `--verbosity=1` (absl's flag) also
+prints the traceback and lets third-party loggers through (see `vlmu_jax.logs`).
 """
 
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from vlmu_jax import logs
+from vlmu_jax.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for data, checkpoints, models and results.")
@@ -46,13 +53,27 @@ def main(argv: list[str]) -> None:
     except (KeyError, TypeError, AttributeError, ValueError, OSError) as e:
         _fail(f"bad config: {_describe(e)}")
 
+    verbosity = flags.FLAGS.verbosity
+    logs.configure(verbosity)
     from vlmu_jax import distributed, pipeline
 
     distributed.initialize(
         distributed.ClusterSpec(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     )
-    logging.info("stages: %s", config_schema.stage_list(config))
-    pipeline.run(config, Path(_WORKDIR.value))
+    try:
+        pipeline.run(config, Path(_WORKDIR.value))
+    except (InputError, OSError) as e:
+        logs.close_bars()
+        if verbosity >= 1:
+            traceback.print_exc()
+        _fail(_input_message(e))
+
+
+def _input_message(e: InputError | OSError) -> str:
+    """`<file>: <record>: <field>: <what>` of an InputError; `<file>: <reason>` of an OSError that names its file."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -68,5 +89,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
         raise
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `vlmu-jax` console script: the same flags as `python -m vlmu_jax.main`."""
     app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

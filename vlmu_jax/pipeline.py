@@ -17,15 +17,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
-from vlmu_jax import provenance
+from vlmu_jax import logs, provenance
 from vlmu_jax.config_schema import stage_list
 from vlmu_jax.data import fiubench, mllmu, synthetic
 from vlmu_jax.data.batching import TextConfig, checkpoint_text_config
 from vlmu_jax.data.images import ImageProcessor, load_image_processor, row_images
 from vlmu_jax.data.records import Benchmark, ImageRef
 from vlmu_jax.data.templates import get_template, load_tokenizer, train_demo_tokenizer
+from vlmu_jax.errors import InputError
+from vlmu_jax.model_sources import given_checkpoints
 from vlmu_jax.models import sharding
 from vlmu_jax.models.tiny import TokenIds, tiny_checkpoint
 from vlmu_jax.protocol import Protocol
@@ -58,13 +59,23 @@ class Workspace:
 
     @cached_property
     def bench(self) -> Benchmark:
+        """The records every stage trains and scores on, formatted as the protocol says."""
+        return self.read_bench(formatted=True)
+
+    def read_bench(self, *, formatted: bool) -> Benchmark:
+        """`formatted=False` gives the records as stored (the demo tokenizer learns the data, not a protocol)."""
         if self.config.benchmark == "fiubench":
-            return fiubench.read_fiubench(self.data_root, limit=self.config.data.eval_limit)
+            return fiubench.read_fiubench(self.data_root, limit=self.config.data.eval_limit,
+                                          capitalize=formatted and self.protocol.fiubench_capitalize)
         return mllmu.read_mllmu(self.data_root)
 
     @property
     def base_model(self) -> Path:
-        return self.workdir / "models" / "base" if self.config.model.tiny else Path(self.config.model.path)
+        """Where training starts and every stage's tokenizer and processor come from: the demo's tiny model,
+        model.path, or (when only given checkpoints are evaluated) the first of them."""
+        if self.config.model.tiny:
+            return self.workdir / "models" / "base"
+        return Path(self.config.model.path or next(iter(given_checkpoints(self.config.eval).values())))
 
     def model_dir(self, name: str) -> Path:
         return self.workdir / "models" / name
@@ -75,7 +86,9 @@ class Workspace:
 
     @cached_property
     def hf_config(self) -> dict:
-        return json.loads((self.base_model / "config.json").read_text())
+        from vlmu_jax.checkpoints.hf_import import read_hf_config
+
+        return read_hf_config(self.base_model)
 
     @cached_property
     def text_config(self) -> TextConfig:
@@ -94,7 +107,8 @@ class Workspace:
         from vlmu_jax.models.registry import model_config
 
         return checkpoint_text_config(self.tokenizer, get_template(template), model_config(self.hf_config), processor,
-                                      append_eos=self.config.data.append_eos, **options)
+                                      append_eos=self.config.data.append_eos,
+                                      fiubench_original_mask=self.protocol.fiubench_preprocess_mask, **options)
 
     @cached_property
     def image_processor(self) -> ImageProcessor:
@@ -118,11 +132,12 @@ class Workspace:
         """An evaluation row's image inputs for the model (a text-only row's when `ref` is None)."""
         return row_images(self.eval_image_processor, ref)
 
-    def load(self, name: str):
-        """A model folder of this run (or the base checkpoint) loaded onto the mesh."""
+    def load(self, name: str | Path):
+        """A model folder of this run (by name), the base checkpoint ("base") or any checkpoint folder (a Path),
+        loaded onto the mesh."""
         from vlmu_jax.checkpoints.hf_import import load_pretrained
 
-        path = self.base_model if name == "base" else self.model_dir(name)
+        path = name if isinstance(name, Path) else self.base_model if name == "base" else self.model_dir(name)
         m = self.config.model
         return load_pretrained(path, dtype=jnp.dtype(m.dtype), mesh=self.mesh, remat=m.remat,
                                scan_layers=m.scan_layers, attention_impl=m.attention)
@@ -137,23 +152,35 @@ def mark_done(folder: Path) -> None:
         (folder / DONE).write_text("ok\n")
 
 
+def clear_done(folder: Path) -> None:
+    """Before a folder is rewritten: a run that fails halfway must not leave it marked done."""
+    if jax.process_index() == 0:
+        (folder / DONE).unlink(missing_ok=True)
+
+
 def prepare_data(ws: Workspace) -> None:
     """Writes the embedded synthetic benchmark when the config asks for it (idempotent)."""
     c = ws.config.data
     if c.synthetic_identities <= 0 or is_done(ws.data_root):
         return
-    if jax.process_index() == 0:
-        shutil.rmtree(ws.data_root, ignore_errors=True)
-        synthetic.write(ws.data_root, ws.config.benchmark, c.synthetic_identities, c.synthetic_seed,
-                        c.synthetic_image_size)
-        mark_done(ws.data_root)
-    _sync("data")
+    with logs.timed(f"synthetic data ({c.synthetic_identities} identities)"):
+        if jax.process_index() == 0:
+            shutil.rmtree(ws.data_root, ignore_errors=True)
+            synthetic.write(ws.data_root, ws.config.benchmark, c.synthetic_identities, c.synthetic_seed,
+                            c.synthetic_image_size)
+            mark_done(ws.data_root)
+        _sync("data")
 
 
 def prepare_base_model(ws: Workspace) -> None:
     """For the demo: a tokenizer trained on the benchmark text and a random tiny model in HF format."""
     if not ws.config.model.tiny or is_done(ws.base_model):
         return
+    with logs.timed("tiny base model"):
+        _write_tiny_base_model(ws)
+
+
+def _write_tiny_base_model(ws: Workspace) -> None:
     from vlmu_jax.checkpoints.hf_export import export_hf
     from vlmu_jax.models.registry import init_model
 
@@ -162,7 +189,8 @@ def prepare_base_model(ws: Workspace) -> None:
     template = get_template(ws.config.model.template)
     if jax.process_index() == 0:
         shutil.rmtree(out, ignore_errors=True)
-        train_demo_tokenizer(synthetic.corpus(ws.bench), out, vocab_size=shape.vocab_size, template=template)
+        corpus = synthetic.corpus(ws.read_bench(formatted=False))
+        train_demo_tokenizer(corpus, out, vocab_size=shape.vocab_size, template=template)
     _sync("tokenizer")
     tok = load_tokenizer(out)
     ids = TokenIds(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(template.image_token),
@@ -184,15 +212,29 @@ def _sync(what: str) -> None:
         multihost_utils.sync_global_devices(f"vlmu_jax:{what}")
 
 
+def _check_writable(workdir: Path) -> None:
+    """An unwritable workdir fails before any work, not after an hour of training when the first file is saved."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_test_{jax.process_index()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"the workdir cannot be written ({err.strerror or err})", file=workdir) from err
+
+
 def run(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Runs the configured stages in order; finished ones are skipped unless config.force."""
+    """Runs the configured stages in order, one line each with its duration; finished ones are skipped unless
+    config.force."""
     from vlmu_jax import stages
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    _check_writable(workdir)
+    names = stage_list(config)
+    logs.say(f"{config.name}: {config.benchmark}, stages {', '.join(names)} -> {workdir}")
     provenance.write(workdir, config.to_json_best_effort(indent=2))
     ws = Workspace(config, workdir)
     prepare_data(ws)
     prepare_base_model(ws)
-    for name in stage_list(config):
-        logging.info("stage %s", name)
-        getattr(stages, name)(ws)
+    for name in names:
+        with logs.timed(name):
+            getattr(stages, name)(ws)

@@ -10,8 +10,29 @@ import ml_collections
 
 from vlmu_jax.config_schema import base_config
 
-FIUBENCH_METHODS = ("ga", "gd", "kl", "idk", "npo", "dpo", "simnpo")
-MLLMU_METHODS = ("ga", "ga_difference", "kl_min", "npo")
+# Qwen2-VL checkpoints allow up to 12845056 pixels (16384 patches); every row carries max_pixels' worth of patch
+# slots, so presets cap images at 512 merged-patch tokens (401408 pixels), a usual Qwen2-VL fine-tuning setting.
+# Neither seed ran Qwen2-VL; override `model.image_processor_overrides.max_pixels` to change it.
+QWEN_VL_MAX_PIXELS = 512 * 28 * 28
+
+# Methods beyond the seeds' own, offered on both benchmarks.
+NEW_METHODS = ("wga", "satimp", "undial", "ceu", "rmu", "mmunlearner")
+FIUBENCH_METHODS = ("ga", "gd", "kl", "idk", "npo", "dpo", "simnpo", *NEW_METHODS)
+MLLMU_METHODS = ("ga", "ga_difference", "kl_min", "npo", *NEW_METHODS)
+
+# Their hyperparameters on top of the benchmark's unlearning schedule: open-unlearning's
+# configs/trainer/{WGA,SatImp,UNDIAL,CEU,RMU}.yaml method_args (gamma -> forget_weight, alpha -> retain_weight;
+# RMU's module_regex model.layers.7 -> hidden_layer=7, as WMDP for 7B models), and MMUnlearner's README run
+# (Z1zs/MMUnlearner: lr 1e-5, AdamW without weight decay) on full weights, where its saliency map is defined
+# (LoRA adapters would leave it only the B matrices to choose among: A's Fisher is 0 at B = 0).
+METHOD_PARAMS: dict[str, dict] = {
+    "wga": dict(wga_beta=1.0, forget_weight=1.0, retain_weight=1.0),
+    "satimp": dict(satimp_beta1=5.0, satimp_beta2=1.0, forget_weight=0.1, retain_weight=1.0),
+    "undial": dict(undial_beta=10.0),
+    "ceu": dict(ceu_ignore_first=1),
+    "rmu": dict(rmu_steering=2.0, hidden_layer=7, forget_weight=1.0, retain_weight=1.0),
+    "mmunlearner": dict(saliency_threshold=1.0, lora_rank=0, lr=1e-5, weight_decay=0.0),
+}
 
 
 def _method(variant: str | None, known: tuple[str, ...], default: str) -> str:
@@ -29,6 +50,8 @@ def fiubench(variant: str | None, *, template: str, model_path: str) -> ml_colle
     c.model.path = model_path
     c.model.template = template
     c.model.remat = "full"
+    if template == "qwen2-vl":
+        c.model.image_processor_overrides.max_pixels = QWEN_VL_MAX_PIXELS
     c.data.forget_split = "forget10"
     c.data.max_length = 512
     c.seed = 233
@@ -41,6 +64,7 @@ def fiubench(variant: str | None, *, template: str, model_path: str) -> ml_colle
                      warmup_ratio=0.06, weight_decay=0.01, max_grad_norm=1.0, batch_size=4, grad_accum=16,
                      num_epochs=5, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05,
                      tune_vision_tower=False, tune_mm_projector=True, tune_language_model=True)
+    c.unlearn.update(METHOD_PARAMS.get(c.unlearn.objective, {}))
     c.eval.max_new_tokens = 50
     return c
 
@@ -63,6 +87,8 @@ def mllmu(variant: str | None, *, template: str, model_path: str) -> ml_collecti
     c.model.remat = "full"
     c.data.forget_ratio = 5
     c.data.max_length = 384
+    if template == "qwen2-vl":
+        c.model.image_processor_overrides.max_pixels = QWEN_VL_MAX_PIXELS
     c.seed = 42
     # lora_targets stays the language model's projections: what find_all_linear_names means by skipping the vision
     # tower and projector (protocol original adds what PEFT's suffix matching also catches, see stages.lora_targets).
@@ -74,4 +100,5 @@ def mllmu(variant: str | None, *, template: str, model_path: str) -> ml_collecti
     c.unlearn.update(objective=method, lr=2e-5, num_epochs=1, beta=0.4, npo_batch_mean=False, **lora)
     if method in ("ga_difference", "kl_min"):
         c.unlearn.lr_schedule = "constant"
+    c.unlearn.update(METHOD_PARAMS.get(method, {}))
     return c

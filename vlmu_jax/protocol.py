@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import ml_collections
 
+from vlmu_jax.models.lora import DEFAULT_TARGETS
+
 PROTOCOLS = ("original", "corrected")
+# gray311/VLM_Unlearned forget.py: LLaVA `.*language_model.*\.(up_proj|k_proj|linear_2|down_proj|v_proj|q_proj|
+# o_proj|gate_proj|linear_1)`, Mllama the same without linear_1/2 (the projector is not under language_model, so
+# those two never match): the same modules in our paths.
+FIUBENCH_LORA_TARGETS = r"language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
 @dataclass(frozen=True)
@@ -29,10 +35,42 @@ class Protocol:
     benchmark: str
 
     # FIUBench (gray311/VLM_Unlearned)
+    # data_module.MMDatasetQA / MMForgetDatasetQA pass every question (APE paraphrases included), answer,
+    # paraphrased answer and IdK refusal (stripped of spaces first) through str.capitalize(), which also
+    # lower-cases the rest (names); perturbed answers keep their case. Finetuning, unlearning and eval alike.
+    fiubench_capitalize: bool = False
+    # data_module.preprocess_v1: labels mask BOS + len(tok(instruction + answer tag)) - 2 tokens, so a space
+    # token split off after the tag (before a digit with Llama's tokenizer) is labelled as answer. Corrected:
+    # a token is an answer token when it carries answer characters.
+    fiubench_preprocess_mask: bool = False
+    # evaluate_util.run_generation: the scored row's ids decoded WITH special tokens, cut at the answer tag and
+    # re-encoded with special tokens (prompt starts with two BOS); the ROUGE reference is that decoded answer,
+    # and the generation is not stripped. Corrected: the template's prompt with one BOS, the answer string.
+    fiubench_generation_roundtrip: bool = False
     # The metric quirks of evaluate_util.py / aggregate_eval_stat.py: the first answer token left out of the loss
-    # sum, generations without a period cut to "", ROUGE's dropped last character, APE questions through
-    # str.capitalize(), empty gpt / exact_match lists entering Model Utility as 0 (see vlmu_jax.eval.metrics).
+    # sum, generations without a period cut to "", ROUGE's dropped last character, empty gpt / exact_match lists
+    # entering Model Utility as 0, APE keywords taken from every third sample, the judge asked every item's
+    # question as the split's first prompt (see vlmu_jax.eval.metrics).
     fiubench_metric_quirks: bool = False
+    # evaluate_util's log fields: per-question truth_ratio = exp(paraphrased - mean perturbed loss) (the
+    # reciprocal of our R), `gpt: []` written when no judge ran, generated_text = [decoded prompt with special
+    # tokens, generation, decoded answer, "human_face"].
+    fiubench_log_layout: bool = False
+    # finetune.py / forget.py: DataLoader(shuffle=False), so finetuning and the forget (and IdK) stream go in file
+    # order. Corrected: shuffled every epoch.
+    fiubench_file_order: bool = False
+    # finetune.yaml's retain-only reference model (split "retain") sees no identity of forget1/5/10. Corrected:
+    # everything outside the configured forget split (the same when the splits are nested, as FIUBench's are).
+    fiubench_reference_on_retain_split: bool = False
+    # forget.py kl: kl_div(batchmean) over logits flattened to [B*T, V]: every position of the padded retain
+    # batch (image, prompt, answer, the last token and padding up to the longest row) counts. Corrected: every
+    # real token that predicts a next token.
+    fiubench_kl_all_positions: bool = False
+
+    # Shared: the trainable set. LoRA targets (regex searched in our module paths) when a stage's
+    # `lora_targets` is empty. forget.py's per-model regexes end in `\.(q|k|v|o|gate|up|down)_proj`, so Phi-3's
+    # fused qkv_proj / gate_up_proj get no adapter there; corrected adapts every LM projection.
+    lora_targets: str = DEFAULT_TARGETS
 
     # MLLMU-Bench (franciscoliu/MLLMU-Bench)
     # eval.py: prompts written by hand and the same for every model (few-shot blocks drawn with Python's `random`,
@@ -48,8 +86,9 @@ class Protocol:
     # Otherwise: per-sequence NPO plus a retain NLL against the starting model, KL over real tokens.
     mllmu_baselines: bool = False
     # finetune.py / baselines: find_all_linear_names + PEFT's suffix matching (every Linear named like one of the
-    # language model's projections: the vision q/k/v and Idefics2's connector too) with gaussian A ~ N(0, 1/r).
-    # Otherwise: the stage's lora_targets regex and PEFT's default kaiming-uniform A.
+    # language model's projections: the vision q/k/v and Idefics2's connector too) with gaussian A ~ N(0, 1/r), when
+    # the stage names no lora_targets. Otherwise: `lora_targets` (the language model's projections, what skipping
+    # the vision tower and projector means) and PEFT's default kaiming-uniform A.
     mllmu_peft_lora: bool = False
     # Idefics2 image splitting as each script builds its processor: off in training (do_image_splitting=False),
     # the checkpoint's own preprocessor setting in eval.py. Otherwise: off in every stage.
@@ -79,8 +118,24 @@ def resolve(config: ml_collections.ConfigDict) -> Protocol:
     if name not in PROTOCOLS:
         raise ValueError(f"config.protocol must be one of {list(PROTOCOLS)}, got {name!r}")
     original = name == "original"
-    mllmu = original and config.benchmark == "mllmu"
+    if original and config.benchmark == "fiubench" and config.data.append_eos:
+        raise ValueError("config.data.append_eos=True is not FIUBench's original protocol (its LLaVA rows end with "
+                         "the answer, no EOS): set it False or use config.protocol=corrected")
     return Protocol(name=name, benchmark=config.benchmark,
-                    fiubench_metric_quirks=original and config.benchmark == "fiubench",
-                    mllmu_eval_py=mllmu, mllmu_collate=mllmu, mllmu_baselines=mllmu, mllmu_peft_lora=mllmu,
-                    mllmu_eval_image_splitting=mllmu)
+                    **_fiubench(original and config.benchmark == "fiubench"),
+                    **_mllmu(original and config.benchmark == "mllmu"))
+
+
+def _fiubench(original: bool) -> dict:
+    """FIUBench's fields: all of its original code path, or none of it."""
+    flags = ("fiubench_capitalize", "fiubench_preprocess_mask", "fiubench_generation_roundtrip",
+             "fiubench_metric_quirks", "fiubench_log_layout", "fiubench_file_order",
+             "fiubench_reference_on_retain_split", "fiubench_kl_all_positions")
+    return {**dict.fromkeys(flags, original),
+            "lora_targets": FIUBENCH_LORA_TARGETS if original else DEFAULT_TARGETS}
+
+
+def _mllmu(original: bool) -> dict:
+    """MLLMU-Bench's fields: all of its original code path, or none of it."""
+    flags = ("mllmu_eval_py", "mllmu_collate", "mllmu_baselines", "mllmu_peft_lora", "mllmu_eval_image_splitting")
+    return dict.fromkeys(flags, original)

@@ -11,6 +11,7 @@ report:    eval_results -> aggregate CSV and plots.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -21,11 +22,16 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from vlmu_jax.data.batching import IGNORE, ExampleSource, encode, examples_from
+from vlmu_jax import model_sources
+from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length, encode, examples_from, row_buckets
 from vlmu_jax.data.records import Identity
-from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl
+from vlmu_jax.errors import InputError
+from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl, head_token_stat
+from vlmu_jax.logs import say
 from vlmu_jax.models import lora
-from vlmu_jax.pipeline import Workspace, is_done, mark_done
+from vlmu_jax.pipeline import Workspace, clear_done, is_done, mark_done
+from vlmu_jax.protocol import Protocol
+from vlmu_jax.unlearn.objectives import get_objective
 from vlmu_jax.unlearn.trainer import TrainConfig, train
 
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -38,26 +44,21 @@ def logps_fn(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
     return logps, batch["labels"][:, 1:] != IGNORE
 
 
-def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Full-vocabulary KL(reference || model) at every real token of the batch."""
-    args = (batch["input_ids"], batch["attention_mask"], batch["images"])
-    hidden, ref_hidden = model(*args)[:, :-1], jax.lax.stop_gradient(ref_model(*args)[:, :-1])
-    kl = head_kl(hidden, ref_hidden, model.head_weight(), jax.lax.stop_gradient(ref_model.head_weight()))
-    return kl, batch["attention_mask"][:, 1:] > 0
-
-
-def kl_fn_every_position(model: nnx.Module, ref_model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Full-vocabulary KL(reference || model) at every position of the padded batch, the last and the padding
-    included: MLLMU-Bench KL_Min's kl_div over the [B, T, V] logits. Its batch is padded to its longest row; the
-    columns our bucket adds beyond that are left out."""
+def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict, *,
+          all_positions: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Full-vocabulary KL(reference || model) at every real token of the batch that predicts a next one; with
+    `all_positions` (FIUBench forget.py) at every position up to the step's longest row (`step_length`, set by the
+    trainer; else this batch's longest), padding and the last token included. The batch must be padded at least
+    that far: stages.unlearn gives all streams one bucket then."""
     args = (batch["input_ids"], batch["attention_mask"], batch["images"])
     hidden, ref_hidden = model(*args), jax.lax.stop_gradient(ref_model(*args))
+    if not all_positions:
+        hidden, ref_hidden = hidden[:, :-1], ref_hidden[:, :-1]
     kl = head_kl(hidden, ref_hidden, model.head_weight(), jax.lax.stop_gradient(ref_model.head_weight()))
-    return kl, jnp.broadcast_to(jnp.any(batch["attention_mask"] > 0, axis=0), kl.shape)
-
-
-def kl_fn_for(ws: Workspace):
-    return kl_fn_every_position if ws.protocol.mllmu_baselines else kl_fn
+    if not all_positions:
+        return kl, batch["attention_mask"][:, 1:] > 0
+    length = batch.get("step_length", jnp.max(jnp.sum(batch["attention_mask"], axis=1)))
+    return kl, jnp.broadcast_to(jnp.arange(kl.shape[1]) < length, kl.shape)
 
 
 def objective_config(ws: Workspace, cfg: TrainConfig) -> TrainConfig:
@@ -70,34 +71,60 @@ def objective_config(ws: Workspace, cfg: TrainConfig) -> TrainConfig:
 _PEFT_SKIPPED = {"llava": ("vision_tower", "multi_modal_projector"), "idefics2": ("vision_tower",)}
 
 
-def lora_targets(ws: Workspace, model: nnx.Module, stage: ml_collections.ConfigDict) -> str:
-    """The LoRA targets regex: MLLMU-Bench's PEFT suffix rule under its original protocol, else the stage's."""
-    if not ws.protocol.mllmu_peft_lora:
-        return stage.lora_targets
-    skip = _PEFT_SKIPPED.get(ws.hf_config.get("model_type", ""), ("vision_tower", "multi_modal_projector"))
+def lora_targets(model: nnx.Module, protocol: Protocol) -> str:
+    """The protocol's LoRA targets regex; MLLMU-Bench's original protocol: its PEFT suffix rule on this model."""
+    if not protocol.mllmu_peft_lora:
+        return protocol.lora_targets
+    skip = _PEFT_SKIPPED.get(model.config.hf_config.get("model_type", ""), ("vision_tower", "multi_modal_projector"))
     return lora.suffix_targets(model, skip=skip)
 
 
-def _source(ws: Workspace, identities: list[Identity], stage: ml_collections.ConfigDict, *, seed: int,
-            idk: tuple[str, ...] = ()) -> ExampleSource:
+def vocab_fn(model: nnx.Module, ref_model: nnx.Module | None, batch: dict, stat) -> jax.Array:
+    """An objective's per-position statistic of the full next-token distributions (UNDIAL, CE-U), chunked."""
+    args = (batch["input_ids"], batch["attention_mask"], batch["images"])
+    ref_hidden = ref_head = None
+    if ref_model is not None:
+        ref_hidden = jax.lax.stop_gradient(ref_model(*args)[:, :-1])
+        ref_head = jax.lax.stop_gradient(ref_model.head_weight())
+    return head_token_stat(stat, model(*args)[:, :-1], model.head_weight(), batch["input_ids"][:, 1:],
+                           ref_hidden, ref_head)
+
+
+def hidden_fn(model: nnx.Module, batch: dict, layer: int) -> tuple[jax.Array, jax.Array]:
+    """Decoder layer `layer`'s output [B, T, D] (only layers 0..layer run) and the answer mask [B, T] (RMU)."""
+    hidden = model(batch["input_ids"], batch["attention_mask"], batch["images"], output_layer=layer)
+    return hidden, batch["labels"] != IGNORE
+
+
+def _rows(ws: Workspace, identities: list[Identity], *, seed: int, idk: tuple[str, ...] = (),
+          text_only: bool = False) -> list[Encoded]:
+    examples = examples_from(identities, idk=idk, seed=seed)
+    if text_only:  # the same questions without the identity's image (MMUnlearner's textual knowledge)
+        examples = [dataclasses.replace(e, image=None) for e in examples]
+    rows = [encode(e, ws.text_config) for e in examples]
+    if not rows:
+        raise InputError("a training stream has no examples: check the split names and the data folder")
+    return rows
+
+
+def _source(ws: Workspace, rows: list[Encoded], stage: ml_collections.ConfigDict, *, seed: int,
+            shuffle: bool = True, buckets: tuple[int, ...] | None = None) -> ExampleSource:
     shards = ws.mesh.shape["data"] * ws.mesh.shape["fsdp"]
     if stage.batch_size % shards:
-        raise ValueError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
+        raise InputError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
                          f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")
-    rows = [encode(e, ws.text_config) for e in examples_from(identities, idk=idk, seed=seed)]
-    if not rows:
-        raise ValueError("a training stream has no examples: check the split names and the data folder")
     return ExampleSource(rows, global_batch_size=stage.batch_size, pad_token_id=ws.tokenizer.pad_token_id,
-                         image_fn=ws.image_fn, seed=seed)
+                         image_fn=ws.image_fn, seed=seed, shuffle=shuffle, buckets=buckets)
 
 
-def _prepare_trainable(ws: Workspace, model: nnx.Module, stage: ml_collections.ConfigDict, seed: int):
-    """Adds LoRA when asked and returns the NNX filter of what trains."""
+def _prepare_trainable(model: nnx.Module, stage: ml_collections.ConfigDict, seed: int, protocol: Protocol):
+    """Adds LoRA when asked (on the stage's targets, else the protocol's) and returns the NNX filter of what
+    trains."""
     use_lora = stage.lora_rank > 0
     if use_lora:
         lora.apply_lora(model, rank=stage.lora_rank, alpha=stage.lora_alpha, dropout=stage.lora_dropout,
-                        targets=lora_targets(ws, model, stage), seed=seed,
-                        init="gaussian" if ws.protocol.mllmu_peft_lora else "kaiming")
+                        targets=stage.lora_targets or lora_targets(model, protocol), seed=seed,
+                        init="gaussian" if protocol.mllmu_peft_lora else "kaiming")
     return lora.trainable_filter(lora=use_lora, tune_vision_tower=stage.tune_vision_tower,
                                  tune_mm_projector=stage.tune_mm_projector,
                                  tune_language_model=stage.tune_language_model)
@@ -110,6 +137,7 @@ def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None, info: d
     from vlmu_jax.checkpoints.hf_export import export_hf
 
     lora.merge_lora(model)
+    clear_done(out)
     export_hf(model, out, dtype=dtype)
     if jax.process_index() == 0:
         for name in _SIDE_FILES:
@@ -131,19 +159,21 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
         logging.info("%s exists, skipping (config.force=True redoes it)", out)
         return
     model = ws.load(start)
-    trainable = _prepare_trainable(ws, model, stage, ws.config.seed)
+    trainable = _prepare_trainable(model, stage, ws.config.seed, ws.protocol)
     ref_model = None
     if reference is not None:
+        _require(ws.model_dir(reference), f"{out_name} compares against it: run the finetune stage first")
         ref_model = ws.load(reference)
-        _prepare_trainable(ws, ref_model, stage, ws.config.seed)  # the same graph; its zero adapters change nothing
+        _prepare_trainable(ref_model, stage, ws.config.seed, ws.protocol)  # the same graph; zero adapters
     run_dir = ws.workdir / "train" / out_name
     if ws.config.force:
         shutil.rmtree(run_dir, ignore_errors=True)
     cfg = objective_config(ws, TrainConfig.from_config(stage))
     if objective is not None:
         cfg = dataclasses.replace(cfg, objective=objective)
-    result = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl_fn_for(ws),
-                   workdir=run_dir, trainable=trainable, mesh=ws.mesh, reference=ref_model)
+    kl = functools.partial(kl_fn, all_positions=ws.protocol.fiubench_kl_all_positions or ws.protocol.mllmu_baselines)
+    result = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl, vocab_fn=vocab_fn,
+                   hidden_fn=hidden_fn, workdir=run_dir, trainable=trainable, mesh=ws.mesh, reference=ref_model)
     logging.info("%s: %d steps, last loss %.4f", out_name, result.step, result.losses[-1] if result.losses
                  else float("nan"))
     _save_model(ws, model, out)
@@ -151,14 +181,19 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
 
 def finetune(ws: Workspace) -> None:
     """The vanilla model (all identities) and its retain-only twin (the forget-quality reference)."""
-    c, bench = ws.config, ws.bench
-    forget = set(bench.splits[_forget_split(ws)])
+    c, bench, shuffle = ws.config, ws.bench, not ws.protocol.fiubench_file_order
     everyone = list(bench.identities)
-    retained = [i for i in everyone if i.uid not in forget]
+    if ws.protocol.fiubench_reference_on_retain_split:
+        retained = bench.split("retain")
+    else:
+        forget = set(bench.splits[_forget_split(ws)])
+        retained = [i for i in everyone if i.uid not in forget]
     _train_model(ws, start="base", out_name="finetuned", stage=c.finetune,
-                 sources={"train": _source(ws, everyone, c.finetune, seed=c.seed)})
+                 sources={"train": _source(ws, _rows(ws, everyone, seed=c.seed), c.finetune, seed=c.seed,
+                                           shuffle=shuffle)})
     _train_model(ws, start="base", out_name="retain_model", stage=c.retain_model,
-                 sources={"train": _source(ws, retained, c.retain_model, seed=c.seed)})
+                 sources={"train": _source(ws, _rows(ws, retained, seed=c.seed), c.retain_model, seed=c.seed,
+                                           shuffle=shuffle)})
 
 
 def _forget_split(ws: Workspace) -> str:
@@ -175,12 +210,23 @@ def _retain_split(ws: Workspace) -> str:
 
 def unlearn(ws: Workspace) -> None:
     """LoRA unlearning of the forget split with the configured objective and data streams."""
-    c, bench = ws.config, ws.bench
+    _require(ws.model_dir("finetuned"), "the unlearn stage starts from it: run the finetune stage first")
+    c, bench, shuffle = ws.config, ws.bench, not ws.protocol.fiubench_file_order
     forget, retain = bench.split(_forget_split(ws)), bench.split(_retain_split(ws))
-    sources = {"forget": _source(ws, forget, c.unlearn, seed=c.seed),
-               "retain": _source(ws, retain, c.unlearn, seed=c.seed + 1)}
+    rows = {"forget": _rows(ws, forget, seed=c.seed), "retain": _rows(ws, retain, seed=c.seed + 1)}
     if bench.idk:
-        sources["idk"] = _source(ws, forget, c.unlearn, seed=c.seed, idk=bench.idk)
+        rows["idk"] = _rows(ws, forget, seed=c.seed, idk=bench.idk)
+    if any(get_objective(o).preserve_streams for o in objectives(ws)):
+        rows["forget_text"] = _rows(ws, forget, seed=c.seed, text_only=True)
+    # forget.py's collator pads a step's forget and retain rows to one length and its KL term counts those padding
+    # positions: then every stream gets the one bucket its longest row needs (see kl_fn).
+    buckets = None
+    if ws.protocol.fiubench_kl_all_positions:
+        every = [r for rs in rows.values() for r in rs]
+        buckets = (bucket_length(max(len(r.input_ids) for r in every), row_buckets(every)),)
+    seeds = {"forget": c.seed, "retain": c.seed + 1, "idk": c.seed, "forget_text": c.seed}
+    sources = {name: _source(ws, rs, c.unlearn, seed=seeds[name], shuffle=shuffle or name == "retain",
+                             buckets=buckets) for name, rs in rows.items()}
     for objective in objectives(ws):
         _train_model(ws, start="finetuned", out_name=f"unlearned_{objective}", stage=c.unlearn,
                      objective=objective, **_mllmu_npo(ws, objective, sources))
@@ -203,6 +249,17 @@ def eval_models(ws: Workspace) -> list[str]:
     return ["finetuned", "retain_model", *(f"unlearned_{o}" for o in objectives(ws))]
 
 
+def eval_sources(ws: Workspace) -> dict[str, Path]:
+    """Name -> folder of every model the eval and report stages cover (`vlmu_jax.model_sources`)."""
+    return model_sources.eval_sources({n: ws.model_dir(n) for n in eval_models(ws)}, ws.config.eval)
+
+
+def _require(folder: Path, why: str) -> None:
+    """A stage input from an earlier stage must be finished (its DONE marker), not just present."""
+    if not is_done(folder):
+        raise InputError(f"missing or unfinished (no {folder.name}/DONE): {why}", file=folder)
+
+
 def export(ws: Workspace) -> None:
     """Hugging Face folders of the unlearned models (LoRA merged) in the configured dtype, each with
     ``export_info.json`` (source, step, commit).
@@ -221,6 +278,8 @@ def export(ws: Workspace) -> None:
         if not source:
             out = ws.workdir / "export" / name
             if not (is_done(out) and not ws.config.force):
+                _require(ws.model_dir(name), "export writes the unlearned models: run the unlearn stage first (or "
+                                             "export an Orbax checkpoint with --config.export.from_checkpoint)")
                 steps = checkpoint_steps(ckpt_dir)
                 _save_model(ws, ws.load(name), out, dtype=dtype,
                             info={"source": str(ws.model_dir(name)), "step": steps[-1] if steps else None})
@@ -256,7 +315,7 @@ def _model_at_checkpoint(ws: Workspace, ckpt_dir: Path, step: int, *, start: str
         raise FileNotFoundError(f"{ws.model_dir(start)} is missing: the checkpoint holds only the trained "
                                 f"parameters, the rest comes from the {start} model")
     model = ws.load(start)
-    trainable = _prepare_trainable(ws, model, stage, ws.config.seed)
+    trainable = _prepare_trainable(model, stage, ws.config.seed, ws.protocol)
     params = nnx.state(model, trainable)
     nnx.update(model, restore_part(ckpt_dir, step, params, index=0))  # the trainer saves (params, opt, rng)
     return model
@@ -266,8 +325,7 @@ def _runner(ws: Workspace):
     from vlmu_jax.eval.tasks.fiubench import Runner
 
     return Runner(text=ws.eval_text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.eval_image_fn,
-                  max_new_tokens=ws.config.eval.max_new_tokens, mesh=ws.mesh,
-                  original=ws.protocol.fiubench_metric_quirks)
+                  max_new_tokens=ws.config.eval.max_new_tokens, protocol=ws.protocol, mesh=ws.mesh)
 
 
 def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs
@@ -275,14 +333,16 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
     judge's scores when one is configured; MME / POPE (``mme.json`` / ``pope.json``) when their paths are set."""
     from vlmu_jax.report.aggregate import write_json
 
+    sources = _evaluable(ws)  # given checkpoints are checked before any model runs
     runner = _runner(ws)
     utility = _utility_inputs(ws)  # read and checked before any model runs
     judge = None
-    for name in eval_models(ws):
+    for name, path in sources.items():
         out = ws.workdir / "eval_results" / name
-        if not ws.model_dir(name).exists() or (is_done(out) and not ws.config.force):
+        if _evaluated(out, path) and not ws.config.force:
             continue
-        model = ws.load(name)
+        clear_done(out)
+        model = ws.load(path)
         judge = judge or _judge(ws)
         logs = _fiubench_logs(ws, model, runner, name, judge) if ws.config.benchmark == "fiubench" else \
             _mllmu_logs(ws, model, runner, judge)
@@ -290,7 +350,46 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         if jax.process_index() == 0:
             for file, log in logs.items():
                 write_json(log, out / file)
+            write_json({"model": str(path.resolve())}, out / _EVAL_INFO)
         mark_done(out)
+
+
+_EVAL_INFO = "eval_info.json"  # the folder a model's results were computed from
+
+
+def _evaluated(out: Path, path: Path) -> bool:
+    """Results in `out` are finished and come from `path` (results of another checkpoint under the same name are
+    redone); results from before eval_info.json existed count as the run's own model's."""
+    if not is_done(out):
+        return False
+    info = out / _EVAL_INFO
+    recorded = json.loads(info.read_text())["model"] if info.exists() else str(path.resolve())
+    return recorded == str(path.resolve())
+
+
+def _evaluable(ws: Workspace) -> dict[str, Path]:
+    """The models the eval stage can run now: every given checkpoint (checked in full, and against the tokenizer's
+    model type) and the run's finished ones. Says which of the run's own are missing; fails when none is left."""
+    from vlmu_jax.checkpoints.hf_import import check_checkpoint, read_hf_config
+
+    given = model_sources.given_checkpoints(ws.config.eval)
+    for name, path in given.items():
+        check_checkpoint(path)
+        model_type, base_type = read_hf_config(path)["model_type"], ws.hf_config["model_type"]
+        if model_type != base_type:
+            raise InputError(f"{model_type!r}, but the tokenizer and processor come from {ws.base_model} "
+                             f"({base_type!r}): set config.model.path to {name}'s base model",
+                             file=path / "config.json", field="model_type")
+    sources = eval_sources(ws)
+    ready = {n: p for n, p in sources.items() if n in given or is_done(p)}
+    missing = [str(p) for n, p in sources.items() if n not in ready]
+    if not ready:
+        raise InputError(f"stage eval: nothing to evaluate: {', '.join(missing)} not trained (no DONE marker); run "
+                         "the finetune / unlearn stages first, or name checkpoints with "
+                         "--config.eval.models=NAME=PATH,... and --config.eval.reference_model=PATH")
+    if missing:
+        say(f"eval: skipping {', '.join(missing)} (not trained in this workdir)")
+    return ready
 
 
 def _judge(ws: Workspace):
@@ -347,58 +446,101 @@ def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, name: str, judge=No
 
     forget, retain = ws.bench.split(_forget_split(ws)), ws.bench.split(ws.config.eval.retain_split)
     logs = {FORGET: evaluate_split(model, forget, runner, forget=True, desc=f"{name} forget"),
-            RETAIN: evaluate_split(model, retain, runner, forget=False, desc=f"{name} retain"),
-            APE: evaluate_ape(model, forget, runner, desc=f"{name} forget")}
+            RETAIN: evaluate_split(model, retain, runner, forget=False, desc=f"{name} retain")}
     if judge is not None:
+        client, prompt = judge
+        first_question_of = runner.text.template if ws.protocol.fiubench_metric_quirks else None
         for task in (FORGET, RETAIN):
-            add_gpt_scores(logs[task], *judge)
-    return {**logs, "eval_log_aggregated.json": logs}
+            add_gpt_scores(logs[task], client, prompt, first_question_of=first_question_of)
+    ape = evaluate_ape(model, forget, runner, desc=f"{name} forget")
+    for log in (*logs.values(), ape):
+        log["protocol"] = ws.protocol.name
+    # The aggregated file holds the forget and retain logs only: aggregate_eval_stat.py reads every entry of it as
+    # one of those two, so APE has its own file.
+    return {**logs, APE: ape, "eval_log_aggregated.json": logs}
 
 
 def _mllmu_logs(ws: Workspace, model: nnx.Module, runner, judge=None) -> dict[str, dict]:
     from vlmu_jax.eval.tasks.mllmu import PROTOCOL_KEY, add_factuality, evaluate_eval_py, evaluate_mllmu
+    from vlmu_jax.eval.tasks.mllmu_prompts import FAMILIES
 
-    c, draws = ws.config, None
-    if ws.protocol.mllmu_eval_py:
-        results, draws = evaluate_eval_py(model, ws.bench, runner, forget_ratio=c.data.forget_ratio,
-                                          family=ws.hf_config.get("model_type", ""), seed=c.seed)
+    c, draws, family = ws.config, None, ws.hf_config.get("model_type", "")
+    eval_py = ws.protocol.mllmu_eval_py and family in FAMILIES
+    if ws.protocol.mllmu_eval_py and not eval_py:
+        logging.warning("MLLMU-Bench's eval.py has no path for %s models (LLaVA and Idefics2 only): evaluating with "
+                        "the corrected protocol's prompts", family)
+    if eval_py:
+        results, draws = evaluate_eval_py(model, ws.bench, runner, forget_ratio=c.data.forget_ratio, family=family,
+                                          seed=c.seed)
     else:
         results = evaluate_mllmu(model, ws.bench, runner, forget_ratio=c.data.forget_ratio, seed=c.seed)
     if judge is not None:
         add_factuality(results, *judge)
     predictions = {s: r.pop("predictions") for s, r in results.items()}
-    record = {"name": ws.protocol.name, "seed": c.seed, **({"few_shot_ids": draws} if draws is not None else {})}
+    record = {"name": ws.protocol.name, "seed": c.seed, "eval_py_prompts": eval_py,
+              **({"few_shot_ids": draws} if draws is not None else {})}
     return {"final_evaluation_results.json": {**results, PROTOCOL_KEY: record}, "predictions.json": predictions}
 
 
 def report(ws: Workspace) -> None:
-    """results.csv / results.json (one row per model, aggregate_eval_stat columns) and PNG plots."""
+    """results.csv / results.json (one row per model, aggregate_eval_stat columns), PNG plots, a self-contained
+    index.html, and the headline results printed as a table."""
     from vlmu_jax.report import plots
-    from vlmu_jax.report.aggregate import fiubench_summary, write_csv, write_json
+    from vlmu_jax.report.aggregate import fiubench_summary, read_ape_log, write_csv, write_json
 
     if jax.process_index() != 0:
         return
     results = ws.workdir / "eval_results"
-    names = [n for n in eval_models(ws) if is_done(results / n)]
+    names = [n for n in eval_sources(ws) if is_done(results / n)]
+    if not names:
+        raise InputError(f"stage report: no finished evaluation results in {results} for "
+                         f"{', '.join(eval_sources(ws))}: run the eval stage first")
     if ws.config.benchmark == "mllmu":
         _mllmu_report(ws, names)
         return
-    if "retain_model" not in names:
-        raise FileNotFoundError(f"{results / 'retain_model'} has no eval logs: run the eval stage first")
     logs = {n: json.loads((results / n / "eval_log_aggregated.json").read_text()) for n in names}
-    rows = [{"Model": n, **fiubench_summary(logs[n], logs["retain_model"], method=n.removeprefix("unlearned_"),
+    reference = logs.get(model_sources.REFERENCE)
+    if reference is None:
+        say(f"report: no results of the reference model ({model_sources.REFERENCE}): Forget Quality is left out "
+            "(evaluate one with --config.eval.reference_model=PATH)")
+    rows = [{"Model": n, **fiubench_summary(logs[n], reference, ape_log=read_ape_log(results / n),
+                                            method=n.removeprefix("unlearned_"),
                                             empty_lists_as_zero=ws.protocol.fiubench_metric_quirks),
-             **_utility_row(ws, n)} for n in names]
+             **_utility_row(ws, n), "Protocol": ws.protocol.name} for n in names]
     out = ws.workdir / "report"
     write_csv(rows, out / "results.csv")
-    write_json({"rows": rows}, out / "results.json")
-    plots.plot_fq_vs_mu(rows, out / "tradeoff.png")
+    write_json({"protocol": ws.protocol.name, "rows": rows}, out / "results.json")
+    (out / "tradeoff.png").unlink(missing_ok=True)
+    if reference is not None:
+        plots.plot_fq_vs_mu(rows, out / "tradeoff.png", reference=model_sources.REFERENCE)
     shown = ["Prob. Forget", "Prob. Retain", "ROUGE Forget", "ROUGE Retain", "Truth Ratio Forget",
              "Truth Ratio Retain", "Model Utility", "Exact Match"]
-    plots.plot_metric_bars(rows, shown, out / "metrics.png")
-    plots.plot_loss_curves({n: ws.workdir / "train" / n / "metrics.jsonl" for n in eval_models(ws)
-                            if (ws.workdir / "train" / n / "metrics.jsonl").exists()}, out / "loss_curves.png")
-    logging.info("report written to %s", out)
+    plots.plot_metric_bars(rows, shown, out / "metrics.png", title="FIUBench metrics per model")
+    _loss_plot(ws, names, out)
+    _publish(ws, rows, out)
+
+
+def _loss_plot(ws: Workspace, names: list[str], out: Path) -> None:
+    """Training curves of the reported models trained in this workdir (none for given checkpoints)."""
+    from vlmu_jax.report import plots
+
+    logs = {n: ws.workdir / "train" / n / "metrics.jsonl" for n in names
+            if (ws.workdir / "train" / n / "metrics.jsonl").exists()}
+    (out / "loss_curves.png").unlink(missing_ok=True)
+    if logs:
+        plots.plot_loss_curves(logs, out / "loss_curves.png")
+
+
+def _publish(ws: Workspace, rows: list[dict], out: Path) -> None:
+    """index.html next to the CSV and plots, and the headline table on stdout (the results, not a log line)."""
+    from vlmu_jax.report import html, table
+
+    headline, sources = table.headline_columns(rows, ws.config.benchmark), eval_sources(ws)
+    page = html.write_index(out, rows, headline=headline, sources={r["Model"]: str(sources[r["Model"]]) for r in rows},
+                            config=json.loads((ws.workdir / "config.json").read_text()),
+                            environment=json.loads((ws.workdir / "environment.json").read_text()))
+    say(f"report: {page}")
+    print(table.format_table(rows, headline), flush=True)
 
 
 def _utility_row(ws: Workspace, name: str) -> dict:
@@ -431,6 +573,8 @@ def _mllmu_report(ws: Workspace, names: list[str]) -> None:
     write_csv(rows, out / "results.csv")
     write_json({"rows": rows}, out / "results.json")
     accuracy = [k for k in rows[0] if "/ classification /" in k]
-    plots.plot_metric_bars(rows, accuracy, out / "metrics.png")
-    plots.plot_loss_curves({n: ws.workdir / "train" / n / "metrics.jsonl" for n in names
-                            if (ws.workdir / "train" / n / "metrics.jsonl").exists()}, out / "loss_curves.png")
+    labels = [k.replace(" Results / classification / ", ": ").removesuffix(" Question Accuracy") for k in accuracy]
+    plots.plot_metric_bars(rows, accuracy, out / "metrics.png", label_key="Model", labels=labels, horizontal=True,
+                           title="MLLMU-Bench classification accuracy", value_label="accuracy (%)")
+    _loss_plot(ws, names, out)
+    _publish(ws, rows, out)

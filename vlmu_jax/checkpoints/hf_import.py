@@ -4,6 +4,10 @@ safetensors files are memory-mapped and parsed from their JSON header (no pickle
 param is built with ``jax.make_array_from_callback`` so a device only ever receives its own shard. Tensor
 names go through the architecture's ``canonical_name``, so older layouts (llava-hf's
 ``language_model.model.*``, ``vision_tower.vision_model.*``) and the transformers-5 layout both load.
+
+Checkpoints come from other tools and get copied around, so every header is checked against its file before a
+byte is read: a truncated copy, a missing shard, an unknown dtype or a tensor whose shape disagrees with
+config.json is an `InputError` naming the file, the tensor and the field, not a numpy reshape error later.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
+from vlmu_jax.errors import InputError
+from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.registry import abstract_model, architecture, hf_name_map
 from vlmu_jax.models.sharding import variable_sharding
 
@@ -38,28 +45,96 @@ SAFETENSORS_DTYPES = {
 }
 
 
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError("missing", file=path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"not valid JSON ({err})", file=path) from err
+
+
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint's config.json, checked to be an object of a supported architecture."""
+    path = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise InputError("not a folder (a Hugging Face checkpoint folder with config.json and safetensors)",
+                         file=folder)
+    if not path.is_file() and (Path(folder) / "adapter_config.json").is_file():
+        raise InputError("a PEFT adapter folder, not a model: merge it first (PeftModel.merge_and_unload() then "
+                         "save_pretrained)", file=folder)
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise InputError("must be a JSON object", file=path)
+    try:
+        architecture(config)
+    except ValueError as err:
+        raise InputError(str(err), file=path, field="model_type") from err
+    return config
+
+
+def _shard_files(folder: Path) -> list[str]:
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise InputError("has no weight_map object", file=index)
+        return sorted(set(weight_map.values()))
+    if single.exists():
+        return [single.name]
+    hint = ""
+    if list(folder.glob("pytorch_model*.bin")):
+        hint = " (it has pytorch_model*.bin: re-save it with save_pretrained(..., safe_serialization=True))"
+    raise InputError(f"no model.safetensors or model.safetensors.index.json{hint}", file=folder)
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors JSON header of `path`, every entry checked against the file's size; and the data offset."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"truncated: {size} bytes, not even a header length", file=path)
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise InputError(f"truncated: the header alone needs {8 + n} bytes, the file has {size}", file=path)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"not a safetensors file: its header is not JSON ({err})", file=path) from err
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise InputError("header entry lacks dtype / shape / data_offsets", file=path, record=f"tensor {name}")
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise InputError(f"unsupported dtype {info['dtype']!r}; supported: {sorted(SAFETENSORS_DTYPES)}",
+                             file=path, record=f"tensor {name}", field="dtype")
+        start, end = info["data_offsets"]
+        need = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize
+        if end - start != need:
+            raise InputError(f"{end - start} bytes, but shape {info['shape']} of {info['dtype']} needs {need}",
+                             file=path, record=f"tensor {name}", field="data_offsets")
+        if 8 + n + end > size:
+            raise InputError(f"truncated: the tensor ends at byte {8 + n + end}, the file has {size} bytes (an "
+                             "interrupted copy or download?)", file=path, record=f"tensor {name}", field="data_offsets")
+    return header, 8 + n
+
+
 class TensorIndex:
     """Name -> lazily read numpy tensor over one checkpoint's safetensors files (memory-mapped)."""
 
     def __init__(self, folder: Path, canonical_name: Callable[[str], str] = lambda name: name):
-        single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif single.exists():
-            files = [single.name]
-        else:
-            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
         self.entries: dict[str, tuple[Path, dict[str, Any], int]] = {}
-        for name in files:
+        for name in _shard_files(folder):
             path = folder / name
-            if not path.exists():
-                raise FileNotFoundError(f"safetensors shard {path} listed in the index is missing")
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
+            if not path.is_file():
+                raise InputError("missing (listed in model.safetensors.index.json)", file=path)
+            header, base = _read_header(path)
             for key, info in header.items():
                 if key != "__metadata__":
-                    self.entries[canonical_name(key)] = (path, info, 8 + n)
+                    self.entries[canonical_name(key)] = (path, info, base)
         self._maps: dict[Path, np.memmap] = {}
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -76,12 +151,37 @@ class TensorIndex:
 
 def _check(index: TensorIndex, name: str, want: tuple[int, ...], folder: Path) -> None:
     if name not in index.entries:
-        raise KeyError(f"tensor {name!r} missing from the checkpoint in {folder}")
+        raise InputError("missing from the checkpoint (config.json's architecture needs it)", file=folder,
+                         record=f"tensor {name}")
     if index.shape(name) != want:
-        raise ValueError(
-            f"tensor {name!r} in {index.entries[name][0]} has shape {index.shape(name)}, "
-            f"expected {want} from config.json"
-        )
+        raise InputError(f"{index.shape(name)}, but config.json implies {want}", file=index.entries[name][0],
+                         record=f"tensor {name}", field="shape")
+
+
+def _checked_plan(folder: Path, dtype, options: dict[str, Any]):
+    """The abstract model of `folder` and, per param, its HF tensor names, each checked present with its shape."""
+    hf_config = read_hf_config(folder)
+    index = TensorIndex(folder, architecture(hf_config).canonical_name)
+    model = abstract_model(hf_config, dtype, **options)
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    plan = []
+    for path_, hp in hf_name_map(model).items():
+        var = flat[path_]
+        shape = tuple(var.get_value().shape)
+        names = [hp.name.format(i=i) for i in range(shape[0])] if hp.stacked else [hp.name]
+        per = shape[1:] if hp.stacked else shape
+        want = per[::-1] if hp.transpose else per
+        for name in names:
+            _check(index, name, tuple(want), folder)
+        plan.append((var, hp, names, shape))
+    return graphdef, state, index, plan
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Everything `load_pretrained` checks (config.json, safetensors headers against their files, every tensor's
+    presence and shape) without reading a tensor, so a bad folder fails before work starts on good ones."""
+    _checked_plan(Path(path), jnp.float32, {})
 
 
 def load_pretrained(
@@ -92,26 +192,24 @@ def load_pretrained(
     options (remat, scan_layers, attention_impl) are forwarded to the model config.
     """
     folder = Path(path)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"no config.json in {folder}")
-    hf_config = json.loads((folder / "config.json").read_text())
-    index = TensorIndex(folder, architecture(hf_config).canonical_name)
-    model = abstract_model(hf_config, dtype, **options)
-    graphdef, state = nnx.split(model)
-    flat = dict(nnx.to_flat_state(state))
-    for path_, hp in hf_name_map(model).items():
-        var = flat[path_]
-        shape = tuple(var.get_value().shape)
-        names = [hp.name.format(i=i) for i in range(shape[0])] if hp.stacked else [hp.name]
-        per = shape[1:] if hp.stacked else shape
-        want = per[::-1] if hp.transpose else per
-        for name in names:
-            _check(index, name, tuple(want), folder)
+    graphdef, state, index, plan = _checked_plan(folder, dtype, options)
+    for var, hp, names, shape in plan:
         sharding = (
             variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
         )
         var.set_value(_make_array(index, names, hp, shape, dtype, sharding))
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    logging.info("%s", runtime_summary(model, folder, dtype))
+    return model
+
+
+def runtime_summary(model: nnx.Module, source: str | Path, dtype) -> str:
+    """One line naming the attention kernel and remat policy a loaded model runs with: the fast path is
+    the default, and a run that silently fell back to XLA's attention or to no remat should say so."""
+    c = model.config
+    return (f"model {source}: {c.hf_config.get('model_type', '?')} in {jnp.dtype(dtype).name}, attention "
+            f"{resolve_attention_impl(c.attention_impl, dtype)} (asked {c.attention_impl!r}), remat {c.remat!r}, "
+            f"scan_layers {c.scan_layers}")
 
 
 def _make_array(

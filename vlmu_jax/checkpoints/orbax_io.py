@@ -53,25 +53,32 @@ def _restored_leaf(saved: Any, like: Any) -> Any:
 
 
 class Checkpointer:
-    """Save every `save_every` steps (and on demand at the end), keep the newest `keep`."""
+    """Save every `save_every` steps (and on demand at the end), keep the newest `keep`.
+
+    `keep=0` saves nothing (and resumes nothing): a 7B full finetune's checkpoint (weights and both AdamW
+    moments, ~4x the model) can outgrow the disk, and a stage's HF folder is its output anyway."""
 
     def __init__(self, directory: str | Path, *, save_every: int, keep: int = 2, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            save_interval_steps=max(int(save_every), 1),
-            enable_async_checkpointing=async_save,
-            create=True,
-        )
-        self._mgr = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self._mgr = None
+        if keep > 0:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                save_interval_steps=max(int(save_every), 1),
+                enable_async_checkpointing=async_save,
+                create=True,
+            )
+            self._mgr = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
     def latest_step(self) -> int | None:
-        return self._mgr.latest_step()
+        return self._mgr.latest_step() if self._mgr else None
 
     def all_steps(self) -> list[int]:
-        return list(self._mgr.all_steps())
+        return list(self._mgr.all_steps()) if self._mgr else []
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
         """Start an async save if `step` is on the interval (or `force`); returns whether one started."""
+        if self._mgr is None:
+            return False
         flat, _ = _flat(state)
         flat = {k: _savable(v) for k, v in flat.items() if v.size}
         return self._mgr.save(step, args=ocp.args.StandardSave(flat), force=force)
@@ -86,11 +93,13 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending async saves are committed (before exiting or raising)."""
-        self._mgr.wait_until_finished()
+        if self._mgr:
+            self._mgr.wait_until_finished()
 
     def close(self) -> None:
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        if self._mgr:
+            self._mgr.wait_until_finished()
+            self._mgr.close()
 
 
 def checkpoint_steps(directory: str | Path) -> list[int]:

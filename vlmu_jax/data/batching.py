@@ -22,7 +22,12 @@ from vlmu_jax.data.records import IMAGE, Identity, ImageRef
 from vlmu_jax.data.templates import Template
 
 IGNORE = -100
-DEFAULT_BUCKETS = (64, 128, 256, 512)
+# The text-length ladder: a row's text (its image placeholder counted as one token, as max_length counts it)
+# falls in one of these or in its source's longest text; image rows are shifted by the image's expansion.
+TEXT_LADDER = (64, 128, 256, 512)
+# Bucket lengths are multiples of this: even lengths keep cuDNN's fused attention (its backward rejects odd
+# ones) and 64 keeps the matmul tiles full.
+BUCKET_MULTIPLE = 64
 
 
 class BatchSource(Protocol):
@@ -49,14 +54,30 @@ class Example:
 
     @property
     def images(self) -> tuple[ImageRef, ...]:
-        return self.context_images if self.image is None else (*self.context_images, self.image)
+        return _images(self.image, self.context_images)
 
 
 @dataclass(frozen=True)
 class Encoded:
     input_ids: np.ndarray  # int32 [L], image placeholders already expanded
     labels: np.ndarray  # int32 [L]
-    images: tuple[ImageRef, ...]  # in prompt order; () for a text-only row
+    image: ImageRef | None
+    image_tokens: int = 0  # positions the image placeholders expanded to, all images together (0: text only)
+    context_images: tuple[ImageRef, ...] = ()
+
+    @property
+    def images(self) -> tuple[ImageRef, ...]:
+        return _images(self.image, self.context_images)
+
+    @property
+    def text_length(self) -> int:
+        """Length with each image counted as one token: what ``max_length`` bounds."""
+        return len(self.input_ids) - self.image_tokens + len(self.images)
+
+
+def _images(image: ImageRef | None, context: tuple[ImageRef, ...]) -> tuple[ImageRef, ...]:
+    """A row's images in prompt order: the context (few-shot) images, then its own."""
+    return context if image is None else (*context, image)
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,9 @@ class TextConfig:
     # The ids that replace the prompt's one image token; empty = image_token_id x num_image_tokens. Set from
     # the image processor when an image expands to more than one run (Idefics2 with image splitting).
     image_tokens: tuple[int, ...] = ()
+    # How many image tokens a given image becomes, when that depends on the image (Qwen2-VL's native resolution);
+    # None = the fixed expansion above.
+    image_token_count: Callable[[ImageRef], int] | None = None
 
 
 
@@ -85,8 +109,11 @@ def checkpoint_text_config(tokenizer: Any, template: Template, model_config: Any
     mc = model_config
     expand = getattr(processor, "image_token_ids", None)
     image_tokens = () if expand is None else tuple(expand(mc.image_token_id, mc.num_image_tokens, tokenizer))
+    count = getattr(processor, "image_token_count", None)
+    per_image = None if count is None else functools.lru_cache(4096)(lambda ref: count(ref.load()))
     return TextConfig(tokenizer=tokenizer, template=template, image_token_id=mc.image_token_id,
-                      num_image_tokens=mc.num_image_tokens, image_tokens=image_tokens, **options)
+                      num_image_tokens=mc.num_image_tokens, image_tokens=image_tokens,
+                      image_token_count=per_image, **options)
 
 def examples_from(
     identities: Sequence[Identity],
@@ -117,29 +144,34 @@ def _tokens(cfg: TextConfig, text: str) -> tuple[list[int], list[tuple[int, int]
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _expand_images(ids: list[int], answer: list[bool], cfg: TextConfig, n_images: int, where: str):
-    """Each image token of the text becomes ``image_token_sequence(cfg)``; the text must hold one per image."""
+def _expand_images(ids: list[int], answer: list[bool], cfg: TextConfig, images: tuple[ImageRef, ...], where: str):
+    """The k-th image token of the text becomes ``image_token_sequence(cfg, images[k])``; one token per image."""
     positions = [i for i, t in enumerate(ids) if t == cfg.image_token_id]
-    if len(positions) != n_images:
+    if len(positions) != len(images):
         raise ValueError(
-            f"{where}: expected {n_images} image token(s) (id {cfg.image_token_id}), found {len(positions)}"
+            f"{where}: expected {len(images)} image token(s) (id {cfg.image_token_id}), found {len(positions)}"
         )
-    seq = list(image_token_sequence(cfg))
-    for p in reversed(positions):
-        ids = ids[:p] + seq + ids[p + 1 :]
-        answer = answer[:p] + [False] * len(seq) + answer[p + 1 :]
+    for p, image in reversed(list(zip(positions, images, strict=True))):
+        seq = list(image_token_sequence(cfg, image))
+        ids, answer = ids[:p] + seq + ids[p + 1 :], answer[:p] + [False] * len(seq) + answer[p + 1 :]
     return ids, answer
 
 
-def image_token_sequence(cfg: TextConfig) -> tuple[int, ...]:
-    """What one image token in the prompt expands to (the only place the expansion is defined)."""
+def image_token_sequence(cfg: TextConfig, image: ImageRef | None = None) -> tuple[int, ...]:
+    """What one image token in the prompt expands to (the only place the expansion is defined); ``image`` is
+    needed when the count depends on it (``image_token_count``)."""
+    if cfg.image_token_count is not None:
+        if image is None:
+            raise ValueError("this model's image token count depends on the image: pass it")
+        return (cfg.image_token_id,) * cfg.image_token_count(image)
     return cfg.image_tokens or (cfg.image_token_id,) * cfg.num_image_tokens
 
 
-def encode(example: Example, cfg: TextConfig) -> Encoded:
-    """Token ids and labels for one example (see the module docstring for the mask)."""
-    with_image = example.image is not None
-    prompt, text = cfg.template.full(example.question, example.answer, with_image)
+def text_ids(example: Example, cfg: TextConfig) -> tuple[list[int], list[bool]]:
+    """Token ids of one example with the image still ONE placeholder token and BOS / EOS added (what the seeds'
+    tokenizer call returns; their model expands the image), and which ids are answer tokens (see the module
+    docstring for the mask). Not cut: `expand` applies `max_length`."""
+    prompt, text = cfg.template.full(example.question, example.answer, example.image is not None)
     ids, offsets = _tokens(cfg, text)
     if cfg.fiubench_original_mask:
         instruction = text.split(cfg.template.answer_prefix)[0].strip(" ")
@@ -156,27 +188,63 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
         ids, answer = [cfg.tokenizer.bos_token_id, *ids], [False, *answer]
     if cfg.append_eos:
         ids, answer = [*ids, cfg.tokenizer.eos_token_id], [*answer, True]
-    ids, answer = _expand_images(ids, answer, cfg, len(example.images), f"example {example.uid!r} {example.question!r}")
+    return ids, answer
+
+
+def expand(ids: Sequence[int], answer: Sequence[bool], example: Example, cfg: TextConfig) -> Encoded:
+    """The model's row: the image placeholder expanded, labels = answer ids (every id with train_on_prompt), cut at
+    `max_length`."""
+    images = example.images
+    ids, answer = _expand_images(list(ids), list(answer), cfg, images,
+                                 f"example {example.uid!r} {example.question!r}")
     ids_np = np.asarray(ids, dtype=np.int32)
-    keep = np.asarray(answer) | cfg.train_on_prompt
+    keep = np.asarray(answer, dtype=bool) | cfg.train_on_prompt
     labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
-    # The seeds cut at max_length counting the image placeholder as ONE token (it is expanded inside the
-    # model there), so the limit grows by the expansion here.
-    expansion = (len(image_token_sequence(cfg)) - 1) * len(example.images)
-    limit = None if cfg.max_length is None else cfg.max_length + expansion
-    if limit is not None and len(ids_np) > limit:
+    # The seeds cut at max_length counting each image placeholder as ONE token (it is expanded inside the model
+    # there), so the limit grows by the expansion here.
+    n_image = sum(len(image_token_sequence(cfg, image)) for image in images)
+    if cfg.max_length is not None:
+        limit = cfg.max_length + n_image - len(images)
         ids_np, labels = ids_np[:limit], labels[:limit]
-    return Encoded(ids_np, labels, example.images)
+    return Encoded(ids_np, labels, example.image, n_image, example.context_images)
+
+
+def encode(example: Example, cfg: TextConfig) -> Encoded:
+    """Token ids and labels for one example (see the module docstring for the mask)."""
+    return expand(*text_ids(example, cfg), example, cfg)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def sequence_buckets(max_text: int, image_tokens: int = 0) -> tuple[int, ...]:
+    """Static sequence lengths for rows of at most ``max_text`` text tokens (the image placeholder counted once)
+    whose image expands to ``image_tokens`` positions (0: text only).
+
+    A fixed power-of-two ladder alone wastes most of a batch at real shapes (LLaVA-1.5's 576 image tokens put a
+    60-token question in a 1024 bucket) or cannot hold it at all; so the text ladder is cut at ``max_text`` and,
+    for image rows, shifted by the expansion: LLaVA-1.5 at max_length 512 gets 640, 704, 832 and 1088 (and
+    64 .. 512 for text-only rows).
+    """
+    text = sorted({b for b in TEXT_LADDER if b < max_text} | {max_text})
+    shifted = [t + image_tokens - 1 for t in text] if image_tokens > 0 else []
+    return tuple(sorted({_round_up(b, BUCKET_MULTIPLE) for b in (*text, *shifted)}))
+
+
+def row_buckets(rows: Sequence[Encoded]) -> tuple[int, ...]:
+    """The buckets of a set of rows: their longest text and largest image expansion (training rows are cut at
+    ``max_length``, so this never exceeds ``sequence_buckets(max_length, image tokens)``; eval rows are not cut
+    and still fit)."""
+    return sequence_buckets(max(r.text_length for r in rows), max(r.image_tokens for r in rows))
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that fits, so jit sees a handful of shapes; past the largest, the next multiple of it
-    (MLLMU eval.py's few-shot prompts carry a dozen images)."""
+    """The smallest bucket that fits, so jit sees a handful of shapes."""
     for b in sorted(buckets):
         if length <= b:
             return b
-    top = max(buckets)
-    return -(-length // top) * top
+    raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {max(buckets)}; add a bucket")
 
 
 def collate(
@@ -184,15 +252,15 @@ def collate(
     *,
     pad_token_id: int,
     image_fn: Callable[[ImageRef | None], dict[str, np.ndarray]],
-    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    buckets: Sequence[int] | None = None,
     left_pad: bool = False,
 ) -> dict[str, Any]:
     """Pad rows to one bucket length; right padding for training/scoring, left padding for generation.
 
     `image_fn(ref)` gives a row's image inputs (`image_fn(None)` a text-only row's); they are stacked per
-    key under `batch["images"]`.
+    key under `batch["images"]`. `buckets` None: `row_buckets(rows)`.
     """
-    t = bucket_length(max(len(r.input_ids) for r in rows), buckets)
+    t = bucket_length(max(len(r.input_ids) for r in rows), buckets or row_buckets(rows))
     batch: dict[str, Any] = {
         "input_ids": np.full((len(rows), t), pad_token_id, np.int32),
         "attention_mask": np.zeros((len(rows), t), np.int32),
@@ -213,8 +281,8 @@ def _batch_images(rows: Sequence[Encoded], image_fn: Callable[[ImageRef | None],
     several, every row gets the batch's largest count, text-only slots filled with ``image_fn(None)``, joined
     along the processor's image axis: a new one for one-image processors (LLaVA: [B, N, 3, H, W]), the existing
     one for processors that already give a stack per image (Idefics2: [B, N * n, 3, H, W])."""
-    if all(len(row.images) <= 1 for row in rows):
-        images = [image_fn(row.images[0] if row.images else None) for row in rows]
+    if all(not row.context_images for row in rows):
+        images = [image_fn(row.image) for row in rows]
         return {k: np.stack([im[k] for im in images]) for k in images[0]}
     n = max(len(row.images) for row in rows)
     blank = image_fn(None)
@@ -236,7 +304,7 @@ def _prompt_only(cfg: TextConfig) -> TextConfig:
     template = cfg.template.__class__(**{**cfg.template.__dict__, "answer_suffix": ""})
     # A generation prompt is never cut: the end of it (options, instruction, answer tag) is what matters.
     return TextConfig(cfg.tokenizer, template, cfg.image_token_id, cfg.num_image_tokens,
-                      image_tokens=cfg.image_tokens)
+                      image_tokens=cfg.image_tokens, image_token_count=cfg.image_token_count)
 
 
 def host_slice(global_size: int, process_index: int, process_count: int) -> slice:
@@ -252,7 +320,8 @@ class ExampleSource:
     slice.
 
     The last batch of an epoch wraps around to the epoch's first rows so every batch has the same shape
-    and every example is seen once per epoch. `shuffle=False` keeps file order (scoring/eval).
+    and every example is seen once per epoch. `shuffle=False` keeps file order (scoring/eval). `buckets`
+    None derives them from all the rows (`row_buckets`), so every batch of the source picks from one ladder.
     """
 
     def __init__(
@@ -262,7 +331,7 @@ class ExampleSource:
         global_batch_size: int,
         pad_token_id: int,
         image_fn: Callable[[ImageRef | None], dict[str, np.ndarray]],
-        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        buckets: Sequence[int] | None = None,
         seed: int = 0,
         shuffle: bool = True,
         left_pad: bool = False,
@@ -286,7 +355,7 @@ class ExampleSource:
             collate,
             pad_token_id=pad_token_id,
             image_fn=functools.lru_cache(256)(image_fn),
-            buckets=buckets,
+            buckets=tuple(buckets) if buckets else row_buckets(rows),
             left_pad=left_pad,
         )
 

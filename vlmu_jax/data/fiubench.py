@@ -36,41 +36,45 @@ def _load_json(path: Path) -> Any:
         try:
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError:
-            raise DataError(f"{path}: not valid JSON ({first})") from first
+            raise DataError(f"not valid JSON ({first})", file=path) from first
 
 
-def _str_list(value: Any, where: str, key: str) -> tuple[str, ...]:
+def _str_list(value: Any, file: Path, record: str, field: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
-    raise DataError(f"{where}: {key!r} must be a string or a list of strings, got {type(value).__name__}")
+    raise DataError(f"must be a string or a list of strings, got {type(value).__name__}", file=file,
+                    record=record, field=field)
 
 
-def _parse_qa(item: Any, where: str, capitalize: bool) -> QA:
+def _parse_qa(item: Any, source: Path, record: str, field: str, capitalize: bool) -> QA:
     if not isinstance(item, dict):
-        raise DataError(f"{where}: QA item must be an object")
+        raise DataError("must be an object with question and answer", file=source, record=record, field=field)
     for key in ("question", "answer"):
         if not isinstance(item.get(key), str):
-            raise DataError(f"{where}: missing or non-string {key!r}")
+            what = "missing" if key not in item else f"must be a string, got {type(item[key]).__name__}"
+            raise DataError(what, file=source, record=record, field=f"{field}.{key}")
     fix = str.capitalize if capitalize else str
     para_answer = item.get("paraphrased_answer")
     if para_answer is not None and not isinstance(para_answer, str):
-        raise DataError(f"{where}: 'paraphrased_answer' must be a string")
+        raise DataError(f"must be a string, got {type(para_answer).__name__}", file=source, record=record,
+                        field=f"{field}.paraphrased_answer")
+    paraphrased = _str_list(item.get("paraphrased_question"), source, record, f"{field}.paraphrased_question")
     return QA(
         question=fix(item["question"]),
         answer=fix(item["answer"]),
-        paraphrased_questions=_str_list(item.get("paraphrased_question"), where, "paraphrased_question"),
-        paraphrased_answer=para_answer,
-        perturbed_answers=_str_list(item.get("perturbed_answer"), where, "perturbed_answer"),
-        keywords=_str_list(item.get("keywords"), where, "keywords"),
+        paraphrased_questions=tuple(fix(q) for q in paraphrased),
+        paraphrased_answer=None if para_answer is None else fix(para_answer),
+        perturbed_answers=_str_list(item.get("perturbed_answer"), source, record, f"{field}.perturbed_answer"),
+        keywords=_str_list(item.get("keywords"), source, record, f"{field}.keywords"),
         category=item.get("category"),
     )
 
 
-def _resolve_image(image_path: str, root: Path, where: str) -> ImageRef:
+def _resolve_image(image_path: str, root: Path, source: Path, record: str) -> ImageRef:
     """Paths in full.json are relative to the data folder or to the repo root above it (`./dataset/...`)."""
     candidates = (
         [Path(image_path)]
@@ -80,21 +84,23 @@ def _resolve_image(image_path: str, root: Path, where: str) -> ImageRef:
     for cand in candidates:
         if cand.is_file():
             return ImageRef(path=str(cand))
-    raise DataError(f"{where}: image {image_path!r} not found (looked at {[str(c) for c in candidates]})")
+    raise DataError(f"image {image_path!r} not found (looked at {[str(c) for c in candidates]})", file=source,
+                    record=record, field="image_path")
 
 
 def _parse_identity(rec: Any, index: int, root: Path, source: Path, capitalize: bool) -> Identity:
-    where = f"{source} record {index}"
+    record = f"record {index}"
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: must be an object")
+        raise DataError(f"must be an object, got {type(rec).__name__}", file=source, record=record)
     for key, kind in (("unique_id", str), ("image_path", str), ("qa_list", list)):
         if not isinstance(rec.get(key), kind):
-            raise DataError(f"{where}: missing or malformed {key!r}")
-    where = f"{source} record {index} (unique_id {rec['unique_id']})"
-    qa = tuple(_parse_qa(item, f"{where} qa_list[{j}]", capitalize) for j, item in enumerate(rec["qa_list"]))
+            what = "missing" if key not in rec else f"must be a {kind.__name__}, got {type(rec[key]).__name__}"
+            raise DataError(what, file=source, record=record, field=key)
+    record = f"record {index} (unique_id {rec['unique_id']})"
+    qa = tuple(_parse_qa(item, source, record, f"qa_list[{j}]", capitalize) for j, item in enumerate(rec["qa_list"]))
     return Identity(
         uid=rec["unique_id"],
-        image=_resolve_image(rec["image_path"], root, where),
+        image=_resolve_image(rec["image_path"], root, source, record),
         qa=qa,
         name=rec.get("name"),
         caption=rec.get("caption"),
@@ -112,28 +118,30 @@ def read_fiubench(
 ) -> Benchmark:
     """Read a FIUBench folder.
 
-    `limit` keeps the first N identities as the seeds do (`data[:400]`). `capitalize=True` applies the
-    seeds' `str.capitalize()` to questions and answers (it also lower-cases the rest of the string, e.g.
-    names). Adds the split `retain` = identities outside forget1/5/10, as the seeds derive it.
+    `limit` keeps the first N identities as the seeds do (`data[:400]`). `capitalize=True` is FIUBench's
+    `str.capitalize()` (protocol `original`): questions, their paraphrases, answers and paraphrased answers, and
+    the IdK refusals after stripping spaces, as `data_module` formats every row it trains or scores on; it also
+    lower-cases the rest of each string (names). Perturbed answers and keywords keep their case, as there. Adds
+    the split `retain` = identities outside forget1/5/10, as the seeds derive it.
     """
     root = Path(root)
     data_path, split_path = root / data_file, root / split_file
     for path in (data_path, split_path):
         if not path.is_file():
-            raise DataError(f"{path}: file not found")
+            raise DataError("file not found", file=path)
     data = _load_json(data_path)
     if not isinstance(data, list):
-        raise DataError(f"{data_path}: top level must be a list of identities")
+        raise DataError("top level must be a list of identities", file=data_path)
     identities = [_parse_identity(rec, i, root, data_path, capitalize) for i, rec in enumerate(data[:limit])]
     uids = [ident.uid for ident in identities]
     if len(set(uids)) != len(uids):
         dup = sorted({u for u in uids if uids.count(u) > 1})
-        raise DataError(f"{data_path}: duplicate unique_id(s) {dup[:5]}")
+        raise DataError(f"duplicate unique_id(s) {dup[:5]}", file=data_path)
 
     raw_splits = _load_json(split_path)
     if not isinstance(raw_splits, dict):
-        raise DataError(f"{split_path}: top level must map split names to lists of unique_ids")
-    splits = {name: _str_list(ids, f"{split_path} split {name!r}", name) for name, ids in raw_splits.items()}
+        raise DataError("top level must map split names to lists of unique_ids", file=split_path)
+    splits = {name: _str_list(ids, split_path, f"split {name!r}", "ids") for name, ids in raw_splits.items()}
     check_split_ids(splits, set(uids), str(split_path))
     forgotten = {uid for name in FORGET_SPLITS for uid in splits.get(name, ())}
     splits["retain"] = tuple(u for u in uids if u not in forgotten)
@@ -142,7 +150,9 @@ def read_fiubench(
     prompt_path = root / prompt_file
     if prompt_path.is_file():
         prompts = _load_json(prompt_path)
-        idk = _str_list(prompts.get("idk") if isinstance(prompts, dict) else None, str(prompt_path), "idk")
+        idk = _str_list(prompts.get("idk") if isinstance(prompts, dict) else None, prompt_path, "", "idk")
+        if capitalize:
+            idk = tuple(refusal.strip(" ").capitalize() for refusal in idk)
     return Benchmark(
         name="fiubench",
         identities=with_split_membership(identities, splits),

@@ -22,8 +22,9 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from vlmu_jax.data import idefics2_images, mllama_images
+from vlmu_jax.data import idefics2_images, mllama_images, qwen2_vl_images
 from vlmu_jax.data.pixels import CLIP_MEAN, CLIP_STD, rescale_normalize
+from vlmu_jax.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ PROCESSORS: dict[str, Callable[[dict[str, Any]], ImageProcessor]] = {
     "LlavaImageProcessorFast": lambda cfg: ClipProcessor(ImageSpec.from_hf(cfg)),
     **{name: mllama_images.MllamaProcessor.from_hf for name in mllama_images.PROCESSOR_TYPES},
     **{name: idefics2_images.Idefics2Processor.from_hf for name in idefics2_images.PROCESSOR_TYPES},
+    **{name: qwen2_vl_images.Qwen2VLProcessor.from_hf for name in qwen2_vl_images.PROCESSOR_TYPES},
 }
 
 
@@ -143,10 +145,13 @@ def image_processor(cfg: dict[str, Any]) -> ImageProcessor:
 def load_image_processor(folder: str | Path, overrides: dict[str, Any] | None = None) -> ImageProcessor:
     """The processor of a checkpoint folder's preprocessor_config.json, with ``overrides`` over its fields."""
     path = Path(folder) / "preprocessor_config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the checkpoint folder needs its image processor config "
-                                "(text-only rows still take blank image inputs)")
-    return image_processor({**json.loads(path.read_text()), **(overrides or {})})
+    if not path.is_file():
+        raise InputError("missing: the checkpoint folder needs its image processor config (copy the base model's, "
+                         "or point config.model.path at the base model)", file=path)
+    try:
+        return image_processor({**json.loads(path.read_text()), **(overrides or {})})
+    except (json.JSONDecodeError, ValueError) as err:  # processors reject settings they cannot reproduce
+        raise InputError(str(err), file=path) from err
 
 
 def row_images(processor: ImageProcessor, ref: Any) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,33 +49,44 @@ CHOICE_GROUPS = {"Image_Textual_Questions": IMAGE, "Pure_Text_Questions": TEXT}
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _Where:
+    """The parquet file and row a value comes from, for errors that name file, record and field."""
+
+    file: Path
+    record: str
+
+    def error(self, what: str, field: str | None = None) -> DataError:
+        return DataError(what, file=self.file, record=self.record, field=field)
+
+
 def _rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError("file not found", file=path)
     try:
         return pq.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: cannot read parquet ({err})") from err
+        raise DataError(f"cannot read parquet ({err})", file=path) from err
 
 
-def _image(value: Any, where: str) -> ImageRef:
+def _image(value: Any, where: _Where, field: str) -> ImageRef:
     if not isinstance(value, dict) or not value.get("bytes"):
-        raise DataError(f"{where}: missing image bytes")
-    return ImageRef(data=value["bytes"])
+        raise where.error("missing image bytes", field)
+    return ImageRef(data=value["bytes"], origin=f"{where.file}: {where.record}: {field}")
 
 
-def _typed(items: Any, where: str, key: str) -> list[tuple[str, str, str]]:
+def _typed(items: Any, where: _Where, key: str) -> list[tuple[str, str, str]]:
     """(modality, question, ground truth) triples of Generation_Task / Mask_Task."""
     out = []
     for j, item in enumerate(items or ()):
         try:
             out.append((MODALITY[item["Type"]], item["Question"], item["Ground_Truth"]))
         except (KeyError, TypeError) as err:
-            raise DataError(f"{where}: malformed {key}[{j}] ({err!r})") from err
+            raise where.error(f"malformed ({err!r})", f"{key}[{j}]") from err
     return out
 
 
-def _choices(task: Any, where: str) -> tuple[MultipleChoice, ...]:
+def _choices(task: Any, where: _Where) -> tuple[MultipleChoice, ...]:
     out = []
     for group, modality in CHOICE_GROUPS.items():
         for j, item in enumerate((task or {}).get(group) or ()):
@@ -82,19 +94,19 @@ def _choices(task: Any, where: str) -> tuple[MultipleChoice, ...]:
                 options = tuple(sorted((k, v) for k, v in item["Options"].items() if v is not None))
                 out.append(MultipleChoice(item["Question"], options, item["Correct_Answer"], modality))
             except (KeyError, TypeError, AttributeError) as err:
-                raise DataError(f"{where}: malformed Classification_Task.{group}[{j}] ({err!r})") from err
+                raise where.error(f"malformed ({err!r})", f"Classification_Task.{group}[{j}]") from err
     return tuple(out)
 
 
-def _metadata_qa(raw: Any, where: str) -> tuple[QA, ...]:
+def _metadata_qa(raw: Any, where: _Where) -> tuple[QA, ...]:
     try:
         items = json.loads(raw)
     except (TypeError, json.JSONDecodeError) as err:
-        raise DataError(f"{where}: metadata is not valid JSON ({err})") from err
+        raise where.error(f"not valid JSON ({err})", "metadata") from err
     out = []
     for j, item in enumerate(items):
         if not isinstance(item, dict) or not item.get("Question") or not item.get("Answer"):
-            raise DataError(f"{where}: metadata[{j}] lacks Question/Answer")
+            raise where.error("lacks Question/Answer", f"metadata[{j}]")
         para = item.get("Paraphrased_Question")
         out.append(
             QA(
@@ -110,7 +122,7 @@ def _metadata_qa(raw: Any, where: str) -> tuple[QA, ...]:
     return tuple(out)
 
 
-def _tasks(row: dict[str, Any], where: str) -> dict[str, tuple]:
+def _tasks(row: dict[str, Any], where: _Where) -> dict[str, tuple]:
     return {
         "generation": tuple(
             QA(q, a, modality=m) for m, q, a in _typed(row.get("Generation_Task"), where, "Generation_Task")
@@ -120,13 +132,13 @@ def _tasks(row: dict[str, Any], where: str) -> dict[str, tuple]:
     }
 
 
-def _profile(row: dict[str, Any], where: str) -> Identity:
+def _profile(row: dict[str, Any], path: Path, index: int) -> Identity:
     if row.get("ID") is None:
-        raise DataError(f"{where}: missing ID")
-    where = f"{where} (ID {row['ID']})"
+        raise DataError("missing", file=path, record=f"row {index}", field="ID")
+    where = _Where(path, f"row {index} (ID {row['ID']})")
     return Identity(
         uid=str(row["ID"]),
-        image=_image(row.get("image"), where),
+        image=_image(row.get("image"), where, "image"),
         qa=_metadata_qa(row.get("metadata"), where),
         name=row.get("Name"),
         **_tasks(row, where),
@@ -137,7 +149,7 @@ def _read_profiles(path: Path, skip_bad_rows: bool, skipped: dict[str, int]) -> 
     out = []
     for i, row in enumerate(_rows(path)):
         try:
-            out.append(_profile(row, f"{path} row {i}"))
+            out.append(_profile(row, path, i))
         except DataError as err:
             if not skip_bad_rows:
                 raise
@@ -149,19 +161,20 @@ def _read_profiles(path: Path, skip_bad_rows: bool, skipped: dict[str, int]) -> 
 def _read_test(folder: Path) -> tuple[TestVariant, ...]:
     files = sorted(folder.glob("*.parquet"))
     if not files:
-        raise DataError(f"{folder}: no parquet files")
+        raise DataError("no parquet files", file=folder)
     out = []
     for path in files:
         for i, row in enumerate(_rows(path)):
             if row.get("ID") is None:
-                raise DataError(f"{path} row {i}: missing ID")
-            where = f"{path} row {i} (ID {row['ID']})"
+                raise DataError("missing", file=path, record=f"row {i}", field="ID")
+            where = _Where(path, f"row {i} (ID {row['ID']})")
             images = row.get("images") or ([row["image"]] if row.get("image") else [])
             if not images:
-                raise DataError(f"{where}: no images")
+                raise where.error("no images", "images")
             out.append(
                 TestVariant(
-                    uid=str(row["ID"]), images=tuple(_image(im, where) for im in images), **_tasks(row, where)
+                    uid=str(row["ID"]), images=tuple(_image(im, where, f"images[{j}]") for j, im in enumerate(images)),
+                    **_tasks(row, where)
                 )
             )
     return tuple(out)

@@ -12,12 +12,14 @@ from pathlib import Path
 
 from PIL import Image
 
+from vlmu_jax.errors import InputError
+
 IMAGE = "image"  # the question is asked together with the identity's image (MLLMU "Image_Textual")
 TEXT = "text"  # text-only question (MLLMU "Pure_Text")
 
 
-class DataError(ValueError):
-    """A data file does not match its benchmark's layout; the message names the file and the record."""
+class DataError(InputError, ValueError):
+    """A data file does not match its benchmark's layout: `file`, `record` and `field` say where, `what` what."""
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,21 @@ class ImageRef:
 
     path: str | None = None
     data: bytes | None = None
+    origin: str | None = field(default=None, compare=False)  # file and row of embedded bytes, for error messages
 
     def load(self) -> Image.Image:
-        """Decode to RGB, as every seed does before its image processor."""
-        if self.data is not None:
-            return Image.open(io.BytesIO(self.data)).convert("RGB")
-        if self.path is None:
-            raise DataError("ImageRef has neither path nor data")
-        return Image.open(self.path).convert("RGB")
+        """Decode to RGB, as every seed does before its image processor.
+
+        Images are decoded only when a batch needs them, so a truncated or unreadable file is reported here,
+        naming the file (or the parquet row of embedded bytes)."""
+        if self.data is None and self.path is None:
+            raise DataError("image reference has neither a path nor bytes", file=self.origin)
+        try:
+            image = Image.open(io.BytesIO(self.data) if self.data is not None else self.path)
+            return image.convert("RGB")
+        except OSError as err:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
+            where = self.path if self.data is None else self.origin
+            raise DataError(f"cannot decode the image ({err})", file=where) from err
 
     def read_bytes(self) -> bytes:
         """Encoded bytes (for writing parquet); reads the file when the reference is a path."""
@@ -120,7 +129,8 @@ class Benchmark:
     def split(self, name: str) -> list[Identity]:
         """Identities of a split, in file order."""
         if name not in self.splits:
-            raise KeyError(f"unknown split {name!r}; known: {sorted(self.splits)}")
+            raise DataError(f"not in the {self.name} data (known splits: {sorted(self.splits)})",
+                            record=f"split {name!r}")
         ids = set(self.splits[name])
         return [ident for ident in self.identities if ident.uid in ids]
 
@@ -143,4 +153,4 @@ def check_split_ids(splits: dict[str, tuple[str, ...]], known: set[str], source:
     for name, uids in splits.items():
         unknown = [u for u in uids if u not in known]
         if unknown:
-            raise DataError(f"{source}: split {name!r} names unknown id(s) {unknown[:5]}")
+            raise DataError(f"names unknown id(s) {unknown[:5]}", file=source, record=f"split {name!r}")

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from vlmu_jax.errors import InputError
+
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions. "
@@ -89,6 +91,20 @@ TEMPLATES: dict[str, Template] = {
         answer_suffix="<end_of_utterance>",
         image_markup="<fake_token_around_image><image><fake_token_around_image>",
     ),
+    # Qwen2-VL / Qwen2.5-VL chat template (same for both), with its default system turn and no BOS token; the
+    # processor expands <|image_pad|> to one token per merged patch of the image.
+    "qwen2-vl": Template(
+        "qwen2-vl",
+        system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+        user_prefix="<|im_start|>user\n",
+        answer_prefix="<|im_start|>assistant\n",
+        image_text="<|vision_start|><|image_pad|><|vision_end|>",
+        question_end="<|im_end|>\n",
+        answer_suffix="<|im_end|>",
+        image_token="<|image_pad|>",
+        prepend_bos=False,
+        image_markup="<|vision_start|><|image_pad|><|vision_end|>",
+    ),
 }
 TEMPLATES["demo"] = TEMPLATES[
     "llava-1.5"
@@ -108,7 +124,12 @@ def load_tokenizer(path: str | Path):
     """The checkpoint's own tokenizer from a local folder (no network)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:  # what transformers raises for a folder without (readable) tokenizer files
+        raise InputError("no tokenizer that transformers can load: needs tokenizer.json, or tokenizer.model with "
+                         "tokenizer_config.json (copy the base model's, or point config.model.path at the base "
+                         "model; --verbosity=1 shows transformers' own error)", file=path) from err
 
 
 def template_markers(template: Template) -> list[str]:

@@ -15,11 +15,11 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.scoring import token_logprobs
+from vlmu_jax.logs import progress
 from vlmu_jax.models.sharding import global_batch
 
 
@@ -40,7 +40,7 @@ class AnswerScores:
 def _batches(source: ExampleSource, desc: str):
     """(batch, row indices) for every batch, each row index reported once (the last batch wraps)."""
     seen: set[int] = set()
-    for i in tqdm(range(len(source)), desc=desc, leave=False, disable=jax.process_index() != 0):
+    for i in progress(range(len(source)), desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0):
         idx = source.global_indices(i)
         fresh = np.array([j not in seen for j in idx])
         seen.update(int(j) for j in idx)

@@ -4,7 +4,7 @@ Inputs are what the model side produces: per-token log-probs ``logps [B, T-1]`` 
 [B, T-1]`` (``labels[:, 1:] != -100``), and decoded generations. No model lives here, so every number can be
 checked by hand.
 
-Differences from the originals (kept behind flags where they change numbers):
+Differences from the originals (the FIUBench ones switched on by protocol ``original``, see ``vlmu_jax.protocol``):
 
 - Answer loss (gray311/VLM_Unlearned ``evaluate_util.py``: ``get_all_evals`` and ``eval_perturbation_ratio``
   strip the labels to the answer tokens, slice the logits to the last n positions and then call
@@ -17,7 +17,8 @@ Differences from the originals (kept behind flags where they change numbers):
 - ROUGE cut (``evaluate_util.eval_rouge_recall``): ``gen[:gen.find(".")]`` drops the last character when
   there is no period. We keep the text; ``original=True`` in :func:`fiubench_rouge_recall` reproduces it.
 - Ground truth for ROUGE: the original decodes it from ``input_ids`` without skipping special tokens, so end
-  markers (``<|end|>``, ``</s>``) leak into the reference; we score against the answer string itself.
+  markers (``<|eot_id|>``) and the tag's newlines leak into the reference; we score against the answer string
+  itself (``data.fiubench_prompts`` builds the original's).
 - Model Utility (``aggregate_eval_stat.get_model_utility``): an empty ``gpt``/``exact_match`` list (always
   present in the original logs) enters the harmonic mean as 0.0, forcing Model Utility to 0. See
   ``vlmu_jax.report.aggregate`` (``empty_lists_as_zero``).

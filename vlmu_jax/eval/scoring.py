@@ -6,6 +6,7 @@ ever holds B x T x V float32 logits: only one [B, chunk, V] block at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -53,19 +54,39 @@ def head_logprobs(
     return outs if with_stats else outs[0]
 
 
-def head_kl(hidden: jax.Array, ref_hidden: jax.Array, head: jax.Array, ref_head: jax.Array,
-            chunk_size: int = 128) -> jax.Array:
-    """Full-vocabulary KL(ref || policy) at each position [B, N], chunked like `head_logprobs`.
+def head_token_stat(
+    stat: Callable[[jax.Array, jax.Array | None, jax.Array], jax.Array],
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    ref_hidden: jax.Array | None = None,
+    ref_head: jax.Array | None = None,
+    chunk_size: int = 128,
+) -> jax.Array:
+    """`stat(logp, logq, targets)` [B, N] of the policy's (and the reference's) full next-token log-softmaxes.
 
-    KL-regularised unlearning (FIUBench `kl`, MLLMU `kl_min`) needs whole next-token distributions,
-    which never exist as B x T x V arrays here: each chunk's two softmaxes live only inside the scan.
+    Objectives that need whole distributions (KL, UNDIAL's adjusted-logit target, CE-U) reduce them to one
+    number per position inside the scan, so no B x T x V array exists, forward or backward; `logq` is None
+    without a reference.
     """
 
-    def chunk(h_c: jax.Array, r_c: jax.Array) -> tuple[jax.Array]:
-        logp, logq = _log_softmax_head(h_c, head), _log_softmax_head(r_c, ref_head)
-        return (jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1),)
+    def chunk(h_c: jax.Array, t_c: jax.Array, *r_c: jax.Array) -> tuple[jax.Array]:
+        logq = _log_softmax_head(r_c[0], ref_head) if r_c else None
+        return (stat(_log_softmax_head(h_c, head), logq, t_c),)
 
-    return _over_chunks(chunk, (hidden, ref_hidden), chunk_size)[0]
+    inputs = (hidden, targets) if ref_hidden is None else (hidden, targets, ref_hidden)
+    return _over_chunks(chunk, inputs, chunk_size)[0]
+
+
+def head_kl(hidden: jax.Array, ref_hidden: jax.Array, head: jax.Array, ref_head: jax.Array,
+            chunk_size: int = 128) -> jax.Array:
+    """Full-vocabulary KL(ref || policy) at each position [B, N] (FIUBench `kl`, MLLMU `kl_min`)."""
+
+    def kl(logp: jax.Array, logq: jax.Array, _: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
+
+    targets = jnp.zeros(hidden.shape[:2], jnp.int32)
+    return head_token_stat(kl, hidden, head, targets, ref_hidden, ref_head, chunk_size)
 
 
 def compute_token_logprobs(

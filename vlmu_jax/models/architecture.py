@@ -3,7 +3,8 @@
 Each family module (llava.py, ...) defines one ``Architecture``; registry.py picks it by config.json's
 ``model_type``. The model config it builds must carry ``image_token_id``, ``num_image_tokens``,
 ``eos_token_id``, ``pad_token_id`` and the verbatim ``hf_config`` (for export), and its model the surface
-described in llava.py's docstring.
+described in llava.py's docstring. ``num_image_tokens`` is 0 where the count depends on the image (Qwen2-VL): the
+image processor's ``image_token_count`` then gives it per image.
 """
 
 from __future__ import annotations

@@ -133,7 +133,14 @@ def rope_inv_freq(
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scaling: float = 1.0) -> jax.Array:
     """Rotate the first 2*len(inv_freq) channels of x [B,T,N,H] (HF rotate_half layout) at integer
     positions [B,T]."""
-    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    return rotate(x, positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq), scaling)
+
+
+def rotate(x: jax.Array, freqs: jax.Array, scaling: float = 1.0) -> jax.Array:
+    """Rotate the first 2*F channels of x [B,T,N,H] by the angles freqs [B,T,F] (HF rotate_half layout).
+
+    Split from ``apply_rope`` because multimodal RoPEs (Qwen2-VL's M-RoPE, its vision tower's 2D rope) take
+    each frequency's position from a different axis; only how the angles are formed differs."""
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     cos = (jnp.cos(emb) * scaling).astype(x.dtype)[:, :, None, :]
     sin = (jnp.sin(emb) * scaling).astype(x.dtype)[:, :, None, :]
@@ -157,10 +164,13 @@ def attention_mask(
     return mask[:, None]
 
 
-def resolve_attention_impl(impl: str) -> str:
-    """ "auto" -> cudnn on GPU, XLA elsewhere."""
+def resolve_attention_impl(impl: str, dtype=None) -> str:
+    """The kernel a model's attention runs: "auto" -> cudnn on GPU, XLA elsewhere (on TPU XLA fuses attention
+    itself); cuDNN's flash attention needs half precision, so a float32 ``dtype`` runs XLA's."""
     if impl == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+        impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    if impl == "cudnn" and dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "xla"
     return impl
 
 
@@ -173,9 +183,7 @@ def attend(
     alone is exact
     on every real position (pad positions only produce ignored outputs), and it keeps the fused kernel.
     """
-    impl = resolve_attention_impl(impl)
-    if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
-        impl = "xla"  # cuDNN flash attention needs half precision
+    impl = resolve_attention_impl(impl, q.dtype)
     if impl == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
         impl = "xla"  # jax's cuDNN backward rejects odd sequence lengths (seen on H100, jax 0.11.2)
     if impl == "cudnn" and causal:
@@ -265,7 +273,7 @@ def run_layers(
         raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
     graphdef, state = nnx.split(stack)
     if limit is not None:
-        state = jax.tree.map(lambda a: a[:limit], state)
+        state, xs = jax.tree.map(lambda a: a[:limit], (state, xs))
 
     def body(c, inp):
         layer_state, x = inp

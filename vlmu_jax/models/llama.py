@@ -9,6 +9,7 @@ generation: new keys/values are written at slot ``index`` and attention runs ove
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,10 @@ class LlamaAttention(nnx.Module):
     def qkv(self, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         return self.q_proj(x, fold(rng, 0)), self.k_proj(x, fold(rng, 1)), self.v_proj(x, fold(rng, 2))
 
+    def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """Rotary embedding of q or k [B,T,N,H] at positions [B,T] (M-RoPE overrides it with 3D positions)."""
+        return apply_rope(x, positions, self.config.inv_freq, self.config.rope_scaling)
+
     def __call__(
         self,
         x: jax.Array,
@@ -113,8 +118,8 @@ class LlamaAttention(nnx.Module):
         c = self.config
         b, t, _ = x.shape
         q, k, v = self.qkv(x, rng)
-        q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), positions, c.inv_freq, c.rope_scaling)
-        k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions, c.inv_freq, c.rope_scaling)
+        q = self.rope(q.reshape(b, t, c.num_heads, c.head_dim), positions)
+        k = self.rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         if cache is not None:
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
@@ -179,10 +184,11 @@ def llama_layer(c: TextConfig, *, stack: tuple[int, ...], dtype, rngs: nnx.Rngs)
 class DecoderLM(nnx.Module):
     """Token embedding + stacked decoder layers + final norm (no head)."""
 
-    def __init__(self, c: TextConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, c: TextConfig, *, dtype, rngs: nnx.Rngs, make_layer: Callable[..., nnx.Module] | None = None):
+        """make_layer builds the stacked layer (default: by ``c.arch``); a family with its own layer passes it."""
         from vlmu_jax.models.phi3 import phi3_layer
 
-        make_layer = {"llama": llama_layer, "phi3": phi3_layer}[c.arch]
+        make_layer = make_layer or {"llama": llama_layer, "phi3": phi3_layer}[c.arch]
         self.config = c
         self.embed_tokens = nnx.Param(
             (c.init_std * jax.random.normal(rngs.params(), (c.vocab_size, c.hidden_size))).astype(dtype),
@@ -207,11 +213,13 @@ class DecoderLM(nnx.Module):
         cache: KVCache | None = None,
         index: jax.Array | int = 0,
         rng: jax.Array | None = None,
+        output_layer: int | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """h [B,T,D] embeddings at cache slots index..index+T; kv_valid [B,S] marks real (non-pad) key slots.
 
         Without a cache S == T and attention is causal within h; with a cache S is the cache length.
-        Returns final-normed hidden states and the updated cache.
+        Returns final-normed hidden states and the updated cache; with `output_layer` L, the raw output of
+        layer L (0-based, HF `hidden_states[L + 1]`) and only layers 0..L run.
         """
         b, t, _ = h.shape
         q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
@@ -237,8 +245,16 @@ class DecoderLM(nnx.Module):
             )
 
         h = constrain(h, ("batch", "seq", None))
-        h, cache = run_layers(self.layers, step, h, (cache, layer_rngs), remat=remat, scan=scan)
-        return self.norm(h), cache
+        limit = None if output_layer is None else layers_to_run(output_layer, self.config.num_layers)
+        h, cache = run_layers(self.layers, step, h, (cache, layer_rngs), remat=remat, scan=scan, limit=limit)
+        return (self.norm(h) if limit is None else h), cache
+
+
+def layers_to_run(output_layer: int, num_layers: int) -> int:
+    """Layers to run for the output of layer `output_layer` (an out-of-range index is an error, not a clip)."""
+    if not 0 <= output_layer < num_layers:
+        raise ValueError(f"hidden layer {output_layer} is outside the model's {num_layers} decoder layers")
+    return output_layer + 1
 
 
 def output_head(t: TextConfig, *, dtype, rngs: nnx.Rngs) -> nnx.Param | None:

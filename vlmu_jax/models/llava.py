@@ -4,7 +4,8 @@ The model returns final-normed hidden states [B, T, D]; the output head (``head_
 applied by the chunked scorer or the generator, never here.
 
 Every architecture exposes the same surface to scoring, training and generation:
-``__call__(input_ids, attention_mask, images, dropout_rng)`` -> hidden states, ``head_weight()``,
+``__call__(input_ids, attention_mask, images, dropout_rng, *, output_layer=None)`` -> hidden states (final-normed,
+or the raw output of decoder layer ``output_layer``), ``head_weight()``,
 ``prefill(input_ids, attention_mask, images, cache_len)`` -> (hidden states, decode state) and
 ``decode_step(tokens, positions, kv_valid, state, index)`` -> (hidden states, decode state); ``images`` is
 the dict the architecture's image processor makes (here ``{"pixel_values": [B, 3, H, W]}``) and the decode
@@ -94,10 +95,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         self.lm_head = output_head(t, dtype=dtype, rngs=rngs)
         self.lora_rngs: nnx.Rngs | None = nnx.data(None)
 
-    # Padding as transformers feeds it, whose outputs only a KL over every position of the padded batch sees
-    # (MLLMU-Bench's KL_Min): LLaVA's merge (4.45, the version MLLMU-Bench pins) zeroes its embeddings and writes
-    # position 1.
-    PAD_POSITION: int | None = 1
+    # Padding's embedding as transformers feeds it (see ``__call__``): LLaVA's merge zeroes it.
     ZERO_PAD_EMBEDDINGS: bool = True
 
     def head_weight(self) -> jax.Array:
@@ -162,6 +160,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         index: jax.Array | int = 0,
         rng: jax.Array | None = None,
         impl: str | None = None,
+        output_layer: int | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Run the language model on embeddings (see DecoderLM.__call__)."""
         c = self.config
@@ -175,7 +174,16 @@ class LlavaForConditionalGeneration(nnx.Module):
             cache=cache,
             index=index,
             rng=rng,
+            output_layer=output_layer,
         )
+
+    def positions(
+        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None
+    ) -> jax.Array:
+        """Rotary positions [B, T] of a prompt: they follow the attention mask (HF: cumsum - 1), so left padding
+        does not shift them; padding slots get position 1, as HF LLaVA's image merge gives them (only their own
+        outputs depend on it). Qwen2-VL overrides this with its 3D M-RoPE positions."""
+        return jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, 1)
 
     def __call__(
         self,
@@ -183,18 +191,22 @@ class LlavaForConditionalGeneration(nnx.Module):
         attention_mask: jax.Array,
         images: dict[str, jax.Array] | None = None,
         dropout_rng: jax.Array | None = None,
+        *,
+        output_layer: int | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [B, T, D]. Positions follow the attention mask (HF: cumsum - 1); padding
-        sits at ``PAD_POSITION`` (None: its index), with a zero embedding when ``ZERO_PAD_EMBEDDINGS``."""
+        """Final-normed hidden states [B, T, D] (positions: see ``positions``). Padding slots get a zero embedding
+        (``ZERO_PAD_EMBEDDINGS``), as HF LLaVA's image merge gives them (transformers 4.45, the seeds' path): only
+        their own outputs depend on it, and the KL terms over every position (FIUBench's KL, MLLMU's KL_Min) sum
+        those in.
+
+        output_layer=L: the raw output of decoder layer L instead, running only layers 0..L (RMU)."""
         if dropout_rng is None and self.lora_rngs is not None:
             dropout_rng = self.lora_rngs.dropout()
-        index = jnp.broadcast_to(jnp.arange(attention_mask.shape[1]), attention_mask.shape)
-        pad = index if self.PAD_POSITION is None else self.PAD_POSITION
-        positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, pad)
-        h = self.embed(input_ids, images)
+        positions = self.positions(input_ids, attention_mask, images)
+        embeds = self.embed(input_ids, images)
         if self.ZERO_PAD_EMBEDDINGS:
-            h = jnp.where(attention_mask[..., None] > 0, h, 0).astype(h.dtype)
-        h, _ = self.decode(h, positions, attention_mask, rng=dropout_rng)
+            embeds = jnp.where(attention_mask[..., None] > 0, embeds, 0)
+        h, _ = self.decode(embeds, positions, attention_mask, rng=dropout_rng, output_layer=output_layer)
         return h
 
     def prefill(
@@ -205,7 +217,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         dtype = self.head_weight().dtype
         cache = tuple(jnp.zeros((t.num_layers, b, cache_len, t.num_kv_heads, t.head_dim), dtype) for _ in range(2))
         kv_valid = jnp.zeros((b, cache_len), jnp.int32).at[:, : input_ids.shape[1]].set(attention_mask)
-        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        positions = self.positions(input_ids, attention_mask, images)
         return self.decode(self.embed(input_ids, images), positions, kv_valid, cache=cache, index=0, impl="xla")
 
     def decode_step(

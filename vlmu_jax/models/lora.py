@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from vlmu_jax.models.layers import Dense
 from vlmu_jax.models.sharding import variable_sharding
 
+# Every linear projection of the language model, fused ones (Phi-3's qkv_proj / gate_up_proj) included.
 DEFAULT_TARGETS = (
     r"language_model.*(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|down_proj)"
 )

@@ -44,7 +44,7 @@ from vlmu_jax.models.layers import (
     attention_mask,
     fold,
 )
-from vlmu_jax.models.llama import KVCache, TextConfig, llama_layer
+from vlmu_jax.models.llama import KVCache, TextConfig, layers_to_run, llama_layer
 from vlmu_jax.models.mllama_vision import MllamaVisionConfig, MllamaVisionModel
 from vlmu_jax.models.sharding import constrain
 
@@ -219,8 +219,10 @@ class MllamaTextModel(nnx.Module):
         self_kv: tuple[KVCache, ...] | None = None,
         index: jax.Array | int = 0,
         rng: jax.Array | None = None,
+        output_layer: int | None = None,
     ) -> tuple[jax.Array, tuple[KVCache, ...] | None]:
-        """As DecoderLM.__call__, plus the cross-attention inputs (None: no image in the batch)."""
+        """As DecoderLM.__call__, plus the cross-attention inputs (None: no image in the batch); layer indices
+        count the cross-attention layers, as HF's `model.language_model.layers` does."""
         b, t, _ = h.shape
         q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
         k_slots = jnp.broadcast_to(jnp.arange(kv_valid.shape[1]), kv_valid.shape)
@@ -236,7 +238,8 @@ class MllamaTextModel(nnx.Module):
             return layer(h, cross, kv, impl=impl, rng=rng)
 
         self_call, cross_call = _remat(self_fn, remat), _remat(cross_fn, remat)
-        for i in range(self.config.num_layers):
+        n_run = self.config.num_layers if output_layer is None else layers_to_run(output_layer, self.config.num_layers)
+        for i in range(n_run):
             layer, layer_rng = self.layers[str(i)], fold(rng, i)
             if i in self.cross_layers:
                 if cross is not None:
@@ -247,7 +250,8 @@ class MllamaTextModel(nnx.Module):
                 h, cache = self_call(layer, h, positions, mask, cache, index, layer_rng)
                 new_kv.append(cache)
                 n_self += 1
-        return self.norm(h), (None if self_kv is None else tuple(new_kv))
+        h = h if output_layer is not None else self.norm(h)
+        return h, (None if self_kv is None else tuple(new_kv))
 
 
 # ------------------------------------------------------------------------------------------ full model
@@ -293,7 +297,7 @@ class MllamaForConditionalGeneration(nnx.Module):
         has_image = images["aspect_ratio_ids"].reshape(-1) > 0
         return CrossState(token_mask.astype(jnp.int32), key_valid.astype(jnp.int32), has_image.astype(jnp.int32))
 
-    def _run(self, input_ids, attention_mask, images, *, kv_valid, self_kv, index, rng, impl):
+    def _run(self, input_ids, attention_mask, images, *, kv_valid, self_kv, index, rng, impl, output_layer=None):
         c = self.config
         h = self.language_model.embed(input_ids)
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
@@ -302,7 +306,8 @@ class MllamaForConditionalGeneration(nnx.Module):
             cross = self.cross_state(input_ids, images)
             cross_kv = self.language_model.cross_kv(self.vision_states(images).astype(h.dtype), rng)
         h, self_kv = self.language_model(h, positions, kv_valid, cross=cross, cross_kv=cross_kv, impl=impl,
-                                         remat=c.remat, self_kv=self_kv, index=index, rng=rng)
+                                         remat=c.remat, self_kv=self_kv, index=index, rng=rng,
+                                         output_layer=output_layer)
         return h, self_kv, cross, cross_kv
 
     def __call__(
@@ -311,12 +316,15 @@ class MllamaForConditionalGeneration(nnx.Module):
         attention_mask: jax.Array,
         images: dict[str, jax.Array] | None = None,
         dropout_rng: jax.Array | None = None,
+        *,
+        output_layer: int | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [B, T, D]; positions follow the attention mask (HF: cumsum - 1)."""
+        """Final-normed hidden states [B, T, D] (or decoder layer `output_layer`'s raw output); positions follow
+        the attention mask (HF: cumsum - 1)."""
         if dropout_rng is None and self.lora_rngs is not None:
             dropout_rng = self.lora_rngs.dropout()
         h, *_ = self._run(input_ids, attention_mask, images, kv_valid=attention_mask, self_kv=None, index=0,
-                          rng=dropout_rng, impl=self.config.attention_impl)
+                          rng=dropout_rng, impl=self.config.attention_impl, output_layer=output_layer)
         return h
 
     def prefill(

@@ -15,13 +15,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from vlmu_jax.models import idefics2, llava, mllama
+from vlmu_jax.models import idefics2, llava, mllama, qwen2_vl
 from vlmu_jax.models.architecture import Architecture
 from vlmu_jax.models.hf_names import HFParam
 from vlmu_jax.models.sharding import state_shardings
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.model_type: a for a in (llava.ARCHITECTURE, mllama.ARCHITECTURE, idefics2.ARCHITECTURE)
+    a.model_type: a
+    for a in (llava.ARCHITECTURE, mllama.ARCHITECTURE, idefics2.ARCHITECTURE, *qwen2_vl.ARCHITECTURES)
 }
 
 

@@ -122,8 +122,51 @@ def tiny_idefics2(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str
     return config, preprocessor
 
 
+def _tiny_qwen_vl(shape: Shape, ids: TokenIds, model_type: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A Qwen2-VL / Qwen2.5-VL (Qwen2 LM with M-RoPE sections in the 7B's 2:3:3 proportions) and its processor:
+    images resized to at most image_size^2 pixels, so at most (image_size / patch_size)^2 patches per row."""
+    text = _llama_text(shape, ids, f"{model_type}_text")
+    half = shape.hidden_size // shape.num_heads // 2
+    text["rope_parameters"]["mrope_section"] = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    vh, p = shape.vision_hidden_size, shape.patch_size
+    common = dict(depth=shape.vision_layers, num_heads=shape.vision_heads, patch_size=p, spatial_merge_size=2,
+                  temporal_patch_size=2, initializer_range=0.02)
+    if model_type == "qwen2_5_vl":  # windows of 2x2 merged patches, the last block attends over the whole image
+        vision = dict(model_type="qwen2_5_vl_vision", hidden_size=vh, intermediate_size=2 * vh,
+                      out_hidden_size=shape.hidden_size, window_size=4 * p,
+                      fullatt_block_indexes=[shape.vision_layers - 1], **common)
+    else:
+        vision = dict(model_type="qwen2_vl_vision", embed_dim=vh, hidden_size=shape.hidden_size, mlp_ratio=2,
+                      **common)
+    config = {
+        "model_type": model_type,
+        "architectures": [{"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[model_type]],
+        "text_config": text, "vision_config": vision, "image_token_id": ids.image_token_id,
+        "tie_word_embeddings": False, "pad_token_id": ids.pad_token_id,
+    }
+    factor = 2 * p
+    preprocessor = {
+        "image_processor_type": "Qwen2VLImageProcessor", "do_convert_rgb": True, "do_resize": True,
+        "size": {"shortest_edge": factor * factor, "longest_edge": shape.image_size**2}, "patch_size": p,
+        "merge_size": 2, "temporal_patch_size": 2, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
+    return config, preprocessor
+
+
+def tiny_qwen2_vl(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, Any]]:
+    return _tiny_qwen_vl(shape, ids, "qwen2_vl")
+
+
+def tiny_qwen2_5_vl(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, Any]]:
+    return _tiny_qwen_vl(shape, ids, "qwen2_5_vl")
+
+
 # config.model.tiny_shape.architecture (= the family's HF model_type) -> builder.
-BUILDERS: dict[str, Builder] = {"llava": tiny_llava, "mllama": tiny_mllama, "idefics2": tiny_idefics2}
+BUILDERS: dict[str, Builder] = {"llava": tiny_llava, "mllama": tiny_mllama, "idefics2": tiny_idefics2,
+                                "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
 
 
 def tiny_checkpoint(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -13,10 +13,11 @@ Differences from ``aggregate_eval_stat.py``:
   empty list then enters Model Utility as 0.0 and forces it to 0. We leave out what is absent or empty;
   ``empty_lists_as_zero=True`` reproduces the original.
 - The original leaves ``GPT Forget`` and unset metrics as empty-list placeholders in the CSV; we omit them.
-- Added columns (not in the original): ``APE`` (mean EM over the APE variants, from an
-  ``eval_forget_ape_log.json`` task) and ``MIA AUC <score>`` (forget vs retain-log questions, see
-  ``eval.mia``). In the original the APE run overwrites the forget log (early return), so its ``Exact
-  Match`` column is the APE EM when ``ape`` is in the metric list.
+- Added columns (not in the original): ``APE`` (mean EM over the APE variants, from the
+  ``eval_forget_ape_log.json`` file beside the aggregated one, never inside it, so the original's
+  ``aggregate_eval_stat.py`` reads our aggregated file as it is) and ``MIA AUC <score>`` (forget vs
+  retain-log questions, see ``eval.mia``). In the original the APE run overwrites the forget log (early
+  return), so its ``Exact Match`` column is the APE EM when ``ape`` is in the metric list.
 - ``results_collect.py`` copies ``eval_results`` folders of forget1 runs; :func:`collect_runs` instead finds
   every ``*eval_log_aggregated.json`` under a root and summarises each against the retain-only reference.
 """
@@ -65,14 +66,21 @@ def _indexed(values) -> dict[str, object]:
     return {str(i): (v.tolist() if isinstance(v, np.ndarray) else v) for i, v in enumerate(values)}
 
 
-def fiubench_eval_log(res: FiuTaskResults, *, forget: bool, original: bool = False) -> dict:
-    """One task's eval log with the original key names (indices as strings, as after a JSON round trip)."""
+def fiubench_eval_log(res: FiuTaskResults, *, forget: bool, original_metrics: bool = False,
+                      original_layout: bool = False) -> dict:
+    """One task's eval log with the original key names (indices as strings, as after a JSON round trip).
+
+    ``original_metrics``: ROUGE's dropped last character (``metrics.fiubench_rouge_recall``). ``original_layout``:
+    per-question ``truth_ratio`` as ``eval_perturbation_ratio`` logs it, exp(paraphrased - mean perturbed loss),
+    the reciprocal of our R; and ``gpt: []`` when no judge ran, as ``get_all_evals`` always writes the key.
+    """
     avg_gt = np.asarray(res.gt_loss) / np.asarray(res.gt_num_tokens)
     avg_para = np.asarray(res.paraphrased_loss) / np.asarray(res.paraphrased_num_tokens)
     avg_pert = np.asarray(res.perturb_loss) / np.asarray(res.perturb_num_tokens)
+    ratio = metrics.truth_ratio(avg_para, avg_pert)
     log: dict = {
         "average_perturb_loss": _indexed(avg_pert), "avg_paraphrased_loss": _indexed(avg_para.tolist()),
-        "truth_ratio": _indexed(metrics.truth_ratio(avg_para, avg_pert).tolist()),
+        "truth_ratio": _indexed((1.0 / ratio if original_layout else ratio).tolist()),
         "paraphrased_loss": _indexed(np.asarray(res.paraphrased_loss).tolist()),
         "perturb_loss": _indexed(np.asarray(res.perturb_loss)),
         "num_token_paraphrased": _indexed(np.asarray(res.paraphrased_num_tokens).tolist()),
@@ -82,13 +90,13 @@ def fiubench_eval_log(res: FiuTaskResults, *, forget: bool, original: bool = Fal
         "generated_text": _indexed([list(t) for t in zip(res.prompts, res.generations, res.references,
                                                          res.categories, strict=True)]),
     }
-    rouge = metrics.fiubench_rouge_recall(res.generations, res.references, original=original)
+    rouge = metrics.fiubench_rouge_recall(res.generations, res.references, original=original_metrics)
     log.update({key: _indexed(values) for key, values in rouge.items()})
     if res.keywords is not None:
         pairs = zip(res.generations, res.keywords, strict=True)
         log["exact_match"] = [metrics.exact_match(g, k) for g, k in pairs]
-    if res.gpt is not None:
-        log["gpt"] = list(res.gpt)
+    if res.gpt is not None or original_layout:
+        log["gpt"] = list(res.gpt or [])
     if res.mia_scores is not None:
         log.update({k: list(v) for k, v in res.mia_scores.items()})
     if forget:
@@ -112,11 +120,14 @@ def _mean_list(log: Mapping, key: str, empty_as_zero: bool) -> float | None:
 
 
 def fiubench_summary(aggregated: Mapping[str, Mapping], retain_reference: Mapping | None = None, *,
-                     empty_lists_as_zero: bool = False, method: str = "", submitted_by: str = "") -> dict:
+                     ape_log: Mapping | None = None, empty_lists_as_zero: bool = False, method: str = "",
+                     submitted_by: str = "") -> dict:
     """The summary row of one checkpoint (``aggregate_eval_stat.main``): utility, forget quality, extras.
 
     ``retain_reference``: the retain-only model's aggregated logs or its forget log alone (both accepted, as
-    the original); without it Forget Quality is left out.
+    the original); without it Forget Quality is left out. ``ape_log``: the checkpoint's
+    ``eval_forget_ape_log.json`` (its own file: ``aggregate_eval_stat`` reads every entry of the aggregated file
+    as a forget/retain log), for the APE column.
     """
     row: dict = {}
     for task, name in _TASK_NAMES.items():
@@ -152,8 +163,8 @@ def fiubench_summary(aggregated: Mapping[str, Mapping], retain_reference: Mappin
         for key, col in _MIA_KEYS.items():
             if forget_log.get(key) and retain_log.get(key):
                 row[f"MIA AUC {col}"] = mia.auc(forget_log[key], retain_log[key])
-    if APE in aggregated and aggregated[APE].get("exact_match"):
-        row["APE"] = float(np.mean(aggregated[APE]["exact_match"]))
+    if ape_log is not None and ape_log.get("exact_match"):
+        row["APE"] = float(np.mean(ape_log["exact_match"]))
     row["Method"], row["Submitted By"] = method, submitted_by
     return row
 
@@ -180,15 +191,23 @@ def write_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
     return path
 
 
+def read_ape_log(folder: str | Path) -> dict | None:
+    """A checkpoint folder's APE log, or None when APE did not run."""
+    path = Path(folder) / APE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def collect_runs(root: str | Path, retain_reference: Mapping | None = None, *,
                  pattern: str = "*eval_log_aggregated.json", empty_lists_as_zero: bool = False) -> list[dict]:
-    """Summary rows of every aggregated log under ``root``; ``Method`` = its folder relative to root."""
+    """Summary rows of every aggregated log under ``root`` (with the APE log beside it, if any); ``Method`` =
+    its folder relative to root."""
     root = Path(root)
     rows = []
     for path in sorted(root.rglob(pattern)):
         method = str(path.parent.relative_to(root))
         rows.append(fiubench_summary(json.loads(path.read_text()), retain_reference,
-                                     empty_lists_as_zero=empty_lists_as_zero, method=method))
+                                     ape_log=read_ape_log(path.parent), empty_lists_as_zero=empty_lists_as_zero,
+                                     method=method))
     return rows
 
 

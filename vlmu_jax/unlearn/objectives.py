@@ -35,6 +35,10 @@ class StreamLogps(NamedTuple):
     target-token log-probs; the trainer's `kl_fn` supplies it (chunked over the vocabulary for real
     models) only for streams an objective lists in `kl_streams`. `kl_mask` marks the positions it
     averages over (the originals use every position of the retain inputs; we use the real tokens).
+    `vocab` [B, T-1] is the objective's own full-vocabulary per-token quantity (its `vocab_stat`, UNDIAL /
+    CE-U), for streams in `vocab_streams`. `hidden` / `ref_hidden` [B, T, D] are the output of decoder layer
+    `hidden_layer` under the policy / the reference, with `hidden_mask` [B, T] = labels != -100 (unshifted),
+    for streams in `hidden_streams` (RMU).
     """
 
     policy: Array
@@ -42,6 +46,10 @@ class StreamLogps(NamedTuple):
     mask: Array
     kl: Array | None = None
     kl_mask: Array | None = None
+    vocab: Array | None = None
+    hidden: Array | None = None
+    ref_hidden: Array | None = None
+    hidden_mask: Array | None = None
 
 
 Streams = Mapping[str, StreamLogps]
@@ -181,6 +189,105 @@ def kl_min(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
     return loss, aux
 
 
+def _weighted_logp_mean(s: StreamLogps, weight: Array) -> Array:
+    """Token mean over the batch of sg(weight) * log p: minimising it is gradient ascent on the forget NLL
+    with each token's step scaled by its (detached) weight."""
+    total = jnp.sum(jnp.where(s.mask, jax.lax.stop_gradient(weight) * s.policy, 0.0))
+    return total / jnp.maximum(jnp.sum(s.mask.astype(jnp.float32)), 1.0)
+
+
+def _forget_plus_retain(forget: Array, name: str, streams: Streams, cfg: Any) -> tuple[Array, dict]:
+    """open-unlearning's GradDiff-family sum: gamma * forget term + alpha * retain NLL (`forget_weight`,
+    `retain_weight`)."""
+    loss = _param(cfg, "forget_weight", 1.0) * forget
+    return _with_retain(loss, {name: forget, "forget_nll": token_mean_nll(streams["forget"])}, streams, cfg)
+
+
+def wga(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """WGA (Wang et al., ICLR 2025, "Rethinking LLM Unlearning Objectives: A Gradient Perspective and Go
+    Beyond"): gradient ascent with each token weighted by sg(p(y_t))^beta, so tokens the model has already
+    forgotten stop pushing (plain GA keeps ascending on them and collapses the model)."""
+    s = streams["forget"]
+    return _forget_plus_retain(_weighted_logp_mean(s, jnp.exp(s.policy) ** _param(cfg, "wga_beta", 1.0)),
+                               "wga", streams, cfg)
+
+
+def satimp(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """SatImp (Yang et al., ICML 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning"):
+    token weights sg(p^beta1 (1-p)^beta2) combine saturation (p^beta1, as WGA: stop on forgotten tokens) with
+    importance ((1-p)^beta2: favour tokens that are not near-certain, which carry the specific knowledge)."""
+    s = streams["forget"]
+    p = jnp.exp(s.policy)
+    weight = p ** _param(cfg, "satimp_beta1", 5.0) * (1.0 - p) ** _param(cfg, "satimp_beta2", 1.0)
+    return _forget_plus_retain(_weighted_logp_mean(s, weight), "satimp", streams, cfg)
+
+
+def undial_stat(logp: Array, logq: Array, targets: Array, cfg: Any) -> Array:
+    """UNDIAL per position: CE(p_theta, softmax(z_ref - beta * onehot(y))), from [B, c, V] log-softmaxes
+    (softmax is shift-invariant, so the reference's log-probs stand in for its logits)."""
+    onehot = jnp.arange(logp.shape[-1]) == targets[..., None]
+    target = jax.nn.softmax(logq - _param(cfg, "undial_beta", 10.0) * onehot, axis=-1)
+    return -jnp.sum(target * logp, axis=-1)
+
+
+def undial(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """UNDIAL (Dong et al., NAACL 2025, "UNDIAL: Self-Distillation with Adjusted Logits for Robust Unlearning
+    in Large Language Models"): distil the frozen model's next-token distribution with the answer token's logit
+    lowered by beta. The target is fixed, so the loss is bounded and cannot diverge like gradient ascent.
+
+    Mean over answer tokens (`vocab_stat` = `undial_stat`); open-unlearning averages over every position,
+    prompt and padding included.
+    """
+    s = streams["forget"]
+    loss = jnp.sum(jnp.where(s.mask, s.vocab, 0.0)) / jnp.maximum(jnp.sum(s.mask.astype(jnp.float32)), 1.0)
+    return loss, {"undial": loss}
+
+
+def ceu_stat(logp: Array, logq: Array | None, targets: Array, cfg: Any) -> Array:
+    """CE-U per position: CE(p_theta, q) with q = softmax of the detached logits with the target's set to
+    -inf, i.e. the model's own distribution renormalised over every token but the answer."""
+    onehot = jnp.arange(logp.shape[-1]) == targets[..., None]
+    q = jax.nn.softmax(jnp.where(onehot, -jnp.inf, jax.lax.stop_gradient(logp)), axis=-1)
+    return -jnp.sum(jnp.where(onehot, 0.0, q * logp), axis=-1)
+
+
+def ceu(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """CE-U (Yang et al., 2025, "CE-U: Cross Entropy Unlearning", arXiv:2503.01224): cross entropy to the
+    model's own distribution without the answer token. Its logit gradient p - q vanishes as p(y) -> 0, unlike
+    gradient ascent's, so it needs no retain term to stay stable.
+
+    Mean over answer tokens after each sequence's first `ceu_ignore_first` (the paper's footnote: the first
+    answer token is often predictable from the question alone).
+    """
+    s = streams["forget"]
+    mask = s.mask & (jnp.cumsum(s.mask, axis=-1) > _param(cfg, "ceu_ignore_first", 1))
+    loss = jnp.sum(jnp.where(mask, s.vocab, 0.0)) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+    return loss, {"ceu": loss}
+
+
+def _activation_mse(h: Array, target: Array, mask: Array) -> Array:
+    """RMU's activation loss: squared error averaged over the hidden dimension, then over each sequence's
+    masked positions, then over sequences (open-unlearning `compute_activation_loss`)."""
+    sq = jnp.mean((h.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=-1)
+    m = mask.astype(jnp.float32)
+    return jnp.mean(jnp.sum(sq * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0))
+
+
+def rmu(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
+    """RMU (Li et al., ICML 2024, "The WMDP Benchmark: Measuring and Reducing Malicious Use With Unlearning"):
+    push layer-L activations on forget answers toward c * u (u a fixed random unit vector: noise the later
+    layers cannot decode), keep them equal to the frozen model's on retain answers.
+
+    u is drawn uniform in [0, 1)^D then normalised, as WMDP's and open-unlearning's code do, from a fixed key.
+    """
+    f, r = streams["forget"], streams["retain"]
+    u = jax.random.uniform(jax.random.key(0), (f.hidden.shape[-1],))
+    forget = _activation_mse(f.hidden, _param(cfg, "rmu_steering", 2.0) * u / jnp.linalg.norm(u), f.hidden_mask)
+    retain = _activation_mse(r.hidden, r.ref_hidden, r.hidden_mask)
+    loss = _param(cfg, "forget_weight", 1.0) * forget + _param(cfg, "retain_weight", 1.0) * retain
+    return loss, {"rmu_forget": forget, "rmu_retain": retain}
+
+
 @dataclass(frozen=True)
 class Objective:
     """A loss plus what the trainer must feed it.
@@ -188,7 +295,14 @@ class Objective:
     phases: stream groups run in turn, each for len(source of its first stream) steps per cycle (one
       phase for every method except MLLMU's alternating GA_Difference / KL_Min).
     optional: streams added to every phase when the run provides a source for them.
-    ref_streams / kl_streams: streams that need reference log-probs / full-vocab KL to the reference.
+    ref_streams / kl_streams: streams that need reference log-probs / full-vocab KL to the reference; a
+      stream in ref_streams also gets its `vocab_stat` and hidden states computed with the reference.
+    vocab_streams / vocab_stat: streams that need `vocab_stat(logp, logq | None, targets, cfg)` at each
+      position, a reduction of [B, c, V] log-softmaxes of the policy (and reference) run chunked by the trainer.
+    hidden_streams: streams that need the decoder-layer outputs of `cfg.hidden_layer` (RMU).
+    masked_streams / preserve_streams: MMUnlearner's weight saliency: a step whose batches include a masked
+      stream updates only the parameter entries whose Fisher importance on the masked streams' data is at
+      least `saliency_threshold` times that on the preserve streams' data (see unlearn/saliency.py).
     """
 
     fn: LossFn
@@ -196,6 +310,11 @@ class Objective:
     optional: tuple[str, ...] = ()
     ref_streams: tuple[str, ...] = ()
     kl_streams: tuple[str, ...] = ()
+    vocab_streams: tuple[str, ...] = ()
+    vocab_stat: Callable[[Array, Array | None, Array, Any], Array] | None = None
+    hidden_streams: tuple[str, ...] = ()
+    masked_streams: tuple[str, ...] = ()
+    preserve_streams: tuple[str, ...] = ()
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -209,6 +328,17 @@ OBJECTIVES: dict[str, Objective] = {
     "simnpo": Objective(simnpo, (("forget",),), optional=("retain",)),
     "ga_difference": Objective(ga_difference, (("forget",), ("retain",))),
     "kl_min": Objective(kl_min, (("forget",), ("retain",)), kl_streams=("retain",)),
+    "wga": Objective(wga, (("forget", "retain"),)),
+    "satimp": Objective(satimp, (("forget", "retain"),)),
+    "undial": Objective(undial, (("forget",),), ref_streams=("forget",), vocab_streams=("forget",),
+                        vocab_stat=undial_stat),
+    "ceu": Objective(ceu, (("forget",),), vocab_streams=("forget",), vocab_stat=ceu_stat),
+    "rmu": Objective(rmu, (("forget", "retain"),), ref_streams=("retain",), hidden_streams=("forget", "retain")),
+    # MMUnlearner (Huo et al., ACL Findings 2025, arXiv:2502.11051): MLLMU's alternating GA / retain-NLL phases
+    # with the ascent restricted to the parameters salient for the forget images but not for the retain images
+    # or the forget identities' text-only QA (`forget_text`), so their textual knowledge survives.
+    "mmunlearner": Objective(ga_difference, (("forget",), ("retain",)), masked_streams=("forget",),
+                             preserve_streams=("retain", "forget_text")),
 }
 
 

@@ -13,7 +13,7 @@ function of the step, so a resume restores (params, opt_state, rng, step) and re
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,16 +27,20 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from vlmu_jax.checkpoints.orbax_io import Checkpointer
+from vlmu_jax.logs import progress
 from vlmu_jax.models.sharding import global_batch
-from vlmu_jax.unlearn.objectives import Objective, StreamLogps, get_objective
+from vlmu_jax.unlearn.objectives import Objective, StreamLogps, get_objective, token_mean_nll
 from vlmu_jax.unlearn.optim import make_optimizer
+from vlmu_jax.unlearn.run_log import RunLog
+from vlmu_jax.unlearn.saliency import fisher_diagonal, saliency_mask
 
 Batch = dict[str, Any]
 LogpsFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array]]
 KlFn = Callable[[nnx.Module, nnx.Module, Batch], tuple[jax.Array, jax.Array]]
+VocabFn = Callable[[nnx.Module, nnx.Module | None, Batch, Callable], jax.Array]
+HiddenFn = Callable[[nnx.Module, Batch, int], tuple[jax.Array, jax.Array]]
 
 
 class BatchSource(Protocol):
@@ -69,6 +73,15 @@ class TrainConfig:
     retain_weight: float = 1.0
     simnpo_gamma: float = 0.0
     npo_batch_mean: bool = False
+    forget_weight: float = 1.0
+    wga_beta: float = 1.0
+    satimp_beta1: float = 5.0
+    satimp_beta2: float = 1.0
+    undial_beta: float = 10.0
+    ceu_ignore_first: int = 1
+    rmu_steering: float = 2.0
+    hidden_layer: int = 7
+    saliency_threshold: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrainConfig:
@@ -98,47 +111,71 @@ def phase_streams(obj: Objective, sources: Mapping[str, Any]) -> list[tuple[str,
     """Stream names per phase: the objective's own plus its optional streams that the run provides."""
     extra = tuple(s for s in obj.optional if s in sources)
     phases = [tuple(p) + extra for p in obj.phases]
-    missing = {s for p in phases for s in p} - set(sources)
+    missing = ({s for p in phases for s in p} | set(obj.preserve_streams)) - set(sources)
     if missing:
         raise ValueError(f"objective needs data streams {sorted(missing)}; got {sorted(sources)}")
     return phases
 
 
-def _stream_logps(name, obj, model, ref_model, batch, logps_fn, kl_fn) -> StreamLogps:
+def _need(fn: Callable | None, what: str, obj: Objective) -> Callable:
+    if fn is None:
+        raise ValueError(f"objective {obj.fn.__name__!r} needs {what}: pass it to train()")
+    return fn
+
+
+def _stream_logps(name, obj, cfg, model, ref_model, batch, logps_fn, kl_fn, vocab_fn, hidden_fn) -> StreamLogps:
+    """Everything the objective asked for about one stream; what its loss leaves unused is cut by XLA."""
     logps, mask = logps_fn(model, batch)
-    ref = kl = kl_mask = None
-    if name in obj.ref_streams:
+    ref = kl = kl_mask = vocab = hidden = ref_hidden = hidden_mask = None
+    with_ref = name in obj.ref_streams
+    if with_ref:
         ref = jax.lax.stop_gradient(logps_fn(ref_model, batch)[0])
     if name in obj.kl_streams:
-        if kl_fn is None:
-            raise ValueError(f"objective {obj.fn.__name__!r} needs full-vocab KL: pass kl_fn to train()")
-        kl, kl_mask = kl_fn(model, ref_model, batch)
-    return StreamLogps(logps, ref, mask, kl, kl_mask)
+        kl, kl_mask = _need(kl_fn, "full-vocab KL (kl_fn)", obj)(model, ref_model, batch)
+    if name in obj.vocab_streams:
+        stat = functools.partial(obj.vocab_stat, cfg=cfg)
+        vocab = _need(vocab_fn, "a full-vocab statistic (vocab_fn)", obj)(
+            model, ref_model if with_ref else None, batch, stat)
+    if name in obj.hidden_streams:
+        hidden, hidden_mask = _need(hidden_fn, "hidden states (hidden_fn)", obj)(model, batch, cfg.hidden_layer)
+        if with_ref:
+            ref_hidden = jax.lax.stop_gradient(hidden_fn(ref_model, batch, cfg.hidden_layer)[0])
+    return StreamLogps(logps, ref, mask, kl, kl_mask, vocab, hidden, ref_hidden, hidden_mask)
 
 
-def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, logps_fn, kl_fn) -> Callable:
+def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, logps_fn, kl_fn, vocab_fn=None,
+              hidden_fn=None) -> Callable:
     """The pure train step (jitted by the caller). The reference model is `graphdef_eval` with zero LoRA,
     `ref_other` (the reference's values of the trainable non-LoRA params: empty for LoRA runs or when no reference
-    is needed) and `ref_rest` (its frozen params: the model's own, or a separate reference model's)."""
+    is needed) and `ref_rest` (its frozen params: the model's own, or a separate reference model's); `grad_mask` the
+    objective's saliency mask over the trainable params (empty when it has none)."""
     needs_ref = bool(obj.ref_streams or obj.kl_streams)
 
-    def step(params, opt_state, rng, rest, ref_other, ref_rest, batches):
-        ref_model = None
+    def step(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches):
+        ref_params = None
         if needs_ref:
             lora, _ = nnx.split_state(params, nnx.LoRAParam, ...)
-            ref_params = nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other)
-            ref_model = nnx.merge(graphdef_eval, jax.lax.stop_gradient(ref_params), rng, ref_rest)
+            ref_params = jax.lax.stop_gradient(nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other))
 
         def loss_of(p):
-            # Fresh Variables at this trace level: dropout may advance the RNG counters inside grad.
+            # Fresh Variables at this trace level: dropout may advance the RNG counters inside grad (the
+            # reference's too: a model with LoRA dropout draws its key even in eval mode).
             model = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rng), rest)
-            streams = {
-                n: _stream_logps(n, obj, model, ref_model, b, logps_fn, kl_fn) for n, b in batches.items()
-            }
+            ref_model = None if ref_params is None else nnx.merge(graphdef_eval, ref_params,
+                                                                  jax.tree.map(lambda x: x, rng), ref_rest)
+            # `step_length`: the longest real row over all of the step's streams, the length FIUBench's collator pads
+            # a step's forget and retain rows to (its KL term averages over that many positions, see stages.kl_fn).
+            step_length = jnp.max(jnp.stack([jnp.max(jnp.sum(b["attention_mask"], axis=-1))
+                                             for b in batches.values()]))
+            streams = {n: _stream_logps(n, obj, cfg, model, ref_model, {**b, "step_length": step_length}, logps_fn,
+                                       kl_fn, vocab_fn, hidden_fn)
+                       for n, b in batches.items()}
             loss, aux = obj.fn(streams, cfg)
             return loss, (aux, nnx.state(model, nnx.RngState))
 
         (loss, (aux, new_rng)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        if any(n in obj.masked_streams for n in batches):
+            grads = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), grads, grad_mask)
         updates, opt_state = tx.update(grads, opt_state, params)
         aux = {**aux, "grad_norm": optax.tree.norm(grads)}
         return optax.apply_updates(params, updates), opt_state, new_rng, loss, aux
@@ -146,12 +183,21 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
     return step
 
 
-def _truncate_log(path: Path, start: int) -> None:
-    """A resumed run rewrites the steps after its checkpoint, so drop their stale lines first."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
-    path.write_text("".join(ln + "\n" for ln in keep))
+def _saliency(obj: Objective, cfg: TrainConfig, graphdef_eval, params, rng, rest, sources, logps_fn, mesh,
+              show: bool):
+    """The objective's weight-saliency mask at the starting parameters (see unlearn/saliency.py)."""
+
+    def nll(p, context, batch):
+        logps, mask = logps_fn(nnx.merge(graphdef_eval, p, *context), batch)
+        return token_mean_nll(StreamLogps(logps, None, mask))
+
+    def fisher(names: tuple[str, ...]):
+        todo = [(n, i) for n in names for i in range(len(sources[n]))]
+        bar = progress(todo, desc=f"saliency ({', '.join(names)})", unit="batch", disable=not show)
+        batches = (global_batch(sources[n].get(i), mesh) for n, i in bar)
+        return fisher_diagonal(nll, params, batches, context=(rng, rest))
+
+    return saliency_mask(fisher(obj.masked_streams), fisher(obj.preserve_streams), cfg.saliency_threshold)
 
 
 def train(
@@ -163,6 +209,8 @@ def train(
     workdir: str | Path,
     trainable: Any = nnx.Param,
     kl_fn: KlFn | None = None,
+    vocab_fn: VocabFn | None = None,
+    hidden_fn: HiddenFn | None = None,
     mesh: Mesh | None = None,
     reference: nnx.Module | None = None,
 ) -> TrainResult:
@@ -174,7 +222,14 @@ def train(
       required by objectives with `kl_streams` (kl, kl_min).
     reference: a separate reference model with the same graph (LoRA included, its adapters are zeroed); default:
       `model` itself with LoRA zeroed and its trainable non-LoRA params at their initial values.
-    Writes `workdir/metrics.jsonl` (one line per micro-step). Raises FloatingPointError on a
+    vocab_fn: traceable `(model, ref_model | None, batch, stat) -> [B,T-1]`, `stat(logp, logq, targets)` of
+      the full next-token log-softmaxes at each position, for objectives with `vocab_streams` (undial, ceu).
+    hidden_fn: traceable `(model, batch, layer) -> (hidden [B,T,D], mask [B,T])`, the output of decoder
+      layer `layer` and labels != -100, for objectives with `hidden_streams` (rmu).
+    Objectives with `masked_streams` (mmunlearner) first take one pass over their forget and preserve
+    sources for the saliency mask, at the starting parameters (also on resume).
+    Writes `workdir/metrics.jsonl` (one line per micro-step) and TensorBoard events beside it (`RunLog`); the
+    progress bar is named after `workdir`. Raises FloatingPointError on a
     non-finite loss, after the last good checkpoint is committed.
     The model's trainable and RNG arrays are donated to the step (no second copy of the weights), so
     other references to them (e.g. an `nnx.clone`, which shares arrays) become invalid; the model itself
@@ -206,8 +261,13 @@ def train(
     ref_other = jax.tree.map(jnp.copy, ref_other)
     opt_state = jax.jit(tx.init)(params)
     step_fn = jax.jit(
-        make_step(graphdef, graphdef_eval, obj, cfg, tx, logps_fn, kl_fn), donate_argnums=(0, 1, 2)
+        make_step(graphdef, graphdef_eval, obj, cfg, tx, logps_fn, kl_fn, vocab_fn, hidden_fn),
+        donate_argnums=(0, 1, 2),
     )
+    grad_mask = nnx.State({})
+    if obj.masked_streams:
+        grad_mask = _saliency(obj, cfg, graphdef_eval, params, rng, rest, sources, logps_fn, mesh,
+                              show=jax.process_index() == 0 and cfg.progress)
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -221,19 +281,16 @@ def train(
     if start:
         params, opt_state, rng = ckpt.restore(start, (params, opt_state, rng))
     is_main = jax.process_index() == 0
-    log_path = workdir / "metrics.jsonl"
-    if is_main:
-        _truncate_log(log_path, start)
-
     losses: list[float] = []
-    bar = tqdm(total=total, initial=start, disable=not (is_main and cfg.progress), desc=cfg.objective)
-    with open(log_path, "a") if is_main else open("/dev/null", "w") as log:
+    bar = progress(total=total, initial=start, desc=workdir.name, unit="step", disable=not (is_main and cfg.progress))
+    with RunLog(workdir, start=start, enabled=is_main) as log, bar:
         for step in range(start, total):
             t0 = time.perf_counter()
             phase, index = plan_step(step, phase_lengths)
             host = {name: sources[name].get(index) for name in phases[phase]}
             batches = {name: global_batch(b, mesh) for name, b in host.items()}
-            params, opt_state, rng, loss, aux = step_fn(params, opt_state, rng, rest, ref_other, ref_rest, batches)
+            params, opt_state, rng, loss, aux = step_fn(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask,
+                                                        batches)
             loss = float(loss)
             if not math.isfinite(loss):
                 ckpt.close()
@@ -241,22 +298,25 @@ def train(
                     f"non-finite loss {loss} at step {step}; last good checkpoint: step {ckpt.latest_step()}"
                 )
             tokens = sum(int(b["attention_mask"].sum()) for b in host.values()) * jax.process_count()
+            elapsed = time.perf_counter() - t0  # host batching + the step to completion (the first compiles)
             record = {
                 "step": step,
                 "loss": loss,
                 "lr": float(schedule(step // cfg.grad_accum)),
-                "tokens_per_s": tokens / (time.perf_counter() - t0),
+                "step_s": elapsed,
+                "tokens": tokens,
+                "seq_len": max(int(b["input_ids"].shape[1]) for b in host.values()),  # a new one compiles
+                "tokens_per_s": tokens / elapsed,
                 **{k: float(v) for k, v in aux.items()},
             }
             if step == start and start:
                 record["resumed_from"] = start
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            log.write(record)
             losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=int(record["tokens_per_s"]))
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=int(record["tokens_per_s"]),
+                            refresh=False)  # redraws follow the bar's own interval (rare in a log file)
             bar.update(1)
             ckpt.save(step + 1, (params, opt_state, rng), force=step + 1 == total)
-    bar.close()
     ckpt.close()
     nnx.update(model, params, rng)
     return TrainResult(step=total, losses=losses, opt_state=opt_state)

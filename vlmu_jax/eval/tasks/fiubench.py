@@ -5,6 +5,10 @@ answer) is scored in ONE batched pass, and all generations in one more, so a spl
 compiled shapes however many questions it has. The returned dict uses the original key names
 (avg_gt_loss, avg_paraphrased_loss, average_perturb_loss, rougeL_recall, generated_text,
 exact_match, mink, mink++, loss, zlib) so existing FIUBench tooling can read our JSON.
+
+What the protocol decides here (`vlmu_jax.protocol`): the generation prompts and ROUGE references
+(`fiubench_generation_roundtrip`: run_generation's decode / re-encode, see `data.fiubench_prompts`), the
+metric quirks (`fiubench_metric_quirks`) and the logged fields (`fiubench_log_layout`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from vlmu_jax.data.batching import IGNORE, Example, TextConfig, encode, generation_rows
+from vlmu_jax.data.batching import IGNORE, Encoded, Example, TextConfig, encode, generation_rows
+from vlmu_jax.data.fiubench_prompts import roundtrip_prompt
 from vlmu_jax.data.records import IMAGE, Identity
+from vlmu_jax.data.templates import Template
 from vlmu_jax.eval import attacks, judge, metrics, mia
 from vlmu_jax.eval.batched import generate_rows, score_rows
+from vlmu_jax.protocol import Protocol
 from vlmu_jax.report.aggregate import FiuTaskResults, fiubench_eval_log
+
+ORIGINAL_CATEGORY = "human_face"  # data_module labels every FIUBench sample so
 
 
 @dataclass(frozen=True)
@@ -32,51 +41,83 @@ class Runner:
     batch_size: int
     image_fn: Callable  # ImageRef | None -> the model's image inputs for one row
     max_new_tokens: int
+    protocol: Protocol
     mesh: Mesh | None = None
-    original: bool = False  # reproduce the seeds' known bugs (see vlmu_jax.eval.metrics)
 
     @property
     def tokenizer(self) -> Any:
         return self.text.tokenizer
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """Generation inputs of some examples and what the log shows for them, per the protocol."""
+
+    rows: list[Encoded]
+    shown: list[str]  # generated_text[0]: the question (corrected) or the decoded prompt string (original)
+    references: list[str]  # ROUGE's reference: the answer string or the decoded answer
+
+
+def generation_prompts(examples: Sequence[Example], runner: Runner) -> Prompts:
+    """Corrected: the template's prompt, one BOS, the answer as reference. Original: run_generation's round trip."""
+    if runner.protocol.fiubench_generation_roundtrip:
+        built = [roundtrip_prompt(e, runner.text) for e in examples]
+        return Prompts([b.row for b in built], [b.prompt for b in built], [b.reference for b in built])
+    rows = generation_rows([Example(e.question, "", e.image, e.uid) for e in examples], runner.text)
+    return Prompts(rows, [e.question for e in examples], [e.answer for e in examples])
+
+
+def decode_generations(generated: Sequence[np.ndarray], runner: Runner) -> list[str]:
+    """New tokens to text, special tokens skipped; the original does not strip the text, we do."""
+    texts = [runner.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+    return texts if runner.protocol.fiubench_generation_roundtrip else [t.strip() for t in texts]
+
+
 def _questions(identities: Sequence[Identity]) -> list[tuple[Identity, Any]]:
     return [(ident, qa) for ident in identities for qa in ident.qa if qa.modality == IMAGE]
+
+
+def scoring_examples(identities: Sequence[Identity]) -> tuple[list[Example], int]:
+    """Per question, in order: (question, answer), (question, paraphrased answer), (question, perturbed_j)...;
+    and K, the number of perturbed answers (the same for every question, as the original's tensors need)."""
+    items = _questions(identities)
+    if not items:
+        raise ValueError("no image questions to evaluate")
+    n_pert = {len(qa.perturbed_answers) for _, qa in items}
+    if len(n_pert) != 1 or 0 in n_pert:
+        raise ValueError(f"every question needs the same non-zero number of perturbed answers, "
+                         f"found counts {sorted(n_pert)}")
+    examples: list[Example] = []
+    for ident, qa in items:
+        examples.append(Example(qa.question, qa.answer, ident.image, ident.uid))
+        examples.append(Example(qa.question, qa.paraphrased_answer or qa.answer, ident.image, ident.uid))
+        examples.extend(Example(qa.question, p, ident.image, ident.uid) for p in qa.perturbed_answers)
+    return examples, n_pert.pop()
 
 
 def evaluate_split(model: nnx.Module, identities: Sequence[Identity], runner: Runner, *, forget: bool,
                    desc: str = "") -> dict[str, Any]:
     """Per-question losses, truth ratio, generations, ROUGE, EM and MIA scores for these identities."""
     items = _questions(identities)
-    if not items:
-        raise ValueError(f"{desc}: no image questions to evaluate")
-    n_pert = {len(qa.perturbed_answers) for _, qa in items}
-    if len(n_pert) != 1 or 0 in n_pert:
-        raise ValueError(f"{desc}: every question needs the same non-zero number of perturbed answers, "
-                         f"found counts {sorted(n_pert)}")
-    k = n_pert.pop()
-    examples: list[Example] = []
-    for ident, qa in items:
-        examples.append(Example(qa.question, qa.answer, ident.image, ident.uid))
-        examples.append(Example(qa.question, qa.paraphrased_answer or qa.answer, ident.image, ident.uid))
-        examples.extend(Example(qa.question, p, ident.image, ident.uid) for p in qa.perturbed_answers)
+    examples, k = scoring_examples(identities)
     pad = runner.tokenizer.pad_token_id
     rows = [encode(e, runner.text) for e in examples]
     scores = score_rows(model, rows, batch_size=runner.batch_size,
                         pad_token_id=pad, image_fn=runner.image_fn, mesh=runner.mesh, desc=f"{desc} score")
-    prompts = [Example(qa.question, "", ident.image, ident.uid) for ident, qa in items]
-    generated = generate_rows(model, generation_rows(prompts, runner.text), batch_size=runner.batch_size,
+    prompts = generation_prompts(examples[:: 2 + k], runner)
+    generated = generate_rows(model, prompts.rows, batch_size=runner.batch_size,
                               pad_token_id=pad, eos_token_id=runner.tokenizer.eos_token_id,
                               max_new_tokens=runner.max_new_tokens, image_fn=runner.image_fn, mesh=runner.mesh,
                               desc=f"{desc} generate")
-    return _log(items, rows, scores, generated, k, runner, forget=forget)
+    return _log(items, rows, scores, prompts, decode_generations(generated, runner), k, runner, forget=forget)
 
 
-def _log(items, rows, scores, generated, k: int, runner: Runner, *, forget: bool) -> dict[str, Any]:
-    stride, tok, original = 2 + k, runner.tokenizer, runner.original
+def _log(items, rows, scores, prompts: Prompts, texts: list[str], k: int, runner: Runner, *,
+         forget: bool) -> dict[str, Any]:
+    stride, tok, p = 2 + k, runner.tokenizer, runner.protocol
 
     def nll(score) -> tuple[float, int]:
-        logps = score.logps[1:] if original else score.logps  # the seeds' off-by-one, see eval.metrics
+        logps = score.logps[1:] if p.fiubench_metric_quirks else score.logps  # the seeds' off-by-one
         return float(-logps.sum()), int(score.logps.size)
 
     gt, para, pert, mia_rows = [], [], [], []
@@ -84,22 +125,35 @@ def _log(items, rows, scores, generated, k: int, runner: Runner, *, forget: bool
         g = scores[i * stride]
         gt.append(nll(g))
         para.append(nll(scores[i * stride + 1]))
-        pert.append([nll(p) for p in scores[i * stride + 2: (i + 1) * stride]])
+        pert.append([nll(s) for s in scores[i * stride + 2: (i + 1) * stride]])
         gt_row = rows[i * stride]  # the seeds decode the labelled answer tokens after the first for zlib
         tail = tok.decode(gt_row.input_ids[gt_row.labels != IGNORE][1:])
         mia_rows.append(mia.question_scores(g.logps, g.mu, g.var, tail))
-    texts = [metrics.truncate_at_first_period(tok.decode(ids, skip_special_tokens=True).strip(), original=original)
-             for ids in generated]
+    texts = [metrics.truncate_at_first_period(t, original=p.fiubench_metric_quirks) for t in texts]
     pert_arr = np.array(pert)
+    categories = [ORIGINAL_CATEGORY if p.fiubench_log_layout else qa.category for _, qa in items]
     results = FiuTaskResults(
         gt_loss=np.array([x[0] for x in gt]), gt_num_tokens=np.array([x[1] for x in gt]),
         paraphrased_loss=np.array([x[0] for x in para]), paraphrased_num_tokens=np.array([x[1] for x in para]),
         perturb_loss=pert_arr[..., 0], perturb_num_tokens=pert_arr[..., 1],
-        prompts=[qa.question for _, qa in items], generations=texts, references=[qa.answer for _, qa in items],
-        categories=[qa.category for _, qa in items], keywords=[list(qa.keywords) for _, qa in items],
+        prompts=prompts.shown, generations=texts, references=prompts.references,
+        categories=categories, keywords=[list(qa.keywords) for _, qa in items],
         mia_scores={key: [row[key] for row in mia_rows] for key in mia_rows[0]},
     )
-    return fiubench_eval_log(results, forget=forget, original=original)
+    return fiubench_eval_log(results, forget=forget, original_metrics=p.fiubench_metric_quirks,
+                             original_layout=p.fiubench_log_layout)
+
+
+def ape_examples(identities: Sequence[Identity], protocol: Protocol) -> tuple[list[attacks.ApeVariant],
+                                                                            list[Example]]:
+    """APE's variants and what each asks: its paraphrased question with the identity's image and the answer (the
+    original's generation prompt is decoded from question + answer ids)."""
+    items = _questions(identities)
+    records = [{"paraphrased_question": list(qa.paraphrased_questions), "answer": qa.answer,
+                "keywords": list(qa.keywords)} for _, qa in items]
+    variants = attacks.ape_variants(records, three_per_question=protocol.fiubench_metric_quirks)
+    asked = [Example(v.question, v.answer, items[v.qa_index][0].image, items[v.qa_index][0].uid) for v in variants]
+    return variants, asked
 
 
 def evaluate_ape(model: nnx.Module, identities: Sequence[Identity], runner: Runner, *,
@@ -108,27 +162,40 @@ def evaluate_ape(model: nnx.Module, identities: Sequence[Identity], runner: Runn
 
     The log (`eval_forget_ape_log.json`) holds per-variant EM/ROUGE and the question each came from.
     """
-    items = _questions(identities)
-    records = [{"paraphrased_question": list(qa.paraphrased_questions), "answer": qa.answer,
-                "keywords": list(qa.keywords)} for _, qa in items]
-    variants = attacks.ape_variants(records, capitalize=runner.original)
+    variants, asked = ape_examples(identities, runner.protocol)
     if not variants:
         raise ValueError(f"{desc}: no paraphrased questions, APE needs them")
-    prompts = [Example(v.question, "", items[v.qa_index][0].image, items[v.qa_index][0].uid) for v in variants]
-    generated = generate_rows(model, generation_rows(prompts, runner.text), batch_size=runner.batch_size,
+    prompts = generation_prompts(asked, runner)
+    generated = generate_rows(model, prompts.rows, batch_size=runner.batch_size,
                               pad_token_id=runner.tokenizer.pad_token_id, eos_token_id=runner.tokenizer.eos_token_id,
                               max_new_tokens=runner.max_new_tokens, image_fn=runner.image_fn, mesh=runner.mesh,
                               desc=f"{desc} APE")
-    texts = [runner.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
-    scored = attacks.score_ape(variants, texts, original=runner.original)
+    scored = attacks.score_ape(variants, decode_generations(generated, runner), references=prompts.references,
+                               original=runner.protocol.fiubench_metric_quirks)
     scored["question"] = [v.question for v in variants]
     scored["qa_index"] = [v.qa_index for v in variants]
     return scored
 
 
-def add_gpt_scores(log: dict[str, Any], client: judge.JudgeClient, prompt: judge.JudgePrompt | None = None) -> None:
+def judge_question(shown: str, template: Template) -> str:
+    """The question the original's judge sees for every item of a split: the FIRST item's decoded prompt with the
+    template's tags (newlines removed from each) deleted and spaces / newlines stripped (get_all_evals)."""
+    for tag in (template.user_prefix, template.question_end, template.system, template.answer_prefix):
+        shown = shown.replace(tag.replace("\n", ""), "")
+    return shown.strip(" ").strip("\n").strip(" ")
+
+
+def add_gpt_scores(log: dict[str, Any], client: judge.JudgeClient, prompt: judge.JudgePrompt | None = None, *,
+                   first_question_of: Template | None = None) -> None:
     """Adds the per-question GPT score (`gpt` list, question order) of a task log's generations, and
-    `gpt_unparsed`: how many verdicts had no number (scored 0.0, as the original does)."""
+    `gpt_unparsed`: how many verdicts had no number (scored 0.0, as the original does).
+
+    The judge gets each item's own question; with `first_question_of` (the template; protocol original) it gets
+    what get_all_evals passes: the split's first logged prompt, cleaned by :func:`judge_question`, for every
+    item."""
     rows = [log["generated_text"][str(i)] for i in range(len(log["generated_text"]))]
+    if first_question_of is not None:
+        first = judge_question(rows[0][0], first_question_of)
+        rows = [[first, *row[1:]] for row in rows]
     log["gpt"], log["gpt_unparsed"] = judge.fiubench_gpt_scores(
         client, [(question, answer, prediction) for question, prediction, answer, _ in rows], prompt)

@@ -1,0 +1,159 @@
+"""The pipeline's real stages at full LLaVA-1.5-7B shape on one device: base model, finetune, unlearn (ga, gd,
+npo), eval with generation. Per stage: wall time, tokens/s, and the share of wall time spent in model compute.
+
+The FIUBench preset (full finetune with the vision tower frozen, LoRA r128 unlearning, eval batch 16, 50 new
+tokens) on the embedded synthetic benchmark at FIUBench's size (400 identities, forget10 / retain15), with the
+pipeline's random-model path (`model.tiny`) sized like LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens;
+its MLP is 2x wide, not 4x) and Llama-7B. The vocabulary is the demo tokenizer's (a few thousand tokens, not
+32064), so the output head is smaller than the real one. Step counts are capped (`--steps`) and eval runs on
+forget1 / retain5 so the whole run fits a device lease; the per-step and per-batch numbers are what a full run
+repeats.
+
+Model compute: training steps from the trainer's metrics.jsonl (its per-step time includes host batching; the
+first step at each bucket length compiles, and its time beyond the run's fastest step counts as compile); eval
+from timing every jitted scoring / generation call to completion, where a shape's first call beyond its median
+is compile.
+Everything else (building and saving models, loading checkpoints, tokenising, metrics) is the rest of the wall.
+Run from the repo root: `PYTHONPATH=. python bench/bench_pipeline.py --workdir DIR [--small]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from vlmu_jax import pipeline, presets, stages
+from vlmu_jax.eval import batched
+
+LLAVA_7B = dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, vision_hidden_size=1024,
+                vision_layers=24, vision_heads=16, image_size=336, patch_size=14, vocab_size=32064)
+SMALL = dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, vision_hidden_size=64,
+             vision_layers=2, vision_heads=4, image_size=336, patch_size=14, vocab_size=4096)
+
+
+def config(small: bool, steps: int, identities: int):
+    c = presets.fiubench("ga", template="llava-1.5", model_path="")
+    c.model.tiny = True
+    c.model.tiny_shape.update(architecture="llava", text_model="llama", **(SMALL if small else LLAVA_7B))
+    c.data.synthetic_identities = identities
+    c.unlearn.objective = "ga,gd,npo"
+    for stage in (c.finetune, c.retain_model, c.unlearn):
+        # No Orbax checkpoints: a 7B full finetune's (weights + AdamW moments) does not fit the device's disk.
+        stage.update(num_steps=steps, progress=False, keep_checkpoints=0)
+    c.eval.retain_split = "retain5"
+    return c
+
+
+class CallTimer:
+    """Wraps a jitted function: times each call to completion, keyed by its input shapes."""
+
+    def __init__(self, fn, tokens_of):
+        self.fn, self.tokens_of = fn, tokens_of
+        self.calls: dict[tuple, list[float]] = defaultdict(list)
+        self.tokens = 0
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(self.fn(*args, **kwargs))
+        key = tuple(np.shape(a) for a in args[1:3]) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        self.calls[key].append(time.perf_counter() - t0)
+        self.tokens += self.tokens_of(args, kwargs)
+        return out
+
+    def compute_and_compile(self) -> tuple[float, float]:
+        """(compute s, compile s): a shape's first call beyond its median is compile."""
+        compute = compile_ = 0.0
+        for times in self.calls.values():
+            med = float(np.median(times[1:])) if len(times) > 1 else times[0]
+            compute += sum(times[1:]) + min(times[0], med)
+            compile_ += max(times[0] - med, 0.0)
+        return compute, compile_
+
+
+def train_compute(workdir: Path, names: list[str]) -> tuple[float, float, int]:
+    """(compute s, compile s, tokens) of the trainer runs `names` from their metrics.jsonl."""
+    compute = compile_ = 0.0
+    tokens = 0
+    for name in names:
+        rows = [json.loads(ln) for ln in (workdir / "train" / name / "metrics.jsonl").read_text().splitlines()]
+        per_step = np.array([r["step_s"] for r in rows])
+        # The first step at each bucket length compiles: its time beyond the run's fastest step is compile.
+        first = np.array([r["seq_len"] not in {q["seq_len"] for q in rows[:i]} for i, r in enumerate(rows)])
+        fastest = float(per_step.min())
+        compute += float(np.where(first, fastest, per_step).sum())
+        compile_ += float((per_step - fastest)[first].sum())
+        tokens += sum(r["tokens"] for r in rows)
+    return compute, compile_, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--identities", type=int, default=400)
+    parser.add_argument("--eval_objective", default="npo")
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    ws = pipeline.Workspace(config(args.small, args.steps, args.identities), workdir)
+    results = []
+
+    def report(stage: str, wall: float, compute: float, compile_: float, tokens: int, **extra) -> None:
+        row = {"stage": stage, "wall_s": round(wall, 2), "compute_s": round(compute, 2),
+               "compile_s": round(compile_, 2), "other_s": round(wall - compute - compile_, 2),
+               "compute_share": round(compute / wall, 3), "tokens": tokens,
+               "tokens_per_s_wall": round(tokens / wall, 1),
+               "tokens_per_s_compute": round(tokens / compute, 1) if compute else None, **extra}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    t0 = time.perf_counter()
+    pipeline.prepare_data(ws)
+    print(json.dumps({"stage": "data", "wall_s": round(time.perf_counter() - t0, 2)}), flush=True)
+    t0 = time.perf_counter()
+    pipeline.prepare_base_model(ws)
+    report("base_model", time.perf_counter() - t0, 0.0, 0.0, 0)
+
+    # One unlearn stage per objective, each model's HF folder deleted after it unless it is evaluated: six 7B
+    # folders do not fit the device's disk.
+    runs = [("finetune", "", ["finetuned", "retain_model"])] + [
+        ("unlearn", o, [f"unlearned_{o}"]) for o in stages.objectives(ws)]
+    for stage, objective, names in runs:
+        if objective:
+            ws.config.unlearn.objective = objective
+        t0 = time.perf_counter()
+        getattr(stages, stage)(ws)
+        wall = time.perf_counter() - t0
+        report(f"{stage} {objective}".strip(), wall, *train_compute(workdir, names))
+        if objective and objective != args.eval_objective:
+            shutil.rmtree(ws.model_dir(names[0]))
+        for name in names:  # per model: steady-state step time
+            rows = [json.loads(ln) for ln in (workdir / "train" / name / "metrics.jsonl").read_text().splitlines()]
+            steps = [r["step_s"] for r in rows]
+            print(json.dumps({"model": name, "median_step_s": round(float(np.median(steps)), 4),
+                              "tokens_per_step": rows[-1]["tokens"]}), flush=True)
+
+    score = CallTimer(batched.token_logprobs, lambda a, k: int(np.size(a[1])))
+    gen = CallTimer(batched.generate, lambda a, k: int(np.shape(a[1])[0]) * k["max_new_tokens"])
+    batched.token_logprobs, batched.generate = score, gen
+    ws.config.data.forget_split = "forget1"  # eval on forget1 / retain5: the same batches, fewer of them
+    ws.config.unlearn.objective = args.eval_objective  # and of one unlearned model (plus finetuned, retain_model)
+    t0 = time.perf_counter()
+    stages.eval(ws)
+    wall = time.perf_counter() - t0
+    (sc, sk), (gc, gk) = score.compute_and_compile(), gen.compute_and_compile()
+    report("eval", wall, sc + gc, sk + gk, score.tokens + gen.tokens, score_s=round(sc, 2),
+           score_tokens_per_s=round(score.tokens / sc, 1), generate_s=round(gc, 2),
+           new_tokens_per_s=round(gen.tokens / gc, 1))
+    (workdir / "bench_pipeline.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
