@@ -201,7 +201,7 @@ def evaluate_eval_py(model: nnx.Module, bench: Benchmark, runner: Runner, *, for
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i].images), len(rows[i].input_ids)))
     outputs = generate_rows(model, [rows[i] for i in order], eos_token_id=tok.eos_token_id,
                             max_new_tokens=runner.max_new_tokens, desc="eval.py generate", **_common(runner))
-    generated = [outputs[order.index(i)] for i in range(len(rows))]
+    generated = [outputs[k] for k in np.argsort(order)]
     answers = [metrics.eval_py_answer(tok.decode([*row.input_ids[2:].tolist(), *ids[:it.max_new_tokens].tolist()],
                                                  skip_special_tokens=True), answer_tag=it.task != P.CLASSIFICATION)
                for it, row, ids in zip(flat, rows, generated, strict=True)]
