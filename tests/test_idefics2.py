@@ -210,12 +210,20 @@ def test_split_image_expansion_and_labels(tmp_path):
     assert proc.blank()["pixel_values"].shape == (5, 3, 42, 42)
 
 
-def test_mllmu_preset_turns_image_splitting_off():
+def test_mllmu_image_splitting_per_stage():
+    """MLLMU-Bench's training scripts build Idefics2's processor with do_image_splitting=False, eval.py with the
+    checkpoint's own setting (protocol original); protocol corrected turns splitting off in every stage."""
     from configs.mllmu_idefics2 import get_config
+    from vlmu_jax.protocol import resolve
 
     c = get_config("npo")
-    assert c.model.template == "idefics2" and c.model.image_processor_overrides.do_image_splitting is False
-    assert c.unlearn.objective == "npo"
+    assert c.model.template == "idefics2" and c.unlearn.objective == "npo"
+    original = resolve(c)
+    assert original.image_processor_overrides("train") == {"do_image_splitting": False}
+    assert original.image_processor_overrides("eval") == {}
+    c.unlock()
+    c.protocol = "corrected"
+    assert resolve(c).image_processor_overrides("eval") == {"do_image_splitting": False}
 
 
 def test_mllmu_pipeline_on_tiny_idefics2(tmp_path):
@@ -242,6 +250,7 @@ def test_mllmu_pipeline_on_tiny_idefics2(tmp_path):
         losses = [json.loads(line)["loss"] for line in (workdir / "train" / name / "metrics.jsonl").open()]
         assert len(losses) == 2 and np.isfinite(losses).all()
         res = json.loads((workdir / "eval_results" / name / "final_evaluation_results.json").read_text())
+        assert res.pop("protocol")["few_shot_ids"]["forget/fill_in_the_blank"]  # eval.py's draws, one identity
         assert set(res) == {"Forget Set Results", "Test Set Results", "Retain Set (shared dataset) Results",
                             "Retain Set (real person) Results"}
         for groups in res.values():

@@ -94,6 +94,38 @@ def test_lora_keeps_language_model_base_frozen(tmp_path):
     assert count == lora_count + projector
 
 
+@pytest.mark.parametrize("protocol", ["original", "corrected"])
+def test_mllmu_preset_lora_trainable_count(tmp_path, protocol):
+    """The MLLMU preset's LoRA on a tiny LLaVA. original: find_all_linear_names + PEFT suffix matching adapt every
+    Linear named like a language-model projection (the CLIP tower's q/k/v_proj too; not its out_proj / fc1 / fc2,
+    not the projector), A ~ N(0, 1/r); corrected: the language model's projections only, what skipping the vision
+    tower and projector means. Only adapters train. Expected counts from the HF model's own modules."""
+    import torch
+
+    from vlmu_jax import presets, stages
+    from vlmu_jax.protocol import resolve
+
+    c = presets.mllmu(None, template="llava-1.5", model_path="")
+    c.unlock()
+    c.protocol = protocol
+    folder, hf = save_tiny(tmp_path / "m", "llama")
+    model = load_pretrained(folder)
+    trainable = stages._prepare_trainable(model, c.unlearn, 0, resolve(c))
+    flat = nnx.to_flat_state(nnx.state(model, trainable))
+    assert all(isinstance(v, nnx.LoRAParam) for _, v in flat)
+    lm = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    linear = {n: m for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    adapted = [m for n, m in linear.items() if n.endswith(lm) and (protocol == "original" or "language_model" in n)]
+    rank = c.unlearn.lora_rank
+    assert sum(int(np.prod(v.get_value().shape)) for _, v in flat) == sum(
+        rank * (m.in_features + m.out_features) for m in adapted)
+    if protocol == "original":
+        clip_layers = hf.config.vision_config.num_hidden_layers
+        assert len(adapted) == len(linear) - 3 * clip_layers - 2  # CLIP's out_proj, fc1, fc2; the projector's 2
+        a = np.concatenate([np.ravel(v.get_value()) for p, v in flat if p[-1] == "lora_a"])
+        assert abs(a.std() - 1 / rank) < 0.1 / rank
+
+
 def test_fiubench_preset_trainable_set_per_protocol(tmp_path):
     """Unlearning with the FIUBench preset (LoRA r128 a256, projector tuned) on a tiny LLaVA-Phi-3. forget.py's
     target regexes end in `\\.(q|k|v|o|gate|up|down)_proj`, so Phi-3's fused qkv_proj / gate_up_proj get no adapter

@@ -61,16 +61,33 @@ def test_generation_cut_exact_match_and_rouge():
     assert orig["rouge1_recall"][1] == scorer.score(refs[1], "baker run")["rouge1"].recall
 
 
-def test_mllmu_parsing_and_scores():
+def test_mllmu_answer_extraction():
+    """eval.py cuts the answer out of decode(prompt + generation): after the prompt's "ASSISTANT:", up to a generated
+    one; "Answer:" only when there is no "ASSISTANT:" at all (never for classification). Protocol corrected reads
+    the new tokens alone with the same cut."""
     opts = {"A": "x", "B": "y", "C": "z", "D": "w"}
-    assert metrics.parse_choice_letter("USER: q\nASSISTANT: b) y", opts) == "B"
-    assert metrics.parse_choice_letter("  c", opts) == "C"
-    assert metrics.parse_choice_letter("The answer is A", opts) is None
-    assert metrics.parse_choice_letter("", opts) is None
+    prompt = "USER:\nWho?\nA: x\nB: y\nJust give ONE letter representing the answer directly.\nASSISTANT:"
+    # the model answers, then writes a new turn of its own
+    decoded = prompt + " b) y\nUSER: and?\nASSISTANT: C"
+    assert metrics.eval_py_answer(decoded, answer_tag=False) == "b) y\nUSER: and?"
+    assert metrics.choice_letter(metrics.eval_py_answer(decoded, answer_tag=False), opts) == "B"
+    assert metrics.own_turn(" b) y\nUSER: and?\nASSISTANT: C") == "b) y\nUSER: and?"
+    # an empty turn before a generated "ASSISTANT:" is no answer, whatever follows
+    assert metrics.eval_py_answer(prompt + "ASSISTANT: A", answer_tag=False) == ""
+    assert metrics.choice_letter("", opts) is None and metrics.own_turn("ASSISTANT: A") == ""
+    # "Answer:" is looked for only without any "ASSISTANT:" (decoded text that lost its prompt's tag)
+    assert metrics.eval_py_answer("Q: where?\nAnswer: Rome. Answer: Oslo") == "Rome."
+    assert metrics.eval_py_answer("Q: where?\nAnswer: Rome.", answer_tag=False) == "Q: where?\nAnswer: Rome."
+    assert metrics.eval_py_answer(prompt + " Answer: Oslo") == "Answer: Oslo"
+    assert metrics.own_turn(" Answer: Oslo ") == "Answer: Oslo"
+    # the pick is the first character only
+    assert metrics.choice_letter("The answer is A", opts) is None and metrics.choice_letter("d", opts) == "D"
+    assert metrics.choice_letter("E", opts) is None
+
+
+def test_mllmu_parsing_and_scores():
     assert metrics.choice_by_likelihood(np.array([[2.0, 0.5, 1.0], [0.1, 0.2, 0.3]]), "ABC") == ["B", "A"]
     assert metrics.accuracy(["A", None, "C"], ["A", "B", "D"]) == pytest.approx(1 / 3)
-    assert metrics.assistant_response("x ASSISTANT: He is 30. ") == "He is 30."
-    assert metrics.assistant_response("Answer: blue") == "blue"
     assert metrics.cloze_correct("It was in PARIS.", "Paris")
     ref, pred = "the cat sat on the mat", "the cat is on the mat"
     direct = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(ref, pred)["rougeL"].fmeasure

@@ -6,9 +6,10 @@ import pytest
 
 from configs.demo import get_config
 from vlmu_jax.data.batching import Example, generation_rows
-from vlmu_jax.data.records import IMAGE, QA, TEXT, Cloze, MultipleChoice
+from vlmu_jax.data.records import IMAGE, TEXT, Cloze, MultipleChoice
 from vlmu_jax.eval import metrics
 from vlmu_jax.eval.tasks import mllmu as task
+from vlmu_jax.eval.tasks import mllmu_prompts as P
 from vlmu_jax.eval.tasks.fiubench import Runner
 from vlmu_jax.pipeline import Workspace, prepare_base_model, prepare_data
 
@@ -20,6 +21,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     cfg = get_config("ci")
     cfg.unlock()
     cfg.benchmark = "mllmu"
+    cfg.protocol = "corrected"  # evaluate_mllmu; protocol original runs in test_pipeline.py::test_mllmu_pipeline
     cfg.data.synthetic_identities = 16
     cfg.data.forget_ratio = RATIO
     cfg.eval.max_new_tokens = 8
@@ -30,17 +32,18 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 
 def _runner(ws: Workspace) -> Runner:  # as vlmu_jax.stages._runner
-    return Runner(text=ws.text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.image_fn,
+    return Runner(text=ws.eval_text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.eval_image_fn,
                   max_new_tokens=ws.config.eval.max_new_tokens, protocol=ws.protocol, mesh=ws.mesh)
 
 
-def test_prompts_as_eval_py() -> None:
+def test_question_texts_as_eval_py() -> None:
+    """The question part both protocols ask (protocol corrected wraps it in the model's template)."""
     mc = MultipleChoice("Who?", (("A", "x"), ("B", "y")), "B", TEXT)
-    assert task.choice_prompt(mc) == "Who?\nA: x\nB: y\nJust give ONE letter representing the answer directly."
-    assert task.cloze_prompt(Cloze("She lives in __.", "Rome")) == (
+    assert P.choice_prompt(mc) == "Who?\nA: x\nB: y\nJust give ONE letter representing the answer directly."
+    assert P.cloze_prompt(Cloze("She lives in __.", "Rome")) == (
         "She lives in [Blank].\nPlease **ONLY** provide the correct answer that should replace the [Blank].")
-    assert task.generation_prompt(QA("Q?", "a", modality=IMAGE)).endswith("one sentence accurately in ENGLISH.")
-    assert task.generation_prompt(QA("Q?", "a", modality=TEXT)).endswith("in one sentence in ENGLISH.")
+    assert P.generation_prompt("Q?", IMAGE).endswith("one sentence accurately in ENGLISH.")
+    assert P.generation_prompt("Q?", TEXT).endswith("in one sentence in ENGLISH.")
 
 
 def test_evaluate_mllmu(workspace: Workspace) -> None:
@@ -72,19 +75,19 @@ def test_evaluate_mllmu(workspace: Workspace) -> None:
             assert sum(r["question type"] == mod for r in preds["classification"]) == n > 0
 
     # prompts longer than the training max_length keep their end (options, instruction, answer tag)
-    text = ws.text_config
+    text = ws.eval_text_config
     tag = ws.tokenizer(text.template.answer_prefix, add_special_tokens=False)["input_ids"]
-    examples = [Example(task.choice_prompt(mc), "", p.image if mc.modality == IMAGE else None)
+    examples = [Example(P.choice_prompt(mc), "", p.image if mc.modality == IMAGE else None)
                 for people in sets.values() for p in people for mc in p.choices]
     rows = generation_rows(examples, text)
-    assert max(len(r.input_ids) for r in rows) > ws.text_config.max_length  # the case exists in this data
+    assert max(len(r.input_ids) for r in rows) > ws.config.data.max_length  # the case exists in this data
     assert all(r.input_ids[-len(tag):].tolist() == tag for r in rows)
 
     # hand check on the retain set: accuracies from the per-item records
     res = results[task.SET_NAMES["retain"]]
     rows = res["predictions"]["classification"]
     img = [r for r in rows if r["question type"] == "Image_Textual"]
-    hits = sum(metrics.parse_choice_letter(r["generated_answer"], r["option_loss"]) == r["correct_answer"]
+    hits = sum(metrics.choice_letter(r["generated_answer"], r["option_loss"]) == r["correct_answer"]
                for r in img)
     assert res["classification"]["Image-Textual Question Accuracy"] == pytest.approx(100.0 * hits / len(img))
     txt = [r for r in rows if r["question type"] == "Pure_Text"]

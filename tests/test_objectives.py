@@ -104,3 +104,25 @@ def test_registry() -> None:
     )
     with pytest.raises(KeyError, match="known"):
         get_objective("nope")
+
+
+def test_mllmu_npo_as_npo_py() -> None:
+    """Protocol original: NPO.py's loss on batch-mean NLLs with no retain term, against the oracle model (the one
+    reference_model_FT.py trains on the retain split: our retain_model); corrected keeps per-sequence NPO, the
+    retain NLL and the starting model as reference."""
+    from vlmu_jax import stages
+    from vlmu_jax.protocol import Protocol
+    from vlmu_jax.unlearn.trainer import TrainConfig, phase_streams
+
+    sources = {"forget": "F", "retain": "R"}
+    original = SimpleNamespace(protocol=Protocol("original", "mllmu", mllmu_baselines=True))
+    run_args = stages._mllmu_npo(original, "npo", sources)
+    assert run_args == {"sources": {"forget": "F"}, "reference": "retain_model"}
+    assert phase_streams(get_objective("npo"), run_args["sources"]) == [("forget",)]
+    cfg = stages.objective_config(original, TrainConfig(objective="npo", beta=0.5))
+    # token-mean NLLs 2.0 (policy) and 4/3 (oracle), nothing else
+    assert float(get_objective("npo").fn({"forget": S}, cfg)[0]) == pytest.approx(-(2 / 0.5) * logsig(0.5 * 2 / 3))
+    assert stages._mllmu_npo(original, "ga", sources) == {"sources": sources}
+    corrected = SimpleNamespace(protocol=Protocol("corrected", "mllmu"))
+    assert stages._mllmu_npo(corrected, "npo", sources) == {"sources": sources}
+    assert not stages.objective_config(corrected, TrainConfig(objective="npo")).npo_batch_mean

@@ -176,12 +176,16 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
 def test_mllmu_pipeline(tmp_path: Path) -> None:
     """MLLMU-Bench format end to end: forget_10 / retain_90 training streams and eval.py's four result sets."""
     workdir = tmp_path / "mllmu"
-    _main(workdir, "--config.benchmark=mllmu", "--config.data.synthetic_identities=16",
+    _main(workdir, "--config.benchmark=mllmu", "--config.data.synthetic_identities=8",
           "--config.data.forget_ratio=10", "--config.finetune.num_steps=4", "--config.retain_model.num_steps=4",
           "--config.unlearn.num_steps=2", "--config.eval.max_new_tokens=4", "--config.unlearn.objective=gd",
           "--config.stages=finetune,unlearn,eval,report")
     for name in ("finetuned", "retain_model", "unlearned_gd"):
         res = json.loads((workdir / "eval_results" / name / "final_evaluation_results.json").read_text())
+        protocol = res.pop("protocol")  # the default, original: eval.py's prompts and its few-shot draws per call
+        assert protocol["name"] == "original" and set(protocol["few_shot_ids"]) == {
+            f"{s}/{t}" for s in ("forget", "test", "retain", "celebrity") for t in ("classification",
+                                                                                     "fill_in_the_blank")}
         assert set(res) == {"Forget Set Results", "Test Set Results", "Retain Set (shared dataset) Results",
                             "Retain Set (real person) Results"}
         for groups in res.values():

@@ -29,7 +29,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     c.lr_schedule = "cosine"  # cosine | linear | constant
     c.warmup_ratio = 0.0
     c.weight_decay = 0.01
-    c.max_grad_norm = 1.0
+    c.max_grad_norm = 1.0  # 0 = no clipping
+    c.adam_eps = 1e-8  # torch.optim.AdamW's; transformers' AdamW (MLLMU-Bench) uses 1e-6
     c.beta = 0.1  # NPO / DPO / SimNPO temperature
     c.npo_batch_mean = False  # MLLMU-Bench's batch-level NPO instead of the per-sequence NPO paper form
     c.retain_weight = 1.0

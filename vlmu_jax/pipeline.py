@@ -92,22 +92,45 @@ class Workspace:
 
     @cached_property
     def text_config(self) -> TextConfig:
+        """How training rows become ids: the protocol's training template and label rule (MLLMU's collates)."""
+        p = self.protocol
+        template = p.train_template(self.hf_config.get("model_type", ""), self.config.model.template)
+        return self._text_config(template, self.image_processor, train_on_prompt=p.mllmu_collate,
+                                 max_length=None if p.mllmu_collate else self.config.data.max_length)
+
+    @cached_property
+    def eval_text_config(self) -> TextConfig:
+        """How evaluation rows become ids: the model's template, never cut (a cut answer or prompt scores garbage)."""
+        return self._text_config(self.config.model.template, self.eval_image_processor, max_length=None)
+
+    def _text_config(self, template: str, processor: ImageProcessor, **options) -> TextConfig:
         from vlmu_jax.models.registry import model_config
 
-        return checkpoint_text_config(self.tokenizer, get_template(self.config.model.template),
-                                      model_config(self.hf_config), self.image_processor,
-                                      append_eos=self.config.data.append_eos, max_length=self.config.data.max_length,
-                                      fiubench_original_mask=self.protocol.fiubench_preprocess_mask)
+        return checkpoint_text_config(self.tokenizer, get_template(template), model_config(self.hf_config), processor,
+                                      append_eos=self.config.data.append_eos,
+                                      fiubench_original_mask=self.protocol.fiubench_preprocess_mask, **options)
 
     @cached_property
     def image_processor(self) -> ImageProcessor:
+        """The training stages' image processor (the checkpoint's, with the protocol's and the config's overrides)."""
+        return self._image_processor("train")
+
+    @cached_property
+    def eval_image_processor(self) -> ImageProcessor:
+        return self._image_processor("eval")
+
+    def _image_processor(self, stage: str) -> ImageProcessor:
         overrides = self.config.model.get("image_processor_overrides") or {}
-        return load_image_processor(self.base_model,
-                                    overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides))
+        user = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+        return load_image_processor(self.base_model, {**self.protocol.image_processor_overrides(stage), **user})
 
     def image_fn(self, ref: ImageRef | None) -> dict[str, np.ndarray]:
-        """A row's image inputs for the model (a text-only row's when `ref` is None)."""
+        """A training row's image inputs for the model (a text-only row's when `ref` is None)."""
         return row_images(self.image_processor, ref)
+
+    def eval_image_fn(self, ref: ImageRef | None) -> dict[str, np.ndarray]:
+        """An evaluation row's image inputs for the model (a text-only row's when `ref` is None)."""
+        return row_images(self.eval_image_processor, ref)
 
     def load(self, name: str | Path):
         """A model folder of this run (by name), the base checkpoint ("base") or any checkpoint folder (a Path),

@@ -70,7 +70,14 @@ def fiubench(variant: str | None, *, template: str, model_path: str) -> ml_colle
 
 
 def mllmu(variant: str | None, *, template: str, model_path: str) -> ml_collections.ConfigDict:
-    """MLLMU-Bench: LoRA r16/a16 finetune for 5 epochs, then 1 epoch of LoRA unlearning at 2e-5."""
+    """MLLMU-Bench: LoRA r16/a16 finetune for 5 epochs, then 1 epoch of LoRA unlearning at 2e-5.
+
+    Only the adapters train (prepare_model_for_kbit_training + get_peft_model freeze every base weight, the
+    projector's too). Every script builds ``transformers.AdamW(params, lr)`` (weight decay 0, eps 1e-6), clips no
+    gradient (its accumulation branch, the only one that clips, is off by default) and steps a linear schedule
+    without warmup per batch, except GA_Difference and KL_Min, which step it once per epoch: constant over their
+    one epoch.
+    """
     c = base_config()
     c.benchmark = "mllmu"
     method = _method(variant, MLLMU_METHODS, "ga")
@@ -80,15 +87,18 @@ def mllmu(variant: str | None, *, template: str, model_path: str) -> ml_collecti
     c.model.remat = "full"
     c.data.forget_ratio = 5
     c.data.max_length = 384
-    if template == "idefics2":  # every MLLMU script builds the processor with do_image_splitting=False
-        c.model.image_processor_overrides.do_image_splitting = False
     if template == "qwen2-vl":
         c.model.image_processor_overrides.max_pixels = QWEN_VL_MAX_PIXELS
     c.seed = 42
-    lora = dict(lora_rank=16, lora_alpha=16.0, lora_dropout=0.05, lora_targets=r".*_proj|.*fc\d|.*linear_\d",
-                lr_schedule="linear", warmup_ratio=0.0, weight_decay=0.01, batch_size=4, grad_accum=1)
+    # lora_targets stays the language model's projections: what find_all_linear_names means by skipping the vision
+    # tower and projector (protocol original adds what PEFT's suffix matching also catches, see stages.lora_targets).
+    lora = dict(lora_rank=16, lora_alpha=16.0, lora_dropout=0.05, lr_schedule="linear", warmup_ratio=0.0,
+                weight_decay=0.0, adam_eps=1e-6, max_grad_norm=0.0, batch_size=4, grad_accum=1,
+                tune_vision_tower=False, tune_mm_projector=False)
     c.finetune.update(objective="finetune", lr=2e-5, num_epochs=5, **lora)
     c.retain_model.update(objective="finetune", lr=2e-5, num_epochs=5, **lora)
     c.unlearn.update(objective=method, lr=2e-5, num_epochs=1, beta=0.4, npo_batch_mean=False, **lora)
+    if method in ("ga_difference", "kl_min"):
+        c.unlearn.lr_schedule = "constant"
     c.unlearn.update(METHOD_PARAMS.get(method, {}))
     return c

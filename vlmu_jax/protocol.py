@@ -72,9 +72,44 @@ class Protocol:
     # fused qkv_proj / gate_up_proj get no adapter there; corrected adapts every LM projection.
     lora_targets: str = DEFAULT_TARGETS
 
+    # MLLMU-Bench (franciscoliu/MLLMU-Bench)
+    # eval.py: prompts written by hand and the same for every model (few-shot blocks drawn with Python's `random`,
+    # "USER: ... ASSISTANT:" strings), answers cut from the decoded prompt + generation at the prompt's own
+    # "ASSISTANT:". Otherwise: the model's chat template, zero-shot, answers from the new tokens only.
+    mllmu_eval_py: bool = False
+    # The training collates (data_process/data_preprocess.py): every non-pad token is a label, prompt included;
+    # LLaVA in the collate's "USER: <image>\n{q}\nASSISTANT: {a}"; no cut at max_length (the collates never pass
+    # it). Otherwise: answer tokens only, in the model's template, cut at data.max_length.
+    mllmu_collate: bool = False
+    # baselines/*.py: NPO on the batch-mean losses, no retain term, against the model the run names (the retain
+    # model, as reference_model_FT.py trains it); KL_Min's KL summed over every position of the padded batch / B.
+    # Otherwise: per-sequence NPO plus a retain NLL against the starting model, KL over real tokens.
+    mllmu_baselines: bool = False
+    # finetune.py / baselines: find_all_linear_names + PEFT's suffix matching (every Linear named like one of the
+    # language model's projections: the vision q/k/v and Idefics2's connector too) with gaussian A ~ N(0, 1/r), when
+    # the stage names no lora_targets. Otherwise: `lora_targets` (the language model's projections, what skipping
+    # the vision tower and projector means) and PEFT's default kaiming-uniform A.
+    mllmu_peft_lora: bool = False
+    # Idefics2 image splitting as each script builds its processor: off in training (do_image_splitting=False),
+    # the checkpoint's own preprocessor setting in eval.py. Otherwise: off in every stage.
+    mllmu_eval_image_splitting: bool = False
+
     @property
     def original(self) -> bool:
         return self.name == "original"
+
+    def train_template(self, model_type: str, template: str) -> str:
+        """The prompt template of training rows: MLLMU's LLaVA collate writes its own format, whatever the model's
+        chat template is; Idefics2's collate applies the model's chat template."""
+        return "mllmu-llava" if self.mllmu_collate and model_type == "llava" else template
+
+    def image_processor_overrides(self, stage: str) -> dict[str, bool]:
+        """preprocessor_config.json values this protocol replaces in ``stage`` ("train" or "eval"). MLLMU-Bench: every
+        training script builds Idefics2's processor with do_image_splitting=False, eval.py with the checkpoint's own
+        setting (AutoProcessor.from_pretrained(model_id)); a processor without the key ignores it."""
+        if self.benchmark != "mllmu" or (stage == "eval" and self.mllmu_eval_image_splitting):
+            return {}
+        return {"do_image_splitting": False}
 
 
 def resolve(config: ml_collections.ConfigDict) -> Protocol:
@@ -87,7 +122,8 @@ def resolve(config: ml_collections.ConfigDict) -> Protocol:
         raise ValueError("config.data.append_eos=True is not FIUBench's original protocol (its LLaVA rows end with "
                          "the answer, no EOS): set it False or use config.protocol=corrected")
     return Protocol(name=name, benchmark=config.benchmark,
-                    **_fiubench(original and config.benchmark == "fiubench"))
+                    **_fiubench(original and config.benchmark == "fiubench"),
+                    **_mllmu(original and config.benchmark == "mllmu"))
 
 
 def _fiubench(original: bool) -> dict:
@@ -97,3 +133,9 @@ def _fiubench(original: bool) -> dict:
              "fiubench_reference_on_retain_split", "fiubench_kl_all_positions")
     return {**dict.fromkeys(flags, original),
             "lora_targets": FIUBENCH_LORA_TARGETS if original else DEFAULT_TARGETS}
+
+
+def _mllmu(original: bool) -> dict:
+    """MLLMU-Bench's fields: all of its original code path, or none of it."""
+    flags = ("mllmu_eval_py", "mllmu_collate", "mllmu_baselines", "mllmu_peft_lora", "mllmu_eval_image_splitting")
+    return dict.fromkeys(flags, original)

@@ -61,6 +61,24 @@ def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict, *,
     return kl, jnp.broadcast_to(jnp.arange(kl.shape[1]) < length, kl.shape)
 
 
+def objective_config(ws: Workspace, cfg: TrainConfig) -> TrainConfig:
+    """The protocol's objective reductions: MLLMU-Bench's NPO compares batch-mean losses."""
+    return dataclasses.replace(cfg, npo_batch_mean=True) if ws.protocol.mllmu_baselines else cfg
+
+
+# find_all_linear_names collects names outside HF modules named *multi_modal_projector* / *vision_model*: our
+# vision_tower always, our multi_modal_projector for LLaVA only (Idefics2's is HF's `connector`, which it keeps).
+_PEFT_SKIPPED = {"llava": ("vision_tower", "multi_modal_projector"), "idefics2": ("vision_tower",)}
+
+
+def lora_targets(model: nnx.Module, protocol: Protocol) -> str:
+    """The protocol's LoRA targets regex; MLLMU-Bench's original protocol: its PEFT suffix rule on this model."""
+    if not protocol.mllmu_peft_lora:
+        return protocol.lora_targets
+    skip = _PEFT_SKIPPED.get(model.config.hf_config.get("model_type", ""), ("vision_tower", "multi_modal_projector"))
+    return lora.suffix_targets(model, skip=skip)
+
+
 def vocab_fn(model: nnx.Module, ref_model: nnx.Module | None, batch: dict, stat) -> jax.Array:
     """An objective's per-position statistic of the full next-token distributions (UNDIAL, CE-U), chunked."""
     args = (batch["input_ids"], batch["attention_mask"], batch["images"])
@@ -105,7 +123,8 @@ def _prepare_trainable(model: nnx.Module, stage: ml_collections.ConfigDict, seed
     use_lora = stage.lora_rank > 0
     if use_lora:
         lora.apply_lora(model, rank=stage.lora_rank, alpha=stage.lora_alpha, dropout=stage.lora_dropout,
-                        targets=stage.lora_targets or protocol.lora_targets, seed=seed)
+                        targets=stage.lora_targets or lora_targets(model, protocol), seed=seed,
+                        init="gaussian" if protocol.mllmu_peft_lora else "kaiming")
     return lora.trainable_filter(lora=use_lora, tune_vision_tower=stage.tune_vision_tower,
                                  tune_mm_projector=stage.tune_mm_projector,
                                  tune_language_model=stage.tune_language_model)
@@ -132,22 +151,29 @@ def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None, info: d
 
 
 def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collections.ConfigDict,
-                 sources: dict[str, ExampleSource], objective: str | None = None) -> None:
+                 sources: dict[str, ExampleSource], objective: str | None = None, reference: str | None = None) -> None:
+    """Trains model folder ``start`` into ``out_name``; ``reference`` names the reference model's folder when it is
+    not ``start`` with LoRA off."""
     out = ws.model_dir(out_name)
     if is_done(out) and not ws.config.force:
         logging.info("%s exists, skipping (config.force=True redoes it)", out)
         return
     model = ws.load(start)
     trainable = _prepare_trainable(model, stage, ws.config.seed, ws.protocol)
+    ref_model = None
+    if reference is not None:
+        _require(ws.model_dir(reference), f"{out_name} compares against it: run the finetune stage first")
+        ref_model = ws.load(reference)
+        _prepare_trainable(ref_model, stage, ws.config.seed, ws.protocol)  # the same graph; zero adapters
     run_dir = ws.workdir / "train" / out_name
     if ws.config.force:
         shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = TrainConfig.from_config(stage)
+    cfg = objective_config(ws, TrainConfig.from_config(stage))
     if objective is not None:
         cfg = dataclasses.replace(cfg, objective=objective)
-    kl = functools.partial(kl_fn, all_positions=ws.protocol.fiubench_kl_all_positions)
+    kl = functools.partial(kl_fn, all_positions=ws.protocol.fiubench_kl_all_positions or ws.protocol.mllmu_baselines)
     result = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl, vocab_fn=vocab_fn,
-                   hidden_fn=hidden_fn, workdir=run_dir, trainable=trainable, mesh=ws.mesh)
+                   hidden_fn=hidden_fn, workdir=run_dir, trainable=trainable, mesh=ws.mesh, reference=ref_model)
     logging.info("%s: %d steps, last loss %.4f", out_name, result.step, result.losses[-1] if result.losses
                  else float("nan"))
     _save_model(ws, model, out)
@@ -203,7 +229,15 @@ def unlearn(ws: Workspace) -> None:
                              buckets=buckets) for name, rs in rows.items()}
     for objective in objectives(ws):
         _train_model(ws, start="finetuned", out_name=f"unlearned_{objective}", stage=c.unlearn,
-                     sources=sources, objective=objective)
+                     objective=objective, **_mllmu_npo(ws, objective, sources))
+
+
+def _mllmu_npo(ws: Workspace, objective: str, sources: dict[str, ExampleSource]) -> dict:
+    """MLLMU-Bench's NPO.py (protocol original): no retain term, and the reference is the oracle model, trained
+    on the retain split from the base model (reference_model_FT.py): our retain_model."""
+    if objective == "npo" and ws.protocol.mllmu_baselines:
+        return {"sources": {k: v for k, v in sources.items() if k != "retain"}, "reference": "retain_model"}
+    return {"sources": sources}
 
 
 def objectives(ws: Workspace) -> list[str]:
@@ -290,10 +324,8 @@ def _model_at_checkpoint(ws: Workspace, ckpt_dir: Path, step: int, *, start: str
 def _runner(ws: Workspace):
     from vlmu_jax.eval.tasks.fiubench import Runner
 
-    # Evaluation rows are never cut to the training max_length: a cut answer or prompt scores garbage.
-    return Runner(text=dataclasses.replace(ws.text_config, max_length=None), batch_size=ws.config.eval.batch_size,
-                  image_fn=ws.image_fn, max_new_tokens=ws.config.eval.max_new_tokens, protocol=ws.protocol,
-                  mesh=ws.mesh)
+    return Runner(text=ws.eval_text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.eval_image_fn,
+                  max_new_tokens=ws.config.eval.max_new_tokens, protocol=ws.protocol, mesh=ws.mesh)
 
 
 def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs
@@ -429,13 +461,25 @@ def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, name: str, judge=No
 
 
 def _mllmu_logs(ws: Workspace, model: nnx.Module, runner, judge=None) -> dict[str, dict]:
-    from vlmu_jax.eval.tasks.mllmu import add_factuality, evaluate_mllmu
+    from vlmu_jax.eval.tasks.mllmu import PROTOCOL_KEY, add_factuality, evaluate_eval_py, evaluate_mllmu
+    from vlmu_jax.eval.tasks.mllmu_prompts import FAMILIES
 
-    results = evaluate_mllmu(model, ws.bench, runner, forget_ratio=ws.config.data.forget_ratio, seed=ws.config.seed)
+    c, draws, family = ws.config, None, ws.hf_config.get("model_type", "")
+    eval_py = ws.protocol.mllmu_eval_py and family in FAMILIES
+    if ws.protocol.mllmu_eval_py and not eval_py:
+        logging.warning("MLLMU-Bench's eval.py has no path for %s models (LLaVA and Idefics2 only): evaluating with "
+                        "the corrected protocol's prompts", family)
+    if eval_py:
+        results, draws = evaluate_eval_py(model, ws.bench, runner, forget_ratio=c.data.forget_ratio, family=family,
+                                          seed=c.seed)
+    else:
+        results = evaluate_mllmu(model, ws.bench, runner, forget_ratio=c.data.forget_ratio, seed=c.seed)
     if judge is not None:
         add_factuality(results, *judge)
     predictions = {s: r.pop("predictions") for s, r in results.items()}
-    return {"final_evaluation_results.json": results, "predictions.json": predictions}
+    record = {"name": ws.protocol.name, "seed": c.seed, "eval_py_prompts": eval_py,
+              **({"few_shot_ids": draws} if draws is not None else {})}
+    return {"final_evaluation_results.json": {**results, PROTOCOL_KEY: record}, "predictions.json": predictions}
 
 
 def report(ws: Workspace) -> None:
@@ -511,6 +555,7 @@ def _utility_row(ws: Workspace, name: str) -> dict:
 
 def _mllmu_report(ws: Workspace, names: list[str]) -> None:
     """One row per model, one column per (set, metric) in eval.py's names, and a bar chart of accuracies."""
+    from vlmu_jax.eval.tasks.mllmu import SET_NAMES
     from vlmu_jax.report import plots
     from vlmu_jax.report.aggregate import write_csv, write_json
 
@@ -519,6 +564,8 @@ def _mllmu_report(ws: Workspace, names: list[str]) -> None:
         res = json.loads((ws.workdir / "eval_results" / name / "final_evaluation_results.json").read_text())
         row = {"Model": name}
         for set_name, groups in res.items():
+            if set_name not in SET_NAMES.values():
+                continue
             for group, values in groups.items():
                 row.update({f"{set_name} / {group} / {k}": v for k, v in values.items()})
         rows.append({**row, **_utility_row(ws, name)})

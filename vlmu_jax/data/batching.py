@@ -40,25 +40,44 @@ class BatchSource(Protocol):
 
 @dataclass(frozen=True)
 class Example:
-    """One (question, answer) pair, with its identity's image or None for a text-only row."""
+    """One (question, answer) pair, with its identity's image or None for a text-only row.
+
+    ``context_images``: images the prompt shows before the row's own (few-shot examples), in prompt order; the
+    question text then holds one image token per image.
+    """
 
     question: str
     answer: str
     image: ImageRef | None = None
     uid: str = ""
+    context_images: tuple[ImageRef, ...] = ()
+
+    @property
+    def images(self) -> tuple[ImageRef, ...]:
+        return _images(self.image, self.context_images)
 
 
 @dataclass(frozen=True)
 class Encoded:
-    input_ids: np.ndarray  # int32 [L], image placeholder already expanded
+    input_ids: np.ndarray  # int32 [L], image placeholders already expanded
     labels: np.ndarray  # int32 [L]
     image: ImageRef | None
-    image_tokens: int = 0  # positions the image placeholder expanded to (0 for a text-only row)
+    image_tokens: int = 0  # positions the image placeholders expanded to, all images together (0: text only)
+    context_images: tuple[ImageRef, ...] = ()
+
+    @property
+    def images(self) -> tuple[ImageRef, ...]:
+        return _images(self.image, self.context_images)
 
     @property
     def text_length(self) -> int:
-        """Length with the image counted as one token: what ``max_length`` bounds."""
-        return len(self.input_ids) - max(self.image_tokens - 1, 0)
+        """Length with each image counted as one token: what ``max_length`` bounds."""
+        return len(self.input_ids) - self.image_tokens + len(self.images)
+
+
+def _images(image: ImageRef | None, context: tuple[ImageRef, ...]) -> tuple[ImageRef, ...]:
+    """A row's images in prompt order: the context (few-shot) images, then its own."""
+    return context if image is None else (*context, image)
 
 
 @dataclass(frozen=True)
@@ -125,19 +144,17 @@ def _tokens(cfg: TextConfig, text: str) -> tuple[list[int], list[tuple[int, int]
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _expand_image(ids: list[int], answer: list[bool], cfg: TextConfig, image: ImageRef | None, where: str):
-    with_image = image is not None
+def _expand_images(ids: list[int], answer: list[bool], cfg: TextConfig, images: tuple[ImageRef, ...], where: str):
+    """The k-th image token of the text becomes ``image_token_sequence(cfg, images[k])``; one token per image."""
     positions = [i for i, t in enumerate(ids) if t == cfg.image_token_id]
-    if len(positions) != (1 if with_image else 0):
+    if len(positions) != len(images):
         raise ValueError(
-            f"{where}: expected {int(with_image)} image token(s) (id {cfg.image_token_id}), "
-            f"found {len(positions)}"
+            f"{where}: expected {len(images)} image token(s) (id {cfg.image_token_id}), found {len(positions)}"
         )
-    if not with_image:
-        return ids, answer
-    p, seq = positions[0], image_token_sequence(cfg, image)
-    n = len(seq)
-    return ids[:p] + list(seq) + ids[p + 1 :], answer[:p] + [False] * n + answer[p + 1 :]
+    for p, image in reversed(list(zip(positions, images, strict=True))):
+        seq = list(image_token_sequence(cfg, image))
+        ids, answer = ids[:p] + seq + ids[p + 1 :], answer[:p] + [False] * len(seq) + answer[p + 1 :]
+    return ids, answer
 
 
 def image_token_sequence(cfg: TextConfig, image: ImageRef | None = None) -> tuple[int, ...]:
@@ -177,18 +194,19 @@ def text_ids(example: Example, cfg: TextConfig) -> tuple[list[int], list[bool]]:
 def expand(ids: Sequence[int], answer: Sequence[bool], example: Example, cfg: TextConfig) -> Encoded:
     """The model's row: the image placeholder expanded, labels = answer ids (every id with train_on_prompt), cut at
     `max_length`."""
-    ids, answer = _expand_image(list(ids), list(answer), cfg, example.image,
-                                f"example {example.uid!r} {example.question!r}")
+    images = example.images
+    ids, answer = _expand_images(list(ids), list(answer), cfg, images,
+                                 f"example {example.uid!r} {example.question!r}")
     ids_np = np.asarray(ids, dtype=np.int32)
     keep = np.asarray(answer, dtype=bool) | cfg.train_on_prompt
     labels = np.where(keep & (ids_np != cfg.image_token_id), ids_np, IGNORE).astype(np.int32)
-    # The seeds cut at max_length counting the image placeholder as ONE token (it is expanded inside the model
+    # The seeds cut at max_length counting each image placeholder as ONE token (it is expanded inside the model
     # there), so the limit grows by the expansion here.
-    n_image = len(image_token_sequence(cfg, example.image)) if example.image is not None else 0
+    n_image = sum(len(image_token_sequence(cfg, image)) for image in images)
     if cfg.max_length is not None:
-        limit = cfg.max_length + max(n_image - 1, 0)
+        limit = cfg.max_length + n_image - len(images)
         ids_np, labels = ids_np[:limit], labels[:limit]
-    return Encoded(ids_np, labels, example.image, n_image)
+    return Encoded(ids_np, labels, example.image, n_image, example.context_images)
 
 
 def encode(example: Example, cfg: TextConfig) -> Encoded:
@@ -248,8 +266,7 @@ def collate(
         "attention_mask": np.zeros((len(rows), t), np.int32),
         "labels": np.full((len(rows), t), IGNORE, np.int32),
     }
-    images = [image_fn(row.image) for row in rows]
-    batch["images"] = {k: np.stack([im[k] for im in images]) for k in images[0]}
+    batch["images"] = _batch_images(rows, image_fn)
     for i, row in enumerate(rows):
         n = len(row.input_ids)
         span = slice(t - n, t) if left_pad else slice(0, n)
@@ -259,9 +276,28 @@ def collate(
     return batch
 
 
+def _batch_images(rows: Sequence[Encoded], image_fn: Callable[[ImageRef | None], dict[str, np.ndarray]]) -> dict:
+    """Image inputs stacked per key. A row with one image (or none) gives ``image_fn(ref)``; when some row shows
+    several, every row gets the batch's largest count, text-only slots filled with ``image_fn(None)``, joined
+    along the processor's image axis: a new one for one-image processors (LLaVA: [B, N, 3, H, W]), the existing
+    one for processors that already give a stack per image (Idefics2: [B, N * n, 3, H, W])."""
+    if all(not row.context_images for row in rows):
+        images = [image_fn(row.image) for row in rows]
+        return {k: np.stack([im[k] for im in images]) for k in images[0]}
+    n = max(len(row.images) for row in rows)
+    blank = image_fn(None)
+    per_row = []
+    for row in rows:
+        parts = [image_fn(ref) for ref in row.images] + [blank] * (n - len(row.images))
+        join = np.stack if parts[0]["pixel_values"].ndim == 3 else np.concatenate
+        per_row.append({k: join([p[k] for p in parts]) for k in parts[0]})
+    return {k: np.stack([im[k] for im in per_row]) for k in per_row[0]}
+
+
 def generation_rows(examples: Sequence[Example], cfg: TextConfig) -> list[Encoded]:
     """Prompts only (everything up to the answer tag), for left-padded generation batches."""
-    return [encode(Example(ex.question, "", ex.image, ex.uid), _prompt_only(cfg)) for ex in examples]
+    return [encode(Example(ex.question, "", ex.image, ex.uid, ex.context_images), _prompt_only(cfg))
+            for ex in examples]
 
 
 def _prompt_only(cfg: TextConfig) -> TextConfig:

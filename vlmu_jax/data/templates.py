@@ -10,7 +10,7 @@ the turn with their own token.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vlmu_jax.errors import InputError
@@ -36,11 +36,19 @@ class Template:
     text_user_prefix: str | None = None  # when a text-only turn starts differently (Idefics2: "User: ")
     image_token: str = "<image>"
     prepend_bos: bool = True
+    # What the processor writes for one image in a hand-written prompt (MLLMU eval.py's "<image>"), before the image
+    # token is expanded: Idefics2 wraps it in <fake_token_around_image> markers.
+    image_markup: str = "<image>"
 
     def prompt(self, question: str, with_image: bool = True) -> str:
         user = self.user_prefix if with_image or self.text_user_prefix is None else self.text_user_prefix
         image = self.image_text if with_image else ""
         return f"{self.system}{user}{image}{question}{self.question_end}{self.answer_prefix}"
+
+    def raw(self) -> Template:
+        """No wrapping: the question is the whole prompt, written by hand with its own image markup."""
+        return replace(self, name=f"{self.name}-raw", system="", user_prefix="", text_user_prefix=None,
+                       image_text="", question_end="", answer_prefix="", answer_suffix="")
 
     def full(self, question: str, answer: str, with_image: bool = True) -> tuple[str, str]:
         """(prompt, prompt + answer + end-of-turn)."""
@@ -65,6 +73,7 @@ TEMPLATES: dict[str, Template] = {
         question_end="<|eot_id|>",
         answer_suffix="<|eot_id|>",
         image_token="<|image|>",
+        image_markup="<|image|>",
     ),
     # MLLMU train_collate_fn_llava.
     "mllmu-llava": Template(
@@ -80,6 +89,7 @@ TEMPLATES: dict[str, Template] = {
         image_text="<fake_token_around_image><image><fake_token_around_image>",
         question_end="<end_of_utterance>\n",
         answer_suffix="<end_of_utterance>",
+        image_markup="<fake_token_around_image><image><fake_token_around_image>",
     ),
     # Qwen2-VL / Qwen2.5-VL chat template (same for both), with its default system turn and no BOS token; the
     # processor expands <|image_pad|> to one token per merged patch of the image.
@@ -93,6 +103,7 @@ TEMPLATES: dict[str, Template] = {
         answer_suffix="<|im_end|>",
         image_token="<|image_pad|>",
         prepend_bos=False,
+        image_markup="<|vision_start|><|image_pad|><|vision_end|>",
     ),
 }
 TEMPLATES["demo"] = TEMPLATES[

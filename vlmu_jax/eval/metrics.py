@@ -159,27 +159,30 @@ def fiubench_rouge_recall(generations: Sequence[str], references: Sequence[str],
 
 
 # ----------------------------------------------------------------------------- MLLMU-Bench
-def assistant_response(generated_text: str) -> str:
-    """The answer part of a decoded generation as MLLMU-Bench ``eval.py`` extracts it.
+def eval_py_answer(decoded: str, *, answer_tag: bool = True) -> str:
+    """MLLMU-Bench ``eval.py``'s answer from the decoded prompt + generation (protocol ``original``).
 
-    Text after the first "ASSISTANT:", else after the first "Answer:", else the whole text, stripped. Our
-    generations hold only the new tokens, so usually this is just ``strip()``.
+    The text after the first "ASSISTANT:" (the prompt's own) up to the next one, i.e. cut where the model starts
+    another assistant turn; without an "ASSISTANT:", after the first "Answer:" (cloze and generation:
+    ``answer_tag=True``; classification does not look for it), else the whole text; stripped.
     """
-    for tag in ("ASSISTANT:", "Answer:"):
-        if tag in generated_text:
-            return generated_text.split(tag)[1].strip()
-    return generated_text.strip()
+    for tag in ("ASSISTANT:", "Answer:") if answer_tag else ("ASSISTANT:",):
+        if tag in decoded:
+            return decoded.split(tag)[1].strip()
+    return decoded.strip()
 
 
-def parse_choice_letter(generated_text: str, options: Mapping[str, str] | Sequence[str]) -> str | None:
-    """Multiple-choice letter: first character of the response, upper-cased, if it names an option.
+def own_turn(generated: str) -> str:
+    """The answer in the new tokens alone (protocol ``corrected``): what the model says before it writes another
+    "ASSISTANT:" turn, stripped. The same cut as :func:`eval_py_answer`, without decoding the prompt again."""
+    return generated.split("ASSISTANT:")[0].strip()
 
-    As ``evaluate_classification`` (which, unlike :func:`assistant_response`, does not look for "Answer:").
-    """
-    text = generated_text
-    response = text.split("ASSISTANT:")[1].strip() if "ASSISTANT:" in text else text.strip()
-    if response and response[0].upper() in options:
-        return response[0].upper()
+
+def choice_letter(answer: str, options: Mapping[str, str] | Sequence[str]) -> str | None:
+    """Multiple-choice pick as ``evaluate_classification``: the answer's first character, upper-cased, if it names
+    an option."""
+    if answer and answer[0].upper() in options:
+        return answer[0].upper()
     return None
 
 

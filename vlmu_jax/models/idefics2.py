@@ -256,6 +256,16 @@ class Idefics2ForConditionalGeneration(LlavaForConditionalGeneration):
     """vision_tower (HF vision_model), multi_modal_projector (HF connector), language_model (HF text_model),
     lm_head. Decoding, prefill and decode_step are LLaVA's (same Llama-shaped decoder and KV cache)."""
 
+    # transformers' Idefics2 keeps padding's embeddings and leaves position_ids to its text model (the index).
+    ZERO_PAD_EMBEDDINGS = False
+
+    def positions(
+        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None
+    ) -> jax.Array:
+        """As LLaVA's, but padding slots keep their index (only their own outputs depend on it: MLLMU's KL_Min)."""
+        index = jnp.broadcast_to(jnp.arange(attention_mask.shape[1]), attention_mask.shape)
+        return jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, index)
+
     def __init__(self, config: Idefics2Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
         t = config.text
         self.config = config

@@ -95,6 +95,9 @@ class LlavaForConditionalGeneration(nnx.Module):
         self.lm_head = output_head(t, dtype=dtype, rngs=rngs)
         self.lora_rngs: nnx.Rngs | None = nnx.data(None)
 
+    # Padding's embedding as transformers feeds it (see ``__call__``): LLaVA's merge zeroes it.
+    ZERO_PAD_EMBEDDINGS: bool = True
+
     def head_weight(self) -> jax.Array:
         """Output projection [V, D] (logits = hidden @ W.T); the embedding when tied."""
         return (self.language_model.embed_tokens if self.lm_head is None else self.lm_head)[...]
@@ -133,11 +136,15 @@ class LlavaForConditionalGeneration(nnx.Module):
         return self.multi_modal_projector(jnp.concatenate(hs, axis=-1))
 
     def embed(self, input_ids: jax.Array, images: dict[str, jax.Array] | None) -> jax.Array:
-        """Token embeddings with row b's k-th image token replaced by row b's k-th image feature."""
+        """Token embeddings with row b's k-th image token replaced by row b's k-th image feature; pixel_values
+        [B, 3, H, W] (one image per row) or [B, N, 3, H, W] (N images per row, in prompt order)."""
         h = self.language_model.embed(input_ids)
         if images is None:
             return h
-        feats = self.image_features(images["pixel_values"]).astype(h.dtype)
+        pixels = images["pixel_values"]
+        b = pixels.shape[0]
+        feats = self.image_features(pixels.reshape(-1, *pixels.shape[-3:])).astype(h.dtype)
+        feats = feats.reshape(b, -1, feats.shape[-1])
         is_img = input_ids == self.config.image_token_id
         idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
         spliced = jnp.take_along_axis(feats, idx[..., None], axis=1)
@@ -187,15 +194,18 @@ class LlavaForConditionalGeneration(nnx.Module):
         *,
         output_layer: int | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [B, T, D] (positions: see ``positions``). Padding slots get a zero embedding,
-        as HF LLaVA's image merge gives them (transformers 4.45, the seeds' path): only their own outputs depend on
-        it, and FIUBench's KL term averages those in.
+        """Final-normed hidden states [B, T, D] (positions: see ``positions``). Padding slots get a zero embedding
+        (``ZERO_PAD_EMBEDDINGS``), as HF LLaVA's image merge gives them (transformers 4.45, the seeds' path): only
+        their own outputs depend on it, and the KL terms over every position (FIUBench's KL, MLLMU's KL_Min) sum
+        those in.
 
         output_layer=L: the raw output of decoder layer L instead, running only layers 0..L (RMU)."""
         if dropout_rng is None and self.lora_rngs is not None:
             dropout_rng = self.lora_rngs.dropout()
         positions = self.positions(input_ids, attention_mask, images)
-        embeds = jnp.where(attention_mask[..., None] > 0, self.embed(input_ids, images), 0)
+        embeds = self.embed(input_ids, images)
+        if self.ZERO_PAD_EMBEDDINGS:
+            embeds = jnp.where(attention_mask[..., None] > 0, embeds, 0)
         h, _ = self.decode(embeds, positions, attention_mask, rng=dropout_rng, output_layer=output_layer)
         return h
 

@@ -34,6 +34,19 @@ def _dense_modules(model: nnx.Module, targets: str) -> list[tuple[str, Dense]]:
     return found
 
 
+def suffix_targets(model: nnx.Module, *, skip: tuple[str, ...]) -> str:
+    """PEFT's matching of a list of module names, as a ``targets`` regex: the last names of the Dense layers
+    outside the top-level modules ``skip``, matched at the end of any module path (so also inside ``skip``).
+
+    This is what MLLMU-Bench's ``find_all_linear_names`` + ``LoraConfig(target_modules=...)`` adapt.
+    """
+    names = sorted({path.rsplit(".", 1)[-1] for path, _ in _dense_modules(model, ".*")
+                    if path.split(".", 1)[0] not in skip})
+    if not names:
+        raise ValueError(f"no Dense layer outside {skip}")
+    return r"(^|\.)(" + "|".join(re.escape(n) for n in names) + r")$"
+
+
 def apply_lora(
     model: nnx.Module,
     *,
@@ -42,11 +55,15 @@ def apply_lora(
     dropout: float = 0.0,
     targets: str = DEFAULT_TARGETS,
     seed: int = 0,
+    init: str = "kaiming",
 ) -> list[str]:
     """Add float32 LoRA A/B to every Dense whose dotted module path matches ``targets`` (re.search); in place.
 
-    Returns the adapted module paths. A ~ U(+-1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5))), B = 0.
+    Returns the adapted module paths. B = 0; A as PEFT's ``init_lora_weights``: ``kaiming`` (its default,
+    kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(in))) or ``gaussian`` (N(0, 1/rank), MLLMU-Bench's choice).
     """
+    if init not in ("kaiming", "gaussian"):
+        raise ValueError(f"LoRA init must be 'kaiming' or 'gaussian', got {init!r}")
     modules = _dense_modules(model, targets)
     if not modules:
         raise ValueError(f"LoRA targets {targets!r} match no projection")
@@ -55,8 +72,11 @@ def apply_lora(
         kernel = dense.kernel.get_value()
         *stack, din, dout = kernel.shape
         axes = dense.kernel.get_metadata().get("axes") or (None,) * kernel.ndim
-        bound = 1.0 / din**0.5
-        a = jax.random.uniform(jax.random.fold_in(key, i), (*stack, din, rank), jnp.float32, -bound, bound)
+        shape, k = (*stack, din, rank), jax.random.fold_in(key, i)
+        if init == "gaussian":
+            a = jax.random.normal(k, shape, jnp.float32) / rank
+        else:
+            a = jax.random.uniform(k, shape, jnp.float32, -1.0 / din**0.5, 1.0 / din**0.5)
         lora_a = nnx.LoRAParam(a, axes=(*axes[:-1], "lora_rank"))
         lora_b = nnx.LoRAParam(
             jnp.zeros((*stack, rank, dout), jnp.float32), axes=(*axes[:-2], "lora_rank", axes[-1])

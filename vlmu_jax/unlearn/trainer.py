@@ -5,8 +5,9 @@ pure step maps (trainable, opt_state, rng, batches) to their successors with the
 so only the trainable state and its optimizer moments are ever updated or copied. The reference model
 for KL/NPO/DPO is the same graphdef merged with the LoRA parameters zeroed (no copy); trainable
 non-LoRA parameters (full finetune, tuned projector) are kept as a frozen copy of their initial values
-only when the objective needs a reference. Data position is a pure function of the step, so a resume
-restores (params, opt_state, rng, step) and replays the identical trajectory.
+only when the objective needs a reference. A run may instead name a separate reference model of the same
+graph (MLLMU-Bench's NPO oracle), whose weights then sit beside the model's. Data position is a pure
+function of the step, so a resume restores (params, opt_state, rng, step) and replays the identical trajectory.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    adam_eps: float = 1e-8
     lr_schedule: str = "cosine"
     save_every: int = 0  # micro-steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
@@ -143,12 +145,13 @@ def _stream_logps(name, obj, cfg, model, ref_model, batch, logps_fn, kl_fn, voca
 
 def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, logps_fn, kl_fn, vocab_fn=None,
               hidden_fn=None) -> Callable:
-    """The pure train step (jitted by the caller). `ref_other` are the frozen initial values of the
-    trainable non-LoRA params (empty for LoRA runs or when no reference is needed); `grad_mask` the
+    """The pure train step (jitted by the caller). The reference model is `graphdef_eval` with zero LoRA,
+    `ref_other` (the reference's values of the trainable non-LoRA params: empty for LoRA runs or when no reference
+    is needed) and `ref_rest` (its frozen params: the model's own, or a separate reference model's); `grad_mask` the
     objective's saliency mask over the trainable params (empty when it has none)."""
     needs_ref = bool(obj.ref_streams or obj.kl_streams)
 
-    def step(params, opt_state, rng, rest, ref_other, grad_mask, batches):
+    def step(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches):
         ref_params = None
         if needs_ref:
             lora, _ = nnx.split_state(params, nnx.LoRAParam, ...)
@@ -159,7 +162,7 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
             # reference's too: a model with LoRA dropout draws its key even in eval mode).
             model = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rng), rest)
             ref_model = None if ref_params is None else nnx.merge(graphdef_eval, ref_params,
-                                                                  jax.tree.map(lambda x: x, rng), rest)
+                                                                  jax.tree.map(lambda x: x, rng), ref_rest)
             # `step_length`: the longest real row over all of the step's streams, the length FIUBench's collator pads
             # a step's forget and retain rows to (its KL term averages over that many positions, see stages.kl_fn).
             step_length = jnp.max(jnp.stack([jnp.max(jnp.sum(b["attention_mask"], axis=-1))
@@ -209,6 +212,7 @@ def train(
     vocab_fn: VocabFn | None = None,
     hidden_fn: HiddenFn | None = None,
     mesh: Mesh | None = None,
+    reference: nnx.Module | None = None,
 ) -> TrainResult:
     """Train `model` in place on `cfg.objective`, resuming from `workdir/checkpoints` if present.
 
@@ -216,6 +220,8 @@ def train(
     logps_fn: traceable `(model, batch) -> (logps [B,T-1], mask [B,T-1])`.
     kl_fn: traceable `(model, ref_model, batch) -> (kl [B,T-1], kl_mask)`, full-vocab KL(ref || model),
       required by objectives with `kl_streams` (kl, kl_min).
+    reference: a separate reference model with the same graph (LoRA included, its adapters are zeroed); default:
+      `model` itself with LoRA zeroed and its trainable non-LoRA params at their initial values.
     vocab_fn: traceable `(model, ref_model | None, batch, stat) -> [B,T-1]`, `stat(logp, logq, targets)` of
       the full next-token log-softmaxes at each position, for objectives with `vocab_streams` (undial, ceu).
     hidden_fn: traceable `(model, batch, layer) -> (hidden [B,T,D], mask [B,T])`, the output of decoder
@@ -241,6 +247,7 @@ def train(
         max_grad_norm=cfg.max_grad_norm,
         grad_accum=cfg.grad_accum,
         schedule=cfg.lr_schedule,
+        eps=cfg.adam_eps,
     )
 
     model.eval()
@@ -248,7 +255,9 @@ def train(
     model.train()
     graphdef, params, rng, rest = nnx.split(model, trainable, nnx.RngState, ...)
     needs_ref = bool(obj.ref_streams or obj.kl_streams)
-    ref_other = nnx.split_state(params, nnx.LoRAParam, ...)[1] if needs_ref else nnx.State({})
+    ref_params, ref_rest = (params, rest) if reference is None else nnx.split(reference, trainable, nnx.RngState,
+                                                                              ...)[1::2]
+    ref_other = nnx.split_state(ref_params, nnx.LoRAParam, ...)[1] if needs_ref else nnx.State({})
     ref_other = jax.tree.map(jnp.copy, ref_other)
     opt_state = jax.jit(tx.init)(params)
     step_fn = jax.jit(
@@ -280,7 +289,7 @@ def train(
             phase, index = plan_step(step, phase_lengths)
             host = {name: sources[name].get(index) for name in phases[phase]}
             batches = {name: global_batch(b, mesh) for name, b in host.items()}
-            params, opt_state, rng, loss, aux = step_fn(params, opt_state, rng, rest, ref_other, grad_mask,
+            params, opt_state, rng, loss, aux = step_fn(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask,
                                                         batches)
             loss = float(loss)
             if not math.isfinite(loss):

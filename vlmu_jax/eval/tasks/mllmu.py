@@ -5,30 +5,29 @@ images, paraphrased questions), retain (``retain_{100-R}``) and celebrity (``Ret
 per set and modality (image+text ``Image_Textual`` / text-only ``Pure_Text``):
 
 - classification: the prompt lists the options and asks for ONE letter; the first character of the greedy
-  generation is the pick (``metrics.parse_choice_letter``). Added: the likelihood variant
+  generation is the pick (``metrics.choice_letter``). Added: the likelihood variant
   (``metrics.choice_by_likelihood``: each option text scored as the answer to the bare question).
 - fill_in_the_blank (``Mask_Task``): ``__`` becomes ``[Blank]``; hit when the ground truth is a
   case-insensitive substring of the response (``metrics.cloze_correct``).
 - generation: ROUGE-1/2/L F and BLEU of greedy generations against ``Ground_Truth``.
 
-All prompts of a set (classification, cloze, generation) are generated in ONE ``generate_rows`` call and all
-option likelihoods scored in ONE ``score_rows`` call. The question text is wrapped by the runner's template
-(``mllmu-llava``: ``USER: <image>\\n{text}\\nASSISTANT: ``), which is what ``eval.py`` writes for LLaVA.
+Two protocols (``vlmu_jax.protocol``):
 
-Deliberate differences from ``eval.py``:
-- Zero-shot. ``eval.py`` prepends few-shot examples (1-2 random identities of ``Full_Set``, images included)
-  for the forget / retain_shared / test modes (and the celebrity cloze), and skips those identities' own
-  questions when they are in the evaluated set. Our rows carry one image each, and a random few-shot draw
-  makes numbers depend on the seed; so every question is asked alone and none is skipped.
-- Test set: ``eval.py`` draws ``random.choice(row["images"])`` independently in each task function; we draw
-  one transformed image per Test_Set row from ``seed`` and use it for all three tasks (reproducible).
-- Prompts are never cut to the training ``max_length`` (the eval Runner's text config has none).
-- One ``max_new_tokens`` (the runner's) for every task; ``eval.py`` uses 50 (5 for Idefics2 text-only
-  classification).
+- ``original`` (``evaluate_eval_py``): eval.py's own prompts, few-shot blocks, draws, images and answer cut,
+  built in ``vlmu_jax.eval.tasks.mllmu_prompts``; the same for every model.
+- ``corrected`` (``evaluate_mllmu``): every question asked alone (zero-shot: eval.py's random few-shot draw makes
+  numbers depend on the draw, and skips the drawn identities' own questions), wrapped by the runner's template (the
+  model's chat format); the answer is the new tokens up to a generated "ASSISTANT:" (``metrics.own_turn``); the
+  test set's transformed image drawn once per row from ``seed`` for all three tasks; one ``max_new_tokens`` (the
+  runner's) for every task.
+
+Either way all prompts of a run are generated in ONE ``generate_rows`` call and all option likelihoods scored in ONE
+``score_rows`` call, and prompts are never cut to the training ``max_length``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +37,10 @@ from flax import nnx
 
 from vlmu_jax.data.batching import Example, encode, generation_rows
 from vlmu_jax.data.mllmu import MODALITY_NAME
-from vlmu_jax.data.records import IMAGE, QA, TEXT, Benchmark, Cloze, Identity, ImageRef, MultipleChoice, TestVariant
+from vlmu_jax.data.records import IMAGE, QA, Benchmark, Cloze, Identity, ImageRef, MultipleChoice, TestVariant
 from vlmu_jax.eval import judge, metrics
 from vlmu_jax.eval.batched import generate_rows, score_rows
+from vlmu_jax.eval.tasks import mllmu_prompts as P
 from vlmu_jax.eval.tasks.fiubench import Runner
 from vlmu_jax.report.aggregate import mllmu_accuracy, mllmu_factuality, mllmu_generation
 
@@ -51,34 +51,13 @@ SET_NAMES = {
     "retain": "Retain Set (shared dataset) Results",
     "celebrity": "Retain Set (real person) Results",
 }
+# Beside the sets in final_evaluation_results.json: the protocol that made them (name, seed, few-shot draws).
+PROTOCOL_KEY = "protocol"
 # evaluate_classification returns these names; evaluate_fill_in_the_blank the mllmu_accuracy ones.
 CLASSIFICATION_KEYS = {
     "image_textual_accuracy": "Image-Textual Question Accuracy",
     "pure_text_accuracy": "Pure Text Question Accuracy",
 }
-CHOICE_INSTRUCTION = "Just give ONE letter representing the answer directly."
-CLOZE_INSTRUCTION = "Please **ONLY** provide the correct answer that should replace the [Blank]."
-GENERATION_INSTRUCTION = {
-    IMAGE: "Answer the question based on your trained knowledge in one sentence accurately in ENGLISH.",
-    TEXT: "Answer the question based on your trained knowledge in one sentence in ENGLISH.",
-}
-
-
-# ----------------------------------------------------------------------------- prompts (eval.py wording)
-def choice_prompt(mc: MultipleChoice) -> str:
-    """``formulate_prompt_with_options`` + the one-letter instruction (question, "A: ..." lines, instruction)."""
-    options = "\n".join(f"{key}: {value}" for key, value in mc.options)
-    return f"{mc.question}\n{options}\n{CHOICE_INSTRUCTION}"
-
-
-def cloze_prompt(cloze: Cloze) -> str:
-    """Blank ``__`` written as ``[Blank]``, then the answer-only instruction."""
-    return cloze.question.replace("__", "[Blank]") + "\n" + CLOZE_INSTRUCTION
-
-
-def generation_prompt(qa: QA) -> str:
-    """The question and the one-sentence instruction (``accurately`` only in the image+text prompt)."""
-    return f"{qa.question}\n{GENERATION_INSTRUCTION[qa.modality]}"
 
 
 # ----------------------------------------------------------------------------- sets
@@ -120,45 +99,62 @@ def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *,
     gens = [(p, qa) for p in people for qa in p.generation]
     if not (choices or clozes or gens):
         raise ValueError(f"{desc}: no classification, cloze or generation items")
-    prompts = ([Example(choice_prompt(mc), "", _image(p, mc.modality), p.uid) for p, mc in choices]
-               + [Example(cloze_prompt(c), "", _image(p, c.modality), p.uid) for p, c in clozes]
-               + [Example(generation_prompt(qa), "", _image(p, qa.modality), p.uid) for p, qa in gens])
-    tok, pad, text = runner.tokenizer, runner.tokenizer.pad_token_id, runner.text
-    common = dict(batch_size=runner.batch_size, pad_token_id=pad, image_fn=runner.image_fn, mesh=runner.mesh)
-    generated = generate_rows(model, generation_rows(prompts, text), eos_token_id=tok.eos_token_id,
-                              max_new_tokens=runner.max_new_tokens, desc=f"{desc} generate", **common)
-    texts = [tok.decode(ids, skip_special_tokens=True) for ids in generated]
-    options = [Example(mc.question, opt, _image(p, mc.modality), p.uid) for p, mc in choices for _, opt in mc.options]
-    scores = (score_rows(model, [encode(e, text) for e in options], desc=f"{desc} score", **common)
-              if options else [])
-    return _results(choices, clozes, gens, texts, [s.loss for s in scores])
-
-
-def _results(choices, clozes, gens, texts: list[str], option_loss: list[float]) -> dict[str, Any]:
+    prompts = ([Example(P.choice_prompt(mc), "", _image(p, mc.modality), p.uid) for p, mc in choices]
+               + [Example(P.cloze_prompt(c), "", _image(p, c.modality), p.uid) for p, c in clozes]
+               + [Example(P.generation_prompt(qa.question, qa.modality), "", _image(p, qa.modality), p.uid)
+                  for p, qa in gens])
+    tok = runner.tokenizer
+    generated = generate_rows(model, generation_rows(prompts, runner.text), eos_token_id=tok.eos_token_id,
+                              max_new_tokens=runner.max_new_tokens, desc=f"{desc} generate", **_common(runner))
+    answers = [metrics.own_turn(tok.decode(ids, skip_special_tokens=True)) for ids in generated]
+    option_loss = _option_loss(model, [(p.uid, _image(p, mc.modality), mc) for p, mc in choices], runner, desc)
     n_choice, n_cloze = len(choices), len(clozes)
-    choice_rows, start = [], 0
-    for (p, mc), text in zip(choices, texts[:n_choice], strict=True):
-        letters = [k for k, _ in mc.options]
-        loss = option_loss[start:start + len(letters)]
-        start += len(letters)
-        choice_rows.append({
-            "image_id": p.uid, "question type": MODALITY_NAME[mc.modality], "question": mc.question,
-            "generated_answer": text, "predicted_answer": metrics.parse_choice_letter(text, mc.option_dict),
-            "likelihood_answer": metrics.choice_by_likelihood(np.asarray([loss]), letters)[0],
-            "option_loss": dict(zip(letters, loss, strict=True)), "correct_answer": mc.answer,
-        })
-    cloze_rows = []
-    for (p, c), text in zip(clozes, texts[n_choice:n_choice + n_cloze], strict=True):
-        response = metrics.assistant_response(text)
-        cloze_rows.append({
-            "image_id": p.uid, "question type": MODALITY_NAME[c.modality], "question": c.question,
-            "generated_answer": response, "ground_truth": c.answer,
-            "correct": metrics.cloze_correct(response, c.answer),
-        })
-    gen_rows = [{  # eval.py's `{mode}_generation_results.json` rows
-        "image_id": p.uid, "question type": MODALITY_NAME[qa.modality], "question": qa.question,
-        "generated_answer": metrics.assistant_response(text), "ground_truth": qa.answer,
-    } for (p, qa), text in zip(gens, texts[n_choice + n_cloze:], strict=True)]
+    choice_rows = [_choice_row(p.uid, mc, a, loss) for (p, mc), a, loss in
+                   zip(choices, answers[:n_choice], option_loss, strict=True)]
+    cloze_rows = [_cloze_row(p.uid, c, a) for (p, c), a in zip(clozes, answers[n_choice:n_choice + n_cloze],
+                                                                strict=True)]
+    gen_rows = [_generation_row(p.uid, qa, a) for (p, qa), a in zip(gens, answers[n_choice + n_cloze:], strict=True)]
+    return _aggregate(choice_rows, cloze_rows, gen_rows)
+
+
+def _common(runner: Runner) -> dict[str, Any]:
+    return dict(batch_size=runner.batch_size, pad_token_id=runner.tokenizer.pad_token_id, image_fn=runner.image_fn,
+                mesh=runner.mesh)
+
+
+def _option_loss(model: nnx.Module, choices: Sequence[tuple[str, ImageRef | None, MultipleChoice]], runner: Runner,
+                 desc: str) -> list[list[float]]:
+    """Mean NLL of each option text as the answer to the bare question, in the runner's template (the likelihood
+    variant, an addition to eval.py)."""
+    options = [Example(mc.question, opt, image, uid) for uid, image, mc in choices for _, opt in mc.options]
+    if not options:
+        return []
+    losses = iter(s.loss for s in score_rows(model, [encode(e, runner.text) for e in options],
+                                             desc=f"{desc} score", **_common(runner)))
+    return [[next(losses) for _ in mc.options] for _, _, mc in choices]
+
+
+def _choice_row(uid: str, mc: MultipleChoice, answer: str, option_loss: Sequence[float]) -> dict[str, Any]:
+    letters = [k for k, _ in mc.options]
+    return {"image_id": uid, "question type": MODALITY_NAME[mc.modality], "question": mc.question,
+            "generated_answer": answer, "predicted_answer": metrics.choice_letter(answer, letters),
+            "likelihood_answer": metrics.choice_by_likelihood(np.asarray([option_loss]), letters)[0],
+            "option_loss": dict(zip(letters, option_loss, strict=True)), "correct_answer": mc.answer}
+
+
+def _cloze_row(uid: str, c: Cloze, answer: str) -> dict[str, Any]:
+    return {"image_id": uid, "question type": MODALITY_NAME[c.modality], "question": c.question,
+            "generated_answer": answer, "ground_truth": c.answer, "correct": metrics.cloze_correct(answer, c.answer)}
+
+
+def _generation_row(uid: str, qa: QA, answer: str) -> dict[str, Any]:
+    """eval.py's `{mode}_generation_results.json` row."""
+    return {"image_id": uid, "question type": MODALITY_NAME[qa.modality], "question": qa.question,
+            "generated_answer": answer, "ground_truth": qa.answer}
+
+
+def _aggregate(choice_rows: list[dict], cloze_rows: list[dict], gen_rows: list[dict]) -> dict[str, Any]:
+    """A set's eval.py metrics from its per-item rows (``predictions`` keeps the rows)."""
 
     def choice_acc(key: str) -> dict[str, float]:
         acc = mllmu_accuracy([r[key] == r["correct_answer"] for r in choice_rows],
@@ -188,9 +184,50 @@ def mllmu_sets(bench: Benchmark, *, forget_ratio: int, seed: int = 0) -> dict[st
     }
 
 
+def evaluate_eval_py(model: nnx.Module, bench: Benchmark, runner: Runner, *, forget_ratio: int, family: str,
+                     seed: int = 0) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """Every set as eval.py's ``main`` evaluates it (protocol ``original``): its prompts through the model's image
+    markup, one generation per prompt cut to eval.py's ``max_new_tokens``, the answer cut from the decoded prompt +
+    generation. Returns (``SET_NAMES[set] -> results``, the few-shot IDs drawn per "set/task")."""
+    items, draws = P.eval_py_items(bench, forget_ratio=forget_ratio, family=family, seed=seed)
+    flat = [it for set_items in items.values() for it in set_items]
+    text = runner.text
+    raw = dataclasses.replace(text, template=text.template.raw())
+    examples = [Example(it.prompt.replace(P.IMAGE_MARKER, text.template.image_markup), "",
+                        it.images[-1] if it.images else None, it.uid, it.images[:-1]) for it in flat]
+    rows = generation_rows(examples, raw)
+    tok = runner.tokenizer
+    # Batches of rows alike in image count and length: few compiled shapes, little padding, few blank images.
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i].images), len(rows[i].input_ids)))
+    outputs = generate_rows(model, [rows[i] for i in order], eos_token_id=tok.eos_token_id,
+                            max_new_tokens=runner.max_new_tokens, desc="eval.py generate", **_common(runner))
+    generated = [outputs[k] for k in np.argsort(order)]
+    answers = [metrics.eval_py_answer(tok.decode([*row.input_ids[2:].tolist(), *ids[:it.max_new_tokens].tolist()],
+                                                 skip_special_tokens=True), answer_tag=it.task != P.CLASSIFICATION)
+               for it, row, ids in zip(flat, rows, generated, strict=True)]
+    by_item = dict(zip(map(id, flat), answers, strict=True))
+    out = {}
+    for name, set_items in items.items():
+        if not set_items:
+            continue
+        choices = [it for it in set_items if it.task == P.CLASSIFICATION]
+        mcs = [MultipleChoice(it.question, it.options, it.gold, it.modality) for it in choices]
+        option_loss = _option_loss(model, [(it.uid, it.images[-1] if it.images else None, mc)
+                                           for it, mc in zip(choices, mcs, strict=True)], runner, name)
+        out[SET_NAMES[name]] = _aggregate(
+            [_choice_row(it.uid, mc, by_item[id(it)], loss) for it, mc, loss in zip(choices, mcs, option_loss,
+                                                                                   strict=True)],
+            [_cloze_row(it.uid, Cloze(it.question, it.gold, it.modality), by_item[id(it)])
+             for it in set_items if it.task == P.CLOZE],
+            [_generation_row(it.uid, QA(it.question, it.gold, modality=it.modality), by_item[id(it)])
+             for it in set_items if it.task == P.GENERATION])
+    return out, draws
+
+
 def evaluate_mllmu(model: nnx.Module, bench: Benchmark, runner: Runner, *, forget_ratio: int,
                    seed: int = 0) -> dict[str, dict]:
-    """eval.py's ``final_evaluation_results.json`` content: ``SET_NAMES[set] -> {task -> metrics}``.
+    """eval.py's ``final_evaluation_results.json`` content: ``SET_NAMES[set] -> {task -> metrics}`` (protocol
+    ``corrected``; ``evaluate_eval_py`` is ``original``).
 
     Each set holds ``fill_in_the_blank`` (``image_textual_accuracy`` / ``pure_text_accuracy``),
     ``classification`` (``Image-Textual Question Accuracy`` / ``Pure Text Question Accuracy``), both in
