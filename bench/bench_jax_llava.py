@@ -192,7 +192,8 @@ def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict
     state = [params, jax.jit(tx.init)(params), rng]
 
     def run() -> jax.Array:
-        state[0], state[1], state[2], loss, _ = step(*state, rest, nnx.State({}), streams)
+        # (rest, ref_other, ref_rest, grad_mask): the reference is the model itself with LoRA zeroed, no saliency
+        state[0], state[1], state[2], loss, _ = step(*state, rest, nnx.State({}), rest, nnx.State({}), streams)
         return loss
 
     s = timeit(run)
