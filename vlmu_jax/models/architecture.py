@@ -25,3 +25,13 @@ class Architecture:
     model: type[nnx.Module]  # model(config, dtype=, rngs=)
     name_map: Callable[[nnx.Module], dict[tuple[str, ...], HFParam]]  # Flax path -> HF tensor
     canonical_name: Callable[[str], str]  # any known on-disk tensor name -> the name name_map uses
+
+
+def special_token_ids(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """``pad_token_id`` / ``eos_token_id`` of a VLM config.json: the text config's when it names them, else the top
+    level's (transformers has kept them in either place); a list of EOS ids becomes a tuple, so configs stay
+    hashable."""
+    tc = hf_config.get("text_config") or {}
+    eos = tc.get("eos_token_id", hf_config.get("eos_token_id"))
+    return {"pad_token_id": tc.get("pad_token_id", hf_config.get("pad_token_id")),
+            "eos_token_id": tuple(eos) if isinstance(eos, list) else eos}

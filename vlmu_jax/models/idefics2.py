@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlmu_jax.models.architecture import Architecture
+from vlmu_jax.models.architecture import Architecture, special_token_ids
 from vlmu_jax.models.clip import ClipLayer, VisionConfig
 from vlmu_jax.models.hf_names import LEAVES, HFParam, stacked_name_map
 from vlmu_jax.models.layers import Dense, LayerNorm, RMSNorm, activation, attend, fold, run_layers
@@ -369,7 +369,6 @@ def idefics2_config(hf_config: dict[str, Any], **options: Any) -> Idefics2Config
         num_kv_heads=kv_heads,
         init_std=pc.get("initializer_range", 0.02),
     )
-    eos = tc.get("eos_token_id", hf_config.get("eos_token_id"))
     return Idefics2Config(
         text=text,
         vision=vision,
@@ -377,8 +376,7 @@ def idefics2_config(hf_config: dict[str, Any], **options: Any) -> Idefics2Config
         image_token_id=hf_config.get("image_token_id", 32001),
         num_image_tokens=perceiver.n_latents,
         vocab_size=text.vocab_size,
-        pad_token_id=tc.get("pad_token_id", hf_config.get("pad_token_id")),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        **special_token_ids(hf_config),
         hf_config=hf_config,
         **options,
     )

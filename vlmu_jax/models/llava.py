@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmu_jax.models.architecture import Architecture
+from vlmu_jax.models.architecture import Architecture, special_token_ids
 from vlmu_jax.models.clip import ClipVisionTower, VisionConfig
 from vlmu_jax.models.hf_names import HFParam, rename, stacked_name_map
 from vlmu_jax.models.layers import Dense, activation
@@ -250,15 +250,13 @@ def llava_config(hf_config: dict[str, Any], **options: Any) -> LlavaConfig:
     vision = VisionConfig.from_hf(vc)
     layer = hf_config.get("vision_feature_layer", -2)
     strategy = hf_config.get("vision_feature_select_strategy", "default")
-    eos = tc.get("eos_token_id", hf_config.get("eos_token_id"))
     return LlavaConfig(
         text=text,
         vision=vision,
         image_token_id=hf_config.get("image_token_id", hf_config.get("image_token_index", 32000)),
         num_image_tokens=vision.num_patches + (strategy == "full"),
         vocab_size=text.vocab_size,
-        pad_token_id=tc.get("pad_token_id", hf_config.get("pad_token_id")),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        **special_token_ids(hf_config),
         vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
         vision_feature_select_strategy=strategy,
         projector_hidden_act=hf_config.get("projector_hidden_act", "gelu"),

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmu_jax.models.architecture import Architecture
+from vlmu_jax.models.architecture import Architecture, special_token_ids
 from vlmu_jax.models.hf_names import LEAVES, HFParam, base_params, rename
 from vlmu_jax.models.layers import (
     REMAT_POLICIES,
@@ -80,15 +80,13 @@ def mllama_config(hf_config: dict[str, Any], **options: Any) -> MllamaConfig:
     layers = tuple(tc.get("cross_attention_layers") or (3, 8, 13, 18, 23, 28, 33, 38))
     if any(not 0 <= i < text.num_layers for i in layers):
         raise ValueError(f"cross_attention_layers {layers} outside 0..{text.num_layers - 1}")
-    eos = tc.get("eos_token_id", hf_config.get("eos_token_id"))
     return MllamaConfig(
         text=text,
         vision=MllamaVisionConfig.from_hf(vc),
         cross_attention_layers=layers,
         image_token_id=hf_config.get("image_token_index", hf_config.get("image_token_id", 128256)),
         vocab_size=text.vocab_size,
-        pad_token_id=tc.get("pad_token_id", hf_config.get("pad_token_id")),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        **special_token_ids(hf_config),
         hf_config=hf_config,
         **options,
     )

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlmu_jax.models.architecture import Architecture
+from vlmu_jax.models.architecture import Architecture, special_token_ids
 from vlmu_jax.models.clip import ClipMLP
 from vlmu_jax.models.hf_names import LEAVES, HFParam, rename, stacked_name_map
 from vlmu_jax.models.layers import (
@@ -388,8 +388,6 @@ def qwen_vl_config(hf_config: dict[str, Any], **options: Any) -> QwenVLConfig:
     vision = _vision_config(hf_config.get("vision_config", {}), hf_config.get("model_type") == "qwen2_5_vl")
     if vision.out_hidden_size != text.hidden_size:
         raise ValueError(f"qwen2_vl: merger width {vision.out_hidden_size} != text hidden_size {text.hidden_size}")
-    tc = hf_config.get("text_config") or hf_config
-    eos = tc.get("eos_token_id", hf_config.get("eos_token_id"))
     return QwenVLConfig(
         text=text,
         vision=vision,
@@ -397,8 +395,7 @@ def qwen_vl_config(hf_config: dict[str, Any], **options: Any) -> QwenVLConfig:
         image_token_id=hf_config.get("image_token_id", 151655),
         num_image_tokens=0,
         vocab_size=text.vocab_size,
-        pad_token_id=tc.get("pad_token_id", hf_config.get("pad_token_id")),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        **special_token_ids(hf_config),
         hf_config=hf_config,
         **options,
     )
