@@ -94,10 +94,6 @@ class Protocol:
     # the checkpoint's own preprocessor setting in eval.py. Otherwise: off in every stage.
     mllmu_eval_image_splitting: bool = False
 
-    @property
-    def original(self) -> bool:
-        return self.name == "original"
-
     def train_template(self, model_type: str, template: str) -> str:
         """The prompt template of training rows: MLLMU's LLaVA collate writes its own format, whatever the model's
         chat template is; Idefics2's collate applies the model's chat template."""
