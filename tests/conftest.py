@@ -13,3 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=[False, True], ids=["stacked", "sliced"])
+def sliced(request, monkeypatch):
+    """Generation both ways on CPU: over the stacked weights (the CPU default) and over per-layer weight slices
+    (the GPU default, llama.SlicedCache)."""
+    monkeypatch.setattr("vlmu_jax.models.llava.slice_decoder_layers", lambda: request.param)
+    return request.param

@@ -1,4 +1,5 @@
-"""Greedy generations equal HF model.generate(do_sample=False) token for token, left-padded batch."""
+"""Greedy generations equal HF model.generate(do_sample=False) token for token, left-padded batch, with the
+decoder's layers scanned over the stacked weights (CPU, TPU) and run over weight slices (GPU, llama.SlicedCache)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ NEW = 10
 
 
 @pytest.mark.parametrize("text", ["llama", "phi3"])
-def test_greedy_matches_hf(tmp_path, text):
+def test_greedy_matches_hf(tmp_path, text, sliced):
     folder, hf = save_tiny(tmp_path / text, text)
     batch = tiny_batch([7, 2, 4], padding="left", seed=1)
     with torch.no_grad():

@@ -139,7 +139,7 @@ def test_logits_match_transformers(tmp_path, split):
         np.testing.assert_allclose(_logits(unrolled, ours)[valid], want[valid], atol=1e-4, rtol=0)
 
 
-def test_greedy_generation_matches_transformers(tmp_path):
+def test_greedy_generation_matches_transformers(tmp_path, sliced):
     folder, hf = _save(tmp_path / "m", seed=1)
     ours, hf_in = _batch([(30, 20), None, (42, 17)], [7, 2, 4], split=False, padding="left", seed=1)
     new = 10

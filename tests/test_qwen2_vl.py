@@ -149,7 +149,7 @@ def test_logprobs_match_transformers(tiny, family):
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
-def test_greedy_generation_matches_transformers(tiny, family):
+def test_greedy_generation_matches_transformers(tiny, family, sliced):
     folder, hf = tiny[family]
     ours, hf_in = _batch([4, 2, 6], padding="left", seed=1)
     new = 8

@@ -26,7 +26,15 @@ from vlmu_jax.models.architecture import Architecture, special_token_ids
 from vlmu_jax.models.clip import ClipVisionTower, VisionConfig
 from vlmu_jax.models.hf_names import HFParam, rename, stacked_name_map
 from vlmu_jax.models.layers import Dense, activation
-from vlmu_jax.models.llama import DecoderLM, KVCache, TextConfig, output_head
+from vlmu_jax.models.llama import (
+    DecoderLM,
+    KVCache,
+    SlicedCache,
+    TextConfig,
+    output_head,
+    slice_decoder_layers,
+    sliced_cache,
+)
 from vlmu_jax.models.phi3 import phi3_text_config
 
 
@@ -211,18 +219,24 @@ class LlavaForConditionalGeneration(nnx.Module):
 
     def prefill(
         self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int
-    ) -> tuple[jax.Array, KVCache]:
-        """Hidden states of a left-padded prompt and a KV cache of `cache_len` slots holding it."""
+    ) -> tuple[jax.Array, KVCache | SlicedCache]:
+        """Hidden states of a left-padded prompt and a KV cache of `cache_len` slots holding it (a SlicedCache on
+        GPU, see llama.SlicedCache)."""
         t, b = self.config.text, input_ids.shape[0]
         dtype = self.head_weight().dtype
-        cache = tuple(jnp.zeros((t.num_layers, b, cache_len, t.num_kv_heads, t.head_dim), dtype) for _ in range(2))
+        if slice_decoder_layers():
+            cache = sliced_cache(self.language_model.layers, b, cache_len, t, dtype)
+        else:
+            shape = (t.num_layers, b, cache_len, t.num_kv_heads, t.head_dim)
+            cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
         kv_valid = jnp.zeros((b, cache_len), jnp.int32).at[:, : input_ids.shape[1]].set(attention_mask)
         positions = self.positions(input_ids, attention_mask, images)
         return self.decode(self.embed(input_ids, images), positions, kv_valid, cache=cache, index=0, impl="xla")
 
     def decode_step(
-        self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: KVCache, index: jax.Array
-    ) -> tuple[jax.Array, KVCache]:
+        self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: KVCache | SlicedCache,
+        index: jax.Array,
+    ) -> tuple[jax.Array, KVCache | SlicedCache]:
         """Hidden states [B, 1, D] of one new token per row written at cache slot `index`."""
         return self.decode(self.language_model.embed(tokens), positions, kv_valid, cache=state, index=index,
                            impl="xla")
