@@ -36,6 +36,8 @@ from vlmu_jax.unlearn.trainer import TrainConfig, make_step
 # GEN_SCAN=1,0 also times the unrolled decoder (slower on the H200, bench/NOTES.md).
 GEN_BATCHES = tuple(int(x) for x in os.environ.get("GEN_B", "16,64").split(",") if x)
 GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1").split(","))
+# The unlearning steps to time, objective:remat pairs.
+STEPS = tuple(tuple(x.split(":")) for x in os.environ.get("STEPS", "ga:none,ga:full,gd:none,npo:none").split(",") if x)
 
 
 def hf_config(small: bool) -> dict:
@@ -157,7 +159,7 @@ def main() -> None:
     # Loss on the second half of the text, as the anchor's labels.
     labels = jnp.where(jnp.arange(ids.shape[1]) >= 1 + n_img + t_text // 2, ids, IGNORE)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}
-    for objective, remat in (("ga", "none"), ("ga", "full"), ("gd", "none"), ("npo", "none")):
+    for objective, remat in STEPS:
         s, mem = unlearn_step_time(model, objective, remat, batch)
         print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "B": b, "T": n_img + t_text, "s": s,
                           "samples_per_s": b / s, "max_mem_gb": mem}), flush=True)

@@ -1,0 +1,78 @@
+"""Per-kernel device time from jax.profiler traces (the trace.json.gz each trace directory holds).
+
+For each trace_* directory under the given folder: device busy time, the share by kernel class (matmul,
+attention, RNG, copies, other fusions) and the kernels that cost most, summed over the traced calls.
+Usage: `python bench/read_trace.py OUT_DIR [TOP]`.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+
+CLASSES = (
+    ("attention", re.compile(r"cudnn|flash|fmha|sdpa|attention", re.I)),
+    ("matmul", re.compile(r"gemm|cublas|cutlass|matmul|nvjet|sm90_xmma|dot", re.I)),
+    ("rng", re.compile(r"threefry|philox|rng|random", re.I)),
+    ("copy", re.compile(r"copy|memcpy|memset|dynamic.update.slice|dynamic.slice|transpose", re.I)),
+)
+
+
+def kernel_class(name: str) -> str:
+    for label, pattern in CLASSES:
+        if pattern.search(name):
+            return label
+    return "other"
+
+
+def device_events(path: str) -> list[dict]:
+    data = json.load(gzip.open(path))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+    return [e for e in events if e.get("ph") == "X" and e["pid"] in gpu]
+
+
+def summarize(trace_dir: str, top: int) -> None:
+    files = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))
+    if not files:
+        print(f"{trace_dir}: no trace.json.gz")
+        return
+    events = device_events(files[0])
+    if not events:
+        print(f"{trace_dir}: no device events")
+        return
+    by_name: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()
+    by_class: collections.Counter = collections.Counter()
+    for e in events:
+        args = e.get("args", {})
+        op = args.get("hlo_op", "")
+        # Inside a CUDA graph hlo_op names the command buffer; the kernel's own name is the fusion's.
+        key = e["name"] if not op or op.startswith("command_buffer") else f"{op} ({e['name']})"
+        if "memcpy_details" in args:
+            key += " " + args["memcpy_details"].split(" dest")[0]
+        label = kernel_class(key)
+        by_name[(label, key[:110])] += e["dur"]
+        counts[(label, key[:110])] += 1
+        by_class[label] += e["dur"]
+    busy = sum(by_class.values())
+    span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+    print(f"\n== {os.path.basename(trace_dir)}: {len(events)} kernels, busy {busy / 1e3:.1f} ms of a "
+          f"{span / 1e3:.1f} ms span (2 calls)")
+    print("   " + ", ".join(f"{k} {v / busy:.0%}" for k, v in by_class.most_common()))
+    for (label, key), dur in by_name.most_common(top):
+        print(f"   {dur / 1e3:8.2f} ms {counts[(label, key)]:6d}x {label:9s} {key}")
+    sample = events[len(events) // 2]
+    print(f"   sample event: {sample['name'][:80]} args={json.dumps(sample.get('args', {}))[:300]}")
+
+
+if __name__ == "__main__":
+    out, top = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 18
+    for d in sorted(glob.glob(os.path.join(out, "trace_*"))):
+        summarize(d, top)
