@@ -43,29 +43,35 @@ def _generate(
     b, p = input_ids.shape
     s = p + max_new_tokens
     head = model.head_weight()
+    eos_ids = jnp.asarray(eos, jnp.int32)
     kv_valid = jnp.zeros((b, s), jnp.int32).at[:, :p].set(attention_mask)
     h, cache = model.prefill(input_ids, attention_mask, images, s)
-    logits = jnp.einsum("bd,vd->bv", h[:, -1], head, preferred_element_type=jnp.float32)
-    out = jnp.full((b, max_new_tokens), pad, jnp.int32)
-    done = jnp.zeros((b,), bool)
     next_pos = jnp.sum(attention_mask, axis=1).astype(jnp.int32)
 
+    def pick(h, rng, done):
+        """The next token of each row from the last hidden state (pad once a row is done)."""
+        logits = jnp.einsum("bd,vd->bv", h[:, -1], head, preferred_element_type=jnp.float32)
+        tok = jnp.where(done, pad, _sample(logits, rng, temperature, top_p))
+        return tok, (done | jnp.isin(tok, eos_ids)) if eos else done
+
+    rng, key = jax.random.split(rng)
+    tok, done = pick(h, key, jnp.zeros((b,), bool))
+    out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
+
+    # Token i is decoded from token i - 1: max_new_tokens - 1 decode steps (none is spent on a token no one reads).
     def cond(carry):
         i, _, _, _, done, _, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, cache, kv_valid, logits, done, out, rng = carry
+        i, cache, kv_valid, tok, done, out, rng = carry
+        kv_valid = kv_valid.at[:, p + i - 1].set(1)
+        h, cache = model.decode_step(tok[:, None], (next_pos + i - 1)[:, None], kv_valid, cache, p + i - 1)
         rng, key = jax.random.split(rng)
-        tok = jnp.where(done, pad, _sample(logits, key, temperature, top_p))
-        out = out.at[:, i].set(tok)
-        done = done | jnp.isin(tok, jnp.asarray(eos, jnp.int32)) if eos else done
-        kv_valid = kv_valid.at[:, p + i].set(1)
-        h, cache = model.decode_step(tok[:, None], (next_pos + i)[:, None], kv_valid, cache, p + i)
-        logits = jnp.einsum("bd,vd->bv", h[:, -1], head, preferred_element_type=jnp.float32)
-        return i + 1, cache, kv_valid, logits, done, out, rng
+        tok, done = pick(h, key, done)
+        return i + 1, cache, kv_valid, tok, done, out.at[:, i].set(tok), rng
 
-    carry = (jnp.int32(0), cache, kv_valid, logits, done, out, rng)
+    carry = (jnp.int32(1), cache, kv_valid, tok, done, out, rng)
     return jax.lax.while_loop(cond, body, carry)[5]
 
 
