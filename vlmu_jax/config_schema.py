@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from vlmu_jax import model_sources
+from vlmu_jax import compile_cache, model_sources
 from vlmu_jax.protocol import resolve as resolve_protocol
 
 STAGES = ("finetune", "unlearn", "eval", "export", "report")
@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.stages = "finetune,unlearn,eval,report"  # comma-separated subset of STAGES, run in STAGES order
     c.seed = 233
     c.force = False  # redo stages whose outputs already exist in the workdir
+    # Persistent XLA compilation cache (vlmu_jax.compile_cache), resolved here so config.json records the folder;
+    # empty = off.
+    c.compilation_cache_dir = compile_cache.default_dir()
 
     c.data = ml_collections.ConfigDict()
     c.data.root = ""  # FIUBench folder (full.json, split.json, images) or the MLLMU-Bench folder

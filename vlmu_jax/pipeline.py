@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vlmu_jax import logs, provenance
+from vlmu_jax import compile_cache, logs, provenance
 from vlmu_jax.config_schema import stage_list
 from vlmu_jax.data import fiubench, mllmu, synthetic
 from vlmu_jax.data.batching import TextConfig, checkpoint_text_config
@@ -232,6 +232,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> None:
     names = stage_list(config)
     logs.say(f"{config.name}: {config.benchmark}, stages {', '.join(names)} -> {workdir}")
     provenance.write(workdir, config.to_json_best_effort(indent=2))
+    compile_cache.configure(config.compilation_cache_dir)
     ws = Workspace(config, workdir)
     prepare_data(ws)
     prepare_base_model(ws)
