@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.forget_split = "forget10"  # FIUBench: forget1 | forget5 | forget10
     c.data.forget_ratio = 10  # MLLMU-Bench: 5 | 10 | 15
     c.data.max_length = 384
+    # Training streams: every batch padded to the stream's longest bucket (the train step compiles once, not once
+    # per bucket) when that adds at most this fraction of padding positions; 0 = each batch its own bucket.
+    c.data.single_length_max_padding = 0.25
     c.data.append_eos = False  # the seeds add no EOS after LLaVA answers (FIUBench original: must stay False)
     c.data.eval_limit = 400  # FIUBench evaluates the first 400 records
 
@@ -183,6 +186,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             )
         if not os.path.isdir(config.data.root):
             raise FileNotFoundError(f"config.data.root {config.data.root!r} is not a folder")
+    if not 0 <= config.data.single_length_max_padding:
+        raise ValueError(f"config.data.single_length_max_padding must be >= 0 (a fraction of a stream's positions), "
+                         f"got {config.data.single_length_max_padding}")
     _validate_eval(config.eval)
     source = config.export.from_checkpoint
     if source not in ("", "latest") and not source.isdigit():
