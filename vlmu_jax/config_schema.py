@@ -111,6 +111,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
     c.model.remat = "none"  # none | full | dots_saveable
     c.model.scan_layers = True
+    # Trained models (finetuned, retain_model, unlearned_*) kept on the accelerator after their HF folder is
+    # written, so later stages of the same process take them from memory instead of reading the folder back: at
+    # most this many, least recently used dropped first (each costs its params: 13.5 GiB for a 7B model in
+    # bfloat16, sharded like the model). 2 holds the finetune stage's two outputs, which unlearn and eval load
+    # next; 0 = every stage reads the folders.
+    c.model.keep_in_memory = 2
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = fill with the remaining devices
@@ -186,6 +192,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             )
         if not os.path.isdir(config.data.root):
             raise FileNotFoundError(f"config.data.root {config.data.root!r} is not a folder")
+    if config.model.keep_in_memory < 0:
+        raise ValueError(f"config.model.keep_in_memory must be >= 0 (models held), got {config.model.keep_in_memory}")
     if not 0 <= config.data.single_length_max_padding:
         raise ValueError(f"config.data.single_length_max_padding must be >= 0 (a fraction of a stream's positions), "
                          f"got {config.data.single_length_max_padding}")

@@ -188,6 +188,7 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
     logging.info("%s: %d steps, last loss %.4f", out_name, result.step, result.losses[-1] if result.losses
                  else float("nan"))
     _save_model(ws, model, out)
+    ws.models.put(out, model)  # the next stage starts from (or scores) it: no reload of the folder
 
 
 def finetune(ws: Workspace) -> None:
