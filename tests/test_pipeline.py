@@ -34,14 +34,23 @@ def _rows(workdir: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The demo's workdir and its log; its compiled programs go to a cache of this test session."""
     workdir = tmp_path_factory.mktemp("demo")
-    _main(workdir)
-    return workdir
+    cache = tmp_path_factory.getbasetemp() / "xla_cache"
+    return workdir, _main(workdir, f"--config.compilation_cache_dir={cache}")
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run: tuple[Path, str]) -> Path:
+    return demo_run[0]
 
 
 def test_demo_writes_everything(demo: Path) -> None:
-    assert json.loads((demo / "config.json").read_text())["unlearn"]["objective"] == "gd,ga"
+    config = json.loads((demo / "config.json").read_text())
+    assert config["unlearn"]["objective"] == "gd,ga"
+    assert config["compilation_cache_dir"].endswith("xla_cache")
+    assert config["data"]["single_length_max_padding"] == 0.25 and config["model"]["keep_in_memory"] == 2
     env = json.loads((demo / "environment.json").read_text())
     assert env["packages"]["jax"] and env["devices"]
     # Each eval folder as FIUBench's aggregate_eval_stat.py reads it: the aggregated file holds exactly the forget
@@ -70,6 +79,24 @@ def test_demo_writes_everything(demo: Path) -> None:
         exported = demo / "export" / name
         assert (exported / "config.json").exists() and (exported / "tokenizer.json").exists()
         assert list(exported.glob("*.safetensors"))
+
+
+def test_models_from_memory_score_like_their_folders(demo_run: tuple[Path, str]) -> None:
+    """Unlearning started from the finetuned model in memory and eval took it and unlearned_ga from memory (the
+    two models keep_in_memory=2 still holds then); scoring their folders in a fresh process gives the same logs.
+    Training streams were padded to one length each, and the log says what that cost."""
+    demo, log = demo_run
+    assert f"compilation cache: {json.loads((demo / 'config.json').read_text())['compilation_cache_dir']}" in log
+    assert "finetuned: every batch padded to" in log or "finetuned: one length" in log
+    from_memory = [line for line in log.splitlines() if line.endswith(", from memory")]
+    for name in ("finetuned", "unlearned_ga"):
+        assert any(f"model {demo / 'models' / name}: " in line for line in from_memory), name
+    _main(demo, "--config.stages=eval", f"--config.eval.models=disk_unlearned_ga={demo / 'models' / 'unlearned_ga'},"
+          f"disk_finetuned={demo / 'models' / 'finetuned'}")
+    for name in ("finetuned", "unlearned_ga"):
+        memory, disk = (json.loads((demo / "eval_results" / n / "eval_log_aggregated.json").read_text())
+                        for n in (name, f"disk_{name}"))
+        assert disk == memory, name
 
 
 def test_demo_shows_the_unlearning_tradeoff(demo: Path) -> None:

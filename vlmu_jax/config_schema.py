@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from vlmu_jax import model_sources
+from vlmu_jax import compile_cache, model_sources
 from vlmu_jax.protocol import resolve as resolve_protocol
 
 STAGES = ("finetune", "unlearn", "eval", "export", "report")
@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.stages = "finetune,unlearn,eval,report"  # comma-separated subset of STAGES, run in STAGES order
     c.seed = 233
     c.force = False  # redo stages whose outputs already exist in the workdir
+    # Persistent XLA compilation cache (vlmu_jax.compile_cache), resolved here so config.json records the folder;
+    # empty = off.
+    c.compilation_cache_dir = compile_cache.default_dir()
 
     c.data = ml_collections.ConfigDict()
     c.data.root = ""  # FIUBench folder (full.json, split.json, images) or the MLLMU-Bench folder
@@ -78,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.forget_split = "forget10"  # FIUBench: forget1 | forget5 | forget10
     c.data.forget_ratio = 10  # MLLMU-Bench: 5 | 10 | 15
     c.data.max_length = 384
+    # Training streams: every batch padded to the stream's longest bucket (the train step compiles once, not once
+    # per bucket) when that adds at most this fraction of padding positions; 0 = each batch its own bucket.
+    c.data.single_length_max_padding = 0.25
     c.data.append_eos = False  # the seeds add no EOS after LLaVA answers (FIUBench original: must stay False)
     c.data.eval_limit = 400  # FIUBench evaluates the first 400 records
 
@@ -105,6 +111,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
     c.model.remat = "none"  # none | full | dots_saveable
     c.model.scan_layers = True
+    # Trained models (finetuned, retain_model, unlearned_*) kept on the accelerator after their HF folder is
+    # written, so later stages of the same process take them from memory instead of reading the folder back: at
+    # most this many, least recently used dropped first (each costs its params: 13.5 GiB for a 7B model in
+    # bfloat16, sharded like the model). 2 holds the finetune stage's two outputs, which unlearn and eval load
+    # next; 0 = every stage reads the folders.
+    c.model.keep_in_memory = 2
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = fill with the remaining devices
@@ -180,6 +192,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             )
         if not os.path.isdir(config.data.root):
             raise FileNotFoundError(f"config.data.root {config.data.root!r} is not a folder")
+    if config.model.keep_in_memory < 0:
+        raise ValueError(f"config.model.keep_in_memory must be >= 0 (models held), got {config.model.keep_in_memory}")
+    if not 0 <= config.data.single_length_max_padding:
+        raise ValueError(f"config.data.single_length_max_padding must be >= 0 (a fraction of a stream's positions), "
+                         f"got {config.data.single_length_max_padding}")
     _validate_eval(config.eval)
     source = config.export.from_checkpoint
     if source not in ("", "latest") and not source.isdigit():

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vlmu_jax import logs, provenance
+from vlmu_jax import compile_cache, logs, provenance
+from vlmu_jax.checkpoints.in_memory import ModelCache
 from vlmu_jax.config_schema import stage_list
 from vlmu_jax.data import fiubench, mllmu, synthetic
 from vlmu_jax.data.batching import TextConfig, checkpoint_text_config
@@ -132,15 +133,22 @@ class Workspace:
         """An evaluation row's image inputs for the model (a text-only row's when `ref` is None)."""
         return row_images(self.eval_image_processor, ref)
 
+    @cached_property
+    def models(self) -> ModelCache:
+        """Models saved by this run's stages, kept on the accelerator for the stages that load them next."""
+        return ModelCache(self.config.model.keep_in_memory)
+
     def load(self, name: str | Path):
         """A model folder of this run (by name), the base checkpoint ("base") or any checkpoint folder (a Path),
-        loaded onto the mesh."""
+        loaded onto the mesh; from `models` when a stage of this process saved it there."""
         from vlmu_jax.checkpoints.hf_import import load_pretrained
 
         path = name if isinstance(name, Path) else self.base_model if name == "base" else self.model_dir(name)
         m = self.config.model
-        return load_pretrained(path, dtype=jnp.dtype(m.dtype), mesh=self.mesh, remat=m.remat,
-                               scan_layers=m.scan_layers, attention_impl=m.attention)
+        options = {"remat": m.remat, "scan_layers": m.scan_layers, "attention_impl": m.attention}
+        held = self.models.load(path, jnp.dtype(m.dtype), self.mesh, **options)
+        return held if held is not None else load_pretrained(path, dtype=jnp.dtype(m.dtype), mesh=self.mesh,
+                                                             **options)
 
 
 def is_done(folder: Path) -> bool:
@@ -232,6 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> None:
     names = stage_list(config)
     logs.say(f"{config.name}: {config.benchmark}, stages {', '.join(names)} -> {workdir}")
     provenance.write(workdir, config.to_json_best_effort(indent=2))
+    compile_cache.configure(config.compilation_cache_dir)
     ws = Workspace(config, workdir)
     prepare_data(ws)
     prepare_base_model(ws)

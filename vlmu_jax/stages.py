@@ -23,6 +23,7 @@ from absl import logging
 from flax import nnx
 
 from vlmu_jax import model_sources
+from vlmu_jax.data import stream_length
 from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length, encode, examples_from, row_buckets
 from vlmu_jax.data.records import Identity
 from vlmu_jax.errors import InputError
@@ -107,14 +108,24 @@ def _rows(ws: Workspace, identities: list[Identity], *, seed: int, idk: tuple[st
     return rows
 
 
-def _source(ws: Workspace, rows: list[Encoded], stage: ml_collections.ConfigDict, *, seed: int,
+def _source(ws: Workspace, name: str, rows: list[Encoded], stage: ml_collections.ConfigDict, *, seed: int,
             shuffle: bool = True, buckets: tuple[int, ...] | None = None) -> ExampleSource:
+    """A training stream; without given `buckets`, padded to one length when `data.single_length_max_padding`
+    allows it (`vlmu_jax.data.stream_length`)."""
     shards = ws.mesh.shape["data"] * ws.mesh.shape["fsdp"]
     if stage.batch_size % shards:
         raise InputError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
                          f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")
-    return ExampleSource(rows, global_batch_size=stage.batch_size, pad_token_id=ws.tokenizer.pad_token_id,
-                         image_fn=ws.image_fn, seed=seed, shuffle=shuffle, buckets=buckets)
+    source = functools.partial(ExampleSource, rows, global_batch_size=stage.batch_size,
+                               pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn, seed=seed,
+                               shuffle=shuffle)
+    if buckets is not None:
+        return source(buckets=buckets)
+    per_bucket, max_padding = source(), ws.config.data.single_length_max_padding
+    lengths = stream_length.plan(per_bucket)
+    say(lengths.summary(name, max_padding))
+    single = lengths.single(max_padding)
+    return per_bucket if single is None else source(buckets=(single,))
 
 
 def _prepare_trainable(model: nnx.Module, stage: ml_collections.ConfigDict, seed: int, protocol: Protocol):
@@ -177,6 +188,7 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
     logging.info("%s: %d steps, last loss %.4f", out_name, result.step, result.losses[-1] if result.losses
                  else float("nan"))
     _save_model(ws, model, out)
+    ws.models.put(out, model)  # the next stage starts from (or scores) it: no reload of the folder
 
 
 def finetune(ws: Workspace) -> None:
@@ -189,11 +201,11 @@ def finetune(ws: Workspace) -> None:
         forget = set(bench.splits[_forget_split(ws)])
         retained = [i for i in everyone if i.uid not in forget]
     _train_model(ws, start="base", out_name="finetuned", stage=c.finetune,
-                 sources={"train": _source(ws, _rows(ws, everyone, seed=c.seed), c.finetune, seed=c.seed,
-                                           shuffle=shuffle)})
+                 sources={"train": _source(ws, "finetuned", _rows(ws, everyone, seed=c.seed), c.finetune,
+                                           seed=c.seed, shuffle=shuffle)})
     _train_model(ws, start="base", out_name="retain_model", stage=c.retain_model,
-                 sources={"train": _source(ws, _rows(ws, retained, seed=c.seed), c.retain_model, seed=c.seed,
-                                           shuffle=shuffle)})
+                 sources={"train": _source(ws, "retain_model", _rows(ws, retained, seed=c.seed), c.retain_model,
+                                           seed=c.seed, shuffle=shuffle)})
 
 
 def _forget_split(ws: Workspace) -> str:
@@ -225,8 +237,8 @@ def unlearn(ws: Workspace) -> None:
         every = [r for rs in rows.values() for r in rs]
         buckets = (bucket_length(max(len(r.input_ids) for r in every), row_buckets(every)),)
     seeds = {"forget": c.seed, "retain": c.seed + 1, "idk": c.seed, "forget_text": c.seed}
-    sources = {name: _source(ws, rs, c.unlearn, seed=seeds[name], shuffle=shuffle or name == "retain",
-                             buckets=buckets) for name, rs in rows.items()}
+    sources = {name: _source(ws, f"unlearn {name}", rs, c.unlearn, seed=seeds[name],
+                             shuffle=shuffle or name == "retain", buckets=buckets) for name, rs in rows.items()}
     for objective in objectives(ws):
         _train_model(ws, start="finetuned", out_name=f"unlearned_{objective}", stage=c.unlearn,
                      objective=objective, **_mllmu_npo(ws, objective, sources))

@@ -57,16 +57,28 @@ def merged_kernel(flat: dict[tuple, nnx.Variable], path: tuple[str, ...], scale:
     return (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
 
 
-def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
-    """Every HF tensor of the model (LoRA merged), in HF layout, cast to dtype if given."""
+def merged_params(model: nnx.Module) -> dict[tuple, jax.Array]:
+    """Every exported param of the model (LoRA merged), on its devices in its Flax layout, by param path: what
+    an HF folder holds before the host copy and the transposes."""
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     modules = {
         tuple(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)
     }
+    return {path: merged_kernel(flat, path, getattr(modules.get(path[:-1]), "lora_scale", 1.0))
+            for path in hf_name_map(model)}
+
+
+def saved_config(model: nnx.Module, dtype) -> dict:
+    """The config.json `export_hf` writes for `model` saved in `dtype`."""
+    return {**model.config.hf_config, "dtype": str(np.dtype(dtype))}
+
+
+def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
+    """Every HF tensor of the model (LoRA merged), in HF layout, cast to dtype if given."""
+    merged = merged_params(model)
     out: dict[str, np.ndarray] = {}
     for path, hp in hf_name_map(model).items():
-        scale = getattr(modules.get(path[:-1]), "lora_scale", 1.0)
-        value = _host(merged_kernel(flat, path, scale))
+        value = _host(merged[path])
         if dtype is not None:
             value = value.astype(np.dtype(jnp.dtype(dtype)))
         parts = list(value) if hp.stacked else [value]
@@ -89,8 +101,7 @@ def export_hf(model: nnx.Module, out_dir: str | Path, dtype=None, max_shard_byte
         shards[-1][name] = t
         size += t.nbytes
     if jax.process_index() == 0:
-        config = dict(model.config.hf_config)
-        config["dtype"] = str(next(iter(tensors.values())).dtype)
+        config = saved_config(model, next(iter(tensors.values())).dtype)
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if len(shards) == 1:
             write_safetensors(out / "model.safetensors", shards[0])

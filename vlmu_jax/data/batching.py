@@ -351,11 +351,12 @@ class ExampleSource:
             shuffle,
         )
         self.host = host_slice(global_batch_size, process_index, process_count)
+        self.buckets = tuple(buckets) if buckets else row_buckets(rows)
         self._collate = functools.partial(
             collate,
             pad_token_id=pad_token_id,
             image_fn=functools.lru_cache(256)(image_fn),
-            buckets=tuple(buckets) if buckets else row_buckets(rows),
+            buckets=self.buckets,
             left_pad=left_pad,
         )
 
@@ -368,6 +369,10 @@ class ExampleSource:
         n = len(self.rows)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         return order[np.arange(step * self.global_batch_size, (step + 1) * self.global_batch_size) % n]
+
+    def padded_length(self, index: int) -> int:
+        """The length global batch `index` is padded to (without collating it)."""
+        return bucket_length(max(len(self.rows[i].input_ids) for i in self.global_indices(index)), self.buckets)
 
     def get(self, index: int) -> dict[str, Any]:
         return self._collate([self.rows[i] for i in self.global_indices(index)[self.host]])

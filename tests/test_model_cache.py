@@ -1,0 +1,84 @@
+"""`ModelCache` builds the model `load_pretrained` would read back from the folder just written: same values
+(LoRA merged, cast to the folder's dtype, then to the load dtype), same sharding and config; every model it hands
+out owns its arrays; at most `capacity` models are held."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.tiny_models import tiny_config
+from vlmu_jax.checkpoints.hf_export import export_hf
+from vlmu_jax.checkpoints.hf_import import load_pretrained
+from vlmu_jax.checkpoints.in_memory import ModelCache
+from vlmu_jax.models import lora
+from vlmu_jax.models.registry import init_model
+from vlmu_jax.models.sharding import make_mesh
+
+OPTIONS = {"scan_layers": True, "remat": "none", "attention_impl": "xla"}
+
+
+def _trained(seed: int = 0) -> nnx.Module:
+    """A float32 model with non-zero LoRA adapters, as a training stage leaves it."""
+    model = init_model(tiny_config("llama").to_dict(), seed=seed)
+    lora.apply_lora(model, rank=2, alpha=4.0, targets=r".*q_proj", seed=seed)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        var.set_value(jax.random.normal(jax.random.key(len(path)), var.get_value().shape, var.get_value().dtype))
+    return model
+
+
+def _saved(folder: Path, cache: ModelCache, seed: int = 0, dtype=None) -> None:
+    """What stages._save_model + ModelCache.put do: merge LoRA, write the folder, hold the model."""
+    model = lora.merge_lora(_trained(seed))
+    export_hf(model, folder, dtype=dtype)
+    cache.put(folder, model, dtype=dtype)
+
+
+def _params(model: nnx.Module) -> dict:
+    return {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+@pytest.mark.parametrize(("save_dtype", "load_dtype"), [(None, jnp.float32), (jnp.bfloat16, jnp.float32),
+                                                        (None, jnp.bfloat16)])
+def test_held_model_is_the_reloaded_folder(tmp_path: Path, save_dtype, load_dtype) -> None:
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    cache = ModelCache(capacity=1)
+    _saved(tmp_path / "m", cache, dtype=save_dtype)
+    held = cache.load(tmp_path / "m", load_dtype, mesh, **OPTIONS)
+    disk = load_pretrained(tmp_path / "m", dtype=load_dtype, mesh=mesh, **OPTIONS)
+    assert held.config == disk.config
+    want, got = _params(disk), _params(held)
+    assert set(got) == set(want)
+    for path, value in want.items():
+        assert got[path].dtype == value.dtype and got[path].sharding == value.sharding, path
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=str(path))
+
+
+def test_each_load_owns_its_arrays(tmp_path: Path) -> None:
+    cache = ModelCache(capacity=1)
+    _saved(tmp_path / "m", cache)
+    first = cache.load(tmp_path / "m", jnp.float32, **OPTIONS)
+    want = {p: np.asarray(v) for p, v in _params(first).items()}
+    for value in _params(first).values():
+        value.delete()  # what donating them to a train step does
+    second = _params(cache.load(tmp_path / "m", jnp.float32, **OPTIONS))
+    for path, value in want.items():
+        np.testing.assert_array_equal(np.asarray(second[path]), value)
+
+
+def test_capacity_drops_the_least_recently_used(tmp_path: Path) -> None:
+    cache = ModelCache(capacity=2)
+    for seed, name in enumerate("abc"):
+        if name == "c":
+            assert cache.load(tmp_path / "a", jnp.float32, **OPTIONS) is not None  # a is now the most recent
+        _saved(tmp_path / name, cache, seed=seed)
+    held = {n for n in "abc" if cache.load(tmp_path / n, jnp.float32, **OPTIONS) is not None}
+    assert held == {"a", "c"}
+    off = ModelCache(capacity=0)
+    _saved(tmp_path / "d", off)
+    assert off.load(tmp_path / "d", jnp.float32, **OPTIONS) is None

@@ -1,0 +1,82 @@
+"""Models handed from one stage to the next in device memory instead of through their HF folders.
+
+`stages` runs finetune -> unlearn -> eval in one process, and each stage used to load what the previous one had
+just exported (about 20 s per save + reload at 7B). The folders are still written (they are the results users
+take away); `ModelCache` also keeps the exported params on the accelerator and builds the next stage's model
+from them exactly as `load_pretrained` builds it from the folder: the same config.json, the values cast to the
+folder's dtype and then to the load dtype, the same sharding. Every model it hands out gets its own copy of the
+arrays, since the trainer donates (and so invalidates) the arrays of the model it trains.
+
+Each held model costs its params on the accelerator (LLaVA-1.5-7B in bfloat16: 13.5 GiB, sharded over the mesh
+like the model), so at most `capacity` are held; the least recently saved or loaded goes first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from vlmu_jax.checkpoints.hf_export import merged_params, saved_config
+from vlmu_jax.checkpoints.hf_import import runtime_summary
+from vlmu_jax.models.registry import abstract_model, hf_name_map
+from vlmu_jax.models.sharding import variable_sharding
+
+
+@dataclass(frozen=True)
+class _Held:
+    hf_config: dict  # config.json as the folder holds it
+    params: dict[tuple, jax.Array]  # param path -> value in the folder's dtype
+
+
+class ModelCache:
+    """Folder -> the model exported there, for the stages of this process that load that folder next."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._held: OrderedDict[Path, _Held] = OrderedDict()
+
+    def put(self, folder: Path, model: nnx.Module, dtype=None) -> None:
+        """Holds `model` as `export_hf(model, folder, dtype)` wrote it (LoRA merged, cast to `dtype` if given)."""
+        if self.capacity <= 0:
+            return
+        key = folder.resolve()
+        self._held.pop(key, None)
+        while len(self._held) >= self.capacity:
+            self._held.popitem(last=False)
+        params = {path: _copy(value if dtype is None else value.astype(dtype))
+                  for path, value in merged_params(model).items()}
+        # json round trip: tuples become lists, as in the folder's config.json
+        config = json.loads(json.dumps(saved_config(model, next(iter(params.values())).dtype)))
+        self._held[key] = _Held(config, params)
+
+    def load(self, folder: Path, dtype, mesh: Mesh | None = None, **options) -> nnx.Module | None:
+        """The model `load_pretrained(folder, dtype, mesh, **options)` would build, or None when not held."""
+        key = folder.resolve()
+        held = self._held.get(key)
+        if held is None:
+            return None
+        self._held.move_to_end(key)
+        abstract = abstract_model(held.hf_config, dtype, **options)
+        paths = hf_name_map(abstract)
+        graphdef, state = nnx.split(abstract)
+        flat = dict(nnx.to_flat_state(state))
+        for path in paths:
+            var = flat[path]
+            sharding = variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+            var.set_value(_copy(held.params[path].astype(jnp.dtype(dtype)), sharding))
+        model = nnx.merge(graphdef, state)
+        logging.info("%s, from memory", runtime_summary(model, folder, dtype))
+        return model
+
+
+def _copy(x: jax.Array, sharding=None) -> jax.Array:
+    """A new buffer (never an alias of `x`), placed on `sharding` (default: where `x` is)."""
+    return jax.device_put(x, x.sharding if sharding is None else sharding, may_alias=False)
