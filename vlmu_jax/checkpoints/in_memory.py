@@ -7,8 +7,10 @@ from them exactly as `load_pretrained` builds it from the folder: the same confi
 folder's dtype and then to the load dtype, the same sharding. Every model it hands out gets its own copy of the
 arrays, since the trainer donates (and so invalidates) the arrays of the model it trains.
 
-Each held model costs its params on the accelerator (LLaVA-1.5-7B in bfloat16: 13.5 GiB, sharded over the mesh
-like the model), so at most `capacity` are held; the least recently saved or loaded goes first.
+Held params live in pinned host memory, sharded like the model: a 7B model in bfloat16 is 13.5 GiB of host RAM
+per model and nothing on the accelerator, whose memory the next stage's training needs (a full 7B finetune with
+AdamW fills most of an 80 GB GPU), and copying it back takes about a second, not an export and a reload. At most
+`capacity` models are held; the least recently saved or loaded goes first.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class ModelCache:
         self._held.pop(key, None)
         while len(self._held) >= self.capacity:
             self._held.popitem(last=False)
-        params = {path: _copy(value if dtype is None else value.astype(dtype))
+        params = {path: _to_host(value if dtype is None else value.astype(dtype))
                   for path, value in merged_params(model).items()}
         # json round trip: tuples become lists, as in the folder's config.json
         config = json.loads(json.dumps(saved_config(model, next(iter(params.values())).dtype)))
@@ -71,12 +73,17 @@ class ModelCache:
         for path in paths:
             var = flat[path]
             sharding = variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
-            var.set_value(_copy(held.params[path].astype(jnp.dtype(dtype)), sharding))
+            var.set_value(_copy(held.params[path], sharding).astype(jnp.dtype(dtype)))
         model = nnx.merge(graphdef, state)
         logging.info("%s, from memory", runtime_summary(model, folder, dtype))
         return model
 
 
-def _copy(x: jax.Array, sharding=None) -> jax.Array:
-    """A new buffer (never an alias of `x`), placed on `sharding` (default: where `x` is)."""
-    return jax.device_put(x, x.sharding if sharding is None else sharding, may_alias=False)
+def _to_host(x: jax.Array) -> jax.Array:
+    """A copy of `x` in pinned host memory, sharded as `x` is."""
+    return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"), may_alias=False)
+
+
+def _copy(x: jax.Array, sharding) -> jax.Array:
+    """A new buffer in `sharding`'s device memory (never an alias of `x`)."""
+    return jax.device_put(x, sharding.with_memory_kind("device"), may_alias=False)
