@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from vlmu_jax import pipeline, presets, stages
+from vlmu_jax import compile_cache, pipeline, presets, stages
 from vlmu_jax.eval import batched
 
 LLAVA_7B = dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, vision_hidden_size=1024,
@@ -38,12 +38,12 @@ SMALL = dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, 
              vision_layers=2, vision_heads=4, image_size=336, patch_size=14, vocab_size=4096)
 
 
-def config(small: bool, steps: int, identities: int):
+def config(small: bool, steps: int, identities: int, objectives: str):
     c = presets.fiubench("ga", template="llava-1.5", model_path="")
     c.model.tiny = True
     c.model.tiny_shape.update(architecture="llava", text_model="llama", **(SMALL if small else LLAVA_7B))
     c.data.synthetic_identities = identities
-    c.unlearn.objective = "ga,gd,npo"
+    c.unlearn.objective = objectives
     for stage in (c.finetune, c.retain_model, c.unlearn):
         # No Orbax checkpoints: a 7B full finetune's (weights + AdamW moments) does not fit the device's disk.
         stage.update(num_steps=steps, progress=False, keep_checkpoints=0)
@@ -99,10 +99,12 @@ def main() -> None:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--identities", type=int, default=400)
+    parser.add_argument("--objectives", default="ga,gd,npo")
     parser.add_argument("--eval_objective", default="npo")
     args = parser.parse_args()
     workdir = Path(args.workdir)
-    ws = pipeline.Workspace(config(args.small, args.steps, args.identities), workdir)
+    ws = pipeline.Workspace(config(args.small, args.steps, args.identities, args.objectives), workdir)
+    compile_cache.configure(ws.config.compilation_cache_dir)  # as pipeline.run does
     results = []
 
     def report(stage: str, wall: float, compute: float, compile_: float, tokens: int, **extra) -> None:

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vlmu_jax.checkpoints.orbax_io import Checkpointer
 from vlmu_jax.logs import progress
@@ -183,6 +184,23 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
     return step
 
 
+def on_mesh(tree: Any, mesh: Mesh | None) -> Any:
+    """`tree` with every leaf not yet on `mesh` replicated over it.
+
+    Why: jit leaves scalars unplaced (optimizer step counts, RNG counters), and the step returns them on the
+    mesh; the second step then saw new input shardings and compiled the whole step again (6-20 s at 7B, seen
+    on an H200). Placed up front, every step after the first finds the program the first one compiled."""
+    if mesh is None:
+        return tree
+    replicated = NamedSharding(mesh, P())
+
+    def place(x):
+        on = isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        return x if on else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)
+
+
 def _saliency(obj: Objective, cfg: TrainConfig, graphdef_eval, params, rng, rest, sources, logps_fn, mesh,
               show: bool):
     """The objective's weight-saliency mask at the starting parameters (see unlearn/saliency.py)."""
@@ -280,6 +298,7 @@ def train(
     start = ckpt.latest_step() or 0
     if start:
         params, opt_state, rng = ckpt.restore(start, (params, opt_state, rng))
+    params, opt_state, rng = on_mesh((params, opt_state, rng), mesh)
     is_main = jax.process_index() == 0
     losses: list[float] = []
     bar = progress(total=total, initial=start, desc=workdir.name, unit="step", disable=not (is_main and cfg.progress))
