@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -37,7 +38,7 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for t in tensors.values():
-            f.write(np.ascontiguousarray(t).tobytes())
+            f.write(np.ascontiguousarray(t).reshape(-1).view(np.uint8).data)  # the bytes as they are, no copy
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -73,17 +74,28 @@ def saved_config(model: nnx.Module, dtype) -> dict:
     return {**model.config.hf_config, "dtype": str(np.dtype(dtype))}
 
 
+@partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _hf_layout(x: jax.Array, transpose: bool, dtype) -> jax.Array:
+    """`x` cast to `dtype` (if given) with its last two axes swapped (if `transpose`), on its devices.
+
+    Why here: numpy transposing 13.5 GB of 7B weights on the host took most of an export's time (measured on CPU
+    at 0.75e9 params: 4.4 of 9.0 s); the accelerator does it at memory speed, one param at a time."""
+    x = x if dtype is None else x.astype(dtype)
+    return jnp.swapaxes(x, -1, -2) if transpose else x
+
+
 def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
     """Every HF tensor of the model (LoRA merged), in HF layout, cast to dtype if given."""
     merged = merged_params(model)
+    dtype = None if dtype is None else jnp.dtype(dtype)
     out: dict[str, np.ndarray] = {}
     for path, hp in hf_name_map(model).items():
-        value = _host(merged[path])
-        if dtype is not None:
-            value = value.astype(np.dtype(jnp.dtype(dtype)))
-        parts = list(value) if hp.stacked else [value]
+        # .T of one (per-layer) tensor: a no-op below two axes
+        transpose = bool(hp.transpose) and merged[path].ndim - int(bool(hp.stacked)) >= 2
+        value = _host(_hf_layout(merged[path], transpose, dtype))
+        parts = list(value) if hp.stacked else [value]  # rows of a C-contiguous array: contiguous views
         for i, part in enumerate(parts):
-            out[hp.name.format(i=i)] = np.ascontiguousarray(part.T if hp.transpose else part)
+            out[hp.name.format(i=i)] = part
     return out
 
 
