@@ -101,6 +101,9 @@ def main() -> None:
     parser.add_argument("--identities", type=int, default=400)
     parser.add_argument("--objectives", default="ga,gd,npo")
     parser.add_argument("--eval_objective", default="npo")
+    parser.add_argument("--eval_only", action="store_true",
+                        help="skip training: evaluate the random base model under the three names eval reads "
+                             "(finetuned, retain_model, unlearned_<eval_objective>), to time the eval stage alone")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     ws = pipeline.Workspace(config(args.small, args.steps, args.identities, args.objectives), workdir)
@@ -127,6 +130,10 @@ def main() -> None:
     # folders do not fit the device's disk.
     runs = [("finetune", "", ["finetuned", "retain_model"])] + [
         ("unlearn", o, [f"unlearned_{o}"]) for o in stages.objectives(ws)]
+    if args.eval_only:
+        runs, base = [], ws.base_model
+        ws.config.eval.models = f"finetuned={base},unlearned_{args.eval_objective}={base}"
+        ws.config.eval.reference_model = str(base)
     for stage, objective, names in runs:
         if objective:
             ws.config.unlearn.objective = objective
