@@ -98,3 +98,28 @@ def test_keep_zero_checkpoints_writes_nothing(tmp_path) -> None:
     assert ckpt.save(1, {"w": jnp.ones(3)}, force=True) is False
     ckpt.close()
     assert ckpt.latest_step() is None and ckpt.all_steps() == [] and not (tmp_path / "ckpt").exists()
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path) -> None:
+    """A checkpoint whose array files were cut short (an interrupted copy) stops with one line naming the step's
+    folder and how to go on, not Orbax's traceback; the checkpoint before it still restores."""
+    import jax.numpy as jnp
+    import pytest
+
+    from vlmu_jax.checkpoints.orbax_io import Checkpointer
+    from vlmu_jax.errors import InputError
+
+    ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=2, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, {"w": jnp.full(64, float(step))}, force=True)
+    ckpt.close()
+    for f in (tmp_path / "ckpt" / "2").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=2, async_save=False)
+    with pytest.raises(InputError) as info:
+        ckpt.restore(2, {"w": jnp.zeros(64)})
+    message = str(info.value)
+    assert str(tmp_path / "ckpt" / "2") in message and "cannot be read" in message and "\n" not in message
+    assert float(ckpt.restore(1, {"w": jnp.zeros(64)})["w"][0]) == 1.0
+    ckpt.close()

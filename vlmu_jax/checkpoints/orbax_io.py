@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from vlmu_jax.errors import InputError
+
 
 def _flat(tree: Any) -> tuple[dict[str, Any], Any]:
     """Path-keyed flat dict of leaves plus the treedef to rebuild the tree."""
@@ -59,6 +61,7 @@ class Checkpointer:
     moments, ~4x the model) can outgrow the disk, and a stage's HF folder is its output anyway."""
 
     def __init__(self, directory: str | Path, *, save_every: int, keep: int = 2, async_save: bool = True):
+        self.directory = Path(directory).absolute()
         self._mgr = None
         if keep > 0:
             options = ocp.CheckpointManagerOptions(
@@ -67,7 +70,7 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 create=True,
             )
-            self._mgr = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+            self._mgr = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step() if self._mgr else None
@@ -87,7 +90,10 @@ class Checkpointer:
         """Restore checkpoint `step` into the structure, dtypes and shardings of `like`."""
         flat_like, treedef = _flat(like)
         target = {k: _abstract(v) for k, v in flat_like.items() if v.size}
-        restored = self._mgr.restore(step, args=ocp.args.StandardRestore(target))
+        try:
+            restored = self._mgr.restore(step, args=ocp.args.StandardRestore(target))
+        except Exception as err:  # noqa: BLE001 - whatever Orbax or TensorStore raise, the user needs one line
+            raise unreadable(self.directory, step, err) from err
         leaves = [_restored_leaf(restored.get(k), v) for k, v in flat_like.items()]
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -100,6 +106,15 @@ class Checkpointer:
         if self._mgr:
             self._mgr.wait_until_finished()
             self._mgr.close()
+
+
+def unreadable(directory: Path, step: int, err: Exception) -> InputError:
+    """The one-line error for a checkpoint Orbax cannot read (a copy cut short, a file deleted by hand), saying
+    how to go on: the earlier checkpoints are intact."""
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return InputError(f"checkpoint step {step} cannot be read ({type(err).__name__}: {first}); delete this folder to "
+                      "resume from the checkpoint before it, or the whole checkpoints folder to start over",
+                      file=Path(directory) / str(step))
 
 
 def checkpoint_steps(directory: str | Path) -> list[int]:
@@ -123,6 +138,8 @@ def restore_part(directory: str | Path, step: int, like: Any, index: int) -> Any
     try:
         restored = mgr.restore(step, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    except Exception as err:  # noqa: BLE001 - as in Checkpointer.restore
+        raise unreadable(Path(directory), step, err) from err
     finally:
         mgr.close()
     leaves = [_restored_leaf(restored.get(f"{index}.{k}"), v) for k, v in flat_like.items()]
