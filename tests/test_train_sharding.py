@@ -49,3 +49,26 @@ def test_sharded_losses_match_single_device(tmp_path, objective, trainable, extr
             assert len(model.head.kernel.sharding.device_set) == 8
     np.testing.assert_allclose(results[1], results[0], rtol=0, atol=1e-5)
     assert len(results[0]) == 4
+
+
+def test_step_traces_once_per_run(tmp_path) -> None:
+    """On a mesh the train step is traced (and compiled) once per run: the optimizer's step counters and the RNG
+    count enter the first step placed as the step returns them (trainer.on_mesh); before, the second step saw new
+    input shardings and compiled the whole step again (seen at 7B on an H200)."""
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    traces = []
+
+    def counting_logps(model, batch):
+        traces.append(1)  # runs once per trace of the step, never per executed step
+        return logps_fn(model, batch)
+
+    per_run = []
+    for steps in (1, 3):
+        traces.clear()
+        model = ToyLM(lora_rank=4, dropout=0.1)
+        shard_model(model, mesh)
+        cfg = TrainConfig(objective="ga", lr=1e-2, num_steps=steps, progress=False)
+        train(model, cfg, sources={"forget": FixedSource(sequences(8, 1), 4)}, logps_fn=counting_logps,
+              mesh=mesh, workdir=tmp_path / str(steps))
+        per_run.append(len(traces))
+    assert per_run[0] > 0 and per_run[1] == per_run[0], per_run
