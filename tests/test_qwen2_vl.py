@@ -269,9 +269,10 @@ def test_image_token_count_follows_each_image(tmp_path):
     assert (encode(Example("Who?", "Ada.", None), cfg).input_ids == image_id).sum() == 0
 
 
-def test_pipeline_on_tiny_qwen2_5_vl(tmp_path):
-    """`python -m vlmu_jax.main` (demo, reduced) with a tiny Qwen2.5-VL and the qwen template: finetune trains
-    (finite logged losses) and eval writes FIUBench's results."""
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_pipeline_on_tiny_qwen(tmp_path, family):
+    """`python -m vlmu_jax.main` (demo, reduced) with a tiny Qwen2.5-VL or Qwen2-VL and the qwen template:
+    finetune trains (finite logged losses) and eval writes FIUBench's results."""
     import json
     import os
     import subprocess
@@ -280,14 +281,14 @@ def test_pipeline_on_tiny_qwen2_5_vl(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     workdir = tmp_path / "w"
     cmd = [sys.executable, "-m", "vlmu_jax.main", "--config", "configs/demo.py:ci", "--workdir", str(workdir),
-           "--config.model.template=qwen2-vl", "--config.model.tiny_shape.architecture=qwen2_5_vl",
+           "--config.model.template=qwen2-vl", f"--config.model.tiny_shape.architecture={family}",
            "--config.data.synthetic_identities=8", "--config.finetune.num_steps=2",
            "--config.retain_model.num_steps=2", "--config.eval.max_new_tokens=2", "--config.stages=finetune,eval"]
     result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     assert result.returncode == 0, result.stderr[-4000:]
     hf_config = json.loads((workdir / "models" / "base" / "config.json").read_text())
-    assert hf_config["model_type"] == "qwen2_5_vl"
+    assert hf_config["model_type"] == family
     for name in ("finetuned", "retain_model"):
         losses = [json.loads(line)["loss"] for line in (workdir / "train" / name / "metrics.jsonl").open()]
         assert len(losses) == 2 and np.isfinite(losses).all()
