@@ -257,7 +257,7 @@ def test_mllmu_pipeline_on_tiny_idefics2(tmp_path):
             assert set(groups) >= {"classification", "fill_in_the_blank", "generation"}
 
 
-def test_sharded_load_matches_single_device(tmp_path):
+def test_sharded_load_matches_single_device(tmp_path, sliced):
     """Params split over (fsdp, tensor) by their logical axes and rows over (data, fsdp): same logits and
     greedy tokens as one device."""
     import jax

@@ -216,7 +216,7 @@ def test_hub_layout_loads_identically(tiny, tmp_path):
                                   _ours_logprobs(load_pretrained(folder), ours))
 
 
-def test_sharded_matches_single_device(tiny):
+def test_sharded_matches_single_device(tiny, sliced):
     """Params split over (fsdp, tensor) by their logical axes and rows over (data, fsdp): same log-probs and
     greedy tokens as one device."""
     from vlmu_jax.models.sharding import global_batch, make_mesh

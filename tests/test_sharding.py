@@ -49,7 +49,7 @@ def test_sharded_init_and_load_match_single_device(tmp_path):
     np.testing.assert_allclose(_logps(loaded, batch), _logps(load_pretrained(folder), batch), atol=1e-5)
 
 
-def test_sharded_generation_matches_single_device(tmp_path):
+def test_sharded_generation_matches_single_device(tmp_path, sliced):
     """KV-cache decoding with params split over (fsdp, tensor) and rows over (data, fsdp) gives the same
     greedy tokens as one device: the cache, the scatter at `index` and the while_loop all run sharded."""
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
