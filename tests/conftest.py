@@ -22,5 +22,5 @@ import pytest  # noqa: E402
 def sliced(request, monkeypatch):
     """Generation both ways on CPU: over the stacked weights (the CPU default) and over per-layer weight slices
     (the GPU default, llama.SlicedCache)."""
-    monkeypatch.setattr("vlmu_jax.models.llava.slice_decoder_layers", lambda: request.param)
+    monkeypatch.setattr("vlmu_jax.eval.generate.decode_over_slices", lambda model: request.param)
     return request.param

@@ -58,3 +58,29 @@ def test_sampling_runs_and_respects_shape(tmp_path):
         rng=jax.random.key(1),
     )
     assert out.shape == (2, 4) and out.dtype == np.int32
+
+
+def test_decode_over_slices_when_the_device_has_room(tmp_path, monkeypatch):
+    """Weight slices (llama.SlicedCache) only on GPU and only when the device's free memory holds them with a tenth
+    to spare; Mllama (no stacked decoder) and CPU decode over the stacked weights."""
+    from flax import nnx
+
+    import vlmu_jax.eval.generate as gen
+
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    model = load_pretrained(folder)
+    assert not gen.decode_over_slices(model)  # CPU
+    need = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.decoder_stack())))
+
+    class Device:
+        def __init__(self, free):
+            self.free = free
+
+        def memory_stats(self):
+            return {"bytes_limit": 10 * need + self.free, "bytes_in_use": 10 * need}
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for free, want in ((2 * need, True), (need, False)):
+        monkeypatch.setattr(jax, "local_devices", lambda free=free: [Device(free)])
+        assert gen.decode_over_slices(model) is want
+    assert not gen.decode_over_slices(type("NoStack", (), {})())

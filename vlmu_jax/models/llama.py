@@ -46,12 +46,6 @@ class SlicedCache(NamedTuple):
     kv: tuple[KVCache, ...]
 
 
-def slice_decoder_layers() -> bool:
-    """Whether prefill builds a SlicedCache: on GPU (see SlicedCache); TPU's XLA reads the stacked weights in
-    place, and on CPU the stacked scan compiles faster."""
-    return jax.default_backend() == "gpu"
-
-
 def sliced_cache(stack: nnx.Module, batch: int, cache_len: int, c: TextConfig, dtype) -> SlicedCache:
     """Per-layer weight slices of the stacked decoder layers and zero per-layer KV caches."""
     state = nnx.state(stack)

@@ -26,15 +26,7 @@ from vlmu_jax.models.architecture import Architecture, special_token_ids
 from vlmu_jax.models.clip import ClipVisionTower, VisionConfig
 from vlmu_jax.models.hf_names import HFParam, rename, stacked_name_map
 from vlmu_jax.models.layers import Dense, activation
-from vlmu_jax.models.llama import (
-    DecoderLM,
-    KVCache,
-    SlicedCache,
-    TextConfig,
-    output_head,
-    slice_decoder_layers,
-    sliced_cache,
-)
+from vlmu_jax.models.llama import DecoderLM, KVCache, SlicedCache, TextConfig, output_head, sliced_cache
 from vlmu_jax.models.phi3 import phi3_text_config
 
 
@@ -217,14 +209,19 @@ class LlavaForConditionalGeneration(nnx.Module):
         h, _ = self.decode(embeds, positions, attention_mask, rng=dropout_rng, output_layer=output_layer)
         return h
 
+    def decoder_stack(self) -> nnx.Module:
+        """The stacked decoder layers generation may slice (llama.SlicedCache)."""
+        return self.language_model.layers
+
     def prefill(
-        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int
+        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int,
+        *, sliced: bool = False,
     ) -> tuple[jax.Array, KVCache | SlicedCache]:
-        """Hidden states of a left-padded prompt and a KV cache of `cache_len` slots holding it (a SlicedCache on
-        GPU, see llama.SlicedCache)."""
+        """Hidden states of a left-padded prompt and a KV cache of `cache_len` slots holding it; `sliced`: a
+        SlicedCache, the decoder's weights sliced per layer (see llama.SlicedCache)."""
         t, b = self.config.text, input_ids.shape[0]
         dtype = self.head_weight().dtype
-        if slice_decoder_layers():
+        if sliced:
             cache = sliced_cache(self.language_model.layers, b, cache_len, t, dtype)
         else:
             shape = (t.num_layers, b, cache_len, t.num_kv_heads, t.head_dim)

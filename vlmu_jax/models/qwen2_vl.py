@@ -42,7 +42,15 @@ from vlmu_jax.models.layers import (
     rotate,
     run_layers,
 )
-from vlmu_jax.models.llama import DecoderLayer, DecoderLM, KVCache, LlamaAttention, TextConfig, output_head
+from vlmu_jax.models.llama import (
+    DecoderLayer,
+    DecoderLM,
+    KVCache,
+    LlamaAttention,
+    SlicedCache,
+    TextConfig,
+    output_head,
+)
 from vlmu_jax.models.llava import LlavaForConditionalGeneration
 from vlmu_jax.models.sharding import constrain
 
@@ -318,9 +326,10 @@ class QwenVLForConditionalGeneration(LlavaForConditionalGeneration):
                                self.config.vision.merge_size)
 
     def prefill(
-        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int
-    ) -> tuple[jax.Array, tuple[KVCache, jax.Array]]:
-        h, cache = super().prefill(input_ids, attention_mask, images, cache_len)
+        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int,
+        *, sliced: bool = False,
+    ) -> tuple[jax.Array, tuple[KVCache | SlicedCache, jax.Array]]:
+        h, cache = super().prefill(input_ids, attention_mask, images, cache_len, sliced=sliced)
         pos = self.positions(input_ids, attention_mask, images)
         last = jnp.max(jnp.where(attention_mask[..., None] > 0, pos, 0), axis=(1, 2))
         return h, (cache, last + 1 - jnp.sum(attention_mask, axis=1).astype(jnp.int32))
