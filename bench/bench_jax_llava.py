@@ -177,10 +177,11 @@ def main() -> None:
                               "new_tokens_per_s": gb * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
 
 
-def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict) -> tuple[float, float | None]:
+def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict,
+                      trainable=nnx.LoRAParam) -> tuple[float, float | None]:
     """Median time of the pipeline's own jitted train step (trainer.make_step: the objective, AdamW with
-    clipping and weight decay, donated state) on the LoRA params; every stream the objective reads gets
-    `batch` (GD and NPO: forget and retain, NPO's reference forward included)."""
+    clipping and weight decay, donated state) on the `trainable` params (default: LoRA); every stream the
+    objective reads gets `batch` (GD and NPO: forget and retain, NPO's reference forward included)."""
     set_options(model, remat=remat)
     cfg = TrainConfig(objective=objective, lr=1e-5, weight_decay=0.01)
     obj = get_objective(objective)
@@ -188,7 +189,7 @@ def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict
     model.eval()
     graphdef_eval = nnx.graphdef(model)
     model.train()
-    graphdef, params, rng, rest = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
+    graphdef, params, rng, rest = nnx.split(model, trainable, nnx.RngState, ...)
     step = jax.jit(make_step(graphdef, graphdef_eval, obj, cfg, tx, logps_fn, None), donate_argnums=(0, 1, 2))
     streams = {name: batch for phase in obj.phases for name in phase} | {s: batch for s in obj.optional}
     state = [params, jax.jit(tx.init)(params), rng]
