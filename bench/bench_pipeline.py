@@ -107,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     ws = pipeline.Workspace(config(args.small, args.steps, args.identities, args.objectives), workdir)
-    compile_cache.configure(ws.config.compilation_cache_dir)  # as pipeline.run does
+    compile_cache.configure(ws.config.compilation_cache_dir)  # as runner.run does
     results = []
 
     def report(stage: str, wall: float, compute: float, compile_: float, tokens: int, **extra) -> None:

@@ -1,11 +1,11 @@
 """Command line: `python -m vlmu_jax.main --config configs/X.py[:variant] --workdir DIR [--config.k=v]`, also
 installed as the `vlmu-jax` console script.
 
-Parses flags, checks the config, joins the distributed job and runs the configured stages; all
-work lives in `vlmu_jax.pipeline`. A bad config fails here with one line and exit code 2 before
-anything is written; so does bad input found later (a data file, a checkpoint, tokenizer or processor files,
-the workdir: `vlmu_jax.errors.InputError` or an OSError naming its file). `--verbosity=1` (absl's flag) also
-prints the traceback and lets third-party loggers through (see `vlmu_jax.logs`).
+Parses flags, checks the config, joins the distributed job and runs the configured stages; all work lives in
+`vlmu_jax.runner` (stages in order), `vlmu_jax.pipeline` and `vlmu_jax.stages`. A bad config fails here with one
+line and exit code 2 before anything is written; so does bad input found later (a data file, a checkpoint,
+tokenizer or processor files, the workdir: `vlmu_jax.errors.InputError` or an OSError naming its file).
+`--verbosity=1` (absl's flag) also prints the traceback and lets third-party loggers through (see `vlmu_jax.logs`).
 """
 
 from __future__ import annotations
@@ -55,13 +55,13 @@ def main(argv: list[str]) -> None:
 
     verbosity = flags.FLAGS.verbosity
     logs.configure(verbosity)
-    from vlmu_jax import distributed, pipeline
+    from vlmu_jax import distributed, runner
 
     distributed.initialize(
         distributed.ClusterSpec(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     )
     try:
-        pipeline.run(config, Path(_WORKDIR.value))
+        runner.run(config, Path(_WORKDIR.value))
     except (InputError, OSError) as e:
         logs.close_bars()
         if verbosity >= 1:

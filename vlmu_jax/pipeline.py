@@ -1,4 +1,6 @@
-"""The stages behind `vlmu_jax.main`: data -> base model -> finetune -> unlearn -> eval -> export -> report.
+"""The workspace the stages share (`Workspace`: config, workdir, mesh, tokenizer, data, models) and what comes
+before them: data and the demo's base model. `runner` runs data -> base model -> finetune -> unlearn -> eval ->
+export -> report; the stages themselves are in `stages`.
 
 Each stage reads what earlier stages left in the workdir and writes one folder with a `DONE` marker,
 so an interrupted run picks up where it stopped and a finished stage is skipped unless
@@ -18,15 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vlmu_jax import compile_cache, logs, provenance
+from vlmu_jax import logs
 from vlmu_jax.checkpoints.in_memory import ModelCache
-from vlmu_jax.config_schema import stage_list
 from vlmu_jax.data import fiubench, mllmu, synthetic
 from vlmu_jax.data.batching import TextConfig, checkpoint_text_config
 from vlmu_jax.data.images import ImageProcessor, load_image_processor, row_images
 from vlmu_jax.data.records import Benchmark, ImageRef
 from vlmu_jax.data.templates import get_template, load_tokenizer, train_demo_tokenizer
-from vlmu_jax.errors import InputError
 from vlmu_jax.model_sources import given_checkpoints
 from vlmu_jax.models import sharding
 from vlmu_jax.models.tiny import TokenIds, tiny_checkpoint
@@ -218,32 +218,3 @@ def _sync(what: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"vlmu_jax:{what}")
-
-
-def _check_writable(workdir: Path) -> None:
-    """An unwritable workdir fails before any work, not after an hour of training when the first file is saved."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_test_{jax.process_index()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise InputError(f"the workdir cannot be written ({err.strerror or err})", file=workdir) from err
-
-
-def run(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Runs the configured stages in order, one line each with its duration; finished ones are skipped unless
-    config.force."""
-    from vlmu_jax import stages
-
-    _check_writable(workdir)
-    names = stage_list(config)
-    logs.say(f"{config.name}: {config.benchmark}, stages {', '.join(names)} -> {workdir}")
-    provenance.write(workdir, config.to_json_best_effort(indent=2))
-    compile_cache.configure(config.compilation_cache_dir)
-    ws = Workspace(config, workdir)
-    prepare_data(ws)
-    prepare_base_model(ws)
-    for name in names:
-        with logs.timed(name):
-            getattr(stages, name)(ws)
