@@ -11,7 +11,7 @@ from PIL import Image
 from rouge_score import rouge_scorer
 from scipy import stats
 
-from vlmu_jax.eval import attacks, metrics
+from vlmu_jax.eval import attacks, metrics, result_logs
 from vlmu_jax.report import aggregate, plots
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -31,7 +31,7 @@ def _task(gt, para, pert, gens, refs, keywords=None, mia_scores=None, gpt=None):
     p_sum, p_n = metrics.answer_nll(*_padded(para))
     k = len(pert[0])
     flat_sum, flat_n = metrics.answer_nll(*_padded([r for q in pert for r in q]))
-    return aggregate.FiuTaskResults(
+    return result_logs.FiuTaskResults(
         g_sum, g_n, p_sum, p_n, flat_sum.reshape(-1, k), flat_n.reshape(-1, k),
         [f"Q{i}" for i in range(len(gt))],
         [metrics.truncate_at_first_period(g) for g in gens], refs, ["human_face"] * len(gt), keywords,
@@ -65,8 +65,8 @@ def _ratio(para, pert):
 def aggregated():
     forget = _task(F_GT, F_PARA, F_PERT, F_GENS, F_REFS, [["pilot"], ["Oslo", "Rome"]], F_MIA, None)
     retain = _task(R_GT, R_PARA, R_PERT, R_GENS, R_REFS, [["red", "car"], ["blue"]], R_MIA, [0.8, 0.4])
-    return {aggregate.FORGET: aggregate.fiubench_eval_log(forget, forget=True),
-            aggregate.RETAIN: aggregate.fiubench_eval_log(retain, forget=False)}
+    return {aggregate.FORGET: result_logs.fiubench_eval_log(forget, forget=True),
+            aggregate.RETAIN: result_logs.fiubench_eval_log(retain, forget=False)}
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def ape():
 
 def _reference():
     ref = _task(R_GT, REF_PARA, REF_PERT, R_GENS, R_REFS)
-    return {aggregate.FORGET: aggregate.fiubench_eval_log(ref, forget=True)}
+    return {aggregate.FORGET: result_logs.fiubench_eval_log(ref, forget=True)}
 
 
 def test_eval_log_keys_and_values(aggregated):
@@ -131,11 +131,11 @@ def test_every_summary_number_by_hand(aggregated, ape):
 def test_original_log_layout():
     """evaluate_util logs truth_ratio = exp(paraphrased - mean perturbed loss) and always writes gpt."""
     forget = _task(F_GT, F_PARA, F_PERT, F_GENS, F_REFS, [["pilot"], ["Oslo", "Rome"]])
-    log = aggregate.fiubench_eval_log(forget, forget=True, original_layout=True)
+    log = result_logs.fiubench_eval_log(forget, forget=True, original_layout=True)
     # question 0: paraphrased loss (1 + 1 + 0.4) / 3 = 0.8, perturbed (1.5 + 3.0) / 2 = 2.25
     assert log["truth_ratio"]["0"] == pytest.approx(math.exp(0.8 - 2.25))
-    assert aggregate.fiubench_eval_log(forget, forget=True)["truth_ratio"]["0"] == pytest.approx(math.exp(2.25 - 0.8))
-    assert log["gpt"] == [] and "gpt" not in aggregate.fiubench_eval_log(forget, forget=True)
+    assert result_logs.fiubench_eval_log(forget, forget=True)["truth_ratio"]["0"] == pytest.approx(math.exp(2.25 - 0.8))
+    assert log["gpt"] == [] and "gpt" not in result_logs.fiubench_eval_log(forget, forget=True)
 
 
 def test_original_empty_lists_force_zero_utility(aggregated):
@@ -161,9 +161,9 @@ def test_files_collect_and_csv(aggregated, ape, tmp_path):
 
 def test_mllmu_summaries():
     mods = ["Image_Textual", "Image_Textual", "Pure_Text"]
-    acc = aggregate.mllmu_accuracy([True, False, True], mods)
+    acc = result_logs.mllmu_accuracy([True, False, True], mods)
     assert acc == {"image_textual_accuracy": 50.0, "pure_text_accuracy": 100.0}
-    gen = aggregate.mllmu_generation(["a b c", "x", "the cat"], ["a b d", "x y", "the cat sat"], mods)
+    gen = result_logs.mllmu_generation(["a b c", "x", "the cat"], ["a b d", "x y", "the cat sat"], mods)
     assert gen["Average ROUGE-L (Pure_Text)"] == pytest.approx(
         SCORER.score("the cat sat", "the cat")["rougeL"].fmeasure)
     assert gen["Average BLEU (Image_Textual)"] == pytest.approx(

@@ -27,8 +27,8 @@ from vlmu_jax.data.records import IMAGE, Identity
 from vlmu_jax.data.templates import Template
 from vlmu_jax.eval import attacks, judge, metrics, mia
 from vlmu_jax.eval.batched import generate_rows, score_rows
+from vlmu_jax.eval.result_logs import FiuTaskResults, fiubench_eval_log
 from vlmu_jax.protocol import Protocol
-from vlmu_jax.report.aggregate import FiuTaskResults, fiubench_eval_log
 
 ORIGINAL_CATEGORY = "human_face"  # data_module labels every FIUBench sample so
 

@@ -40,9 +40,9 @@ from vlmu_jax.data.mllmu import MODALITY_NAME
 from vlmu_jax.data.records import IMAGE, QA, Benchmark, Cloze, Identity, ImageRef, MultipleChoice, TestVariant
 from vlmu_jax.eval import judge, metrics
 from vlmu_jax.eval.batched import generate_rows, score_rows
+from vlmu_jax.eval.result_logs import mllmu_accuracy, mllmu_factuality, mllmu_generation
 from vlmu_jax.eval.tasks import mllmu_prompts as P
 from vlmu_jax.eval.tasks.fiubench import Runner
-from vlmu_jax.report.aggregate import mllmu_accuracy, mllmu_factuality, mllmu_generation
 
 # eval.py `results_data` top-level keys.
 SET_NAMES = {
@@ -247,7 +247,7 @@ def add_factuality(results: dict[str, dict], client: judge.JudgeClient,
     """eval_gpt.py's factuality judge on every set's generation answers (``results`` as ``evaluate_mllmu``
     returns it, predictions still inside): each generation row gets ``Factuality Score`` (None when the verdict
     has no parsable score) and ``Factuality Verdict``; each set gets ``factuality`` (see
-    ``report.aggregate.mllmu_factuality``)."""
+    ``result_logs.mllmu_factuality``)."""
     for groups in results.values():
         rows = groups["predictions"]["generation"]
         scores, verdicts = judge.mllmu_factuality_scores(client, rows, prompt)
