@@ -28,7 +28,7 @@ from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length
 from vlmu_jax.data.records import Identity
 from vlmu_jax.errors import InputError
 from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl, head_token_stat
-from vlmu_jax.logs import say
+from vlmu_jax.logs import say, timed
 from vlmu_jax.models import lora
 from vlmu_jax.pipeline import Workspace, clear_done, is_done, mark_done
 from vlmu_jax.protocol import Protocol
@@ -187,7 +187,8 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
                    hidden_fn=hidden_fn, workdir=run_dir, trainable=trainable, mesh=ws.mesh, reference=ref_model)
     logging.info("%s: %d steps, last loss %.4f", out_name, result.step, result.losses[-1] if result.losses
                  else float("nan"))
-    _save_model(ws, model, out)
+    with timed(f"HF folder {out}"):  # at 7B the export is a fixed cost worth seeing next to the stage's
+        _save_model(ws, model, out)
     ws.models.put(out, model)  # the next stage starts from (or scores) it: no reload of the folder
 
 
