@@ -139,6 +139,18 @@ def test_logits_match_transformers(tmp_path, split):
         np.testing.assert_allclose(_logits(unrolled, ours)[valid], want[valid], atol=1e-4, rtol=0)
 
 
+def test_logits_match_transformers_without_padded_patches(tmp_path):
+    """Images that fill the padded size leave no patch padded: the vision tower then runs its attention without a
+    key mask (the cuDNN branch on GPU; XLA's here) and still matches transformers."""
+    folder, hf = _save(tmp_path / "m")
+    ours, hf_in = _batch([(42, 42), (42, 42), None], [6, 3, 5], split=False, padding="right")
+    assert ours["images"]["pixel_attention_mask"][:2].all()  # the blank row gets a full dummy mask
+    with torch.no_grad():
+        want = hf(**hf_in).logits.numpy()
+    valid = ours["attention_mask"] == 1
+    np.testing.assert_allclose(_logits(load_pretrained(folder), ours)[valid], want[valid], atol=1e-4, rtol=0)
+
+
 def test_greedy_generation_matches_transformers(tmp_path, sliced):
     folder, hf = _save(tmp_path / "m", seed=1)
     ours, hf_in = _batch([(30, 20), None, (42, 17)], [7, 2, 4], split=False, padding="left", seed=1)

@@ -144,13 +144,22 @@ class Idefics2VisionTower(nnx.Module):
         self.post_layernorm = LayerNorm(c.hidden_size, c.layer_norm_eps, dtype=dtype)
 
     def __call__(self, pixel_values: jax.Array, patch_mask: jax.Array, *, impl: str, remat: str, scan: bool):
-        """pixel_values [B, 3, H, W], patch_mask [B, h, w] bool -> [B, h*w, D]."""
+        """pixel_values [B, 3, H, W], patch_mask [B, h, w] bool -> [B, h*w, D].
+
+        When every patch of the batch is real (square images, one size: the usual case at 980 px) the key mask
+        is all true and the layers run `impl`'s attention without it (cuDNN's fused kernel on GPU); otherwise
+        XLA's attention with the mask. Both are exact; `lax.cond` picks at run time. Why: the masked XLA path
+        materialises [heads, 4900, 4900] scores per image and layer, which made Idefics2's log-probs 2.6x slower
+        than HF's (bench/RESULTS.md, 2026-11-23)."""
         h = self.embeddings(pixel_values, patch_mask)
         key_mask = patch_mask.reshape(h.shape[0], 1, 1, -1)
         h = constrain(h, ("batch", None, None))
-        h, _ = run_layers(
-            self.layers, lambda layer, x, _: (layer(x, impl, key_mask), None), h, remat=remat, scan=scan
-        )
+
+        def encode(h: jax.Array, layer_impl: str, mask: jax.Array | None) -> jax.Array:
+            step = lambda layer, x, _: (layer(x, layer_impl, mask), None)  # noqa: E731
+            return run_layers(self.layers, step, h, remat=remat, scan=scan)[0]
+
+        h = jax.lax.cond(jnp.all(patch_mask), lambda h: encode(h, impl, None), lambda h: encode(h, "xla", key_mask), h)
         return self.post_layernorm(h)
 
 
@@ -286,11 +295,11 @@ class Idefics2ForConditionalGeneration(LlavaForConditionalGeneration):
         patch_mask = pm.reshape(b * n, nh, p, nw, p).sum(axis=(2, 4)) == p * p
         # Blank (text-only) images have no real patch: give them a dummy full mask so nothing degenerates.
         patch_mask = jnp.where(patch_mask.any(axis=(1, 2))[:, None, None], patch_mask, True)
-        # The vision and perceiver attentions carry a key-padding mask: they run on XLA's attention (exact with
-        # any mask) whatever attention_impl says; the language model uses attention_impl.
-        kw = dict(impl="xla", remat=c.remat, scan=c.scan_layers)
-        h = self.vision_tower(pix, patch_mask, **kw)
-        feats = self.multi_modal_projector(h, patch_mask.reshape(b * n, -1), **kw)
+        # The perceiver's attention carries a key-padding mask: it runs on XLA's attention (exact with any mask)
+        # whatever attention_impl says; the vision tower uses attention_impl when no patch is padding (see there).
+        kw = dict(remat=c.remat, scan=c.scan_layers)
+        h = self.vision_tower(pix, patch_mask, impl=c.attention_impl, **kw)
+        feats = self.multi_modal_projector(h, patch_mask.reshape(b * n, -1), impl="xla", **kw)
         return feats.reshape(b, n * feats.shape[1], feats.shape[2])
 
     def embed(self, input_ids: jax.Array, images: dict[str, jax.Array] | None) -> jax.Array:
