@@ -69,7 +69,7 @@ def test_decode_over_slices_when_the_device_has_room(tmp_path, monkeypatch):
 
     folder, _ = save_tiny(tmp_path / "m", "llama")
     model = load_pretrained(folder)
-    assert not gen.decode_over_slices(model)  # CPU
+    assert not gen._room_for_slices(model)  # CPU
     need = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.decoder_stack())))
 
     class Device:
@@ -82,5 +82,11 @@ def test_decode_over_slices_when_the_device_has_room(tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     for free, want in ((2 * need, True), (need, False)):
         monkeypatch.setattr(jax, "local_devices", lambda free=free: [Device(free)])
-        assert gen.decode_over_slices(model) is want
-    assert not gen.decode_over_slices(type("NoStack", (), {})())
+        assert gen._room_for_slices(model) is want
+    assert not gen._room_for_slices(type("NoStack", (), {})())
+    # decided once per model: the allocator's state between batches cannot flip it (and recompile the loop)
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device(2 * need)])
+    fresh = load_pretrained(folder)
+    assert gen.decode_over_slices(fresh)
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device(0)])
+    assert gen.decode_over_slices(fresh)

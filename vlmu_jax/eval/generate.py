@@ -9,6 +9,7 @@ On GPU, when the device has room for it, decoding runs over per-layer slices of 
 from __future__ import annotations
 
 import math
+import weakref
 from functools import partial
 
 import jax
@@ -29,11 +30,21 @@ def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+_SLICED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its decision, made once
+
+
 def decode_over_slices(model: nnx.Module) -> bool:
     """Whether to decode over per-layer weight slices (llama.SlicedCache): on GPU (where a scan over the stacked
     weights copies each layer's weights at every token) for models with a stacked decoder, when the first local
     device's free memory holds its share of the slices with a tenth to spare; else the stacked scan, which needs
-    no second copy of the weights (a 7B model in bfloat16 still generates on a 24 GB card)."""
+    no second copy of the weights (a 7B model in bfloat16 still fits a 24 GB card). Decided once per model: a
+    decision that flipped with the allocator's state between batches would recompile the generation loop."""
+    if model not in _SLICED:
+        _SLICED[model] = _room_for_slices(model)
+    return _SLICED[model]
+
+
+def _room_for_slices(model: nnx.Module) -> bool:
     stack = getattr(model, "decoder_stack", None)
     if stack is None or jax.default_backend() != "gpu":
         return False
