@@ -226,18 +226,18 @@ def unlearn(ws: Workspace) -> None:
     _require(ws.model_dir("finetuned"), "the unlearn stage starts from it: run the finetune stage first")
     c, bench, shuffle = ws.config, ws.bench, not ws.protocol.fiubench_file_order
     forget, retain = bench.split(_forget_split(ws)), bench.split(_retain_split(ws))
-    rows = {"forget": _rows(ws, forget, seed=c.seed), "retain": _rows(ws, retain, seed=c.seed + 1)}
+    seeds = {"forget": c.seed, "retain": c.seed + 1, "idk": c.seed, "forget_text": c.seed}
+    rows = {"forget": _rows(ws, forget, seed=seeds["forget"]), "retain": _rows(ws, retain, seed=seeds["retain"])}
     if bench.idk:
-        rows["idk"] = _rows(ws, forget, seed=c.seed, idk=bench.idk)
+        rows["idk"] = _rows(ws, forget, seed=seeds["idk"], idk=bench.idk)
     if any(get_objective(o).preserve_streams for o in objectives(ws)):
-        rows["forget_text"] = _rows(ws, forget, seed=c.seed, text_only=True)
+        rows["forget_text"] = _rows(ws, forget, seed=seeds["forget_text"], text_only=True)
     # forget.py's collator pads a step's forget and retain rows to one length and its KL term counts those padding
     # positions: then every stream gets the one bucket its longest row needs (see kl_fn).
     buckets = None
     if ws.protocol.fiubench_kl_all_positions:
         every = [r for rs in rows.values() for r in rs]
         buckets = (bucket_length(max(len(r.input_ids) for r in every), row_buckets(every)),)
-    seeds = {"forget": c.seed, "retain": c.seed + 1, "idk": c.seed, "forget_text": c.seed}
     sources = {name: _source(ws, f"unlearn {name}", rs, c.unlearn, seed=seeds[name],
                              shuffle=shuffle or name == "retain", buckets=buckets) for name, rs in rows.items()}
     for objective in objectives(ws):

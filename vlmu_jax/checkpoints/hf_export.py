@@ -91,7 +91,7 @@ def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for path, hp in hf_name_map(model).items():
         # .T of one (per-layer) tensor: a no-op below two axes
-        transpose = bool(hp.transpose) and merged[path].ndim - int(bool(hp.stacked)) >= 2
+        transpose = hp.transpose and merged[path].ndim - hp.stacked >= 2
         value = _host(_hf_layout(merged[path], transpose, dtype))
         parts = list(value) if hp.stacked else [value]  # rows of a C-contiguous array: contiguous views
         for i, part in enumerate(parts):

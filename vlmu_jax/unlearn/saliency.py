@@ -31,20 +31,23 @@ def saliency_mask(forget_fisher: Any, preserve_fisher: Any, threshold: float) ->
     return jax.tree.map(lambda f, p: (f + EPS) / (p + EPS) >= threshold, forget_fisher, preserve_fisher)
 
 
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _add_squared_grad(loss_fn: Callable[[Any, Any, Any], jax.Array], acc: Any, p: Any, ctx: Any, batch: Any) -> Any:
+    """acc + (d loss_fn / d p)^2 in float32. One jit keyed by `loss_fn`: the forget and preserve passes of one map
+    share their compiled programs (a full forward and backward at full weights compiles for seconds)."""
+    grads = jax.grad(loss_fn)(p, ctx, batch)
+    return jax.tree.map(lambda a, g: a + jnp.square(g.astype(jnp.float32)), acc, grads)
+
+
 def fisher_diagonal(loss_fn: Callable[[Any, Any, Any], jax.Array], params: Any, batches: Iterable[Any],
                     context: Any = None) -> Any:
     """Mean over `batches` of the squared gradient in `params` of `loss_fn(params, context, batch)`, in float32.
 
     `context` (e.g. the frozen weights) is an argument of the jitted step, never a constant baked into it."""
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def add(acc: Any, p: Any, ctx: Any, batch: Any) -> Any:
-        grads = jax.grad(loss_fn)(p, ctx, batch)
-        return jax.tree.map(lambda a, g: a + jnp.square(g.astype(jnp.float32)), acc, grads)
-
     acc, n = jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), params), 0
     for batch in batches:
-        acc, n = add(acc, params, context, batch), n + 1
+        acc, n = _add_squared_grad(loss_fn, acc, params, context, batch), n + 1
     if not n:
         raise ValueError("the saliency map needs at least one batch")
     return jax.tree.map(lambda a: a / n, acc)

@@ -276,7 +276,8 @@ def train(
     ref_params, ref_rest = (params, rest) if reference is None else nnx.split(reference, trainable, nnx.RngState,
                                                                               ...)[1::2]
     ref_other = nnx.split_state(ref_params, nnx.LoRAParam, ...)[1] if needs_ref else nnx.State({})
-    ref_other = jax.tree.map(jnp.copy, ref_other)
+    if reference is None:  # the model's own arrays are donated to the step: its reference keeps a copy
+        ref_other = jax.tree.map(jnp.copy, ref_other)
     opt_state = jax.jit(tx.init)(params)
     step_fn = jax.jit(
         make_step(graphdef, graphdef_eval, obj, cfg, tx, logps_fn, kl_fn, vocab_fn, hidden_fn),
