@@ -32,7 +32,16 @@ from flax import nnx
 from vlmu_jax.models.architecture import Architecture, special_token_ids
 from vlmu_jax.models.clip import ClipLayer, VisionConfig
 from vlmu_jax.models.hf_names import LEAVES, HFParam, stacked_name_map
-from vlmu_jax.models.layers import Dense, LayerNorm, RMSNorm, activation, attend, fold, run_layers
+from vlmu_jax.models.layers import (
+    Dense,
+    LayerNorm,
+    RMSNorm,
+    activation,
+    attend,
+    fold,
+    resolve_attention_impl,
+    run_layers,
+)
 from vlmu_jax.models.llama import DecoderLM, TextConfig, output_head
 from vlmu_jax.models.llava import LlavaForConditionalGeneration
 from vlmu_jax.models.sharding import constrain
@@ -159,7 +168,11 @@ class Idefics2VisionTower(nnx.Module):
             step = lambda layer, x, _: (layer(x, layer_impl, mask), None)  # noqa: E731
             return run_layers(self.layers, step, h, remat=remat, scan=scan)[0]
 
-        h = jax.lax.cond(jnp.all(patch_mask), lambda h: encode(h, impl, None), lambda h: encode(h, "xla", key_mask), h)
+        if resolve_attention_impl(impl, h.dtype) == "xla":  # one kernel either way: keep the mask, compile once
+            h = encode(h, "xla", key_mask)
+        else:
+            h = jax.lax.cond(jnp.all(patch_mask), lambda h: encode(h, impl, None), lambda h: encode(h, "xla", key_mask),
+                             h)
         return self.post_layernorm(h)
 
 

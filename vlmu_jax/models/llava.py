@@ -222,7 +222,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         t, b = self.config.text, input_ids.shape[0]
         dtype = self.head_weight().dtype
         if sliced:
-            cache = sliced_cache(self.language_model.layers, b, cache_len, t, dtype)
+            cache = sliced_cache(self.decoder_stack(), b, cache_len, t, dtype)
         else:
             shape = (t.num_layers, b, cache_len, t.num_kv_heads, t.head_dim)
             cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

@@ -21,7 +21,7 @@ Two protocols (``vlmu_jax.protocol``):
   test set's transformed image drawn once per row from ``seed`` for all three tasks; one ``max_new_tokens`` (the
   runner's) for every task.
 
-Either way all prompts of a run are generated in ONE ``generate_rows`` call and all option likelihoods scored in ONE
+Either way each set's prompts are generated in one ``generate_rows`` call and its option likelihoods scored in one
 ``score_rows`` call, and prompts are never cut to the training ``max_length``.
 """
 
