@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from vlmu_jax.errors import InputError
 from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.registry import abstract_model, architecture, hf_name_map
-from vlmu_jax.models.sharding import variable_sharding
+from vlmu_jax.models.sharding import placement
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -194,10 +194,7 @@ def load_pretrained(
     folder = Path(path)
     graphdef, state, index, plan = _checked_plan(folder, dtype, options)
     for var, hp, names, shape in plan:
-        sharding = (
-            variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
-        )
-        var.set_value(_make_array(index, names, hp, shape, dtype, sharding))
+        var.set_value(_make_array(index, names, hp, shape, dtype, placement(var, mesh)))
     model = nnx.merge(graphdef, state)
     logging.info("%s", runtime_summary(model, folder, dtype))
     return model

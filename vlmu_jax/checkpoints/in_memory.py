@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from vlmu_jax.checkpoints.hf_export import merged_params, saved_config
 from vlmu_jax.checkpoints.hf_import import runtime_summary
 from vlmu_jax.models.registry import abstract_model, hf_name_map
-from vlmu_jax.models.sharding import variable_sharding
+from vlmu_jax.models.sharding import placement
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,7 @@ class ModelCache:
         flat = dict(nnx.to_flat_state(state))
         for path in paths:
             var = flat[path]
-            sharding = variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
-            var.set_value(_copy(held.params[path], sharding).astype(jnp.dtype(dtype)))
+            var.set_value(_copy(held.params[path], placement(var, mesh)).astype(jnp.dtype(dtype)))
         model = nnx.merge(graphdef, state)
         logging.info("%s, from memory", runtime_summary(model, folder, dtype))
         return model

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -76,6 +76,11 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
     value = var.get_value() if hasattr(var, "get_value") else var.value
     axes = var.get_metadata().get("axes") or (None,) * len(value.shape)
     return NamedSharding(mesh, _fits(value.shape, logical_to_spec(axes), mesh))
+
+
+def placement(var: nnx.Variable, mesh: Mesh | None) -> NamedSharding | SingleDeviceSharding:
+    """Where a loaded param goes: its mesh sharding, or the first device without a mesh."""
+    return variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
 
 
 def state_shardings(state: nnx.State, mesh: Mesh | None) -> nnx.State | None:
