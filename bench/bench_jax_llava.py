@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,10 @@ GEN_BATCHES = tuple(int(x) for x in os.environ.get("GEN_B", "16,64").split(",") 
 GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1").split(","))
 # The unlearning steps to time, objective:remat pairs.
 STEPS = tuple(tuple(x.split(":")) for x in os.environ.get("STEPS", "ga:none,ga:full,gd:none,npo:none").split(",") if x)
+# Which workloads run (WORK=logprob,steps for the flag and layout experiments); SCAN=0 runs log-probs and the
+# steps with the layers unrolled instead of scanned.
+WORK = set(os.environ.get("WORK", "logprob,steps,generate").split(","))
+SCAN = os.environ.get("SCAN", "1") == "1"
 
 
 def hf_config(small: bool) -> dict:
@@ -120,6 +125,7 @@ def main() -> None:
     b, t_text, n_img = int(os.environ.get("B", 4)), int(os.environ.get("T", 128)), 576
     t0 = time.perf_counter()
     model = init_model(hf_config(args.small), seed=0, dtype=jnp.bfloat16, remat=args.remat)
+    set_options(model, scan_layers=SCAN)
     jax.block_until_ready(jax.tree.leaves(model))
     nparams = sum(x.size for x in jax.tree.leaves(model))
     print(
@@ -130,6 +136,8 @@ def main() -> None:
                 "s": time.perf_counter() - t0,
                 "attn": resolve_attention_impl(model.config.attention_impl),
                 "device": str(jax.devices()[0]),
+                "scan_layers": SCAN,
+                "xla_flags": os.environ.get("XLA_FLAGS", ""),
             }
         ),
         flush=True,
@@ -141,29 +149,20 @@ def main() -> None:
     ids, mask = jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids))
     pix = {"pixel_values": jnp.asarray(rng.randn(b, 3, 336, 336), jnp.bfloat16)}
 
-    s = timeit(lambda: token_logprobs(model, ids, mask, pix))
-    print(
-        json.dumps(
-            {
-                "what": "eval_logprob",
-                "B": b,
-                "T": n_img + t_text,
-                "s": s,
-                "samples_per_s": b / s,
-                "max_mem_gb": peak_gb(),
-            }
-        ),
-        flush=True,
-    )
+    if "logprob" in WORK:
+        logprob_time(model, ids, mask, pix)
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
     # Loss on the second half of the text, as the anchor's labels.
     labels = jnp.where(jnp.arange(ids.shape[1]) >= 1 + n_img + t_text // 2, ids, IGNORE)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}
-    for objective, remat in STEPS:
-        s, mem = unlearn_step_time(model, objective, remat, batch)
-        print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "B": b, "T": n_img + t_text, "s": s,
-                          "samples_per_s": b / s, "max_mem_gb": mem}), flush=True)
-
+    for objective, remat in STEPS if "steps" in WORK else ():
+        r = unlearn_step_time(model, objective, remat, batch)
+        print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "B": b, "T": n_img + t_text, "s": r.s,
+                          "samples_per_s": b / r.s, "max_mem_gb": r.process_peak_gb,
+                          "step_peak_gb": r.step_peak_gb}), flush=True)
+    if "generate" not in WORK:
+        return
+    set_options(model, scan_layers=True)
     merge_lora(model)  # generation runs the plain model, as the anchor's does
     # eos_token_id=() never stops early, like the anchor's min_new_tokens=32. Decoding with scanned layers and
     # unrolled ones: a scan slices each layer's weights out of the stacked array at every token.
@@ -177,8 +176,40 @@ def main() -> None:
                               "new_tokens_per_s": gb * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
 
 
+def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict) -> None:
+    """Median time of the eval's teacher-forced log-probs (one JSON line)."""
+    b, t = ids.shape
+    s = timeit(lambda: token_logprobs(model, ids, mask, pix))
+    print(
+        json.dumps(
+            {
+                "what": "eval_logprob",
+                "B": b,
+                "T": t,
+                "s": s,
+                "samples_per_s": b / s,
+                "max_mem_gb": peak_gb(),
+            }
+        ),
+        flush=True,
+    )
+
+
+class StepTiming(NamedTuple):
+    """A train step's median seconds, the process's peak device memory so far, and the step's own peak.
+
+    Why both peaks: the process peak keeps whatever earlier workloads used (XLA's allocator does not give it
+    back), so it reads above PyTorch's per-workload peak; the step's own peak is what its compiled program
+    needs (arguments + outputs - donated aliases + temporaries, from XLA's memory analysis).
+    """
+
+    s: float
+    process_peak_gb: float | None
+    step_peak_gb: float
+
+
 def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict,
-                      trainable=nnx.LoRAParam) -> tuple[float, float | None]:
+                      trainable=nnx.LoRAParam) -> StepTiming:
     """Median time of the pipeline's own jitted train step (trainer.make_step: the objective, AdamW with
     clipping and weight decay, donated state) on the `trainable` params (default: LoRA); every stream the
     objective reads gets `batch` (GD and NPO: forget and retain, NPO's reference forward included)."""
@@ -193,16 +224,21 @@ def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict
     step = jax.jit(make_step(graphdef, graphdef_eval, obj, cfg, tx, logps_fn, None), donate_argnums=(0, 1, 2))
     streams = {name: batch for phase in obj.phases for name in phase} | {s: batch for s in obj.optional}
     state = [params, jax.jit(tx.init)(params), rng]
+    # (rest, ref_other, ref_rest, grad_mask): the reference is the model itself with LoRA zeroed, no saliency
+    fixed = (rest, nnx.State({}), rest, nnx.State({}), streams)
+    compiled = step.lower(*state, *fixed).compile()
+    mem = compiled.memory_analysis()
+    step_gb = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+               + mem.temp_size_in_bytes) / 2**30
 
     def run() -> jax.Array:
-        # (rest, ref_other, ref_rest, grad_mask): the reference is the model itself with LoRA zeroed, no saliency
-        state[0], state[1], state[2], loss, _ = step(*state, rest, nnx.State({}), rest, nnx.State({}), streams)
+        state[0], state[1], state[2], loss, _ = compiled(*state, *fixed)
         return loss
 
     s = timeit(run)
     nnx.update(model, state[0], state[2])  # the model's own LoRA and RNG arrays were donated to the first step
     model.eval()
-    return s, peak_gb()
+    return StepTiming(s, peak_gb(), step_gb)
 
 
 if __name__ == "__main__":

@@ -87,8 +87,8 @@ def run(n: int, layout: str, args) -> None:
             if not args.full_finetune:
                 apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
                 shard_model(model, mesh)
-            s, _ = unlearn_step_time(model, "gd", "full" if args.full_finetune else "none", batch,
-                                     trainable=nnx.Param if args.full_finetune else nnx.LoRAParam)
+            s = unlearn_step_time(model, "gd", "full" if args.full_finetune else "none", batch,
+                                     trainable=nnx.Param if args.full_finetune else nnx.LoRAParam).s
             report("full_gd_step" if args.full_finetune else "lora_gd_step", s, b)
     jax.clear_caches()
 

@@ -35,8 +35,8 @@ def main() -> None:
         model.lora_rngs = nnx.Rngs(dropout=jax.random.key(0, impl=impl))
     labels = jnp.where(jnp.arange(704) >= 577 + 64, ids, IGNORE)
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": labels, "images": images}
-    s, mem = unlearn_step_time(model, "ga", "none", batch)
-    print(json.dumps({"drop": drop, "impl": impl or "default", "ga_s": s, "mem": mem}), flush=True)
+    r = unlearn_step_time(model, "ga", "none", batch)
+    print(json.dumps({"drop": drop, "impl": impl or "default", "ga_s": r.s, "mem": r.process_peak_gb}), flush=True)
 
 
 if __name__ == "__main__":
