@@ -11,6 +11,7 @@ Run from the repo root: `PYTHONPATH=. python bench/bench_jax_llava.py [--small]`
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -24,6 +25,7 @@ from flax import nnx
 
 from vlmu_jax.data.batching import IGNORE
 from vlmu_jax.eval.generate import generate
+from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import token_logprobs
 from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.lora import apply_lora, merge_lora
@@ -42,6 +44,9 @@ STEPS = tuple(tuple(x.split(":")) for x in os.environ.get("STEPS", "ga:none,ga:f
 # Which workloads run (WORK=logprob,steps for the flag and layout experiments); SCAN=0 runs log-probs and the
 # steps with the layers unrolled instead of scanned.
 WORK = set(os.environ.get("WORK", "logprob,steps,generate").split(","))
+# Log-probs and generation with and without the per-layer weight copies the eval stage attaches (layer_copies).
+COPIES = tuple(x == "1" for x in os.environ.get("COPIES", "1,0").split(","))
+GEN_COPIES = tuple(x == "1" for x in os.environ.get("GEN_COPIES", os.environ.get("COPIES", "1,0")).split(","))
 SCAN = os.environ.get("SCAN", "1") == "1"
 
 
@@ -149,8 +154,9 @@ def main() -> None:
     ids, mask = jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids))
     pix = {"pixel_values": jnp.asarray(rng.randn(b, 3, 336, 336), jnp.bfloat16)}
 
-    if "logprob" in WORK:
-        logprob_time(model, ids, mask, pix)
+    for copies in COPIES if "logprob" in WORK else ():
+        with layer_copies(model, "always" if copies else "never") as attached:
+            logprob_time(model, ids, mask, pix, attached)
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
     # Loss on the second half of the text, as the anchor's labels.
     labels = jnp.where(jnp.arange(ids.shape[1]) >= 1 + n_img + t_text // 2, ids, IGNORE)
@@ -168,15 +174,16 @@ def main() -> None:
     # unrolled ones: a scan slices each layer's weights out of the stacked array at every token.
     for gb in sorted({b, *GEN_BATCHES}):
         rows = jax.tree.map(lambda x, n=gb: jnp.concatenate([x] * -(-n // b))[:n], {"input_ids": ids, "pix": pix})
-        for scan in GEN_SCAN:
+        for scan, copies in itertools.product(GEN_SCAN, GEN_COPIES):
             set_options(model, scan_layers=scan)
-            s = timeit(lambda r=rows: generate(model, r["input_ids"], jnp.ones_like(r["input_ids"]), r["pix"],
-                                               max_new_tokens=32, eos_token_id=()), n=3, warm=1)
-            print(json.dumps({"what": "generate32", "B": gb, "scan_layers": scan, "s": s,
+            with layer_copies(model, "always" if copies else "never") as attached:
+                s = timeit(lambda r=rows: generate(model, r["input_ids"], jnp.ones_like(r["input_ids"]), r["pix"],
+                                                   max_new_tokens=32, eos_token_id=()), n=3, warm=1)
+            print(json.dumps({"what": "generate32", "B": gb, "scan_layers": scan, "layer_copies": attached, "s": s,
                               "new_tokens_per_s": gb * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
 
 
-def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict) -> None:
+def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, copies: bool) -> None:
     """Median time of the eval's teacher-forced log-probs (one JSON line)."""
     b, t = ids.shape
     s = timeit(lambda: token_logprobs(model, ids, mask, pix))
@@ -184,6 +191,7 @@ def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict) 
         json.dumps(
             {
                 "what": "eval_logprob",
+                "layer_copies": copies,
                 "B": b,
                 "T": t,
                 "s": s,

@@ -27,6 +27,8 @@ def _run(args: list[str], workdir: Path, entry: list[str] | None = None) -> subp
         (["--config", "configs/demo.py", "--config.stages=finetune,dance"], "unknown stage(s) ['dance']"),
         (["--config", "configs/demo.py", "--config.protocol=tofu"],
          "config.protocol must be one of ['original', 'corrected'], got 'tofu'"),
+        (["--config", "configs/demo.py", "--config.eval.layer_copies=yes"],
+         "config.eval.layer_copies must be one of ('auto', 'always', 'never'), got 'yes'"),
         (["--config", "configs/nothere.py"], "No such file or directory: 'configs/nothere.py'"),
         (["--config", "configs/fiubench_llava15.py:nosuchmethod"], "unknown method variant 'nosuchmethod'"),
         (["--config", "configs/fiubench_llava15.py"], "config.model.path is empty"),

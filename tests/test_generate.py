@@ -66,11 +66,12 @@ def test_decode_over_slices_when_the_device_has_room(tmp_path, monkeypatch):
     from flax import nnx
 
     import vlmu_jax.eval.generate as gen
+    from vlmu_jax.eval.layer_copies import room_for_copy
 
     folder, _ = save_tiny(tmp_path / "m", "llama")
     model = load_pretrained(folder)
-    assert not gen._room_for_slices(model)  # CPU
-    need = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.decoder_stack())))
+    assert not room_for_copy(model.decoder_lm())  # CPU
+    need = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.decoder_lm().layers)))
 
     class Device:
         def __init__(self, free):
@@ -82,8 +83,8 @@ def test_decode_over_slices_when_the_device_has_room(tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     for free, want in ((2 * need, True), (need, False)):
         monkeypatch.setattr(jax, "local_devices", lambda free=free: [Device(free)])
-        assert gen._room_for_slices(model) is want
-    assert not gen._room_for_slices(type("NoStack", (), {})())
+        assert room_for_copy(model.decoder_lm()) is want
+    assert not gen.decode_over_slices(type("NoStack", (), {})())
     # decided once per model: the allocator's state between batches cannot flip it (and recompile the loop)
     monkeypatch.setattr(jax, "local_devices", lambda: [Device(2 * need)])
     fresh = load_pretrained(folder)

@@ -83,7 +83,8 @@ def test_demo_writes_everything(demo: Path) -> None:
 
 def test_models_from_memory_score_like_their_folders(demo_run: tuple[Path, str]) -> None:
     """Unlearning started from the finetuned model in memory and eval took it and unlearned_ga from memory (the
-    two models keep_in_memory=2 still holds then); scoring their folders in a fresh process gives the same logs.
+    two models keep_in_memory=2 still holds then); scoring their folders in a fresh process, over per-layer
+    copies of the decoder weights (eval.layer_copies=always, the GPU default), gives the same logs.
     Training streams were padded to one length each, and the log says what that cost."""
     demo, log = demo_run
     assert f"compilation cache: {json.loads((demo / 'config.json').read_text())['compilation_cache_dir']}" in log
@@ -93,10 +94,32 @@ def test_models_from_memory_score_like_their_folders(demo_run: tuple[Path, str])
         assert any(f"model {demo / 'models' / name}: " in line for line in from_memory), name
     _main(demo, "--config.stages=eval", f"--config.eval.models=disk_unlearned_ga={demo / 'models' / 'unlearned_ga'},"
           f"disk_finetuned={demo / 'models' / 'finetuned'}")
+    logs = {n: json.loads((demo / "eval_results" / n / "eval_log_aggregated.json").read_text())
+            for n in ("finetuned", "unlearned_ga", "disk_finetuned", "disk_unlearned_ga")}
     for name in ("finetuned", "unlearned_ga"):
-        memory, disk = (json.loads((demo / "eval_results" / n / "eval_log_aggregated.json").read_text())
-                        for n in (name, f"disk_{name}"))
-        assert disk == memory, name
+        assert logs[f"disk_{name}"] == logs[name], name
+    log = _main(demo, "--config.stages=eval", "--config.eval.layer_copies=always",
+                f"--config.eval.models=copies_finetuned={demo / 'models' / 'finetuned'}")
+    assert "eval copies_finetuned: decoder weights copied per layer" in log
+    copies = json.loads((demo / "eval_results" / "copies_finetuned" / "eval_log_aggregated.json").read_text())
+    _assert_same_log(copies, logs["finetuned"])
+
+
+def _assert_same_log(got, want, where: str = "") -> None:
+    """Equal eval logs up to float rounding: the same keys, texts and generations, numbers within 1e-4
+    relative (the unrolled program over layer copies sums in another order than the scan)."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), where
+        for key in want:
+            _assert_same_log(got[key], want[key], f"{where}/{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_same_log(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6), where
+    else:
+        assert got == want, where
 
 
 def test_demo_shows_the_unlearning_tradeoff(demo: Path) -> None:

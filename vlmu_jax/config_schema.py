@@ -135,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.retain_split = "retain15"  # FIUBench eval.yaml pairs forget splits with retain5 / retain15
     c.eval.max_new_tokens = 50
+    # Per-layer copies of the decoder's stacked weights while a model is evaluated (eval/layer_copies.py): one
+    # more copy of the decoder on the device, so every forward skips XLA:GPU's per-layer copy out of the stack.
+    # auto = on GPU when the device has room for it | always | never.
+    c.eval.layer_copies = "auto"
     # Checkpoints to evaluate instead of the run's own models (see vlmu_jax.model_sources): "NAME=PATH,..." of HF
     # folders (ours, transformers', PEFT-merged), and the retain-only reference that Forget Quality compares against.
     c.eval.models = ""
@@ -171,6 +175,9 @@ def stage_list(config: ml_collections.ConfigDict) -> list[str]:
     if unknown:
         raise ValueError(f"config.stages names unknown stage(s) {unknown}; known: {list(STAGES)}")
     return [s for s in STAGES if s in asked]
+
+
+LAYER_COPIES = ("auto", "always", "never")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -214,6 +221,8 @@ def _needs_base_model(config: ml_collections.ConfigDict) -> bool:
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:
     model_sources.validate(e)
+    if e.layer_copies not in LAYER_COPIES:
+        raise ValueError(f"config.eval.layer_copies must be one of {LAYER_COPIES}, got {e.layer_copies!r}")
     if e.judge_backend not in ("openai", "local"):
         raise ValueError(f"config.eval.judge_backend must be 'openai' or 'local', got {e.judge_backend!r}")
     if e.judge_backend == "local":

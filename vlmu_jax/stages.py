@@ -27,6 +27,7 @@ from vlmu_jax.data import stream_length
 from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length, encode, examples_from, row_buckets
 from vlmu_jax.data.records import Identity
 from vlmu_jax.errors import InputError
+from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl, head_token_stat
 from vlmu_jax.logs import say, timed
 from vlmu_jax.models import lora
@@ -357,9 +358,12 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         clear_done(out)
         model = ws.load(path)
         judge = judge or _judge(ws)
-        logs = _fiubench_logs(ws, model, runner, name, judge) if ws.config.benchmark == "fiubench" else \
-            _mllmu_logs(ws, model, runner, judge)
-        logs.update(_utility_logs(model, runner, utility, name))
+        with layer_copies(model, ws.config.eval.layer_copies) as copied:
+            if copied:
+                say(f"eval {name}: decoder weights copied per layer for evaluation (no per-layer copy per forward)")
+            logs = _fiubench_logs(ws, model, runner, name, judge) if ws.config.benchmark == "fiubench" else \
+                _mllmu_logs(ws, model, runner, judge)
+            logs.update(_utility_logs(model, runner, utility, name))
         if jax.process_index() == 0:
             for file, log in logs.items():
                 write_json(log, out / file)

@@ -3,18 +3,19 @@
 Positions follow the attention mask as HF does (cumsum - 1), so left padding does not shift the rotary phases;
 pad slots are masked out of every attention. Greedy when temperature == 0, else temperature + top-p sampling.
 On GPU, when the device has room for it, decoding runs over per-layer slices of the decoder's stacked weights
-(llama.SlicedCache, `decode_over_slices`).
+(llama.SlicedCache, `decode_over_slices`), or over the per-layer copies evaluation attaches (eval/layer_copies.py).
 """
 
 from __future__ import annotations
 
-import math
 import weakref
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from vlmu_jax.eval.layer_copies import decoder_of, room_for_copy
 
 
 def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -34,25 +35,17 @@ _SLICED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its
 
 
 def decode_over_slices(model: nnx.Module) -> bool:
-    """Whether to decode over per-layer weight slices (llama.SlicedCache): on GPU (where a scan over the stacked
-    weights copies each layer's weights at every token) for models with a stacked decoder, when the first local
-    device's free memory holds its share of the slices with a tenth to spare; else the stacked scan, which needs
-    no second copy of the weights (a 7B model in bfloat16 still fits a 24 GB card). Decided once per model: a
-    decision that flipped with the allocator's state between batches would recompile the generation loop."""
+    """Whether to decode over per-layer weights (llama.SlicedCache): always while per-layer copies are attached
+    (eval/layer_copies.py); else on GPU (where a scan over the stacked weights copies each layer's weights at
+    every token) when the device has room to slice them per call (`room_for_copy`); else the stacked scan,
+    which needs no second copy of the weights (a 7B model in bfloat16 still fits a 24 GB card). Decided once per
+    model: a decision that flipped with the allocator's state between batches would recompile the loop."""
+    lm = decoder_of(model)
+    if lm is not None and lm.layer_copies is not None:
+        return True
     if model not in _SLICED:
-        _SLICED[model] = _room_for_slices(model)
+        _SLICED[model] = lm is not None and room_for_copy(lm)
     return _SLICED[model]
-
-
-def _room_for_slices(model: nnx.Module) -> bool:
-    stack = getattr(model, "decoder_stack", None)
-    if stack is None or jax.default_backend() != "gpu":
-        return False
-    need = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-               for x in jax.tree.leaves(nnx.state(stack())))
-    stats = jax.local_devices()[0].memory_stats() or {}
-    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
-    return need * 1.1 < free
 
 
 @partial(nnx.jit, static_argnames=("max_new_tokens", "eos", "pad", "temperature", "top_p", "sliced"))

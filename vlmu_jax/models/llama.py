@@ -46,14 +46,17 @@ class SlicedCache(NamedTuple):
     kv: tuple[KVCache, ...]
 
 
-def sliced_cache(stack: nnx.Module, batch: int, cache_len: int, c: TextConfig, dtype) -> SlicedCache:
-    """Per-layer weight slices of the stacked decoder layers and zero per-layer KV caches."""
-    state = nnx.state(stack)
+def sliced_cache(lm: DecoderLM, batch: int, cache_len: int, dtype) -> SlicedCache:
+    """Per-layer weights of the decoder (its attached per-layer copies, else slices of the stack made here) and
+    zero per-layer KV caches."""
+    c = lm.config
+    if lm.layer_copies is not None:
+        layers = tuple(nnx.state(layer) for layer in lm.layer_copies)
+    else:
+        state = nnx.state(lm.layers)
+        layers = tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(c.num_layers))
     shape = (batch, cache_len, c.num_kv_heads, c.head_dim)
-    return SlicedCache(
-        tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(c.num_layers)),
-        tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers)),
-    )
+    return SlicedCache(layers, tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in layers))
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,8 @@ class DecoderLM(nnx.Module):
         )
         self.layers = make_layer(c, stack=(c.num_layers,), dtype=dtype, rngs=rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        # Per-layer copies of `layers`' weights, attached only while a model is evaluated (eval/layer_copies.py).
+        self.layer_copies: nnx.List | None = nnx.data(None)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         ids = jnp.clip(input_ids, 0, self.config.vocab_size - 1)
@@ -240,7 +245,8 @@ class DecoderLM(nnx.Module):
         """h [B,T,D] embeddings at cache slots index..index+T; kv_valid [B,S] marks real (non-pad) key slots.
 
         Without a cache S == T and attention is causal within h; with a cache S is the cache length. A
-        SlicedCache runs the layers unrolled over its weight slices (remat and scan do not apply: no gradient).
+        SlicedCache runs the layers unrolled over its weight slices, and so does a cache-less call while per-layer
+        weight copies are attached (remat and scan do not apply: neither path is differentiated).
         Returns final-normed hidden states and the updated cache; with `output_layer` L, the raw output of
         layer L (0-based, HF `hidden_states[L + 1]`) and only layers 0..L run.
         """
@@ -268,15 +274,21 @@ class DecoderLM(nnx.Module):
             )
 
         h = constrain(h, ("batch", "seq", None))
-        if isinstance(cache, SlicedCache):
-            graphdef, kv = nnx.graphdef(self.layers), []
-            for i, (layer_state, layer_kv) in enumerate(zip(cache.layers, cache.kv, strict=True)):
-                layer_rng = None if layer_rngs is None else layer_rngs[i]
-                h, layer_kv = step(nnx.merge(graphdef, layer_state), h, (layer_kv, layer_rng))
-                kv.append(layer_kv)
-            return self.norm(h), cache._replace(kv=tuple(kv))
         limit = None if output_layer is None else layers_to_run(output_layer, self.config.num_layers)
-        h, cache = run_layers(self.layers, step, h, (cache, layer_rngs), remat=remat, scan=scan, limit=limit)
+        if isinstance(cache, SlicedCache):
+            graphdef = nnx.graphdef(self.layers)
+            layers, kvs = [nnx.merge(graphdef, state) for state in cache.layers], cache.kv
+        elif cache is None and self.layer_copies is not None:
+            layers = list(self.layer_copies)[:limit]
+            kvs = (None,) * len(layers)
+        else:
+            h, cache = run_layers(self.layers, step, h, (cache, layer_rngs), remat=remat, scan=scan, limit=limit)
+            return (self.norm(h) if limit is None else h), cache
+        kv_out = []
+        for i, (layer, layer_kv) in enumerate(zip(layers, kvs, strict=True)):
+            h, layer_kv = step(layer, h, (layer_kv, None if layer_rngs is None else layer_rngs[i]))
+            kv_out.append(layer_kv)
+        cache = cache._replace(kv=tuple(kv_out)) if isinstance(cache, SlicedCache) else None
         return (self.norm(h) if limit is None else h), cache
 
 

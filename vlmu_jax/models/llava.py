@@ -209,9 +209,10 @@ class LlavaForConditionalGeneration(nnx.Module):
         h, _ = self.decode(embeds, positions, attention_mask, rng=dropout_rng, output_layer=output_layer)
         return h
 
-    def decoder_stack(self) -> nnx.Module:
-        """The stacked decoder layers generation may slice (llama.SlicedCache)."""
-        return self.language_model.layers
+    def decoder_lm(self) -> DecoderLM:
+        """The decoder whose stacked layers generation may slice (llama.SlicedCache) and evaluation may copy per
+        layer (eval/layer_copies.py)."""
+        return self.language_model
 
     def prefill(
         self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int,
@@ -222,7 +223,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         t, b = self.config.text, input_ids.shape[0]
         dtype = self.head_weight().dtype
         if sliced:
-            cache = sliced_cache(self.decoder_stack(), b, cache_len, t, dtype)
+            cache = sliced_cache(self.language_model, b, cache_len, dtype)
         else:
             shape = (t.num_layers, b, cache_len, t.num_kv_heads, t.head_dim)
             cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

@@ -1,0 +1,68 @@
+"""Evaluation over per-layer copies of the stacked decoder weights (eval/layer_copies.py) computes what the
+stacked scan computes: log-probs, a layer's hidden output and greedy tokens, on one device and sharded over 8
+fake ones; the copies keep the stack's placement less the layer axis and are gone after the block."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.tiny_models import EOS, PAD, save_tiny, tiny_batch
+from vlmu_jax.checkpoints.hf_import import load_pretrained
+from vlmu_jax.eval.generate import decode_over_slices, generate
+from vlmu_jax.eval.layer_copies import layer_copies
+from vlmu_jax.eval.scoring import token_logprobs
+from vlmu_jax.models.registry import hf_name_map
+from vlmu_jax.models.sharding import global_batch, make_mesh
+
+
+def _outputs(model, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    args = batch["input_ids"], batch["attention_mask"], batch["images"]
+    logps = np.asarray(token_logprobs(model, *args))
+    hidden = np.asarray(nnx.jit(lambda m, *a: m(*a, output_layer=0))(model, *args))
+    tokens = np.asarray(generate(model, *args, max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD))
+    return logps, hidden, tokens
+
+
+@pytest.mark.parametrize("text", ["llama", "phi3"])
+def test_copies_compute_what_the_stack_computes(tmp_path, text):
+    folder, _ = save_tiny(tmp_path / "m", text)
+    batch = tiny_batch([6, 3, 5], padding="left", seed=1)
+    model = load_pretrained(folder)
+    want = _outputs(model, batch)
+    names = hf_name_map(model)
+    with layer_copies(model) as attached:
+        assert not attached  # CPU: the scan does not copy, so no second copy of the weights is taken
+    with layer_copies(model, "always") as attached:
+        assert attached and decode_over_slices(model)
+        copies = model.decoder_lm().layer_copies
+        assert len(copies) == model.config.text.num_layers
+        stack = model.decoder_lm().layers.mlp.down_proj.kernel[...]
+        np.testing.assert_array_equal(np.asarray(copies[1].mlp.down_proj.kernel[...]), np.asarray(stack[1]))
+        got = _outputs(model, batch)
+    for g, w in zip(got[:2], want[:2], strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[2], want[2])
+    assert (want[2] != PAD).any()
+    # detached: the model's params and export names are what they were
+    assert model.decoder_lm().layer_copies is None
+    assert hf_name_map(model) == names
+
+
+def test_sharded_copies_keep_the_stack_placement(tmp_path):
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    batch = tiny_batch([7, 2, 4, 5], padding="left", seed=3)
+    want = _outputs(load_pretrained(folder), batch)
+    model = load_pretrained(folder, mesh=mesh)
+    with layer_copies(model, "always"):
+        stack = model.decoder_lm().layers.mlp.gate_proj.kernel[...]
+        copy = model.decoder_lm().layer_copies[0].mlp.gate_proj.kernel[...]
+        assert tuple(copy.sharding.spec) == tuple(stack.sharding.spec[1:]) and len(copy.sharding.device_set) == 8
+        got = _outputs(model, global_batch(batch, mesh))
+    for g, w in zip(got[:2], want[:2], strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[2], want[2])
+    assert jax.device_count() == 8
