@@ -16,6 +16,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from vlmu_jax.data.batching import IGNORE
+from vlmu_jax.eval.frozen import frozen
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import token_logprobs
@@ -46,6 +48,8 @@ STEPS = tuple(tuple(x.split(":")) for x in os.environ.get("STEPS", "ga:none,ga:f
 WORK = set(os.environ.get("WORK", "logprob,steps,generate").split(","))
 # Log-probs and generation with and without the per-layer weight copies the eval stage attaches (layer_copies).
 COPIES = tuple(x == "1" for x in os.environ.get("COPIES", "1,0").split(","))
+# FROZEN=1,0: eval calls on the model split once (eval/frozen.py, what the eval stage runs) and through nnx.jit.
+FROZEN = tuple(x == "1" for x in os.environ.get("FROZEN", "1").split(","))
 GEN_COPIES = tuple(x == "1" for x in os.environ.get("GEN_COPIES", os.environ.get("COPIES", "1,0")).split(","))
 SCAN = os.environ.get("SCAN", "1") == "1"
 
@@ -154,9 +158,10 @@ def main() -> None:
     ids, mask = jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids))
     pix = {"pixel_values": jnp.asarray(rng.randn(b, 3, 336, 336), jnp.bfloat16)}
 
-    for copies in COPIES if "logprob" in WORK else ():
-        with layer_copies(model, "always" if copies else "never") as attached:
-            logprob_time(model, ids, mask, pix, attached)
+    for copies, freeze in itertools.product(COPIES, FROZEN) if "logprob" in WORK else ():
+        mode = "always" if copies else "never"
+        with layer_copies(model, mode) as attached, frozen(model) if freeze else nullcontext():
+            logprob_time(model, ids, mask, pix, {"layer_copies": attached, "frozen": freeze})
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
     # Loss on the second half of the text, as the anchor's labels.
     labels = jnp.where(jnp.arange(ids.shape[1]) >= 1 + n_img + t_text // 2, ids, IGNORE)
@@ -176,14 +181,14 @@ def main() -> None:
         rows = jax.tree.map(lambda x, n=gb: jnp.concatenate([x] * -(-n // b))[:n], {"input_ids": ids, "pix": pix})
         for scan, copies in itertools.product(GEN_SCAN, GEN_COPIES):
             set_options(model, scan_layers=scan)
-            with layer_copies(model, "always" if copies else "never") as attached:
+            with layer_copies(model, "always" if copies else "never") as attached, frozen(model):
                 s = timeit(lambda r=rows: generate(model, r["input_ids"], jnp.ones_like(r["input_ids"]), r["pix"],
                                                    max_new_tokens=32, eos_token_id=()), n=3, warm=1)
             print(json.dumps({"what": "generate32", "B": gb, "scan_layers": scan, "layer_copies": attached, "s": s,
                               "new_tokens_per_s": gb * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
 
 
-def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, copies: bool) -> None:
+def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, how: dict) -> None:
     """Median time of the eval's teacher-forced log-probs (one JSON line)."""
     b, t = ids.shape
     s = timeit(lambda: token_logprobs(model, ids, mask, pix))
@@ -191,7 +196,7 @@ def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, 
         json.dumps(
             {
                 "what": "eval_logprob",
-                "layer_copies": copies,
+                **how,
                 "B": b,
                 "T": t,
                 "s": s,

@@ -1,6 +1,7 @@
-"""Evaluation over per-layer copies of the stacked decoder weights (eval/layer_copies.py) computes what the
-stacked scan computes: log-probs, a layer's hidden output and greedy tokens, on one device and sharded over 8
-fake ones; the copies keep the stack's placement less the layer axis and are gone after the block."""
+"""Evaluation over per-layer copies of the stacked decoder weights (eval/layer_copies.py) on a frozen model
+(eval/frozen.py), as the eval stage runs it, computes what the stacked scan through nnx.jit computes: log-probs,
+a layer's hidden output and greedy tokens, on one device and sharded over 8 fake ones; the copies keep the
+stack's placement less the layer axis and are gone after the block."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from flax import nnx
 
 from tests.tiny_models import EOS, PAD, save_tiny, tiny_batch
 from vlmu_jax.checkpoints.hf_import import load_pretrained
+from vlmu_jax.eval.frozen import frozen
 from vlmu_jax.eval.generate import decode_over_slices, generate
 from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import token_logprobs
@@ -35,7 +37,7 @@ def test_copies_compute_what_the_stack_computes(tmp_path, text):
     names = hf_name_map(model)
     with layer_copies(model) as attached:
         assert not attached  # CPU: the scan does not copy, so no second copy of the weights is taken
-    with layer_copies(model, "always") as attached:
+    with layer_copies(model, "always") as attached, frozen(model):
         assert attached and decode_over_slices(model)
         copies = model.decoder_lm().layer_copies
         assert len(copies) == model.config.text.num_layers
@@ -57,7 +59,7 @@ def test_sharded_copies_keep_the_stack_placement(tmp_path):
     batch = tiny_batch([7, 2, 4, 5], padding="left", seed=3)
     want = _outputs(load_pretrained(folder), batch)
     model = load_pretrained(folder, mesh=mesh)
-    with layer_copies(model, "always"):
+    with layer_copies(model, "always"), frozen(model):
         stack = model.decoder_lm().layers.mlp.gate_proj.kernel[...]
         copy = model.decoder_lm().layer_copies[0].mlp.gate_proj.kernel[...]
         assert tuple(copy.sharding.spec) == tuple(stack.sharding.spec[1:]) and len(copy.sharding.device_set) == 8

@@ -27,6 +27,7 @@ from vlmu_jax.data import stream_length
 from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length, encode, examples_from, row_buckets
 from vlmu_jax.data.records import Identity
 from vlmu_jax.errors import InputError
+from vlmu_jax.eval.frozen import frozen
 from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl, head_token_stat
 from vlmu_jax.logs import say, timed
@@ -358,7 +359,7 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         clear_done(out)
         model = ws.load(path)
         judge = judge or _judge(ws)
-        with layer_copies(model, ws.config.eval.layer_copies) as copied:
+        with layer_copies(model, ws.config.eval.layer_copies) as copied, frozen(model):
             if copied:
                 say(f"eval {name}: decoder weights copied per layer for evaluation (no per-layer copy per forward)")
             logs = _fiubench_logs(ws, model, runner, name, judge) if ws.config.benchmark == "fiubench" else \

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlmu_jax.eval.frozen import model_jit
 from vlmu_jax.eval.layer_copies import decoder_of, room_for_copy
 
 
@@ -48,7 +49,7 @@ def decode_over_slices(model: nnx.Module) -> bool:
     return _SLICED[model]
 
 
-@partial(nnx.jit, static_argnames=("max_new_tokens", "eos", "pad", "temperature", "top_p", "sliced"))
+@partial(model_jit, static_argnames=("max_new_tokens", "eos", "pad", "temperature", "top_p", "sliced"))
 def _generate(
     model: nnx.Module,
     input_ids: jax.Array,

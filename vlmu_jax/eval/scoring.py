@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlmu_jax.eval.frozen import model_jit
+
 
 def _over_chunks(fn, inputs: tuple[jax.Array, ...], chunk_size: int) -> tuple[jax.Array, ...]:
     """Runs `fn` (rematerialised) over sequence chunks of [B, N, ...] inputs; returns [B, N] outputs.
@@ -104,7 +106,7 @@ def compute_token_logprobs(
     )
 
 
-@partial(nnx.jit, static_argnames=("with_stats", "chunk_size"))
+@partial(model_jit, static_argnames=("with_stats", "chunk_size"))
 def token_logprobs(
     model: nnx.Module,
     input_ids: jax.Array,
