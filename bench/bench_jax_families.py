@@ -21,7 +21,9 @@ from flax import nnx
 
 from bench.bench_jax_llava import peak_gb, timeit, unlearn_step_time
 from bench.family_shapes import FAMILIES, batch
+from vlmu_jax.eval.frozen import frozen
 from vlmu_jax.eval.generate import generate
+from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import token_logprobs
 from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.lora import apply_lora
@@ -48,9 +50,18 @@ def main() -> None:
     images = {k: jnp.asarray(v, jnp.bfloat16 if v.dtype.kind == "f" else jnp.int32) for k, v in images_np.items()}
     t = ids.shape[1]
 
+    # As the eval stage runs them: the model frozen (eval/frozen.py), with per-layer decoder copies where the
+    # device has room (eval/layer_copies.py); then log-probs through nnx.jit for comparison.
+    with layer_copies(model) as copied, frozen(model):
+        s = timeit(lambda: token_logprobs(model, ids, mask, images))
+        print(json.dumps({"what": "eval_logprob", "frozen": True, "layer_copies": copied, "B": b, "T": t, "s": s,
+                          "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)
+        s = timeit(lambda: generate(model, ids, mask, images, max_new_tokens=32, eos_token_id=()), n=3, warm=1)
+        print(json.dumps({"what": "generate32", "frozen": True, "layer_copies": copied, "B": b, "s": s,
+                          "new_tokens_per_s": b * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
     s = timeit(lambda: token_logprobs(model, ids, mask, images))
-    print(json.dumps({"what": "eval_logprob", "B": b, "T": t, "s": s, "samples_per_s": b / s,
-                      "max_mem_gb": peak_gb()}), flush=True)
+    print(json.dumps({"what": "eval_logprob", "frozen": False, "layer_copies": False, "B": b, "T": t, "s": s,
+                      "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)
     # Targets from the first text token on: Mllama's image token id lies outside its output head.
     default = np.asarray(token_logprobs(model, ids, mask, images), np.float32)[:, head - 1 :]
     set_options(model, attention_impl="xla")
@@ -60,10 +71,6 @@ def main() -> None:
     print(json.dumps({"what": "attention_paths_agree", "mean_abs_logprob_diff": float(diff.mean()),
                       "max_abs_logprob_diff": float(diff.max()), "mean_logprob": float(xla.mean()),
                       "finite": bool(np.isfinite(default).all())}), flush=True)
-
-    s = timeit(lambda: generate(model, ids, mask, images, max_new_tokens=32, eos_token_id=()), n=3, warm=1)
-    print(json.dumps({"what": "generate32", "B": b, "s": s, "new_tokens_per_s": b * 32 / s,
-                      "max_mem_gb": peak_gb()}), flush=True)
 
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
     answer = jnp.arange(t) >= head + 1 + t_text // 2  # the second half of the text is the answer

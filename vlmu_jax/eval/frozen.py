@@ -25,7 +25,7 @@ _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (gr
 @contextmanager
 def frozen(model: nnx.Module) -> Iterator[None]:
     """Within the block, `model_jit` functions use the model's graph as it is on entry. The model must not
-    change inside (no training, LoRA merge or attached copies added): calls would not see the change."""
+    change inside (no training, LoRA merge, `set_options` or layer copies attached): calls would not see it."""
     if model in _FROZEN:
         yield
         return

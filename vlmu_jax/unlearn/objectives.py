@@ -82,10 +82,15 @@ def seq_mean_nll(s: StreamLogps, logps: Array) -> Array:
     return -_sum_logp(s, logps) / jnp.maximum(_count(s), 1.0)
 
 
+def masked_mean(x: Array, mask: Array) -> Array:
+    """Mean of x over the positions `mask` marks (bool or 0/1) in the whole batch; 0 when it marks none."""
+    m = mask.astype(bool)
+    return jnp.sum(jnp.where(m, x, 0.0)) / jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
+
+
 def kl_token_mean(s: StreamLogps) -> Array:
     """FIUBench reduction: KL(oracle || current) averaged over positions (kl_div batchmean on [B*T, V])."""
-    mask = s.kl_mask.astype(jnp.float32)
-    return jnp.sum(s.kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return masked_mean(s.kl, s.kl_mask)
 
 
 def kl_sum_per_seq(s: StreamLogps) -> Array:
@@ -192,8 +197,7 @@ def kl_min(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
 def _weighted_logp_mean(s: StreamLogps, weight: Array) -> Array:
     """Token mean over the batch of sg(weight) * log p: minimising it is gradient ascent on the forget NLL
     with each token's step scaled by its (detached) weight."""
-    total = jnp.sum(jnp.where(s.mask, jax.lax.stop_gradient(weight) * s.policy, 0.0))
-    return total / jnp.maximum(jnp.sum(s.mask.astype(jnp.float32)), 1.0)
+    return masked_mean(jax.lax.stop_gradient(weight) * s.policy, s.mask)
 
 
 def _forget_plus_retain(forget: Array, name: str, streams: Streams, cfg: Any) -> tuple[Array, dict]:
@@ -239,7 +243,7 @@ def undial(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
     prompt and padding included.
     """
     s = streams["forget"]
-    loss = jnp.sum(jnp.where(s.mask, s.vocab, 0.0)) / jnp.maximum(jnp.sum(s.mask.astype(jnp.float32)), 1.0)
+    loss = masked_mean(s.vocab, s.mask)
     return loss, {"undial": loss}
 
 
@@ -261,7 +265,7 @@ def ceu(streams: Streams, cfg: Any) -> tuple[Array, dict[str, Array]]:
     """
     s = streams["forget"]
     mask = s.mask & (jnp.cumsum(s.mask, axis=-1) > _param(cfg, "ceu_ignore_first", 1))
-    loss = jnp.sum(jnp.where(mask, s.vocab, 0.0)) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+    loss = masked_mean(s.vocab, mask)
     return loss, {"ceu": loss}
 
 
