@@ -140,8 +140,8 @@ def test_logits_match_transformers(tmp_path, split):
 
 
 def test_logits_match_transformers_without_padded_patches(tmp_path):
-    """Images that fill the padded size leave no patch padded (the mask is all true: on GPU the vision tower then
-    takes its unmasked cuDNN branch; on CPU XLA's attention keeps the all-true mask) and match transformers."""
+    """Images that fill the padded size leave no patch padded (the vision tower's real-first reorder is the
+    identity and every image's real-patch count is the whole grid) and match transformers."""
     folder, hf = _save(tmp_path / "m")
     ours, hf_in = _batch([(42, 42), (42, 42), None], [6, 3, 5], split=False, padding="right")
     assert ours["images"]["pixel_attention_mask"][:2].all()  # the blank row gets a full dummy mask

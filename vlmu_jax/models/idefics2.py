@@ -36,10 +36,10 @@ from vlmu_jax.models.layers import (
     Dense,
     LayerNorm,
     RMSNorm,
+    ValidKeys,
     activation,
     attend,
     fold,
-    resolve_attention_impl,
     run_layers,
 )
 from vlmu_jax.models.llama import DecoderLM, TextConfig, output_head
@@ -155,24 +155,21 @@ class Idefics2VisionTower(nnx.Module):
     def __call__(self, pixel_values: jax.Array, patch_mask: jax.Array, *, impl: str, remat: str, scan: bool):
         """pixel_values [B, 3, H, W], patch_mask [B, h, w] bool -> [B, h*w, D].
 
-        When every patch of the batch is real (square images, one size: the usual case at 980 px) the key mask
-        is all true and the layers run `impl`'s attention without it (cuDNN's fused kernel on GPU); otherwise
-        XLA's attention with the mask. Both are exact; `lax.cond` picks at run time. Why: the masked XLA path
-        materialises [heads, 4900, 4900] scores per image and layer, which made Idefics2's log-probs 2.6x slower
-        than HF's (bench/RESULTS.md, 2026-11-23)."""
+        Padded patches are masked as keys (HF: the patch mask), so the layers run on the patches reordered real
+        ones first, with the mask as each image's count of real patches (layers.ValidKeys): on GPU cuDNN's fused
+        kernel takes it as sequence lengths. Exact: nothing in a layer but attention mixes patches, and attention
+        does not depend on key order (the positions were added by the embeddings). Why: a [B, 1, 1, S] mask kept
+        jax on XLA's unfused attention, [heads, 4900, 4900] scores per image and layer at 980 px, which made
+        Idefics2's log-probs 2.6x slower than HF's (bench/RESULTS.md, 2026-11-23), and real batches (non-square
+        images, or images of several sizes) nearly always have padded patches."""
         h = self.embeddings(pixel_values, patch_mask)
-        key_mask = patch_mask.reshape(h.shape[0], 1, 1, -1)
-        h = constrain(h, ("batch", None, None))
-
-        def encode(h: jax.Array, layer_impl: str, mask: jax.Array | None) -> jax.Array:
-            step = lambda layer, x, _: (layer(x, layer_impl, mask), None)  # noqa: E731
-            return run_layers(self.layers, step, h, remat=remat, scan=scan)[0]
-
-        if resolve_attention_impl(impl, h.dtype) == "xla":  # one kernel either way: keep the mask, compile once
-            h = encode(h, "xla", key_mask)
-        else:
-            h = jax.lax.cond(jnp.all(patch_mask), lambda h: encode(h, impl, None), lambda h: encode(h, "xla", key_mask),
-                             h)
+        real = patch_mask.reshape(h.shape[0], -1)
+        order = jnp.argsort(~real, axis=1, stable=True)  # real patches first, in their order
+        h = constrain(jnp.take_along_axis(h, order[..., None], axis=1), ("batch", None, None))
+        keys = ValidKeys(jnp.sum(real, axis=1, dtype=jnp.int32))  # >= 1: blank images get a full mask
+        step = lambda layer, x, _: (layer(x, impl, keys), None)  # noqa: E731
+        h = run_layers(self.layers, step, h, remat=remat, scan=scan)[0]
+        h = jnp.take_along_axis(h, jnp.argsort(order, axis=1)[..., None], axis=1)
         return self.post_layernorm(h)
 
 
@@ -309,7 +306,7 @@ class Idefics2ForConditionalGeneration(LlavaForConditionalGeneration):
         # Blank (text-only) images have no real patch: give them a dummy full mask so nothing degenerates.
         patch_mask = jnp.where(patch_mask.any(axis=(1, 2))[:, None, None], patch_mask, True)
         # The perceiver's attention carries a key-padding mask: it runs on XLA's attention (exact with any mask)
-        # whatever attention_impl says; the vision tower uses attention_impl when no patch is padding (see there).
+        # whatever attention_impl says; the vision tower runs attention_impl on its real patches (see there).
         kw = dict(remat=c.remat, scan=c.scan_layers)
         h = self.vision_tower(pix, patch_mask, impl=c.attention_impl, **kw)
         feats = self.multi_modal_projector(h, patch_mask.reshape(b * n, -1), impl="xla", **kw)

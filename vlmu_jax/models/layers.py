@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -174,21 +174,36 @@ def resolve_attention_impl(impl: str, dtype=None) -> str:
     return impl
 
 
+class ValidKeys(NamedTuple):
+    """A key mask given as each row's count of valid keys [B] int32, the valid keys first in the sequence.
+
+    Why: fused kernels take such a mask as sequence lengths (cuDNN's padding mask) instead of reading a [T, S]
+    mask, which jax's cuDNN path does not fuse; a model whose attention ignores key order (no rotary phases)
+    can move its valid keys to the front to use it (Idefics2's vision tower).
+    """
+
+    lengths: jax.Array
+
+
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, impl: str, causal: bool = False
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | ValidKeys | None, *, impl: str, causal: bool = False
 ) -> jax.Array:
-    """Scaled dot-product attention, GQA when k/v have fewer heads. q [B,T,N,H], k/v [B,S,K,H].
+    """Scaled dot-product attention, GQA when k/v have fewer heads. q [B,T,N,H], k/v [B,S,K,H]. `mask` is a
+    boolean [B, 1|N, T, S] mask, ValidKeys, or None.
 
     With impl="cudnn" and causal=True the explicit mask is dropped: for right-padded batches causality
-    alone is exact
-    on every real position (pad positions only produce ignored outputs), and it keeps the fused kernel.
+    alone is exact on every real position (pad positions only produce ignored outputs), and it keeps the fused
+    kernel.
     """
     impl = resolve_attention_impl(impl, q.dtype)
     if impl == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
         impl = "xla"  # jax's cuDNN backward rejects odd sequence lengths (seen on H100, jax 0.11.2)
+    implementation = None if impl == "xla" else impl
+    if isinstance(mask, ValidKeys):
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=mask.lengths, implementation=implementation)
     if impl == "cudnn" and causal:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "xla" else impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 # ------------------------------------------------------------------------------------------------ MLPs
