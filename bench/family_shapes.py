@@ -8,6 +8,8 @@ text tokens up to T (default 128) positions after the image tokens (Qwen2.5-VL: 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -90,7 +92,9 @@ def batch(family: str, b: int = 4, t_text: int = 128) -> tuple[np.ndarray, dict[
     rng = np.random.RandomState(0)
     process = image_processor(preprocessor)
     # 1120 x 1120 -> a 2 x 2 tile grid for Mllama; 980 x 980 -> one full-resolution image for Idefics2.
-    pictures = [Image.fromarray(rng.randint(0, 256, (1120, 1120, 3), np.uint8)) for _ in range(b)]
+    # IMAGE_HW=H,W picks another size (e.g. 1120,700: Idefics2 then has padded patches, as real batches do).
+    h, w = (int(x) for x in os.environ.get("IMAGE_HW", "1120,1120").split(","))
+    pictures = [Image.fromarray(rng.randint(0, 256, (h, w, 3), np.uint8)) for _ in range(b)]
     rows = [process(p) for p in pictures]
     images = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     if family == "mllama":
