@@ -59,8 +59,12 @@ def test_image_processor_matches_hf(size):
     assert blank.keys() == got.keys() and int(blank["aspect_ratio_ids"]) == 0
 
 
+@pytest.mark.parametrize("reorder", [False, True], ids=["mask", "valid_first"])
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_logits_match_hf(tiny, padding):
+def test_logits_match_hf(tiny, padding, reorder, monkeypatch):
+    """Both vision attention paths: the boolean both-padding mask (XLA, the CPU default) and valid tokens first
+    with length masks (the fused-kernel path, here run on XLA's attention)."""
+    monkeypatch.setattr("vlmu_jax.models.mllama_vision.reorder_tokens", lambda impl, dtype: reorder)
     folder, hf = tiny
     model = load_pretrained(folder)
     ours, hf_in = tiny_batch(ROWS, padding=padding)
@@ -211,6 +215,10 @@ def test_sharded_scoring_and_generation_match_single_device(tiny):
     with jax.set_mesh(mesh):
         got = _logits(sharded, inputs)
     np.testing.assert_allclose(got, _logits(single, ours), atol=1e-5)
+    # the vision towers' valid-first path (its gathers over batch-sharded tokens) too
+    with pytest.MonkeyPatch.context() as patch, jax.set_mesh(mesh):
+        patch.setattr("vlmu_jax.models.mllama_vision.reorder_tokens", lambda impl, dtype: True)
+        np.testing.assert_allclose(_logits(sharded, inputs), got, atol=1e-5)
     kw = dict(max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD)
     want = np.asarray(generate(single, ours["input_ids"], ours["attention_mask"], ours["images"], **kw))
     got = generate(sharded, inputs["input_ids"], inputs["attention_mask"], inputs["images"], **kw)

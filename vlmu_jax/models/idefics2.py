@@ -36,7 +36,7 @@ from vlmu_jax.models.layers import (
     Dense,
     LayerNorm,
     RMSNorm,
-    ValidKeys,
+    SeqLengths,
     activation,
     attend,
     fold,
@@ -156,7 +156,7 @@ class Idefics2VisionTower(nnx.Module):
         """pixel_values [B, 3, H, W], patch_mask [B, h, w] bool -> [B, h*w, D].
 
         Padded patches are masked as keys (HF: the patch mask), so the layers run on the patches reordered real
-        ones first, with the mask as each image's count of real patches (layers.ValidKeys): on GPU cuDNN's fused
+        ones first, with the mask as each image's count of real patches (layers.SeqLengths): on GPU cuDNN's fused
         kernel takes it as sequence lengths. Exact: nothing in a layer but attention mixes patches, and attention
         does not depend on key order (the positions were added by the embeddings). Why: a [B, 1, 1, S] mask kept
         jax on XLA's unfused attention, [heads, 4900, 4900] scores per image and layer at 980 px, which made
@@ -166,7 +166,7 @@ class Idefics2VisionTower(nnx.Module):
         real = patch_mask.reshape(h.shape[0], -1)
         order = jnp.argsort(~real, axis=1, stable=True)  # real patches first, in their order
         h = constrain(jnp.take_along_axis(h, order[..., None], axis=1), ("batch", None, None))
-        keys = ValidKeys(jnp.sum(real, axis=1, dtype=jnp.int32))  # >= 1: blank images get a full mask
+        keys = SeqLengths(jnp.sum(real, axis=1, dtype=jnp.int32))  # >= 1: blank images get a full mask
         step = lambda layer, x, _: (layer(x, impl, keys), None)  # noqa: E731
         h = run_layers(self.layers, step, h, remat=remat, scan=scan)[0]
         h = jnp.take_along_axis(h, jnp.argsort(order, axis=1)[..., None], axis=1)

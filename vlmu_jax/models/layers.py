@@ -174,22 +174,25 @@ def resolve_attention_impl(impl: str, dtype=None) -> str:
     return impl
 
 
-class ValidKeys(NamedTuple):
-    """A key mask given as each row's count of valid keys [B] int32, the valid keys first in the sequence.
+class SeqLengths(NamedTuple):
+    """A mask given as sequence lengths: each row's first `keys[b]` keys are valid, and with `queries`, only
+    its first `queries[b]` query rows are computed (the others come back zero or any finite value: ignore them).
 
-    Why: fused kernels take such a mask as sequence lengths (cuDNN's padding mask) instead of reading a [T, S]
-    mask, which jax's cuDNN path does not fuse; a model whose attention ignores key order (no rotary phases)
-    can move its valid keys to the front to use it (Idefics2's vision tower).
+    Why: fused kernels take such a mask as lengths (cuDNN's padding mask) and skip what it excludes, instead of
+    reading a [T, S] mask for every head (as a bias, on cuDNN) or applying it to materialised scores (XLA). A
+    model whose attention ignores token order (no rotary phases) can move its valid tokens to the front to
+    use it (the Idefics2 and Mllama vision towers).
     """
 
-    lengths: jax.Array
+    keys: jax.Array
+    queries: jax.Array | None = None
 
 
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | ValidKeys | None, *, impl: str, causal: bool = False
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SeqLengths | None, *, impl: str, causal: bool = False
 ) -> jax.Array:
     """Scaled dot-product attention, GQA when k/v have fewer heads. q [B,T,N,H], k/v [B,S,K,H]. `mask` is a
-    boolean [B, 1|N, T, S] mask, ValidKeys, or None.
+    boolean [B, 1|N, T, S] mask, SeqLengths, or None.
 
     With impl="cudnn" and causal=True the explicit mask is dropped: for right-padded batches causality
     alone is exact on every real position (pad positions only produce ignored outputs), and it keeps the fused
@@ -199,8 +202,9 @@ def attend(
     if impl == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
         impl = "xla"  # jax's cuDNN backward rejects odd sequence lengths (seen on H100, jax 0.11.2)
     implementation = None if impl == "xla" else impl
-    if isinstance(mask, ValidKeys):
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=mask.lengths, implementation=implementation)
+    if isinstance(mask, SeqLengths):
+        return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=mask.queries, key_value_seq_lengths=mask.keys,
+                                            implementation=implementation)
     if impl == "cudnn" and causal:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)

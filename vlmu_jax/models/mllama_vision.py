@@ -14,13 +14,21 @@ Encoder layers are stacked ([L, ...] params) and run by ``run_layers`` (scan or 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmu_jax.models.layers import Dense, LayerNorm, activation, attend, run_layers
+from vlmu_jax.models.layers import (
+    Dense,
+    LayerNorm,
+    SeqLengths,
+    activation,
+    attend,
+    resolve_attention_impl,
+    run_layers,
+)
 from vlmu_jax.models.sharding import constrain
 
 
@@ -169,7 +177,7 @@ class VisionLayer(nnx.Module):
         a = self.self_attn
         x = self.input_layernorm(h)
         split = lambda y: y.reshape(b, n, self.num_heads, d // self.num_heads)
-        y = attend(split(a.q_proj(x)), split(a.k_proj(x)), split(a.v_proj(x)), mask, impl=impl)
+        y = vision_attention(split(a.q_proj(x)), split(a.k_proj(x)), split(a.v_proj(x)), mask, impl)
         y = a.o_proj(y.reshape(b, n, d))
         if self.gate_attn is not None:
             y = jnp.tanh(self.gate_attn[...]).astype(y.dtype) * y
@@ -178,6 +186,33 @@ class VisionLayer(nnx.Module):
         if self.gate_ffn is not None:
             y = jnp.tanh(self.gate_ffn[...]).astype(y.dtype) * y
         return h + y
+
+
+class ValidFirst(NamedTuple):
+    """The tokens are ordered valid ones first, `n[b]` of them: the both-padding mask as two lengths."""
+
+    n: jax.Array
+
+
+def vision_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | ValidFirst, impl: str) -> jax.Array:
+    """Attention where a (query, key) pair is masked only when both are padding: `mask` is that boolean mask,
+    or ValidFirst when the tokens are ordered valid first.
+
+    Valid first, the mask is two masks a fused kernel takes as lengths: valid queries see every key (no mask),
+    padding queries see the first n keys. The second call puts the padding queries first (a roll by n) and
+    computes only them (`SeqLengths` queries = their count), so it costs (S - n) x n, not S x S.
+    """
+    if not isinstance(mask, ValidFirst):
+        return attend(q, k, v, mask, impl=impl)
+    s, n = q.shape[1], mask.n
+    rows = jnp.arange(s)[None, :]
+    full = attend(q, k, v, None, impl=impl)
+    rolled = _gather(q, (rows + n[:, None]) % s)
+    # At least one row: with no padding query, row 0 is valid query 0 (its result is not used).
+    lengths = SeqLengths(keys=n, queries=jnp.maximum(s - n, 1).astype(jnp.int32))
+    padding = attend(rolled, k, v, lengths, impl=impl)
+    padding = _gather(padding, (rows - n[:, None]) % s)
+    return jnp.where((rows < n[:, None])[:, :, None, None], full, padding)
 
 
 class VisionEncoder(nnx.Module):
@@ -238,14 +273,35 @@ class MllamaVisionModel(nnx.Module):
         h = jnp.pad(h, ((0, 0), (0, 0), (0, lp - np_), (0, 0)))
         valid = (aspect_ratio_mask[:, :, None] > 0) & (jnp.arange(lp) < np_)[None, None, :]
         valid = valid.reshape(b, t * lp)
-        mask = (valid[:, :, None] | valid[:, None, :])[:, None]  # masked only where both are padding
-        h = constrain(h.reshape(b, t * lp, d), ("batch", None, None))
+        if reorder_tokens(impl, h.dtype):
+            # Valid tokens first for the fused kernel (vision_attention); the tile-wise steps between the two
+            # transformers and the outputs use the original order. Exact: only attention mixes tokens, and it
+            # does not depend on their order (positions were added before).
+            order = jnp.argsort(~valid, axis=1, stable=True)
+            inverse = jnp.argsort(order, axis=1)
+            to, back = (lambda x: _gather(x, order)), (lambda x: _gather(x, inverse))
+            mask = ValidFirst(jnp.sum(valid, axis=1, dtype=jnp.int32))
+        else:
+            to = back = lambda x: x  # noqa: E731
+            mask = (valid[:, :, None] | valid[:, None, :])[:, None]  # masked only where both are padding
+        h = constrain(to(h.reshape(b, t * lp, d)), ("batch", None, None))
         kw = dict(impl=impl, remat=remat, scan=scan)
         h, local = self.transformer(h, mask, **kw)
-        h = self.layernorm_post(h)
+        h = self.layernorm_post(back(h))
         h = self.post_tile_positional_embedding(h.reshape(b, t, lp, d), aspect_ratio_ids)
-        h, _ = self.global_transformer(h.reshape(b, t * lp, d), mask, **kw)
-        h = h.reshape(b, t, lp, d)[:, :, :np_]
-        inter = jnp.stack([local[i] for i in c.intermediate_layers], axis=-1)  # [B, N, D, K]: HF interleave
+        h, _ = self.global_transformer(constrain(to(h.reshape(b, t * lp, d)), ("batch", None, None)), mask, **kw)
+        h = back(h).reshape(b, t, lp, d)[:, :, :np_]
+        inter = jnp.stack([back(local[i]) for i in c.intermediate_layers], axis=-1)  # [B, N, D, K]: HF interleave
         inter = inter.reshape(b, t, lp, -1)[:, :, :np_]
         return jnp.concatenate([h, inter], axis=-1)
+
+
+def reorder_tokens(impl: str, dtype) -> bool:
+    """Whether the vision transformers run valid tokens first with length masks: where attention is a fused
+    kernel (cuDNN); XLA's attention applies the boolean mask in one pass."""
+    return resolve_attention_impl(impl, dtype) != "xla"
+
+
+def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, N, ...] with its tokens taken in `index` [B, N] order."""
+    return jnp.take_along_axis(x, index.reshape(*index.shape, *(1,) * (x.ndim - 2)), axis=1)
