@@ -11,6 +11,7 @@ A stage never re-derives any of this from scattered flags: it asks ``Workspace.p
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import ml_collections
@@ -122,16 +123,17 @@ def resolve(config: ml_collections.ConfigDict) -> Protocol:
                     **_mllmu(original and config.benchmark == "mllmu"))
 
 
+def _flags(prefix: str) -> list[str]:
+    """One benchmark's on/off fields of Protocol (named with its prefix), so a new field needs no list here."""
+    return [f.name for f in dataclasses.fields(Protocol) if f.name.startswith(prefix) and f.type in (bool, "bool")]
+
+
 def _fiubench(original: bool) -> dict:
     """FIUBench's fields: all of its original code path, or none of it."""
-    flags = ("fiubench_capitalize", "fiubench_preprocess_mask", "fiubench_generation_roundtrip",
-             "fiubench_metric_quirks", "fiubench_log_layout", "fiubench_file_order",
-             "fiubench_reference_on_retain_split", "fiubench_kl_all_positions")
-    return {**dict.fromkeys(flags, original),
+    return {**dict.fromkeys(_flags("fiubench_"), original),
             "lora_targets": FIUBENCH_LORA_TARGETS if original else DEFAULT_TARGETS}
 
 
 def _mllmu(original: bool) -> dict:
     """MLLMU-Bench's fields: all of its original code path, or none of it."""
-    flags = ("mllmu_eval_py", "mllmu_collate", "mllmu_baselines", "mllmu_peft_lora", "mllmu_eval_image_splitting")
-    return dict.fromkeys(flags, original)
+    return dict.fromkeys(_flags("mllmu_"), original)
