@@ -27,7 +27,9 @@ from bench.bench_jax_llava import hf_config, timeit, unlearn_step_time
 from bench.family_shapes import FAMILIES
 from bench.family_shapes import batch as family_batch
 from vlmu_jax.data.batching import IGNORE
+from vlmu_jax.eval.frozen import frozen
 from vlmu_jax.eval.generate import generate
+from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import token_logprobs
 from vlmu_jax.models.lora import apply_lora
 from vlmu_jax.models.registry import init_model
@@ -76,19 +78,22 @@ def run(n: int, layout: str, args) -> None:
                    "speedup": round(units / s / base, 2), "peak_gb_per_device": peak_gb(devices)}
             print(json.dumps(row), flush=True)
 
-        if "score" in args.workloads:
-            s = timeit(lambda: token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["images"]))
-            report("logprobs", s, b)
-        if "generate" in args.workloads:
-            s = timeit(lambda: generate(model, batch["input_ids"], batch["attention_mask"], batch["images"],
-                                        max_new_tokens=32, eos_token_id=()), n=3, warm=1)
-            report("generate32", s, b * 32)
+        # Eval as the eval stage runs it: the model frozen, with per-layer decoder copies where there is room.
+        with layer_copies(model), frozen(model):
+            if "score" in args.workloads:
+                s = timeit(lambda: token_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                                  batch["images"]))
+                report("logprobs", s, b)
+            if "generate" in args.workloads:
+                s = timeit(lambda: generate(model, batch["input_ids"], batch["attention_mask"], batch["images"],
+                                            max_new_tokens=32, eos_token_id=()), n=3, warm=1)
+                report("generate32", s, b * 32)
         if "step" in args.workloads:
             if not args.full_finetune:
                 apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
                 shard_model(model, mesh)
             s = unlearn_step_time(model, "gd", "full" if args.full_finetune else "none", batch,
-                                     trainable=nnx.Param if args.full_finetune else nnx.LoRAParam).s
+                                  trainable=nnx.Param if args.full_finetune else nnx.LoRAParam).s
             report("full_gd_step" if args.full_finetune else "lora_gd_step", s, b)
     jax.clear_caches()
 
