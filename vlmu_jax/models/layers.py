@@ -176,7 +176,7 @@ def resolve_attention_impl(impl: str, dtype=None) -> str:
 
 class SeqLengths(NamedTuple):
     """A mask given as sequence lengths: each row's first `keys[b]` keys are valid, and with `queries`, only
-    its first `queries[b]` query rows are computed (the others come back zero or any finite value: ignore them).
+    its first `queries[b]` query rows are computed (the others are undefined: select them away, never use them).
 
     Why: fused kernels take such a mask as lengths (cuDNN's padding mask) and skip what it excludes, instead of
     reading a [T, S] mask for every head (as a bias, on cuDNN) or applying it to materialised scores (XLA). A
