@@ -91,3 +91,28 @@ def test_unknown_architecture(tmp_path):
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="config.json: model_type: unknown architecture.*blip-2"):
         load_pretrained(bad)
+
+
+def test_fp16_checkpoint_loads_as_bf16_sharded(tmp_path):
+    """A float16 checkpoint (llava-hf's own dtype) loaded as bfloat16 on a (data, fsdp, tensor) mesh: each param
+    holds numpy's rounding of the stored value and is split over the mesh. The cast and the transposes run on
+    the devices (checkpoints/layout.py), on arrays placed in HF layout first."""
+    import jax
+    from flax import nnx
+
+    from vlmu_jax.models.sharding import make_mesh
+
+    _, hf = save_tiny(tmp_path / "src", "llama")
+    hf.half().save_pretrained(tmp_path / "fp16")
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    got = dict(nnx.to_flat_state(nnx.state(load_pretrained(tmp_path / "fp16", dtype=jnp.bfloat16, mesh=mesh))))
+    want = dict(nnx.to_flat_state(nnx.state(load_pretrained(tmp_path / "fp16", dtype=jnp.float32))))
+    assert got.keys() == want.keys()
+    split = 0
+    for path, var in got.items():
+        g = var.get_value()
+        assert g.dtype == jnp.bfloat16, path
+        expect = np.asarray(want[path].get_value()).astype(jnp.bfloat16)  # float16 -> float32 is exact
+        np.testing.assert_array_equal(np.asarray(g), expect, err_msg=str(path))
+        split += len(g.sharding.device_set) == 8 and any(s is not None for s in g.sharding.spec)
+    assert split > 10 and jax.device_count() == 8

@@ -26,6 +26,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
+from vlmu_jax.checkpoints.layout import from_hf, swapped
 from vlmu_jax.errors import InputError
 from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.registry import abstract_model, architecture, hf_name_map
@@ -217,17 +218,21 @@ def _make_array(
     dtype,
     sharding: NamedSharding | SingleDeviceSharding,
 ) -> jax.Array:
-    """Assemble only the requested shard of a (possibly layer-stacked) param from its HF tensors."""
-    np_dtype = np.dtype(jnp.dtype(dtype))
+    """Assemble only the requested shard of a (possibly layer-stacked) param from its HF tensors: read as stored
+    (HF layout and dtype, contiguous slices of the memory map), then cast and transposed on the devices
+    (checkpoints/layout.py: numpy would do both on one host thread over strided memory)."""
+    transpose = hp.transpose and len(shape) - hp.stacked >= 2
+    stored = shape[:-2] + shape[-2:][::-1] if transpose else shape
 
     def one(name: str, idx: tuple[slice, ...]) -> np.ndarray:
-        t = index.get(name)
-        t = t.T if hp.transpose else t
-        return np.asarray(t[idx]).astype(np_dtype)
+        return np.asarray(index.get(name)[idx])
 
     def callback(idx: tuple[slice, ...]) -> np.ndarray:
         if not hp.stacked:
             return one(names[0], idx)
         return np.stack([one(names[i], idx[1:]) for i in range(len(names))[idx[0]]])
 
-    return jax.make_array_from_callback(shape, sharding, callback)
+    raw = jax.make_array_from_callback(stored, swapped(sharding, len(shape)) if transpose else sharding, callback)
+    if not transpose and raw.dtype == jnp.dtype(dtype):
+        return raw
+    return from_hf(raw, transpose=transpose, dtype=jnp.dtype(dtype), sharding=sharding)
