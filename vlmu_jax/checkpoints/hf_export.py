@@ -17,7 +17,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vlmu_jax.checkpoints.hf_import import SAFETENSORS_DTYPES
-from vlmu_jax.checkpoints.layout import to_hf
+from vlmu_jax.checkpoints.layout import relayout
 from vlmu_jax.models.registry import hf_name_map
 
 _DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
@@ -82,7 +82,7 @@ def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
     for path, hp in hf_name_map(model).items():
         # .T of one (per-layer) tensor: a no-op below two axes
         transpose = hp.transpose and merged[path].ndim - hp.stacked >= 2
-        value = _host(to_hf(merged[path], transpose=transpose, dtype=dtype, sharding=None))
+        value = _host(relayout(merged[path], transpose=transpose, dtype=dtype, sharding=None))
         parts = list(value) if hp.stacked else [value]  # rows of a C-contiguous array: contiguous views
         for i, part in enumerate(parts):
             out[hp.name.format(i=i)] = part

@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from vlmu_jax.checkpoints.layout import from_hf, swapped
+from vlmu_jax.checkpoints.layout import relayout, swapped
 from vlmu_jax.errors import InputError
 from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.registry import abstract_model, architecture, hf_name_map
@@ -235,4 +235,4 @@ def _make_array(
     raw = jax.make_array_from_callback(stored, swapped(sharding, len(shape)) if transpose else sharding, callback)
     if not transpose and raw.dtype == jnp.dtype(dtype):
         return raw
-    return from_hf(raw, transpose=transpose, dtype=jnp.dtype(dtype), sharding=sharding)
+    return relayout(raw, transpose=transpose, dtype=jnp.dtype(dtype), sharding=sharding)
