@@ -19,7 +19,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-_FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (graphdef, state) split on entry
+_FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its graph split on entry
 
 
 @contextmanager
@@ -29,7 +29,9 @@ def frozen(model: nnx.Module) -> Iterator[None]:
     if model in _FROZEN:
         yield
         return
-    _FROZEN[model] = nnx.split(model)
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    _FROZEN[model] = (graphdef, treedef, leaves)  # a flat list: jax.jit flattens it in C++, not the State
     try:
         yield
     finally:
@@ -41,9 +43,9 @@ def model_jit(fn: Callable[..., Any], *, static_argnames: tuple[str, ...] = ()) 
     model the call skips the per-call graph walk."""
     slow = nnx.jit(fn, static_argnames=static_argnames)
 
-    @functools.partial(jax.jit, static_argnums=0, static_argnames=static_argnames)
-    def fast(graphdef: nnx.GraphDef, state: nnx.State, *args: Any, **kwargs: Any) -> Any:
-        return fn(nnx.merge(graphdef, state), *args, **kwargs)
+    @functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=static_argnames)
+    def fast(graphdef: nnx.GraphDef, treedef: Any, leaves: list[jax.Array], *args: Any, **kwargs: Any) -> Any:
+        return fn(nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), *args, **kwargs)
 
     @functools.wraps(fn)
     def call(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
