@@ -30,7 +30,7 @@ def test_valid_key_counts_equal_the_key_mask(s, kv_heads):
 def test_valid_first_equals_the_both_padding_mask():
     """Mllama's vision attention (a pair masked only when both tokens are padding), tokens ordered valid first:
     the two length-masked calls give the boolean mask's result on every row, including a row with no padding."""
-    from vlmu_jax.models.mllama_vision import ValidFirst, vision_attention
+    from vlmu_jax.models.mllama_vision import ValidCount, vision_attention
 
     kq, kk, kv = jax.random.split(jax.random.key(1), 3)
     b, s, n_heads, h = 3, 12, 2, 8
@@ -39,7 +39,7 @@ def test_valid_first_equals_the_both_padding_mask():
     valid = jnp.arange(s)[None, :] < n[:, None]
     mask = (valid[:, :, None] | valid[:, None, :])[:, None]
     want = vision_attention(q, k, v, mask, "xla")
-    got = vision_attention(q, k, v, ValidFirst(n), "xla")
+    got = vision_attention(q, k, v, ValidCount(n), "xla")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    grad = jax.grad(lambda q: vision_attention(q, k, v, ValidFirst(n), "xla").sum())(q)
+    grad = jax.grad(lambda q: vision_attention(q, k, v, ValidCount(n), "xla").sum())(q)
     assert np.isfinite(np.asarray(grad)).all()

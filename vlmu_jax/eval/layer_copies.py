@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from vlmu_jax.models.llama import DecoderLM
 
@@ -40,22 +40,18 @@ def room_for_copy(lm: DecoderLM) -> bool:
     return need * 1.1 < free
 
 
-def _layer_sharding(x: jax.Array):
-    """A layer copy's placement: the stacked array's, less its leading layer axis."""
-    if isinstance(x.sharding, NamedSharding):
-        return NamedSharding(x.sharding.mesh, PartitionSpec(*x.sharding.spec[1:]))
-    return x.sharding
+@partial(jax.jit, static_argnums=1)
+def _unstack(state: nnx.State, n: int) -> list[nnx.State]:
+    """Layer i's weights of a stacked state, for i < n. One program per decoder shape, reused by every model the
+    eval stage evaluates; each copy keeps the stack's placement of its remaining axes (sharding propagation:
+    the layer axis is never sharded)."""
+    return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
 
 
 def copy_layers(lm: DecoderLM) -> nnx.List:
-    """The decoder's layers as separate modules over per-layer copies of the stacked weights (one jitted copy;
-    each copy keeps the stack's sharding of its remaining axes)."""
+    """The decoder's layers as separate modules over per-layer copies of the stacked weights."""
     graphdef, state = nnx.split(lm.layers)
-    n = lm.config.num_layers
-    shardings = jax.tree.map(_layer_sharding, state)
-    copies = jax.jit(lambda s: [jax.tree.map(lambda a, i=i: a[i], s) for i in range(n)],
-                     out_shardings=[shardings] * n)(state)
-    return nnx.List([nnx.merge(graphdef, c) for c in copies])
+    return nnx.List([nnx.merge(graphdef, c) for c in _unstack(state, lm.config.num_layers)])
 
 
 @contextmanager
@@ -65,8 +61,7 @@ def layer_copies(model: nnx.Module, mode: str = "auto") -> Iterator[bool]:
     detached on exit, so nothing after evaluation (training, export) sees them. The model's weights must not
     change inside the block: the copies would go stale, and gradients would reach the copies, not the stack."""
     lm = decoder_of(model)
-    wanted = {"auto": lambda: room_for_copy(lm), "always": lambda: True, "never": lambda: False}[mode]
-    if lm is None or lm.layer_copies is not None or not wanted():
+    if lm is None or lm.layer_copies is not None or mode == "never" or (mode == "auto" and not room_for_copy(lm)):
         yield False
         return
     lm.layer_copies = copy_layers(lm)

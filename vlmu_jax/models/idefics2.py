@@ -37,6 +37,7 @@ from vlmu_jax.models.layers import (
     LayerNorm,
     RMSNorm,
     SeqLengths,
+    ValidFirst,
     activation,
     attend,
     fold,
@@ -164,12 +165,12 @@ class Idefics2VisionTower(nnx.Module):
         images, or images of several sizes) nearly always have padded patches."""
         h = self.embeddings(pixel_values, patch_mask)
         real = patch_mask.reshape(h.shape[0], -1)
-        order = jnp.argsort(~real, axis=1, stable=True)  # real patches first, in their order
-        h = constrain(jnp.take_along_axis(h, order[..., None], axis=1), ("batch", None, None))
+        first = ValidFirst.of(real)
+        h = constrain(first.to(h), ("batch", None, None))
         keys = SeqLengths(jnp.sum(real, axis=1, dtype=jnp.int32))  # >= 1: blank images get a full mask
         step = lambda layer, x, _: (layer(x, impl, keys), None)  # noqa: E731
         h = run_layers(self.layers, step, h, remat=remat, scan=scan)[0]
-        h = jnp.take_along_axis(h, jnp.argsort(order, axis=1)[..., None], axis=1)
+        h = first.back(h)
         return self.post_layernorm(h)
 
 

@@ -188,6 +188,31 @@ class SeqLengths(NamedTuple):
     queries: jax.Array | None = None
 
 
+class ValidFirst(NamedTuple):
+    """A token order that puts each row's valid tokens first (stable), and its inverse, both [B, N]."""
+
+    order: jax.Array
+    inverse: jax.Array
+
+    @classmethod
+    def of(cls, valid: jax.Array) -> ValidFirst:
+        order = jnp.argsort(~valid, axis=1, stable=True)
+        return cls(order, jnp.argsort(order, axis=1))
+
+    def to(self, x: jax.Array) -> jax.Array:
+        """x [B, N, ...] in valid-first order."""
+        return take_tokens(x, self.order)
+
+    def back(self, x: jax.Array) -> jax.Array:
+        """x [B, N, ...] from valid-first back to the original order."""
+        return take_tokens(x, self.inverse)
+
+
+def take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, N, ...] with each row's tokens taken in `index` [B, N] order."""
+    return jnp.take_along_axis(x, index.reshape(*index.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SeqLengths | None, *, impl: str, causal: bool = False
 ) -> jax.Array:

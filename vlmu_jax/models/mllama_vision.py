@@ -24,10 +24,12 @@ from vlmu_jax.models.layers import (
     Dense,
     LayerNorm,
     SeqLengths,
+    ValidFirst,
     activation,
     attend,
     resolve_attention_impl,
     run_layers,
+    take_tokens,
 )
 from vlmu_jax.models.sharding import constrain
 
@@ -188,30 +190,30 @@ class VisionLayer(nnx.Module):
         return h + y
 
 
-class ValidFirst(NamedTuple):
+class ValidCount(NamedTuple):
     """The tokens are ordered valid ones first, `n[b]` of them: the both-padding mask as two lengths."""
 
     n: jax.Array
 
 
-def vision_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | ValidFirst, impl: str) -> jax.Array:
+def vision_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | ValidCount, impl: str) -> jax.Array:
     """Attention where a (query, key) pair is masked only when both are padding: `mask` is that boolean mask,
-    or ValidFirst when the tokens are ordered valid first.
+    or ValidCount when the tokens are ordered valid first.
 
     Valid first, the mask is two masks a fused kernel takes as lengths: valid queries see every key (no mask),
     padding queries see the first n keys. The second call puts the padding queries first (a roll by n) and
     computes only them (`SeqLengths` queries = their count), so it costs (S - n) x n, not S x S.
     """
-    if not isinstance(mask, ValidFirst):
+    if not isinstance(mask, ValidCount):
         return attend(q, k, v, mask, impl=impl)
     s, n = q.shape[1], mask.n
     rows = jnp.arange(s)[None, :]
     full = attend(q, k, v, None, impl=impl)
-    rolled = _gather(q, (rows + n[:, None]) % s)
+    rolled = take_tokens(q, (rows + n[:, None]) % s)
     # At least one row: with no padding query, row 0 is valid query 0 (its result is not used).
     lengths = SeqLengths(keys=n, queries=jnp.maximum(s - n, 1).astype(jnp.int32))
     padding = attend(rolled, k, v, lengths, impl=impl)
-    padding = _gather(padding, (rows - n[:, None]) % s)
+    padding = take_tokens(padding, (rows - n[:, None]) % s)
     return jnp.where((rows < n[:, None])[:, :, None, None], full, padding)
 
 
@@ -277,10 +279,9 @@ class MllamaVisionModel(nnx.Module):
             # Valid tokens first for the fused kernel (vision_attention); the tile-wise steps between the two
             # transformers and the outputs use the original order. Exact: only attention mixes tokens, and it
             # does not depend on their order (positions were added before).
-            order = jnp.argsort(~valid, axis=1, stable=True)
-            inverse = jnp.argsort(order, axis=1)
-            to, back = (lambda x: _gather(x, order)), (lambda x: _gather(x, inverse))
-            mask = ValidFirst(jnp.sum(valid, axis=1, dtype=jnp.int32))
+            first = ValidFirst.of(valid)
+            to, back = first.to, first.back
+            mask = ValidCount(jnp.sum(valid, axis=1, dtype=jnp.int32))
         else:
             to = back = lambda x: x  # noqa: E731
             mask = (valid[:, :, None] | valid[:, None, :])[:, None]  # masked only where both are padding
@@ -301,7 +302,3 @@ def reorder_tokens(impl: str, dtype) -> bool:
     kernel (cuDNN); XLA's attention applies the boolean mask in one pass."""
     return resolve_attention_impl(impl, dtype) != "xla"
 
-
-def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x [B, N, ...] with its tokens taken in `index` [B, N] order."""
-    return jnp.take_along_axis(x, index.reshape(*index.shape, *(1,) * (x.ndim - 2)), axis=1)
