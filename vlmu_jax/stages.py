@@ -357,7 +357,8 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         if _evaluated(out, path) and not ws.config.force:
             continue
         clear_done(out)
-        model = ws.load(path)
+        with timed(f"eval {name}: model loaded"):
+            model = ws.load(path)
         judge = judge or _judge(ws)
         with layer_copies(model, ws.config.eval.layer_copies) as copied, frozen(model):
             if copied:

@@ -1,21 +1,24 @@
-"""Device traces of bench_jax_llava.py's workloads, for per-kernel time (bench/NOTES.md says what was found).
+"""Device traces of a bench script's workloads, for per-kernel time (bench/NOTES.md says what was found).
 
-Runs bench_jax_llava.main() with its timer wrapped: after the warm-up calls, two more calls run under
+Runs the bench module's main() with its timer wrapped: after the warm-up calls, two more calls run under
 jax.profiler.trace into $OUT/trace_<n>_<workload>. Read the traces with xprof (`bench/read_trace.py`).
-Run from the repo root: `PYTHONPATH=. OUT=/tmp/prof python bench/profile_llava.py [--small]`.
+Run from the repo root: `PYTHONPATH=. OUT=/tmp/prof python bench/profile_bench.py MODULE [ITS ARGS]`, e.g.
+`bench.bench_jax_llava --small` or `bench.bench_jax_families --family mllama`.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
+import sys
 
 import jax
 
-import bench.bench_jax_llava as bench
+import bench.bench_jax_llava as llava
 
 _count = [0]
-_time = bench.timeit
+_time = llava.timeit
 
 
 def traced_timeit(fn, n: int = 5, warm: int = 2) -> float:
@@ -32,5 +35,7 @@ def traced_timeit(fn, n: int = 5, warm: int = 2) -> float:
 
 
 if __name__ == "__main__":
-    bench.timeit = traced_timeit
-    bench.main()
+    module = importlib.import_module(sys.argv[1])
+    llava.timeit = module.timeit = traced_timeit  # the training-step timer lives in bench_jax_llava
+    sys.argv = [sys.argv[0], *sys.argv[2:]]
+    module.main()
