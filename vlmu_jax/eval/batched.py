@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource
+from vlmu_jax.data.prefetch import prefetched
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.scoring import token_logprobs
 from vlmu_jax.logs import progress
@@ -40,11 +41,13 @@ class AnswerScores:
 def _batches(source: ExampleSource, desc: str):
     """(batch, row indices) for every batch, each row index reported once (the last batch wraps)."""
     seen: set[int] = set()
-    for i in progress(range(len(source)), desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0):
+    made = prefetched(source.get, range(len(source)))  # the next batches are made while the device runs this one
+    bar = progress(made, total=len(source), desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0)
+    for i, batch in enumerate(bar):
         idx = source.global_indices(i)
         fresh = np.array([j not in seen for j in idx])
         seen.update(int(j) for j in idx)
-        yield source.get(i), idx, fresh
+        yield batch, idx, fresh
 
 
 def _gather(x: jax.Array) -> np.ndarray:

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vlmu_jax.checkpoints.orbax_io import Checkpointer
+from vlmu_jax.data.prefetch import prefetched
 from vlmu_jax.logs import progress
 from vlmu_jax.models.sharding import global_batch
 from vlmu_jax.unlearn.objectives import Objective, StreamLogps, get_objective, token_mean_nll
@@ -211,8 +212,9 @@ def _saliency(obj: Objective, cfg: TrainConfig, graphdef_eval, params, rng, rest
 
     def fisher(names: tuple[str, ...]):
         todo = [(n, i) for n in names for i in range(len(sources[n]))]
-        bar = progress(todo, desc=f"saliency ({', '.join(names)})", unit="batch", disable=not show)
-        batches = (global_batch(sources[n].get(i), mesh) for n, i in bar)
+        made = prefetched(lambda k: sources[todo[k][0]].get(todo[k][1]), range(len(todo)))
+        bar = progress(made, total=len(todo), desc=f"saliency ({', '.join(names)})", unit="batch", disable=not show)
+        batches = (global_batch(host, mesh) for host in bar)
         return fisher_diagonal(nll, params, batches, context=(rng, rest))
 
     return saliency_mask(fisher(obj.masked_streams), fisher(obj.preserve_streams), cfg.saliency_threshold)
@@ -304,10 +306,12 @@ def train(
     losses: list[float] = []
     bar = progress(total=total, initial=start, desc=workdir.name, unit="step", disable=not (is_main and cfg.progress))
     with RunLog(workdir, start=start, enabled=is_main) as log, bar:
-        for step in range(start, total):
-            t0 = time.perf_counter()
+        def host_batches(step: int) -> dict[str, dict]:
             phase, index = plan_step(step, phase_lengths)
-            host = {name: sources[name].get(index) for name in phases[phase]}
+            return {name: sources[name].get(index) for name in phases[phase]}
+
+        t0 = time.perf_counter()
+        for step, host in enumerate(prefetched(host_batches, range(start, total)), start=start):
             batches = {name: global_batch(b, mesh) for name, b in host.items()}
             params, opt_state, rng, loss, aux = step_fn(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask,
                                                         batches)
@@ -318,7 +322,9 @@ def train(
                     f"non-finite loss {loss} at step {step}; last good checkpoint: step {ckpt.latest_step()}"
                 )
             tokens = sum(int(b["attention_mask"].sum()) for b in host.values()) * jax.process_count()
-            elapsed = time.perf_counter() - t0  # host batching + the step to completion (the first compiles)
+            # Since the last step ended: waiting for this step's batch (made ahead while the device ran the last
+            # one) + the step to completion (the first at each length compiles) + logging.
+            elapsed = time.perf_counter() - t0
             record = {
                 "step": step,
                 "loss": loss,
@@ -337,6 +343,7 @@ def train(
                             refresh=False)  # redraws follow the bar's own interval (rare in a log file)
             bar.update(1)
             ckpt.save(step + 1, (params, opt_state, rng), force=step + 1 == total)
+            t0 = time.perf_counter()
     ckpt.close()
     nnx.update(model, params, rng)
     return TrainResult(step=total, losses=losses, opt_state=opt_state)
