@@ -1,0 +1,54 @@
+"""Mllama's vision attention at full shape, call by call (B=4 images x 4 tiles x 1608 tokens, 16 heads of 80).
+
+Why: the session-4 trace put 62 % of Mllama's log-prob time (~185 ms of 0.317 s) in cuDNN's attention kernel, 80
+vision calls per forward (two per layer), and the profile cannot tell which of the two costs what. This times
+each call `mllama_vision.vision_attention` makes, and the alternative of one call over the valid keys merged with
+one over the padding keys through their log-sum-exps, for images with all 4 tiles real (n = 6404 valid tokens)
+and with 1 (n = 1601). Run from the repo root: `PYTHONPATH=. python bench/bench_vision_attention.py`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+from jax._src.cudnn.fused_attention_stablehlo import MaskType
+from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+from bench.bench_jax_llava import timeit
+from vlmu_jax.models.layers import SeqLengths, attend
+
+
+def main() -> None:
+    b, s, h, d = 4, 4 * 1608, 16, 80
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(x, (b, s, h, d), jnp.bfloat16) for x in keys)
+    scale = d**-0.5
+    flop = 4 * b * h * s * s * d
+    for n_valid in (6404, 1601):
+        n = jnp.full((b,), n_valid, jnp.int32)
+        calls = {
+            "full_no_mask": jax.jit(lambda q, k, v: attend(q, k, v, None, impl="cudnn")),
+            "padding_queries_q_and_kv_lengths": jax.jit(lambda q, k, v, n=n: attend(
+                q, k, v, SeqLengths(keys=n, queries=jnp.maximum(s - n, 1)), impl="cudnn")),
+            "all_queries_valid_keys_kv_length": jax.jit(lambda q, k, v, n=n: attend(
+                q, k, v, SeqLengths(keys=n), impl="cudnn")),
+            "all_queries_padding_keys_kv_length": jax.jit(lambda q, k, v, n=n: attend(
+                q, k, v, SeqLengths(keys=jnp.maximum(s - n, 1)), impl="cudnn")),
+            "valid_keys_with_lse": jax.jit(lambda q, k, v, n=n: cudnn_attention(
+                q, k, v, None, None, jnp.full((b,), s, jnp.int32), n, scale=scale,
+                mask_type=MaskType.PADDING, return_residual=True)),
+        }
+        for name, fn in calls.items():
+            try:
+                sec = timeit(lambda fn=fn: fn(q, k, v), n=10, warm=2)
+            except Exception as err:  # noqa: BLE001 - a call cuDNN refuses is a result too
+                print(json.dumps({"what": "vision_attention", "call": name, "error": str(err)[:300]}), flush=True)
+                continue
+            print(json.dumps({"what": "vision_attention", "call": name, "n_valid": n_valid, "s": sec,
+                              "tflops_if_full": flop / sec / 1e12}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
