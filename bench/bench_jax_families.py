@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.bench_jax_llava import GEMM_OPTIONS, GEMMS, peak_gb, timeit, unlearn_step_time
+from bench.bench_jax_llava import peak_gb, timeit, unlearn_step_time
 from bench.family_shapes import FAMILIES, batch
 from vlmu_jax.eval.frozen import frozen
 from vlmu_jax.eval.generate import generate
@@ -52,14 +52,13 @@ def main() -> None:
 
     # As the eval stage runs them: the model frozen (eval/frozen.py), with per-layer decoder copies where the
     # device has room (eval/layer_copies.py); then log-probs through nnx.jit for comparison.
-    for gemm in GEMMS:
-        with layer_copies(model) as copied, frozen(model, GEMM_OPTIONS[gemm]):
-            s = timeit(lambda: token_logprobs(model, ids, mask, images))
-            print(json.dumps({"what": "eval_logprob", "frozen": True, "layer_copies": copied, "gemm": gemm, "B": b,
-                              "T": t, "s": s, "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)
-            s = timeit(lambda: generate(model, ids, mask, images, max_new_tokens=32, eos_token_id=()), n=3, warm=1)
-            print(json.dumps({"what": "generate32", "frozen": True, "layer_copies": copied, "gemm": gemm, "B": b,
-                              "s": s, "new_tokens_per_s": b * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
+    with layer_copies(model) as copied, frozen(model):
+        s = timeit(lambda: token_logprobs(model, ids, mask, images))
+        print(json.dumps({"what": "eval_logprob", "frozen": True, "layer_copies": copied, "B": b, "T": t, "s": s,
+                          "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)
+        s = timeit(lambda: generate(model, ids, mask, images, max_new_tokens=32, eos_token_id=()), n=3, warm=1)
+        print(json.dumps({"what": "generate32", "frozen": True, "layer_copies": copied, "B": b, "s": s,
+                          "new_tokens_per_s": b * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
     s = timeit(lambda: token_logprobs(model, ids, mask, images))
     print(json.dumps({"what": "eval_logprob", "frozen": False, "layer_copies": False, "B": b, "T": t, "s": s,
                       "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)

@@ -52,10 +52,6 @@ COPIES = tuple(x == "1" for x in os.environ.get("COPIES", "1,0").split(","))
 FROZEN = tuple(x == "1" for x in os.environ.get("FROZEN", "1").split(","))
 GEN_COPIES = tuple(x == "1" for x in os.environ.get("GEN_COPIES", os.environ.get("COPIES", "1,0")).split(","))
 SCAN = os.environ.get("SCAN", "1") == "1"
-# GEMM=triton,cublas: frozen eval calls with XLA's default GEMM emitter and with cuBLAS for every GEMM
-# (`jax.jit(compiler_options=...)` on those programs only; the training step keeps the default).
-GEMMS = tuple(x for x in os.environ.get("GEMM", "triton").split(",") if x)
-GEMM_OPTIONS = {"triton": {}, "cublas": {"xla_gpu_enable_triton_gemm": False}}
 
 
 def hf_config(small: bool) -> dict:
@@ -162,12 +158,10 @@ def main() -> None:
     ids, mask = jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids))
     pix = {"pixel_values": jnp.asarray(rng.randn(b, 3, 336, 336), jnp.bfloat16)}
 
-    for copies, freeze, gemm in itertools.product(COPIES, FROZEN, GEMMS) if "logprob" in WORK else ():
-        if gemm != "triton" and not freeze:
-            continue  # compiler options reach frozen calls only
+    for copies, freeze in itertools.product(COPIES, FROZEN) if "logprob" in WORK else ():
         mode = "always" if copies else "never"
-        with layer_copies(model, mode) as attached, frozen(model, GEMM_OPTIONS[gemm]) if freeze else nullcontext():
-            logprob_time(model, ids, mask, pix, {"layer_copies": attached, "frozen": freeze, "gemm": gemm})
+        with layer_copies(model, mode) as attached, frozen(model) if freeze else nullcontext():
+            logprob_time(model, ids, mask, pix, {"layer_copies": attached, "frozen": freeze})
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
     # Loss on the second half of the text, as the anchor's labels.
     labels = jnp.where(jnp.arange(ids.shape[1]) >= 1 + n_img + t_text // 2, ids, IGNORE)
@@ -185,14 +179,13 @@ def main() -> None:
     # unrolled ones: a scan slices each layer's weights out of the stacked array at every token.
     for gb in sorted({b, *GEN_BATCHES}):
         rows = jax.tree.map(lambda x, n=gb: jnp.concatenate([x] * -(-n // b))[:n], {"input_ids": ids, "pix": pix})
-        for scan, copies, gemm in itertools.product(GEN_SCAN, GEN_COPIES, GEMMS):
+        for scan, copies in itertools.product(GEN_SCAN, GEN_COPIES):
             set_options(model, scan_layers=scan)
-            with layer_copies(model, "always" if copies else "never") as attached, frozen(model, GEMM_OPTIONS[gemm]):
+            with layer_copies(model, "always" if copies else "never") as attached, frozen(model):
                 s = timeit(lambda r=rows: generate(model, r["input_ids"], jnp.ones_like(r["input_ids"]), r["pix"],
                                                    max_new_tokens=32, eos_token_id=()), n=3, warm=1)
-            print(json.dumps({"what": "generate32", "B": gb, "scan_layers": scan, "layer_copies": attached,
-                              "gemm": gemm, "s": s, "new_tokens_per_s": gb * 32 / s, "max_mem_gb": peak_gb()}),
-                  flush=True)
+            print(json.dumps({"what": "generate32", "B": gb, "scan_layers": scan, "layer_copies": attached, "s": s,
+                              "new_tokens_per_s": gb * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
 
 
 def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, how: dict) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,17 +23,15 @@ _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its
 
 
 @contextmanager
-def frozen(model: nnx.Module, compiler_options: Mapping[str, Any] | None = None) -> Iterator[None]:
-    """Within the block, `model_jit` functions use the model's graph as it is on entry, compiled with
-    `compiler_options` (XLA debug options for these programs only, e.g. the GEMM emitter). The model must not
+def frozen(model: nnx.Module) -> Iterator[None]:
+    """Within the block, `model_jit` functions use the model's graph as it is on entry. The model must not
     change inside (no training, LoRA merge, `set_options` or layer copies attached): calls would not see it."""
     if model in _FROZEN:
         yield
         return
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
-    options = tuple(sorted((compiler_options or {}).items()))
-    _FROZEN[model] = (graphdef, treedef, leaves, options)  # a flat list: jax.jit flattens it in C++, not the State
+    _FROZEN[model] = (graphdef, treedef, leaves)  # a flat list: jax.jit flattens it in C++, not the State
     try:
         yield
     finally:
@@ -45,20 +43,13 @@ def model_jit(fn: Callable[..., Any], *, static_argnames: tuple[str, ...] = ()) 
     model the call skips the per-call graph walk."""
     slow = nnx.jit(fn, static_argnames=static_argnames)
 
-    def on_leaves(graphdef: nnx.GraphDef, treedef: Any, leaves: list[jax.Array], *args: Any, **kwargs: Any) -> Any:
+    @functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=static_argnames)
+    def fast(graphdef: nnx.GraphDef, treedef: Any, leaves: list[jax.Array], *args: Any, **kwargs: Any) -> Any:
         return fn(nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), *args, **kwargs)
-
-    @functools.cache
-    def fast(options: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
-        return jax.jit(on_leaves, static_argnums=(0, 1), static_argnames=static_argnames,
-                       compiler_options=dict(options) or None)
 
     @functools.wraps(fn)
     def call(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
         split = _FROZEN.get(model)
-        if split is None:
-            return slow(model, *args, **kwargs)
-        graphdef, treedef, leaves, options = split
-        return fast(options)(graphdef, treedef, leaves, *args, **kwargs)
+        return slow(model, *args, **kwargs) if split is None else fast(*split, *args, **kwargs)
 
     return call
