@@ -18,6 +18,7 @@ from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cu
 
 from bench.bench_jax_llava import timeit
 from vlmu_jax.models.layers import SeqLengths, attend
+from vlmu_jax.models.mllama_vision import ValidCount, vision_attention
 
 
 def main() -> None:
@@ -39,6 +40,7 @@ def main() -> None:
             "valid_keys_with_lse": jax.jit(lambda q, k, v, n=n: cudnn_attention(
                 q, k, v, None, None, jnp.full((b,), s, jnp.int32), n, scale=scale,
                 mask_type=MaskType.PADDING, return_residual=True)),
+            "vision_attention_as_run": jax.jit(lambda q, k, v, n=n: vision_attention(q, k, v, ValidCount(n), "cudnn")),
         }
         for name, fn in calls.items():
             try:
@@ -48,6 +50,17 @@ def main() -> None:
                 continue
             print(json.dumps({"what": "vision_attention", "call": name, "n_valid": n_valid, "s": sec,
                               "tflops_if_full": flop / sec / 1e12}), flush=True)
+
+        # What the model runs against XLA's attention with the boolean both-padding mask, one image (float32
+        # scores of [16, 6432, 6432] for XLA).
+        valid = jnp.arange(s)[None, :] < n[:1, None]
+        mask = (valid[:, :, None] | valid[:, None, :])[:, None]
+        want = jax.jit(lambda q, k, v, m=mask: vision_attention(q, k, v, m, "xla"))(q[:1], k[:1], v[:1])
+        got = jax.jit(lambda q, k, v, n=n: vision_attention(q, k, v, ValidCount(n[:1]), "cudnn"))(q[:1], k[:1], v[:1])
+        diff = jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))
+        print(json.dumps({"what": "vision_attention_vs_xla_mask", "n_valid": n_valid,
+                          "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
+                          "mean_abs_value": float(jnp.abs(want.astype(jnp.float32)).mean())}), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlmu_jax.models.layers import SeqLengths, attend
+from vlmu_jax.models.layers import SeqLengths, attend, attend_with_lse
 
 
 @pytest.mark.parametrize(("s", "kv_heads"), [(10, 4), (9, 2)])
@@ -27,9 +27,30 @@ def test_valid_key_counts_equal_the_key_mask(s, kv_heads):
     np.testing.assert_allclose(np.asarray(got[2, :, 0]), np.broadcast_to(np.asarray(v[2, 0, 0]), (t, h)), rtol=1e-6)
 
 
+def test_attend_with_lse_is_attention_and_its_log_sum_exp():
+    """Output as `attend` with the keys given as counts; the log-sum-exp that of the scaled scores over the valid
+    keys, computed by hand."""
+    kq, kk, kv = jax.random.split(jax.random.key(2), 3)
+    b, t, s, n, h = 3, 5, 8, 2, 4
+    q = jax.random.normal(kq, (b, t, n, h))
+    k = jax.random.normal(kk, (b, s, n, h))
+    v = jax.random.normal(kv, (b, s, n, h))
+    lengths = jnp.array([8, 3, 1], jnp.int32)
+    out, lse = attend_with_lse(q, k, v, lengths, impl="xla")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(attend(q, k, v, SeqLengths(lengths), impl="xla")),
+                               rtol=1e-5, atol=1e-6)
+    qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    for row, m in enumerate(np.asarray(lengths)):
+        scores = np.einsum("tnh,snh->tns", qn[row], kn[row, :m]) / np.sqrt(h)
+        want = np.log(np.exp(scores).sum(-1))
+        np.testing.assert_allclose(np.asarray(lse[row]), want, rtol=1e-5, atol=1e-5)
+    assert lse.shape == (b, t, n) and lse.dtype == jnp.float32
+
+
 def test_valid_first_equals_the_both_padding_mask():
     """Mllama's vision attention (a pair masked only when both tokens are padding), tokens ordered valid first:
-    the two length-masked calls give the boolean mask's result on every row, including a row with no padding."""
+    attention over the valid keys merged with attention over the padding keys gives the boolean mask's result on
+    every row, including a row with no padding, and the same gradient."""
     from vlmu_jax.models.mllama_vision import ValidCount, vision_attention
 
     kq, kk, kv = jax.random.split(jax.random.key(1), 3)
@@ -41,5 +62,8 @@ def test_valid_first_equals_the_both_padding_mask():
     want = vision_attention(q, k, v, mask, "xla")
     got = vision_attention(q, k, v, ValidCount(n), "xla")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    grad = jax.grad(lambda q: vision_attention(q, k, v, ValidCount(n), "xla").sum())(q)
-    assert np.isfinite(np.asarray(grad)).all()
+    weights = jax.random.normal(jax.random.key(3), q.shape)  # a loss that weighs every output differently
+    grads = [jax.grad(lambda q, k, v, m=m: (vision_attention(q, k, v, m, "xla") * weights).sum(), argnums=(0, 1, 2))(
+        q, k, v) for m in (mask, ValidCount(n))]
+    for want_g, got_g in zip(*grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), rtol=1e-4, atol=1e-5)

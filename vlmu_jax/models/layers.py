@@ -235,6 +235,35 @@ def attend(
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+def attend_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, key_lengths: jax.Array, *,
+                    impl: str) -> tuple[jax.Array, jax.Array]:
+    """Attention of every query over each row's first `key_lengths[b]` keys (q, k, v [B, T|S, N, H], as many key
+    heads as query heads), and the log-sum-exp of each query's scaled scores over those keys, [B, T, N] float32.
+
+    Why: two attentions over disjoint key sets combine exactly through their log-sum-exps (the FlashAttention
+    merge), which lets a mask that is not a length mask be split into length-masked calls that together cost
+    one full attention (Mllama's vision towers, `mllama_vision.vision_attention`). On cuDNN the kernel returns
+    the log-sum-exp it computes anyway (its softmax statistics); no gradient flows through it there, so
+    differentiate only through a custom VJP that does not need it.
+    """
+    impl = resolve_attention_impl(impl, q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "cudnn" and not (q.shape[1] % 2 or k.shape[1] % 2):
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+        queries = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+        out, lse = dot_product_attention(q, k, v, None, None, queries, key_lengths.astype(jnp.int32), scale=scale,
+                                         mask_type=MaskType.PADDING, return_residual=True)
+        return out, jnp.swapaxes(lse, 1, 2)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    valid = jnp.arange(k.shape[1])[None, :] < key_lengths[:, None]
+    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - lse[..., None]).astype(v.dtype)
+    out = jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+    return out, jnp.swapaxes(lse, 1, 2)
+
+
 # ------------------------------------------------------------------------------------------------ MLPs
 
 

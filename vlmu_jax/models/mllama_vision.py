@@ -27,6 +27,7 @@ from vlmu_jax.models.layers import (
     ValidFirst,
     activation,
     attend,
+    attend_with_lse,
     resolve_attention_impl,
     run_layers,
     take_tokens,
@@ -198,15 +199,41 @@ class ValidCount(NamedTuple):
 
 def vision_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | ValidCount, impl: str) -> jax.Array:
     """Attention where a (query, key) pair is masked only when both are padding: `mask` is that boolean mask,
-    or ValidCount when the tokens are ordered valid first.
-
-    Valid first, the mask is two masks a fused kernel takes as lengths: valid queries see every key (no mask),
-    padding queries see the first n keys. The second call puts the padding queries first (a roll by n) and
-    computes only them (`SeqLengths` queries = their count), so it costs (S - n) x n, not S x S.
-    """
+    or ValidCount when the tokens are ordered valid first (then `_valid_first_attention`)."""
     if not isinstance(mask, ValidCount):
         return attend(q, k, v, mask, impl=impl)
-    s, n = q.shape[1], mask.n
+    return _valid_first_attention(q, k, v, mask.n, impl)
+
+
+def _merged_attention(q: jax.Array, k: jax.Array, v: jax.Array, n: jax.Array, impl: str) -> jax.Array:
+    """With the first n[b] tokens valid: every query attends to the valid keys, and valid queries also to the
+    padding keys, as one attention over the valid keys and one over the padding keys (rolled to the front)
+    merged through their log-sum-exps (`layers.attend_with_lse`). Together they cost one S x S attention.
+
+    Why not two masks as lengths (`_two_length_masks`): cuDNN does not skip the query rows a query length
+    excludes, so its second call cost a full attention (measured at full shape, 4 tiles of 1608 tokens per
+    image: 2.69 + 2.36 ms per layer, against 2.72 + 0.26 ms merged). The gradient is that of
+    `_two_length_masks` (the kernel's log-sum-exp takes none); only training the vision tower pays for it.
+    A row with no valid token (n = 0) is not a picture any processor makes.
+    """
+    s = q.shape[1]
+    rows = jnp.arange(s)[None, :]
+    out, lse = attend_with_lse(q, k, v, n, impl=impl)  # all that a padding query sees
+    roll = (rows + n[:, None]) % s
+    pad_out, pad_lse = attend_with_lse(q, take_tokens(k, roll), take_tokens(v, roll), jnp.maximum(s - n, 1),
+                                       impl=impl)
+    total = jnp.logaddexp(lse, pad_lse)
+    merged = (out.astype(jnp.float32) * jnp.exp(lse - total)[..., None]
+              + pad_out.astype(jnp.float32) * jnp.exp(pad_lse - total)[..., None]).astype(q.dtype)
+    # A row without padding keys has nothing to merge (its padding-key call saw a valid key, as a length of 1).
+    sees_padding = (rows < n[:, None]) & (n < s)[:, None]
+    return jnp.where(sees_padding[:, :, None, None], merged, out)
+
+
+def _two_length_masks(q: jax.Array, k: jax.Array, v: jax.Array, n: jax.Array, impl: str) -> jax.Array:
+    """The same attention as two length-masked calls: valid queries see every key (no mask); padding queries,
+    rolled to the front, see the first n keys (`SeqLengths` with query lengths)."""
+    s = q.shape[1]
     rows = jnp.arange(s)[None, :]
     full = attend(q, k, v, None, impl=impl)
     rolled = take_tokens(q, (rows + n[:, None]) % s)
@@ -215,6 +242,20 @@ def vision_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     padding = attend(rolled, k, v, lengths, impl=impl)
     padding = take_tokens(padding, (rows - n[:, None]) % s)
     return jnp.where((rows < n[:, None])[:, :, None, None], full, padding)
+
+
+def _valid_first_fwd(q, k, v, n, impl):
+    return _merged_attention(q, k, v, n, impl), (q, k, v, n)
+
+
+def _valid_first_bwd(impl, saved, grad):
+    q, k, v, n = saved
+    _, vjp = jax.vjp(lambda q, k, v: _two_length_masks(q, k, v, n, impl), q, k, v)
+    return (*vjp(grad), None)
+
+
+_valid_first_attention = jax.custom_vjp(_merged_attention, nondiff_argnums=(4,))
+_valid_first_attention.defvjp(_valid_first_fwd, _valid_first_bwd)
 
 
 class VisionEncoder(nnx.Module):
