@@ -110,9 +110,16 @@ def hf_config(small: bool) -> dict:
     }
 
 
+FIRST_CALLS: list[float] = []  # seconds of each timed workload's first call (its trace and compile), in order
+
+
 def timeit(fn: Callable[[], jax.Array], n: int = 5, warm: int = 2) -> float:
-    for _ in range(warm):
+    """Median seconds of `n` calls after `warm` calls; the first call's seconds go to FIRST_CALLS."""
+    for i in range(warm):
+        t0 = time.perf_counter()
         jax.block_until_ready(fn())
+        if i == 0:
+            FIRST_CALLS.append(time.perf_counter() - t0)
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -185,7 +192,8 @@ def main() -> None:
                 s = timeit(lambda r=rows: generate(model, r["input_ids"], jnp.ones_like(r["input_ids"]), r["pix"],
                                                    max_new_tokens=32, eos_token_id=()), n=3, warm=1)
             print(json.dumps({"what": "generate32", "B": gb, "scan_layers": scan, "layer_copies": attached, "s": s,
-                              "new_tokens_per_s": gb * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
+                              "first_call_s": FIRST_CALLS[-1], "new_tokens_per_s": gb * 32 / s,
+                              "max_mem_gb": peak_gb()}), flush=True)
 
 
 def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, how: dict) -> None:
@@ -200,6 +208,7 @@ def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, 
                 "B": b,
                 "T": t,
                 "s": s,
+                "first_call_s": FIRST_CALLS[-1],
                 "samples_per_s": b / s,
                 "max_mem_gb": peak_gb(),
             }
