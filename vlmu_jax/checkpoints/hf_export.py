@@ -1,6 +1,5 @@
-"""Flax LLaVA -> HF folder (config.json + safetensors, sharded with an index above a size threshold) that
-``transformers.LlavaForConditionalGeneration.from_pretrained`` loads. LoRA adapters are merged on the way
-out; the
+"""Flax model -> HF folder (config.json + safetensors, sharded with an index above a size threshold) that the
+architecture's transformers class loads with ``from_pretrained``. LoRA adapters are merged on the way out; the
 model itself is left untouched.
 """
 
@@ -8,7 +7,10 @@ from __future__ import annotations
 
 import json
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,22 +25,20 @@ from vlmu_jax.models.registry import hf_name_map
 _DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """Plain safetensors writer (handles bfloat16, which safetensors.numpy does not)."""
+def _header(tensors: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
+    """A safetensors file's length-prefixed JSON header for tensors (name, shape, dtype) stored in this order."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, t in tensors.items():
-        header[name] = {
-            "dtype": _DTYPE_NAMES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
+    for name, shape, dtype in tensors:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for t in tensors.values():
-            f.write(np.ascontiguousarray(t).reshape(-1).view(np.uint8).data)  # the bytes as they are, no copy
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def _bytes(t: np.ndarray) -> memoryview:
+    return np.ascontiguousarray(t).reshape(-1).view(np.uint8).data  # the bytes as they are, no copy
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -74,46 +74,95 @@ def saved_config(model: nnx.Module, dtype) -> dict:
     return {**model.config.hf_config, "dtype": str(np.dtype(dtype))}
 
 
+class _Param(NamedTuple):
+    """One exported param: its HF tensor names (one per layer of a stacked param), its merged value on its devices
+    in the Flax layout, and whether HF stores it transposed."""
+
+    names: list[str]
+    value: jax.Array
+    stacked: bool
+    transpose: bool
+
+    def tensor_shape(self) -> tuple[int, ...]:
+        """Shape of each of its HF tensors."""
+        shape = tuple(self.value.shape[1:] if self.stacked else self.value.shape)
+        return shape[:-2] + shape[-2:][::-1] if self.transpose else shape
+
+    def on_host(self, dtype) -> list[np.ndarray]:
+        """Its HF tensors on this host: cast and transposed on its devices, then copied over (rows of a
+        C-contiguous array are contiguous views)."""
+        host = _host(relayout(self.value, transpose=self.transpose, dtype=dtype, sharding=None))
+        return list(host) if self.stacked else [host]
+
+
+def _hf_params(model: nnx.Module) -> list[_Param]:
+    """The model's exported params (LoRA merged), in export order."""
+    merged = merged_params(model)
+    params = []
+    for path, hp in hf_name_map(model).items():
+        value = merged[path]
+        names = [hp.name.format(i=i) for i in range(value.shape[0])] if hp.stacked else [hp.name]
+        # .T of one (per-layer) tensor: a no-op below two axes
+        params.append(_Param(names, value, hp.stacked, hp.transpose and value.ndim - hp.stacked >= 2))
+    return params
+
+
 def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
     """Every HF tensor of the model (LoRA merged), in HF layout, cast to dtype if given."""
-    merged = merged_params(model)
     dtype = None if dtype is None else jnp.dtype(dtype)
-    out: dict[str, np.ndarray] = {}
-    for path, hp in hf_name_map(model).items():
-        # .T of one (per-layer) tensor: a no-op below two axes
-        transpose = hp.transpose and merged[path].ndim - hp.stacked >= 2
-        value = _host(relayout(merged[path], transpose=transpose, dtype=dtype, sharding=None))
-        parts = list(value) if hp.stacked else [value]  # rows of a C-contiguous array: contiguous views
-        for i, part in enumerate(parts):
-            out[hp.name.format(i=i)] = part
-    return out
+    return {name: t for p in _hf_params(model) for name, t in zip(p.names, p.on_host(dtype), strict=True)}
 
 
 def export_hf(model: nnx.Module, out_dir: str | Path, dtype=None, max_shard_bytes: int = 4 * 2**30) -> Path:
-    """Write config.json and model.safetensors (or model-0000k-of-0000n.safetensors + index) to out_dir."""
+    """Write config.json and model.safetensors (or model-0000k-of-0000n.safetensors + index) to out_dir.
+
+    Streamed one param at a time: the files' headers are written from the shapes first, then each param is
+    copied to the host while a writer thread writes the one before it, so the host holds at most two params
+    (not the whole model: 22 GB for an 11B model in bfloat16) and the device-to-host copies overlap the disk.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = hf_tensors(model, dtype)
-    shards: list[dict[str, np.ndarray]] = [{}]
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    params = _hf_params(model)
+    specs = [(name, p.tensor_shape(), np.dtype(dtype or p.value.dtype)) for p in params for name in p.names]
+    shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards.append({})
+    for spec in specs:
+        nbytes = int(np.prod(spec[1], dtype=np.int64)) * spec[2].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = t
-        size += t.nbytes
-    if jax.process_index() == 0:
-        config = saved_config(model, next(iter(tensors.values())).dtype)
+        shards[-1].append(spec)
+        size += nbytes
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    file_of = {name: k for k, shard in enumerate(shards) for name, *_ in shard}
+    main = jax.process_index() == 0
+    if main:
+        config = saved_config(model, specs[0][2])
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if len(shards) == 1:
-            write_safetensors(out / "model.safetensors", shards[0])
-        else:
-            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-            for name, shard in zip(names, shards, strict=True):
-                write_safetensors(out / name, shard)
-            index = {
-                "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                "weight_map": {k: n for n, s in zip(names, shards, strict=True) for k in s},
-            }
-            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    with ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="export") as writer:
+        handles = [stack.enter_context(open(out / name, "wb")) for name in files] if main else []
+        for handle, shard in zip(handles, shards, strict=True):
+            handle.write(_header(shard))
+        writing: Future | None = None
+        for p in params:
+            parts = p.on_host(dtype)  # every process: a sharded param is gathered collectively
+            if writing is not None:
+                writing.result()
+            if main:
+                writing = writer.submit(_write, [(handles[file_of[n]], t) for n, t in zip(p.names, parts, strict=True)])
+        if writing is not None:
+            writing.result()
+    if main and len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(int(np.prod(sh, dtype=np.int64)) * dt.itemsize for _, sh, dt in specs)},
+            "weight_map": {name: files[k] for name, k in file_of.items()},
+        }
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out
+
+
+def _write(parts: list[tuple[BinaryIO, np.ndarray]]) -> None:
+    for handle, t in parts:
+        handle.write(_bytes(t))

@@ -1,10 +1,11 @@
 """Host batches made ahead in background threads, so the device does not wait for the host between steps.
 
-Why: a batch's host work (reading and resizing each row's picture, normalising it, padding the tokens) took as
-long as the device's work on it at 7B (a 336 px LLaVA image is ~10 ms of PIL and numpy on one core, 16 of them per
-eval batch against ~0.25 s of model compute), and the training and eval loops did it between two device calls,
-with the device idle. Making the next batches while the device runs the current one hides that time. PIL and
-numpy release the GIL for the heavy parts, so a few threads also spread it over the host's cores.
+Why: the training and eval loops made each batch (each row's picture read, resized and normalised, the tokens
+padded) between two device calls, with the device idle: ~5 ms per 336 px picture on one core of this project's
+CPU, 16 pictures per eval batch, against ~0.25 s of model compute per batch at 7B. Making the next batches while
+the device runs the current one hides that time; PIL and numpy release the GIL for the heavy parts, so a few
+threads also spread it over the host's cores. At 7B the eval stage's time outside compute and compiles went from
+39 s to 25 s (bench/RESULTS.md, session 4; loading had also moved its casts onto the device since).
 """
 
 from __future__ import annotations

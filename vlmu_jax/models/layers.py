@@ -237,14 +237,15 @@ def attend(
 
 def attend_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, key_lengths: jax.Array, *,
                     impl: str) -> tuple[jax.Array, jax.Array]:
-    """Attention of every query over each row's first `key_lengths[b]` keys (q, k, v [B, T|S, N, H], as many key
-    heads as query heads), and the log-sum-exp of each query's scaled scores over those keys, [B, T, N] float32.
+    """Attention of every query over each row's first `key_lengths[b]` keys (at least 1; q, k, v [B, T|S, N, H], as
+    many key heads as query heads), and the log-sum-exp of each query's scaled scores over them, [B, T, N] float32.
 
     Why: two attentions over disjoint key sets combine exactly through their log-sum-exps (the FlashAttention
     merge), which lets a mask that is not a length mask be split into length-masked calls that together cost
     one full attention (Mllama's vision towers, `mllama_vision.vision_attention`). On cuDNN the kernel returns
-    the log-sum-exp it computes anyway (its softmax statistics); no gradient flows through it there, so
-    differentiate only through a custom VJP that does not need it.
+    the log-sum-exp it computes anyway (its softmax statistics, through jax's cuDNN module: jax.nn's attention
+    does not return them); no gradient flows through it there, so differentiate only through a custom VJP that
+    does not need it.
     """
     impl = resolve_attention_impl(impl, q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])

@@ -322,8 +322,8 @@ def train(
                     f"non-finite loss {loss} at step {step}; last good checkpoint: step {ckpt.latest_step()}"
                 )
             tokens = sum(int(b["attention_mask"].sum()) for b in host.values()) * jax.process_count()
-            # Since the last step ended: waiting for this step's batch (made ahead while the device ran the last
-            # one) + the step to completion (the first at each length compiles) + logging.
+            # Since the last step's checkpoint call: waiting for this step's batch (made ahead while the device
+            # ran the last one) + the step to completion (the first at each length compiles).
             elapsed = time.perf_counter() - t0
             record = {
                 "step": step,
