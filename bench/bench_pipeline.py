@@ -142,6 +142,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         report(f"{stage} {objective}".strip(), wall, *train_compute(workdir, names))
         if objective and objective != args.eval_objective:
+            pipeline.wait_for_writes(ws.model_dir(names[0]))  # written in the background
             shutil.rmtree(ws.model_dir(names[0]))
         for name in names:  # per model: steady-state step time
             rows = [json.loads(ln) for ln in (workdir / "train" / name / "metrics.jsonl").read_text().splitlines()]
@@ -162,6 +163,7 @@ def main() -> None:
     report("eval", wall, sc + gc, sk + gk, score.tokens + gen.tokens, score_s=round(sc, 2),
            score_tokens_per_s=round(score.tokens / sc, 1), generate_s=round(gc, 2),
            new_tokens_per_s=round(gen.tokens / gc, 1))
+    pipeline.wait_for_writes()  # as runner.run ends: the trained models' folders written in the background
     (workdir / "bench_pipeline.json").write_text(json.dumps(results, indent=1))
 
 

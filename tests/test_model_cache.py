@@ -1,6 +1,7 @@
 """`ModelCache` builds the model `load_pretrained` would read back from the folder just written: same values
 (LoRA merged, cast to the folder's dtype, then to the load dtype), same sharding and config; every model it hands
-out owns its arrays; at most `capacity` models are held."""
+out owns its arrays; at most `capacity` models are held; the folder written from a held model (in the background,
+by the stages) is byte for byte the one `export_hf` writes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 from tests.tiny_models import tiny_config
-from vlmu_jax.checkpoints.hf_export import export_hf
+from vlmu_jax.checkpoints.hf_export import export_held, export_hf
 from vlmu_jax.checkpoints.hf_import import load_pretrained
 from vlmu_jax.checkpoints.in_memory import ModelCache
 from vlmu_jax.models import lora
@@ -82,3 +83,24 @@ def test_capacity_drops_the_least_recently_used(tmp_path: Path) -> None:
     off = ModelCache(capacity=0)
     _saved(tmp_path / "d", off)
     assert off.load(tmp_path / "d", jnp.float32, **OPTIONS) is None
+
+
+@pytest.mark.parametrize("save_dtype", [None, jnp.bfloat16])
+def test_folder_written_from_the_held_copy_is_the_exported_one(tmp_path: Path, save_dtype) -> None:
+    """A model trained on a (data, fsdp, tensor) mesh, held sharded in pinned host memory: the folder written from
+    that copy alone (no device work) has the files, and the bytes, of `export_hf`'s, sharded files included."""
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    first = tmp_path / "first"
+    export_hf(lora.merge_lora(_trained()), first)
+    model = load_pretrained(first, mesh=mesh, **OPTIONS)
+    want = export_hf(model, tmp_path / "a", dtype=save_dtype, max_shard_bytes=60_000)
+    cache = ModelCache(capacity=1)
+    cache.put(tmp_path / "b", model, dtype=save_dtype)
+    config, params = cache.held(tmp_path / "b")
+    assert {v.sharding.memory_kind for v in params.values()} == {"pinned_host"}
+    got = export_held(tmp_path / "b", config, params, max_shard_bytes=60_000)
+    names = sorted(f.name for f in want.iterdir())
+    assert sorted(f.name for f in got.iterdir()) == names and len(names) > 3  # config, index, several shards
+    for name in names:
+        assert (got / name).read_bytes() == (want / name).read_bytes(), name
+    assert cache.held(tmp_path / "nothing") is None

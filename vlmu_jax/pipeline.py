@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -147,11 +149,15 @@ class Workspace:
         m = self.config.model
         options = {"remat": m.remat, "scan_layers": m.scan_layers, "attention_impl": m.attention}
         held = self.models.load(path, jnp.dtype(m.dtype), self.mesh, **options)
-        return held if held is not None else load_pretrained(path, dtype=jnp.dtype(m.dtype), mesh=self.mesh,
-                                                             **options)
+        if held is not None:
+            return held
+        wait_for_writes(path)
+        return load_pretrained(path, dtype=jnp.dtype(m.dtype), mesh=self.mesh, **options)
 
 
 def is_done(folder: Path) -> bool:
+    """The folder is finished (its DONE marker), after its background write if one is under way."""
+    wait_for_writes(folder)
     return (folder / DONE).exists()
 
 
@@ -162,8 +168,37 @@ def mark_done(folder: Path) -> None:
 
 def clear_done(folder: Path) -> None:
     """Before a folder is rewritten: a run that fails halfway must not leave it marked done."""
+    wait_for_writes(folder)
     if jax.process_index() == 0:
         (folder / DONE).unlink(missing_ok=True)
+
+
+# Folders written by a background thread while the run goes on (`write_in_background`), by resolved path.
+_WRITES: dict[Path, Future] = {}
+_WRITER: list[ThreadPoolExecutor] = []
+
+
+def write_in_background(folder: Path, write: Callable[[], None]) -> None:
+    """Runs `write` (which ends by marking `folder` done) in a thread; whatever asks whether the folder is done,
+    clears it or reads it from disk waits for it first, and `wait_for_writes()` waits for all. One write at a
+    time: each holds a model's host copy until it has written it."""
+    wait_for_writes()
+    if not _WRITER:
+        _WRITER.append(ThreadPoolExecutor(1, thread_name_prefix="hf-folder"))
+    _WRITES[folder.resolve()] = _WRITER[0].submit(write)
+
+
+def wait_for_writes(folder: Path | None = None) -> None:
+    """Waits for the background write of `folder` (all of them when None); a failed write raises here."""
+    for key in [folder.resolve()] if folder is not None else list(_WRITES):
+        future = _WRITES.pop(key, None)
+        if future is not None:
+            future.result()
+
+
+def is_written_or_writing(folder: Path) -> bool:
+    """The folder is done or its background write is under way (it is done once that ends, or the run fails)."""
+    return folder.resolve() in _WRITES or (folder / DONE).exists()
 
 
 def prepare_data(ws: Workspace) -> None:

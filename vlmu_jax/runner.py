@@ -40,3 +40,4 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> None:
     for name in names:
         with logs.timed(name):
             getattr(stages, name)(ws)
+    pipeline.wait_for_writes()  # the trained models' HF folders written in the background

@@ -32,7 +32,14 @@ from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl, head_token_stat
 from vlmu_jax.logs import say, timed
 from vlmu_jax.models import lora
-from vlmu_jax.pipeline import Workspace, clear_done, is_done, mark_done
+from vlmu_jax.pipeline import (
+    Workspace,
+    clear_done,
+    is_done,
+    is_written_or_writing,
+    mark_done,
+    write_in_background,
+)
 from vlmu_jax.protocol import Protocol
 from vlmu_jax.unlearn.objectives import get_objective
 from vlmu_jax.unlearn.trainer import TrainConfig, train
@@ -146,12 +153,18 @@ def _prepare_trainable(model: nnx.Module, stage: ml_collections.ConfigDict, seed
 def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None, info: dict | None = None) -> None:
     """Merged HF folder plus the base checkpoint's tokenizer and processor files (and `export_info.json`: `info`
     with the source tree's commit, when given)."""
-    from vlmu_jax import provenance
     from vlmu_jax.checkpoints.hf_export import export_hf
 
     lora.merge_lora(model)
     clear_done(out)
     export_hf(model, out, dtype=dtype)
+    _finish_folder(ws, out, dtype, info)
+
+
+def _finish_folder(ws: Workspace, out: Path, dtype=None, info: dict | None = None) -> None:
+    """The side files next to a written model, then its DONE marker."""
+    from vlmu_jax import provenance
+
     if jax.process_index() == 0:
         for name in _SIDE_FILES:
             if (ws.base_model / name).exists():
@@ -161,6 +174,34 @@ def _save_model(ws: Workspace, model: nnx.Module, out: Path, dtype=None, info: d
             record = {**info, "commit": commit, "dtype": str(dtype) if dtype is not None else None}
             (out / "export_info.json").write_text(json.dumps(record, indent=2))
     mark_done(out)
+
+
+def _keep_trained(ws: Workspace, model: nnx.Module, out: Path) -> None:
+    """A trained model's HF folder, and the model held in host memory for the next stages (no reload).
+
+    Why in the background: at 7B writing the folder took 20-25 s per model (bench/RESULTS.md, session 4), and no
+    later stage of this process reads it: they take the held copy. So the folder is written from that copy by a
+    thread while the run goes on (one process only: on several, a param's gather is collective). A stage that
+    needs the folder itself waits for it (`pipeline.is_done`, `Workspace.load`); the run waits for it at the end.
+    """
+    from vlmu_jax.checkpoints.hf_export import export_held
+
+    lora.merge_lora(model)
+    if not ws.models.capacity or jax.process_count() > 1:
+        with timed(f"HF folder {out}"):
+            _save_model(ws, model, out)
+        ws.models.put(out, model)
+        return
+    clear_done(out)
+    ws.models.put(out, model)
+    config, params = ws.models.held(out)
+
+    def write() -> None:
+        with timed(f"HF folder {out} (written beside the run)"):
+            export_held(out, config, params)
+            _finish_folder(ws, out)
+
+    write_in_background(out, write)
 
 
 def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collections.ConfigDict,
@@ -189,9 +230,7 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
                    hidden_fn=hidden_fn, workdir=run_dir, trainable=trainable, mesh=ws.mesh, reference=ref_model)
     logging.info("%s: %d steps, last loss %.4f", out_name, result.step, result.losses[-1] if result.losses
                  else float("nan"))
-    with timed(f"HF folder {out}"):  # at 7B the export is a fixed cost worth seeing next to the stage's
-        _save_model(ws, model, out)
-    ws.models.put(out, model)  # the next stage starts from (or scores) it: no reload of the folder
+    _keep_trained(ws, model, out)
 
 
 def finetune(ws: Workspace) -> None:
@@ -400,7 +439,7 @@ def _evaluable(ws: Workspace) -> dict[str, Path]:
                              f"({base_type!r}): set config.model.path to {name}'s base model",
                              file=path / "config.json", field="model_type")
     sources = eval_sources(ws)
-    ready = {n: p for n, p in sources.items() if n in given or is_done(p)}
+    ready = {n: p for n, p in sources.items() if n in given or is_written_or_writing(p)}
     missing = [str(p) for n, p in sources.items() if n not in ready]
     if not ready:
         raise InputError(f"stage eval: nothing to evaluate: {', '.join(missing)} not trained (no DONE marker); run "

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from vlmu_jax.checkpoints.hf_import import SAFETENSORS_DTYPES
 from vlmu_jax.checkpoints.layout import relayout
-from vlmu_jax.models.registry import hf_name_map
+from vlmu_jax.models.registry import abstract_model, hf_name_map
 
 _DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
@@ -79,7 +79,7 @@ class _Param(NamedTuple):
     in the Flax layout, and whether HF stores it transposed."""
 
     names: list[str]
-    value: jax.Array
+    value: jax.Array  # on its devices, or in host memory (`held_hf_params`: already in the folder's dtype)
     stacked: bool
     transpose: bool
 
@@ -89,15 +89,19 @@ class _Param(NamedTuple):
         return shape[:-2] + shape[-2:][::-1] if self.transpose else shape
 
     def on_host(self, dtype) -> list[np.ndarray]:
-        """Its HF tensors on this host: cast and transposed on its devices, then copied over (rows of a
-        C-contiguous array are contiguous views)."""
+        """Its HF tensors on this host. A device array is cast and transposed on its devices, then copied over
+        (rows of a C-contiguous array are contiguous views); a host array's tensors are transposed views, which
+        the writer copies out (off the devices: `held_hf_params` runs beside the next stage's training)."""
+        if self.value.sharding.memory_kind == "pinned_host":
+            parts = list(np.asarray(self.value)) if self.stacked else [np.asarray(self.value)]
+            return [np.swapaxes(t, -1, -2) if self.transpose else t for t in parts]
         host = _host(relayout(self.value, transpose=self.transpose, dtype=dtype, sharding=None))
         return list(host) if self.stacked else [host]
 
 
-def _hf_params(model: nnx.Module) -> list[_Param]:
-    """The model's exported params (LoRA merged), in export order."""
-    merged = merged_params(model)
+def _hf_params(model: nnx.Module, values: dict[tuple, jax.Array] | None = None) -> list[_Param]:
+    """The model's exported params in export order: `values` by param path (default: the model's, LoRA merged)."""
+    merged = merged_params(model) if values is None else values
     params = []
     for path, hp in hf_name_map(model).items():
         value = merged[path]
@@ -114,16 +118,30 @@ def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
 
 
 def export_hf(model: nnx.Module, out_dir: str | Path, dtype=None, max_shard_bytes: int = 4 * 2**30) -> Path:
-    """Write config.json and model.safetensors (or model-0000k-of-0000n.safetensors + index) to out_dir.
+    """Write config.json and model.safetensors (or model-0000k-of-0000n.safetensors + index) to out_dir."""
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    params = _hf_params(model)
+    config = saved_config(model, np.dtype(dtype or params[0].value.dtype))
+    return _write_folder(Path(out_dir), config, params, dtype, max_shard_bytes)
+
+
+def export_held(out_dir: str | Path, hf_config: dict, values: dict[tuple, jax.Array],
+                max_shard_bytes: int = 4 * 2**30) -> Path:
+    """The folder `export_hf` writes, from a model held in pinned host memory (`in_memory.ModelCache`: its
+    config.json as saved and its params in the folder's dtype): no device work, so a thread can write it while
+    the next stage trains."""
+    params = _hf_params(abstract_model(hf_config, jnp.float32), values)
+    return _write_folder(Path(out_dir), hf_config, params, None, max_shard_bytes)
+
+
+def _write_folder(out: Path, config: dict, params: list[_Param], dtype, max_shard_bytes: int) -> Path:
+    """config.json and the safetensors of `params`, cast to `dtype` if given.
 
     Streamed one param at a time: the files' headers are written from the shapes first, then each param is
     copied to the host while a writer thread writes the one before it, so the host holds at most two params
     (not the whole model: 22 GB for an 11B model in bfloat16) and the device-to-host copies overlap the disk.
     """
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = None if dtype is None else jnp.dtype(dtype)
-    params = _hf_params(model)
     specs = [(name, p.tensor_shape(), np.dtype(dtype or p.value.dtype)) for p in params for name in p.names]
     shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
     size = 0
@@ -139,11 +157,10 @@ def export_hf(model: nnx.Module, out_dir: str | Path, dtype=None, max_shard_byte
     file_of = {name: k for k, shard in enumerate(shards) for name, *_ in shard}
     main = jax.process_index() == 0
     if main:
-        config = saved_config(model, specs[0][2])
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     with ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="export") as writer:
         handles = [stack.enter_context(open(out / name, "wb")) for name in files] if main else []
-        for handle, shard in zip(handles, shards, strict=True):
+        for handle, shard in zip(handles, shards, strict=False):  # process 0 writes; the others only gather
             handle.write(_header(shard))
         writing: Future | None = None
         for p in params:

@@ -59,6 +59,12 @@ class ModelCache:
         config = json.loads(json.dumps(saved_config(model, next(iter(params.values())).dtype)))
         self._held[key] = _Held(config, params)
 
+    def held(self, folder: Path) -> tuple[dict, dict[tuple, jax.Array]] | None:
+        """(config.json as the folder holds it, the params in the folder's dtype in pinned host memory) of the
+        model held for `folder`, or None: what `hf_export.export_held` writes the folder from."""
+        held = self._held.get(folder.resolve())
+        return None if held is None else (held.hf_config, held.params)
+
     def load(self, folder: Path, dtype, mesh: Mesh | None = None, **options) -> nnx.Module | None:
         """The model `load_pretrained(folder, dtype, mesh, **options)` would build, or None when not held."""
         key = folder.resolve()
