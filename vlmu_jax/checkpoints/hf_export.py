@@ -29,12 +29,16 @@ def _header(tensors: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
     """A safetensors file's length-prefixed JSON header for tensors (name, shape, dtype) stored in this order."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype in tensors:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        end = offset + _nbytes(shape, dtype)
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)
     return struct.pack("<Q", len(blob)) + blob
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
 def _bytes(t: np.ndarray) -> memoryview:
@@ -79,7 +83,7 @@ class _Param(NamedTuple):
     in the Flax layout, and whether HF stores it transposed."""
 
     names: list[str]
-    value: jax.Array  # on its devices, or in host memory (`held_hf_params`: already in the folder's dtype)
+    value: jax.Array  # on its devices, or in pinned host memory (`export_held`: in the folder's dtype)
     stacked: bool
     transpose: bool
 
@@ -91,7 +95,7 @@ class _Param(NamedTuple):
     def on_host(self, dtype) -> list[np.ndarray]:
         """Its HF tensors on this host. A device array is cast and transposed on its devices, then copied over
         (rows of a C-contiguous array are contiguous views); a host array's tensors are transposed views, which
-        the writer copies out (off the devices: `held_hf_params` runs beside the next stage's training)."""
+        the writer copies out (off the devices: `export_held` runs beside the next stage's training)."""
         if self.value.sharding.memory_kind == "pinned_host":
             parts = list(np.asarray(self.value)) if self.stacked else [np.asarray(self.value)]
             return [np.swapaxes(t, -1, -2) if self.transpose else t for t in parts]
@@ -146,7 +150,7 @@ def _write_folder(out: Path, config: dict, params: list[_Param], dtype, max_shar
     shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
     size = 0
     for spec in specs:
-        nbytes = int(np.prod(spec[1], dtype=np.int64)) * spec[2].itemsize
+        nbytes = _nbytes(spec[1], spec[2])
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -173,7 +177,7 @@ def _write_folder(out: Path, config: dict, params: list[_Param], dtype, max_shar
             writing.result()
     if main and len(shards) > 1:
         index = {
-            "metadata": {"total_size": sum(int(np.prod(sh, dtype=np.int64)) * dt.itemsize for _, sh, dt in specs)},
+            "metadata": {"total_size": sum(_nbytes(shape, dt) for _, shape, dt in specs)},
             "weight_map": {name: files[k] for name, k in file_of.items()},
         }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
