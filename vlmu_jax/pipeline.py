@@ -175,7 +175,7 @@ def clear_done(folder: Path) -> None:
 
 # Folders written by a background thread while the run goes on (`write_in_background`), by resolved path.
 _WRITES: dict[Path, Future] = {}
-_WRITER: list[ThreadPoolExecutor] = []
+_WRITER = ThreadPoolExecutor(1, thread_name_prefix="hf-folder")  # its thread starts with the first write
 
 
 def write_in_background(folder: Path, write: Callable[[], None]) -> None:
@@ -183,9 +183,7 @@ def write_in_background(folder: Path, write: Callable[[], None]) -> None:
     clears it or reads it from disk waits for it first, and `wait_for_writes()` waits for all. One write at a
     time: each holds a model's host copy until it has written it."""
     wait_for_writes()
-    if not _WRITER:
-        _WRITER.append(ThreadPoolExecutor(1, thread_name_prefix="hf-folder"))
-    _WRITES[folder.resolve()] = _WRITER[0].submit(write)
+    _WRITES[folder.resolve()] = _WRITER.submit(write)
 
 
 def wait_for_writes(folder: Path | None = None) -> None:

@@ -96,11 +96,11 @@ class _Param(NamedTuple):
         """Its HF tensors on this host. A device array is cast and transposed on its devices, then copied over
         (rows of a C-contiguous array are contiguous views); a host array's tensors are transposed views, which
         the writer copies out (off the devices: `export_held` runs beside the next stage's training)."""
-        if self.value.sharding.memory_kind == "pinned_host":
-            parts = list(np.asarray(self.value)) if self.stacked else [np.asarray(self.value)]
-            return [np.swapaxes(t, -1, -2) if self.transpose else t for t in parts]
-        host = _host(relayout(self.value, transpose=self.transpose, dtype=dtype, sharding=None))
-        return list(host) if self.stacked else [host]
+        held = self.value.sharding.memory_kind == "pinned_host"
+        host = np.asarray(self.value) if held else _host(
+            relayout(self.value, transpose=self.transpose, dtype=dtype, sharding=None))
+        parts = list(host) if self.stacked else [host]
+        return [np.swapaxes(t, -1, -2) for t in parts] if held and self.transpose else parts
 
 
 def _hf_params(model: nnx.Module, values: dict[tuple, jax.Array] | None = None) -> list[_Param]:

@@ -31,9 +31,8 @@ def prefetched(make: Callable[[int], T], indices: Iterable[int], depth: int = DE
     workers = max(1, min(depth, (os.cpu_count() or 1)))
     with ThreadPoolExecutor(workers, thread_name_prefix="batch") as pool:
         ahead: deque[Future] = deque()
-        pending = iter(indices)
         try:
-            for i in pending:
+            for i in indices:
                 ahead.append(pool.submit(make, i))
                 if len(ahead) > depth:
                     yield ahead.popleft().result()
