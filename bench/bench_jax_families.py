@@ -29,6 +29,10 @@ from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.lora import apply_lora
 from vlmu_jax.models.registry import architecture, model_config, set_options
 
+# The eval calls run in each of these eval.layer_copies modes, the LoRA GA step under each remat policy.
+COPIES = os.environ.get("COPIES", "auto").split(",")
+REMAT = os.environ.get("REMAT", "none").split(",")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -50,15 +54,16 @@ def main() -> None:
     images = {k: jnp.asarray(v, jnp.bfloat16 if v.dtype.kind == "f" else jnp.int32) for k, v in images_np.items()}
     t = ids.shape[1]
 
-    # As the eval stage runs them: the model frozen (eval/frozen.py), with per-layer decoder copies where the
-    # device has room (eval/layer_copies.py); then log-probs through nnx.jit for comparison.
-    with layer_copies(model) as copied, frozen(model):
-        s = timeit(lambda: token_logprobs(model, ids, mask, images))
-        print(json.dumps({"what": "eval_logprob", "frozen": True, "layer_copies": copied, "B": b, "T": t, "s": s,
-                          "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)
-        s = timeit(lambda: generate(model, ids, mask, images, max_new_tokens=32, eos_token_id=()), n=3, warm=1)
-        print(json.dumps({"what": "generate32", "frozen": True, "layer_copies": copied, "B": b, "s": s,
-                          "new_tokens_per_s": b * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
+    # As the eval stage runs them: the model frozen (eval/frozen.py), with per-layer decoder copies in each of the
+    # COPIES modes (eval/layer_copies.py); then log-probs through nnx.jit for comparison.
+    for mode in COPIES:
+        with layer_copies(model, mode) as copied, frozen(model):
+            s = timeit(lambda: token_logprobs(model, ids, mask, images))
+            print(json.dumps({"what": "eval_logprob", "frozen": True, "layer_copies": copied, "B": b, "T": t,
+                              "s": s, "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)
+            s = timeit(lambda: generate(model, ids, mask, images, max_new_tokens=32, eos_token_id=()), n=3, warm=1)
+            print(json.dumps({"what": "generate32", "frozen": True, "layer_copies": copied, "B": b, "s": s,
+                              "new_tokens_per_s": b * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
     s = timeit(lambda: token_logprobs(model, ids, mask, images))
     print(json.dumps({"what": "eval_logprob", "frozen": False, "layer_copies": False, "B": b, "T": t, "s": s,
                       "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)
@@ -75,10 +80,11 @@ def main() -> None:
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
     answer = jnp.arange(t) >= head + 1 + t_text // 2  # the second half of the text is the answer
     labels = jnp.where(answer[None, :], ids, -100)
-    r = unlearn_step_time(model, "ga", "none",
-                          {"input_ids": ids, "attention_mask": mask, "images": images, "labels": labels})
-    print(json.dumps({"what": "lora_ga_step", "remat": "none", "B": b, "T": t, "s": r.s, "samples_per_s": b / r.s,
-                      "max_mem_gb": r.process_peak_gb, "step_peak_gb": r.step_peak_gb}), flush=True)
+    for remat in REMAT:
+        r = unlearn_step_time(model, "ga", remat,
+                              {"input_ids": ids, "attention_mask": mask, "images": images, "labels": labels})
+        print(json.dumps({"what": "lora_ga_step", "remat": remat, "B": b, "T": t, "s": r.s, "samples_per_s": b / r.s,
+                          "max_mem_gb": r.process_peak_gb, "step_peak_gb": r.step_peak_gb}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Per-kernel device time from jax.profiler traces (the trace.json.gz each trace directory holds).
 
 For each trace_* directory under the given folder: device busy time, the share by kernel class (matmul,
-attention, RNG, copies, other fusions) and the kernels that cost most, summed over the traced calls.
+attention, RNG, copies, other fusions) and the kernels that cost most, summed over the traced calls; then the
+device's idle stretches between kernels.
 Usage: `python bench/read_trace.py OUT_DIR [TOP]`.
 """
 
@@ -38,6 +39,23 @@ def device_events(path: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e["pid"] in gpu]
 
 
+def gaps(events: list[dict], top: int = 8) -> None:
+    """Device idle time between kernels (any stream busy counts as busy) and the largest idle stretches, named by
+    the kernels on either side: where the host, not the device, set the pace."""
+    ordered = sorted(events, key=lambda e: e["ts"])
+    end, before, idle = ordered[0]["ts"] + ordered[0]["dur"], ordered[0]["name"], []
+    for e in ordered[1:]:
+        if e["ts"] > end:
+            idle.append((e["ts"] - end, before, e["name"]))
+        if e["ts"] + e["dur"] >= end:
+            end, before = e["ts"] + e["dur"], e["name"]
+    total = sum(d for d, _, _ in idle)
+    print(f"   idle {total / 1e3:.1f} ms in {len(idle)} gaps, {sum(d for d, _, _ in idle if d > 50) / 1e3:.1f} ms of "
+          f"them over 50 us; largest:")
+    for d, a, b in sorted(idle, reverse=True)[:top]:
+        print(f"   {d / 1e3:8.2f} ms after {a[:60]} before {b[:60]}")
+
+
 def summarize(trace_dir: str, top: int) -> None:
     files = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))
     if not files:
@@ -68,6 +86,7 @@ def summarize(trace_dir: str, top: int) -> None:
     print("   " + ", ".join(f"{k} {v / busy:.0%}" for k, v in by_class.most_common()))
     for (label, key), dur in by_name.most_common(top):
         print(f"   {dur / 1e3:8.2f} ms {counts[(label, key)]:6d}x {label:9s} {key}")
+    gaps(events)
     sample = events[len(events) // 2]
     print(f"   sample event: {sample['name'][:80]} args={json.dumps(sample.get('args', {}))[:300]}")
 

@@ -12,9 +12,11 @@ import os
 import ml_collections
 
 from vlmu_jax import compile_cache, model_sources
+from vlmu_jax.models.layers import REMAT_POLICIES
 from vlmu_jax.protocol import resolve as resolve_protocol
 
 STAGES = ("finetune", "unlearn", "eval", "export", "report")
+TRAIN_STAGES = ("finetune", "retain_model", "unlearn")  # the config sections made by train_config
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
@@ -49,6 +51,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     c.lora_alpha = 16.0
     c.lora_dropout = 0.05
     c.lora_targets = ""  # regex of the adapted modules; empty = the protocol's (vlmu_jax.protocol)
+    # Rematerialisation of this stage's training step; "" = config.model.remat. A LoRA stage keeps only the matmul
+    # outputs with "dots_with_no_batch_dims_saveable": at LLaVA-1.5-7B shape as fast as none and a quarter less
+    # memory (bench/NOTES.md); a full finetune at 7B wants "full".
+    c.remat = ""
     c.tune_vision_tower = False
     c.tune_mm_projector = True
     c.tune_language_model = True
@@ -109,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image_processor_overrides = ml_collections.ConfigDict()
     c.model.dtype = "bfloat16"  # compute/param dtype of the loaded model
     c.model.attention = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
-    c.model.remat = "none"  # none | full | dots_saveable
+    c.model.remat = "none"  # see vlmu_jax.models.layers.REMAT_POLICIES; the stages' own `remat` overrides it
     c.model.scan_layers = True
     # Trained models (finetuned, retain_model, unlearned_*) kept on the accelerator after their HF folder is
     # written, so later stages of the same process take them from memory instead of reading the folder back: at
@@ -199,6 +205,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             )
         if not os.path.isdir(config.data.root):
             raise FileNotFoundError(f"config.data.root {config.data.root!r} is not a folder")
+    for where, policy in [("model.remat", config.model.remat)] + [
+            (f"{name}.remat", config[name].remat or config.model.remat) for name in TRAIN_STAGES]:
+        if policy not in REMAT_POLICIES:
+            raise ValueError(f"config.{where} must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
     if config.model.keep_in_memory < 0:
         raise ValueError(f"config.model.keep_in_memory must be >= 0 (models held), got {config.model.keep_in_memory}")
     if not 0 <= config.data.single_length_max_padding:

@@ -42,6 +42,12 @@ def _method(variant: str | None, known: tuple[str, ...], default: str) -> str:
     return method
 
 
+# LoRA training keeps the matmul outputs and recomputes the rest: LLaVA-1.5-7B's GA step ran as fast as with no
+# remat (0.220 against 0.222 s) in 32.4 instead of 43.1 GB (bench/RESULTS.md, session 5). Full finetuning at 7B
+# stays on "full": weights, gradients and AdamW moments leave less room.
+LORA_REMAT = "dots_with_no_batch_dims_saveable"
+
+
 def fiubench(variant: str | None, *, template: str, model_path: str) -> ml_collections.ConfigDict:
     """FIUBench: full finetune (vision tower frozen), then LoRA r128/a256 unlearning of forget10."""
     c = base_config()
@@ -63,7 +69,8 @@ def fiubench(variant: str | None, *, template: str, model_path: str) -> ml_colle
     c.unlearn.update(objective=_method(variant, FIUBENCH_METHODS, "ga"), lr=1e-4, lr_schedule="cosine",
                      warmup_ratio=0.06, weight_decay=0.01, max_grad_norm=1.0, batch_size=4, grad_accum=16,
                      num_epochs=5, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05,
-                     tune_vision_tower=False, tune_mm_projector=True, tune_language_model=True)
+                     tune_vision_tower=False, tune_mm_projector=True, tune_language_model=True,
+                     remat=LORA_REMAT)
     c.unlearn.update(METHOD_PARAMS.get(c.unlearn.objective, {}))
     c.eval.max_new_tokens = 50
     return c
@@ -84,7 +91,7 @@ def mllmu(variant: str | None, *, template: str, model_path: str) -> ml_collecti
     c.name = f"mllmu_{template}_{method}"
     c.model.path = model_path
     c.model.template = template
-    c.model.remat = "full"
+    c.model.remat = LORA_REMAT  # every stage trains LoRA adapters only
     c.data.forget_ratio = 5
     c.data.max_length = 384
     if template == "qwen2-vl":

@@ -32,6 +32,7 @@ from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl, head_token_stat
 from vlmu_jax.logs import say, timed
 from vlmu_jax.models import lora
+from vlmu_jax.models.registry import set_options
 from vlmu_jax.pipeline import (
     Workspace,
     clear_done,
@@ -213,6 +214,9 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
         logging.info("%s exists, skipping (config.force=True redoes it)", out)
         return
     model = ws.load(start)
+    if stage.remat and stage.remat != model.config.remat:
+        set_options(model, remat=stage.remat)
+        logging.info("%s trains with remat %r (config.model.remat %r)", out_name, stage.remat, ws.config.model.remat)
     trainable = _prepare_trainable(model, stage, ws.config.seed, ws.protocol)
     ref_model = None
     if reference is not None:
