@@ -1,5 +1,6 @@
-"""Eval calls on a frozen model (eval/frozen.py) give what nnx.jit gives, trace once for all calls of a shape,
-and after the block see the model as it is then (no stale split survives it)."""
+"""Eval calls on a frozen model (eval/frozen.py) give what nnx.jit gives, trace once for all calls of a shape
+and for every model of the same structure, and after the block see the model as it is then (no stale split
+survives it)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,10 @@ def test_frozen_calls_match_nnx_jit_and_do_not_outlive_the_block(tmp_path):
     with frozen(model):
         assert float(call(model, *args, scale=2.0)) == 0.0
     assert not np.isnan(want) and want != 0.0
+    # Another model of the same structure (the next one an eval stage evaluates) reuses the compiled call: the
+    # static structure is interned, not compared node by node at every call.
+    traced = len(traces)
+    other = load_pretrained(folder)
+    with frozen(other):
+        assert float(call(other, *args, scale=2.0)) == want
+    assert len(traces) == traced
