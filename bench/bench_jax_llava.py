@@ -41,8 +41,10 @@ from vlmu_jax.unlearn.trainer import TrainConfig, make_step
 # GEN_SCAN=1,0 also times the unrolled decoder (slower on the H200, bench/NOTES.md).
 GEN_BATCHES = tuple(int(x) for x in os.environ.get("GEN_B", "16,64").split(",") if x)
 GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1").split(","))
-# The unlearning steps to time, objective:remat pairs.
-STEPS = tuple(tuple(x.split(":")) for x in os.environ.get("STEPS", "ga:none,ga:full,gd:none,npo:none").split(",") if x)
+# The unlearning steps to time, objective:remat pairs (the presets' LoRA stages keep the matmul outputs).
+_DOTS = "dots_with_no_batch_dims_saveable"
+STEPS = tuple(tuple(x.split(":")) for x in os.environ.get(
+    "STEPS", f"ga:{_DOTS},ga:none,gd:{_DOTS},npo:{_DOTS}").split(",") if x)
 # Which workloads run (WORK=logprob,steps for the flag and layout experiments); SCAN=0 runs log-probs and the
 # steps with the layers unrolled instead of scanned.
 WORK = set(os.environ.get("WORK", "logprob,steps,generate").split(","))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend.random import threefry2x32_p
 
 Axes = tuple[str | None, ...]
 
@@ -55,11 +56,45 @@ class Dense(nnx.Module):
         if self.lora_a is not None:
             h = x
             if self.lora_dropout > 0.0 and not self.deterministic and rng is not None:
-                keep = jax.random.bernoulli(rng, 1.0 - self.lora_dropout, x.shape)
+                keep = dropout_keep(rng, x.shape, self.lora_dropout)
                 h = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
             h = jnp.einsum("...i,ir->...r", h, self.lora_a[...].astype(x.dtype))
             y = y + self.lora_scale * jnp.einsum("...r,ro->...o", h, self.lora_b[...].astype(x.dtype))
         return y
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """uint32 row-major index of every element of `shape` (fewer than 2**32 elements)."""
+    if math.prod(shape) >= 2**32:
+        raise ValueError(f"dropout mask of shape {shape} has 2**32 elements or more")
+    index, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in range(len(shape) - 1, -1, -1):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return index
+
+
+def dropout_keep(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """Boolean keep mask, each element kept with probability 1 - rate, independently.
+
+    Why not `jax.random.bernoulli`: it draws 32 bits per element, and under jax's default partitionable Threefry
+    each element costs a whole Threefry-2x32 block (64 bits hashed, 32 kept). LoRA draws one mask per adapted
+    projection and layer, again in the backward when remat recomputes it: most of the ~30 ms of mask fusions in a
+    7B LoRA GA step (bench/NOTES.md). Here one block gives four 16-bit lanes, a quarter of the hashing, so the rate
+    is realised to 1/65536 (0.05 -> 0.0500031). Lanes are counted by their flat index, like jax's own
+    partitionable bits, so the mask does not depend on how the array is sharded. A key of another PRNG
+    implementation (or a raw uint32 key) falls back to `jax.random.bernoulli`.
+    """
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or str(jax.random.key_impl(rng)) != "threefry2x32":
+        return jax.random.bernoulli(rng, 1.0 - rate, shape)
+    *lead, d = shape
+    groups = (*lead, -(-d // 4))
+    count = _flat_index(groups)
+    k = jax.random.key_data(rng)
+    hi, lo = threefry2x32_p.bind(k[0], k[1], jnp.zeros_like(count), count)
+    low16 = jnp.uint32(0xFFFF)
+    lanes = jnp.stack([hi & low16, hi >> 16, lo & low16, lo >> 16], axis=-1).reshape(*lead, -1)[..., :d]
+    return lanes >= jnp.uint32(round(rate * 65536))
 
 
 class RMSNorm(nnx.Module):
