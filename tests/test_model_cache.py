@@ -87,8 +87,9 @@ def test_capacity_drops_the_least_recently_used(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("save_dtype", [None, jnp.bfloat16])
 def test_folder_written_from_the_held_copy_is_the_exported_one(tmp_path: Path, save_dtype) -> None:
-    """A model trained on a (data, fsdp, tensor) mesh, held sharded in pinned host memory: the folder written from
-    that copy alone (no device work) has the files, and the bytes, of `export_hf`'s, sharded files included."""
+    """A model trained on a (data, fsdp, tensor) mesh, held sharded in pinned host memory in HF layout: the folder
+    written from that copy alone (no device work) has the files, and the bytes, of `export_hf`'s, sharded files
+    included."""
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     first = tmp_path / "first"
     export_hf(lora.merge_lora(_trained()), first)
@@ -98,6 +99,10 @@ def test_folder_written_from_the_held_copy_is_the_exported_one(tmp_path: Path, s
     cache.put(tmp_path / "b", model, dtype=save_dtype)
     config, params = cache.held(tmp_path / "b")
     assert {v.sharding.memory_kind for v in params.values()} == {"pinned_host"}
+    # Held as the folder stores it (HF layout): the writer streams bytes, it transposes nothing on the host.
+    kernel = params[("language_model", "layers", "mlp", "down_proj", "kernel")]
+    flax_kernel = model.language_model.layers.mlp.down_proj.kernel[...]
+    assert kernel.shape == flax_kernel.shape[:1] + flax_kernel.shape[1:][::-1] != flax_kernel.shape
     got = export_held(tmp_path / "b", config, params, max_shard_bytes=60_000)
     names = sorted(f.name for f in want.iterdir())
     assert sorted(f.name for f in got.iterdir()) == names and len(names) > 3  # config, index, several shards

@@ -83,9 +83,9 @@ class _Param(NamedTuple):
     in the Flax layout, and whether HF stores it transposed."""
 
     names: list[str]
-    value: jax.Array  # on its devices, or in pinned host memory (`export_held`: in the folder's dtype)
+    value: jax.Array  # on its devices in the Flax layout, or (`export_held`) in pinned host memory as stored
     stacked: bool
-    transpose: bool
+    transpose: bool  # the folder stores `value` with its last two axes swapped (never a held value)
 
     def tensor_shape(self) -> tuple[int, ...]:
         """Shape of each of its HF tensors."""
@@ -93,25 +93,23 @@ class _Param(NamedTuple):
         return shape[:-2] + shape[-2:][::-1] if self.transpose else shape
 
     def on_host(self, dtype) -> list[np.ndarray]:
-        """Its HF tensors on this host. A device array is cast and transposed on its devices, then copied over
-        (rows of a C-contiguous array are contiguous views); a host array's tensors are transposed views, which
-        the writer copies out (off the devices: `export_held` runs beside the next stage's training)."""
+        """Its HF tensors on this host, each contiguous (a row of a C-contiguous array). A device array is cast
+        and transposed on its devices, then copied over; a held one is copied out as it is."""
         held = self.value.sharding.memory_kind == "pinned_host"
         host = np.asarray(self.value) if held else _host(
             relayout(self.value, transpose=self.transpose, dtype=dtype, sharding=None))
-        parts = list(host) if self.stacked else [host]
-        return [np.swapaxes(t, -1, -2) for t in parts] if held and self.transpose else parts
+        return list(host) if self.stacked else [host]
 
 
-def _hf_params(model: nnx.Module, values: dict[tuple, jax.Array] | None = None) -> list[_Param]:
-    """The model's exported params in export order: `values` by param path (default: the model's, LoRA merged)."""
-    merged = merged_params(model) if values is None else values
+def _hf_params(model: nnx.Module, stored: dict[tuple, jax.Array] | None = None) -> list[_Param]:
+    """The model's exported params in export order: `stored` by param path, as the folder stores them (default:
+    the model's own on its devices, LoRA merged, in the Flax layout)."""
+    merged = merged_params(model) if stored is None else stored
     params = []
     for path, hp in hf_name_map(model).items():
         value = merged[path]
         names = [hp.name.format(i=i) for i in range(value.shape[0])] if hp.stacked else [hp.name]
-        # .T of one (per-layer) tensor: a no-op below two axes
-        params.append(_Param(names, value, hp.stacked, hp.transpose and value.ndim - hp.stacked >= 2))
+        params.append(_Param(names, value, hp.stacked, stored is None and hp.swaps(value.ndim)))
     return params
 
 
@@ -129,12 +127,12 @@ def export_hf(model: nnx.Module, out_dir: str | Path, dtype=None, max_shard_byte
     return _write_folder(Path(out_dir), config, params, dtype, max_shard_bytes)
 
 
-def export_held(out_dir: str | Path, hf_config: dict, values: dict[tuple, jax.Array],
+def export_held(out_dir: str | Path, hf_config: dict, stored: dict[tuple, jax.Array],
                 max_shard_bytes: int = 4 * 2**30) -> Path:
-    """The folder `export_hf` writes, from a model held in pinned host memory (`in_memory.ModelCache`: its
-    config.json as saved and its params in the folder's dtype): no device work, so a thread can write it while
-    the next stage trains."""
-    params = _hf_params(abstract_model(hf_config, jnp.float32), values)
+    """The folder `export_hf` writes, from a model held in pinned host memory as the folder stores it
+    (`in_memory.ModelCache`: its config.json, its params in HF layout and the folder's dtype): no device work and
+    no host transposes, only bytes to the disk, so a thread can write it while the next stage trains."""
+    params = _hf_params(abstract_model(hf_config, jnp.float32), stored)
     return _write_folder(Path(out_dir), hf_config, params, None, max_shard_bytes)
 
 

@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from vlmu_jax.checkpoints.layout import relayout, swapped
+from vlmu_jax.checkpoints.layout import swapped, to_model
 from vlmu_jax.errors import InputError
 from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.registry import abstract_model, architecture, hf_name_map
@@ -221,7 +221,7 @@ def _make_array(
     """Assemble only the requested shard of a (possibly layer-stacked) param from its HF tensors: read as stored
     (HF layout and dtype, contiguous slices of the memory map), then cast and transposed on the devices
     (checkpoints/layout.py: numpy would do both on one host thread over strided memory)."""
-    transpose = hp.transpose and len(shape) - hp.stacked >= 2
+    transpose = hp.swaps(len(shape))
     stored = shape[:-2] + shape[-2:][::-1] if transpose else shape
 
     def one(name: str, idx: tuple[slice, ...]) -> np.ndarray:
@@ -233,6 +233,4 @@ def _make_array(
         return np.stack([one(names[i], idx[1:]) for i in range(len(names))[idx[0]]])
 
     raw = jax.make_array_from_callback(stored, swapped(sharding, len(shape)) if transpose else sharding, callback)
-    if not transpose and raw.dtype == jnp.dtype(dtype):
-        return raw
-    return relayout(raw, transpose=transpose, dtype=jnp.dtype(dtype), sharding=sharding)
+    return to_model(raw, transpose, dtype, sharding)

@@ -11,6 +11,11 @@ Held params live in pinned host memory, sharded like the model: a 7B model in bf
 per model and nothing on the accelerator, whose memory the next stage's training needs (a full 7B finetune with
 AdamW fills most of an 80 GB GPU), and copying it back takes about a second, not an export and a reload. At most
 `capacity` models are held; the least recently saved or loaded goes first.
+
+They are held as the folder stores them (HF layout, the folder's dtype), cast and transposed on the devices on
+the way in and out, so that `hf_export.export_held` only streams bytes to the disk. Held in the Flax layout, the
+background writer transposed every kernel with numpy on one host thread (~0.3 GB/s): at 7B a folder took 67-79 s
+to write beside the next stage instead of ~20 s in the foreground (bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
 from vlmu_jax.checkpoints.hf_export import merged_params, saved_config
 from vlmu_jax.checkpoints.hf_import import runtime_summary
+from vlmu_jax.checkpoints.layout import relayout, swapped, to_model
 from vlmu_jax.models.registry import abstract_model, hf_name_map
 from vlmu_jax.models.sharding import placement
 
@@ -35,7 +40,7 @@ from vlmu_jax.models.sharding import placement
 @dataclass(frozen=True)
 class _Held:
     hf_config: dict  # config.json as the folder holds it
-    params: dict[tuple, jax.Array]  # param path -> value in the folder's dtype
+    params: dict[tuple, jax.Array]  # param path -> value as the folder stores it: HF layout, the folder's dtype
 
 
 class ModelCache:
@@ -53,7 +58,8 @@ class ModelCache:
         self._held.pop(key, None)
         while len(self._held) >= self.capacity:
             self._held.popitem(last=False)
-        params = {path: _to_host(value if dtype is None else value.astype(dtype))
+        names = hf_name_map(model)
+        params = {path: _to_host(relayout(value, transpose=names[path].swaps(value.ndim), dtype=dtype, sharding=None))
                   for path, value in merged_params(model).items()}
         # json round trip: tuples become lists, as in the folder's config.json
         config = json.loads(json.dumps(saved_config(model, next(iter(params.values())).dtype)))
@@ -76,9 +82,11 @@ class ModelCache:
         paths = hf_name_map(abstract)
         graphdef, state = nnx.split(abstract)
         flat = dict(nnx.to_flat_state(state))
-        for path in paths:
-            var = flat[path]
-            var.set_value(_copy(held.params[path], placement(var, mesh)).astype(jnp.dtype(dtype)))
+        for path, hp in paths.items():
+            var, stored = flat[path], held.params[path]
+            sharding, transpose = placement(var, mesh), hp.swaps(stored.ndim)
+            on_device = _copy(stored, swapped(sharding, stored.ndim) if transpose else sharding)
+            var.set_value(to_model(on_device, transpose, dtype, sharding))
         model = nnx.merge(graphdef, state)
         logging.info("%s, from memory", runtime_summary(model, folder, dtype))
         return model

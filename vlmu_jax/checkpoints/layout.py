@@ -24,6 +24,14 @@ def relayout(x: jax.Array, transpose: bool, dtype, sharding: Sharding | None) ->
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
+def to_model(stored: jax.Array, transpose: bool, dtype, sharding: Sharding) -> jax.Array:
+    """A param as an HF folder stores it (placed by `swapped(sharding)` when `transpose`) in the model's dtype,
+    layout and placement, converted on its devices."""
+    if not transpose and stored.dtype == jnp.dtype(dtype):
+        return stored
+    return relayout(stored, transpose=transpose, dtype=jnp.dtype(dtype), sharding=sharding)
+
+
 def swapped(sharding: Sharding, ndim: int) -> Sharding:
     """The placement of an array whose last two axes are swapped relative to one placed by `sharding`."""
     if not isinstance(sharding, NamedSharding):

@@ -23,6 +23,11 @@ class HFParam:
     transpose: bool
     stacked: bool
 
+    def swaps(self, ndim: int) -> bool:
+        """Whether a Flax value of `ndim` axes is stored with its last two axes swapped (a per-layer tensor of
+        fewer than two axes has nothing to swap)."""
+        return self.transpose and ndim - self.stacked >= 2
+
 
 LEAVES: dict[str, tuple[str, bool]] = {
     "kernel": ("weight", True),
