@@ -59,7 +59,7 @@ class ModelCache:
         while len(self._held) >= self.capacity:
             self._held.popitem(last=False)
         names = hf_name_map(model)
-        params = {path: _to_host(relayout(value, transpose=names[path].swaps(value.ndim), dtype=dtype, sharding=None))
+        params = {path: _to_host(_as_stored(value, names[path].swaps(value.ndim), dtype))
                   for path, value in merged_params(model).items()}
         # json round trip: tuples become lists, as in the folder's config.json
         config = json.loads(json.dumps(saved_config(model, next(iter(params.values())).dtype)))
@@ -90,6 +90,14 @@ class ModelCache:
         model = nnx.merge(graphdef, state)
         logging.info("%s, from memory", runtime_summary(model, folder, dtype))
         return model
+
+
+def _as_stored(x: jax.Array, transpose: bool, dtype) -> jax.Array:
+    """`x` as the folder stores it (cast to `dtype` if given, last two axes swapped if `transpose`), on its
+    devices; `x` itself when that changes nothing."""
+    if not transpose and (dtype is None or x.dtype == dtype):
+        return x
+    return relayout(x, transpose=transpose, dtype=dtype, sharding=None)
 
 
 def _to_host(x: jax.Array) -> jax.Array:
