@@ -6,8 +6,8 @@ tokens) on the embedded synthetic benchmark at FIUBench's size (400 identities, 
 pipeline's random-model path (`model.tiny`) sized like LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens;
 its MLP is 2x wide, not 4x) and Llama-7B. The vocabulary is the demo tokenizer's (a few thousand tokens, not
 32064), so the output head is smaller than the real one. Step counts are capped (`--steps`) and eval runs on
-forget1 / retain5 so the whole run fits a device lease; the per-step and per-batch numbers are what a full run
-repeats.
+forget1 / retain5 (`--eval_forget`, `--eval_retain`) so the whole run fits a device lease; the per-step and
+per-batch numbers are what a full run repeats.
 
 Model compute: training steps from the trainer's metrics.jsonl (its per-step time includes host batching; the
 first step at each bucket length compiles, and its time beyond the run's fastest step counts as compile); eval
@@ -47,7 +47,6 @@ def config(small: bool, steps: int, identities: int, objectives: str):
     for stage in (c.finetune, c.retain_model, c.unlearn):
         # No Orbax checkpoints: a 7B full finetune's (weights + AdamW moments) does not fit the device's disk.
         stage.update(num_steps=steps, progress=False, keep_checkpoints=0)
-    c.eval.retain_split = "retain5"
     return c
 
 
@@ -101,6 +100,9 @@ def main() -> None:
     parser.add_argument("--identities", type=int, default=400)
     parser.add_argument("--objectives", default="ga,gd,npo")
     parser.add_argument("--eval_objective", default="npo")
+    parser.add_argument("--eval_forget", default="forget1",
+                        help="forget split the eval stage scores (FIUBench's own: forget10; forget1 fits a lease)")
+    parser.add_argument("--eval_retain", default="retain5", help="retain split the eval stage scores")
     parser.add_argument("--eval_only", action="store_true",
                         help="skip training: evaluate the random base model under the three names eval reads "
                              "(finetuned, retain_model, unlearned_<eval_objective>), to time the eval stage alone")
@@ -153,7 +155,8 @@ def main() -> None:
     score = CallTimer(batched.token_logprobs, lambda a, k: int(np.size(a[1])))
     gen = CallTimer(batched.generate, lambda a, k: int(np.shape(a[1])[0]) * k["max_new_tokens"])
     batched.token_logprobs, batched.generate = score, gen
-    ws.config.data.forget_split = "forget1"  # eval on forget1 / retain5: the same batches, fewer of them
+    ws.config.data.forget_split = args.eval_forget  # default forget1 / retain5: the same batches, fewer of them
+    ws.config.eval.retain_split = args.eval_retain
     ws.config.unlearn.objective = args.eval_objective  # and of one unlearned model (plus finetuned, retain_model)
     ws.config.force = True  # evaluated again when the workdir has results (a second run times a warm cache)
     t0 = time.perf_counter()
