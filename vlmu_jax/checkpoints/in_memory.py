@@ -59,8 +59,11 @@ class ModelCache:
         while len(self._held) >= self.capacity:
             self._held.popitem(last=False)
         names = hf_name_map(model)
-        params = {path: _to_host(_as_stored(value, names[path].swaps(value.ndim), dtype))
-                  for path, value in merged_params(model).items()}
+        params = {}
+        for path, value in merged_params(model).items():
+            # One param at a time: its transposed device copy is gone before the next one is made (the copies to
+            # the host are asynchronous, and a 7B model's worth of them would not fit beside a full finetune).
+            params[path] = jax.block_until_ready(_to_host(_as_stored(value, names[path].swaps(value.ndim), dtype)))
         # json round trip: tuples become lists, as in the folder's config.json
         config = json.loads(json.dumps(saved_config(model, next(iter(params.values())).dtype)))
         self._held[key] = _Held(config, params)
