@@ -19,7 +19,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vlmu_jax.checkpoints.hf_import import SAFETENSORS_DTYPES
-from vlmu_jax.checkpoints.layout import relayout
+from vlmu_jax.checkpoints.layout import to_stored
 from vlmu_jax.models.registry import abstract_model, hf_name_map
 
 _DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
@@ -93,11 +93,9 @@ class _Param(NamedTuple):
         return shape[:-2] + shape[-2:][::-1] if self.transpose else shape
 
     def on_host(self, dtype) -> list[np.ndarray]:
-        """Its HF tensors on this host, each contiguous (a row of a C-contiguous array). A device array is cast
-        and transposed on its devices, then copied over; a held one is copied out as it is."""
-        held = self.value.sharding.memory_kind == "pinned_host"
-        host = np.asarray(self.value) if held else _host(
-            relayout(self.value, transpose=self.transpose, dtype=dtype, sharding=None))
+        """Its HF tensors on this host, each contiguous (a row of a C-contiguous array): cast and transposed on
+        its devices where the folder needs it, then copied over (a held value is copied out as it is)."""
+        host = _host(to_stored(self.value, self.transpose, dtype))
         return list(host) if self.stacked else [host]
 
 

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 from vlmu_jax.checkpoints.hf_export import merged_params, saved_config
 from vlmu_jax.checkpoints.hf_import import runtime_summary
-from vlmu_jax.checkpoints.layout import relayout, swapped, to_model
+from vlmu_jax.checkpoints.layout import swapped, to_model, to_stored
 from vlmu_jax.models.registry import abstract_model, hf_name_map
 from vlmu_jax.models.sharding import placement
 
@@ -63,14 +63,14 @@ class ModelCache:
         for path, value in merged_params(model).items():
             # One param at a time: its transposed device copy is gone before the next one is made (the copies to
             # the host are asynchronous, and a 7B model's worth of them would not fit beside a full finetune).
-            params[path] = jax.block_until_ready(_to_host(_as_stored(value, names[path].swaps(value.ndim), dtype)))
+            params[path] = jax.block_until_ready(_to_host(to_stored(value, names[path].swaps(value.ndim), dtype)))
         # json round trip: tuples become lists, as in the folder's config.json
         config = json.loads(json.dumps(saved_config(model, next(iter(params.values())).dtype)))
         self._held[key] = _Held(config, params)
 
     def held(self, folder: Path) -> tuple[dict, dict[tuple, jax.Array]] | None:
-        """(config.json as the folder holds it, the params in the folder's dtype in pinned host memory) of the
-        model held for `folder`, or None: what `hf_export.export_held` writes the folder from."""
+        """(config.json as the folder holds it, the params as the folder stores them, in pinned host memory) of
+        the model held for `folder`, or None: what `hf_export.export_held` writes the folder from."""
         held = self._held.get(folder.resolve())
         return None if held is None else (held.hf_config, held.params)
 
@@ -93,14 +93,6 @@ class ModelCache:
         model = nnx.merge(graphdef, state)
         logging.info("%s, from memory", runtime_summary(model, folder, dtype))
         return model
-
-
-def _as_stored(x: jax.Array, transpose: bool, dtype) -> jax.Array:
-    """`x` as the folder stores it (cast to `dtype` if given, last two axes swapped if `transpose`), on its
-    devices; `x` itself when that changes nothing."""
-    if not transpose and (dtype is None or x.dtype == dtype):
-        return x
-    return relayout(x, transpose=transpose, dtype=dtype, sharding=None)
 
 
 def _to_host(x: jax.Array) -> jax.Array:

@@ -24,6 +24,14 @@ def relayout(x: jax.Array, transpose: bool, dtype, sharding: Sharding | None) ->
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
+def to_stored(x: jax.Array, transpose: bool, dtype) -> jax.Array:
+    """A param of the model as an HF folder stores it (cast to `dtype` if given, last two axes swapped if
+    `transpose`), converted on its devices; `x` itself when that changes nothing."""
+    if not transpose and (dtype is None or x.dtype == jnp.dtype(dtype)):
+        return x
+    return relayout(x, transpose=transpose, dtype=dtype, sharding=None)
+
+
 def to_model(stored: jax.Array, transpose: bool, dtype, sharding: Sharding) -> jax.Array:
     """A param as an HF folder stores it (placed by `swapped(sharding)` when `transpose`) in the model's dtype,
     layout and placement, converted on its devices."""
