@@ -37,20 +37,31 @@ def test_copies_compute_what_the_stack_computes(tmp_path, text):
     names = hf_name_map(model)
     with layer_copies(model) as attached:
         assert not attached  # CPU: the scan does not copy, so no second copy of the weights is taken
+    before = {path: np.asarray(v) for path, v in nnx.to_flat_state(nnx.state(model.decoder_lm().layers))}
     with layer_copies(model, "always") as attached, frozen(model):
         assert attached and decode_over_slices(model)
         copies = model.decoder_lm().layer_copies
         assert len(copies) == model.config.text.num_layers
-        stack = model.decoder_lm().layers.mlp.down_proj.kernel[...]
-        np.testing.assert_array_equal(np.asarray(copies[1].mlp.down_proj.kernel[...]), np.asarray(stack[1]))
+        np.testing.assert_array_equal(np.asarray(copies[1].mlp.down_proj.kernel[...]),
+                                      before[("mlp", "down_proj", "kernel")][1])
+        # the copies replace the stack: every stacked weight is a zero-size stand-in, so no second copy is held
+        stacked = nnx.state(model.decoder_lm().layers, nnx.Param)
+        assert all(a.shape == (0,) for a in jax.tree.leaves(stacked)) and len(jax.tree.leaves(stacked)) > 5
+        stack_shape = before[("mlp", "down_proj", "kernel")].shape
+        assert not [a for a in jax.live_arrays() if a.shape == stack_shape]  # freed, not just detached
         got = _outputs(model, batch)
     for g, w in zip(got[:2], want[:2], strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[2], want[2])
     assert (want[2] != PAD).any()
-    # detached: the model's params and export names are what they were
+    # detached: the stack is rebuilt bit for bit, and the export names are what they were
     assert model.decoder_lm().layer_copies is None
+    after = dict(nnx.to_flat_state(nnx.state(model.decoder_lm().layers)))
+    assert after.keys() == before.keys()
+    for path, value in before.items():
+        np.testing.assert_array_equal(np.asarray(after[path]), value)
     assert hf_name_map(model) == names
+    np.testing.assert_allclose(_outputs(model, batch)[0], want[0], rtol=1e-6, atol=1e-6)
 
 
 def test_sharded_copies_keep_the_stack_placement(tmp_path):
@@ -59,11 +70,15 @@ def test_sharded_copies_keep_the_stack_placement(tmp_path):
     batch = tiny_batch([7, 2, 4, 5], padding="left", seed=3)
     want = _outputs(load_pretrained(folder), batch)
     model = load_pretrained(folder, mesh=mesh)
+    stack = model.decoder_lm().layers.mlp.gate_proj.kernel[...]
     with layer_copies(model, "always"), frozen(model):
-        stack = model.decoder_lm().layers.mlp.gate_proj.kernel[...]
         copy = model.decoder_lm().layer_copies[0].mlp.gate_proj.kernel[...]
         assert tuple(copy.sharding.spec) == tuple(stack.sharding.spec[1:]) and len(copy.sharding.device_set) == 8
         got = _outputs(model, global_batch(batch, mesh))
+    # rebuilt in its placement
+    restacked = model.decoder_lm().layers.mlp.gate_proj.kernel[...]
+    assert restacked.sharding == stack.sharding
+    np.testing.assert_array_equal(np.asarray(restacked), np.asarray(stack))
     for g, w in zip(got[:2], want[:2], strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[2], want[2])

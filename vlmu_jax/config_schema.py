@@ -141,9 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.retain_split = "retain15"  # FIUBench eval.yaml pairs forget splits with retain5 / retain15
     c.eval.max_new_tokens = 50
-    # Per-layer copies of the decoder's stacked weights while a model is evaluated (eval/layer_copies.py): one
-    # more copy of the decoder on the device, so every forward skips XLA:GPU's per-layer copy out of the stack.
-    # auto = on GPU when the device has room for it | always | never.
+    # Per-layer copies of the decoder's stacked weights in place of the stack while a model is evaluated
+    # (eval/layer_copies.py), so every forward skips XLA:GPU's per-layer copy out of the stack; no more device
+    # memory. auto = on GPU | always | never.
     c.eval.layer_copies = "auto"
     # Checkpoints to evaluate instead of the run's own models (see vlmu_jax.model_sources): "NAME=PATH,..." of HF
     # folders (ours, transformers', PEFT-merged), and the retain-only reference that Forget Quality compares against.

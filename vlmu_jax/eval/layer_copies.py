@@ -1,12 +1,17 @@
-"""Per-layer copies of a decoder's stacked weights, held while a model is evaluated.
+"""Per-layer copies of a decoder's stacked weights, in place of the stack while a model is evaluated.
 
 Why: the decoders keep their layers stacked ([L, ...] params run by one lax.scan), which training wants. But
 inside that scan XLA:GPU copies each layer's weights out of the stack before every use: at LLaVA-1.5-7B shape
 19 of the 87 ms of a teacher-forced forward and, while generating, 13.5 GB per token (bench/NOTES.md).
 Evaluation runs many forwards of one fixed model, so it pays that copy once: the layers are copied out once per
-model, held next to the stack, and every forward (scores, MIA, generation) runs unrolled over the copies.
-It costs one more copy of the decoder's weights on the device, so it is taken only on GPU and only when the
-device's free memory holds it with a tenth to spare; otherwise nothing changes.
+model and every forward (scores, MIA, generation) runs unrolled over the copies.
+
+The copies replace the stacked weights rather than sit beside them: each stacked param is copied out and then
+dropped from the model (a zero-size stand-in keeps the model's structure), and on exit the stack is rebuilt from
+the copies the same way, one param at a time. So evaluating costs the device no more memory than the stacked
+model does, plus one param in flight: held beside the stack, the copies took 30.3 GB for an 8B Idefics2 whose
+PyTorch twin evaluates in 17.4 GB (bench/RESULTS.md, session 4). Taken on GPU only: CPU and TPU scans do not copy
+the weights the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from contextlib import contextmanager
 from functools import partial
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from vlmu_jax.models.llama import DecoderLM
 
@@ -30,7 +38,8 @@ def decoder_of(model: nnx.Module) -> DecoderLM | None:
 
 def room_for_copy(lm: DecoderLM) -> bool:
     """On GPU, whether the first local device's free memory holds its share of one more copy of the stacked
-    decoder weights with a tenth to spare (CPU and TPU: no, their scans do not copy the same way)."""
+    decoder weights with a tenth to spare (CPU and TPU: no, their scans do not copy the same way). For
+    generation's per-call slices (eval/generate.py), which do sit beside the stack."""
     if jax.default_backend() != "gpu":
         return False
     need = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
@@ -41,31 +50,75 @@ def room_for_copy(lm: DecoderLM) -> bool:
 
 
 @partial(jax.jit, static_argnums=1)
-def _unstack(state: nnx.State, n: int) -> list[nnx.State]:
-    """Layer i's weights of a stacked state, for i < n. One program per decoder shape, reused by every model the
-    eval stage evaluates; each copy keeps the stack's placement of its remaining axes (sharding propagation:
-    the layer axis is never sharded)."""
-    return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
+def _unstack(x: jax.Array, n: int) -> list[jax.Array]:
+    """Slices 0..n-1 of a stacked param. One program per param shape, reused by every model the eval stage
+    evaluates; each slice keeps the stack's placement of its remaining axes (the layer axis is never sharded)."""
+    return [x[i] for i in range(n)]
 
 
-def copy_layers(lm: DecoderLM) -> nnx.List:
-    """The decoder's layers as separate modules over per-layer copies of the stacked weights."""
+@partial(jax.jit, static_argnames="sharding")
+def _stack(xs: list[jax.Array], sharding: Sharding) -> jax.Array:
+    """The stacked param rebuilt from its per-layer copies, placed as it was."""
+    return jax.lax.with_sharding_constraint(jnp.stack(xs), sharding)
+
+
+def _stand_in(x: jax.Array) -> jax.Array:
+    """A zero-size array of `x`'s dtype on `x`'s devices: what a stacked param holds while its copies replace it."""
+    sharding = x.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec())
+    return jax.device_put(np.zeros((0,), x.dtype), sharding)
+
+
+def _variables(module: nnx.Module) -> dict[tuple, nnx.Variable]:
+    """The module's own variables by path (setting their values changes the module)."""
+    return {path: node for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)}
+
+
+def swap_in_copies(lm: DecoderLM) -> tuple[nnx.List, dict[tuple, Sharding]]:
+    """The decoder's layers as separate modules over per-layer copies of the stacked weights, each stacked param
+    dropped from the model once copied; and the placement of every param dropped (for `swap_back`)."""
+    n = lm.config.num_layers
+    slices, dropped = {}, {}
+    for path, var in _variables(lm.layers).items():
+        slices[path] = _unstack(var.get_value(), n)
+        if isinstance(var, nnx.Param):
+            dropped[path] = var.get_value().sharding
+            var.set_value(_stand_in(var.get_value()))  # the stack is freed once its slices are made
     graphdef, state = nnx.split(lm.layers)
-    return nnx.List([nnx.merge(graphdef, c) for c in _unstack(state, lm.config.num_layers)])
+    flat = nnx.to_flat_state(state)
+    copies = [nnx.merge(graphdef, nnx.from_flat_state([(p, jax.tree.map(lambda _, p=p, i=i: slices[p][i], v))
+                                                       for p, v in flat]))
+              for i in range(n)]
+    return nnx.List(copies), dropped
+
+
+def swap_back(lm: DecoderLM, copies: nnx.List, dropped: dict[tuple, Sharding]) -> None:
+    """Rebuilds each dropped stacked param from the copies, freeing that param's copies before the next one."""
+    stacked = _variables(lm.layers)
+    per_layer = [_variables(copy) for copy in copies]
+    for path, sharding in dropped.items():
+        stacked[path].set_value(_stack([layer[path].get_value() for layer in per_layer], sharding))
+        for layer in per_layer:
+            layer[path].set_value(_stand_in(layer[path].get_value()))
 
 
 @contextmanager
 def layer_copies(model: nnx.Module, mode: str = "auto") -> Iterator[bool]:
-    """Attach per-layer weight copies to the model's decoder for the body of the block (yields whether they are
-    attached). mode: auto (when `room_for_copy`), always, never (config.eval.layer_copies). The copies are
-    detached on exit, so nothing after evaluation (training, export) sees them. The model's weights must not
-    change inside the block: the copies would go stale, and gradients would reach the copies, not the stack."""
+    """Per-layer weight copies in place of the model's stacked decoder weights for the body of the block (yields
+    whether they are attached). mode: auto (on GPU), always, never (config.eval.layer_copies). On exit the stack
+    is rebuilt (bit for bit) and the copies detached, so nothing after evaluation (training, export) sees them.
+    The model's weights must not change inside the block, and nothing may read the stacked params there: they
+    hold zero-size stand-ins."""
     lm = decoder_of(model)
-    if lm is None or lm.layer_copies is not None or mode == "never" or (mode == "auto" and not room_for_copy(lm)):
+    if lm is None or lm.layer_copies is not None or mode == "never" or (
+            mode == "auto" and jax.default_backend() != "gpu"):
         yield False
         return
-    lm.layer_copies = copy_layers(lm)
+    copies, dropped = swap_in_copies(lm)
+    lm.layer_copies = copies
     try:
         yield True
     finally:
         lm.layer_copies = None
+        swap_back(lm, copies, dropped)
