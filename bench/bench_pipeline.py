@@ -76,6 +76,12 @@ class CallTimer:
         return compute, compile_
 
 
+def _peak_gb() -> float | None:
+    """The device's peak memory in use so far in this process (None where the backend does not say)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return round(stats["peak_bytes_in_use"] / 1e9, 1) if "peak_bytes_in_use" in stats else None
+
+
 def train_compute(workdir: Path, names: list[str]) -> tuple[float, float, int]:
     """(compute s, compile s, tokens) of the trainer runs `names` from their metrics.jsonl."""
     compute = compile_ = 0.0
@@ -117,7 +123,8 @@ def main() -> None:
                "compile_s": round(compile_, 2), "other_s": round(wall - compute - compile_, 2),
                "compute_share": round(compute / wall, 3), "tokens": tokens,
                "tokens_per_s_wall": round(tokens / wall, 1),
-               "tokens_per_s_compute": round(tokens / compute, 1) if compute else None, **extra}
+               "tokens_per_s_compute": round(tokens / compute, 1) if compute else None,
+               "process_peak_gb": _peak_gb(), **extra}
         results.append(row)
         print(json.dumps(row), flush=True)
 

@@ -405,7 +405,8 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         judge = judge or _judge(ws)
         with layer_copies(model, ws.config.eval.layer_copies) as copied, frozen(model):
             if copied:
-                say(f"eval {name}: decoder weights copied per layer for evaluation (no per-layer copy per forward)")
+                say(f"eval {name}: decoder weights copied per layer for evaluation, in place of the stack (no "
+                    "per-layer copy per forward)")
             logs = _fiubench_logs(ws, model, runner, name, judge) if ws.config.benchmark == "fiubench" else \
                 _mllmu_logs(ws, model, runner, judge)
             logs.update(_utility_logs(model, runner, utility, name))
