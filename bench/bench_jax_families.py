@@ -31,7 +31,7 @@ from vlmu_jax.models.registry import architecture, model_config, set_options
 
 # The eval calls run in each of these eval.layer_copies modes, the LoRA GA step under each remat policy.
 COPIES = os.environ.get("COPIES", "auto").split(",")
-REMAT = os.environ.get("REMAT", "none").split(",")
+REMAT = tuple(x for x in os.environ.get("REMAT", "none").split(",") if x)  # REMAT="": no step
 
 
 def main() -> None:
