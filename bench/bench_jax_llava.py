@@ -245,7 +245,10 @@ def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict
     graphdef_eval = nnx.graphdef(model)
     model.train()
     graphdef, params, rng, rest = nnx.split(model, trainable, nnx.RngState, ...)
-    step = jax.jit(make_step(graphdef, graphdef_eval, obj, cfg, tx, logps_fn, None), donate_argnums=(0, 1, 2))
+    # keep_unused: every argument stays a parameter of the program (jit drops unused ones, e.g. GA's reference),
+    # so XLA's argument size counts each passed array, and the arrays passed twice are subtracted below.
+    step = jax.jit(make_step(graphdef, graphdef_eval, obj, cfg, tx, logps_fn, None), donate_argnums=(0, 1, 2),
+                   keep_unused=True)
     streams = {name: batch for phase in obj.phases for name in phase} | {s: batch for s in obj.optional}
     state = [params, jax.jit(tx.init)(params), rng]
     # (rest, ref_other, ref_rest, grad_mask): the reference is the model itself with LoRA zeroed, no saliency
