@@ -87,11 +87,21 @@ def dropout_keep(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Arr
     """
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or str(jax.random.key_impl(rng)) != "threefry2x32":
         return jax.random.bernoulli(rng, 1.0 - rate, shape)
+    return keep_from_blocks(threefry_blocks(rng, shape), shape, rate)
+
+
+def threefry_blocks(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """The Threefry-2x32 blocks (hi, lo) of `dropout_keep`'s mask: one per four elements along the last axis."""
     *lead, d = shape
-    groups = (*lead, -(-d // 4))
-    count = _flat_index(groups)
+    count = _flat_index((*lead, -(-d // 4)))
     k = jax.random.key_data(rng)
-    hi, lo = threefry2x32_p.bind(k[0], k[1], jnp.zeros_like(count), count)
+    return threefry2x32_p.bind(k[0], k[1], jnp.zeros_like(count), count)
+
+
+def keep_from_blocks(blocks: tuple[jax.Array, jax.Array], shape: tuple[int, ...], rate: float) -> jax.Array:
+    """`dropout_keep`'s mask from its blocks: four 16-bit lanes each, kept where a lane is >= rate * 65536."""
+    hi, lo = blocks
+    *lead, d = shape
     low16 = jnp.uint32(0xFFFF)
     lanes = jnp.stack([hi & low16, hi >> 16, lo & low16, lo >> 16], axis=-1).reshape(*lead, -1)[..., :d]
     return lanes >= jnp.uint32(round(rate * 65536))

@@ -1,0 +1,49 @@
+"""LoRA dropout masks on the device: where their time goes (bench/NOTES.md, session 6).
+
+A 7B LoRA GA step spent ~30 ms in the masks' fusions, and drawing four 16-bit lanes per Threefry block
+(`layers.dropout_keep`) took only 4 ms off. One explanation: XLA:GPU fuses the (unrolled) Threefry rounds into
+the consumer, so each of a block's four elements hashes the whole block again. This times `x * keep / (1 -
+rate)` at the 7B step's shapes three ways: as `dropout_keep` builds it; with the blocks materialised first (an
+optimization barrier between `threefry_blocks` and `keep_from_blocks`); and with `jax.random.bernoulli`.
+Run from the repo root: `PYTHONPATH=. python bench/bench_dropout.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from vlmu_jax.models.layers import dropout_keep, keep_from_blocks, threefry_blocks
+
+RATE = 0.05
+
+
+def materialised(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    return keep_from_blocks(jax.lax.optimization_barrier(threefry_blocks(rng, shape)), shape, rate)
+
+
+def bernoulli(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    return jax.random.bernoulli(rng, 1.0 - rate, shape)
+
+
+def main() -> None:
+    key = jax.random.key(0)
+    for shape in ((4, 704, 4096), (4, 704, 11008)):
+        x = jnp.ones(shape, jnp.bfloat16)
+        for name, keep in (("dropout_keep", dropout_keep), ("blocks_materialised", materialised),
+                           ("bernoulli", bernoulli)):
+            f = jax.jit(lambda x, k, keep=keep: jnp.where(keep(k, x.shape, RATE), x / (1 - RATE), 0).astype(x.dtype))
+            jax.block_until_ready(f(x, key))
+            t0 = time.perf_counter()
+            for i in range(20):
+                out = f(x, jax.random.fold_in(key, i))
+            jax.block_until_ready(out)
+            print(json.dumps({"what": "dropout", "how": name, "shape": shape,
+                              "ms": round((time.perf_counter() - t0) / 20 * 1e3, 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
