@@ -24,12 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.bench_dropout import materialised
 from vlmu_jax.data.batching import IGNORE
 from vlmu_jax.eval.frozen import frozen
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import token_logprobs
-from vlmu_jax.models.layers import resolve_attention_impl
+from vlmu_jax.models import layers
+from vlmu_jax.models.layers import dropout_keep, resolve_attention_impl
 from vlmu_jax.models.lora import apply_lora, merge_lora
 from vlmu_jax.models.registry import init_model, set_options
 from vlmu_jax.stages import logps_fn
@@ -41,7 +43,8 @@ from vlmu_jax.unlearn.trainer import TrainConfig, make_step
 # GEN_SCAN=1,0 also times the unrolled decoder (slower on the H200, bench/NOTES.md).
 GEN_BATCHES = tuple(int(x) for x in os.environ.get("GEN_B", "16,64").split(",") if x)
 GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1").split(","))
-# The unlearning steps to time, objective:remat pairs (the presets' LoRA stages keep the matmul outputs).
+# The unlearning steps to time, objective:remat pairs (the presets' LoRA stages keep the matmul outputs);
+# objective:remat:materialised draws the dropout masks as bench/bench_dropout.py's `materialised`.
 _DOTS = "dots_with_no_batch_dims_saveable"
 STEPS = tuple(tuple(x.split(":")) for x in os.environ.get(
     "STEPS", f"ga:{_DOTS},ga:none,gd:{_DOTS},npo:{_DOTS}").split(",") if x)
@@ -175,11 +178,15 @@ def main() -> None:
     # Loss on the second half of the text, as the anchor's labels.
     labels = jnp.where(jnp.arange(ids.shape[1]) >= 1 + n_img + t_text // 2, ids, IGNORE)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}
-    for objective, remat in STEPS if "steps" in WORK else ():
+    for objective, remat, *dropout in STEPS if "steps" in WORK else ():
+        # objective:remat:materialised runs the step with the dropout blocks materialised (bench/bench_dropout.py)
+        layers.dropout_keep = materialised if dropout == ["materialised"] else dropout_keep
         r = unlearn_step_time(model, objective, remat, batch)
-        print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "B": b, "T": n_img + t_text, "s": r.s,
+        print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout_keep.__name__ if
+                          not dropout else dropout[0], "B": b, "T": n_img + t_text, "s": r.s,
                           "samples_per_s": b / r.s, "max_mem_gb": r.process_peak_gb,
                           "step_peak_gb": r.step_peak_gb}), flush=True)
+    layers.dropout_keep = dropout_keep
     if "generate" not in WORK:
         return
     set_options(model, scan_layers=True)
