@@ -66,6 +66,13 @@ class CallTimer:
         self.tokens += self.tokens_of(args, kwargs)
         return out
 
+    def first_calls(self) -> list[dict]:
+        """Per distinct shape: its calls and its first call's time beyond the median (its compile)."""
+        return [{"shapes": [list(x) for x in key if isinstance(x, tuple) and x and isinstance(x[0], int)],
+                 "calls": len(t), "first_s": round(t[0], 2),
+                 "compile_s": round(max(t[0] - (float(np.median(t[1:])) if len(t) > 1 else t[0]), 0.0), 2)}
+                for key, t in self.calls.items()]
+
     def compute_and_compile(self) -> tuple[float, float]:
         """(compute s, compile s): a shape's first call beyond its median is compile."""
         compute = compile_ = 0.0
@@ -173,6 +180,7 @@ def main() -> None:
     report("eval", wall, sc + gc, sk + gk, score.tokens + gen.tokens, score_s=round(sc, 2),
            score_tokens_per_s=round(score.tokens / sc, 1), generate_s=round(gc, 2),
            new_tokens_per_s=round(gen.tokens / gc, 1))
+    print(json.dumps({"first_calls": {"score": score.first_calls(), "generate": gen.first_calls()}}), flush=True)
     pipeline.wait_for_writes()  # as runner.run ends: the trained models' folders written in the background
     (workdir / "bench_pipeline.json").write_text(json.dumps(results, indent=1))
 
