@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -71,3 +73,46 @@ def test_generation_in_row_order(workspace: Workspace) -> None:
     alone = generate_rows(model, prompts[4:5], batch_size=8, **kwargs)
     assert len(batched) == len(prompts)
     np.testing.assert_array_equal(batched[4], alone[0])
+
+
+def test_compile_ahead_compiles_every_shape_before_the_calls(workspace: Workspace) -> None:
+    """On a frozen model `compile_ahead` compiles, in threads, the scoring program of every padded length and the
+    generation program; the calls after it compile nothing and give what the unfrozen model gives. On a model
+    that is not frozen it compiles nothing, and compile-only calls run nothing."""
+    from vlmu_jax.eval.batched import _first_of_each_length, _score_source, compile_ahead
+    from vlmu_jax.eval.frozen import compile_only, frozen
+    from vlmu_jax.eval.scoring import token_logprobs
+
+    ws = workspace
+    model = ws.load("base")
+    examples = examples_from(ws.bench.identities)[:36]
+    # a third of the answers twelve times as long: rows padded to more than one length
+    long = [dataclasses.replace(e, answer=" ".join([e.answer] * 12)) for e in examples[::3]]
+    rows = [encode(e, ws.text_config) for e in examples + long]
+    prompts = generation_rows(examples[:10], ws.text_config)
+    common = dict(batch_size=12, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn)  # a fresh batch size
+    generating = dict(eos_token_id=ws.tokenizer.eos_token_id, max_new_tokens=5)
+    lengths = len(_first_of_each_length(_score_source(rows, 12, common["pad_token_id"], ws.image_fn)))
+    assert lengths >= 2  # several scoring programs to compile at once
+    want_scores = score_rows(model, rows, **common)
+    want_tokens = generate_rows(model, prompts, **common, **generating)
+    COUNTER.active, COUNTER.count = True, 0
+    compile_ahead(model, to_score=[rows], to_generate=[prompts], **common, **generating)
+    unfrozen = COUNTER.count
+    with frozen(model):
+        compile_ahead(model, to_score=[rows], to_generate=[prompts], **common, **generating)
+        ahead = COUNTER.count - unfrozen
+        with compile_only():
+            ids = np.ones((12, 40), np.int32)
+            assert token_logprobs(model, ids, ids, None) is None
+        scores = score_rows(model, rows, **common)
+        tokens = generate_rows(model, prompts, **common, **generating)
+        after = COUNTER.count - unfrozen - ahead
+    COUNTER.active = False
+    assert unfrozen == 0
+    assert ahead >= lengths + 1, f"{ahead} compilations ahead for {lengths} scoring lengths and one generation"
+    assert after == 1, f"{after} compilations after compile_ahead"  # the compile-only call's own [12, 40] shape
+    for a, b in zip(scores, want_scores, strict=True):
+        np.testing.assert_allclose(a.logps, b.logps, rtol=1e-5, atol=1e-5)
+    for a, b in zip(tokens, want_tokens, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -145,6 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (eval/layer_copies.py), so every forward skips XLA:GPU's per-layer copy out of the stack; no more device
     # memory. auto = on GPU | always | never.
     c.eval.layer_copies = "auto"
+    # Compile every scoring and generation shape of a split at once, in threads, before running it (eval/batched.py
+    # compile_ahead): a cold run pays the longest compile instead of their sum.
+    c.eval.compile_ahead = True
     # Checkpoints to evaluate instead of the run's own models (see vlmu_jax.model_sources): "NAME=PATH,..." of HF
     # folders (ours, transformers', PEFT-merged), and the retain-only reference that Forget Quality compares against.
     c.eval.models = ""

@@ -403,7 +403,8 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         with timed(f"eval {name}: model loaded"):
             model = ws.load(path)
         judge = judge or _judge(ws)
-        with layer_copies(model, ws.config.eval.layer_copies) as copied, frozen(model):
+        with layer_copies(model, ws.config.eval.layer_copies) as copied, \
+                frozen(model, compile_ahead=ws.config.eval.compile_ahead):
             if copied:
                 say(f"eval {name}: decoder weights copied per layer for evaluation, in place of the stack (no "
                     "per-layer copy per forward)")

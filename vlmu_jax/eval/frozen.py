@@ -11,6 +11,7 @@ built with `model_jit` take its graph as split once on entry and call `jax.jit` 
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,8 @@ import jax
 from flax import nnx
 
 _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its graph split on entry
+_AHEAD: weakref.WeakSet = weakref.WeakSet()  # frozen models whose programs `batched.compile_ahead` compiles
+_MODE = threading.local()  # .compile_only: this thread's model_jit calls compile and do not run
 
 
 class _Structure:
@@ -46,19 +49,46 @@ def _structure(graphdef: nnx.GraphDef, treedef: Any) -> _Structure:
 
 
 @contextmanager
-def frozen(model: nnx.Module) -> Iterator[None]:
+def frozen(model: nnx.Module, *, compile_ahead: bool = True) -> Iterator[None]:
     """Within the block, `model_jit` functions use the model's graph as it is on entry. The model must not
-    change inside (no training, LoRA merge, `set_options` or layer copies attached): calls would not see it."""
+    change inside (no training, LoRA merge, `set_options` or layer copies attached): calls would not see it.
+    compile_ahead: whether `eval/batched.compile_ahead` compiles this model's programs ahead (config
+    eval.compile_ahead)."""
     if model in _FROZEN:
         yield
         return
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
     _FROZEN[model] = (_structure(graphdef, treedef), leaves)  # a flat list: jax.jit flattens it in C++
+    if compile_ahead:
+        _AHEAD.add(model)
     try:
         yield
     finally:
         del _FROZEN[model]
+        _AHEAD.discard(model)
+
+
+def compiles_ahead(model: nnx.Module) -> bool:
+    """Whether the model is frozen with `compile_ahead` on."""
+    return model in _FROZEN and model in _AHEAD
+
+
+@contextmanager
+def compile_only() -> Iterator[None]:
+    """In this thread, `model_jit` functions called on a frozen model compile their program for the call's
+    arguments (into jit's caches and the persistent compilation cache, where a later call finds it) and return
+    None instead of running it: `eval/batched.compile_ahead` compiles several shapes at once this way."""
+    _MODE.compile_only = True
+    try:
+        yield
+    finally:
+        _MODE.compile_only = False
+
+
+def compiling() -> bool:
+    """Whether this thread is inside `compile_only`."""
+    return getattr(_MODE, "compile_only", False)
 
 
 def model_jit(fn: Callable[..., Any], *, static_argnames: tuple[str, ...] = ()) -> Callable[..., Any]:
@@ -73,6 +103,11 @@ def model_jit(fn: Callable[..., Any], *, static_argnames: tuple[str, ...] = ()) 
     @functools.wraps(fn)
     def call(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
         split = _FROZEN.get(model)
-        return slow(model, *args, **kwargs) if split is None else fast(*split, *args, **kwargs)
+        if split is None:
+            return slow(model, *args, **kwargs)
+        if compiling():
+            fast.lower(*split, *args, **kwargs).compile()
+            return None
+        return fast(*split, *args, **kwargs)
 
     return call

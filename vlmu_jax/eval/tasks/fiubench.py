@@ -26,7 +26,7 @@ from vlmu_jax.data.fiubench_prompts import roundtrip_prompt
 from vlmu_jax.data.records import IMAGE, Identity
 from vlmu_jax.data.templates import Template
 from vlmu_jax.eval import attacks, judge, metrics, mia
-from vlmu_jax.eval.batched import generate_rows, score_rows
+from vlmu_jax.eval.batched import compile_ahead, generate_rows, score_rows
 from vlmu_jax.eval.result_logs import FiuTaskResults, fiubench_eval_log
 from vlmu_jax.protocol import Protocol
 
@@ -102,13 +102,12 @@ def evaluate_split(model: nnx.Module, identities: Sequence[Identity], runner: Ru
     examples, k = scoring_examples(identities)
     pad = runner.tokenizer.pad_token_id
     rows = [encode(e, runner.text) for e in examples]
-    scores = score_rows(model, rows, batch_size=runner.batch_size,
-                        pad_token_id=pad, image_fn=runner.image_fn, mesh=runner.mesh, desc=f"{desc} score")
     prompts = generation_prompts(examples[:: 2 + k], runner)
-    generated = generate_rows(model, prompts.rows, batch_size=runner.batch_size,
-                              pad_token_id=pad, eos_token_id=runner.tokenizer.eos_token_id,
-                              max_new_tokens=runner.max_new_tokens, image_fn=runner.image_fn, mesh=runner.mesh,
-                              desc=f"{desc} generate")
+    common = dict(batch_size=runner.batch_size, pad_token_id=pad, image_fn=runner.image_fn, mesh=runner.mesh)
+    generating = dict(eos_token_id=runner.tokenizer.eos_token_id, max_new_tokens=runner.max_new_tokens)
+    compile_ahead(model, to_score=[rows], to_generate=[prompts.rows], **common, **generating)
+    scores = score_rows(model, rows, **common, desc=f"{desc} score")
+    generated = generate_rows(model, prompts.rows, **common, **generating, desc=f"{desc} generate")
     return _log(items, rows, scores, prompts, decode_generations(generated, runner), k, runner, forget=forget)
 
 

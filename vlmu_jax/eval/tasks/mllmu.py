@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from vlmu_jax.data.batching import Example, encode, generation_rows
+from vlmu_jax.data.batching import Encoded, Example, encode, generation_rows
 from vlmu_jax.data.mllmu import MODALITY_NAME
 from vlmu_jax.data.records import IMAGE, QA, Benchmark, Cloze, Identity, ImageRef, MultipleChoice, TestVariant
 from vlmu_jax.eval import judge, metrics
-from vlmu_jax.eval.batched import generate_rows, score_rows
+from vlmu_jax.eval.batched import compile_ahead, generate_rows, score_rows
 from vlmu_jax.eval.result_logs import mllmu_accuracy, mllmu_factuality, mllmu_generation
 from vlmu_jax.eval.tasks import mllmu_prompts as P
 from vlmu_jax.eval.tasks.fiubench import Runner
@@ -104,10 +104,13 @@ def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *,
                + [Example(P.generation_prompt(qa.question, qa.modality), "", _image(p, qa.modality), p.uid)
                   for p, qa in gens])
     tok = runner.tokenizer
-    generated = generate_rows(model, generation_rows(prompts, runner.text), eos_token_id=tok.eos_token_id,
-                              max_new_tokens=runner.max_new_tokens, desc=f"{desc} generate", **_common(runner))
+    prompt_rows = generation_rows(prompts, runner.text)
+    option_rows = _option_rows([(p.uid, _image(p, mc.modality), mc) for p, mc in choices], runner)
+    generating = dict(eos_token_id=tok.eos_token_id, max_new_tokens=runner.max_new_tokens)
+    compile_ahead(model, to_score=[option_rows], to_generate=[prompt_rows], **generating, **_common(runner))
+    generated = generate_rows(model, prompt_rows, desc=f"{desc} generate", **generating, **_common(runner))
     answers = [metrics.own_turn(tok.decode(ids, skip_special_tokens=True)) for ids in generated]
-    option_loss = _option_loss(model, [(p.uid, _image(p, mc.modality), mc) for p, mc in choices], runner, desc)
+    option_loss = _option_loss(model, option_rows, [mc for _, mc in choices], runner, desc)
     n_choice, n_cloze = len(choices), len(clozes)
     choice_rows = [_choice_row(p.uid, mc, a, loss) for (p, mc), a, loss in
                    zip(choices, answers[:n_choice], option_loss, strict=True)]
@@ -122,16 +125,19 @@ def _common(runner: Runner) -> dict[str, Any]:
                 mesh=runner.mesh)
 
 
-def _option_loss(model: nnx.Module, choices: Sequence[tuple[str, ImageRef | None, MultipleChoice]], runner: Runner,
+def _option_rows(choices: Sequence[tuple[str, ImageRef | None, MultipleChoice]], runner: Runner) -> list[Encoded]:
+    """Every option text as the answer to the bare question, in the runner's template, question by question."""
+    return [encode(Example(mc.question, opt, image, uid), runner.text)
+            for uid, image, mc in choices for _, opt in mc.options]
+
+
+def _option_loss(model: nnx.Module, rows: Sequence[Encoded], choices: Sequence[MultipleChoice], runner: Runner,
                  desc: str) -> list[list[float]]:
-    """Mean NLL of each option text as the answer to the bare question, in the runner's template (the likelihood
-    variant, an addition to eval.py)."""
-    options = [Example(mc.question, opt, image, uid) for uid, image, mc in choices for _, opt in mc.options]
-    if not options:
+    """Mean NLL of each option (`_option_rows`) as the answer (the likelihood variant, an addition to eval.py)."""
+    if not rows:
         return []
-    losses = iter(s.loss for s in score_rows(model, [encode(e, runner.text) for e in options],
-                                             desc=f"{desc} score", **_common(runner)))
-    return [[next(losses) for _ in mc.options] for _, _, mc in choices]
+    losses = iter(s.loss for s in score_rows(model, rows, desc=f"{desc} score", **_common(runner)))
+    return [[next(losses) for _ in mc.options] for mc in choices]
 
 
 def _choice_row(uid: str, mc: MultipleChoice, answer: str, option_loss: Sequence[float]) -> dict[str, Any]:
@@ -199,8 +205,17 @@ def evaluate_eval_py(model: nnx.Module, bench: Benchmark, runner: Runner, *, for
     tok = runner.tokenizer
     # Batches of rows alike in image count and length: few compiled shapes, little padding, few blank images.
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i].images), len(rows[i].input_ids)))
-    outputs = generate_rows(model, [rows[i] for i in order], eos_token_id=tok.eos_token_id,
-                            max_new_tokens=runner.max_new_tokens, desc="eval.py generate", **_common(runner))
+    sorted_rows = [rows[i] for i in order]
+    choices = {name: [it for it in set_items if it.task == P.CLASSIFICATION] for name, set_items in items.items()}
+    mcs = {name: [MultipleChoice(it.question, it.options, it.gold, it.modality) for it in c]
+           for name, c in choices.items()}
+    option_rows = {name: _option_rows([(it.uid, it.images[-1] if it.images else None, mc)
+                                       for it, mc in zip(choices[name], mcs[name], strict=True)], runner)
+                   for name in choices}
+    generating = dict(eos_token_id=tok.eos_token_id, max_new_tokens=runner.max_new_tokens)
+    compile_ahead(model, to_score=list(option_rows.values()), to_generate=[sorted_rows],
+                  **generating, **_common(runner))
+    outputs = generate_rows(model, sorted_rows, desc="eval.py generate", **generating, **_common(runner))
     generated = [outputs[k] for k in np.argsort(order)]
     answers = [metrics.eval_py_answer(tok.decode([*row.input_ids[2:].tolist(), *ids[:it.max_new_tokens].tolist()],
                                                  skip_special_tokens=True), answer_tag=it.task != P.CLASSIFICATION)
@@ -210,13 +225,10 @@ def evaluate_eval_py(model: nnx.Module, bench: Benchmark, runner: Runner, *, for
     for name, set_items in items.items():
         if not set_items:
             continue
-        choices = [it for it in set_items if it.task == P.CLASSIFICATION]
-        mcs = [MultipleChoice(it.question, it.options, it.gold, it.modality) for it in choices]
-        option_loss = _option_loss(model, [(it.uid, it.images[-1] if it.images else None, mc)
-                                           for it, mc in zip(choices, mcs, strict=True)], runner, name)
+        option_loss = _option_loss(model, option_rows[name], mcs[name], runner, name)
         out[SET_NAMES[name]] = _aggregate(
-            [_choice_row(it.uid, mc, by_item[id(it)], loss) for it, mc, loss in zip(choices, mcs, option_loss,
-                                                                                   strict=True)],
+            [_choice_row(it.uid, mc, by_item[id(it)], loss) for it, mc, loss in zip(choices[name], mcs[name],
+                                                                                   option_loss, strict=True)],
             [_cloze_row(it.uid, Cloze(it.question, it.gold, it.modality), by_item[id(it)])
              for it in set_items if it.task == P.CLOZE],
             [_generation_row(it.uid, QA(it.question, it.gold, modality=it.modality), by_item[id(it)])
