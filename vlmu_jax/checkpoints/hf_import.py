@@ -47,8 +47,8 @@ SAFETENSORS_DTYPES = {
     "BOOL": np.bool_,
 }
 
-# Params read and placed at once. Why: the host copies of a load (memory map -> numpy, numpy -> device) each run
-# on one thread per param; at 7B a folder took 7.6 s (1.8 GB/s) to load on an H200 host with 16 cores.
+# Params read and placed at once. Why: a load's host copies (memory map -> numpy, numpy -> device) ran one param at
+# a time on one thread: a 7B folder took 7.6 s (1.8 GB/s) on an H200 host with 16 cores, 3 s from 8 threads.
 _LOAD_THREADS = min(8, os.cpu_count() or 1)
 
 
@@ -143,7 +143,8 @@ class TensorIndex:
                 if key != "__metadata__":
                     self.entries[canonical_name(key)] = (path, info, base)
         # Every file mapped up front: `load_pretrained` reads tensors from several threads.
-        self._maps = {path: np.memmap(path, dtype=np.uint8, mode="r") for path, _, _ in self.entries.values()}
+        self._maps = {path: np.memmap(path, dtype=np.uint8, mode="r")
+                      for path in {path for path, _, _ in self.entries.values()}}
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name][1]["shape"])
