@@ -182,8 +182,8 @@ def main() -> None:
         # objective:remat:materialised runs the step with the dropout blocks materialised (bench/bench_dropout.py)
         layers.dropout_keep = materialised if dropout == ["materialised"] else dropout_keep
         r = unlearn_step_time(model, objective, remat, batch)
-        print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout_keep.__name__ if
-                          not dropout else dropout[0], "B": b, "T": n_img + t_text, "s": r.s,
+        print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout[0] if dropout
+                          else "dropout_keep", "B": b, "T": n_img + t_text, "s": r.s,
                           "samples_per_s": b / r.s, "max_mem_gb": r.process_peak_gb,
                           "step_peak_gb": r.step_peak_gb}), flush=True)
     layers.dropout_keep = dropout_keep

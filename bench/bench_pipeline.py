@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from bench.bench_jax_llava import peak_gb
 from vlmu_jax import compile_cache, pipeline, presets, stages
 from vlmu_jax.eval import batched
 from vlmu_jax.eval.frozen import compiling
@@ -77,18 +78,20 @@ class CallTimer:
     def first_calls(self) -> list[dict]:
         """Per distinct shape: its calls and its first call's time beyond the median (its compile)."""
         return [{"shapes": [list(x) for x in key if isinstance(x, tuple) and x and isinstance(x[0], int)],
-                 "calls": len(t), "first_s": round(t[0], 2),
-                 "compile_s": round(max(t[0] - (float(np.median(t[1:])) if len(t) > 1 else t[0]), 0.0), 2)}
+                 "calls": len(t), "first_s": round(t[0], 2), "compile_s": round(_split(t)[1], 2)}
                 for key, t in self.calls.items()]
 
     def compute_and_compile(self) -> tuple[float, float]:
-        """(compute s, compile s): a shape's first call beyond its median is compile."""
-        compute = compile_ = 0.0
-        for times in self.calls.values():
-            med = float(np.median(times[1:])) if len(times) > 1 else times[0]
-            compute += sum(times[1:]) + min(times[0], med)
-            compile_ += max(times[0] - med, 0.0)
-        return compute, compile_
+        """(compute s, compile s) over every shape."""
+        splits = [_split(t) for t in self.calls.values()]
+        return sum(c for c, _ in splits), sum(k for _, k in splits)
+
+
+def _split(times: list[float]) -> tuple[float, float]:
+    """(compute s, compile s) of one shape's calls: its first call's time beyond the median of the others is
+    compile."""
+    med = float(np.median(times[1:])) if len(times) > 1 else times[0]
+    return sum(times[1:]) + min(times[0], med), max(times[0] - med, 0.0)
 
 
 def _covered(intervals: list[tuple[float, float]]) -> float:
@@ -98,12 +101,6 @@ def _covered(intervals: list[tuple[float, float]]) -> float:
         total += max(b - max(a, end), 0.0)
         end = max(end, b)
     return total
-
-
-def _peak_gb() -> float | None:
-    """The device's peak memory in use so far in this process (None where the backend does not say)."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return round(stats["peak_bytes_in_use"] / 1e9, 1) if "peak_bytes_in_use" in stats else None
 
 
 def train_compute(workdir: Path, names: list[str]) -> tuple[float, float, int]:
@@ -148,7 +145,7 @@ def main() -> None:
                "compute_share": round(compute / wall, 3), "tokens": tokens,
                "tokens_per_s_wall": round(tokens / wall, 1),
                "tokens_per_s_compute": round(tokens / compute, 1) if compute else None,
-               "process_peak_gb": _peak_gb(), **extra}
+               "process_peak_gb": None if peak_gb() is None else round(peak_gb(), 1), **extra}
         results.append(row)
         print(json.dumps(row), flush=True)
 

@@ -135,9 +135,9 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
                                     ("generate", to_generate, _generate_source, run_generate)):
         for rows in filter(None, groups):
             source = make(rows, batch_size, pad_token_id, image_fn)
-            for i in _first_of_each_length(source):
-                if (kind, source.padded_length(i)) not in seen:
-                    seen.add((kind, source.padded_length(i)))
+            for length, i in _first_of_each_length(source).items():
+                if (kind, length) not in seen:
+                    seen.add((kind, length))
                     jobs.append((source, i, run))
 
     def compile_one(job) -> None:
@@ -149,9 +149,9 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
         list(pool.map(compile_one, jobs))
 
 
-def _first_of_each_length(source: ExampleSource) -> list[int]:
-    """The first batch index of each distinct padded length (each needs its own program)."""
+def _first_of_each_length(source: ExampleSource) -> dict[int, int]:
+    """Padded length -> the first batch index padded to it (each length needs its own program)."""
     first: dict[int, int] = {}
     for i in range(len(source)):
         first.setdefault(source.padded_length(i), i)
-    return list(first.values())
+    return first

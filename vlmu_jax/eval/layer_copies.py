@@ -81,10 +81,12 @@ def swap_in_copies(lm: DecoderLM) -> tuple[nnx.List, dict[tuple, Sharding]]:
     n = lm.config.num_layers
     slices, dropped = {}, {}
     for path, var in _variables(lm.layers).items():
-        slices[path] = _unstack(var.get_value(), n)
+        stack = var.get_value()
+        slices[path] = _unstack(stack, n)
         if isinstance(var, nnx.Param):
-            dropped[path] = var.get_value().sharding
-            var.set_value(_stand_in(var.get_value()))  # the stack is freed once its slices are made
+            dropped[path] = stack.sharding
+            var.set_value(_stand_in(stack))  # the stack is freed once its slices are made
+        del stack
     graphdef, state = nnx.split(lm.layers)
     flat = nnx.to_flat_state(state)
     copies = [nnx.merge(graphdef, nnx.from_flat_state([(p, jax.tree.map(lambda _, p=p, i=i: slices[p][i], v))
@@ -99,8 +101,9 @@ def swap_back(lm: DecoderLM, copies: nnx.List, dropped: dict[tuple, Sharding]) -
     per_layer = [_variables(copy) for copy in copies]
     for path, sharding in dropped.items():
         stacked[path].set_value(_stack([layer[path].get_value() for layer in per_layer], sharding))
+        blank = _stand_in(per_layer[0][path].get_value())
         for layer in per_layer:
-            layer[path].set_value(_stand_in(layer[path].get_value()))
+            layer[path].set_value(blank)
 
 
 @contextmanager
