@@ -16,6 +16,8 @@ import torch
 
 from bench.family_shapes import FAMILIES, batch
 
+EVAL = os.environ.get("EVAL", "1") == "1"  # EVAL=0: the LoRA step only (for a call with little time left)
+
 
 def timeit(fn, n: int = 5, warm: int = 2) -> float:
     for _ in range(warm):
@@ -93,22 +95,23 @@ def main() -> None:
     t = ids.shape[1]
     model.eval()
 
-    def logprobs():
-        with torch.no_grad():
-            logits = model(**x).logits
-            # Targets from the first text token on: Mllama's image token id lies outside its output head.
-            return torch.log_softmax(logits[:, head - 1 : -1].float(), -1).gather(-1, ids[:, head:, None]).sum()
+    if EVAL:
+        def logprobs():
+            with torch.no_grad():
+                logits = model(**x).logits
+                # Targets from the first text token on: Mllama's image token id lies outside its output head.
+                return torch.log_softmax(logits[:, head - 1 : -1].float(), -1).gather(-1, ids[:, head:, None]).sum()
 
-    s = timeit(logprobs)
-    print(json.dumps({"what": "eval_logprob", "B": b, "T": t, "s": s, "samples_per_s": b / s,
-                      "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30}), flush=True)
+        s = timeit(logprobs)
+        print(json.dumps({"what": "eval_logprob", "B": b, "T": t, "s": s, "samples_per_s": b / s,
+                          "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30}), flush=True)
 
-    def gen():
-        with torch.no_grad():
-            model.generate(**x, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        def gen():
+            with torch.no_grad():
+                model.generate(**x, max_new_tokens=32, min_new_tokens=32, do_sample=False)
 
-    s = timeit(gen, n=3, warm=1)
-    print(json.dumps({"what": "generate32", "B": b, "s": s, "new_tokens_per_s": b * 32 / s}), flush=True)
+        s = timeit(gen, n=3, warm=1)
+        print(json.dumps({"what": "generate32", "B": b, "s": s, "new_tokens_per_s": b * 32 / s}), flush=True)
 
     from peft import LoraConfig, get_peft_model
 

@@ -32,6 +32,34 @@ from vlmu_jax.models.registry import architecture, model_config, set_options
 # The eval calls run in each of these eval.layer_copies modes, the LoRA GA step under each remat policy.
 COPIES = os.environ.get("COPIES", "auto").split(",")
 REMAT = tuple(x for x in os.environ.get("REMAT", "none").split(",") if x)  # REMAT="": no step
+EVAL = os.environ.get("EVAL", "1") == "1"  # EVAL=0: the LoRA step only (for a call with little time left)
+
+
+def eval_calls(model: nnx.Module, ids: jax.Array, mask: jax.Array, images: dict, head: int) -> None:
+    """The eval calls as the eval stage runs them: the model frozen (eval/frozen.py), with per-layer decoder copies in
+    each of the COPIES modes (eval/layer_copies.py); then log-probs through nnx.jit for comparison, and the default
+    attention path's log-probs against XLA's."""
+    b, t = ids.shape
+    for mode in COPIES:
+        with layer_copies(model, mode) as copied, frozen(model):
+            s = timeit(lambda: token_logprobs(model, ids, mask, images))
+            print(json.dumps({"what": "eval_logprob", "frozen": True, "layer_copies": copied, "B": b, "T": t,
+                              "s": s, "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)
+            s = timeit(lambda: generate(model, ids, mask, images, max_new_tokens=32, eos_token_id=()), n=3, warm=1)
+            print(json.dumps({"what": "generate32", "frozen": True, "layer_copies": copied, "B": b, "s": s,
+                              "new_tokens_per_s": b * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
+    s = timeit(lambda: token_logprobs(model, ids, mask, images))
+    print(json.dumps({"what": "eval_logprob", "frozen": False, "layer_copies": False, "B": b, "T": t, "s": s,
+                      "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)
+    # Targets from the first text token on: Mllama's image token id lies outside its output head.
+    default = np.asarray(token_logprobs(model, ids, mask, images), np.float32)[:, head - 1 :]
+    set_options(model, attention_impl="xla")
+    xla = np.asarray(token_logprobs(model, ids, mask, images), np.float32)[:, head - 1 :]
+    set_options(model, attention_impl="auto")
+    diff = np.abs(default - xla)
+    print(json.dumps({"what": "attention_paths_agree", "mean_abs_logprob_diff": float(diff.mean()),
+                      "max_abs_logprob_diff": float(diff.max()), "mean_logprob": float(xla.mean()),
+                      "finite": bool(np.isfinite(default).all())}), flush=True)
 
 
 def main() -> None:
@@ -54,29 +82,8 @@ def main() -> None:
     images = {k: jnp.asarray(v, jnp.bfloat16 if v.dtype.kind == "f" else jnp.int32) for k, v in images_np.items()}
     t = ids.shape[1]
 
-    # As the eval stage runs them: the model frozen (eval/frozen.py), with per-layer decoder copies in each of the
-    # COPIES modes (eval/layer_copies.py); then log-probs through nnx.jit for comparison.
-    for mode in COPIES:
-        with layer_copies(model, mode) as copied, frozen(model):
-            s = timeit(lambda: token_logprobs(model, ids, mask, images))
-            print(json.dumps({"what": "eval_logprob", "frozen": True, "layer_copies": copied, "B": b, "T": t,
-                              "s": s, "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)
-            s = timeit(lambda: generate(model, ids, mask, images, max_new_tokens=32, eos_token_id=()), n=3, warm=1)
-            print(json.dumps({"what": "generate32", "frozen": True, "layer_copies": copied, "B": b, "s": s,
-                              "new_tokens_per_s": b * 32 / s, "max_mem_gb": peak_gb()}), flush=True)
-    s = timeit(lambda: token_logprobs(model, ids, mask, images))
-    print(json.dumps({"what": "eval_logprob", "frozen": False, "layer_copies": False, "B": b, "T": t, "s": s,
-                      "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)
-    # Targets from the first text token on: Mllama's image token id lies outside its output head.
-    default = np.asarray(token_logprobs(model, ids, mask, images), np.float32)[:, head - 1 :]
-    set_options(model, attention_impl="xla")
-    xla = np.asarray(token_logprobs(model, ids, mask, images), np.float32)[:, head - 1 :]
-    set_options(model, attention_impl="auto")
-    diff = np.abs(default - xla)
-    print(json.dumps({"what": "attention_paths_agree", "mean_abs_logprob_diff": float(diff.mean()),
-                      "max_abs_logprob_diff": float(diff.max()), "mean_logprob": float(xla.mean()),
-                      "finite": bool(np.isfinite(default).all())}), flush=True)
-
+    if EVAL:
+        eval_calls(model, ids, mask, images, head)
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
     answer = jnp.arange(t) >= head + 1 + t_text // 2  # the second half of the text is the answer
     labels = jnp.where(answer[None, :], ids, -100)
