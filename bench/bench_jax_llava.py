@@ -26,7 +26,7 @@ from flax import nnx
 
 from bench.bench_dropout import materialised
 from vlmu_jax.data.batching import IGNORE
-from vlmu_jax.eval.frozen import frozen
+from vlmu_jax.eval.frozen import compile_only, frozen
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import token_logprobs
@@ -133,6 +133,21 @@ def timeit(fn: Callable[[], jax.Array], n: int = 5, warm: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def compiled_ahead(call: Callable[[], object]) -> tuple[float, float]:
+    """Compiles a frozen model's eval call ahead, as the eval stage does (`eval.compile_ahead`): the seconds, and
+    the call's own device peak in GiB from the compiled program's memory analysis (every array it reads, the
+    model's weights or their layer copies included, + outputs - aliases + temporaries). Why: the process peak
+    also counts the eager random init (jax.random draws 32-bit bits for a whole stacked bf16 param at once),
+    which no eval run does, so it cannot be set beside PyTorch's peak for the same call."""
+    t0 = time.perf_counter()
+    with compile_only() as programs:
+        call()
+    (program,) = programs
+    m = program.memory_analysis()
+    own = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return time.perf_counter() - t0, own / 2**30
+
+
 def peak_gb() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
@@ -198,16 +213,22 @@ def main() -> None:
         for scan, copies in itertools.product(GEN_SCAN, GEN_COPIES):
             set_options(model, scan_layers=scan)
             with layer_copies(model, "always" if copies else "never") as attached, frozen(model):
-                s = timeit(lambda r=rows: generate(model, r["input_ids"], jnp.ones_like(r["input_ids"]), r["pix"],
-                                                   max_new_tokens=32, eos_token_id=()), n=3, warm=1)
+                def call(r: dict = rows) -> jax.Array:
+                    return generate(model, r["input_ids"], jnp.ones_like(r["input_ids"]), r["pix"],
+                                    max_new_tokens=32, eos_token_id=())
+
+                ahead_s, own_gb = compiled_ahead(call)
+                s = timeit(call, n=3, warm=1)
             print(json.dumps({"what": "generate32", "B": gb, "scan_layers": scan, "layer_copies": attached, "s": s,
-                              "first_call_s": FIRST_CALLS[-1], "new_tokens_per_s": gb * 32 / s,
-                              "max_mem_gb": peak_gb()}), flush=True)
+                              "compile_ahead_s": ahead_s, "first_call_s": FIRST_CALLS[-1],
+                              "new_tokens_per_s": gb * 32 / s, "own_peak_gb": own_gb, "max_mem_gb": peak_gb()}),
+                  flush=True)
 
 
 def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, how: dict) -> None:
     """Median time of the eval's teacher-forced log-probs (one JSON line)."""
     b, t = ids.shape
+    ahead = compiled_ahead(lambda: token_logprobs(model, ids, mask, pix)) if how["frozen"] else (None, None)
     s = timeit(lambda: token_logprobs(model, ids, mask, pix))
     print(
         json.dumps(
@@ -217,7 +238,9 @@ def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, 
                 "B": b,
                 "T": t,
                 "s": s,
+                "compile_ahead_s": ahead[0],
                 "first_call_s": FIRST_CALLS[-1],
+                "own_peak_gb": ahead[1],
                 "samples_per_s": b / s,
                 "max_mem_gb": peak_gb(),
             }

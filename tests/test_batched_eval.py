@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs.demo import get_config
 from vlmu_jax.data.batching import encode, examples_from, generation_rows
@@ -102,9 +103,15 @@ def test_compile_ahead_compiles_every_shape_before_the_calls(workspace: Workspac
     with frozen(model):
         compile_ahead(model, to_score=[rows], to_generate=[prompts], **common, **generating)
         ahead = COUNTER.count - unfrozen
-        with compile_only():
+        with compile_only() as programs:
             ids = np.ones((12, 40), np.int32)
             assert token_logprobs(model, ids, ids, None) is None
+        # The compiled program comes back (its memory analysis gives a call's own peak). A text-only call reads
+        # the decoder and the output head: jit drops the unused vision tower and projector from its arguments.
+        (program,) = programs
+        state = nnx.state(model)
+        text_path = sum(x.nbytes for x in jax.tree.leaves((state["language_model"], state["lm_head"])))
+        assert program.memory_analysis().argument_size_in_bytes == text_path + 2 * ids.nbytes
         scores = score_rows(model, rows, **common)
         tokens = generate_rows(model, prompts, **common, **generating)
         after = COUNTER.count - unfrozen - ahead

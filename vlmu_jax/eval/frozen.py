@@ -75,15 +75,17 @@ def compiles_ahead(model: nnx.Module) -> bool:
 
 
 @contextmanager
-def compile_only() -> Iterator[None]:
+def compile_only() -> Iterator[list[jax.stages.Compiled]]:
     """In this thread, `model_jit` functions called on a frozen model compile their program for the call's
     arguments (into jit's caches and the persistent compilation cache, where a later call finds it) and return
-    None instead of running it: `eval/batched.compile_ahead` compiles several shapes at once this way."""
-    _MODE.compile_only = True
+    None instead of running it: `eval/batched.compile_ahead` compiles several shapes at once this way. Yields the
+    list the compiled programs are appended to, whose `memory_analysis()` gives a call's own device peak
+    (bench/bench_jax_llava.py)."""
+    _MODE.compile_only, _MODE.compiled = True, []
     try:
-        yield
+        yield _MODE.compiled
     finally:
-        _MODE.compile_only = False
+        _MODE.compile_only, _MODE.compiled = False, []
 
 
 def compiling() -> bool:
@@ -106,7 +108,7 @@ def model_jit(fn: Callable[..., Any], *, static_argnames: tuple[str, ...] = ()) 
         if split is None:
             return slow(model, *args, **kwargs)
         if compiling():
-            fast.lower(*split, *args, **kwargs).compile()
+            _MODE.compiled.append(fast.lower(*split, *args, **kwargs).compile())
             return None
         return fast(*split, *args, **kwargs)
 
