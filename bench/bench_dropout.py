@@ -4,7 +4,9 @@ A 7B LoRA GA step spent ~30 ms in the masks' fusions, and drawing four 16-bit la
 (`layers.dropout_keep`) took only 4 ms off. One explanation: XLA:GPU fuses the (unrolled) Threefry rounds into
 the consumer, so each of a block's four elements hashes the whole block again. This times `x * keep / (1 -
 rate)` at the 7B step's shapes three ways: as `dropout_keep` builds it; with the blocks materialised first (an
-optimization barrier between `threefry_blocks` and `keep_from_blocks`); and with `jax.random.bernoulli`.
+optimization barrier between `threefry_blocks` and `keep_from_blocks`); with `jax.random.bernoulli`; and with
+16-bit draws of XLA's own bit generator (`philox`: an `unsafe_rbg` key seeded from one Threefry draw, so
+`lax.rng_bit_generator`, Philox on GPU, as PyTorch's dropout uses; its bits depend on the sharding).
 Run from the repo root: `PYTHONPATH=. python bench/bench_dropout.py`.
 """
 
@@ -25,6 +27,11 @@ def materialised(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Arr
     return keep_from_blocks(jax.lax.optimization_barrier(threefry_blocks(rng, shape)), shape, rate)
 
 
+def philox(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    seed = jax.random.bits(rng, (), jnp.uint32)
+    return jax.random.bits(jax.random.key(seed, impl="unsafe_rbg"), shape, jnp.uint16) >= round(rate * 65536)
+
+
 def bernoulli(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
     return jax.random.bernoulli(rng, 1.0 - rate, shape)
 
@@ -34,7 +41,7 @@ def main() -> None:
     for shape in ((4, 704, 4096), (4, 704, 11008)):
         x = jnp.ones(shape, jnp.bfloat16)
         for name, keep in (("dropout_keep", dropout_keep), ("blocks_materialised", materialised),
-                           ("bernoulli", bernoulli)):
+                           ("bernoulli", bernoulli), ("philox", philox)):
             f = jax.jit(lambda x, k, keep=keep: jnp.where(keep(k, x.shape, RATE), x / (1 - RATE), 0).astype(x.dtype))
             jax.block_until_ready(f(x, key))
             t0 = time.perf_counter()

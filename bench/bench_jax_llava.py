@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.bench_dropout import materialised
+from bench.bench_dropout import materialised, philox
 from vlmu_jax.data.batching import IGNORE
 from vlmu_jax.eval.frozen import compile_only, frozen
 from vlmu_jax.eval.generate import generate
@@ -194,8 +194,9 @@ def main() -> None:
     labels = jnp.where(jnp.arange(ids.shape[1]) >= 1 + n_img + t_text // 2, ids, IGNORE)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}
     for objective, remat, *dropout in STEPS if "steps" in WORK else ():
-        # objective:remat:materialised runs the step with the dropout blocks materialised (bench/bench_dropout.py)
-        layers.dropout_keep = materialised if dropout == ["materialised"] else dropout_keep
+        # objective:remat:materialised|philox runs the step with those dropout masks (bench/bench_dropout.py)
+        layers.dropout_keep = {"materialised": materialised, "philox": philox}.get(dropout[0] if dropout else "",
+                                                                                  dropout_keep)
         r = unlearn_step_time(model, objective, remat, batch)
         print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout[0] if dropout
                           else "dropout_keep", "B": b, "T": n_img + t_text, "s": r.s,
