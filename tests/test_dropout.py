@@ -1,14 +1,16 @@
 """LoRA dropout's keep mask (layers.dropout_keep): four 16-bit lanes per Threefry block, each element kept with
-probability 1 - rate independently, the same mask however the array is sharded."""
+probability 1 - rate independently, the same mask however the array is sharded; kept for the backward under the
+`dots_and_dropout_saveable` remat policy."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vlmu_jax.models.layers import dropout_keep
+from vlmu_jax.models.layers import REMAT_POLICIES, Dense, dropout_keep
 from vlmu_jax.models.sharding import make_mesh
 
 
@@ -43,3 +45,28 @@ def test_mask_does_not_depend_on_sharding():
     got = jax.jit(lambda x: jnp.where(dropout_keep(key, x.shape, 0.1), x, 0))(x)
     assert len(got.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(got) == 1, want)
+
+
+def test_remat_policy_keeping_dropout_masks(capsys):
+    """`dots_and_dropout_saveable` keeps each LoRA dropout mask for the backward instead of drawing it again: the
+    masks are among what it saves (not under the plain dots policy), and the gradients are those without remat."""
+    dense = Dense(8, 6, axes=(None, None), rngs=nnx.Rngs(0))
+    dense.lora_a = nnx.LoRAParam(jax.random.normal(jax.random.key(1), (8, 4)))
+    dense.lora_b = nnx.LoRAParam(jax.random.normal(jax.random.key(2), (4, 6)))
+    dense.lora_dropout, dense.deterministic = 0.3, False
+    graphdef, lora, rest = nnx.split(dense, nnx.LoRAParam, ...)
+    x, rng = jax.random.normal(jax.random.key(3), (4, 5, 8)), jax.random.key(4)
+
+    def loss(lora, policy):
+        def f(lora, x):
+            return jnp.tanh(nnx.merge(graphdef, lora, rest)(x, rng)).sum()
+
+        return (f if policy is None else jax.checkpoint(f, policy=policy))(lora, x)
+
+    want = jax.grad(loss)(lora, None)
+    for name in ("dots_with_no_batch_dims_saveable", "dots_and_dropout_saveable"):
+        got = jax.grad(loss)(lora, REMAT_POLICIES[name])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
+        jax.ad_checkpoint.print_saved_residuals(lambda lora, name=name: loss(lora, REMAT_POLICIES[name]), lora)
+        saved = capsys.readouterr().out
+        assert ("bool[4,5,8]" in saved) == (name == "dots_and_dropout_saveable"), saved
