@@ -1,12 +1,12 @@
-"""LoRA dropout masks on the device: where their time goes (bench/NOTES.md, session 6).
+"""LoRA dropout masks on the device: what one costs (bench/NOTES.md, sessions 6-7).
 
 A 7B LoRA GA step spent ~30 ms in the masks' fusions, and drawing four 16-bit lanes per Threefry block
-(`layers.dropout_keep`) took only 4 ms off. One explanation: XLA:GPU fuses the (unrolled) Threefry rounds into
-the consumer, so each of a block's four elements hashes the whole block again. This times `x * keep / (1 -
-rate)` at the 7B step's shapes three ways: as `dropout_keep` builds it; with the blocks materialised first (an
-optimization barrier between `threefry_blocks` and `keep_from_blocks`); with `jax.random.bernoulli`; and with
-16-bit draws of XLA's own bit generator (`philox`: an `unsafe_rbg` key seeded from one Threefry draw, so
-`lax.rng_bit_generator`, Philox on GPU, as PyTorch's dropout uses; its bits depend on the sharding).
+(`layers.dropout_keep`) took only 4 ms off. This times `x * keep / (1 - rate)` at the 7B step's shapes, 20 masks
+with different keys inside one program (a timed loop of separate calls measures their dispatch: session 7), as
+`dropout_keep` builds it; with the blocks materialised first (an optimization barrier between `threefry_blocks`
+and `keep_from_blocks`); with `jax.random.bernoulli`; and with 16-bit draws of XLA's own bit generator (`philox`:
+an `unsafe_rbg` key seeded from one Threefry draw, so `lax.rng_bit_generator`, Philox on GPU, as PyTorch's dropout
+uses; its bits depend on the sharding).
 Run from the repo root: `PYTHONPATH=. python bench/bench_dropout.py`.
 """
 
@@ -42,14 +42,21 @@ def main() -> None:
         x = jnp.ones(shape, jnp.bfloat16)
         for name, keep in (("dropout_keep", dropout_keep), ("blocks_materialised", materialised),
                            ("bernoulli", bernoulli), ("philox", philox)):
-            f = jax.jit(lambda x, k, keep=keep: jnp.where(keep(k, x.shape, RATE), x / (1 - RATE), 0).astype(x.dtype))
+            def masks(x: jax.Array, k: jax.Array, keep=keep) -> jax.Array:
+                def one(i: int, total: jax.Array) -> jax.Array:
+                    kept = jnp.where(keep(jax.random.fold_in(k, i), x.shape, RATE), x / (1 - RATE), 0)
+                    return total + kept.astype(jnp.float32).sum()
+
+                return jax.lax.fori_loop(0, 20, one, jnp.float32(0))
+
+            f = jax.jit(masks)
             jax.block_until_ready(f(x, key))
             t0 = time.perf_counter()
-            for i in range(20):
-                out = f(x, jax.random.fold_in(key, i))
+            for n in range(5):
+                out = f(x, jax.random.fold_in(key, n))
             jax.block_until_ready(out)
             print(json.dumps({"what": "dropout", "how": name, "shape": shape,
-                              "ms": round((time.perf_counter() - t0) / 20 * 1e3, 3)}), flush=True)
+                              "ms": round((time.perf_counter() - t0) / 100 * 1e3, 3)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from PIL import Image
 
 from tests.tiny_mllama import EOS, PAD, hf_row, tiny_batch, tiny_hf_model
@@ -96,7 +97,8 @@ def test_unrolled_and_remat_match(tiny):
     for opts in ({"scan_layers": False}, {"remat": "full"}, {"remat": "dots_saveable", "scan_layers": False}):
         set_options(model, **opts)
         np.testing.assert_allclose(_logits(model, ours), ref, atol=1e-5)
-        assert np.isfinite(float(jax.grad(loss)(model).lm_head[...].sum()))
+        # jitted: op by op, the gradient through the tiny model's towers took most of this test's 40 s on 2 cores
+        assert np.isfinite(float(nnx.jit(nnx.grad(loss))(model).lm_head[...].sum()))
 
 
 def test_greedy_generation_matches_hf(tiny):
