@@ -1,5 +1,5 @@
 """PyTorch twin of bench_jax_llava.py's unlearning steps: GA, GD and NPO on the anchor's stack (HF transformers +
-PEFT), so each gets a same-device ratio.
+PEFT), so each gets a same-device ratio; first the anchor's teacher-forced log-probs, for their peak memory.
 
 Same model, batch and method as shared/anchors/bench_hf_llava.py: LLaVA-1.5-7B shape with random bf16 weights,
 sdpa, B=4 rows of BOS + 576 image tokens + 127 text tokens, labels on the second half of the text, LoRA r=128 /
@@ -69,6 +69,19 @@ def main() -> None:
     pix = torch.randn(b, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
     labels = ids.clone()
     labels[:, : 1 + N_IMG + t_text // 2] = -100
+    # The anchor's teacher-forced log-probs, for their peak (the anchor prints none): against the eval call's own
+    # peak that bench_jax_llava.py reads from XLA's memory analysis.
+    model.eval()
+    torch.cuda.reset_peak_memory_stats()
+
+    def logprobs() -> torch.Tensor:
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids))
+            return torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).sum()
+
+    s = timeit(logprobs)
+    print(json.dumps({"what": "eval_logprob", "B": b, "T": N_IMG + t_text, "s": s,
+                      "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30}), flush=True)
     lc = LoraConfig(r=128, lora_alpha=256, lora_dropout=0.05,
                     target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
     pm = get_peft_model(model, lc)
