@@ -40,26 +40,32 @@ def eval_calls(model: nnx.Module, ids: jax.Array, mask: jax.Array, images: dict,
     each of the COPIES modes (eval/layer_copies.py); then log-probs through nnx.jit for comparison, and the default
     attention path's log-probs against XLA's."""
     b, t = ids.shape
+
+    def logprobs() -> jax.Array:
+        return token_logprobs(model, ids, mask, images)
+
+    def generate32() -> jax.Array:
+        return generate(model, ids, mask, images, max_new_tokens=32, eos_token_id=())
+
     for mode in COPIES:
         with layer_copies(model, mode) as copied, frozen(model):
-            ahead_s, own_gb = compiled_ahead(lambda: token_logprobs(model, ids, mask, images))
-            s = timeit(lambda: token_logprobs(model, ids, mask, images))
+            ahead_s, own_gb = compiled_ahead(logprobs)
+            s = timeit(logprobs)
             print(json.dumps({"what": "eval_logprob", "frozen": True, "layer_copies": copied, "B": b, "T": t,
                               "s": s, "samples_per_s": b / s, "compile_ahead_s": ahead_s, "own_peak_gb": own_gb,
                               "max_mem_gb": peak_gb()}), flush=True)
-            ahead_s, own_gb = compiled_ahead(
-                lambda: generate(model, ids, mask, images, max_new_tokens=32, eos_token_id=()))
-            s = timeit(lambda: generate(model, ids, mask, images, max_new_tokens=32, eos_token_id=()), n=3, warm=1)
+            ahead_s, own_gb = compiled_ahead(generate32)
+            s = timeit(generate32, n=3, warm=1)
             print(json.dumps({"what": "generate32", "frozen": True, "layer_copies": copied, "B": b, "s": s,
                               "compile_ahead_s": ahead_s, "own_peak_gb": own_gb, "max_mem_gb": peak_gb()}),
                   flush=True)
-    s = timeit(lambda: token_logprobs(model, ids, mask, images))
+    s = timeit(logprobs)
     print(json.dumps({"what": "eval_logprob", "frozen": False, "layer_copies": False, "B": b, "T": t, "s": s,
                       "samples_per_s": b / s, "max_mem_gb": peak_gb()}), flush=True)
     # Targets from the first text token on: Mllama's image token id lies outside its output head.
-    default = np.asarray(token_logprobs(model, ids, mask, images), np.float32)[:, head - 1 :]
+    default = np.asarray(logprobs(), np.float32)[:, head - 1 :]
     set_options(model, attention_impl="xla")
-    xla = np.asarray(token_logprobs(model, ids, mask, images), np.float32)[:, head - 1 :]
+    xla = np.asarray(logprobs(), np.float32)[:, head - 1 :]
     set_options(model, attention_impl="auto")
     diff = np.abs(default - xla)
     print(json.dumps({"what": "attention_paths_agree", "mean_abs_logprob_diff": float(diff.mean()),

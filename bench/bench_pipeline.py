@@ -145,7 +145,7 @@ def main() -> None:
                "compute_share": round(compute / wall, 3), "tokens": tokens,
                "tokens_per_s_wall": round(tokens / wall, 1),
                "tokens_per_s_compute": round(tokens / compute, 1) if compute else None,
-               "process_peak_gb": None if peak_gb() is None else round(peak_gb(), 1), **extra}
+               "process_peak_gb": None if (peak := peak_gb()) is None else round(peak, 1), **extra}
         results.append(row)
         print(json.dumps(row), flush=True)
 

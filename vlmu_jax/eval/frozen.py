@@ -22,7 +22,7 @@ from flax import nnx
 
 _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its graph split on entry
 _AHEAD: weakref.WeakSet = weakref.WeakSet()  # frozen models whose programs `batched.compile_ahead` compiles
-_MODE = threading.local()  # .compile_only: this thread's model_jit calls compile and do not run
+_MODE = threading.local()  # .compiled: a list while this thread's model_jit calls compile and do not run
 
 
 class _Structure:
@@ -81,16 +81,16 @@ def compile_only() -> Iterator[list[jax.stages.Compiled]]:
     None instead of running it: `eval/batched.compile_ahead` compiles several shapes at once this way. Yields the
     list the compiled programs are appended to, whose `memory_analysis()` gives a call's own device peak
     (bench/bench_jax_llava.py)."""
-    _MODE.compile_only, _MODE.compiled = True, []
+    _MODE.compiled = []
     try:
         yield _MODE.compiled
     finally:
-        _MODE.compile_only, _MODE.compiled = False, []
+        _MODE.compiled = None
 
 
 def compiling() -> bool:
     """Whether this thread is inside `compile_only`."""
-    return getattr(_MODE, "compile_only", False)
+    return getattr(_MODE, "compiled", None) is not None
 
 
 def model_jit(fn: Callable[..., Any], *, static_argnames: tuple[str, ...] = ()) -> Callable[..., Any]:
