@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from tests.toy_lm import FixedSource, ToyLM, kl_fn, logps_fn, make_batch, sequences
-from vlmu_jax.unlearn.trainer import TrainConfig, plan_step, train
+from vlmu_jax.unlearn.trainer import TrainConfig, plan_step, policy_logps, train
 
 FORGET, RETAIN = sequences(4, seed=1), sequences(8, seed=2)
 
@@ -153,3 +153,23 @@ def test_tensorboard_events_hold_every_logged_scalar(tmp_path) -> None:
                                                     "retain_nll", "step_s", "tokens", "seq_len")}
     for key, by_step in scalars.items():
         assert by_step == pytest.approx({r["step"]: r[key.removeprefix("train/")] for r in rows}, rel=1e-6), key
+
+
+def test_streams_of_one_shape_share_one_pass() -> None:
+    """Same-shape streams run as one joined batch, each getting back exactly its own rows' values; a stream of
+    another shape runs alone."""
+    model = ToyLM()
+    model.eval()
+    rows = {"forget": make_batch(FORGET[:2]), "retain": make_batch(RETAIN[:2]), "odd": make_batch(RETAIN[2:5])}
+    calls = []
+
+    def counted(m, batch):
+        calls.append(batch["input_ids"].shape[0])
+        return logps_fn(m, batch)
+
+    got = policy_logps(model, rows, 5, counted)
+    assert sorted(calls) == [3, 4]  # forget + retain joined (2 + 2 rows), the 3-row stream alone
+    for name, batch in rows.items():
+        want_logps, want_mask = logps_fn(model, batch)
+        np.testing.assert_allclose(np.asarray(got[name][0]), np.asarray(want_logps), rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(np.asarray(got[name][1]), np.asarray(want_mask))

@@ -125,9 +125,40 @@ def _need(fn: Callable | None, what: str, obj: Objective) -> Callable:
     return fn
 
 
-def _stream_logps(name, obj, cfg, model, ref_model, batch, logps_fn, kl_fn, vocab_fn, hidden_fn) -> StreamLogps:
-    """Everything the objective asked for about one stream; what its loss leaves unused is cut by XLA."""
-    logps, mask = logps_fn(model, batch)
+def _batch_key(batch: Mapping[str, Any]) -> tuple | None:
+    """What two streams' batches must share to run as one: tree structure, shapes and dtypes (None when some
+    leaf has no leading axis to join them on)."""
+    leaves, treedef = jax.tree.flatten(batch)
+    if any(jnp.ndim(x) == 0 for x in leaves):
+        return None
+    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+
+
+def policy_logps(model, batches: Mapping[str, Mapping[str, Any]], step_length, logps_fn) -> dict[str, tuple]:
+    """Each stream's `logps_fn(model, batch)` (log-probs, mask), streams whose batches have one shape joined
+    along the batch axis into one pass and split after.
+
+    Why: a forget and a retain batch of one bucket (GD, NPO, KL and the like) then go through the decoder once,
+    at twice the rows: every weight is read (and, in a scanned decoder on GPU, copied out of its stack) once per
+    step instead of once per stream. Rows do not interact in the model, so each stream's values are its own;
+    only the LoRA dropout draws differ from two separate passes."""
+    groups: dict[Any, list[str]] = {}
+    for name, batch in batches.items():
+        groups.setdefault(_batch_key(batch) or name, []).append(name)
+    out = {}
+    for names in groups.values():
+        joined = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(batches[n] for n in names))
+        logps, mask = logps_fn(model, {**joined, "step_length": step_length})
+        rows = np.cumsum([len(batches[n]["input_ids"]) for n in names])[:-1]
+        out.update(zip(names, zip(jnp.split(logps, rows), jnp.split(mask, rows), strict=True), strict=True))
+    return out
+
+
+def _stream_logps(name, obj, cfg, model, ref_model, batch, own, kl_fn, vocab_fn, hidden_fn,
+                  logps_fn) -> StreamLogps:
+    """Everything the objective asked for about one stream, given its policy log-probs and mask `own`; what its
+    loss leaves unused is cut by XLA."""
+    logps, mask = own
     ref = kl = kl_mask = vocab = hidden = ref_hidden = hidden_mask = None
     with_ref = name in obj.ref_streams
     if with_ref:
@@ -169,8 +200,9 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
             # a step's forget and retain rows to (its KL term averages over that many positions, see stages.kl_fn).
             step_length = jnp.max(jnp.stack([jnp.max(jnp.sum(b["attention_mask"], axis=-1))
                                              for b in batches.values()]))
-            streams = {n: _stream_logps(n, obj, cfg, model, ref_model, {**b, "step_length": step_length}, logps_fn,
-                                       kl_fn, vocab_fn, hidden_fn)
+            own = policy_logps(model, batches, step_length, logps_fn)
+            streams = {n: _stream_logps(n, obj, cfg, model, ref_model, {**b, "step_length": step_length}, own[n],
+                                       kl_fn, vocab_fn, hidden_fn, logps_fn)
                        for n, b in batches.items()}
             loss, aux = obj.fn(streams, cfg)
             return loss, (aux, nnx.state(model, nnx.RngState))
