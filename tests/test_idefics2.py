@@ -23,6 +23,8 @@ from vlmu_jax.checkpoints.hf_import import load_pretrained
 from vlmu_jax.data.images import image_processor
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.models.lora import apply_lora
+from vlmu_jax.stages import logps_fn
+from vlmu_jax.unlearn.trainer import policy_logps
 
 VOCAB, PAD, BOS, EOS = 256, 0, 1, 2
 IMAGE, FAKE = 250, 251
@@ -137,6 +139,29 @@ def test_logits_match_transformers(tmp_path, split):
     if not split:
         unrolled = load_pretrained(folder, scan_layers=False, remat="full")
         np.testing.assert_allclose(_logits(unrolled, ours)[valid], want[valid], atol=1e-4, rtol=0)
+
+
+def test_joined_streams_score_as_separate(tmp_path):
+    """The trainer joins same-shape streams into one batch (images, pixel masks and all) and splits the result:
+    each stream's log-probs are those of its own pass."""
+    folder, _ = _save(tmp_path / "m")
+    model = load_pretrained(folder)
+    streams = {}
+    for name, seed in (("forget", 0), ("retain", 1)):
+        batch, _ = _batch([(40, 23), None, (30, 30)], [6, 9, 4], split=False, padding="right", seed=seed)
+        streams[name] = {**batch, "labels": np.where(batch["attention_mask"] == 1, batch["input_ids"], -100)}
+    calls = []
+
+    def counted(m, b):
+        calls.append(len(b["input_ids"]))
+        return logps_fn(m, b)
+
+    joined = policy_logps(model, streams, 0, counted)
+    assert calls == [6]
+    for name, batch in streams.items():
+        want, mask = logps_fn(model, batch)
+        np.testing.assert_allclose(np.asarray(joined[name][0]), np.asarray(want), atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(np.asarray(joined[name][1]), np.asarray(mask))
 
 
 def test_logits_match_transformers_without_padded_patches(tmp_path):
