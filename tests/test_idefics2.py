@@ -156,7 +156,7 @@ def test_joined_streams_score_as_separate(tmp_path):
         calls.append(len(b["input_ids"]))
         return logps_fn(m, b)
 
-    joined = policy_logps(model, streams, 0, counted)
+    joined = policy_logps(model, streams, 0, counted, join=set(streams))
     assert calls == [6]
     for name, batch in streams.items():
         want, mask = logps_fn(model, batch)

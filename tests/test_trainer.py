@@ -156,8 +156,8 @@ def test_tensorboard_events_hold_every_logged_scalar(tmp_path) -> None:
 
 
 def test_streams_of_one_shape_share_one_pass() -> None:
-    """Same-shape streams run as one joined batch, each getting back exactly its own rows' values; a stream of
-    another shape runs alone."""
+    """Same-shape streams named for joining run as one batch, each getting back exactly its own rows' values; a
+    stream of another shape, or not named, runs alone."""
     model = ToyLM()
     model.eval()
     rows = {"forget": make_batch(FORGET[:2]), "retain": make_batch(RETAIN[:2]), "odd": make_batch(RETAIN[2:5])}
@@ -167,9 +167,29 @@ def test_streams_of_one_shape_share_one_pass() -> None:
         calls.append(batch["input_ids"].shape[0])
         return logps_fn(m, batch)
 
-    got = policy_logps(model, rows, 5, counted)
+    got = policy_logps(model, rows, 5, counted, join=set(rows))
     assert sorted(calls) == [3, 4]  # forget + retain joined (2 + 2 rows), the 3-row stream alone
     for name, batch in rows.items():
         want_logps, want_mask = logps_fn(model, batch)
         np.testing.assert_allclose(np.asarray(got[name][0]), np.asarray(want_logps), rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(np.asarray(got[name][1]), np.asarray(want_mask))
+    calls.clear()
+    policy_logps(model, rows, 5, counted, join={"forget", "odd"})
+    assert sorted(calls) == [2, 2, 3]
+
+
+@pytest.mark.parametrize("objective,passes", [("gd", [4]), ("kl", [2, 2])])
+def test_step_joins_only_streams_read_through_their_logprobs(tmp_path, objective, passes) -> None:
+    """GD reads both streams' log-probs: one pass of 2 + 2 rows. KL reads the retain stream only through its
+    full-vocabulary KL, so the retain log-probs stay a pass of their own, which XLA cuts as unused."""
+    calls = []
+
+    def counted(m, batch):
+        calls.append(batch["input_ids"].shape[0])
+        return logps_fn(m, batch)
+
+    cfg = TrainConfig(objective=objective, lr=1e-2, num_steps=1, progress=False)
+    sources = {"forget": FixedSource(FORGET, 2), "retain": FixedSource(RETAIN, 2)}
+    train(ToyLM(lora_rank=4), cfg, sources=sources, logps_fn=counted, kl_fn=kl_fn, trainable=nnx.LoRAParam,
+          workdir=tmp_path)
+    assert calls[: len(passes)] == passes  # the step's trace (later calls: none, or other programs' traces)

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -134,17 +134,20 @@ def _batch_key(batch: Mapping[str, Any]) -> tuple | None:
     return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
 
 
-def policy_logps(model, batches: Mapping[str, Mapping[str, Any]], step_length, logps_fn) -> dict[str, tuple]:
-    """Each stream's `logps_fn(model, batch)` (log-probs, mask), streams whose batches have one shape joined
-    along the batch axis into one pass and split after.
+def policy_logps(model, batches: Mapping[str, Mapping[str, Any]], step_length, logps_fn,
+                 join: Collection[str]) -> dict[str, tuple]:
+    """Each stream's `logps_fn(model, batch)` (log-probs, mask); the streams named in `join` whose batches have
+    one shape are joined along the batch axis into one pass and split after.
 
-    Why: a forget and a retain batch of one bucket (GD, NPO, KL and the like) then go through the decoder once,
+    Why: a forget and a retain batch of one bucket (GD, NPO, IDK and the like) then go through the decoder once,
     at twice the rows: every weight is read (and, in a scanned decoder on GPU, copied out of its stack) once per
     step instead of once per stream. Rows do not interact in the model, so each stream's values are its own;
-    only the LoRA dropout draws differ from two separate passes."""
+    only the LoRA dropout draws differ from two separate passes. Only streams whose loss reads these log-probs
+    may be joined: a stream left alone whose log-probs the loss never reads (a KL or hidden-state stream) is cut
+    from the program by XLA, which a joined pass cannot be."""
     groups: dict[Any, list[str]] = {}
     for name, batch in batches.items():
-        groups.setdefault(_batch_key(batch) or name, []).append(name)
+        groups.setdefault((name in join and _batch_key(batch)) or name, []).append(name)
     out = {}
     for names in groups.values():
         joined = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(batches[n] for n in names))
@@ -183,6 +186,8 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
     is needed) and `ref_rest` (its frozen params: the model's own, or a separate reference model's); `grad_mask` the
     objective's saliency mask over the trainable params (empty when it has none)."""
     needs_ref = bool(obj.ref_streams or obj.kl_streams)
+    # Streams the objective reads only through their policy (and reference) log-probs: they may share one pass.
+    logps_only = set(obj.optional).union(*obj.phases) - {*obj.kl_streams, *obj.vocab_streams, *obj.hidden_streams}
 
     def step(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches):
         ref_params = None
@@ -200,7 +205,7 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
             # a step's forget and retain rows to (its KL term averages over that many positions, see stages.kl_fn).
             step_length = jnp.max(jnp.stack([jnp.max(jnp.sum(b["attention_mask"], axis=-1))
                                              for b in batches.values()]))
-            own = policy_logps(model, batches, step_length, logps_fn)
+            own = policy_logps(model, batches, step_length, logps_fn, join=logps_only)
             streams = {n: _stream_logps(n, obj, cfg, model, ref_model, {**b, "step_length": step_length}, own[n],
                                        kl_fn, vocab_fn, hidden_fn, logps_fn)
                        for n, b in batches.items()}
