@@ -149,6 +149,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Compile every scoring and generation shape of a split at once, in threads, before running it (eval/batched.py
     # compile_ahead): a cold run pays the longest compile instead of their sum.
     c.eval.compile_ahead = True
+    # Score each prompt (image + question) once and the answers that repeat it (FIUBench's ground-truth, paraphrased
+    # and perturbed answers; MLLMU-Bench's options) as continuations over its KV cache (eval/batched.py score_rows):
+    # 6.1x fewer scored positions on FIUBench's splits (bench/prefix_share_count.py). The same values up to float
+    # rounding. Off until it is timed on a GPU (bench/NOTES.md).
+    c.eval.shared_prompts = False
     # Checkpoints to evaluate instead of the run's own models (see vlmu_jax.model_sources): "NAME=PATH,..." of HF
     # folders (ours, transformers', PEFT-merged), and the retain-only reference that Forget Quality compares against.
     c.eval.models = ""

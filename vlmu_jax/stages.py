@@ -383,7 +383,8 @@ def _runner(ws: Workspace):
     from vlmu_jax.eval.tasks.fiubench import Runner
 
     return Runner(text=ws.eval_text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.eval_image_fn,
-                  max_new_tokens=ws.config.eval.max_new_tokens, protocol=ws.protocol, mesh=ws.mesh)
+                  max_new_tokens=ws.config.eval.max_new_tokens, protocol=ws.protocol, mesh=ws.mesh,
+                  shared_prompts=ws.config.eval.shared_prompts)
 
 
 def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs

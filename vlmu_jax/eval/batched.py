@@ -7,6 +7,7 @@ task file only sees per-row numpy results.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +22,8 @@ from jax.sharding import Mesh
 from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource
 from vlmu_jax.data.prefetch import prefetched
 from vlmu_jax.eval.frozen import compile_only, compiles_ahead
-from vlmu_jax.eval.generate import generate
-from vlmu_jax.eval.scoring import token_logprobs
+from vlmu_jax.eval.generate import decode_over_slices, generate
+from vlmu_jax.eval.scoring import continuation_logprobs, token_logprobs
 from vlmu_jax.logs import progress
 from vlmu_jax.models.sharding import global_batch
 
@@ -80,10 +81,109 @@ def _generate_batch(model: nnx.Module, inputs: dict, *, eos_token_id, pad_token_
                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
+CONTINUATION_MULTIPLE = 16  # shared-prompt continuations are padded to a multiple of this: a few program shapes
+
+
+@dataclass(frozen=True)
+class PromptGroups:
+    """Rows grouped by their prompt (images and every token before the first answer token): the prompts, one per
+    group, and each group's row indices in row order. FIUBench scores a question's ground-truth, paraphrased and
+    perturbed answers, MLLMU-Bench a question's options, each as a row that repeats the same prompt."""
+
+    prompts: list[Encoded]
+    members: list[list[int]]
+
+
+def prompt_groups(rows: Sequence[Encoded]) -> PromptGroups | None:
+    """The rows' prompt groups, or None when some row has no prompt to share (no answer token, or one at 0).
+    Every template here puts a row's images in its prompt; the prompt keeps the row's images."""
+    index: dict[tuple, int] = {}
+    prompts: list[Encoded] = []
+    members: list[list[int]] = []
+    for i, row in enumerate(rows):
+        answer = np.flatnonzero(row.labels != IGNORE)
+        if answer.size == 0 or answer[0] == 0:
+            return None
+        start = int(answer[0])
+        key = (row.images, row.input_ids[:start].tobytes())
+        if key not in index:
+            index[key] = len(prompts)
+            prompts.append(dataclasses.replace(row, input_ids=row.input_ids[:start],
+                                               labels=np.full(start, IGNORE, row.labels.dtype)))
+            members.append([])
+        members[index[key]].append(i)
+    return PromptGroups(prompts, members)
+
+
+def _continuation_shape(groups: PromptGroups, rows: Sequence[Encoded], batch_groups: np.ndarray) -> tuple[int, int]:
+    """(K, C) of a global batch of groups: its most rows per group and its longest continuation, rounded up."""
+    k = max(len(groups.members[g]) for g in batch_groups)
+    longest = max(len(rows[r].input_ids) - len(groups.prompts[g].input_ids)
+                  for g in batch_groups for r in groups.members[g])
+    return k, -(-longest // CONTINUATION_MULTIPLE) * CONTINUATION_MULTIPLE
+
+
+def _continuations(groups: PromptGroups, rows: Sequence[Encoded], batch_groups: np.ndarray,
+                   host_groups: np.ndarray, pad_token_id: int) -> dict[str, np.ndarray]:
+    """Continuation ids and mask [b, K, C] of this host's groups, shaped by the whole global batch (every host
+    builds the same shape)."""
+    k, c = _continuation_shape(groups, rows, batch_groups)
+    ids = np.full((len(host_groups), k, c), pad_token_id, np.int32)
+    mask = np.zeros((len(host_groups), k, c), np.int32)
+    for j, g in enumerate(host_groups):
+        start = len(groups.prompts[g].input_ids)
+        for v, r in enumerate(groups.members[g]):
+            tail = rows[r].input_ids[start:]
+            ids[j, v, : len(tail)], mask[j, v, : len(tail)] = tail, 1
+    return {"continuation_ids": ids, "continuation_mask": mask}
+
+
+def _shared_batch(model: nnx.Module, inputs: dict):
+    return continuation_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs["images"],
+                                 inputs["continuation_ids"], inputs["continuation_mask"],
+                                 sliced=decode_over_slices(model))
+
+
+def _shared_inputs(source: ExampleSource, groups: PromptGroups, rows: Sequence[Encoded], pad_token_id: int,
+                   index: int, batch: dict | None = None) -> dict:
+    """Prompt batch `index` of `source` (this host's rows; `batch` when already collated) with its groups'
+    continuations."""
+    batch_groups = source.global_indices(index)
+    batch = source.get(index) if batch is None else batch
+    return {**batch, **_continuations(groups, rows, batch_groups, batch_groups[source.host], pad_token_id)}
+
+
+def _score_shared(model: nnx.Module, rows: Sequence[Encoded], groups: PromptGroups, *, batch_size: int,
+                  pad_token_id: int, image_fn: Callable, mesh: Mesh | None, desc: str) -> list[AnswerScores]:
+    source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn)
+    out: list[AnswerScores | None] = [None] * len(rows)
+    for i, (batch, idx, fresh) in enumerate(_batches(source, desc)):
+        inputs = global_batch(_shared_inputs(source, groups, rows, pad_token_id, i, batch), mesh)
+        logps, mu, var = (_gather(a) for a in _shared_batch(model, inputs))
+        for j in np.flatnonzero(fresh):
+            start = len(groups.prompts[idx[j]].input_ids)
+            for v, r in enumerate(groups.members[idx[j]]):
+                m = rows[r].labels[start:] != IGNORE
+                out[r] = AnswerScores(logps[j, v, : m.size][m], mu[j, v, : m.size][m], var[j, v, : m.size][m])
+    return out  # type: ignore[return-value]
+
+
+def _shared_groups(rows: Sequence[Encoded], shared_prompts: bool) -> PromptGroups | None:
+    """The prompt groups to score `rows` by, when sharing is asked for and some prompt repeats."""
+    groups = prompt_groups(rows) if shared_prompts else None
+    return groups if groups is not None and len(groups.prompts) < len(rows) else None
+
+
 def score_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
-               image_fn: Callable, mesh: Mesh | None = None,
+               image_fn: Callable, mesh: Mesh | None = None, shared_prompts: bool = False,
                desc: str = "score") -> list[AnswerScores]:
-    """Teacher-forced answer-token scores for every row, in row order."""
+    """Teacher-forced answer-token scores for every row, in row order. `shared_prompts` (config
+    eval.shared_prompts): rows that repeat a prompt run it once and their answers as continuations over its KV
+    cache (`continuation_logprobs`), in batches of `batch_size` prompts; the same values up to float rounding."""
+    groups = _shared_groups(rows, shared_prompts)
+    if groups is not None:
+        return _score_shared(model, rows, groups, batch_size=batch_size, pad_token_id=pad_token_id,
+                             image_fn=image_fn, mesh=mesh, desc=desc)
     source = _score_source(rows, batch_size, pad_token_id, image_fn)
     out: list[AnswerScores | None] = [None] * len(rows)
     for batch, idx, fresh in _batches(source, desc):
@@ -119,7 +219,7 @@ _COMPILE_THREADS = 8  # XLA compiles of a 7B program take a few GB of host memor
 def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = (),
                   to_generate: Sequence[Sequence[Encoded]] = (), batch_size: int, pad_token_id: int,
                   eos_token_id: int | Sequence[int] | None, max_new_tokens: int, image_fn: Callable,
-                  mesh: Mesh | None = None) -> None:
+                  mesh: Mesh | None = None, shared_prompts: bool = False) -> None:
     """Compiles the programs that `score_rows(rows)` for each `to_score` entry and `generate_rows(rows)` for each
     `to_generate` entry (same other arguments) will run, one per distinct padded length, all at once: each in its
     own thread, where jit's tracing is Python but XLA's compile is not. Why: a cold eval stage at 7B compiled two
@@ -130,20 +230,33 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
         return
     run_generate = functools.partial(_generate_batch, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                      max_new_tokens=max_new_tokens)
-    jobs, seen = [], set()
-    for kind, groups, make, run in (("score", to_score, _score_source, _score_batch),
-                                    ("generate", to_generate, _generate_source, run_generate)):
-        for rows in filter(None, groups):
-            source = make(rows, batch_size, pad_token_id, image_fn)
+    jobs, seen = [], set()  # (inputs of one batch of that shape, the call)
+    for rows in filter(None, to_score):
+        groups = _shared_groups(rows, shared_prompts)
+        if groups is None:
+            source = _score_source(rows, batch_size, pad_token_id, image_fn)
             for length, i in _first_of_each_length(source).items():
-                if (kind, length) not in seen:
-                    seen.add((kind, length))
-                    jobs.append((source, i, run))
+                if ("score", length) not in seen:
+                    seen.add(("score", length))
+                    jobs.append((functools.partial(source.get, i), _score_batch))
+            continue
+        source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn)
+        for i in range(len(source)):
+            shape = ("shared", source.padded_length(i), _continuation_shape(groups, rows, source.global_indices(i)))
+            if shape not in seen:
+                seen.add(shape)
+                jobs.append((functools.partial(_shared_inputs, source, groups, rows, pad_token_id, i), _shared_batch))
+    for rows in filter(None, to_generate):
+        source = _generate_source(rows, batch_size, pad_token_id, image_fn)
+        for length, i in _first_of_each_length(source).items():
+            if ("generate", length) not in seen:
+                seen.add(("generate", length))
+                jobs.append((functools.partial(source.get, i), run_generate))
 
     def compile_one(job) -> None:
-        source, i, run = job
+        inputs, run = job
         with compile_only():
-            run(model, global_batch(source.get(i), mesh))
+            run(model, global_batch(inputs(), mesh))
 
     with ThreadPoolExecutor(min(max(len(jobs), 1), _COMPILE_THREADS), thread_name_prefix="compile") as pool:
         list(pool.map(compile_one, jobs))

@@ -133,6 +133,41 @@ def compute_token_logprobs(
     )
 
 
+@partial(model_jit, static_argnames=("sliced",))
+def continuation_logprobs(
+    model: nnx.Module,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    images: dict[str, jax.Array] | None,
+    continuation_ids: jax.Array,
+    continuation_mask: jax.Array,
+    *,
+    sliced: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """log p, and mean / variance of log p under the model, of K right-padded continuations [B, K, C] of each
+    left-padded prompt [B, P], every position j scored as log p(c_j | prompt, c_<j): [B, K, C] each.
+
+    The prompt (its images included) runs once, into a KV cache; each continuation then runs over that cache
+    as a multi-token decode step. Causal attention makes the values those of the whole row run at once (prompt
+    positions never see what follows them). `sliced`: decode over per-layer weights (generate.decode_over_slices)."""
+    b, p = prompt_ids.shape
+    c = continuation_ids.shape[-1]
+    h, cache = model.prefill(prompt_ids, prompt_mask, images, p + c, **({"sliced": True} if sliced else {}))
+    positions = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)[:, None] + jnp.arange(c, dtype=jnp.int32)
+    head = model.head_weight()
+
+    def one(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
+        ids, mask = xs
+        kv_valid = jnp.concatenate([prompt_mask, mask], axis=1).astype(jnp.int32)
+        hc, _ = model.decode_step(ids, positions, kv_valid, cache, p)
+        # c_0 is predicted by the prompt's last position, c_j by the continuation's position j - 1.
+        hidden = jnp.concatenate([h[:, -1:], hc[:, :-1]], axis=1)
+        return head_logprobs(hidden, head, ids, with_stats=True)
+
+    outs = jax.lax.map(one, (continuation_ids.swapaxes(0, 1), continuation_mask.swapaxes(0, 1)))
+    return tuple(o.swapaxes(0, 1) for o in outs)
+
+
 @partial(model_jit, static_argnames=("with_stats", "chunk_size"))
 def token_logprobs(
     model: nnx.Module,

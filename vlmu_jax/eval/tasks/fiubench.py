@@ -43,6 +43,7 @@ class Runner:
     max_new_tokens: int
     protocol: Protocol
     mesh: Mesh | None = None
+    shared_prompts: bool = False  # config eval.shared_prompts (batched.score_rows)
 
     @property
     def tokenizer(self) -> Any:
@@ -105,8 +106,9 @@ def evaluate_split(model: nnx.Module, identities: Sequence[Identity], runner: Ru
     prompts = generation_prompts(examples[:: 2 + k], runner)
     common = dict(batch_size=runner.batch_size, pad_token_id=pad, image_fn=runner.image_fn, mesh=runner.mesh)
     generating = dict(eos_token_id=runner.tokenizer.eos_token_id, max_new_tokens=runner.max_new_tokens)
-    compile_ahead(model, to_score=[rows], to_generate=[prompts.rows], **common, **generating)
-    scores = score_rows(model, rows, **common, desc=f"{desc} score")
+    shared = dict(shared_prompts=runner.shared_prompts)
+    compile_ahead(model, to_score=[rows], to_generate=[prompts.rows], **common, **generating, **shared)
+    scores = score_rows(model, rows, **common, **shared, desc=f"{desc} score")
     generated = generate_rows(model, prompts.rows, **common, **generating, desc=f"{desc} generate")
     return _log(items, rows, scores, prompts, decode_generations(generated, runner), k, runner, forget=forget)
 

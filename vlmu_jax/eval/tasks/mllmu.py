@@ -107,7 +107,8 @@ def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *,
     prompt_rows = generation_rows(prompts, runner.text)
     option_rows = _option_rows([(p.uid, _image(p, mc.modality), mc) for p, mc in choices], runner)
     generating = dict(eos_token_id=tok.eos_token_id, max_new_tokens=runner.max_new_tokens)
-    compile_ahead(model, to_score=[option_rows], to_generate=[prompt_rows], **generating, **_common(runner))
+    compile_ahead(model, to_score=[option_rows], to_generate=[prompt_rows], **generating, **_common(runner),
+                  shared_prompts=runner.shared_prompts)
     generated = generate_rows(model, prompt_rows, desc=f"{desc} generate", **generating, **_common(runner))
     answers = [metrics.own_turn(tok.decode(ids, skip_special_tokens=True)) for ids in generated]
     option_loss = _option_loss(model, option_rows, [mc for _, mc in choices], runner, desc)
@@ -136,7 +137,8 @@ def _option_loss(model: nnx.Module, rows: Sequence[Encoded], choices: Sequence[M
     """Mean NLL of each option (`_option_rows`) as the answer (the likelihood variant, an addition to eval.py)."""
     if not rows:
         return []
-    losses = iter(s.loss for s in score_rows(model, rows, desc=f"{desc} score", **_common(runner)))
+    losses = iter(s.loss for s in score_rows(model, rows, desc=f"{desc} score", **_common(runner),
+                                             shared_prompts=runner.shared_prompts))
     return [[next(losses) for _ in mc.options] for mc in choices]
 
 
@@ -214,7 +216,7 @@ def evaluate_eval_py(model: nnx.Module, bench: Benchmark, runner: Runner, *, for
                    for name in choices}
     generating = dict(eos_token_id=tok.eos_token_id, max_new_tokens=runner.max_new_tokens)
     compile_ahead(model, to_score=list(option_rows.values()), to_generate=[sorted_rows],
-                  **generating, **_common(runner))
+                  **generating, **_common(runner), shared_prompts=runner.shared_prompts)
     outputs = generate_rows(model, sorted_rows, desc="eval.py generate", **generating, **_common(runner))
     generated = [outputs[k] for k in np.argsort(order)]
     answers = [metrics.eval_py_answer(tok.decode([*row.input_ids[2:].tolist(), *ids[:it.max_new_tokens].tolist()],

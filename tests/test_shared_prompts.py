@@ -1,0 +1,90 @@
+"""Scoring with shared prompts (config eval.shared_prompts): each prompt runs once and the answers that repeat it
+run as continuations over its KV cache; every answer token's values are those of scoring its whole row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from configs.demo import get_config
+from vlmu_jax.data.batching import IGNORE, encode
+from vlmu_jax.eval.batched import prompt_groups, score_rows
+from vlmu_jax.eval.tasks.fiubench import scoring_examples
+from vlmu_jax.pipeline import Workspace, prepare_base_model, prepare_data
+
+FAMILIES = {  # architecture -> (template, tiny-shape overrides)
+    "llava": ("llava-1.5", {}),
+    "idefics2": ("idefics2", {}),
+    "mllama": ("llama-3.2-vision", {"hidden_size": 32, "intermediate_size": 64, "vision_hidden_size": 16}),
+    "qwen2_vl": ("qwen2-vl", {}),
+}
+
+
+def _rows(tmp_path, family: str):
+    template, shape = FAMILIES[family]
+    config = get_config("ci")
+    config.model.template = template
+    config.model.tiny_shape.update(architecture=family, **shape)
+    config.data.synthetic_identities = 4
+    ws = Workspace(config, tmp_path)
+    prepare_data(ws)
+    prepare_base_model(ws)
+    examples, k = scoring_examples(ws.bench.identities[:2])
+    return ws, [encode(e, ws.eval_text_config) for e in examples], 2 + k
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_shared_prompt_scores_equal_whole_rows(tmp_path, family) -> None:
+    ws, rows, per_question = _rows(tmp_path, family)
+    groups = prompt_groups(rows)
+    # FIUBench's rows: one prompt per question, its ground-truth, paraphrased and perturbed answers after it.
+    assert groups is not None and len(groups.prompts) == len(rows) // per_question
+    assert all(len(m) == per_question for m in groups.members)
+    model = ws.load("base")
+    kwargs = dict(batch_size=4, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.eval_image_fn)
+    whole = score_rows(model, rows, **kwargs)
+    shared = score_rows(model, rows, shared_prompts=True, **kwargs)
+    for w, s, r in zip(whole, shared, rows, strict=True):
+        assert s.logps.shape == w.logps.shape == (int((r.labels != IGNORE).sum()),)
+        np.testing.assert_allclose(s.logps, w.logps, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(s.mu, w.mu, rtol=0, atol=2e-5)
+        # var = E[log p^2] - mu^2 cancels two numbers near (log V)^2 ~ 40: float32 rounding of 1e-6 is 4e-5 here.
+        np.testing.assert_allclose(s.var, w.var, rtol=0, atol=2e-4)
+
+
+def test_rows_without_a_prompt_are_not_grouped() -> None:
+    from vlmu_jax.data.batching import Encoded
+
+    row = Encoded(np.arange(5, dtype=np.int32), np.array([3, 4, 5, 6, 7], np.int32), None)
+    assert prompt_groups([row]) is None  # its first token is an answer token: nothing before it to share
+    a = Encoded(np.array([1, 2, 3, 9], np.int32), np.array([IGNORE, IGNORE, 3, 9], np.int32), None)
+    b = Encoded(np.array([1, 2, 4, 4, 8], np.int32), np.array([IGNORE, IGNORE, 4, 4, 8], np.int32), None)
+    c = Encoded(np.array([1, 5, 4], np.int32), np.array([IGNORE, IGNORE, 4], np.int32), None)
+    groups = prompt_groups([a, b, c])
+    assert groups.members == [[0, 1], [2]]
+    np.testing.assert_array_equal(groups.prompts[0].input_ids, [1, 2])
+    assert (groups.prompts[0].labels == IGNORE).all()
+
+
+def test_compile_ahead_covers_the_shared_programs(tmp_path) -> None:
+    """On a frozen model, compile_ahead with shared prompts compiles every (prompt length, answers per prompt,
+    continuation length) program the scoring then runs: the scoring itself compiles nothing."""
+    import jax
+
+    from vlmu_jax.eval.batched import compile_ahead
+    from vlmu_jax.eval.frozen import frozen
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+    ws, rows, _ = _rows(tmp_path, "llava")
+    rows = rows[:-3]  # the last question keeps 4 of its answers: its batch may need another shape
+    model = ws.load("base")
+    kwargs = dict(batch_size=4, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.eval_image_fn)
+    with frozen(model):
+        compile_ahead(model, to_score=[rows], eos_token_id=ws.tokenizer.eos_token_id, max_new_tokens=2,
+                      shared_prompts=True, **kwargs)
+        ahead = len(compiles)
+        score_rows(model, rows, shared_prompts=True, **kwargs)
+    assert ahead >= 1
+    assert len(compiles) == ahead, f"{len(compiles) - ahead} compilations after compile_ahead"
