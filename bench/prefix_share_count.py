@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from itertools import groupby
 from pathlib import Path
 
 import numpy as np
 
 from bench.bench_pipeline import config
 from vlmu_jax import pipeline
-from vlmu_jax.data.batching import IGNORE, Encoded, bucket_length, encode, row_buckets
+from vlmu_jax.data.batching import Encoded, bucket_length, encode, row_buckets
+from vlmu_jax.eval.batched import continuation_length, prompt_groups
 from vlmu_jax.eval.tasks.fiubench import scoring_examples
-
-CONTINUATION_MULTIPLE = 16  # continuation lengths padded to a multiple of this (a handful of compiled shapes)
 
 
 def positions_now(rows: list[Encoded], batch: int) -> int:
@@ -37,21 +35,19 @@ def positions_now(rows: list[Encoded], batch: int) -> int:
                for i in range(0, len(rows), batch))
 
 
-def positions_shared(rows: list[Encoded], batch: int, per_question: int) -> int:
-    """Positions if each question's prompt ran once (batches of `batch` prompts, padded to their bucket) and each
-    of its answers ran as a continuation (batches of `batch` continuations, padded to a multiple of 16)."""
-    prompts, answers = [], []
-    for _, group in groupby(enumerate(rows), key=lambda x: x[0] // per_question):
-        group = [r for _, r in group]
-        starts = [int(np.argmax(r.labels != IGNORE)) for r in group]
-        shared = min(starts)
-        assert all(np.array_equal(r.input_ids[:shared], group[0].input_ids[:shared]) for r in group)
-        prompts.append(shared)
-        answers.extend(len(r.input_ids) - shared for r in group)
-    buckets = row_buckets(rows)
-    total = sum(batch * bucket_length(max(prompts[i:i + batch]), buckets) for i in range(0, len(prompts), batch))
-    step = CONTINUATION_MULTIPLE
-    return total + sum(batch * -(-max(answers[i:i + batch]) // step) * step for i in range(0, len(answers), batch))
+def positions_shared(rows: list[Encoded], batch: int) -> int:
+    """Positions as `score_rows(shared_prompts=True)` runs them: batches of `batch` prompts (left-padded to their
+    bucket), each with its K continuations padded to the batch's continuation length."""
+    groups = prompt_groups(rows)
+    prompts = [len(p.input_ids) for p in groups.prompts]
+    buckets = row_buckets(groups.prompts)
+    total = 0
+    for i in range(0, len(prompts), batch):
+        members = [(j, r) for j in range(i, min(i + batch, len(prompts))) for r in groups.members[j]]
+        k = max(len(groups.members[j]) for j, _ in members)
+        c = continuation_length(max(len(rows[r].input_ids) - prompts[j] for j, r in members))
+        total += batch * (bucket_length(max(prompts[j] for j, _ in members), buckets) + k * c)
+    return total
 
 
 def main() -> None:
@@ -66,7 +62,7 @@ def main() -> None:
     for split in ("forget10", "retain15"):
         examples, k = scoring_examples(ws.bench.split(split))
         rows = [encode(e, ws.eval_text_config) for e in examples]
-        now, shared = positions_now(rows, batch), positions_shared(rows, batch, 2 + k)
+        now, shared = positions_now(rows, batch), positions_shared(rows, batch)
         print(json.dumps({"split": split, "rows": len(rows), "answers_per_question": 2 + k,
                           "mean_row_length": round(float(np.mean([len(r.input_ids) for r in rows])), 1),
                           "positions_now": now, "positions_shared_prompt": shared,

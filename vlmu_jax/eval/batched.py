@@ -81,7 +81,6 @@ def _generate_batch(model: nnx.Module, inputs: dict, *, eos_token_id, pad_token_
                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
-CONTINUATION_MULTIPLE = 16  # shared-prompt continuations are padded to a multiple of this: a few program shapes
 
 
 @dataclass(frozen=True)
@@ -115,12 +114,18 @@ def prompt_groups(rows: Sequence[Encoded]) -> PromptGroups | None:
     return PromptGroups(prompts, members)
 
 
+def continuation_length(longest: int) -> int:
+    """The length shared-prompt continuations of at most `longest` tokens are padded to: 16, 32, 64, ... (each
+    length is a program to compile, so a ladder with few rungs; padding at most doubles the continuations)."""
+    return max(16, 1 << (max(longest, 1) - 1).bit_length())
+
+
 def _continuation_shape(groups: PromptGroups, rows: Sequence[Encoded], batch_groups: np.ndarray) -> tuple[int, int]:
-    """(K, C) of a global batch of groups: its most rows per group and its longest continuation, rounded up."""
+    """(K, C) of a global batch of groups: its most rows per group and its longest continuation's padded length."""
     k = max(len(groups.members[g]) for g in batch_groups)
     longest = max(len(rows[r].input_ids) - len(groups.prompts[g].input_ids)
                   for g in batch_groups for r in groups.members[g])
-    return k, -(-longest // CONTINUATION_MULTIPLE) * CONTINUATION_MULTIPLE
+    return k, continuation_length(longest)
 
 
 def _continuations(groups: PromptGroups, rows: Sequence[Encoded], batch_groups: np.ndarray,
