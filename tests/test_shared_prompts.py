@@ -3,6 +3,8 @@ run as continuations over its KV cache; every answer token's values are those of
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,10 @@ FAMILIES = {  # architecture -> (template, tiny-shape overrides)
 }
 
 
+@functools.cache
 def _rows(tmp_path, family: str):
+    """(workspace, FIUBench scoring rows of two identities, rows per question) of a tiny `family` model, built
+    once per family for the module."""
     template, shape = FAMILIES[family]
     config = get_config("ci")
     config.model.template = template
@@ -33,9 +38,14 @@ def _rows(tmp_path, family: str):
     return ws, [encode(e, ws.eval_text_config) for e in examples], 2 + k
 
 
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared")
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_shared_prompt_scores_equal_whole_rows(tmp_path, family) -> None:
-    ws, rows, per_question = _rows(tmp_path, family)
+def test_shared_prompt_scores_equal_whole_rows(root, family) -> None:
+    ws, rows, per_question = _rows(root / family, family)
     groups = prompt_groups(rows)
     # FIUBench's rows: one prompt per question, its ground-truth, paraphrased and perturbed answers after it.
     assert groups is not None and len(groups.prompts) == len(rows) // per_question
@@ -66,7 +76,7 @@ def test_rows_without_a_prompt_are_not_grouped() -> None:
     assert (groups.prompts[0].labels == IGNORE).all()
 
 
-def test_compile_ahead_covers_the_shared_programs(tmp_path) -> None:
+def test_compile_ahead_covers_the_shared_programs(root) -> None:
     """On a frozen model, compile_ahead with shared prompts compiles every (prompt length, answers per prompt,
     continuation length) program the scoring then runs: the scoring itself compiles nothing."""
     import jax
@@ -77,7 +87,7 @@ def test_compile_ahead_covers_the_shared_programs(tmp_path) -> None:
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
-    ws, rows, _ = _rows(tmp_path, "llava")
+    ws, rows, _ = _rows(root / "llava", "llava")
     rows = rows[:-3]  # the last question keeps 4 of its answers: its batch may need another shape
     model = ws.load("base")
     kwargs = dict(batch_size=4, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.eval_image_fn)
