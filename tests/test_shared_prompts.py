@@ -98,3 +98,35 @@ def test_compile_ahead_covers_the_shared_programs(root) -> None:
         score_rows(model, rows, shared_prompts=True, **kwargs)
     assert ahead >= 1
     assert len(compiles) == ahead, f"{len(compiles) - ahead} compilations after compile_ahead"
+
+
+def test_config_flag_reaches_the_fiubench_split(root) -> None:
+    """config eval.shared_prompts goes through the eval stage's runner into FIUBench's split evaluation, whose
+    logged losses, truth ratios and MIA scores then match the default's."""
+    import dataclasses
+
+    from vlmu_jax import stages
+    from vlmu_jax.eval.tasks.fiubench import evaluate_split
+
+    ws, _, _ = _rows(root / "llava", "llava")
+    ws.config.eval.max_new_tokens = 2
+    ws.config.eval.shared_prompts = True
+    runner = stages._runner(ws)
+    assert runner.shared_prompts
+    model = ws.load("base")
+    idents = ws.bench.identities[:2]
+    shared = evaluate_split(model, idents, runner, forget=True)
+    whole = evaluate_split(model, idents, dataclasses.replace(runner, shared_prompts=False), forget=True)
+
+    def numbers(x) -> list[float]:
+        """Every number in the logged structure, in a fixed order."""
+        if isinstance(x, dict):
+            return [v for k in sorted(x) for v in numbers(x[k])]
+        if isinstance(x, (list, tuple, np.ndarray)):
+            return [v for item in list(x) for v in numbers(item)]
+        return [float(x)] if isinstance(x, (int, float, np.number)) and not isinstance(x, bool) else []
+
+    got, want = numbers(shared), numbers(whole)
+    assert len(got) == len(want) > 50
+    # Mink++ divides by the variance, whose float32 rounding the parity test above bounds: 1e-3 relative.
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
