@@ -22,31 +22,32 @@ import numpy as np
 
 from bench.bench_pipeline import config
 from vlmu_jax import pipeline
-from vlmu_jax.data.batching import Encoded, bucket_length, encode, row_buckets
-from vlmu_jax.eval.batched import continuation_length, prompt_groups
+from vlmu_jax.data.batching import Encoded, ExampleSource, encode
+from vlmu_jax.eval.batched import continuation_shape, prompt_groups
 from vlmu_jax.eval.tasks.fiubench import scoring_examples
 
 
+def _source(rows: list[Encoded], batch: int, *, left_pad: bool) -> ExampleSource:
+    """Rows as the eval batches them (no shuffling, the last batch wrapping); the lengths need no images."""
+    return ExampleSource(rows, global_batch_size=batch, pad_token_id=0, image_fn=lambda ref: {}, shuffle=False,
+                         left_pad=left_pad)
+
+
 def positions_now(rows: list[Encoded], batch: int) -> int:
-    """Positions the scoring batches hold as the eval stage runs them: rows in order, each batch padded to its
-    bucket (ExampleSource without shuffling)."""
-    buckets = row_buckets(rows)
-    return sum(batch * bucket_length(max(len(r.input_ids) for r in rows[i:i + batch]), buckets)
-               for i in range(0, len(rows), batch))
+    """Positions the scoring batches hold as `score_rows` runs them: each batch padded to its bucket."""
+    source = _source(rows, batch, left_pad=False)
+    return sum(batch * source.padded_length(i) for i in range(len(source)))
 
 
 def positions_shared(rows: list[Encoded], batch: int) -> int:
     """Positions as `score_rows(shared_prompts=True)` runs them: batches of `batch` prompts (left-padded to their
-    bucket), each with its K continuations padded to the batch's continuation length."""
+    bucket), each with its K continuations of the batch's continuation length."""
     groups = prompt_groups(rows)
-    prompts = [len(p.input_ids) for p in groups.prompts]
-    buckets = row_buckets(groups.prompts)
+    source = _source(groups.prompts, batch, left_pad=True)
     total = 0
-    for i in range(0, len(prompts), batch):
-        members = [(j, r) for j in range(i, min(i + batch, len(prompts))) for r in groups.members[j]]
-        k = max(len(groups.members[j]) for j, _ in members)
-        c = continuation_length(max(len(rows[r].input_ids) - prompts[j] for j, r in members))
-        total += batch * (bucket_length(max(prompts[j] for j, _ in members), buckets) + k * c)
+    for i in range(len(source)):
+        k, c = continuation_shape(groups, rows, source.global_indices(i))
+        total += batch * (source.padded_length(i) + k * c)
     return total
 
 

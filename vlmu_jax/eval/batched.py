@@ -120,7 +120,7 @@ def continuation_length(longest: int) -> int:
     return max(16, 1 << (max(longest, 1) - 1).bit_length())
 
 
-def _continuation_shape(groups: PromptGroups, rows: Sequence[Encoded], batch_groups: np.ndarray) -> tuple[int, int]:
+def continuation_shape(groups: PromptGroups, rows: Sequence[Encoded], batch_groups: np.ndarray) -> tuple[int, int]:
     """(K, C) of a global batch of groups: its most rows per group and its longest continuation's padded length."""
     k = max(len(groups.members[g]) for g in batch_groups)
     longest = max(len(rows[r].input_ids) - len(groups.prompts[g].input_ids)
@@ -132,7 +132,7 @@ def _continuations(groups: PromptGroups, rows: Sequence[Encoded], batch_groups: 
                    host_groups: np.ndarray, pad_token_id: int) -> dict[str, np.ndarray]:
     """Continuation ids and mask [b, K, C] of this host's groups, shaped by the whole global batch (every host
     builds the same shape)."""
-    k, c = _continuation_shape(groups, rows, batch_groups)
+    k, c = continuation_shape(groups, rows, batch_groups)
     ids = np.full((len(host_groups), k, c), pad_token_id, np.int32)
     mask = np.zeros((len(host_groups), k, c), np.int32)
     for j, g in enumerate(host_groups):
@@ -235,28 +235,23 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
         return
     run_generate = functools.partial(_generate_batch, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                      max_new_tokens=max_new_tokens)
-    jobs, seen = [], set()  # (inputs of one batch of that shape, the call)
+    jobs: dict[tuple, tuple[Callable[[], dict], Callable]] = {}  # program -> (a batch of its shapes, the call)
     for rows in filter(None, to_score):
         groups = _shared_groups(rows, shared_prompts)
         if groups is None:
             source = _score_source(rows, batch_size, pad_token_id, image_fn)
             for length, i in _first_of_each_length(source).items():
-                if ("score", length) not in seen:
-                    seen.add(("score", length))
-                    jobs.append((functools.partial(source.get, i), _score_batch))
+                jobs.setdefault(("score", length), (functools.partial(source.get, i), _score_batch))
             continue
         source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn)
         for i in range(len(source)):
-            shape = ("shared", source.padded_length(i), _continuation_shape(groups, rows, source.global_indices(i)))
-            if shape not in seen:
-                seen.add(shape)
-                jobs.append((functools.partial(_shared_inputs, source, groups, rows, pad_token_id, i), _shared_batch))
+            program = ("shared", source.padded_length(i), continuation_shape(groups, rows, source.global_indices(i)))
+            jobs.setdefault(program, (functools.partial(_shared_inputs, source, groups, rows, pad_token_id, i),
+                                      _shared_batch))
     for rows in filter(None, to_generate):
         source = _generate_source(rows, batch_size, pad_token_id, image_fn)
         for length, i in _first_of_each_length(source).items():
-            if ("generate", length) not in seen:
-                seen.add(("generate", length))
-                jobs.append((functools.partial(source.get, i), run_generate))
+            jobs.setdefault(("generate", length), (functools.partial(source.get, i), run_generate))
 
     def compile_one(job) -> None:
         inputs, run = job
@@ -264,7 +259,7 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
             run(model, global_batch(inputs(), mesh))
 
     with ThreadPoolExecutor(min(max(len(jobs), 1), _COMPILE_THREADS), thread_name_prefix="compile") as pool:
-        list(pool.map(compile_one, jobs))
+        list(pool.map(compile_one, jobs.values()))
 
 
 def _first_of_each_length(source: ExampleSource) -> dict[int, int]:
