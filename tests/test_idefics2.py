@@ -24,7 +24,7 @@ from vlmu_jax.data.images import image_processor
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.models.lora import apply_lora
 from vlmu_jax.stages import logps_fn
-from vlmu_jax.unlearn.trainer import policy_logps
+from vlmu_jax.unlearn.trainer import joined_logps
 
 VOCAB, PAD, BOS, EOS = 256, 0, 1, 2
 IMAGE, FAKE = 250, 251
@@ -156,7 +156,7 @@ def test_joined_streams_score_as_separate(tmp_path):
         calls.append(len(b["input_ids"]))
         return logps_fn(m, b)
 
-    joined = policy_logps(model, streams, 0, counted, join=set(streams))
+    joined = joined_logps(model, streams, 0, counted, join=set(streams))
     assert calls == [6]
     for name, batch in streams.items():
         want, mask = logps_fn(model, batch)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from tests.toy_lm import FixedSource, ToyLM, kl_fn, logps_fn, make_batch, sequences
-from vlmu_jax.unlearn.trainer import TrainConfig, plan_step, policy_logps, train
+from vlmu_jax.unlearn.trainer import TrainConfig, joined_logps, plan_step, train
 
 FORGET, RETAIN = sequences(4, seed=1), sequences(8, seed=2)
 
@@ -167,21 +167,23 @@ def test_streams_of_one_shape_share_one_pass() -> None:
         calls.append(batch["input_ids"].shape[0])
         return logps_fn(m, batch)
 
-    got = policy_logps(model, rows, 5, counted, join=set(rows))
+    got = joined_logps(model, rows, 5, counted, join=set(rows))
     assert sorted(calls) == [3, 4]  # forget + retain joined (2 + 2 rows), the 3-row stream alone
     for name, batch in rows.items():
         want_logps, want_mask = logps_fn(model, batch)
         np.testing.assert_allclose(np.asarray(got[name][0]), np.asarray(want_logps), rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(np.asarray(got[name][1]), np.asarray(want_mask))
     calls.clear()
-    policy_logps(model, rows, 5, counted, join={"forget", "odd"})
+    joined_logps(model, rows, 5, counted, join={"forget", "odd"})
     assert sorted(calls) == [2, 2, 3]
 
 
-@pytest.mark.parametrize("objective,passes", [("gd", [4]), ("kl", [2, 2])])
-def test_step_joins_only_streams_read_through_their_logprobs(tmp_path, objective, passes) -> None:
+@pytest.mark.parametrize("objective,second,passes", [("gd", "retain", [4]), ("kl", "retain", [2, 2]),
+                                                    ("dpo", "idk", [4, 4]), ("npo", "retain", [4, 2])])
+def test_step_joins_only_streams_read_through_their_logprobs(tmp_path, objective, second, passes) -> None:
     """GD reads both streams' log-probs: one pass of 2 + 2 rows. KL reads the retain stream only through its
-    full-vocabulary KL, so the retain log-probs stay a pass of their own, which XLA cuts as unused."""
+    full-vocabulary KL, so the retain log-probs stay a pass of their own, which XLA cuts as unused. The reference
+    joins the same way: DPO's two reference streams in one pass, NPO's one alone."""
     calls = []
 
     def counted(m, batch):
@@ -189,7 +191,7 @@ def test_step_joins_only_streams_read_through_their_logprobs(tmp_path, objective
         return logps_fn(m, batch)
 
     cfg = TrainConfig(objective=objective, lr=1e-2, num_steps=1, progress=False)
-    sources = {"forget": FixedSource(FORGET, 2), "retain": FixedSource(RETAIN, 2)}
+    sources = {"forget": FixedSource(FORGET, 2), second: FixedSource(RETAIN, 2)}
     train(ToyLM(lora_rank=4), cfg, sources=sources, logps_fn=counted, kl_fn=kl_fn, trainable=nnx.LoRAParam,
           workdir=tmp_path)
     assert calls[: len(passes)] == passes  # the step's trace (later calls: none, or other programs' traces)

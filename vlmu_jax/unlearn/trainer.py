@@ -134,10 +134,11 @@ def _batch_key(batch: Mapping[str, Any]) -> tuple | None:
     return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
 
 
-def policy_logps(model, batches: Mapping[str, Mapping[str, Any]], step_length, logps_fn,
+def joined_logps(model, batches: Mapping[str, Mapping[str, Any]], step_length, logps_fn,
                  join: Collection[str]) -> dict[str, tuple]:
-    """Each stream's `logps_fn(model, batch)` (log-probs, mask); the streams named in `join` whose batches have
-    one shape are joined along the batch axis into one pass and split after.
+    """Each stream's `logps_fn(model, batch)` (log-probs, mask) under `model` (the policy, or the reference); the
+    streams named in `join` whose batches have one shape are joined along the batch axis into one pass and split
+    after.
 
     Why: a forget and a retain batch of one bucket (GD, NPO, IDK and the like) then go through the decoder once,
     at twice the rows: every weight is read (and, in a scanned decoder on GPU, copied out of its stack) once per
@@ -157,15 +158,12 @@ def policy_logps(model, batches: Mapping[str, Mapping[str, Any]], step_length, l
     return out
 
 
-def _stream_logps(name, obj, cfg, model, ref_model, batch, own, kl_fn, vocab_fn, hidden_fn,
-                  logps_fn) -> StreamLogps:
-    """Everything the objective asked for about one stream, given its policy log-probs and mask `own`; what its
-    loss leaves unused is cut by XLA."""
+def _stream_logps(name, obj, cfg, model, ref_model, batch, own, ref, kl_fn, vocab_fn, hidden_fn) -> StreamLogps:
+    """Everything the objective asked for about one stream, given its policy log-probs and mask `own` and its
+    reference log-probs `ref` (None without); what its loss leaves unused is cut by XLA."""
     logps, mask = own
-    ref = kl = kl_mask = vocab = hidden = ref_hidden = hidden_mask = None
+    kl = kl_mask = vocab = hidden = ref_hidden = hidden_mask = None
     with_ref = name in obj.ref_streams
-    if with_ref:
-        ref = jax.lax.stop_gradient(logps_fn(ref_model, batch)[0])
     if name in obj.kl_streams:
         kl, kl_mask = _need(kl_fn, "full-vocab KL (kl_fn)", obj)(model, ref_model, batch)
     if name in obj.vocab_streams:
@@ -188,6 +186,7 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
     needs_ref = bool(obj.ref_streams or obj.kl_streams)
     # Streams the objective reads only through their policy (and reference) log-probs: they may share one pass.
     logps_only = set(obj.optional).union(*obj.phases) - {*obj.kl_streams, *obj.vocab_streams, *obj.hidden_streams}
+    ref_streams = set(obj.ref_streams)
 
     def step(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches):
         ref_params = None
@@ -205,9 +204,12 @@ def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, log
             # a step's forget and retain rows to (its KL term averages over that many positions, see stages.kl_fn).
             step_length = jnp.max(jnp.stack([jnp.max(jnp.sum(b["attention_mask"], axis=-1))
                                              for b in batches.values()]))
-            own = policy_logps(model, batches, step_length, logps_fn, join=logps_only)
+            own = joined_logps(model, batches, step_length, logps_fn, join=logps_only)
+            refs = jax.lax.stop_gradient(joined_logps(
+                ref_model, {n: b for n, b in batches.items() if n in ref_streams}, step_length, logps_fn,
+                join=logps_only))
             streams = {n: _stream_logps(n, obj, cfg, model, ref_model, {**b, "step_length": step_length}, own[n],
-                                       kl_fn, vocab_fn, hidden_fn, logps_fn)
+                                       refs[n][0] if n in refs else None, kl_fn, vocab_fn, hidden_fn)
                        for n, b in batches.items()}
             loss, aux = obj.fn(streams, cfg)
             return loss, (aux, nnx.state(model, nnx.RngState))
