@@ -29,7 +29,7 @@ from vlmu_jax.data.batching import IGNORE
 from vlmu_jax.eval.frozen import compile_only, frozen
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.layer_copies import layer_copies
-from vlmu_jax.eval.scoring import token_logprobs
+from vlmu_jax.eval.scoring import continuation_logprobs, token_logprobs
 from vlmu_jax.models import layers
 from vlmu_jax.models.layers import dropout_keep, resolve_attention_impl
 from vlmu_jax.models.lora import apply_lora, merge_lora
@@ -55,6 +55,8 @@ WORK = set(os.environ.get("WORK", "logprob,steps,generate").split(","))
 COPIES = tuple(x == "1" for x in os.environ.get("COPIES", "1,0").split(","))
 # FROZEN=1,0: eval calls on the model split once (eval/frozen.py, what the eval stage runs) and through nnx.jit.
 FROZEN = tuple(x == "1" for x in os.environ.get("FROZEN", "1").split(","))
+# WORK=shared: answers per prompt of the shared-prompt scoring call (FIUBench's forget split has 7 per question).
+SHARED_K = tuple(int(x) for x in os.environ.get("SHARED_K", "7,1").split(",") if x)
 GEN_COPIES = tuple(x == "1" for x in os.environ.get("GEN_COPIES", os.environ.get("COPIES", "1,0")).split(","))
 SCAN = os.environ.get("SCAN", "1") == "1"
 
@@ -189,6 +191,8 @@ def main() -> None:
         mode = "always" if copies else "never"
         with layer_copies(model, mode) as attached, frozen(model) if freeze else nullcontext():
             logprob_time(model, ids, mask, pix, {"layer_copies": attached, "frozen": freeze})
+    if "shared" in WORK:
+        shared_time(model, rng)
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
     # Loss on the second half of the text, as the anchor's labels.
     labels = jnp.where(jnp.arange(ids.shape[1]) >= 1 + n_img + t_text // 2, ids, IGNORE)
@@ -248,6 +252,38 @@ def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, 
         ),
         flush=True,
     )
+
+
+def shared_time(model: nnx.Module, rng: np.random.RandomState) -> None:
+    """The eval stage's shared-prompt scoring call (`eval.shared_prompts`) at FIUBench's LLaVA-1.5 shape: B=16
+    prompts of BOS + 576 image tokens + 63 text tokens (640), each with K answers of C=16 tokens, over the layer
+    copies of a frozen model, as the eval stage runs it; with K=1 beside it (what the prompt's pass costs) and the
+    same rows scored whole (B=16 x (640 + 16), one call per answer). One JSON line each: seconds, compile-ahead
+    seconds, the call's own device peak."""
+    b, p, c = 16, 640, 16
+    ids = rng.randint(100, 32000, (b, p)).astype(np.int32)
+    ids[:, 1:577], ids[:, 0] = 32000, 1
+    ids, mask = jnp.asarray(ids), jnp.ones((b, p), jnp.int32)
+    pix = {"pixel_values": jnp.asarray(rng.randn(b, 3, 336, 336), jnp.bfloat16)}
+    with layer_copies(model, "always") as attached, frozen(model):
+        for k in SHARED_K:
+            cont = jnp.asarray(rng.randint(100, 32000, (b, k, c)), jnp.int32)
+            cmask = jnp.ones((b, k, c), jnp.int32)
+
+            def call(cont: jax.Array = cont, cmask: jax.Array = cmask) -> tuple:
+                return continuation_logprobs(model, ids, mask, pix, cont, cmask, sliced=attached)
+
+            ahead_s, own_gb = compiled_ahead(call)
+            s = timeit(call)
+            print(json.dumps({"what": "shared_prompt_logprob", "B": b, "P": p, "K": k, "C": c, "s": s,
+                              "compile_ahead_s": ahead_s, "own_peak_gb": own_gb, "scored_per_s": b * (p + k * c) / s,
+                              "max_mem_gb": peak_gb()}), flush=True)
+        whole = jnp.concatenate([ids, jnp.asarray(rng.randint(100, 32000, (b, c)), jnp.int32)], axis=1)
+        wmask = jnp.ones_like(whole)
+        ahead_s, own_gb = compiled_ahead(lambda: token_logprobs(model, whole, wmask, pix, with_stats=True))
+        s = timeit(lambda: token_logprobs(model, whole, wmask, pix, with_stats=True))
+        print(json.dumps({"what": "whole_row_logprob", "B": b, "T": p + c, "s": s, "compile_ahead_s": ahead_s,
+                          "own_peak_gb": own_gb, "scored_per_s": b * (p + c) / s}), flush=True)
 
 
 class StepTiming(NamedTuple):
