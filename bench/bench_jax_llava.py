@@ -256,34 +256,49 @@ def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, 
 
 def shared_time(model: nnx.Module, rng: np.random.RandomState) -> None:
     """The eval stage's shared-prompt scoring call (`eval.shared_prompts`) at FIUBench's LLaVA-1.5 shape: B=16
-    prompts of BOS + 576 image tokens + 63 text tokens (640), each with K answers of C=16 tokens, over the layer
-    copies of a frozen model, as the eval stage runs it; with K=1 beside it (what the prompt's pass costs) and the
-    same rows scored whole (B=16 x (640 + 16), one call per answer). One JSON line each: seconds, compile-ahead
-    seconds, the call's own device peak."""
+    left-padded prompts of up to BOS + 576 image tokens + 63 text tokens (640; row r has (r % 4) * 8 padding
+    tokens), each with K answers of C=16 tokens, over the layer copies of a frozen model, as the eval stage runs it;
+    with K=1 beside it (what the prompt's pass costs) and the first answers' rows scored whole, right-padded
+    (B=16 x 656, one such call per answer). One JSON line each: seconds, compile-ahead seconds, the call's own
+    device peak; the whole rows' line also gives the largest |log p| difference of an answer token between the two
+    ways (the shared prompts' prefill runs the fused causal kernel over its tokens moved to the front)."""
     b, p, c = 16, 640, 16
     ids = rng.randint(100, 32000, (b, p)).astype(np.int32)
     ids[:, 1:577], ids[:, 0] = 32000, 1
-    ids, mask = jnp.asarray(ids), jnp.ones((b, p), jnp.int32)
+    pads = (np.arange(b) % 4) * 8
+    prompts, mask = np.zeros_like(ids), np.zeros_like(ids)
+    for r, n in enumerate(pads):
+        prompts[r, n:], mask[r, n:] = ids[r, : p - n], 1
     pix = {"pixel_values": jnp.asarray(rng.randn(b, 3, 336, 336), jnp.bfloat16)}
+    first = None
     with layer_copies(model, "always") as attached, frozen(model):
         for k in SHARED_K:
             cont = jnp.asarray(rng.randint(100, 32000, (b, k, c)), jnp.int32)
             cmask = jnp.ones((b, k, c), jnp.int32)
 
             def call(cont: jax.Array = cont, cmask: jax.Array = cmask) -> tuple:
-                return continuation_logprobs(model, ids, mask, pix, cont, cmask, sliced=attached)
+                return continuation_logprobs(model, jnp.asarray(prompts), jnp.asarray(mask), pix, cont, cmask,
+                                             sliced=attached)
 
             ahead_s, own_gb = compiled_ahead(call)
             s = timeit(call)
+            first = first or (np.asarray(cont[:, 0]), np.asarray(call()[0][:, 0], np.float32))
             print(json.dumps({"what": "shared_prompt_logprob", "B": b, "P": p, "K": k, "C": c, "s": s,
                               "compile_ahead_s": ahead_s, "own_peak_gb": own_gb, "scored_per_s": b * (p + k * c) / s,
                               "max_mem_gb": peak_gb()}), flush=True)
-        whole = jnp.concatenate([ids, jnp.asarray(rng.randint(100, 32000, (b, c)), jnp.int32)], axis=1)
-        wmask = jnp.ones_like(whole)
+        whole, wmask = np.zeros((b, p + c), np.int32), np.zeros((b, p + c), np.int32)
+        for r, n in enumerate(pads):
+            whole[r, : p + c - n] = np.concatenate([ids[r, : p - n], first[0][r]])
+            wmask[r, : p + c - n] = 1
+        whole, wmask = jnp.asarray(whole), jnp.asarray(wmask)
         ahead_s, own_gb = compiled_ahead(lambda: token_logprobs(model, whole, wmask, pix, with_stats=True))
         s = timeit(lambda: token_logprobs(model, whole, wmask, pix, with_stats=True))
+        logps = np.asarray(token_logprobs(model, whole, wmask, pix, with_stats=True)[0], np.float32)
+        answer = np.stack([logps[r, p - n - 1 : p - n - 1 + c] for r, n in enumerate(pads)])
         print(json.dumps({"what": "whole_row_logprob", "B": b, "T": p + c, "s": s, "compile_ahead_s": ahead_s,
-                          "own_peak_gb": own_gb, "scored_per_s": b * (p + c) / s}), flush=True)
+                          "own_peak_gb": own_gb, "scored_per_s": b * (p + c) / s,
+                          "max_abs_dlogp_vs_shared": float(np.max(np.abs(answer - first[1]))),
+                          "mean_abs_dlogp_vs_shared": float(np.mean(np.abs(answer - first[1])))}), flush=True)
 
 
 class StepTiming(NamedTuple):

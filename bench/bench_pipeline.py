@@ -131,15 +131,16 @@ def main() -> None:
     parser.add_argument("--eval_forget", default="forget1",
                         help="forget split the eval stage scores (FIUBench's own: forget10; forget1 fits a lease)")
     parser.add_argument("--eval_retain", default="retain5", help="retain split the eval stage scores")
-    parser.add_argument("--shared_prompts", action="store_true",
-                        help="score each prompt once and its answers over its KV cache (config eval.shared_prompts)")
+    parser.add_argument("--whole_rows", action="store_true",
+                        help="score every row whole (config eval.shared_prompts=False) instead of each prompt once "
+                             "and its answers over its KV cache (the default)")
     parser.add_argument("--eval_only", action="store_true",
                         help="skip training: evaluate the random base model under the three names eval reads "
                              "(finetuned, retain_model, unlearned_<eval_objective>), to time the eval stage alone")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     ws = pipeline.Workspace(config(args.small, args.steps, args.identities, args.objectives), workdir)
-    ws.config.eval.shared_prompts = args.shared_prompts
+    ws.config.eval.shared_prompts = not args.whole_rows
     compile_cache.configure(ws.config.compilation_cache_dir)  # as runner.run does
     results = []
 
@@ -202,7 +203,7 @@ def main() -> None:
     report("eval", wall, sc + gc, sk + gk + ahead, scored + gen.tokens, compiled_ahead_s=round(ahead, 2),
            first_call_compile_s=round(sk + gk, 2), score_s=round(sc, 2), scored_positions=scored,
            score_tokens_per_s=round(scored / sc, 1), generate_s=round(gc, 2),
-           new_tokens_per_s=round(gen.tokens / gc, 1), shared_prompts=args.shared_prompts)
+           new_tokens_per_s=round(gen.tokens / gc, 1), shared_prompts=not args.whole_rows)
     print(json.dumps({"first_calls": {"score": score.first_calls() + shared.first_calls(),
                                       "generate": gen.first_calls()}}), flush=True)
     pipeline.wait_for_writes()  # as runner.run ends: the trained models' folders written in the background

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_models import EOS, PAD, save_tiny, tiny_batch
+from tests.tiny_models import EOS, PAD, causal_without_mask, save_tiny, tiny_batch
 from vlmu_jax.checkpoints.hf_import import load_pretrained
 from vlmu_jax.eval.generate import generate
 
@@ -16,7 +16,12 @@ NEW = 10
 
 
 @pytest.mark.parametrize("text", ["llama", "phi3"])
-def test_greedy_matches_hf(tmp_path, text, sliced):
+@pytest.mark.parametrize("fused_causal", [False, True], ids=["masked", "fused_causal"])
+def test_greedy_matches_hf(tmp_path, text, sliced, fused_causal, monkeypatch):
+    """Also with the prefill's attention run as the fused causal kernel runs it (no mask): the prefill moves each
+    left-padded prompt's tokens to the front first, so causality alone is exact."""
+    if fused_causal:
+        causal_without_mask(monkeypatch)
     folder, hf = save_tiny(tmp_path / text, text)
     batch = tiny_batch([7, 2, 4], padding="left", seed=1)
     with torch.no_grad():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs.demo import get_config
+from tests.tiny_models import causal_without_mask
 from vlmu_jax.data.batching import IGNORE, encode
 from vlmu_jax.eval.batched import prompt_groups, score_rows
 from vlmu_jax.eval.tasks.fiubench import scoring_examples
@@ -16,6 +17,7 @@ from vlmu_jax.pipeline import Workspace, prepare_base_model, prepare_data
 
 FAMILIES = {  # architecture -> (template, tiny-shape overrides)
     "llava": ("llava-1.5", {}),
+    "llava_phi3": ("llava-phi", {"architecture": "llava", "text_model": "phi3"}),
     "idefics2": ("idefics2", {}),
     "mllama": ("llama-3.2-vision", {"hidden_size": 32, "intermediate_size": 64, "vision_hidden_size": 16}),
     "qwen2_vl": ("qwen2-vl", {}),
@@ -29,7 +31,7 @@ def _rows(tmp_path, family: str):
     template, shape = FAMILIES[family]
     config = get_config("ci")
     config.model.template = template
-    config.model.tiny_shape.update(architecture=family, **shape)
+    config.model.tiny_shape.update(**{"architecture": family, **shape})
     config.data.synthetic_identities = 4
     ws = Workspace(config, tmp_path)
     prepare_data(ws)
@@ -44,7 +46,10 @@ def root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_shared_prompt_scores_equal_whole_rows(root, family) -> None:
+def test_shared_prompt_scores_equal_whole_rows(root, family, monkeypatch) -> None:
+    """Also with the prompts' attention run as cuDNN's fused causal kernel runs it on GPU (no padding mask): the
+    prefill moves each left-padded prompt's tokens to the front first (Mllama keeps XLA's masked attention)."""
+    causal_without_mask(monkeypatch)
     ws, rows, per_question = _rows(root / family, family)
     groups = prompt_groups(rows)
     # FIUBench's rows: one prompt per question, its ground-truth, paraphrased and perturbed answers after it.
@@ -101,8 +106,8 @@ def test_compile_ahead_covers_the_shared_programs(root) -> None:
 
 
 def test_config_flag_reaches_the_fiubench_split(root) -> None:
-    """config eval.shared_prompts goes through the eval stage's runner into FIUBench's split evaluation, whose
-    logged losses, truth ratios and MIA scores then match the default's."""
+    """config eval.shared_prompts (on by default) goes through the eval stage's runner into FIUBench's split
+    evaluation, whose logged losses, truth ratios and MIA scores then match scoring every row whole."""
     import dataclasses
 
     from vlmu_jax import stages
@@ -110,9 +115,8 @@ def test_config_flag_reaches_the_fiubench_split(root) -> None:
 
     ws, _, _ = _rows(root / "llava", "llava")
     ws.config.eval.max_new_tokens = 2
-    ws.config.eval.shared_prompts = True
     runner = stages._runner(ws)
-    assert runner.shared_prompts
+    assert ws.config.eval.shared_prompts and runner.shared_prompts
     model = ws.load("base")
     idents = ws.bench.identities[:2]
     shared = evaluate_split(model, idents, runner, forget=True)

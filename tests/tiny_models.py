@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Phi3Config
@@ -115,3 +116,18 @@ def torch_logprobs(
     mu = (p * logp).sum(-1)
     var = (p * logp * logp).sum(-1) - mu * mu
     return tgt.numpy(), mu.numpy(), var.numpy()
+
+
+def causal_without_mask(monkeypatch) -> None:
+    """The decoder's attention as cuDNN's fused causal kernel runs it on GPU (`layers.attend`, impl cudnn): a causal
+    call drops the explicit mask, so padding before a row's real tokens would be attended to."""
+    import vlmu_jax.models.llama as llama
+
+    real = llama.attend
+
+    def attend(q, k, v, mask, *, impl, causal=False):
+        if causal:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return real(q, k, v, mask, impl=impl, causal=causal)
+
+    monkeypatch.setattr(llama, "attend", attend)

@@ -151,9 +151,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.compile_ahead = True
     # Score each prompt (image + question) once and the answers that repeat it (FIUBench's ground-truth, paraphrased
     # and perturbed answers; MLLMU-Bench's options) as continuations over its KV cache (eval/batched.py score_rows):
-    # 6.1x fewer scored positions on FIUBench's splits (bench/prefix_share_count.py). The same values up to float
-    # rounding. Off until it is timed on a GPU (bench/NOTES.md).
-    c.eval.shared_prompts = False
+    # 6.1x fewer scored positions on FIUBench's splits (bench/prefix_share_count.py); at 7B on one H200 the eval
+    # stage at forget10 / retain15 took 185 s instead of 326 s (bench/RESULTS.md, session 9). The same values up to
+    # float rounding; False scores every row whole.
+    c.eval.shared_prompts = True
     # Checkpoints to evaluate instead of the run's own models (see vlmu_jax.model_sources): "NAME=PATH,..." of HF
     # folders (ours, transformers', PEFT-merged), and the retain-only reference that Forget Quality compares against.
     c.eval.models = ""

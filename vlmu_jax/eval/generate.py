@@ -68,8 +68,7 @@ def _generate(
     s = p + max_new_tokens
     head = model.head_weight()
     eos_ids = jnp.asarray(eos, jnp.int32)
-    kv_valid = jnp.zeros((b, s), jnp.int32).at[:, :p].set(attention_mask)
-    h, cache = model.prefill(input_ids, attention_mask, images, s, **({"sliced": True} if sliced else {}))
+    h, cache, kv_valid = model.prefill(input_ids, attention_mask, images, s, **({"sliced": True} if sliced else {}))
     next_pos = jnp.sum(attention_mask, axis=1).astype(jnp.int32)
 
     def pick(h, rng, done):

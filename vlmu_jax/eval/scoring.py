@@ -152,14 +152,13 @@ def continuation_logprobs(
     positions never see what follows them). `sliced`: decode over per-layer weights (generate.decode_over_slices)."""
     b, p = prompt_ids.shape
     c = continuation_ids.shape[-1]
-    h, cache = model.prefill(prompt_ids, prompt_mask, images, p + c, **({"sliced": True} if sliced else {}))
+    h, cache, kv_valid = model.prefill(prompt_ids, prompt_mask, images, p + c, **({"sliced": True} if sliced else {}))
     positions = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)[:, None] + jnp.arange(c, dtype=jnp.int32)
     head = model.head_weight()
 
     def one(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         ids, mask = xs
-        kv_valid = jnp.concatenate([prompt_mask, mask], axis=1).astype(jnp.int32)
-        hc, _ = model.decode_step(ids, positions, kv_valid, cache, p)
+        hc, _ = model.decode_step(ids, positions, kv_valid.at[:, p:].set(mask), cache, p)
         # c_0 is predicted by the prompt's last position, c_j by the continuation's position j - 1.
         hidden = jnp.concatenate([h[:, -1:], hc[:, :-1]], axis=1)
         return head_logprobs(hidden, head, ids, with_stats=True)

@@ -211,6 +211,13 @@ def attention_mask(
     return mask[:, None]
 
 
+def last_real(h: jax.Array, mask: jax.Array) -> jax.Array:
+    """h [B, T, D] at each row's last real (mask > 0) position, [B, 1, D]: T - 1 for a left-padded row, its length
+    - 1 for a right-padded one."""
+    last = jnp.max(jnp.where(mask > 0, jnp.arange(mask.shape[1]), 0), axis=1)
+    return jnp.take_along_axis(h, last[:, None, None], axis=1)
+
+
 def resolve_attention_impl(impl: str, dtype=None) -> str:
     """The kernel a model's attention runs: "auto" -> cudnn on GPU, XLA elsewhere (on TPU XLA fuses attention
     itself); cuDNN's flash attention needs half precision, so a float32 ``dtype`` runs XLA's."""

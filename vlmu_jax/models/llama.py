@@ -139,6 +139,7 @@ class LlamaAttention(nnx.Module):
         cache: KVCache | None,
         index: jax.Array | None,
         rng: jax.Array | None,
+        prefill: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         c = self.config
         b, t, _ = x.shape
@@ -147,9 +148,10 @@ class LlamaAttention(nnx.Module):
         k = self.rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
-            cache = (k, v)
+            cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0)),
+                     jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0)))
+            if not prefill:  # a decode step sees every cached slot, a prefill its own keys
+                k, v = cache
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=impl, causal=causal)
         return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim), fold(rng, 3)), cache
 
@@ -175,6 +177,7 @@ class DecoderLayer(nnx.Module):
         cache: KVCache | None,
         index: jax.Array | None,
         rng: jax.Array | None,
+        prefill: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         a, cache = self.self_attn(
             self.input_layernorm(h),
@@ -185,6 +188,7 @@ class DecoderLayer(nnx.Module):
             cache=cache,
             index=index,
             rng=fold(rng, 0),
+            prefill=prefill,
         )
         h = h + a
         h = h + self.mlp(self.post_attention_layernorm(h), fold(rng, 1))
@@ -241,23 +245,30 @@ class DecoderLM(nnx.Module):
         index: jax.Array | int = 0,
         rng: jax.Array | None = None,
         output_layer: int | None = None,
+        prefill: bool = False,
     ) -> tuple[jax.Array, KVCache | SlicedCache | None]:
         """h [B,T,D] embeddings at cache slots index..index+T; kv_valid [B,S] marks real (non-pad) key slots.
 
-        Without a cache S == T and attention is causal within h; with a cache S is the cache length. A
+        Without a cache S == T and attention is causal within h; with a cache S is the cache length. `prefill`
+        (a cache, index 0): h is written into the cache and attends causally over itself only, as a cache-less
+        call does, so it runs the model's fused causal kernel; that kernel drops the padding mask, so every row's
+        real tokens must come first (right padding). A
         SlicedCache runs the layers unrolled over its weight slices, and so does a cache-less call while per-layer
         weight copies are attached (remat and scan do not apply: neither path is differentiated).
         Returns final-normed hidden states and the updated cache; with `output_layer` L, the raw output of
         layer L (0-based, HF `hidden_states[L + 1]`) and only layers 0..L run.
         """
         b, t, _ = h.shape
+        if prefill and (cache is None or not isinstance(index, int) or index != 0):
+            raise ValueError("prefill writes a cache from slot 0: pass cache= and index=0")
+        keys = kv_valid[:, :t] if prefill else kv_valid  # a prefill's keys are its own tokens
         q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
-        k_slots = jnp.broadcast_to(jnp.arange(kv_valid.shape[1]), kv_valid.shape)
-        mask = attention_mask(q_slots, k_slots, kv_valid, self.config.sliding_window)
+        k_slots = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape)
+        mask = attention_mask(q_slots, k_slots, keys, self.config.sliding_window)
         # Causality alone (cuDNN's fused causal kernel, no mask) is exact only while the sliding window, if
         # any, covers the whole sequence.
         window = self.config.sliding_window
-        causal = cache is None and (window is None or t <= window)
+        causal = (cache is None or prefill) and (window is None or t <= window)
         layer_rngs = None if rng is None else jax.random.split(rng, self.config.num_layers)
 
         def step(layer, carry, xs):
@@ -271,6 +282,7 @@ class DecoderLM(nnx.Module):
                 cache=layer_cache,
                 index=index,
                 rng=layer_rng,
+                prefill=prefill,
             )
 
         h = constrain(h, ("batch", "seq", None))

@@ -25,7 +25,7 @@ from flax import nnx
 from vlmu_jax.models.architecture import Architecture, special_token_ids
 from vlmu_jax.models.clip import ClipVisionTower, VisionConfig
 from vlmu_jax.models.hf_names import HFParam, rename, stacked_name_map
-from vlmu_jax.models.layers import Dense, activation
+from vlmu_jax.models.layers import Dense, activation, last_real
 from vlmu_jax.models.llama import DecoderLM, KVCache, SlicedCache, TextConfig, output_head, sliced_cache
 from vlmu_jax.models.phi3 import phi3_text_config
 
@@ -161,6 +161,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         rng: jax.Array | None = None,
         impl: str | None = None,
         output_layer: int | None = None,
+        prefill: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Run the language model on embeddings (see DecoderLM.__call__)."""
         c = self.config
@@ -175,6 +176,7 @@ class LlavaForConditionalGeneration(nnx.Module):
             index=index,
             rng=rng,
             output_layer=output_layer,
+            prefill=prefill,
         )
 
     def positions(
@@ -217,9 +219,16 @@ class LlavaForConditionalGeneration(nnx.Module):
     def prefill(
         self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int,
         *, sliced: bool = False,
-    ) -> tuple[jax.Array, KVCache | SlicedCache]:
-        """Hidden states of a left-padded prompt and a KV cache of `cache_len` slots holding it; `sliced`: a
-        SlicedCache, the decoder's weights sliced per layer (see llama.SlicedCache)."""
+    ) -> tuple[jax.Array, KVCache | SlicedCache, jax.Array]:
+        """A padded prompt [B, P] (either side) run into a KV cache of `cache_len` slots: the hidden state of each
+        row's last real token [B, 1, D], the cache, and which of its slots hold real tokens [B, cache_len] (what
+        follows is decoded from slot P on). `sliced`: a SlicedCache, the decoder's weights sliced per layer (see
+        llama.SlicedCache).
+
+        Each row's real tokens are moved to its front first (a stable reorder, so images and positions keep their
+        order), which makes the prompt's attention plain causal attention: the model's fused kernel (cuDNN's flash
+        attention on GPU) runs it, where a left-padded prompt needs an explicit mask and XLA's attention (~45 ms
+        more per 7B prefill of 16 x 640 tokens on an H200, bench/NOTES.md)."""
         t, b = self.config.text, input_ids.shape[0]
         dtype = self.head_weight().dtype
         if sliced:
@@ -227,9 +236,14 @@ class LlavaForConditionalGeneration(nnx.Module):
         else:
             shape = (t.num_layers, b, cache_len, t.num_kv_heads, t.head_dim)
             cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        order = jnp.argsort(attention_mask == 0, axis=1, stable=True)  # real tokens first, in their order
+        input_ids = jnp.take_along_axis(input_ids, order, axis=1)
+        attention_mask = jnp.take_along_axis(attention_mask, order, axis=1)
         kv_valid = jnp.zeros((b, cache_len), jnp.int32).at[:, : input_ids.shape[1]].set(attention_mask)
         positions = self.positions(input_ids, attention_mask, images)
-        return self.decode(self.embed(input_ids, images), positions, kv_valid, cache=cache, index=0, impl="xla")
+        h, cache = self.decode(self.embed(input_ids, images), positions, kv_valid, cache=cache, index=0,
+                               prefill=True)
+        return last_real(h, attention_mask), cache, kv_valid
 
     def decode_step(
         self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: KVCache | SlicedCache,

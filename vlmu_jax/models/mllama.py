@@ -43,6 +43,7 @@ from vlmu_jax.models.layers import (
     attend,
     attention_mask,
     fold,
+    last_real,
 )
 from vlmu_jax.models.llama import KVCache, TextConfig, layers_to_run, llama_layer
 from vlmu_jax.models.mllama_vision import MllamaVisionConfig, MllamaVisionModel
@@ -327,7 +328,9 @@ class MllamaForConditionalGeneration(nnx.Module):
 
     def prefill(
         self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int
-    ) -> tuple[jax.Array, DecodeState]:
+    ) -> tuple[jax.Array, DecodeState, jax.Array]:
+        """As LlavaForConditionalGeneration.prefill (last real token's hidden state, decode state, valid cache
+        slots), the prompt kept in its padding: its self-attention runs XLA's with the explicit mask."""
         t, b = self.config.text, input_ids.shape[0]
         dtype = self.head_weight().dtype
         n_self = t.num_layers - len(self.config.cross_attention_layers)
@@ -338,9 +341,9 @@ class MllamaForConditionalGeneration(nnx.Module):
         kv_valid = jnp.zeros((b, cache_len), jnp.int32).at[:, : input_ids.shape[1]].set(attention_mask)
         h, self_kv, cross, cross_kv = self._run(input_ids, attention_mask, images, kv_valid=kv_valid,
                                                 self_kv=self_kv, index=0, rng=None, impl="xla")
-        if cross is not None:
-            cross = cross._replace(token_mask=cross.token_mask[:, -1:])
-        return h, DecodeState(self_kv, cross_kv, cross)
+        if cross is not None:  # new tokens see the images the last prompt token sees
+            cross = cross._replace(token_mask=last_real(cross.token_mask[..., None], attention_mask)[..., 0])
+        return last_real(h, attention_mask), DecodeState(self_kv, cross_kv, cross), kv_valid
 
     def decode_step(
         self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: DecodeState, index: jax.Array

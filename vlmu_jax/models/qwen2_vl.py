@@ -328,11 +328,11 @@ class QwenVLForConditionalGeneration(LlavaForConditionalGeneration):
     def prefill(
         self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int,
         *, sliced: bool = False,
-    ) -> tuple[jax.Array, tuple[KVCache | SlicedCache, jax.Array]]:
-        h, cache = super().prefill(input_ids, attention_mask, images, cache_len, sliced=sliced)
+    ) -> tuple[jax.Array, tuple[KVCache | SlicedCache, jax.Array], jax.Array]:
+        h, cache, kv_valid = super().prefill(input_ids, attention_mask, images, cache_len, sliced=sliced)
         pos = self.positions(input_ids, attention_mask, images)
         last = jnp.max(jnp.where(attention_mask[..., None] > 0, pos, 0), axis=(1, 2))
-        return h, (cache, last + 1 - jnp.sum(attention_mask, axis=1).astype(jnp.int32))
+        return h, (cache, last + 1 - jnp.sum(attention_mask, axis=1).astype(jnp.int32)), kv_valid
 
     def decode_step(
         self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: tuple[KVCache, jax.Array],
