@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import Idefics2Config, Idefics2ForConditionalGeneration
 from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 
+from tests.tiny_models import causal_without_mask
 from vlmu_jax.checkpoints.hf_export import export_hf
 from vlmu_jax.checkpoints.hf_import import load_pretrained
 from vlmu_jax.data.images import image_processor
@@ -176,7 +177,13 @@ def test_logits_match_transformers_without_padded_patches(tmp_path):
     np.testing.assert_allclose(_logits(load_pretrained(folder), ours)[valid], want[valid], atol=1e-4, rtol=0)
 
 
-def test_greedy_generation_matches_transformers(tmp_path, sliced):
+@pytest.mark.parametrize("fused_causal", [False, True], ids=["masked", "fused_causal"])
+def test_greedy_generation_matches_transformers(tmp_path, sliced, fused_causal, monkeypatch):
+    """Also with the prefill's attention run mask-free, as cuDNN's causal kernel runs it on GPU. Mistral's sliding
+    window (12 here, shorter than the prompts) makes decoding count cache slots: the prefill must hand back the
+    prompt's slot order."""
+    if fused_causal:
+        causal_without_mask(monkeypatch)
     folder, hf = _save(tmp_path / "m", seed=1)
     ours, hf_in = _batch([(30, 20), None, (42, 17)], [7, 2, 4], split=False, padding="left", seed=1)
     new = 10

@@ -225,11 +225,13 @@ class LlavaForConditionalGeneration(nnx.Module):
         follows is decoded from slot P on). `sliced`: a SlicedCache, the decoder's weights sliced per layer (see
         llama.SlicedCache).
 
-        Each row's real tokens are moved to its front first (a stable reorder, so images and positions keep their
-        order), which makes the prompt's attention plain causal attention: the model's fused kernel (cuDNN's flash
-        attention on GPU) runs it, where a left-padded prompt needs an explicit mask and XLA's attention (~45 ms
-        more per 7B prefill of 16 x 640 tokens on an H200, bench/NOTES.md)."""
-        t, b = self.config.text, input_ids.shape[0]
+        The prompt runs with each row's real tokens moved to its front (a stable reorder, so images and positions
+        keep their order), which makes its attention plain causal attention: the model's fused kernel (cuDNN's
+        flash attention on GPU) runs it, where a left-padded prompt needs an explicit mask and XLA's attention (~45
+        ms more per 7B prefill of 16 x 640 tokens on an H200, bench/NOTES.md). Its keys and values are then put
+        back in the prompt's own slot order, so decoding sees the layout it was given (a sliding window counts
+        slots: a gap between a short row's prompt and its new tokens would widen it)."""
+        t, b, p = self.config.text, input_ids.shape[0], input_ids.shape[1]
         dtype = self.head_weight().dtype
         if sliced:
             cache = sliced_cache(self.language_model, b, cache_len, dtype)
@@ -237,13 +239,24 @@ class LlavaForConditionalGeneration(nnx.Module):
             shape = (t.num_layers, b, cache_len, t.num_kv_heads, t.head_dim)
             cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
         order = jnp.argsort(attention_mask == 0, axis=1, stable=True)  # real tokens first, in their order
-        input_ids = jnp.take_along_axis(input_ids, order, axis=1)
-        attention_mask = jnp.take_along_axis(attention_mask, order, axis=1)
-        kv_valid = jnp.zeros((b, cache_len), jnp.int32).at[:, : input_ids.shape[1]].set(attention_mask)
-        positions = self.positions(input_ids, attention_mask, images)
-        h, cache = self.decode(self.embed(input_ids, images), positions, kv_valid, cache=cache, index=0,
-                               prefill=True)
-        return last_real(h, attention_mask), cache, kv_valid
+        ids = jnp.take_along_axis(input_ids, order, axis=1)
+        packed = jnp.take_along_axis(attention_mask, order, axis=1)
+        kv_packed = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(packed)
+        h, cache = self.decode(self.embed(ids, images), self.positions(ids, packed, images), kv_packed, cache=cache,
+                               index=0, prefill=True)
+        back = jnp.argsort(order, axis=1)  # slot j of the prompt holds packed token back[:, j]
+
+        def unpack(x: jax.Array, axis: int) -> jax.Array:
+            idx = back.reshape((1,) * (axis - 1) + (b, p) + (1,) * (x.ndim - axis - 1))
+            prompt = jnp.take_along_axis(jax.lax.slice_in_dim(x, 0, p, axis=axis), idx, axis=axis)
+            return jax.lax.dynamic_update_slice_in_dim(x, prompt, 0, axis)
+
+        if isinstance(cache, SlicedCache):
+            cache = cache._replace(kv=tuple((unpack(k, 1), unpack(v, 1)) for k, v in cache.kv))
+        else:
+            cache = (unpack(cache[0], 2), unpack(cache[1], 2))
+        kv_valid = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(attention_mask)
+        return last_real(h, packed), cache, kv_valid
 
     def decode_step(
         self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: KVCache | SlicedCache,
