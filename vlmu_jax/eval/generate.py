@@ -1,7 +1,9 @@
 """Batched decoding with a KV cache in one compiled loop (prefill + lax.while_loop), left-padded prompts.
 
 Positions follow the attention mask as HF does (cumsum - 1), so left padding does not shift the rotary phases;
-pad slots are masked out of every attention. Greedy when temperature == 0, else temperature + top-p sampling.
+pad slots are masked out of every attention. The prefill runs each prompt with its real tokens moved to the front
+(the model's fused causal kernel, no mask) and hands its cache back in the prompt's own slot order (`prefill`).
+Greedy when temperature == 0, else temperature + top-p sampling.
 On GPU, when the device has room for it, decoding runs over per-layer slices of the decoder's stacked weights
 (llama.SlicedCache, `decode_over_slices`), or over the per-layer copies evaluation attaches (eval/layer_copies.py).
 """
