@@ -67,6 +67,22 @@ def test_shared_prompt_scores_equal_whole_rows(root, family, monkeypatch) -> Non
         np.testing.assert_allclose(s.var, w.var, rtol=0, atol=2e-4)
 
 
+def test_shared_prompts_on_a_mesh_equal_one_device(root) -> None:
+    """On the 8 fake CPU devices, mesh (data=2, fsdp=2, tensor=2): prompts split over (data, fsdp), weights over
+    (fsdp, tensor), the prompt's cache and its continuations sharded; the scores are one device's whole rows."""
+    from vlmu_jax.checkpoints.hf_import import load_pretrained
+    from vlmu_jax.models.sharding import make_mesh
+
+    ws, rows, _ = _rows(root / "llava", "llava")
+    kwargs = dict(batch_size=4, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.eval_image_fn)
+    whole = score_rows(load_pretrained(ws.base_model), rows, **kwargs)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    shared = score_rows(load_pretrained(ws.base_model, mesh=mesh), rows, mesh=mesh, shared_prompts=True, **kwargs)
+    for w, s in zip(whole, shared, strict=True):
+        np.testing.assert_allclose(s.logps, w.logps, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(s.mu, w.mu, rtol=0, atol=2e-5)
+
+
 def test_rows_without_a_prompt_are_not_grouped() -> None:
     from vlmu_jax.data.batching import Encoded
 
