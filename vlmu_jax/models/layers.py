@@ -212,10 +212,10 @@ def attention_mask(
 
 
 def last_real(h: jax.Array, mask: jax.Array) -> jax.Array:
-    """h [B, T, D] at each row's last real (mask > 0) position, [B, 1, D]: T - 1 for a left-padded row, its length
-    - 1 for a right-padded one."""
+    """h [B, T, ...] at each row's last real (mask > 0) position, [B, 1, ...]: T - 1 for a left-padded row, its
+    length - 1 for a right-padded one."""
     last = jnp.max(jnp.where(mask > 0, jnp.arange(mask.shape[1]), 0), axis=1)
-    return jnp.take_along_axis(h, last[:, None, None], axis=1)
+    return jnp.take_along_axis(h, last.reshape((-1, 1) + (1,) * (h.ndim - 2)), axis=1)
 
 
 def resolve_attention_impl(impl: str, dtype=None) -> str:

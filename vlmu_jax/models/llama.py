@@ -250,21 +250,21 @@ class DecoderLM(nnx.Module):
         """h [B,T,D] embeddings at cache slots index..index+T; kv_valid [B,S] marks real (non-pad) key slots.
 
         Without a cache S == T and attention is causal within h; with a cache S is the cache length. `prefill`
-        (a cache, index 0): h is written into the cache and attends causally over itself only, as a cache-less
-        call does, so it runs the model's fused causal kernel; that kernel drops the padding mask, so every row's
-        real tokens must come first (right padding). A
+        (a cache, index 0, kv_valid [B, T] of h's own tokens): h is written into the cache and attends causally
+        over itself only, as a cache-less call does, so it runs the model's fused causal kernel; that kernel drops
+        the padding mask, so every row's real tokens must come first (right padding). A
         SlicedCache runs the layers unrolled over its weight slices, and so does a cache-less call while per-layer
         weight copies are attached (remat and scan do not apply: neither path is differentiated).
         Returns final-normed hidden states and the updated cache; with `output_layer` L, the raw output of
         layer L (0-based, HF `hidden_states[L + 1]`) and only layers 0..L run.
         """
         b, t, _ = h.shape
-        if prefill and (cache is None or not isinstance(index, int) or index != 0):
-            raise ValueError("prefill writes a cache from slot 0: pass cache= and index=0")
-        keys = kv_valid[:, :t] if prefill else kv_valid  # a prefill's keys are its own tokens
+        if prefill and (cache is None or not isinstance(index, int) or index != 0 or kv_valid.shape[1] != t):
+            raise ValueError("prefill writes a cache from slot 0 and its keys are its own tokens: pass cache=, "
+                             "index=0 and kv_valid of h's length")
         q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
-        k_slots = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape)
-        mask = attention_mask(q_slots, k_slots, keys, self.config.sliding_window)
+        k_slots = jnp.broadcast_to(jnp.arange(kv_valid.shape[1]), kv_valid.shape)
+        mask = attention_mask(q_slots, k_slots, kv_valid, self.config.sliding_window)
         # Causality alone (cuDNN's fused causal kernel, no mask) is exact only while the sliding window, if
         # any, covers the whole sequence.
         window = self.config.sliding_window

@@ -241,8 +241,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         order = jnp.argsort(attention_mask == 0, axis=1, stable=True)  # real tokens first, in their order
         ids = jnp.take_along_axis(input_ids, order, axis=1)
         packed = jnp.take_along_axis(attention_mask, order, axis=1)
-        kv_packed = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(packed)
-        h, cache = self.decode(self.embed(ids, images), self.positions(ids, packed, images), kv_packed, cache=cache,
+        h, cache = self.decode(self.embed(ids, images), self.positions(ids, packed, images), packed, cache=cache,
                                index=0, prefill=True)
         back = jnp.argsort(order, axis=1)  # slot j of the prompt holds packed token back[:, j]
 

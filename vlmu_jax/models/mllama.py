@@ -342,7 +342,7 @@ class MllamaForConditionalGeneration(nnx.Module):
         h, self_kv, cross, cross_kv = self._run(input_ids, attention_mask, images, kv_valid=kv_valid,
                                                 self_kv=self_kv, index=0, rng=None, impl="xla")
         if cross is not None:  # new tokens see the images the last prompt token sees
-            cross = cross._replace(token_mask=last_real(cross.token_mask[..., None], attention_mask)[..., 0])
+            cross = cross._replace(token_mask=last_real(cross.token_mask, attention_mask))
         return last_real(h, attention_mask), DecodeState(self_kv, cross_kv, cross), kv_valid
 
     def decode_step(
