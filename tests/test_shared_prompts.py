@@ -7,6 +7,7 @@ import functools
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs.demo import get_config
 from tests.tiny_models import causal_without_mask
@@ -97,28 +98,54 @@ def test_rows_without_a_prompt_are_not_grouped() -> None:
     assert (groups.prompts[0].labels == IGNORE).all()
 
 
-def test_compile_ahead_covers_the_shared_programs(root) -> None:
-    """On a frozen model, compile_ahead with shared prompts compiles every (prompt length, answers per prompt,
-    continuation length) program the scoring then runs: the scoring itself compiles nothing."""
+@pytest.mark.parametrize("placement", ["mesh", "one-device mesh", "one device"])
+def test_compile_ahead_covers_the_shared_programs(root, placement: str) -> None:
+    """On a frozen model, compile_ahead with shared prompts compiles every program the scoring and generation then
+    run: each prompt pass (eval/prefill.py) and the programs over its cache (every (prompt length, answers per
+    prompt, continuation length) shape and the decode loop), with the per-layer weight copies evaluation uses on
+    GPU attached. The scoring and generation compile nothing, and give what they give when nothing is compiled
+    ahead. On the 8-device mesh the programs over a cache compile after its prompt pass (XLA places its outputs);
+    on one device, a 1-device mesh as a single-GPU run has, they take the placement and compile side by side."""
     import jax
+    from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-    from vlmu_jax.eval.batched import compile_ahead
+    from vlmu_jax.eval.batched import compile_ahead, generate_rows
     from vlmu_jax.eval.frozen import frozen
+    from vlmu_jax.eval.layer_copies import layer_copies
+    from vlmu_jax.models.sharding import make_mesh, shard_model
 
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
     ws, rows, _ = _rows(root / "llava", "llava")
     rows = rows[:-3]  # the last question keeps 4 of its answers: its batch may need another shape
+    prompts = prompt_groups(rows).prompts
     model = ws.load("base")
+    if placement == "one-device mesh":
+        shard_model(model, make_mesh(devices=jax.devices()[:1]))
+    elif placement == "one device":
+        nnx.update(model, jax.device_put(nnx.state(model), SingleDeviceSharding(jax.devices()[0])))
     kwargs = dict(batch_size=4, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.eval_image_fn)
-    with frozen(model):
-        compile_ahead(model, to_score=[rows], eos_token_id=ws.tokenizer.eos_token_id, max_new_tokens=2,
-                      shared_prompts=True, **kwargs)
-        ahead = len(compiles)
-        score_rows(model, rows, shared_prompts=True, **kwargs)
-    assert ahead >= 1
-    assert len(compiles) == ahead, f"{len(compiles) - ahead} compilations after compile_ahead"
+    generating = dict(eos_token_id=ws.tokenizer.eos_token_id, max_new_tokens=3)
+    want_scores = score_rows(model, rows, shared_prompts=True, **kwargs)
+    want_tokens = generate_rows(model, prompts, **kwargs, **generating)
+    with layer_copies(model, "always"), frozen(model):
+        before = len(compiles)
+        compile_ahead(model, to_score=[rows], to_generate=[prompts], shared_prompts=True, **kwargs, **generating)
+        ahead = len(compiles) - before
+        scores = score_rows(model, rows, shared_prompts=True, **kwargs)
+        tokens = generate_rows(model, prompts, **kwargs, **generating)
+        after = len(compiles) - before - ahead  # (leaving the block compiles the stack's rebuild)
+    assert ahead >= 4  # two prompt passes (scoring's cache holds the answers, generation's the new tokens) + two
+    assert after == 0, f"{after} compilations after compile_ahead"
+    leaf = jax.tree.leaves(nnx.state(model))[0].sharding
+    assert (placement == "one device") == isinstance(leaf, SingleDeviceSharding)
+    if placement == "one-device mesh":
+        assert isinstance(leaf, NamedSharding) and leaf.mesh.size == 1 and leaf.spec != PartitionSpec()
+    for a, b in zip(scores, want_scores, strict=True):
+        np.testing.assert_allclose(a.logps, b.logps, rtol=1e-5, atol=1e-5)
+    for a, b in zip(tokens, want_tokens, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_config_flag_reaches_the_fiubench_split(root) -> None:

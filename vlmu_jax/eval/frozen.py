@@ -14,15 +14,17 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 import jax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its graph split on entry
 _AHEAD: weakref.WeakSet = weakref.WeakSet()  # frozen models whose programs `batched.compile_ahead` compiles
-_MODE = threading.local()  # .compiled: a list while this thread's model_jit calls compile and do not run
+_MODE = threading.local()  # .compiled: a _CompileOnly while this thread's model_jit calls compile, not run
 
 
 class _Structure:
@@ -74,17 +76,44 @@ def compiles_ahead(model: nnx.Module) -> bool:
     return model in _FROZEN and model in _AHEAD
 
 
+class _CompileOnly:
+    """One thread's compile-only calls. Each call returns its outputs as abstract values, so that a program whose
+    inputs are another's outputs (generation's loop over the prompt pass's cache) is compiled in the same pass; on
+    one device the compiles themselves run in a small pool, side by side, since the outputs' placement is known
+    before compiling (on a mesh it is XLA's choice: that compile runs first)."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="compile-only")
+        self.programs: list[Future | jax.stages.Compiled] = []
+
+    def compile(self, lowered: jax.stages.Lowered, leaves: list[jax.Array]) -> Any:
+        devices = {d for x in leaves[:1] for d in x.sharding.device_set}
+        if len(devices) != 1:
+            compiled = lowered.compile()
+            self.programs.append(compiled)
+            return compiled.out_info
+        self.programs.append(self.pool.submit(lowered.compile))
+        # On one device every placement is the same; jit keys its programs by a mesh's, where P() stands for all.
+        like = leaves[0].sharding
+        placed = NamedSharding(like.mesh, PartitionSpec()) if isinstance(like, NamedSharding) else \
+            SingleDeviceSharding(devices.pop())
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), lowered.out_info)
+
+
 @contextmanager
 def compile_only() -> Iterator[list[jax.stages.Compiled]]:
     """In this thread, `model_jit` functions called on a frozen model compile their program for the call's
     arguments (into jit's caches and the persistent compilation cache, where a later call finds it) and return
-    None instead of running it: `eval/batched.compile_ahead` compiles several shapes at once this way. Yields the
-    list the compiled programs are appended to, whose `memory_analysis()` gives a call's own device peak
-    (bench/bench_jax_llava.py)."""
-    _MODE.compiled = []
+    their outputs' shapes (jax.ShapeDtypeStruct) instead of running it: `eval/batched.compile_ahead` compiles
+    several shapes at once this way. Yields the list the compiled programs are added to when the block ends,
+    whose `memory_analysis()` gives a call's own device peak (bench/bench_jax_llava.py)."""
+    programs: list[jax.stages.Compiled] = []
+    _MODE.compiled = _CompileOnly()
     try:
-        yield _MODE.compiled
+        yield programs
+        programs.extend(p.result() if isinstance(p, Future) else p for p in _MODE.compiled.programs)
     finally:
+        _MODE.compiled.pool.shutdown(wait=True)
         _MODE.compiled = None
 
 
@@ -93,12 +122,14 @@ def compiling() -> bool:
     return getattr(_MODE, "compiled", None) is not None
 
 
-def model_jit(fn: Callable[..., Any], *, static_argnames: tuple[str, ...] = ()) -> Callable[..., Any]:
+def model_jit(fn: Callable[..., Any], *, static_argnames: tuple[str, ...] = (),
+              donate_argnames: tuple[str, ...] = ()) -> Callable[..., Any]:
     """`nnx.jit(fn)` for `fn(model, *args, **kwargs)` that reads the model and does not update it; on a frozen
-    model the call skips the per-call graph walk."""
-    slow = nnx.jit(fn, static_argnames=static_argnames)
+    model the call skips the per-call graph walk. `donate_argnames`: arguments, passed by keyword, whose buffers
+    the call may reuse."""
+    slow = nnx.jit(fn, static_argnames=static_argnames, donate_argnames=donate_argnames)
 
-    @functools.partial(jax.jit, static_argnums=0, static_argnames=static_argnames)
+    @functools.partial(jax.jit, static_argnums=0, static_argnames=static_argnames, donate_argnames=donate_argnames)
     def fast(structure: _Structure, leaves: list[jax.Array], *args: Any, **kwargs: Any) -> Any:
         return fn(nnx.merge(structure.graphdef, jax.tree.unflatten(structure.treedef, leaves)), *args, **kwargs)
 
@@ -108,8 +139,7 @@ def model_jit(fn: Callable[..., Any], *, static_argnames: tuple[str, ...] = ()) 
         if split is None:
             return slow(model, *args, **kwargs)
         if compiling():
-            _MODE.compiled.append(fast.lower(*split, *args, **kwargs).compile())
-            return None
+            return _MODE.compiled.compile(fast.lower(*split, *args, **kwargs), split[1])
         return fast(*split, *args, **kwargs)
 
     return call

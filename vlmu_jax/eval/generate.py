@@ -1,4 +1,5 @@
-"""Batched decoding with a KV cache in one compiled loop (prefill + lax.while_loop), left-padded prompts.
+"""Batched decoding of left-padded prompts with a KV cache: the prompt's pass (eval/prefill.py), then one compiled
+loop (lax.while_loop) over the cache.
 
 Positions follow the attention mask as HF does (cumsum - 1), so left padding does not shift the rotary phases;
 pad slots are masked out of every attention. The prefill runs each prompt with its real tokens moved to the front
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import weakref
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ from flax import nnx
 
 from vlmu_jax.eval.frozen import model_jit
 from vlmu_jax.eval.layer_copies import decoder_of, room_for_copy
+from vlmu_jax.eval.prefill import prefill, with_layer_weights, without_layer_copies
 
 
 def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -51,27 +54,30 @@ def decode_over_slices(model: nnx.Module) -> bool:
     return _SLICED[model]
 
 
-@partial(model_jit, static_argnames=("max_new_tokens", "eos", "pad", "temperature", "top_p", "sliced"))
-def _generate(
+@partial(model_jit, static_argnames=("max_new_tokens", "eos", "pad", "temperature", "top_p"),
+         donate_argnames=("cache",))
+def _decode(
     model: nnx.Module,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
-    images: dict[str, jax.Array] | None,
+    h: jax.Array,
+    kv_valid: jax.Array,
     rng: jax.Array,
     *,
+    cache,
     max_new_tokens: int,
     eos: tuple[int, ...],
     pad: int,
     temperature: float,
     top_p: float,
-    sliced: bool,
-) -> jax.Array:
-    b, p = input_ids.shape
-    s = p + max_new_tokens
+) -> tuple[jax.Array, Any]:
+    """The new tokens [B, max_new_tokens] after a `prefill` into a cache of P + max_new_tokens slots, and the cache.
+    The cache is donated and returned, so the loop writes into its buffers (a cache the program only read would be
+    copied into the loop first)."""
+    cache = with_layer_weights(cache, model)
+    b = h.shape[0]
+    p = kv_valid.shape[1] - max_new_tokens
     head = model.head_weight()
     eos_ids = jnp.asarray(eos, jnp.int32)
-    h, cache, kv_valid = model.prefill(input_ids, attention_mask, images, s, **({"sliced": True} if sliced else {}))
-    next_pos = jnp.sum(attention_mask, axis=1).astype(jnp.int32)
+    next_pos = jnp.sum(kv_valid, axis=1, dtype=jnp.int32)  # the prompt's slots only, so far
 
     def pick(h, rng, done):
         """The next token of each row from the last hidden state (pad once a row is done)."""
@@ -97,7 +103,8 @@ def _generate(
         return i + 1, cache, kv_valid, tok, done, out.at[:, i].set(tok), rng
 
     carry = (jnp.int32(1), cache, kv_valid, tok, done, out, rng)
-    return jax.lax.while_loop(cond, body, carry)[5]
+    _, cache, _, _, _, out, _ = jax.lax.while_loop(cond, body, carry)
+    return out, without_layer_copies(cache, model)
 
 
 def generate(
@@ -130,16 +137,10 @@ def generate(
     if temperature > 0.0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs an rng key")
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(
-        model,
-        jnp.asarray(input_ids, jnp.int32),
-        jnp.asarray(attention_mask, jnp.int32),
-        None if images is None else jax.tree.map(jnp.asarray, images),
-        rng,
-        max_new_tokens=max_new_tokens,
-        eos=eos,
-        pad=int(pad),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        sliced=decode_over_slices(model),
-    )
+    ids = jnp.asarray(input_ids, jnp.int32)
+    h, cache, kv_valid = prefill(model, ids, jnp.asarray(attention_mask, jnp.int32),
+                                 None if images is None else jax.tree.map(jnp.asarray, images),
+                                 cache_len=ids.shape[1] + max_new_tokens, sliced=decode_over_slices(model))
+    tokens, _ = _decode(model, h, kv_valid, rng, cache=cache, max_new_tokens=max_new_tokens, eos=eos, pad=int(pad),
+                        temperature=float(temperature), top_p=float(top_p))
+    return tokens

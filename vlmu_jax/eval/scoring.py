@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlmu_jax.eval.frozen import model_jit
+from vlmu_jax.eval.prefill import prefill, with_layer_weights
 
 
 def _over_chunks(fn, inputs: tuple[jax.Array, ...], chunk_size: int) -> tuple[jax.Array, ...]:
@@ -133,7 +134,6 @@ def compute_token_logprobs(
     )
 
 
-@partial(model_jit, static_argnames=("sliced",))
 def continuation_logprobs(
     model: nnx.Module,
     prompt_ids: jax.Array,
@@ -147,13 +147,25 @@ def continuation_logprobs(
     """log p, and mean / variance of log p under the model, of K right-padded continuations [B, K, C] of each
     left-padded prompt [B, P], every position j scored as log p(c_j | prompt, c_<j): [B, K, C] each.
 
-    The prompt (its images included) runs once, into a KV cache; each continuation then runs over that cache
-    as a multi-token decode step. Causal attention makes the values those of the whole row run at once (prompt
-    positions never see what follows them). `sliced`: decode over per-layer weights (generate.decode_over_slices)."""
-    b, p = prompt_ids.shape
+    The prompt (its images included) runs once, into a KV cache (eval/prefill.py, a program of its own); each
+    continuation then runs over that cache as a multi-token decode step. Causal attention makes the values those
+    of the whole row run at once (prompt positions never see what follows them). `sliced`: decode over per-layer
+    weights (generate.decode_over_slices)."""
+    cache_len = prompt_ids.shape[1] + continuation_ids.shape[-1]
+    h, cache, kv_valid = prefill(model, prompt_ids, prompt_mask, images, cache_len=cache_len, sliced=sliced)
+    return _continuations_over_cache(model, h, cache, kv_valid, continuation_ids, continuation_mask)
+
+
+@model_jit
+def _continuations_over_cache(model: nnx.Module, h: jax.Array, cache, kv_valid: jax.Array,
+                              continuation_ids: jax.Array, continuation_mask: jax.Array
+                              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`continuation_logprobs` after the prompt's pass: h [B, 1, D] its last real token's state, kv_valid [B, P + C]
+    its valid cache slots."""
     c = continuation_ids.shape[-1]
-    h, cache, kv_valid = model.prefill(prompt_ids, prompt_mask, images, p + c, **({"sliced": True} if sliced else {}))
-    positions = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)[:, None] + jnp.arange(c, dtype=jnp.int32)
+    p = kv_valid.shape[1] - c
+    cache = with_layer_weights(cache, model)
+    positions = jnp.sum(kv_valid, axis=1, dtype=jnp.int32)[:, None] + jnp.arange(c, dtype=jnp.int32)
     head = model.head_weight()
 
     def one(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:

@@ -46,15 +46,18 @@ class SlicedCache(NamedTuple):
     kv: tuple[KVCache, ...]
 
 
-def sliced_cache(lm: DecoderLM, batch: int, cache_len: int, dtype) -> SlicedCache:
-    """Per-layer weights of the decoder (its attached per-layer copies, else slices of the stack made here) and
-    zero per-layer KV caches."""
-    c = lm.config
+def layer_weights(lm: DecoderLM) -> tuple[nnx.State, ...]:
+    """Per-layer weights of the decoder: its attached per-layer copies, else slices of the stack made here."""
     if lm.layer_copies is not None:
-        layers = tuple(nnx.state(layer) for layer in lm.layer_copies)
-    else:
-        state = nnx.state(lm.layers)
-        layers = tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(c.num_layers))
+        return tuple(nnx.state(layer) for layer in lm.layer_copies)
+    state = nnx.state(lm.layers)
+    return tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(lm.config.num_layers))
+
+
+def sliced_cache(lm: DecoderLM, batch: int, cache_len: int, dtype) -> SlicedCache:
+    """The decoder's per-layer weights (`layer_weights`) and zero per-layer KV caches."""
+    c = lm.config
+    layers = layer_weights(lm)
     shape = (batch, cache_len, c.num_kv_heads, c.head_dim)
     return SlicedCache(layers, tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in layers))
 
