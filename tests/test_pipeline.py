@@ -84,8 +84,8 @@ def test_demo_writes_everything(demo: Path) -> None:
 def test_models_from_memory_score_like_their_folders(demo_run: tuple[Path, str]) -> None:
     """Unlearning started from the finetuned model in memory and eval took it and unlearned_ga from memory (the
     two models keep_in_memory=2 still holds then); scoring their folders in a fresh process, over per-layer
-    copies of the decoder weights (eval.layer_copies=always, the GPU default) or with no programs compiled ahead,
-    gives the same logs.
+    copies of the decoder weights (eval.layer_copies=always, the GPU default) or with no programs compiled ahead
+    and the next model loaded during an evaluation, gives the same logs.
     Training streams were padded to one length each, and the log says what that cost."""
     demo, log = demo_run
     assert f"compilation cache: {json.loads((demo / 'config.json').read_text())['compilation_cache_dir']}" in log
@@ -93,9 +93,12 @@ def test_models_from_memory_score_like_their_folders(demo_run: tuple[Path, str])
     from_memory = [line for line in log.splitlines() if line.endswith(", from memory")]
     for name in ("finetuned", "unlearned_ga"):
         assert any(f"model {demo / 'models' / name}: " in line for line in from_memory), name
-    # and with nothing compiled ahead (eval.compile_ahead, on in the demo run): the same logs
-    _main(demo, "--config.stages=eval", f"--config.eval.models=disk_unlearned_ga={demo / 'models' / 'unlearned_ga'},"
-          f"disk_finetuned={demo / 'models' / 'finetuned'}", "--config.eval.compile_ahead=False")
+    # and with nothing compiled ahead (eval.compile_ahead, on in the demo run), the second model loaded while the
+    # first is evaluated (eval.load_ahead; auto does on a GPU with room): the same logs
+    log = _main(demo, "--config.stages=eval", "--config.eval.compile_ahead=False", "--config.eval.load_ahead=always",
+                f"--config.eval.models=disk_unlearned_ga={demo / 'models' / 'unlearned_ga'},"
+                f"disk_finetuned={demo / 'models' / 'finetuned'}")
+    assert f"eval: loading {demo / 'models' / 'finetuned'} while the model before it is evaluated" in log
     logs = {n: json.loads((demo / "eval_results" / n / "eval_log_aggregated.json").read_text())
             for n in ("finetuned", "unlearned_ga", "disk_finetuned", "disk_unlearned_ga")}
     for name in ("finetuned", "unlearned_ga"):

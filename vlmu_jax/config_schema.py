@@ -146,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (eval/layer_copies.py), so every forward skips XLA:GPU's per-layer copy out of the stack; no more device
     # memory. auto = on GPU | always | never.
     c.eval.layer_copies = "auto"
+    # Load the next model while one is evaluated (stages.eval): auto = when one process runs and the devices have
+    # room for a second model | always | never.
+    c.eval.load_ahead = "auto"
     # Compile every scoring and generation shape of a split at once, in threads, before running it (eval/batched.py
     # compile_ahead): a cold run pays the longest compile instead of their sum.
     c.eval.compile_ahead = True
@@ -243,6 +246,8 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
     model_sources.validate(e)
     if e.layer_copies not in LAYER_COPIES:
         raise ValueError(f"config.eval.layer_copies must be one of {LAYER_COPIES}, got {e.layer_copies!r}")
+    if e.load_ahead not in LAYER_COPIES:
+        raise ValueError(f"config.eval.load_ahead must be one of {LAYER_COPIES}, got {e.load_ahead!r}")
     if e.judge_backend not in ("openai", "local"):
         raise ValueError(f"config.eval.judge_backend must be 'openai' or 'local', got {e.judge_backend!r}")
     if e.judge_backend == "local":
