@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlmu_jax.models.layers import SeqLengths, attend, attend_with_lse
+from vlmu_jax.models.layers import SeqLengths, attend, attend_blocks, attend_with_lse
 
 
 @pytest.mark.parametrize(("s", "kv_heads"), [(10, 4), (9, 2)])
@@ -67,3 +67,28 @@ def test_valid_first_equals_the_both_padding_mask():
         q, k, v) for m in (mask, ValidCount(n))]
     for want_g, got_g in zip(*grads, strict=True):
         np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_over_key_blocks_is_attention_over_their_concatenation(kv_heads):
+    """A continuation's attention over a left-padded prompt cache and over its own causal keys, given as two blocks,
+    equals one attention over the keys side by side with the joined mask (float32; bfloat16 within its rounding),
+    including a query whose only valid key is in the second block."""
+    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+    b, t, p, n, h = 3, 4, 6, 4, 8
+    q = jax.random.normal(kq, (b, t, n, h))
+    k = jax.random.normal(kk, (b, p + t, kv_heads, h))
+    v = jax.random.normal(kv, (b, p + t, kv_heads, h))
+    prompt = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1], [0] * 6], bool)  # left-padded; row 2 has no prompt keys
+    own = jnp.tril(jnp.ones((t, t), bool))
+    first = jnp.broadcast_to(prompt[:, None, None, :], (b, 1, t, p))
+    second = jnp.broadcast_to(own[None, None], (b, 1, t, t))
+    want = attend(q, k, v, jnp.concatenate([first, second], axis=-1), impl="xla")
+    blocks = ((k[:, :p], v[:, :p], first), (k[:, p:], v[:, p:], second))
+    np.testing.assert_allclose(np.asarray(attend_blocks(q, blocks)), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # row 2's first query sees its own key only
+    np.testing.assert_allclose(np.asarray(attend_blocks(q, blocks)[2, 0, 0]), np.asarray(v[2, p, 0]), rtol=1e-6)
+    half = attend_blocks(q.astype(jnp.bfloat16), tuple((x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), m)
+                                                       for x, y, m in blocks))
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(want), rtol=0.05, atol=0.05)

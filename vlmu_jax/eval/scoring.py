@@ -170,7 +170,7 @@ def _continuations_over_cache(model: nnx.Module, h: jax.Array, cache, kv_valid: 
 
     def one(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         ids, mask = xs
-        hc, _ = model.decode_step(ids, positions, kv_valid.at[:, p:].set(mask), cache, p)
+        hc, _ = model.decode_step(ids, positions, kv_valid.at[:, p:].set(mask), cache, p, extend=True)
         # c_0 is predicted by the prompt's last position, c_j by the continuation's position j - 1.
         hidden = jnp.concatenate([h[:, -1:], hc[:, :-1]], axis=1)
         return head_logprobs(hidden, head, ids, with_stats=True)

@@ -23,6 +23,7 @@ from vlmu_jax.models.layers import (
     RMSNorm,
     apply_rope,
     attend,
+    attend_blocks,
     attention_mask,
     fold,
     rope_inv_freq,
@@ -143,13 +144,22 @@ class LlamaAttention(nnx.Module):
         index: jax.Array | None,
         rng: jax.Array | None,
         prefill: bool = False,
+        extend: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
+        """`extend` (with a cache): the tokens attend over the cache's slots before `index` and over their own keys,
+        and the cache is left as it is (None comes back): a scored continuation, whose keys no later token reads."""
         c = self.config
         b, t, _ = x.shape
         q, k, v = self.qkv(x, rng)
         q = self.rope(q.reshape(b, t, c.num_heads, c.head_dim), positions)
         k = self.rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if cache is not None and extend:
+            before = mask & (jnp.arange(cache[0].shape[1]) < index)
+            own = jax.lax.dynamic_slice_in_dim(mask, index, t, axis=3)
+            out = attend_blocks(q, ((cache[0].astype(q.dtype), cache[1].astype(q.dtype), before),
+                                    (k, v, own)))
+            return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim), fold(rng, 3)), None
         if cache is not None:
             cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0)),
                      jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0)))
@@ -181,6 +191,7 @@ class DecoderLayer(nnx.Module):
         index: jax.Array | None,
         rng: jax.Array | None,
         prefill: bool = False,
+        extend: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         a, cache = self.self_attn(
             self.input_layernorm(h),
@@ -192,6 +203,7 @@ class DecoderLayer(nnx.Module):
             index=index,
             rng=fold(rng, 0),
             prefill=prefill,
+            extend=extend,
         )
         h = h + a
         h = h + self.mlp(self.post_attention_layernorm(h), fold(rng, 1))
@@ -249,6 +261,7 @@ class DecoderLM(nnx.Module):
         rng: jax.Array | None = None,
         output_layer: int | None = None,
         prefill: bool = False,
+        extend: bool = False,
     ) -> tuple[jax.Array, KVCache | SlicedCache | None]:
         """h [B,T,D] embeddings at cache slots index..index+T; kv_valid [B,S] marks real (non-pad) key slots.
 
@@ -257,7 +270,9 @@ class DecoderLM(nnx.Module):
         over itself only, as a cache-less call does, so it runs the model's fused causal kernel; that kernel drops
         the padding mask, so every row's real tokens must come first (right padding). A
         SlicedCache runs the layers unrolled over its weight slices, and so does a cache-less call while per-layer
-        weight copies are attached (remat and scan do not apply: neither path is differentiated).
+        weight copies are attached (remat and scan do not apply: neither path is differentiated). `extend` (with a
+        cache): h attends over the cache's slots before `index` and over its own keys (slots index..index+T of
+        kv_valid), and the cache comes back as it was, its keys not written (LlamaAttention).
         Returns final-normed hidden states and the updated cache; with `output_layer` L, the raw output of
         layer L (0-based, HF `hidden_states[L + 1]`) and only layers 0..L run.
         """
@@ -286,6 +301,7 @@ class DecoderLM(nnx.Module):
                 index=index,
                 rng=layer_rng,
                 prefill=prefill,
+                extend=extend,
             )
 
         h = constrain(h, ("batch", "seq", None))
@@ -297,13 +313,16 @@ class DecoderLM(nnx.Module):
             layers = list(self.layer_copies)[:limit]
             kvs = (None,) * len(layers)
         else:
-            h, cache = run_layers(self.layers, step, h, (cache, layer_rngs), remat=remat, scan=scan, limit=limit)
-            return (self.norm(h) if limit is None else h), cache
+            h, out = run_layers(self.layers, step, h, (cache, layer_rngs), remat=remat, scan=scan, limit=limit)
+            return (self.norm(h) if limit is None else h), (cache if extend else out)
         kv_out = []
         for i, (layer, layer_kv) in enumerate(zip(layers, kvs, strict=True)):
             h, layer_kv = step(layer, h, (layer_kv, None if layer_rngs is None else layer_rngs[i]))
             kv_out.append(layer_kv)
-        cache = cache._replace(kv=tuple(kv_out)) if isinstance(cache, SlicedCache) else None
+        if isinstance(cache, SlicedCache) and not extend:
+            cache = cache._replace(kv=tuple(kv_out))
+        elif not isinstance(cache, SlicedCache):
+            cache = None
         return (self.norm(h) if limit is None else h), cache
 
 

@@ -162,6 +162,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         impl: str | None = None,
         output_layer: int | None = None,
         prefill: bool = False,
+        extend: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Run the language model on embeddings (see DecoderLM.__call__)."""
         c = self.config
@@ -177,6 +178,7 @@ class LlavaForConditionalGeneration(nnx.Module):
             rng=rng,
             output_layer=output_layer,
             prefill=prefill,
+            extend=extend,
         )
 
     def positions(
@@ -259,11 +261,12 @@ class LlavaForConditionalGeneration(nnx.Module):
 
     def decode_step(
         self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: KVCache | SlicedCache,
-        index: jax.Array,
+        index: jax.Array, *, extend: bool = False,
     ) -> tuple[jax.Array, KVCache | SlicedCache]:
-        """Hidden states [B, 1, D] of one new token per row written at cache slot `index`."""
+        """Hidden states [B, T, D] of new tokens per row written at cache slots `index`.. (`extend`: attending over
+        the cache and themselves, not written; see DecoderLM.__call__)."""
         return self.decode(self.language_model.embed(tokens), positions, kv_valid, cache=state, index=index,
-                           impl="xla")
+                           impl="xla", extend=extend)
 
 
 # ------------------------------------------------------------------------------------------- config.json

@@ -336,10 +336,10 @@ class QwenVLForConditionalGeneration(LlavaForConditionalGeneration):
 
     def decode_step(
         self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: tuple[KVCache, jax.Array],
-        index: jax.Array,
+        index: jax.Array, *, extend: bool = False,
     ) -> tuple[jax.Array, tuple[KVCache, jax.Array]]:
         cache, delta = state
-        h, cache = super().decode_step(tokens, positions + delta[:, None], kv_valid, cache, index)
+        h, cache = super().decode_step(tokens, positions + delta[:, None], kv_valid, cache, index, extend=extend)
         return h, (cache, delta)
 
 
