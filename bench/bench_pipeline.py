@@ -12,7 +12,7 @@ per-batch numbers are what a full run repeats.
 Model compute: training steps from the trainer's metrics.jsonl (its per-step time includes host batching; the
 first step at each bucket length compiles, and its time beyond the run's fastest step counts as compile); eval
 from timing every jitted scoring / generation call to completion, where a shape's first call beyond its median
-is compile, plus the wall time the compile-only calls of `batched.compile_ahead` cover (they run side by side).
+is compile, plus the wall time of `batched.compile_ahead` (which compiles every program of a split side by side).
 Everything else (building and saving models, loading checkpoints, tokenising, metrics) is the rest of the wall.
 Run from the repo root: `PYTHONPATH=. python bench/bench_pipeline.py --workdir DIR [--small]`.
 """
@@ -33,6 +33,7 @@ from bench.bench_jax_llava import peak_gb
 from vlmu_jax import compile_cache, pipeline, presets, stages
 from vlmu_jax.eval import batched
 from vlmu_jax.eval.frozen import compiling
+from vlmu_jax.eval.tasks import fiubench
 
 LLAVA_7B = dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, vision_hidden_size=1024,
                 vision_layers=24, vision_heads=16, image_size=336, patch_size=14, vocab_size=32064)
@@ -54,9 +55,9 @@ def config(small: bool, steps: int, identities: int, objectives: str):
 
 class CallTimer:
     """Wraps a jitted function: times each call to completion, keyed by its input shapes. Calls that only compile
-    (`batched.compile_ahead`'s threads) are timed apart, as intervals: they overlap each other."""
+    (`batched.compile_ahead`'s threads) pass through untimed: `timed_compile_ahead` times that whole call."""
 
-    ahead: list[tuple[float, float]] = []  # (start, end) of every compile-only call, of every timer
+    ahead: list[tuple[float, float]] = []  # (start, end) of every compile_ahead call
 
     def __init__(self, fn, tokens_of):
         self.fn, self.tokens_of = fn, tokens_of
@@ -64,11 +65,9 @@ class CallTimer:
         self.tokens = 0
 
     def __call__(self, *args, **kwargs):
+        if compiling():  # a compile-only call returns its outputs' shapes before its compile ends
+            return self.fn(*args, **kwargs)
         t0 = time.perf_counter()
-        if compiling():
-            out = self.fn(*args, **kwargs)
-            CallTimer.ahead.append((t0, time.perf_counter()))
-            return out
         out = jax.block_until_ready(self.fn(*args, **kwargs))
         shapes = tuple(np.shape(a) for a in args[1:] if hasattr(a, "shape"))
         key = shapes + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
@@ -86,6 +85,18 @@ class CallTimer:
         """(compute s, compile s) over every shape."""
         splits = [_split(t) for t in self.calls.values()]
         return sum(c for c, _ in splits), sum(k for _, k in splits)
+
+
+def timed_compile_ahead(fn):
+    """`batched.compile_ahead` recording its wall interval in CallTimer.ahead (its compiles run in threads and
+    pools, and end before it returns)."""
+
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        fn(*args, **kwargs)
+        CallTimer.ahead.append((t0, time.perf_counter()))
+
+    return call
 
 
 def _split(times: list[float]) -> tuple[float, float]:
@@ -190,6 +201,7 @@ def main() -> None:
     shared = CallTimer(batched.continuation_logprobs, lambda a, k: int(np.size(a[1])) + int(np.size(a[4])))
     gen = CallTimer(batched.generate, lambda a, k: int(np.shape(a[1])[0]) * k["max_new_tokens"])
     batched.token_logprobs, batched.continuation_logprobs, batched.generate = score, shared, gen
+    fiubench.compile_ahead = timed_compile_ahead(fiubench.compile_ahead)
     ws.config.data.forget_split = args.eval_forget  # default forget1 / retain5: the same batches, fewer of them
     ws.config.eval.retain_split = args.eval_retain
     ws.config.unlearn.objective = args.eval_objective  # and of one unlearned model (plus finetuned, retain_model)

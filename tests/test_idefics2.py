@@ -196,6 +196,40 @@ def test_greedy_generation_matches_transformers(tmp_path, sliced, fused_causal, 
     np.testing.assert_array_equal(np.asarray(got), ref)
 
 
+@pytest.mark.parametrize("fused_causal", [False, True], ids=["masked", "fused_causal"])
+def test_continuations_over_a_sliding_window_score_as_whole_rows(tmp_path, fused_causal, monkeypatch):
+    """Shared-prompt scoring (eval/scoring.py): a prompt's K answers run at once over its cache. With Mistral's
+    12-token window shorter than prompt + answer, each answer token's log-prob is the one of its whole row
+    (prompt left-padded, answer after it) scored by the model's forward, which matches transformers (above)."""
+    from vlmu_jax.eval.scoring import continuation_logprobs
+
+    if fused_causal:
+        causal_without_mask(monkeypatch)
+    folder, _ = _save(tmp_path / "m", seed=2)
+    model = load_pretrained(folder)
+    prompts, _ = _batch([(30, 20), None, (42, 17)], [7, 2, 4], split=False, padding="left", seed=2)
+    rng = np.random.default_rng(3)
+    b, k, c = 3, 3, 16
+    lengths = np.array([[14, 5, 1], [16, 9, 3], [2, 12, 7]])
+    cont = np.full((b, k, c), PAD, np.int32)
+    cmask = (np.arange(c) < lengths[..., None]).astype(np.int32)
+    cont[cmask == 1] = rng.integers(3, IMAGE, int(cmask.sum()))
+    images = {n: jnp.asarray(v) for n, v in prompts["images"].items()}
+    got = continuation_logprobs(model, jnp.asarray(prompts["input_ids"]), jnp.asarray(prompts["attention_mask"]),
+                                images, jnp.asarray(cont), jnp.asarray(cmask))[0]
+    p = prompts["input_ids"].shape[1]
+    for j in range(k):
+        whole = {"input_ids": np.concatenate([prompts["input_ids"], cont[:, j]], axis=1),
+                 "attention_mask": np.concatenate([prompts["attention_mask"], cmask[:, j]], axis=1),
+                 "images": prompts["images"]}
+        logits = _logits(model, whole)[:, p - 1: p + c - 1]
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        want = np.take_along_axis(logp, cont[:, j, :, None], axis=-1)[..., 0]
+        m = cmask[:, j] == 1
+        np.testing.assert_allclose(np.asarray(got)[:, j][m], want[m], atol=2e-4, rtol=0)
+
+
 def test_export_roundtrip_bit_identical(tmp_path):
     folder, hf = _save(tmp_path / "src")
     out = export_hf(load_pretrained(folder), tmp_path / "out")

@@ -161,17 +161,28 @@ def _continuations_over_cache(model: nnx.Module, h: jax.Array, cache, kv_valid: 
                               continuation_ids: jax.Array, continuation_mask: jax.Array
                               ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`continuation_logprobs` after the prompt's pass: h [B, 1, D] its last real token's state, kv_valid [B, P + C]
-    its valid cache slots."""
-    c = continuation_ids.shape[-1]
+    its valid cache slots.
+
+    A model whose decode_step extends a cache (`extends_cache`: LLaVA, Idefics2, Qwen2-VL) runs a prompt's K
+    continuations as one pass of K x C tokens over the cache, each attending over the prompt and itself: the
+    weights are read once, not once per answer, and the cache is not copied per answer (bench/NOTES.md). Mllama
+    decodes each continuation in turn, writing it into a copy of the cache."""
+    b, k, c = continuation_ids.shape
     p = kv_valid.shape[1] - c
     cache = with_layer_weights(cache, model)
     positions = jnp.sum(kv_valid, axis=1, dtype=jnp.int32)[:, None] + jnp.arange(c, dtype=jnp.int32)
     head = model.head_weight()
+    if getattr(model, "extends_cache", False):
+        ids = continuation_ids.reshape(b, k * c)
+        hc, _ = model.decode_step(ids, jnp.tile(positions, (1, k)), kv_valid, cache, p, extend=k)
+        # c_0 is predicted by the prompt's last position, c_j by the continuation's position j - 1.
+        first = jnp.broadcast_to(h[:, None, -1:], (b, k, 1, h.shape[-1]))
+        hidden = jnp.concatenate([first, hc.reshape(b, k, c, -1)[:, :, :-1]], axis=2).reshape(b, k * c, -1)
+        return tuple(o.reshape(b, k, c) for o in head_logprobs(hidden, head, ids, with_stats=True))
 
     def one(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         ids, mask = xs
-        hc, _ = model.decode_step(ids, positions, kv_valid.at[:, p:].set(mask), cache, p, extend=True)
-        # c_0 is predicted by the prompt's last position, c_j by the continuation's position j - 1.
+        hc, _ = model.decode_step(ids, positions, kv_valid.at[:, p:].set(mask), cache, p)
         hidden = jnp.concatenate([h[:, -1:], hc[:, :-1]], axis=1)
         return head_logprobs(hidden, head, ids, with_stats=True)
 

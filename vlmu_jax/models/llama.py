@@ -144,10 +144,11 @@ class LlamaAttention(nnx.Module):
         index: jax.Array | None,
         rng: jax.Array | None,
         prefill: bool = False,
-        extend: bool = False,
+        extend: int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
-        """`extend` (with a cache): the tokens attend over the cache's slots before `index` and over their own keys,
-        and the cache is left as it is (None comes back): a scored continuation, whose keys no later token reads."""
+        """`extend` (with a cache; `mask` then is (over the cache, over the tokens' own keys), see
+        DecoderLM.__call__): the tokens attend over the cache and over their own keys, and the cache is left as it
+        is (None comes back): scored continuations, whose keys no later token reads."""
         c = self.config
         b, t, _ = x.shape
         q, k, v = self.qkv(x, rng)
@@ -155,10 +156,8 @@ class LlamaAttention(nnx.Module):
         k = self.rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         if cache is not None and extend:
-            before = mask & (jnp.arange(cache[0].shape[1]) < index)
-            own = jax.lax.dynamic_slice_in_dim(mask, index, t, axis=3)
-            out = attend_blocks(q, ((cache[0].astype(q.dtype), cache[1].astype(q.dtype), before),
-                                    (k, v, own)))
+            before, own = mask
+            out = attend_blocks(q, ((cache[0].astype(q.dtype), cache[1].astype(q.dtype), before), (k, v, own)))
             return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim), fold(rng, 3)), None
         if cache is not None:
             cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0)),
@@ -191,7 +190,7 @@ class DecoderLayer(nnx.Module):
         index: jax.Array | None,
         rng: jax.Array | None,
         prefill: bool = False,
-        extend: bool = False,
+        extend: int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
         a, cache = self.self_attn(
             self.input_layernorm(h),
@@ -261,7 +260,7 @@ class DecoderLM(nnx.Module):
         rng: jax.Array | None = None,
         output_layer: int | None = None,
         prefill: bool = False,
-        extend: bool = False,
+        extend: int = 0,
     ) -> tuple[jax.Array, KVCache | SlicedCache | None]:
         """h [B,T,D] embeddings at cache slots index..index+T; kv_valid [B,S] marks real (non-pad) key slots.
 
@@ -270,9 +269,11 @@ class DecoderLM(nnx.Module):
         over itself only, as a cache-less call does, so it runs the model's fused causal kernel; that kernel drops
         the padding mask, so every row's real tokens must come first (right padding). A
         SlicedCache runs the layers unrolled over its weight slices, and so does a cache-less call while per-layer
-        weight copies are attached (remat and scan do not apply: neither path is differentiated). `extend` (with a
-        cache): h attends over the cache's slots before `index` and over its own keys (slots index..index+T of
-        kv_valid), and the cache comes back as it was, its keys not written (LlamaAttention).
+        weight copies are attached (remat and scan do not apply: neither path is differentiated). `extend` = K > 0
+        (with a cache): h holds K continuations of T / K tokens, each at slots index.., each attending over the
+        cache's valid slots before `index` and causally over its own tokens; the cache comes back as it was, the
+        continuations' keys not written (LlamaAttention). Why: a prompt's scored answers run as one pass over the
+        weights, with no copy of the cache per answer (eval/scoring.py).
         Returns final-normed hidden states and the updated cache; with `output_layer` L, the raw output of
         layer L (0-based, HF `hidden_states[L + 1]`) and only layers 0..L run.
         """
@@ -280,12 +281,15 @@ class DecoderLM(nnx.Module):
         if prefill and (cache is None or not isinstance(index, int) or index != 0 or kv_valid.shape[1] != t):
             raise ValueError("prefill writes a cache from slot 0 and its keys are its own tokens: pass cache=, "
                              "index=0 and kv_valid of h's length")
-        q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
+        window = self.config.sliding_window
         k_slots = jnp.broadcast_to(jnp.arange(kv_valid.shape[1]), kv_valid.shape)
-        mask = attention_mask(q_slots, k_slots, kv_valid, self.config.sliding_window)
+        if extend:
+            mask = _extend_masks(t, extend, index, k_slots, kv_valid, window)
+        else:
+            q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
+            mask = attention_mask(q_slots, k_slots, kv_valid, window)
         # Causality alone (cuDNN's fused causal kernel, no mask) is exact only while the sliding window, if
         # any, covers the whole sequence.
-        window = self.config.sliding_window
         causal = (cache is None or prefill) and (window is None or t <= window)
         layer_rngs = None if rng is None else jax.random.split(rng, self.config.num_layers)
 
@@ -324,6 +328,22 @@ class DecoderLM(nnx.Module):
         elif not isinstance(cache, SlicedCache):
             cache = None
         return (self.norm(h) if limit is None else h), cache
+
+
+def _extend_masks(t: int, segments: int, index: jax.Array | int, k_slots: jax.Array, kv_valid: jax.Array,
+                  window: int | None) -> tuple[jax.Array, jax.Array]:
+    """DecoderLM's `extend` masks for `segments` continuations of t / segments tokens each at slots index..: over
+    the cache [B,1,T,S] (valid slots before index, within the window) and over the tokens' own keys [1,1,T,T]
+    (the same continuation, causal, within the window)."""
+    length = t // segments
+    pos = jnp.tile(jnp.arange(length), segments)  # each token's place in its continuation
+    seg = jnp.repeat(jnp.arange(segments), length)
+    q_slots = jnp.broadcast_to(index + pos, (kv_valid.shape[0], t))
+    before = attention_mask(q_slots, k_slots, kv_valid, window) & (k_slots < index)[:, None, None, :]
+    own = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
+    if window is not None:
+        own &= (pos[:, None] - pos[None, :]) < window
+    return before, own[None, None]
 
 
 def layers_to_run(output_layer: int, num_layers: int) -> int:

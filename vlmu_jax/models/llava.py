@@ -162,7 +162,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         impl: str | None = None,
         output_layer: int | None = None,
         prefill: bool = False,
-        extend: bool = False,
+        extend: int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
         """Run the language model on embeddings (see DecoderLM.__call__)."""
         c = self.config
@@ -213,6 +213,9 @@ class LlavaForConditionalGeneration(nnx.Module):
         h, _ = self.decode(embeds, positions, attention_mask, rng=dropout_rng, output_layer=output_layer)
         return h
 
+    # decode_step(extend=K) runs a prompt's K scored continuations at once over its cache (eval/scoring.py)
+    extends_cache = True
+
     def decoder_lm(self) -> DecoderLM:
         """The decoder whose stacked layers generation may slice (llama.SlicedCache) and evaluation may copy per
         layer (eval/layer_copies.py)."""
@@ -261,10 +264,10 @@ class LlavaForConditionalGeneration(nnx.Module):
 
     def decode_step(
         self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: KVCache | SlicedCache,
-        index: jax.Array, *, extend: bool = False,
+        index: jax.Array, *, extend: int = 0,
     ) -> tuple[jax.Array, KVCache | SlicedCache]:
-        """Hidden states [B, T, D] of new tokens per row written at cache slots `index`.. (`extend`: attending over
-        the cache and themselves, not written; see DecoderLM.__call__)."""
+        """Hidden states [B, T, D] of new tokens per row written at cache slots `index`.. (`extend` = K: K
+        continuations over the cache, not written; see DecoderLM.__call__)."""
         return self.decode(self.language_model.embed(tokens), positions, kv_valid, cache=state, index=index,
                            impl="xla", extend=extend)
 

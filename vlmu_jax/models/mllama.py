@@ -346,12 +346,9 @@ class MllamaForConditionalGeneration(nnx.Module):
         return last_real(h, attention_mask), DecodeState(self_kv, cross_kv, cross), kv_valid
 
     def decode_step(
-        self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: DecodeState, index: jax.Array,
-        *, extend: bool = False,
+        self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: DecodeState, index: jax.Array
     ) -> tuple[jax.Array, DecodeState]:
-        """Hidden states [B, T, D] of new tokens per row written at cache slots ``index``.. . ``extend`` (a scored
-        continuation, whose keys no later token reads) changes nothing here: Mllama's own decoder writes them into
-        the state it returns either way, and the hidden states are the same."""
+        """Hidden states [B, T, D] of new tokens per row written at cache slots ``index``.."""
         c = self.config
         h, self_kv = self.language_model(
             self.language_model.embed(tokens), positions, kv_valid, cross=state.cross, cross_kv=state.cross_kv,

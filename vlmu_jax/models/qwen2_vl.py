@@ -336,7 +336,7 @@ class QwenVLForConditionalGeneration(LlavaForConditionalGeneration):
 
     def decode_step(
         self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: tuple[KVCache, jax.Array],
-        index: jax.Array, *, extend: bool = False,
+        index: jax.Array, *, extend: int = 0,
     ) -> tuple[jax.Array, tuple[KVCache, jax.Array]]:
         cache, delta = state
         h, cache = super().decode_step(tokens, positions + delta[:, None], kv_valid, cache, index, extend=extend)
