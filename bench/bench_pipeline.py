@@ -11,8 +11,9 @@ per-batch numbers are what a full run repeats.
 
 Model compute: training steps from the trainer's metrics.jsonl (its per-step time includes host batching; the
 first step at each bucket length compiles, and its time beyond the run's fastest step counts as compile); eval
-from timing every jitted scoring / generation call to completion, where a shape's first call beyond its median
-is compile, plus the wall time of `batched.compile_ahead` (which compiles every program of a split side by side).
+from timing every jitted scoring / generation call's device work (`CallTimer`: the calls are not waited for, the
+eval loop dispatches the next batch first), where a shape's first call beyond its median is compile, plus the
+wall time of `batched.compile_ahead` (which compiles every program of a split side by side).
 Everything else (building and saving models, loading checkpoints, tokenising, metrics) is the rest of the wall.
 Run from the repo root: `PYTHONPATH=. python bench/bench_pipeline.py --workdir DIR [--small]`.
 """
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import shutil
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -54,10 +57,15 @@ def config(small: bool, steps: int, identities: int, objectives: str):
 
 
 class CallTimer:
-    """Wraps a jitted function: times each call to completion, keyed by its input shapes. Calls that only compile
-    (`batched.compile_ahead`'s threads) pass through untimed: `timed_compile_ahead` times that whole call."""
+    """Wraps a jitted function: times each call's device work, keyed by its input shapes, without waiting for it
+    (the eval loop dispatches the next batch before it collects this one). One thread waits for the calls in
+    the order they were made, which is the order the device runs them in: a call's time runs from when it was
+    made, or when the call before it ended if that is later, to when its outputs are ready. Calls that only
+    compile (`batched.compile_ahead`'s threads) pass through untimed: `timed_compile_ahead` times that call."""
 
     ahead: list[tuple[float, float]] = []  # (start, end) of every compile_ahead call
+    _made: queue.Queue = queue.Queue()  # (timer, key, start, outputs, tokens) of every timed call, in order
+    _last_end = 0.0
 
     def __init__(self, fn, tokens_of):
         self.fn, self.tokens_of = fn, tokens_of
@@ -68,12 +76,23 @@ class CallTimer:
         if compiling():  # a compile-only call returns its outputs' shapes before its compile ends
             return self.fn(*args, **kwargs)
         t0 = time.perf_counter()
-        out = jax.block_until_ready(self.fn(*args, **kwargs))
+        out = self.fn(*args, **kwargs)
         shapes = tuple(np.shape(a) for a in args[1:] if hasattr(a, "shape"))
         key = shapes + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
-        self.calls[key].append(time.perf_counter() - t0)
-        self.tokens += self.tokens_of(args, kwargs)
+        CallTimer._made.put((self, key, t0, out, self.tokens_of(args, kwargs)))
         return out
+
+    @classmethod
+    def wait_for_calls(cls) -> None:
+        """The waiting thread's loop (a daemon)."""
+        while True:
+            timer, key, t0, out, tokens = cls._made.get()
+            jax.block_until_ready(out)
+            end = time.perf_counter()
+            timer.calls[key].append(end - max(t0, cls._last_end))
+            timer.tokens += tokens
+            cls._last_end = end
+            cls._made.task_done()
 
     def first_calls(self) -> list[dict]:
         """Per distinct shape: its calls and its first call's time beyond the median (its compile)."""
@@ -82,7 +101,8 @@ class CallTimer:
                 for key, t in self.calls.items()]
 
     def compute_and_compile(self) -> tuple[float, float]:
-        """(compute s, compile s) over every shape."""
+        """(compute s, compile s) over every shape, once every call made so far has been timed."""
+        CallTimer._made.join()
         splits = [_split(t) for t in self.calls.values()]
         return sum(c for c, _ in splits), sum(k for _, k in splits)
 
@@ -196,6 +216,7 @@ def main() -> None:
             print(json.dumps({"model": name, "median_step_s": round(float(np.median(steps)), 4),
                               "tokens_per_step": rows[-1]["tokens"]}), flush=True)
 
+    threading.Thread(target=CallTimer.wait_for_calls, daemon=True).start()
     score = CallTimer(batched.token_logprobs, lambda a, k: int(np.size(a[1])))
     # shared prompts: the prompt positions and every continuation's positions
     shared = CallTimer(batched.continuation_logprobs, lambda a, k: int(np.size(a[1])) + int(np.size(a[4])))

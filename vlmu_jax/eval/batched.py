@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -26,6 +27,8 @@ from vlmu_jax.eval.generate import decode_over_slices, generate
 from vlmu_jax.eval.scoring import continuation_logprobs, token_logprobs
 from vlmu_jax.logs import progress
 from vlmu_jax.models.sharding import global_batch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,22 @@ def _batches(source: ExampleSource, desc: str):
         fresh = np.array([j not in seen for j in idx])
         seen.update(int(j) for j in idx)
         yield batch, idx, fresh
+
+
+def _overlapped(items: Iterable[T], dispatch: Callable[[T], Any], collect: Callable[[T, Any], None]) -> None:
+    """`collect(item, dispatch(item))` for every item, with item i + 1 dispatched before item i is collected.
+    Why: jax runs a call asynchronously, so the devices compute the next batch while the host waits for this one's
+    results, gathers and unpacks them and makes the next inputs; collecting each batch before dispatching the
+    next left the devices idle for all of that between every two calls (~4-5 s of host work per 7B model
+    evaluated at FIUBench's splits, bench/NOTES.md). Two batches' buffers are alive at once."""
+    pending = None
+    for item in items:
+        out = dispatch(item)
+        if pending is not None:
+            collect(*pending)
+        pending = (item, out)
+    if pending is not None:
+        collect(*pending)
 
 
 def _gather(x: jax.Array) -> np.ndarray:
@@ -162,14 +181,21 @@ def _score_shared(model: nnx.Module, rows: Sequence[Encoded], groups: PromptGrou
                   pad_token_id: int, image_fn: Callable, mesh: Mesh | None, desc: str) -> list[AnswerScores]:
     source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn)
     out: list[AnswerScores | None] = [None] * len(rows)
-    for i, (batch, idx, fresh) in enumerate(_batches(source, desc)):
-        inputs = global_batch(_shared_inputs(source, groups, rows, pad_token_id, i, batch), mesh)
-        logps, mu, var = (_gather(a) for a in _shared_batch(model, inputs))
+
+    def dispatch(item: tuple[int, tuple]) -> tuple:
+        i, (batch, _, _) = item
+        return _shared_batch(model, global_batch(_shared_inputs(source, groups, rows, pad_token_id, i, batch), mesh))
+
+    def collect(item: tuple[int, tuple], arrays: tuple) -> None:
+        _, (_, idx, fresh) = item
+        logps, mu, var = (_gather(a) for a in arrays)
         for j in np.flatnonzero(fresh):
             start = len(groups.prompts[idx[j]].input_ids)
             for v, r in enumerate(groups.members[idx[j]]):
                 m = rows[r].labels[start:] != IGNORE
                 out[r] = AnswerScores(logps[j, v, : m.size][m], mu[j, v, : m.size][m], var[j, v, : m.size][m])
+
+    _overlapped(enumerate(_batches(source, desc)), dispatch, collect)
     return out  # type: ignore[return-value]
 
 
@@ -191,13 +217,21 @@ def score_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, p
                              image_fn=image_fn, mesh=mesh, desc=desc)
     source = _score_source(rows, batch_size, pad_token_id, image_fn)
     out: list[AnswerScores | None] = [None] * len(rows)
-    for batch, idx, fresh in _batches(source, desc):
-        inputs = global_batch(batch, mesh)
-        logps, mu, var = (_gather(a) for a in _score_batch(model, inputs))
-        answer = _gather(inputs["labels"])[:, 1:] != IGNORE
+
+    def dispatch(item: tuple) -> tuple:
+        inputs = global_batch(item[0], mesh)
+        return inputs["labels"], _score_batch(model, inputs)
+
+    def collect(item: tuple, result: tuple) -> None:
+        _, idx, fresh = item
+        labels, arrays = result
+        logps, mu, var = (_gather(a) for a in arrays)
+        answer = _gather(labels)[:, 1:] != IGNORE
         for r in np.flatnonzero(fresh):
             m = answer[r]
             out[idx[r]] = AnswerScores(logps[r][m], mu[r][m], var[r][m])
+
+    _overlapped(_batches(source, desc), dispatch, collect)
     return out  # type: ignore[return-value]
 
 
@@ -208,13 +242,20 @@ def generate_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int
     source = _generate_source(rows, batch_size, pad_token_id, image_fn)
     eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
     out: list[np.ndarray | None] = [None] * len(rows)
-    for batch, idx, fresh in _batches(source, desc):
-        tokens = _gather(_generate_batch(model, global_batch(batch, mesh), eos_token_id=eos_token_id,
-                                         pad_token_id=pad_token_id, max_new_tokens=max_new_tokens))
+
+    def dispatch(item: tuple) -> jax.Array:
+        return _generate_batch(model, global_batch(item[0], mesh), eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id, max_new_tokens=max_new_tokens)
+
+    def collect(item: tuple, new: jax.Array) -> None:
+        _, idx, fresh = item
+        tokens = _gather(new)
         for r in np.flatnonzero(fresh):
             seq = tokens[r].tolist()
             stop = next((k for k, t in enumerate(seq) if t in eos), len(seq))
             out[idx[r]] = np.asarray(seq[:stop], dtype=np.int32)
+
+    _overlapped(_batches(source, desc), dispatch, collect)
     return out  # type: ignore[return-value]
 
 
