@@ -136,7 +136,7 @@ def test_compile_ahead_covers_the_shared_programs(root, placement: str) -> None:
         scores = score_rows(model, rows, shared_prompts=True, **kwargs)
         tokens = generate_rows(model, prompts, **kwargs, **generating)
         after = len(compiles) - before - ahead  # (leaving the block compiles the stack's rebuild)
-    assert ahead >= 4  # two prompt passes (scoring's cache holds the answers, generation's the new tokens) + two
+    assert ahead >= 3  # a prompt pass (one for scoring and generation: eval/prefill.cache_room), the answers, the loop
     assert after == 0, f"{after} compilations after compile_ahead"
     leaf = jax.tree.leaves(nnx.state(model))[0].sharding
     assert (placement == "one device") == isinstance(leaf, SingleDeviceSharding)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from vlmu_jax.eval.frozen import model_jit
 from vlmu_jax.eval.layer_copies import decoder_of, room_for_copy
-from vlmu_jax.eval.prefill import prefill, with_layer_weights, without_layer_copies
+from vlmu_jax.eval.prefill import cache_room, prefill, with_layer_weights, without_layer_copies
 
 
 def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -54,7 +54,7 @@ def decode_over_slices(model: nnx.Module) -> bool:
     return _SLICED[model]
 
 
-@partial(model_jit, static_argnames=("max_new_tokens", "eos", "pad", "temperature", "top_p"),
+@partial(model_jit, static_argnames=("prompt_len", "max_new_tokens", "eos", "pad", "temperature", "top_p"),
          donate_argnames=("cache",))
 def _decode(
     model: nnx.Module,
@@ -63,18 +63,20 @@ def _decode(
     rng: jax.Array,
     *,
     cache,
+    prompt_len: int,
     max_new_tokens: int,
     eos: tuple[int, ...],
     pad: int,
     temperature: float,
     top_p: float,
 ) -> tuple[jax.Array, Any]:
-    """The new tokens [B, max_new_tokens] after a `prefill` into a cache of P + max_new_tokens slots, and the cache.
+    """The new tokens [B, max_new_tokens] after a `prefill` of prompts of `prompt_len` tokens (into a cache with
+    room for them), and the cache.
     The cache is donated and returned, so the loop writes into its buffers (a cache the program only read would be
     copied into the loop first)."""
     cache = with_layer_weights(cache, model)
     b = h.shape[0]
-    p = kv_valid.shape[1] - max_new_tokens
+    p = prompt_len
     head = model.head_weight()
     eos_ids = jnp.asarray(eos, jnp.int32)
     next_pos = jnp.sum(kv_valid, axis=1, dtype=jnp.int32)  # the prompt's slots only, so far
@@ -140,7 +142,7 @@ def generate(
     ids = jnp.asarray(input_ids, jnp.int32)
     h, cache, kv_valid = prefill(model, ids, jnp.asarray(attention_mask, jnp.int32),
                                  None if images is None else jax.tree.map(jnp.asarray, images),
-                                 cache_len=ids.shape[1] + max_new_tokens, sliced=decode_over_slices(model))
-    tokens, _ = _decode(model, h, kv_valid, rng, cache=cache, max_new_tokens=max_new_tokens, eos=eos, pad=int(pad),
-                        temperature=float(temperature), top_p=float(top_p))
+                                 cache_len=ids.shape[1] + cache_room(max_new_tokens), sliced=decode_over_slices(model))
+    tokens, _ = _decode(model, h, kv_valid, rng, cache=cache, prompt_len=ids.shape[1], max_new_tokens=max_new_tokens,
+                        eos=eos, pad=int(pad), temperature=float(temperature), top_p=float(top_p))
     return tokens

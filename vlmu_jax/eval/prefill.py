@@ -19,6 +19,16 @@ from vlmu_jax.eval.frozen import model_jit
 from vlmu_jax.eval.layer_copies import decoder_of
 from vlmu_jax.models.llama import SlicedCache, layer_weights
 
+_ROOM = 64  # new-token slots after a prompt come in multiples of this
+
+
+def cache_room(new: int) -> int:
+    """Slots a prefill leaves after the prompt for `new` tokens: `new` rounded up to a multiple of 64. Why: the
+    eval stage scores continuations of 16 or 32 tokens and generates 50; with one room for both, the scoring and
+    the generation of a prompt shape share one prefill program (one compile fewer in a cold eval stage, where
+    the 7B prefill is among the longest to compile), for a few unused slots the attention masks out."""
+    return -(-new // _ROOM) * _ROOM
+
 
 def _is_sliced(x: Any) -> bool:
     return isinstance(x, SlicedCache)

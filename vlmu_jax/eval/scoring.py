@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlmu_jax.eval.frozen import model_jit
-from vlmu_jax.eval.prefill import prefill, with_layer_weights
+from vlmu_jax.eval.prefill import cache_room, prefill, with_layer_weights
 
 
 def _over_chunks(fn, inputs: tuple[jax.Array, ...], chunk_size: int) -> tuple[jax.Array, ...]:
@@ -151,24 +151,25 @@ def continuation_logprobs(
     continuation then runs over that cache as a multi-token decode step. Causal attention makes the values those
     of the whole row run at once (prompt positions never see what follows them). `sliced`: decode over per-layer
     weights (generate.decode_over_slices)."""
-    cache_len = prompt_ids.shape[1] + continuation_ids.shape[-1]
+    p = prompt_ids.shape[1]
+    cache_len = p + cache_room(continuation_ids.shape[-1])
     h, cache, kv_valid = prefill(model, prompt_ids, prompt_mask, images, cache_len=cache_len, sliced=sliced)
-    return _continuations_over_cache(model, h, cache, kv_valid, continuation_ids, continuation_mask)
+    return _continuations_over_cache(model, h, cache, kv_valid, continuation_ids, continuation_mask, prompt_len=p)
 
 
-@model_jit
+@partial(model_jit, static_argnames=("prompt_len",))
 def _continuations_over_cache(model: nnx.Module, h: jax.Array, cache, kv_valid: jax.Array,
-                              continuation_ids: jax.Array, continuation_mask: jax.Array
+                              continuation_ids: jax.Array, continuation_mask: jax.Array, *, prompt_len: int
                               ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`continuation_logprobs` after the prompt's pass: h [B, 1, D] its last real token's state, kv_valid [B, P + C]
-    its valid cache slots.
+    """`continuation_logprobs` after the prompt's pass: h [B, 1, D] its last real token's state, kv_valid [B, S]
+    its valid cache slots (S >= prompt_len + C).
 
     A model whose decode_step extends a cache (`extends_cache`: LLaVA, Idefics2, Qwen2-VL) runs a prompt's K
     continuations as one pass of K x C tokens over the cache, each attending over the prompt and itself: the
     weights are read once, not once per answer, and the cache is not copied per answer (bench/NOTES.md). Mllama
     decodes each continuation in turn, writing it into a copy of the cache."""
     b, k, c = continuation_ids.shape
-    p = kv_valid.shape[1] - c
+    p = prompt_len
     cache = with_layer_weights(cache, model)
     positions = jnp.sum(kv_valid, axis=1, dtype=jnp.int32)[:, None] + jnp.arange(c, dtype=jnp.int32)
     head = model.head_weight()
@@ -182,7 +183,7 @@ def _continuations_over_cache(model: nnx.Module, h: jax.Array, cache, kv_valid: 
 
     def one(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         ids, mask = xs
-        hc, _ = model.decode_step(ids, positions, kv_valid.at[:, p:].set(mask), cache, p)
+        hc, _ = model.decode_step(ids, positions, kv_valid.at[:, p:p + c].set(mask), cache, p)
         hidden = jnp.concatenate([h[:, -1:], hc[:, :-1]], axis=1)
         return head_logprobs(hidden, head, ids, with_stats=True)
 

@@ -145,10 +145,12 @@ class LlamaAttention(nnx.Module):
         rng: jax.Array | None,
         prefill: bool = False,
         extend: int = 0,
+        write_order: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """`extend` (with a cache; `mask` then is (over the cache, over the tokens' own keys), see
         DecoderLM.__call__): the tokens attend over the cache and over their own keys, and the cache is left as it
-        is (None comes back): scored continuations, whose keys no later token reads."""
+        is (None comes back): scored continuations, whose keys no later token reads. `write_order` [B, T]: cache
+        slot index + j gets the keys of token write_order[:, j]."""
         c = self.config
         b, t, _ = x.shape
         q, k, v = self.qkv(x, rng)
@@ -160,8 +162,10 @@ class LlamaAttention(nnx.Module):
             out = attend_blocks(q, ((cache[0].astype(q.dtype), cache[1].astype(q.dtype), before), (k, v, own)))
             return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim), fold(rng, 3)), None
         if cache is not None:
-            cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0)),
-                     jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0)))
+            kw, vw = (k, v) if write_order is None else (
+                jnp.take_along_axis(x, write_order[:, :, None, None], axis=1) for x in (k, v))
+            cache = (jax.lax.dynamic_update_slice(cache[0], kw.astype(cache[0].dtype), (0, index, 0, 0)),
+                     jax.lax.dynamic_update_slice(cache[1], vw.astype(cache[1].dtype), (0, index, 0, 0)))
             if not prefill:  # a decode step sees every cached slot, a prefill its own keys
                 k, v = cache
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=impl, causal=causal)
@@ -191,6 +195,7 @@ class DecoderLayer(nnx.Module):
         rng: jax.Array | None,
         prefill: bool = False,
         extend: int = 0,
+        write_order: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         a, cache = self.self_attn(
             self.input_layernorm(h),
@@ -203,6 +208,7 @@ class DecoderLayer(nnx.Module):
             rng=fold(rng, 0),
             prefill=prefill,
             extend=extend,
+            write_order=write_order,
         )
         h = h + a
         h = h + self.mlp(self.post_attention_layernorm(h), fold(rng, 1))
@@ -261,13 +267,15 @@ class DecoderLM(nnx.Module):
         output_layer: int | None = None,
         prefill: bool = False,
         extend: int = 0,
+        write_order: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | SlicedCache | None]:
         """h [B,T,D] embeddings at cache slots index..index+T; kv_valid [B,S] marks real (non-pad) key slots.
 
         Without a cache S == T and attention is causal within h; with a cache S is the cache length. `prefill`
         (a cache, index 0, kv_valid [B, T] of h's own tokens): h is written into the cache and attends causally
         over itself only, as a cache-less call does, so it runs the model's fused causal kernel; that kernel drops
-        the padding mask, so every row's real tokens must come first (right padding). A
+        the padding mask, so every row's real tokens must come first (right padding); `write_order` [B, T] then
+        puts them back in their own order in the cache (slot j gets token write_order[:, j]), layer by layer. A
         SlicedCache runs the layers unrolled over its weight slices, and so does a cache-less call while per-layer
         weight copies are attached (remat and scan do not apply: neither path is differentiated). `extend` = K > 0
         (with a cache): h holds K continuations of T / K tokens, each at slots index.., each attending over the
@@ -306,6 +314,7 @@ class DecoderLM(nnx.Module):
                 rng=layer_rng,
                 prefill=prefill,
                 extend=extend,
+                write_order=write_order,
             )
 
         h = constrain(h, ("batch", "seq", None))

@@ -163,6 +163,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         output_layer: int | None = None,
         prefill: bool = False,
         extend: int = 0,
+        write_order: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Run the language model on embeddings (see DecoderLM.__call__)."""
         c = self.config
@@ -179,6 +180,7 @@ class LlavaForConditionalGeneration(nnx.Module):
             output_layer=output_layer,
             prefill=prefill,
             extend=extend,
+            write_order=write_order,
         )
 
     def positions(
@@ -233,9 +235,10 @@ class LlavaForConditionalGeneration(nnx.Module):
         The prompt runs with each row's real tokens moved to its front (a stable reorder, so images and positions
         keep their order), which makes its attention plain causal attention: the model's fused kernel (cuDNN's
         flash attention on GPU) runs it, where a left-padded prompt needs an explicit mask and XLA's attention (~45
-        ms more per 7B prefill of 16 x 640 tokens on an H200, bench/NOTES.md). Its keys and values are then put
-        back in the prompt's own slot order, so decoding sees the layout it was given (a sliding window counts
-        slots: a gap between a short row's prompt and its new tokens would widen it)."""
+        ms more per 7B prefill of 16 x 640 tokens on an H200, bench/NOTES.md). Each layer writes its keys and
+        values into the cache in the prompt's own slot order (`write_order`), so decoding sees the layout it was
+        given (a sliding window counts slots: a gap between a short row's prompt and its new tokens would widen
+        it), and the cache is never reordered whole (a second copy of it, 5 GB at 7B with 16 prompts of 640)."""
         t, b, p = self.config.text, input_ids.shape[0], input_ids.shape[1]
         dtype = self.head_weight().dtype
         if sliced:
@@ -246,19 +249,9 @@ class LlavaForConditionalGeneration(nnx.Module):
         order = jnp.argsort(attention_mask == 0, axis=1, stable=True)  # real tokens first, in their order
         ids = jnp.take_along_axis(input_ids, order, axis=1)
         packed = jnp.take_along_axis(attention_mask, order, axis=1)
-        h, cache = self.decode(self.embed(ids, images), self.positions(ids, packed, images), packed, cache=cache,
-                               index=0, prefill=True)
         back = jnp.argsort(order, axis=1)  # slot j of the prompt holds packed token back[:, j]
-
-        def unpack(x: jax.Array, axis: int) -> jax.Array:
-            idx = back.reshape((1,) * (axis - 1) + (b, p) + (1,) * (x.ndim - axis - 1))
-            prompt = jnp.take_along_axis(jax.lax.slice_in_dim(x, 0, p, axis=axis), idx, axis=axis)
-            return jax.lax.dynamic_update_slice_in_dim(x, prompt, 0, axis)
-
-        if isinstance(cache, SlicedCache):
-            cache = cache._replace(kv=tuple((unpack(k, 1), unpack(v, 1)) for k, v in cache.kv))
-        else:
-            cache = (unpack(cache[0], 2), unpack(cache[1], 2))
+        h, cache = self.decode(self.embed(ids, images), self.positions(ids, packed, images), packed, cache=cache,
+                               index=0, prefill=True, write_order=back)
         kv_valid = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(attention_mask)
         return last_real(h, packed), cache, kv_valid
 
