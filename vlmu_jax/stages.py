@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length
 from vlmu_jax.data.records import Identity
 from vlmu_jax.errors import InputError
 from vlmu_jax.eval.frozen import frozen
-from vlmu_jax.eval.layer_copies import layer_copies
+from vlmu_jax.eval.layer_copies import layer_copies, room_for
 from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl, head_token_stat
 from vlmu_jax.logs import say, timed
 from vlmu_jax.models import lora
@@ -400,12 +400,12 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
     judge = None
     todo = {name: path for name, path in sources.items()
             if ws.config.force or not _evaluated(ws.workdir / "eval_results" / name, path)}
-    loads = _LoadsAhead(ws, list(todo.values()))
+    loads = _loaded_ahead(ws, list(todo.values()))
     for name, path in todo.items():
         out = ws.workdir / "eval_results" / name
         clear_done(out)
         with timed(f"eval {name}: model loaded"):
-            model = loads.next()
+            model = next(loads)
         judge = judge or _judge(ws)
         with layer_copies(model, ws.config.eval.layer_copies) as copied, \
                 frozen(model, compile_ahead=ws.config.eval.compile_ahead):
@@ -425,44 +425,24 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
 _EVAL_INFO = "eval_info.json"  # the folder a model's results were computed from
 
 
-class _LoadsAhead:
+def _loaded_ahead(ws: Workspace, paths: list[Path]) -> Iterator[nnx.Module]:
     """The eval stage's models in order, each loaded while the one before it is evaluated (config
     eval.load_ahead). Why: the devices sat idle while each 7B model loaded from its folder, ~3 s of every
     model's evaluation at FIUBench's splits (bench/RESULTS.md). Only with one process (a load runs jitted casts on
     the devices, which several processes must issue in the same order) and, under auto, when the first local
-    device has room for the next model beside this one and its evaluation."""
-
-    def __init__(self, ws: Workspace, paths: list[Path]):
-        self.ws, self.paths, self.ahead, self.done = ws, paths, None, 0
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="load-ahead")
-
-    def next(self) -> nnx.Module:
-        """The next model (waiting for its load if it runs ahead); starts loading the one after it."""
-        path = self.paths[self.done]
-        model = self.ahead.result() if self.ahead is not None else self.ws.load(path)
-        self.done += 1
-        self.ahead = None
-        if self.done < len(self.paths) and _room_for_another(model, self.ws.config.eval.load_ahead):
-            say(f"eval: loading {self.paths[self.done]} while the model before it is evaluated")
-            self.ahead = self.pool.submit(self.ws.load, self.paths[self.done])
-        if self.done == len(self.paths):
-            self.pool.shutdown(wait=False)
-        return model
-
-
-def _room_for_another(model: nnx.Module, mode: str) -> bool:
-    """Whether to load another model beside `model`: never with several processes; under auto, when the first
-    local device's free memory holds two more of its share of the model (the next model, and room for the
-    evaluation's per-layer copies, caches and activations)."""
-    if mode == "never" or jax.process_count() > 1:
-        return False
-    if mode == "always":
-        return True
-    stats = jax.local_devices()[0].memory_stats() or {}
-    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
-    share = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                for x in jax.tree.leaves(nnx.state(model)))
-    return 3 * share < free
+    device has room for two more of the model: the next one, and the evaluation's copies, caches and
+    activations."""
+    mode = ws.config.eval.load_ahead
+    with ThreadPoolExecutor(1, thread_name_prefix="load-ahead") as pool:
+        ahead = None
+        for i, path in enumerate(paths):
+            model = ahead.result() if ahead is not None else ws.load(path)
+            ahead = None
+            if i + 1 < len(paths) and jax.process_count() == 1 and (
+                    mode == "always" or (mode == "auto" and room_for(model, 3))):
+                say(f"eval: loading {paths[i + 1]} while the model before it is evaluated")
+                ahead = pool.submit(ws.load, paths[i + 1])
+            yield model
 
 
 def _evaluated(out: Path, path: Path) -> bool:

@@ -87,16 +87,15 @@ class _CompileOnly:
         self.programs: list[Future | jax.stages.Compiled] = []
 
     def compile(self, lowered: jax.stages.Lowered, leaves: list[jax.Array]) -> Any:
-        devices = {d for x in leaves[:1] for d in x.sharding.device_set}
-        if len(devices) != 1:
+        like = leaves[0].sharding
+        if len(like.device_set) != 1:
             compiled = lowered.compile()
             self.programs.append(compiled)
             return compiled.out_info
         self.programs.append(self.pool.submit(lowered.compile))
         # On one device every placement is the same; jit keys its programs by a mesh's, where P() stands for all.
-        like = leaves[0].sharding
         placed = NamedSharding(like.mesh, PartitionSpec()) if isinstance(like, NamedSharding) else \
-            SingleDeviceSharding(devices.pop())
+            SingleDeviceSharding(next(iter(like.device_set)))
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), lowered.out_info)
 
 

@@ -36,17 +36,20 @@ def decoder_of(model: nnx.Module) -> DecoderLM | None:
     return None if get is None else get()
 
 
+def room_for(module: nnx.Module, copies: float) -> bool:
+    """Whether the first local device's free memory holds `copies` times its share of the module's arrays (no
+    on a device that reports no memory statistics, e.g. the CPU)."""
+    need = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(nnx.state(module)))
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return need * copies < stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+
+
 def room_for_copy(lm: DecoderLM) -> bool:
     """On GPU, whether the first local device's free memory holds its share of one more copy of the stacked
     decoder weights with a tenth to spare (CPU and TPU: no, their scans do not copy the same way). For
     generation's per-call slices (eval/generate.py), which do sit beside the stack."""
-    if jax.default_backend() != "gpu":
-        return False
-    need = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-               for x in jax.tree.leaves(nnx.state(lm.layers)))
-    stats = jax.local_devices()[0].memory_stats() or {}
-    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
-    return need * 1.1 < free
+    return jax.default_backend() == "gpu" and room_for(lm.layers, 1.1)
 
 
 @partial(jax.jit, static_argnums=1)

@@ -332,10 +332,10 @@ class DecoderLM(nnx.Module):
         for i, (layer, layer_kv) in enumerate(zip(layers, kvs, strict=True)):
             h, layer_kv = step(layer, h, (layer_kv, None if layer_rngs is None else layer_rngs[i]))
             kv_out.append(layer_kv)
-        if isinstance(cache, SlicedCache) and not extend:
-            cache = cache._replace(kv=tuple(kv_out))
-        elif not isinstance(cache, SlicedCache):
+        if not isinstance(cache, SlicedCache):
             cache = None
+        elif not extend:  # an extension leaves the cache as it was
+            cache = cache._replace(kv=tuple(kv_out))
         return (self.norm(h) if limit is None else h), cache
 
 
