@@ -7,7 +7,8 @@ alpha 256 / dropout 0.05 on the language model's linears, AdamW on float32 adapt
 do what FIUBench's trainer does for each objective, with every stream given the same batch: GA the negated forget
 NLL; GD adds the retain NLL (a second forward); NPO adds the reference forward (adapters disabled, no grad) and the
 retain NLL, as our pipeline runs it when a retain stream exists.
-Run from the repo root: `PYTHONPATH=. python bench/bench_hf_unlearn.py [--small]`.
+Run from the repo root: `PYTHONPATH=. python bench/bench_hf_unlearn.py [--small]`; B and T set the batch,
+OBJECTIVES=ga,gd,npo the steps (empty: the log-probs alone).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def main() -> None:
             beta = 0.1
             return -F.logsigmoid(beta * (ref - forget)).mean() * 2 / beta + retain
 
-    for objective in ("ga", "gd", "npo"):
+    for objective in [o for o in os.environ.get("OBJECTIVES", "ga,gd,npo").split(",") if o]:
         torch.cuda.reset_peak_memory_stats()
 
         def step(objective=objective):
