@@ -33,7 +33,7 @@ setup(
         # PyTorch is only needed for parity tests against transformers' reference models.
         # 2.13.0 is pinned because it is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
         "torch": ["torch==2.13.0"],
-        "test": ["torch==2.13.0", "pytest", "ruff"],
+        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "ruff"],
         # On GPU hosts install jax with the CUDA plugin: pip install "jax[cuda13]".
         # On TPU VMs: pip install "jax[tpu]".
     },
