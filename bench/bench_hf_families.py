@@ -102,6 +102,7 @@ def main() -> None:
                 # Targets from the first text token on: Mllama's image token id lies outside its output head.
                 return torch.log_softmax(logits[:, head - 1 : -1].float(), -1).gather(-1, ids[:, head:, None]).sum()
 
+        torch.cuda.reset_peak_memory_stats()  # each workload's peak is its own (weights included)
         s = timeit(logprobs)
         print(json.dumps({"what": "eval_logprob", "B": b, "T": t, "s": s, "samples_per_s": b / s,
                           "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30}), flush=True)
@@ -110,8 +111,10 @@ def main() -> None:
             with torch.no_grad():
                 model.generate(**x, max_new_tokens=32, min_new_tokens=32, do_sample=False)
 
+        torch.cuda.reset_peak_memory_stats()
         s = timeit(gen, n=3, warm=1)
-        print(json.dumps({"what": "generate32", "B": b, "s": s, "new_tokens_per_s": b * 32 / s}), flush=True)
+        print(json.dumps({"what": "generate32", "B": b, "s": s, "new_tokens_per_s": b * 32 / s,
+                          "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30}), flush=True)
 
     from peft import LoraConfig, get_peft_model
 
@@ -132,6 +135,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    torch.cuda.reset_peak_memory_stats()
     s = timeit(step)
     print(json.dumps({"what": "lora_ga_step", "B": b, "T": t, "s": s, "samples_per_s": b / s,
                       "trainable": sum(p.numel() for p in trainable),

@@ -262,6 +262,16 @@ class ValidFirst(NamedTuple):
         return take_tokens(x, self.inverse)
 
 
+def cache_written(h: jax.Array, layer_kv: Any) -> tuple[jax.Array, Any]:
+    """Hidden state and this layer's freshly written cache, fenced so the next layer starts after the write.
+
+    Why: in an unrolled prefill each layer's cache is an output read by nothing else in the program, so XLA sinks
+    every layer's cache write to the program's end and holds each layer's keys and values until then (4.5 GiB
+    of temporaries for LLaVA-7B with 16 prompts of 640 tokens, bench/RESULTS.md session 11).
+    """
+    return jax.lax.optimization_barrier((h, layer_kv))
+
+
 def take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
     """x [B, N, ...] with each row's tokens taken in `index` [B, N] order."""
     return jnp.take_along_axis(x, index.reshape(*index.shape, *(1,) * (x.ndim - 2)), axis=1)

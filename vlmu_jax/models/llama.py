@@ -25,6 +25,7 @@ from vlmu_jax.models.layers import (
     attend,
     attend_blocks,
     attention_mask,
+    cache_written,
     fold,
     rope_inv_freq,
     rope_parameters,
@@ -332,10 +333,7 @@ class DecoderLM(nnx.Module):
         for i, (layer, layer_kv) in enumerate(zip(layers, kvs, strict=True)):
             h, layer_kv = step(layer, h, (layer_kv, None if layer_rngs is None else layer_rngs[i]))
             if prefill:
-                # The next layer starts only once this one's cache is written: else XLA sinks every layer's
-                # cache write to the program's end and holds each layer's keys and values until then (4.5 GiB
-                # of temporaries at 7B with 16 prompts of 640, bench/RESULTS.md session 11).
-                h, layer_kv = jax.lax.optimization_barrier((h, layer_kv))
+                h, layer_kv = cache_written(h, layer_kv)
             kv_out.append(layer_kv)
         if not isinstance(cache, SlicedCache):
             cache = None

@@ -42,6 +42,7 @@ from vlmu_jax.models.layers import (
     RMSNorm,
     attend,
     attention_mask,
+    cache_written,
     fold,
     last_real,
 )
@@ -247,6 +248,8 @@ class MllamaTextModel(nnx.Module):
             else:
                 cache = None if self_kv is None else self_kv[n_self]
                 h, cache = self_call(layer, h, positions, mask, cache, index, layer_rng)
+                if cache is not None and t > 1:  # a prompt's pass writing the cache
+                    h, cache = cache_written(h, cache)
                 new_kv.append(cache)
                 n_self += 1
         h = h if output_layer is not None else self.norm(h)
