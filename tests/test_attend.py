@@ -92,3 +92,52 @@ def test_attention_over_key_blocks_is_attention_over_their_concatenation(kv_head
                                                        for x, y, m in blocks))
     assert half.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(want), rtol=0.05, atol=0.05)
+
+
+def _numpy_attention(q, k, v, allowed):
+    """Softmax attention in float64, `allowed` [B, T, S] (heads share it; k/v heads equal q's)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(allowed[:, None], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("case", ["no_mask", "causal", "key_counts"])
+def test_odd_lengths_keep_the_fused_kernel_padded_to_even(case, monkeypatch):
+    """impl="cudnn" with an odd sequence (CLIP's 577 tokens) pads q, k and v by one token, hides the added key
+    (as a key count, or by causality) and drops the added query: the kernel is called with even lengths only, and
+    the result is attention over the real tokens. The kernel is XLA's here (no cuDNN on the CPU)."""
+    real, lengths_seen = jax.nn.dot_product_attention, []
+
+    def kernel(q, k, v, *args, implementation=None, **kw):
+        assert implementation == "cudnn"
+        lengths_seen.append((q.shape[1], k.shape[1]))
+        return real(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", kernel)
+    b, t, n, h = 2, 7, 2, 8
+    q, k, v = (jax.random.normal(key, (b, t, n, h), jnp.bfloat16) for key in jax.random.split(jax.random.key(3), 3))
+    allowed = np.ones((b, t, t), bool)
+    if case == "no_mask":
+        got = attend(q, k, v, None, impl="cudnn")
+    elif case == "causal":  # the explicit mask is dropped by the fused causal kernel
+        allowed = np.broadcast_to(np.tri(t, dtype=bool), (b, t, t))
+        got = attend(q, k, v, jnp.asarray(allowed)[:, None], impl="cudnn", causal=True)
+    else:
+        keys = np.array([t, 4])
+        allowed = np.broadcast_to(np.arange(t)[None, None, :] < keys[:, None, None], (b, t, t))
+        got = attend(q, k, v, SeqLengths(jnp.asarray(keys, jnp.int32)), impl="cudnn")
+    assert lengths_seen == [(t + 1, t + 1)]
+    assert got.shape == (b, t, n, h)
+    np.testing.assert_allclose(np.asarray(got, np.float64), _numpy_attention(q, k, v, allowed), atol=2e-2)
+
+
+def test_odd_lengths_with_a_mask_and_no_causality_stay_on_xla(monkeypatch):
+    real = jax.nn.dot_product_attention
+    seen = []
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, implementation=None, **kw: seen.append(implementation) or real(*a, **kw))
+    x = jax.random.normal(jax.random.key(4), (1, 5, 2, 8), jnp.bfloat16)
+    attend(x, x, x, jnp.ones((1, 1, 5, 5), bool), impl="cudnn")
+    assert seen == [None]

@@ -288,8 +288,24 @@ def attend(
     kernel.
     """
     impl = resolve_attention_impl(impl, q.dtype)
-    if impl == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
-        impl = "xla"  # jax's cuDNN backward rejects odd sequence lengths (seen on H100, jax 0.11.2)
+    t, s = q.shape[1], k.shape[1]
+    if impl == "cudnn" and (t % 2 or s % 2):
+        # jax's cuDNN backward rejects odd sequence lengths (seen on H100, jax 0.11.2). Padded by one token, with
+        # the real keys given as lengths (causality alone hides a key appended after the last query), they keep
+        # the fused kernel; the padded query's row is dropped. CLIP's 577 tokens on XLA's attention cost ~3 ms
+        # of a 7B LLaVA log-prob call (bench/RESULTS.md session 12). A boolean mask without causality stays on XLA.
+        if causal and not isinstance(mask, SeqLengths):
+            padded, mask = t % 2 == s % 2, None  # the fused causal kernel drops an explicit mask (below)
+        else:
+            padded = not isinstance(mask, jax.Array)
+            mask = SeqLengths(keys=jnp.full((q.shape[0],), s, jnp.int32)) if mask is None else mask
+        if not padded:
+            impl = "xla"
+        else:
+            def even(x: jax.Array) -> jax.Array:
+                return jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
+
+            return attend(even(q), even(k), even(v), mask, impl=impl, causal=causal)[:, :t]
     implementation = None if impl == "xla" else impl
     if isinstance(mask, SeqLengths):
         return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=mask.queries, key_value_seq_lengths=mask.keys,
