@@ -57,6 +57,8 @@ COPIES = tuple(x == "1" for x in os.environ.get("COPIES", "1,0").split(","))
 FROZEN = tuple(x == "1" for x in os.environ.get("FROZEN", "1").split(","))
 # WORK=shared: answers per prompt of the shared-prompt scoring call (FIUBench's forget split has 7 per question).
 SHARED_K = tuple(int(x) for x in os.environ.get("SHARED_K", "7,1").split(",") if x)
+# STEP_COPIES=1,0: the steps over per-layer weight copies (unrolled, eval/layer_copies.py) and over the stack.
+STEP_COPIES = tuple(x == "1" for x in os.environ.get("STEP_COPIES", "0").split(","))
 GEN_COPIES = tuple(x == "1" for x in os.environ.get("GEN_COPIES", os.environ.get("COPIES", "1,0")).split(","))
 SCAN = os.environ.get("SCAN", "1") == "1"
 
@@ -201,14 +203,15 @@ def main() -> None:
     # Loss on the second half of the text, as the anchor's labels.
     labels = jnp.where(jnp.arange(ids.shape[1]) >= 1 + n_img + t_text // 2, ids, IGNORE)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}
-    for objective, remat, *dropout in STEPS if "steps" in WORK else ():
+    for (objective, remat, *dropout), copies in itertools.product(STEPS if "steps" in WORK else (), STEP_COPIES):
         # objective:remat:materialised|philox runs the step with those dropout masks (bench/bench_dropout.py)
         layers.dropout_keep = {"materialised": materialised, "philox": philox}.get(dropout[0] if dropout else "",
                                                                                   dropout_keep)
-        r = unlearn_step_time(model, objective, remat, batch)
+        with layer_copies(model, "always" if copies else "never") as attached:
+            r = unlearn_step_time(model, objective, remat, batch)
         print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout[0] if dropout
-                          else "dropout_keep", "B": b, "T": n_img + t_text, "s": r.s,
-                          "samples_per_s": b / r.s, "max_mem_gb": r.process_peak_gb,
+                          else "dropout_keep", "layer_copies": attached, "B": b, "T": n_img + t_text, "s": r.s,
+                          "compile_s": r.compile_s, "samples_per_s": b / r.s, "max_mem_gb": r.process_peak_gb,
                           "step_peak_gb": r.step_peak_gb}), flush=True)
     layers.dropout_keep = dropout_keep
     if "generate" not in WORK:
@@ -316,6 +319,7 @@ class StepTiming(NamedTuple):
     s: float
     process_peak_gb: float | None
     step_peak_gb: float
+    compile_s: float
 
 
 def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict,
@@ -339,7 +343,9 @@ def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict
     state = [params, jax.jit(tx.init)(params), rng]
     # (rest, ref_other, ref_rest, grad_mask): the reference is the model itself with LoRA zeroed, no saliency
     fixed = (rest, nnx.State({}), rest, nnx.State({}), streams)
+    t0 = time.perf_counter()
     compiled = step.lower(*state, *fixed).compile()
+    compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     # XLA counts an array passed as two arguments twice (the reference's frozen params are the model's own here).
     seen: set[int] = set()
@@ -359,7 +365,7 @@ def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict
     s = timeit(run)
     nnx.update(model, state[0], state[2])  # the model's own LoRA and RNG arrays were donated to the first step
     model.eval()
-    return StepTiming(s, peak_gb(), step_gb)
+    return StepTiming(s, peak_gb(), step_gb, compile_s)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from vlmu_jax.models.layers import (
     attention_mask,
     cache_written,
     fold,
+    remat_call,
     rope_inv_freq,
     rope_parameters,
     run_layers,
@@ -277,8 +278,8 @@ class DecoderLM(nnx.Module):
         over itself only, as a cache-less call does, so it runs the model's fused causal kernel; that kernel drops
         the padding mask, so every row's real tokens must come first (right padding); `write_order` [B, T] then
         puts them back in their own order in the cache (slot j gets token write_order[:, j]), layer by layer. A
-        SlicedCache runs the layers unrolled over its weight slices, and so does a cache-less call while per-layer
-        weight copies are attached (remat and scan do not apply: neither path is differentiated). `extend` = K > 0
+        SlicedCache runs the layers unrolled over its weight slices (not differentiated: no remat), and so does a
+        cache-less call while per-layer weight copies are attached (with `remat`, as a step over them). `extend` = K > 0
         (with a cache): h holds K continuations of T / K tokens, each at slots index.., each attending over the
         cache's valid slots before `index` and causally over its own tokens; the cache comes back as it was, the
         continuations' keys not written (LlamaAttention). Why: a prompt's scored answers run as one pass over the
@@ -326,6 +327,7 @@ class DecoderLM(nnx.Module):
         elif cache is None and self.layer_copies is not None:
             layers = list(self.layer_copies)[:limit]
             kvs = (None,) * len(layers)
+            step = remat_call(step, remat)  # a LoRA step over the copies (bench/NOTES.md, session 12)
         else:
             h, out = run_layers(self.layers, step, h, (cache, layer_rngs), remat=remat, scan=scan, limit=limit)
             return (self.norm(h) if limit is None else h), (cache if extend else out)

@@ -36,7 +36,6 @@ from flax import nnx
 from vlmu_jax.models.architecture import Architecture, special_token_ids
 from vlmu_jax.models.hf_names import LEAVES, HFParam, base_params, rename
 from vlmu_jax.models.layers import (
-    REMAT_POLICIES,
     Dense,
     GatedMLP,
     RMSNorm,
@@ -45,6 +44,7 @@ from vlmu_jax.models.layers import (
     cache_written,
     fold,
     last_real,
+    remat_call,
 )
 from vlmu_jax.models.llama import KVCache, TextConfig, layers_to_run, llama_layer
 from vlmu_jax.models.mllama_vision import MllamaVisionConfig, MllamaVisionModel
@@ -163,22 +163,6 @@ class DecodeState(NamedTuple):
     cross: CrossState | None  # token_mask [B, 1]: how generated tokens attend
 
 
-def _remat(fn, remat: str):
-    """Wrap a (module, *arrays) -> out call in jax.checkpoint with a named policy."""
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
-    if remat == "none":
-        return fn
-
-    def call(module, *args):
-        graphdef, state = nnx.split(module)
-        return jax.checkpoint(lambda s, *a: fn(nnx.merge(graphdef, s), *a), policy=REMAT_POLICIES[remat])(
-            state, *args
-        )
-
-    return call
-
-
 class MllamaTextModel(nnx.Module):
     """embed_tokens (vocab + 8 rows), unrolled self/cross decoder layers, final norm (no head)."""
 
@@ -237,7 +221,7 @@ class MllamaTextModel(nnx.Module):
         def cross_fn(layer, h, cross, kv, rng):
             return layer(h, cross, kv, impl=impl, rng=rng)
 
-        self_call, cross_call = _remat(self_fn, remat), _remat(cross_fn, remat)
+        self_call, cross_call = remat_call(self_fn, remat), remat_call(cross_fn, remat)
         n_run = self.config.num_layers if output_layer is None else layers_to_run(output_layer, self.config.num_layers)
         for i in range(n_run):
             layer, layer_rng = self.layers[str(i)], fold(rng, i)
