@@ -87,3 +87,50 @@ def test_sharded_copies_keep_the_stack_placement(tmp_path):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[2], want[2])
     assert jax.device_count() == 8
+
+
+def test_lora_step_over_copies_equals_the_scanned_stack(tmp_path):
+    """A LoRA loss and its gradients over the per-layer copies (unrolled, remat per layer, LoRA dropout drawn from
+    the same per-layer keys) equal the scanned stack's; on exit the stack's LoRA params are the copies' again."""
+    from vlmu_jax.eval.scoring import head_logprobs
+    from vlmu_jax.models.lora import apply_lora
+    from vlmu_jax.models.registry import set_options
+
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    batch = tiny_batch([6, 3, 5], padding="right", seed=2)
+    model = load_pretrained(folder)
+    apply_lora(model, rank=4, alpha=8.0, dropout=0.25, seed=0)
+    set_options(model, remat="dots_with_no_batch_dims_saveable")
+    model.train()
+    ids, mask, images = batch["input_ids"], batch["attention_mask"], batch["images"]
+    key = jax.random.key(7)
+
+    @nnx.jit
+    def loss_and_grads(m):
+        def loss(m):
+            hidden = m(ids, mask, images, key)
+            return head_logprobs(hidden[:, :-1], m.head_weight(), ids[:, 1:]).sum()
+        return nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(m)
+
+    want_loss, want_grads = loss_and_grads(model)
+    stacked_b = np.asarray(model.decoder_lm().layers.mlp.up_proj.lora_b[...])
+    with layer_copies(model, "always") as attached:
+        assert attached
+        got_loss, got_grads = loss_and_grads(model)
+        copies = model.decoder_lm().layer_copies
+        for i in (0, 1):  # change a copy's LoRA: the stack rebuilt on exit carries it
+            b = copies[i].mlp.up_proj.lora_b
+            b.set_value(b.get_value() + 1.0)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+    want_flat = dict(nnx.to_flat_state(want_grads))
+    got_flat = dict(nnx.to_flat_state(got_grads))
+    compared = 0
+    for path, g in want_flat.items():
+        i = path.index("layers")
+        for layer in range(model.config.text.num_layers):
+            copy_path = (*path[:i], "layer_copies", layer, *path[i + 1:])
+            np.testing.assert_allclose(np.asarray(got_flat[copy_path]), np.asarray(g)[layer], rtol=1e-4, atol=1e-6)
+            compared += 1
+    assert compared > 10
+    np.testing.assert_allclose(np.asarray(model.decoder_lm().layers.mlp.up_proj.lora_b[...]),
+                               stacked_b + 1.0, rtol=0, atol=1e-6)
