@@ -1,7 +1,8 @@
 """Evaluation over per-layer copies of the stacked decoder weights (eval/layer_copies.py) on a frozen model
 (eval/frozen.py), as the eval stage runs it, computes what the stacked scan through nnx.jit computes: log-probs,
 a layer's hidden output and greedy tokens, on one device and sharded over 8 fake ones; the copies keep the
-stack's placement less the layer axis and are gone after the block."""
+stack's placement less the layer axis (on one device, Llama's q/k/v kernels held joined) and are gone after the
+block."""
 
 from __future__ import annotations
 
@@ -48,6 +49,14 @@ def test_copies_compute_what_the_stack_computes(tmp_path, text):
         assert len(copies) == model.config.text.num_layers
         np.testing.assert_array_equal(np.asarray(copies[1].mlp.down_proj.kernel[...]),
                                       before[("mlp", "down_proj", "kernel")][1])
+        attn = copies[1].self_attn
+        if text == "llama":  # q/k/v held as one [q | k | v] kernel, their own kernels zero-size stand-ins
+            joined = np.concatenate([before[("self_attn", name, "kernel")][1] for name in ("q_proj", "k_proj",
+                                                                                          "v_proj")], axis=-1)
+            np.testing.assert_array_equal(np.asarray(attn.qkv_kernel[...]), joined)
+            assert attn.q_proj.kernel[...].shape == (0,)
+        else:  # Phi-3's are one kernel already
+            assert attn.qkv_kernel is None
         # the copies replace the stack: every stacked weight is a zero-size stand-in, so no second copy is held
         stacked = nnx.state(model.decoder_lm().layers, nnx.Param)
         assert all(a.shape == (0,) for a in jax.tree.leaves(stacked)) and len(jax.tree.leaves(stacked)) > 5
@@ -77,6 +86,7 @@ def test_sharded_copies_keep_the_stack_placement(tmp_path):
     stack = model.decoder_lm().layers.mlp.gate_proj.kernel[...]
     with layer_copies(model, "always"), frozen(model):
         copy = model.decoder_lm().layer_copies[0].mlp.gate_proj.kernel[...]
+        assert model.decoder_lm().layer_copies[0].self_attn.qkv_kernel is None  # spread kernels stay apart
         assert tuple(copy.sharding.spec) == tuple(stack.sharding.spec[1:]) and len(copy.sharding.device_set) == 8
         got = _outputs(model, global_batch(batch, mesh))
     # rebuilt in its placement

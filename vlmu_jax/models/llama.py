@@ -125,10 +125,47 @@ class LlamaAttention(nnx.Module):
         self.k_proj = Dense(d, c.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
         self.v_proj = Dense(d, c.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
         self.o_proj = Dense(c.num_heads * hd, d, axes=("heads", "embed"), **kw)
+        self.qkv_kernel: nnx.Param | None = nnx.data(None)  # [q | k | v] while fused (fuse_projections)
         self.config = c
 
     def qkv(self, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if self.qkv_kernel is not None:
+            c = self.config
+            nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+            y = jnp.einsum("...i,io->...o", x, self.qkv_kernel[...].astype(x.dtype))
+            return y[..., :nq], y[..., nq : nq + nk], y[..., nq + nk :]
         return self.q_proj(x, fold(rng, 0)), self.k_proj(x, fold(rng, 1)), self.v_proj(x, fold(rng, 2))
+
+    def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> bool:
+        """Hold the q/k/v kernels as one [q | k | v] kernel (theirs become `stand_in`s); whether it did.
+
+        Why: XLA's dot merger joins projections that share their input, and with the weights passed as
+        arguments it concatenates them on every call (64 MiB per layer at 7B, 1.1 ms of a 69 ms log-prob call,
+        bench/RESULTS.md session 12); a kernel held joined is read in place. Only plain projections (no bias,
+        no LoRA) on one device: a kernel sharded along its output axis would be resharded by the split.
+        """
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv_kernel is not None or any(
+                p.bias is not None or p.lora_a is not None or len(p.kernel.get_value().sharding.device_set) > 1
+                for p in projections):
+            return False
+        kernels = [p.kernel.get_value() for p in projections]
+        self.qkv_kernel = nnx.Param(jnp.concatenate(kernels, axis=-1))
+        for p, kernel in zip(projections, kernels, strict=True):
+            p.kernel.set_value(stand_in(kernel))
+        return True
+
+    def split_projections(self) -> None:
+        """Undo fuse_projections: each projection's kernel back from the joined one."""
+        if self.qkv_kernel is None:
+            return
+        c = self.config
+        nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        joined = self.qkv_kernel.get_value()
+        for p, part in zip((self.q_proj, self.k_proj, self.v_proj), jnp.split(joined, [nq, nq + nk], axis=-1),
+                           strict=True):
+            p.kernel.set_value(part)
+        self.qkv_kernel = nnx.data(None)
 
     def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """Rotary embedding of q or k [B,T,N,H] at positions [B,T] (M-RoPE overrides it with 3D positions)."""
@@ -322,7 +359,9 @@ class DecoderLM(nnx.Module):
         h = constrain(h, ("batch", "seq", None))
         limit = None if output_layer is None else layers_to_run(output_layer, self.config.num_layers)
         if isinstance(cache, SlicedCache):
-            graphdef = nnx.graphdef(self.layers)
+            # the layers' states are the copies' where copies are attached (their q/k/v held joined), and
+            # slices of the stack otherwise (layer_weights)
+            graphdef = nnx.graphdef(self.layers if self.layer_copies is None else self.layer_copies[0])
             layers, kvs = [nnx.merge(graphdef, state) for state in cache.layers], cache.kv
         elif cache is None and self.layer_copies is not None:
             layers = list(self.layer_copies)[:limit]

@@ -3,6 +3,7 @@ partial rotary and an optional sliding window."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ class Phi3Attention(LlamaAttention):
         d, hd = c.hidden_size, c.head_dim
         self.qkv_proj = Dense(d, (c.num_heads + 2 * c.num_kv_heads) * hd, axes=("embed", "qkv"), **kw)
         self.o_proj = Dense(c.num_heads * hd, d, axes=("heads", "embed"), **kw)
+        self.qkv_kernel = nnx.data(None)  # never fused (LlamaAttention.fuse_projections)
         self.config = c
 
     def qkv(self, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -31,6 +33,9 @@ class Phi3Attention(LlamaAttention):
         qkv = self.qkv_proj(x, fold(rng, 0))
         nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         return qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
+
+    def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> bool:
+        return False  # q/k/v are one kernel already
 
 
 def phi3_layer(c: TextConfig, *, stack: tuple[int, ...], dtype, rngs: nnx.Rngs) -> DecoderLayer:
