@@ -19,7 +19,7 @@ the weights the same way.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -80,6 +80,12 @@ def _variables(module: nnx.Module) -> dict[tuple, nnx.Variable]:
     return {path: node for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)}
 
 
+def _attentions(copies: Iterable[nnx.Module]) -> Iterator[LlamaAttention]:
+    """The attention modules of the layer copies (their q/k/v kernels are joined while the copies are held)."""
+    for copy in copies:
+        yield from (node for _, node in nnx.iter_graph(copy) if isinstance(node, LlamaAttention))
+
+
 def swap_in_copies(lm: DecoderLM) -> tuple[nnx.List, dict[tuple, Sharding]]:
     """The decoder's layers as separate modules over per-layer copies of the stacked weights, each stacked param
     dropped from the model once copied; and the placement of every param dropped (for `swap_back`)."""
@@ -97,19 +103,15 @@ def swap_in_copies(lm: DecoderLM) -> tuple[nnx.List, dict[tuple, Sharding]]:
     copies = [nnx.merge(graphdef, nnx.from_flat_state([(p, jax.tree.map(lambda _, p=p, i=i: slices[p][i], v))
                                                        for p, v in flat]))
               for i in range(n)]
-    for copy in copies:
-        for _, node in nnx.iter_graph(copy):
-            if isinstance(node, LlamaAttention):
-                node.fuse_projections(_stand_in)
+    for attention in _attentions(copies):
+        attention.fuse_projections(_stand_in)
     return nnx.List(copies), dropped
 
 
 def swap_back(lm: DecoderLM, copies: nnx.List, dropped: dict[tuple, Sharding]) -> None:
     """Rebuilds each dropped stacked param from the copies, freeing that param's copies before the next one."""
-    for copy in copies:
-        for _, node in nnx.iter_graph(copy):
-            if isinstance(node, LlamaAttention):
-                node.split_projections()
+    for attention in _attentions(copies):
+        attention.split_projections()
     stacked = _variables(lm.layers)
     per_layer = [_variables(copy) for copy in copies]
     for path, sharding in dropped.items():

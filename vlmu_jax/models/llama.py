@@ -115,6 +115,12 @@ class TextConfig:
         return cls(**fields)
 
 
+def split_qkv(x: jax.Array, c: TextConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A joined [q | k | v] along the last axis (a fused projection's output, or its kernel) as its three parts."""
+    nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return x[..., :nq], x[..., nq : nq + nk], x[..., nq + nk :]
+
+
 class LlamaAttention(nnx.Module):
     """Separate q/k/v/o projections, rotary on q and k, grouped-query attention."""
 
@@ -130,10 +136,7 @@ class LlamaAttention(nnx.Module):
 
     def qkv(self, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         if self.qkv_kernel is not None:
-            c = self.config
-            nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-            y = jnp.einsum("...i,io->...o", x, self.qkv_kernel[...].astype(x.dtype))
-            return y[..., :nq], y[..., nq : nq + nk], y[..., nq + nk :]
+            return split_qkv(jnp.einsum("...i,io->...o", x, self.qkv_kernel[...].astype(x.dtype)), self.config)
         return self.q_proj(x, fold(rng, 0)), self.k_proj(x, fold(rng, 1)), self.v_proj(x, fold(rng, 2))
 
     def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> bool:
@@ -159,11 +162,8 @@ class LlamaAttention(nnx.Module):
         """Undo fuse_projections: each projection's kernel back from the joined one."""
         if self.qkv_kernel is None:
             return
-        c = self.config
-        nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        joined = self.qkv_kernel.get_value()
-        for p, part in zip((self.q_proj, self.k_proj, self.v_proj), jnp.split(joined, [nq, nq + nk], axis=-1),
-                           strict=True):
+        parts = split_qkv(self.qkv_kernel.get_value(), self.config)
+        for p, part in zip((self.q_proj, self.k_proj, self.v_proj), parts, strict=True):
             p.kernel.set_value(part)
         self.qkv_kernel = nnx.data(None)
 

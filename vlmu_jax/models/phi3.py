@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from vlmu_jax.models.layers import Dense, FusedGatedMLP, fold
-from vlmu_jax.models.llama import DecoderLayer, LlamaAttention, TextConfig
+from vlmu_jax.models.llama import DecoderLayer, LlamaAttention, TextConfig, split_qkv
 
 
 def phi3_text_config(c: dict[str, Any]) -> TextConfig:
@@ -29,10 +29,7 @@ class Phi3Attention(LlamaAttention):
         self.config = c
 
     def qkv(self, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        c = self.config
-        qkv = self.qkv_proj(x, fold(rng, 0))
-        nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        return qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
+        return split_qkv(self.qkv_proj(x, fold(rng, 0)), self.config)
 
     def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> bool:
         return False  # q/k/v are one kernel already
