@@ -55,8 +55,12 @@ def test_copies_compute_what_the_stack_computes(tmp_path, text):
                                                                                           "v_proj")], axis=-1)
             np.testing.assert_array_equal(np.asarray(attn.qkv_kernel[...]), joined)
             assert attn.q_proj.kernel[...].shape == (0,)
-        else:  # Phi-3's are one kernel already
-            assert attn.qkv_kernel is None
+            mlp = copies[1].mlp  # and gate/up as one [gate | up] kernel
+            joined = np.concatenate([before[("mlp", name, "kernel")][1] for name in ("gate_proj", "up_proj")], axis=-1)
+            np.testing.assert_array_equal(np.asarray(mlp.gate_up_kernel[...]), joined)
+            assert mlp.gate_proj.kernel[...].shape == mlp.up_proj.kernel[...].shape == (0,)
+        else:  # Phi-3's are one kernel already, and so are its gate/up (no gate_up_kernel)
+            assert attn.qkv_kernel is None and not hasattr(copies[1].mlp, "gate_up_kernel")
         # the copies replace the stack: every stacked weight is a zero-size stand-in, so no second copy is held
         stacked = nnx.state(model.decoder_lm().layers, nnx.Param)
         assert all(a.shape == (0,) for a in jax.tree.leaves(stacked)) and len(jax.tree.leaves(stacked)) > 5
@@ -86,7 +90,8 @@ def test_sharded_copies_keep_the_stack_placement(tmp_path):
     stack = model.decoder_lm().layers.mlp.gate_proj.kernel[...]
     with layer_copies(model, "always"), frozen(model):
         copy = model.decoder_lm().layer_copies[0].mlp.gate_proj.kernel[...]
-        assert model.decoder_lm().layer_copies[0].self_attn.qkv_kernel is None  # spread kernels stay apart
+        layer = model.decoder_lm().layer_copies[0]
+        assert layer.self_attn.qkv_kernel is None and layer.mlp.gate_up_kernel is None  # spread kernels stay apart
         assert tuple(copy.sharding.spec) == tuple(stack.sharding.spec[1:]) and len(copy.sharding.device_set) == 8
         got = _outputs(model, global_batch(batch, mesh))
     # rebuilt in its placement

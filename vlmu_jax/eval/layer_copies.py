@@ -8,10 +8,10 @@ model and every forward (scores, MIA, generation) runs unrolled over the copies.
 
 The copies replace the stacked weights rather than sit beside them: each stacked param is copied out and then
 dropped from the model (a zero-size stand-in keeps the model's structure), and on exit the stack is rebuilt from
-the copies the same way, one param at a time. In the copies each attention's q/k/v kernels are held joined
-(`LlamaAttention.fuse_projections`: else XLA concatenates them on every call), and split again on exit.
-So evaluating costs the device no more memory than the stacked
-model does, plus one param in flight: held beside the stack, the copies took 30.3 GB for an 8B Idefics2 whose
+the copies the same way, one param at a time. In the copies each attention's q/k/v kernels and each gated MLP's
+gate and up kernels are held joined (`layers.join_kernels`: else XLA concatenates them on every call), and split
+again on exit. So evaluating costs the device no more memory than the stacked model does, plus one param in
+flight: held beside the stack, the copies took 30.3 GB for an 8B Idefics2 whose
 PyTorch twin evaluates in 17.4 GB (bench/RESULTS.md, session 4). Taken on GPU only: CPU and TPU scans do not copy
 the weights the same way.
 """
@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from vlmu_jax.models.layers import GatedMLP
 from vlmu_jax.models.llama import DecoderLM, LlamaAttention
 
 
@@ -80,10 +81,10 @@ def _variables(module: nnx.Module) -> dict[tuple, nnx.Variable]:
     return {path: node for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)}
 
 
-def _attentions(copies: Iterable[nnx.Module]) -> Iterator[LlamaAttention]:
-    """The attention modules of the layer copies (their q/k/v kernels are joined while the copies are held)."""
+def _joinable(copies: Iterable[nnx.Module]) -> Iterator[LlamaAttention | GatedMLP]:
+    """The modules of the layer copies whose projections are joined while the copies are held."""
     for copy in copies:
-        yield from (node for _, node in nnx.iter_graph(copy) if isinstance(node, LlamaAttention))
+        yield from (node for _, node in nnx.iter_graph(copy) if isinstance(node, LlamaAttention | GatedMLP))
 
 
 def swap_in_copies(lm: DecoderLM) -> tuple[nnx.List, dict[tuple, Sharding]]:
@@ -103,15 +104,15 @@ def swap_in_copies(lm: DecoderLM) -> tuple[nnx.List, dict[tuple, Sharding]]:
     copies = [nnx.merge(graphdef, nnx.from_flat_state([(p, jax.tree.map(lambda _, p=p, i=i: slices[p][i], v))
                                                        for p, v in flat]))
               for i in range(n)]
-    for attention in _attentions(copies):
-        attention.fuse_projections(_stand_in)
+    for module in _joinable(copies):
+        module.fuse_projections(_stand_in)
     return nnx.List(copies), dropped
 
 
 def swap_back(lm: DecoderLM, copies: nnx.List, dropped: dict[tuple, Sharding]) -> None:
     """Rebuilds each dropped stacked param from the copies, freeing that param's copies before the next one."""
-    for attention in _attentions(copies):
-        attention.split_projections()
+    for module in _joinable(copies):
+        module.split_projections()
     stacked = _variables(lm.layers)
     per_layer = [_variables(copy) for copy in copies]
     for path, sharding in dropped.items():

@@ -65,6 +65,36 @@ class Dense(nnx.Module):
         return y
 
 
+def join_kernels(projections: Sequence[Dense], stand_in: Callable[[jax.Array], jax.Array]) -> nnx.Param | None:
+    """One kernel holding `projections`' kernels side by side along the output axis, theirs replaced by
+    `stand_in`s; None, with nothing changed, where one has a bias or LoRA or is spread over several devices.
+
+    Why: XLA's dot merger joins projections that share their input, and with the weights passed as arguments it
+    concatenates them on every call (64 MiB per layer at 7B, 1.1 ms of a 69 ms log-prob call, bench/RESULTS.md
+    session 12); a kernel held joined is read in place, and one gemm (one weight read while decoding) does the
+    work of several. A kernel sharded along its output axis would be resharded by the split, so only on one
+    device. Undone by `unjoin_kernels`.
+    """
+    if any(p.bias is not None or p.lora_a is not None or len(p.kernel.get_value().sharding.device_set) > 1
+           for p in projections):
+        return None
+    kernels = [p.kernel.get_value() for p in projections]
+    for p, kernel in zip(projections, kernels, strict=True):
+        p.kernel.set_value(stand_in(kernel))
+    return nnx.Param(jnp.concatenate(kernels, axis=-1))
+
+
+def unjoin_kernels(projections: Sequence[Dense], parts: Sequence[jax.Array]) -> None:
+    """Give each projection back its kernel, `parts` being the joined kernel split as `join_kernels` joined it."""
+    for p, part in zip(projections, parts, strict=True):
+        p.kernel.set_value(part)
+
+
+def joined_matmul(x: jax.Array, joined: nnx.Param) -> jax.Array:
+    """x @ a joined kernel, as each projection (`Dense`) computes its own part."""
+    return jnp.einsum("...i,io->...o", x, joined[...].astype(x.dtype))
+
+
 def _flat_index(shape: tuple[int, ...]) -> jax.Array:
     """uint32 row-major index of every element of `shape` (fewer than 2**32 elements)."""
     if math.prod(shape) >= 2**32:
@@ -401,11 +431,26 @@ class GatedMLP(nnx.Module):
         self.gate_proj = Dense(d, f, axes=("embed", "mlp"), **kw)
         self.up_proj = Dense(d, f, axes=("embed", "mlp"), **kw)
         self.down_proj = Dense(f, d, axes=("mlp", "embed"), **kw)
+        self.gate_up_kernel: nnx.Param | None = nnx.data(None)  # [gate | up] while joined (fuse_projections)
         self.act = act
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        h = activation(self.act)(self.gate_proj(x, fold(rng, 0))) * self.up_proj(x, fold(rng, 1))
-        return self.down_proj(h, fold(rng, 2))
+        if self.gate_up_kernel is None:
+            gate, up = self.gate_proj(x, fold(rng, 0)), self.up_proj(x, fold(rng, 1))
+        else:
+            gate, up = jnp.split(joined_matmul(x, self.gate_up_kernel), 2, axis=-1)
+        return self.down_proj(activation(self.act)(gate) * up, fold(rng, 2))
+
+    def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:
+        """Hold the gate and up kernels as one [gate | up] kernel (`join_kernels`, where it applies)."""
+        if self.gate_up_kernel is None:
+            self.gate_up_kernel = join_kernels((self.gate_proj, self.up_proj), stand_in)
+
+    def split_projections(self) -> None:
+        """Undo fuse_projections."""
+        if self.gate_up_kernel is not None:
+            unjoin_kernels((self.gate_proj, self.up_proj), jnp.split(self.gate_up_kernel.get_value(), 2, axis=-1))
+            self.gate_up_kernel = nnx.data(None)
 
 
 class FusedGatedMLP(nnx.Module):

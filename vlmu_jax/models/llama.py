@@ -27,10 +27,13 @@ from vlmu_jax.models.layers import (
     attention_mask,
     cache_written,
     fold,
+    join_kernels,
+    joined_matmul,
     remat_call,
     rope_inv_freq,
     rope_parameters,
     run_layers,
+    unjoin_kernels,
 )
 from vlmu_jax.models.sharding import constrain
 
@@ -136,36 +139,19 @@ class LlamaAttention(nnx.Module):
 
     def qkv(self, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         if self.qkv_kernel is not None:
-            return split_qkv(jnp.einsum("...i,io->...o", x, self.qkv_kernel[...].astype(x.dtype)), self.config)
+            return split_qkv(joined_matmul(x, self.qkv_kernel), self.config)
         return self.q_proj(x, fold(rng, 0)), self.k_proj(x, fold(rng, 1)), self.v_proj(x, fold(rng, 2))
 
-    def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> bool:
-        """Hold the q/k/v kernels as one [q | k | v] kernel (theirs become `stand_in`s); whether it did.
-
-        Why: XLA's dot merger joins projections that share their input, and with the weights passed as
-        arguments it concatenates them on every call (64 MiB per layer at 7B, 1.1 ms of a 69 ms log-prob call,
-        bench/RESULTS.md session 12); a kernel held joined is read in place. Only plain projections (no bias,
-        no LoRA) on one device: a kernel sharded along its output axis would be resharded by the split.
-        """
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if self.qkv_kernel is not None or any(
-                p.bias is not None or p.lora_a is not None or len(p.kernel.get_value().sharding.device_set) > 1
-                for p in projections):
-            return False
-        kernels = [p.kernel.get_value() for p in projections]
-        self.qkv_kernel = nnx.Param(jnp.concatenate(kernels, axis=-1))
-        for p, kernel in zip(projections, kernels, strict=True):
-            p.kernel.set_value(stand_in(kernel))
-        return True
+    def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:
+        """Hold the q/k/v kernels as one [q | k | v] kernel (`layers.join_kernels`, where it applies)."""
+        if self.qkv_kernel is None:
+            self.qkv_kernel = join_kernels((self.q_proj, self.k_proj, self.v_proj), stand_in)
 
     def split_projections(self) -> None:
-        """Undo fuse_projections: each projection's kernel back from the joined one."""
-        if self.qkv_kernel is None:
-            return
-        parts = split_qkv(self.qkv_kernel.get_value(), self.config)
-        for p, part in zip((self.q_proj, self.k_proj, self.v_proj), parts, strict=True):
-            p.kernel.set_value(part)
-        self.qkv_kernel = nnx.data(None)
+        """Undo fuse_projections."""
+        if self.qkv_kernel is not None:
+            unjoin_kernels((self.q_proj, self.k_proj, self.v_proj), split_qkv(self.qkv_kernel.get_value(), self.config))
+            self.qkv_kernel = nnx.data(None)
 
     def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """Rotary embedding of q or k [B,T,N,H] at positions [B,T] (M-RoPE overrides it with 3D positions)."""

@@ -31,8 +31,8 @@ class Phi3Attention(LlamaAttention):
     def qkv(self, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         return split_qkv(self.qkv_proj(x, fold(rng, 0)), self.config)
 
-    def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> bool:
-        return False  # q/k/v are one kernel already
+    def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:
+        """Nothing to join: q/k/v are one kernel already."""
 
 
 def phi3_layer(c: TextConfig, *, stack: tuple[int, ...], dtype, rngs: nnx.Rngs) -> DecoderLayer:
