@@ -14,7 +14,8 @@ first step at each bucket length compiles, and its time beyond the run's fastest
 from timing every jitted scoring / generation call's device work (`CallTimer`: the calls are not waited for, the
 eval loop dispatches the next batch first), where a shape's first call beyond its median is compile, plus the
 wall time of `batched.compile_ahead` (which compiles every program of a split side by side).
-Everything else (building and saving models, loading checkpoints, tokenising, metrics) is the rest of the wall.
+Everything else (building and saving models, loading checkpoints, tokenising, metrics) is the rest of the wall;
+of it, the eval row names the waits for each model's load and the attaching and detaching of its layer copies.
 Run from the repo root: `PYTHONPATH=. python bench/bench_pipeline.py --workdir DIR [--small]`.
 """
 
@@ -27,6 +28,7 @@ import shutil
 import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import jax
@@ -105,6 +107,43 @@ class CallTimer:
         CallTimer._made.join()
         splits = [_split(t) for t in self.calls.values()]
         return sum(c for c, _ in splits), sum(k for _, k in splits)
+
+
+class HostTimer:
+    """Wall seconds of the eval stage's host-side steps that fall in its "other" time: waiting for each model's
+    load (`stages._loaded_ahead`, overlapped with the model before when loaded ahead) and attaching / detaching
+    its per-layer weight copies (`stages.layer_copies`: joining and splitting kernels, rebuilding the stack)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def loads(self, fn):
+        def loaded_ahead(*args, **kwargs):
+            models = fn(*args, **kwargs)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    model = next(models)
+                except StopIteration:
+                    return
+                self.seconds["load_wait_s"] += time.perf_counter() - t0
+                yield model
+
+        return loaded_ahead
+
+    def copies(self, fn):
+        @contextmanager
+        def layer_copies(*args, **kwargs):
+            t0 = time.perf_counter()
+            with fn(*args, **kwargs) as attached:
+                self.seconds["copies_in_s"] += time.perf_counter() - t0
+                try:
+                    yield attached
+                finally:
+                    t1 = time.perf_counter()
+            self.seconds["copies_out_s"] += time.perf_counter() - t1
+
+        return layer_copies
 
 
 def timed_compile_ahead(fn):
@@ -223,6 +262,8 @@ def main() -> None:
     gen = CallTimer(batched.generate, lambda a, k: int(np.shape(a[1])[0]) * k["max_new_tokens"])
     batched.token_logprobs, batched.continuation_logprobs, batched.generate = score, shared, gen
     fiubench.compile_ahead = timed_compile_ahead(fiubench.compile_ahead)
+    host = HostTimer()
+    stages._loaded_ahead, stages.layer_copies = host.loads(stages._loaded_ahead), host.copies(stages.layer_copies)
     ws.config.data.forget_split = args.eval_forget  # default forget1 / retain5: the same batches, fewer of them
     ws.config.eval.retain_split = args.eval_retain
     ws.config.unlearn.objective = args.eval_objective  # and of one unlearned model (plus finetuned, retain_model)
@@ -236,7 +277,8 @@ def main() -> None:
     report("eval", wall, sc + gc, sk + gk + ahead, scored + gen.tokens, compiled_ahead_s=round(ahead, 2),
            first_call_compile_s=round(sk + gk, 2), score_s=round(sc, 2), scored_positions=scored,
            score_tokens_per_s=round(scored / sc, 1), generate_s=round(gc, 2),
-           new_tokens_per_s=round(gen.tokens / gc, 1), shared_prompts=not args.whole_rows)
+           new_tokens_per_s=round(gen.tokens / gc, 1), shared_prompts=not args.whole_rows,
+           **{k: round(v, 2) for k, v in host.seconds.items()})
     print(json.dumps({"first_calls": {"score": score.first_calls() + shared.first_calls(),
                                       "generate": gen.first_calls()}}), flush=True)
     pipeline.wait_for_writes()  # as runner.run ends: the trained models' folders written in the background
