@@ -1,8 +1,8 @@
 """Evaluation over per-layer copies of the stacked decoder weights (eval/layer_copies.py) on a frozen model
 (eval/frozen.py), as the eval stage runs it, computes what the stacked scan through nnx.jit computes: log-probs,
 a layer's hidden output and greedy tokens, on one device and sharded over 8 fake ones; the copies keep the
-stack's placement less the layer axis (on one device, Llama's q/k/v kernels held joined) and are gone after the
-block."""
+stack's placement less the layer axis (on one device, Llama's q/k/v and gate/up kernels held joined) and are gone
+after the block."""
 
 from __future__ import annotations
 

@@ -442,9 +442,9 @@ class GatedMLP(nnx.Module):
         return self.down_proj(activation(self.act)(gate) * up, fold(rng, 2))
 
     def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:
-        """Hold the gate and up kernels as one [gate | up] kernel (`join_kernels`, where it applies)."""
-        if self.gate_up_kernel is None:
-            self.gate_up_kernel = join_kernels((self.gate_proj, self.up_proj), stand_in)
+        """Hold the gate and up kernels as one [gate | up] kernel (`join_kernels`, where it applies); once, on fresh
+        layer copies (eval/layer_copies.py)."""
+        self.gate_up_kernel = join_kernels((self.gate_proj, self.up_proj), stand_in)
 
     def split_projections(self) -> None:
         """Undo fuse_projections."""

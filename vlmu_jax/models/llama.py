@@ -143,9 +143,9 @@ class LlamaAttention(nnx.Module):
         return self.q_proj(x, fold(rng, 0)), self.k_proj(x, fold(rng, 1)), self.v_proj(x, fold(rng, 2))
 
     def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:
-        """Hold the q/k/v kernels as one [q | k | v] kernel (`layers.join_kernels`, where it applies)."""
-        if self.qkv_kernel is None:
-            self.qkv_kernel = join_kernels((self.q_proj, self.k_proj, self.v_proj), stand_in)
+        """Hold the q/k/v kernels as one [q | k | v] kernel (`layers.join_kernels`, where it applies); once, on
+        fresh layer copies (eval/layer_copies.py)."""
+        self.qkv_kernel = join_kernels((self.q_proj, self.k_proj, self.v_proj), stand_in)
 
     def split_projections(self) -> None:
         """Undo fuse_projections."""
@@ -345,8 +345,8 @@ class DecoderLM(nnx.Module):
         h = constrain(h, ("batch", "seq", None))
         limit = None if output_layer is None else layers_to_run(output_layer, self.config.num_layers)
         if isinstance(cache, SlicedCache):
-            # the layers' states are the copies' where copies are attached (their q/k/v held joined), and
-            # slices of the stack otherwise (layer_weights)
+            # the layers' states are the copies' where copies are attached (their projections held joined),
+            # and slices of the stack otherwise (layer_weights)
             graphdef = nnx.graphdef(self.layers if self.layer_copies is None else self.layer_copies[0])
             layers, kvs = [nnx.merge(graphdef, state) for state in cache.layers], cache.kv
         elif cache is None and self.layer_copies is not None:
