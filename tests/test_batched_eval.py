@@ -11,7 +11,7 @@ from flax import nnx
 
 from configs.demo import get_config
 from vlmu_jax.data.batching import encode, examples_from, generation_rows
-from vlmu_jax.eval.batched import generate_rows, score_rows
+from vlmu_jax.eval.batched import Pass, generate_pass, generate_rows, run_passes, score_pass, score_rows
 from vlmu_jax.pipeline import Workspace, prepare_base_model, prepare_data
 
 
@@ -124,4 +124,45 @@ def test_compile_ahead_compiles_every_shape_before_the_calls(workspace: Workspac
     for a, b in zip(scores, want_scores, strict=True):
         np.testing.assert_allclose(a.logps, b.logps, rtol=1e-5, atol=1e-5)
     for a, b in zip(tokens, want_tokens, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_passes_run_as_one_overlapped_stream() -> None:
+    """A pass's first batch is made and dispatched before the pass before it has its last batch collected (the
+    devices are not left idle between passes), every batch is collected once with its own call's output, in order,
+    and a pass's batches are made only when the stream reaches it."""
+    events: list[str] = []
+
+    def make(name: str, n: int) -> Pass:
+        def batches():
+            for i in range(n):
+                events.append(f"make {name}{i}")
+                yield f"{name}{i}"
+
+        out: list[str] = []
+        return Pass(batches(), lambda b: events.append(f"dispatch {b}") or f"out {b}",
+                    lambda b, res: (events.append(f"collect {b}"), out.append(res)), out)
+
+    first, second = make("a", 2), make("b", 2)
+    assert events == []  # nothing made before the passes run
+    run_passes([first, second])
+    assert events == ["make a0", "dispatch a0", "make a1", "dispatch a1", "collect a0",
+                      "make b0", "dispatch b0", "collect a1", "make b1", "dispatch b1", "collect b0", "collect b1"]
+    assert first.out == ["out a0", "out a1"] and second.out == ["out b0", "out b1"]
+
+
+def test_passes_together_equal_passes_alone(workspace: Workspace) -> None:
+    """Scoring and generation run as one stream give every row what each gives run alone."""
+    ws = workspace
+    model = ws.load("base")
+    examples = examples_from(ws.bench.identities)[:20]
+    rows = [encode(e, ws.text_config) for e in examples]
+    prompts = generation_rows(examples[:6], ws.text_config)
+    common = dict(batch_size=8, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn)
+    generating = dict(eos_token_id=ws.tokenizer.eos_token_id, max_new_tokens=4)
+    scores, tokens = score_pass(model, rows, **common), generate_pass(model, prompts, **common, **generating)
+    run_passes([scores, tokens])
+    for a, b in zip(scores.out, score_rows(model, rows, **common), strict=True):
+        np.testing.assert_array_equal(a.logps, b.logps)
+    for a, b in zip(tokens.out, generate_rows(model, prompts, **common, **generating), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -149,21 +149,23 @@ def test_compile_ahead_covers_the_shared_programs(root, placement: str) -> None:
 
 
 def test_config_flag_reaches_the_fiubench_split(root) -> None:
-    """config eval.shared_prompts (on by default) goes through the eval stage's runner into FIUBench's split
-    evaluation, whose logged losses, truth ratios and MIA scores then match scoring every row whole."""
+    """config eval.shared_prompts (on by default) goes through the eval stage's runner into FIUBench's model
+    evaluation, whose logged losses, truth ratios and MIA scores (forget and retain) then match scoring every row
+    whole; APE's log, from generation alone, is the same either way."""
     import dataclasses
 
     from vlmu_jax import stages
-    from vlmu_jax.eval.tasks.fiubench import evaluate_split
+    from vlmu_jax.eval.tasks.fiubench import evaluate_model
 
     ws, _, _ = _rows(root / "llava", "llava")
     ws.config.eval.max_new_tokens = 2
     runner = stages._runner(ws)
     assert ws.config.eval.shared_prompts and runner.shared_prompts
     model = ws.load("base")
-    idents = ws.bench.identities[:2]
-    shared = evaluate_split(model, idents, runner, forget=True)
-    whole = evaluate_split(model, idents, dataclasses.replace(runner, shared_prompts=False), forget=True)
+    forget, retain = ws.bench.identities[:2], ws.bench.identities[2:3]
+    shared = evaluate_model(model, forget, retain, runner)
+    whole = evaluate_model(model, forget, retain, dataclasses.replace(runner, shared_prompts=False))
+    assert shared[2] == whole[2] and len(shared[2]["question"]) > 0
 
     def numbers(x) -> list[float]:
         """Every number in the logged structure, in a fixed order."""

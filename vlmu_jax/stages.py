@@ -529,18 +529,17 @@ def _utility_logs(model: nnx.Module, runner, inputs: dict, name: str) -> dict[st
 
 
 def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, name: str, judge=None) -> dict[str, dict]:
-    from vlmu_jax.eval.tasks.fiubench import add_gpt_scores, evaluate_ape, evaluate_split
+    from vlmu_jax.eval.tasks.fiubench import add_gpt_scores, evaluate_model
     from vlmu_jax.report.aggregate import APE, FORGET, RETAIN
 
     forget, retain = ws.bench.split(_forget_split(ws)), ws.bench.split(ws.config.eval.retain_split)
-    logs = {FORGET: evaluate_split(model, forget, runner, forget=True, desc=f"{name} forget"),
-            RETAIN: evaluate_split(model, retain, runner, forget=False, desc=f"{name} retain")}
+    forget_log, retain_log, ape = evaluate_model(model, forget, retain, runner, desc=name)
+    logs = {FORGET: forget_log, RETAIN: retain_log}
     if judge is not None:
         client, prompt = judge
         first_question_of = runner.text.template if ws.protocol.fiubench_metric_quirks else None
         for task in (FORGET, RETAIN):
             add_gpt_scores(logs[task], client, prompt, first_question_of=first_question_of)
-    ape = evaluate_ape(model, forget, runner, desc=f"{name} forget")
     for log in (*logs.values(), ape):
         log["protocol"] = ws.protocol.name
     # The aggregated file holds the forget and retain logs only: aggregate_eval_stat.py reads every entry of it as

@@ -73,6 +73,28 @@ def _overlapped(items: Iterable[T], dispatch: Callable[[T], Any], collect: Calla
         collect(*pending)
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One pass of the model over a source's batches (scores or generations of some rows): what `run_passes`
+    dispatches and collects per batch, and `out`, the per-row results in row order once the pass has run. Its
+    batches are made only when the pass runs."""
+
+    batches: Iterable[Any]
+    dispatch: Callable[[Any], Any]
+    collect: Callable[[Any, Any], None]
+    out: list
+
+
+def run_passes(passes: Sequence[Pass]) -> None:
+    """The passes one after another as one overlapped stream of device calls: a pass's first batch is made and
+    dispatched before the pass before it has its last batch collected. Why: run one at a time, the devices sat
+    idle at every pass boundary (a split's scoring and its generation, one split and the next) while the host
+    collected the last batch and made the next pass's first: ~9.6 s of the 146 s eval stage at FIUBench's
+    splits outside the model loads and weight copies (bench/NOTES.md, session 14)."""
+    _overlapped(((p, batch) for p in passes for batch in p.batches), lambda x: x[0].dispatch(x[1]),
+                lambda x, out: x[0].collect(x[1], out))
+
+
 def _gather(x: jax.Array) -> np.ndarray:
     """A global array as a full numpy array on every host."""
     if jax.process_count() == 1:
@@ -177,8 +199,8 @@ def _shared_inputs(source: ExampleSource, groups: PromptGroups, rows: Sequence[E
     return {**batch, **_continuations(groups, rows, batch_groups, batch_groups[source.host], pad_token_id)}
 
 
-def _score_shared(model: nnx.Module, rows: Sequence[Encoded], groups: PromptGroups, *, batch_size: int,
-                  pad_token_id: int, image_fn: Callable, mesh: Mesh | None, desc: str) -> list[AnswerScores]:
+def _shared_pass(model: nnx.Module, rows: Sequence[Encoded], groups: PromptGroups, *, batch_size: int,
+                 pad_token_id: int, image_fn: Callable, mesh: Mesh | None, desc: str) -> Pass:
     source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn)
     out: list[AnswerScores | None] = [None] * len(rows)
 
@@ -195,8 +217,7 @@ def _score_shared(model: nnx.Module, rows: Sequence[Encoded], groups: PromptGrou
                 m = rows[r].labels[start:] != IGNORE
                 out[r] = AnswerScores(logps[j, v, : m.size][m], mu[j, v, : m.size][m], var[j, v, : m.size][m])
 
-    _overlapped(enumerate(_batches(source, desc)), dispatch, collect)
-    return out  # type: ignore[return-value]
+    return Pass(enumerate(_batches(source, desc)), dispatch, collect, out)
 
 
 def _shared_groups(rows: Sequence[Encoded], shared_prompts: bool) -> PromptGroups | None:
@@ -205,16 +226,17 @@ def _shared_groups(rows: Sequence[Encoded], shared_prompts: bool) -> PromptGroup
     return groups if groups is not None and len(groups.prompts) < len(rows) else None
 
 
-def score_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
+def score_pass(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
                image_fn: Callable, mesh: Mesh | None = None, shared_prompts: bool = False,
-               desc: str = "score") -> list[AnswerScores]:
-    """Teacher-forced answer-token scores for every row, in row order. `shared_prompts` (config
-    eval.shared_prompts): rows that repeat a prompt run it once and their answers as continuations over its KV
-    cache (`continuation_logprobs`), in batches of `batch_size` prompts; the same values up to float rounding."""
+               desc: str = "score") -> Pass:
+    """Teacher-forced answer-token scores (`AnswerScores`) for every row, in row order, as a pass. `shared_prompts`
+    (config eval.shared_prompts): rows that repeat a prompt run it once and their answers as continuations over
+    its KV cache (`continuation_logprobs`), in batches of `batch_size` prompts; the same values up to float
+    rounding."""
     groups = _shared_groups(rows, shared_prompts)
     if groups is not None:
-        return _score_shared(model, rows, groups, batch_size=batch_size, pad_token_id=pad_token_id,
-                             image_fn=image_fn, mesh=mesh, desc=desc)
+        return _shared_pass(model, rows, groups, batch_size=batch_size, pad_token_id=pad_token_id,
+                            image_fn=image_fn, mesh=mesh, desc=desc)
     source = _score_source(rows, batch_size, pad_token_id, image_fn)
     out: list[AnswerScores | None] = [None] * len(rows)
 
@@ -231,14 +253,20 @@ def score_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, p
             m = answer[r]
             out[idx[r]] = AnswerScores(logps[r][m], mu[r][m], var[r][m])
 
-    _overlapped(_batches(source, desc), dispatch, collect)
-    return out  # type: ignore[return-value]
+    return Pass(_batches(source, desc), dispatch, collect, out)
 
 
-def generate_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
+def score_rows(model: nnx.Module, rows: Sequence[Encoded], **kwargs: Any) -> list[AnswerScores]:
+    """`score_pass(model, rows, **kwargs)` run on its own: the scores of every row, in row order."""
+    scores = score_pass(model, rows, **kwargs)
+    run_passes([scores])
+    return scores.out
+
+
+def generate_pass(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
                   eos_token_id: int | Sequence[int] | None, max_new_tokens: int, image_fn: Callable,
-                  mesh: Mesh | None = None, desc: str = "generate") -> list[np.ndarray]:
-    """Greedy continuations of left-padded prompts, cut at the first EOS, in row order."""
+                  mesh: Mesh | None = None, desc: str = "generate") -> Pass:
+    """Greedy continuations of left-padded prompts, cut at the first EOS, in row order, as a pass."""
     source = _generate_source(rows, batch_size, pad_token_id, image_fn)
     eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
     out: list[np.ndarray | None] = [None] * len(rows)
@@ -255,8 +283,14 @@ def generate_rows(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int
             stop = next((k for k, t in enumerate(seq) if t in eos), len(seq))
             out[idx[r]] = np.asarray(seq[:stop], dtype=np.int32)
 
-    _overlapped(_batches(source, desc), dispatch, collect)
-    return out  # type: ignore[return-value]
+    return Pass(_batches(source, desc), dispatch, collect, out)
+
+
+def generate_rows(model: nnx.Module, rows: Sequence[Encoded], **kwargs: Any) -> list[np.ndarray]:
+    """`generate_pass(model, rows, **kwargs)` run on its own: every row's new tokens, in row order."""
+    generated = generate_pass(model, rows, **kwargs)
+    run_passes([generated])
+    return generated.out
 
 
 _COMPILE_THREADS = 8  # XLA compiles of a 7B program take a few GB of host memory each

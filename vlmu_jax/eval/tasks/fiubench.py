@@ -1,4 +1,4 @@
-"""FIUBench evaluation of one model on one split: the per-question log of `evaluate_util.py`.
+"""FIUBench evaluation of one model: per split, the per-question log of `evaluate_util.py`; APE on the forget split.
 
 Every (question, answer) pair the metrics need (ground truth, paraphrased answer, each perturbed
 answer) is scored in ONE batched pass, and all generations in one more, so a split costs a few
@@ -26,7 +26,7 @@ from vlmu_jax.data.fiubench_prompts import roundtrip_prompt
 from vlmu_jax.data.records import IMAGE, Identity
 from vlmu_jax.data.templates import Template
 from vlmu_jax.eval import attacks, judge, metrics, mia
-from vlmu_jax.eval.batched import compile_ahead, generate_rows, score_rows
+from vlmu_jax.eval.batched import Pass, compile_ahead, generate_pass, run_passes, score_pass
 from vlmu_jax.eval.result_logs import FiuTaskResults, fiubench_eval_log
 from vlmu_jax.protocol import Protocol
 
@@ -96,21 +96,66 @@ def scoring_examples(identities: Sequence[Identity]) -> tuple[list[Example], int
     return examples, n_pert.pop()
 
 
-def evaluate_split(model: nnx.Module, identities: Sequence[Identity], runner: Runner, *, forget: bool,
-                   desc: str = "") -> dict[str, Any]:
-    """Per-question losses, truth ratio, generations, ROUGE, EM and MIA scores for these identities."""
-    items = _questions(identities)
+@dataclass(frozen=True)
+class _SplitPasses:
+    """One split's scoring and generation passes and what its log is made from."""
+
+    items: list[tuple[Identity, Any]]
+    rows: list[Encoded]
+    k: int
+    prompts: Prompts
+    scores: Pass
+    generated: Pass
+
+    def log(self, runner: Runner, *, forget: bool) -> dict[str, Any]:
+        texts = decode_generations(self.generated.out, runner)
+        return _log(self.items, self.rows, self.scores.out, self.prompts, texts, self.k, runner, forget=forget)
+
+
+def _split_passes(model: nnx.Module, identities: Sequence[Identity], runner: Runner, desc: str) -> _SplitPasses:
     examples, k = scoring_examples(identities)
-    pad = runner.tokenizer.pad_token_id
     rows = [encode(e, runner.text) for e in examples]
     prompts = generation_prompts(examples[:: 2 + k], runner)
-    common = dict(batch_size=runner.batch_size, pad_token_id=pad, image_fn=runner.image_fn, mesh=runner.mesh)
-    generating = dict(eos_token_id=runner.tokenizer.eos_token_id, max_new_tokens=runner.max_new_tokens)
-    shared = dict(shared_prompts=runner.shared_prompts)
-    compile_ahead(model, to_score=[rows], to_generate=[prompts.rows], **common, **generating, **shared)
-    scores = score_rows(model, rows, **common, **shared, desc=f"{desc} score")
-    generated = generate_rows(model, prompts.rows, **common, **generating, desc=f"{desc} generate")
-    return _log(items, rows, scores, prompts, decode_generations(generated, runner), k, runner, forget=forget)
+    return _SplitPasses(_questions(identities), rows, k, prompts,
+                        score_pass(model, rows, **_common(runner), shared_prompts=runner.shared_prompts,
+                                   desc=f"{desc} score"),
+                        generate_pass(model, prompts.rows, **_common(runner), **_generating(runner),
+                                      desc=f"{desc} generate"))
+
+
+def _common(runner: Runner) -> dict[str, Any]:
+    return dict(batch_size=runner.batch_size, pad_token_id=runner.tokenizer.pad_token_id, image_fn=runner.image_fn,
+                mesh=runner.mesh)
+
+
+def _generating(runner: Runner) -> dict[str, Any]:
+    return dict(eos_token_id=runner.tokenizer.eos_token_id, max_new_tokens=runner.max_new_tokens)
+
+
+def evaluate_model(model: nnx.Module, forget: Sequence[Identity], retain: Sequence[Identity], runner: Runner, *,
+                   desc: str = "") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The forget and retain splits' logs (per-question losses, truth ratio, generations, ROUGE, EM, MIA) and the
+    forget split's APE log, in that order.
+
+    Every shape of the three is compiled ahead at once, and their five passes (each split's scoring and
+    generation, APE's generation) run as one stream of device calls (`batched.run_passes`): evaluated one after
+    another, the devices sat idle at every pass boundary while the host finished one pass and began the next."""
+    splits = [_split_passes(model, forget, runner, f"{desc} forget"),
+              _split_passes(model, retain, runner, f"{desc} retain")]
+    variants, asked = ape_examples(forget, runner.protocol)
+    if not variants:
+        raise ValueError(f"{desc}: no paraphrased questions, APE needs them")
+    ape_prompts = generation_prompts(asked, runner)
+    ape = generate_pass(model, ape_prompts.rows, **_common(runner), **_generating(runner), desc=f"{desc} forget APE")
+    compile_ahead(model, to_score=[s.rows for s in splits],
+                  to_generate=[*(s.prompts.rows for s in splits), ape_prompts.rows], **_common(runner),
+                  **_generating(runner), shared_prompts=runner.shared_prompts)
+    run_passes([p for s in splits for p in (s.scores, s.generated)] + [ape])
+    scored = attacks.score_ape(variants, decode_generations(ape.out, runner), references=ape_prompts.references,
+                               original=runner.protocol.fiubench_metric_quirks)
+    scored["question"] = [v.question for v in variants]
+    scored["qa_index"] = [v.qa_index for v in variants]
+    return splits[0].log(runner, forget=True), splits[1].log(runner, forget=False), scored
 
 
 def _log(items, rows, scores, prompts: Prompts, texts: list[str], k: int, runner: Runner, *,
@@ -155,27 +200,6 @@ def ape_examples(identities: Sequence[Identity], protocol: Protocol) -> tuple[li
     variants = attacks.ape_variants(records, three_per_question=protocol.fiubench_metric_quirks)
     asked = [Example(v.question, v.answer, items[v.qa_index][0].image, items[v.qa_index][0].uid) for v in variants]
     return variants, asked
-
-
-def evaluate_ape(model: nnx.Module, identities: Sequence[Identity], runner: Runner, *,
-                 desc: str = "") -> dict[str, Any]:
-    """Adversarial privacy extraction: every paraphrase of every forget question, asked with the image.
-
-    The log (`eval_forget_ape_log.json`) holds per-variant EM/ROUGE and the question each came from.
-    """
-    variants, asked = ape_examples(identities, runner.protocol)
-    if not variants:
-        raise ValueError(f"{desc}: no paraphrased questions, APE needs them")
-    prompts = generation_prompts(asked, runner)
-    generated = generate_rows(model, prompts.rows, batch_size=runner.batch_size,
-                              pad_token_id=runner.tokenizer.pad_token_id, eos_token_id=runner.tokenizer.eos_token_id,
-                              max_new_tokens=runner.max_new_tokens, image_fn=runner.image_fn, mesh=runner.mesh,
-                              desc=f"{desc} APE")
-    scored = attacks.score_ape(variants, decode_generations(generated, runner), references=prompts.references,
-                               original=runner.protocol.fiubench_metric_quirks)
-    scored["question"] = [v.question for v in variants]
-    scored["qa_index"] = [v.qa_index for v in variants]
-    return scored
 
 
 def judge_question(shown: str, template: Template) -> str:
