@@ -21,8 +21,9 @@ Two protocols (``vlmu_jax.protocol``):
   test set's transformed image drawn once per row from ``seed`` for all three tasks; one ``max_new_tokens`` (the
   runner's) for every task.
 
-Either way each set's prompts are generated in one ``generate_rows`` call and its option likelihoods scored in one
-``score_rows`` call, and prompts are never cut to the training ``max_length``.
+Either way each set's prompts are generated in one pass and its option likelihoods scored in one more, the passes
+run as one stream of device calls (``batched.run_passes``), and prompts are never cut to the training
+``max_length``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from vlmu_jax.data.batching import Encoded, Example, encode, generation_rows
 from vlmu_jax.data.mllmu import MODALITY_NAME
 from vlmu_jax.data.records import IMAGE, QA, Benchmark, Cloze, Identity, ImageRef, MultipleChoice, TestVariant
 from vlmu_jax.eval import judge, metrics
-from vlmu_jax.eval.batched import compile_ahead, generate_rows, score_rows
+from vlmu_jax.eval.batched import Pass, compile_ahead, generate_pass, run_passes, score_pass
 from vlmu_jax.eval.result_logs import mllmu_accuracy, mllmu_factuality, mllmu_generation
 from vlmu_jax.eval.tasks import mllmu_prompts as P
 from vlmu_jax.eval.tasks.fiubench import Runner
@@ -109,9 +110,11 @@ def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *,
     generating = dict(eos_token_id=tok.eos_token_id, max_new_tokens=runner.max_new_tokens)
     compile_ahead(model, to_score=[option_rows], to_generate=[prompt_rows], **generating, **_common(runner),
                   shared_prompts=runner.shared_prompts)
-    generated = generate_rows(model, prompt_rows, desc=f"{desc} generate", **generating, **_common(runner))
-    answers = [metrics.own_turn(tok.decode(ids, skip_special_tokens=True)) for ids in generated]
-    option_loss = _option_loss(model, option_rows, [mc for _, mc in choices], runner, desc)
+    generated = generate_pass(model, prompt_rows, desc=f"{desc} generate", **generating, **_common(runner))
+    scores = _option_pass(model, option_rows, runner, desc)
+    run_passes([generated, *scores])
+    answers = [metrics.own_turn(tok.decode(ids, skip_special_tokens=True)) for ids in generated.out]
+    option_loss = _option_loss(scores, [mc for _, mc in choices])
     n_choice, n_cloze = len(choices), len(clozes)
     choice_rows = [_choice_row(p.uid, mc, a, loss) for (p, mc), a, loss in
                    zip(choices, answers[:n_choice], option_loss, strict=True)]
@@ -132,13 +135,17 @@ def _option_rows(choices: Sequence[tuple[str, ImageRef | None, MultipleChoice]],
             for uid, image, mc in choices for _, opt in mc.options]
 
 
-def _option_loss(model: nnx.Module, rows: Sequence[Encoded], choices: Sequence[MultipleChoice], runner: Runner,
-                 desc: str) -> list[list[float]]:
-    """Mean NLL of each option (`_option_rows`) as the answer (the likelihood variant, an addition to eval.py)."""
+def _option_pass(model: nnx.Module, rows: Sequence[Encoded], runner: Runner, desc: str) -> list[Pass]:
+    """The pass that scores every option row (`_option_rows`) as the answer, or none when there are no options."""
     if not rows:
         return []
-    losses = iter(s.loss for s in score_rows(model, rows, desc=f"{desc} score", **_common(runner),
-                                             shared_prompts=runner.shared_prompts))
+    return [score_pass(model, rows, desc=f"{desc} score", **_common(runner), shared_prompts=runner.shared_prompts)]
+
+
+def _option_loss(scores: Sequence[Pass], choices: Sequence[MultipleChoice]) -> list[list[float]]:
+    """Mean NLL of each option as the answer (the likelihood variant, an addition to eval.py), from the options'
+    scoring pass (`_option_pass`) once it has run."""
+    losses = iter(s.loss for p in scores for s in p.out)
     return [[next(losses) for _ in mc.options] for mc in choices]
 
 
@@ -217,8 +224,11 @@ def evaluate_eval_py(model: nnx.Module, bench: Benchmark, runner: Runner, *, for
     generating = dict(eos_token_id=tok.eos_token_id, max_new_tokens=runner.max_new_tokens)
     compile_ahead(model, to_score=list(option_rows.values()), to_generate=[sorted_rows],
                   **generating, **_common(runner), shared_prompts=runner.shared_prompts)
-    outputs = generate_rows(model, sorted_rows, desc="eval.py generate", **generating, **_common(runner))
-    generated = [outputs[k] for k in np.argsort(order)]
+    outputs = generate_pass(model, sorted_rows, desc="eval.py generate", **generating, **_common(runner))
+    scores = {name: _option_pass(model, option_rows[name], runner, name) for name, set_items in items.items()
+              if set_items}
+    run_passes([outputs, *(p for passes in scores.values() for p in passes)])
+    generated = [outputs.out[k] for k in np.argsort(order)]
     answers = [metrics.eval_py_answer(tok.decode([*row.input_ids[2:].tolist(), *ids[:it.max_new_tokens].tolist()],
                                                  skip_special_tokens=True), answer_tag=it.task != P.CLASSIFICATION)
                for it, row, ids in zip(flat, rows, generated, strict=True)]
@@ -227,7 +237,7 @@ def evaluate_eval_py(model: nnx.Module, bench: Benchmark, runner: Runner, *, for
     for name, set_items in items.items():
         if not set_items:
             continue
-        option_loss = _option_loss(model, option_rows[name], mcs[name], runner, name)
+        option_loss = _option_loss(scores[name], mcs[name])
         out[SET_NAMES[name]] = _aggregate(
             [_choice_row(it.uid, mc, by_item[id(it)], loss) for it, mc, loss in zip(choices[name], mcs[name],
                                                                                    option_loss, strict=True)],
