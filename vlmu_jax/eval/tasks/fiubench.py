@@ -49,6 +49,15 @@ class Runner:
     def tokenizer(self) -> Any:
         return self.text.tokenizer
 
+    def batching(self) -> dict[str, Any]:
+        """The arguments every batched pass of `eval.batched` takes from the runner."""
+        return dict(batch_size=self.batch_size, pad_token_id=self.tokenizer.pad_token_id, image_fn=self.image_fn,
+                    mesh=self.mesh)
+
+    def generating(self) -> dict[str, Any]:
+        """What a generation pass (and its compile-ahead) takes besides: the EOS ids and the new-token budget."""
+        return dict(eos_token_id=self.tokenizer.eos_token_id, max_new_tokens=self.max_new_tokens)
+
 
 @dataclass(frozen=True)
 class Prompts:
@@ -117,19 +126,10 @@ def _split_passes(model: nnx.Module, identities: Sequence[Identity], runner: Run
     rows = [encode(e, runner.text) for e in examples]
     prompts = generation_prompts(examples[:: 2 + k], runner)
     return _SplitPasses(_questions(identities), rows, k, prompts,
-                        score_pass(model, rows, **_common(runner), shared_prompts=runner.shared_prompts,
+                        score_pass(model, rows, **runner.batching(), shared_prompts=runner.shared_prompts,
                                    desc=f"{desc} score"),
-                        generate_pass(model, prompts.rows, **_common(runner), **_generating(runner),
+                        generate_pass(model, prompts.rows, **runner.batching(), **runner.generating(),
                                       desc=f"{desc} generate"))
-
-
-def _common(runner: Runner) -> dict[str, Any]:
-    return dict(batch_size=runner.batch_size, pad_token_id=runner.tokenizer.pad_token_id, image_fn=runner.image_fn,
-                mesh=runner.mesh)
-
-
-def _generating(runner: Runner) -> dict[str, Any]:
-    return dict(eos_token_id=runner.tokenizer.eos_token_id, max_new_tokens=runner.max_new_tokens)
 
 
 def evaluate_model(model: nnx.Module, forget: Sequence[Identity], retain: Sequence[Identity], runner: Runner, *,
@@ -139,17 +139,19 @@ def evaluate_model(model: nnx.Module, forget: Sequence[Identity], retain: Sequen
 
     Every shape of the three is compiled ahead at once, and their five passes (each split's scoring and
     generation, APE's generation) run as one stream of device calls (`batched.run_passes`): evaluated one after
-    another, the devices sat idle at every pass boundary while the host finished one pass and began the next."""
+    another, the devices sat idle at every pass boundary while the host finished one pass and began the next.
+    APE (adversarial privacy extraction) asks every paraphrase of every forget question with the image; its log
+    (`eval_forget_ape_log.json`) holds per-variant EM / ROUGE and the question each came from."""
     splits = [_split_passes(model, forget, runner, f"{desc} forget"),
               _split_passes(model, retain, runner, f"{desc} retain")]
     variants, asked = ape_examples(forget, runner.protocol)
     if not variants:
         raise ValueError(f"{desc}: no paraphrased questions, APE needs them")
     ape_prompts = generation_prompts(asked, runner)
-    ape = generate_pass(model, ape_prompts.rows, **_common(runner), **_generating(runner), desc=f"{desc} forget APE")
+    ape = generate_pass(model, ape_prompts.rows, **runner.batching(), **runner.generating(), desc=f"{desc} forget APE")
     compile_ahead(model, to_score=[s.rows for s in splits],
-                  to_generate=[*(s.prompts.rows for s in splits), ape_prompts.rows], **_common(runner),
-                  **_generating(runner), shared_prompts=runner.shared_prompts)
+                  to_generate=[*(s.prompts.rows for s in splits), ape_prompts.rows], **runner.batching(),
+                  **runner.generating(), shared_prompts=runner.shared_prompts)
     run_passes([p for s in splits for p in (s.scores, s.generated)] + [ape])
     scored = attacks.score_ape(variants, decode_generations(ape.out, runner), references=ape_prompts.references,
                                original=runner.protocol.fiubench_metric_quirks)

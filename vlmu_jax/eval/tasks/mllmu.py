@@ -107,10 +107,10 @@ def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *,
     tok = runner.tokenizer
     prompt_rows = generation_rows(prompts, runner.text)
     option_rows = _option_rows([(p.uid, _image(p, mc.modality), mc) for p, mc in choices], runner)
-    generating = dict(eos_token_id=tok.eos_token_id, max_new_tokens=runner.max_new_tokens)
-    compile_ahead(model, to_score=[option_rows], to_generate=[prompt_rows], **generating, **_common(runner),
+    generating = runner.generating()
+    compile_ahead(model, to_score=[option_rows], to_generate=[prompt_rows], **generating, **runner.batching(),
                   shared_prompts=runner.shared_prompts)
-    generated = generate_pass(model, prompt_rows, desc=f"{desc} generate", **generating, **_common(runner))
+    generated = generate_pass(model, prompt_rows, desc=f"{desc} generate", **generating, **runner.batching())
     scores = _option_pass(model, option_rows, runner, desc)
     run_passes([generated, *scores])
     answers = [metrics.own_turn(tok.decode(ids, skip_special_tokens=True)) for ids in generated.out]
@@ -124,11 +124,6 @@ def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *,
     return _aggregate(choice_rows, cloze_rows, gen_rows)
 
 
-def _common(runner: Runner) -> dict[str, Any]:
-    return dict(batch_size=runner.batch_size, pad_token_id=runner.tokenizer.pad_token_id, image_fn=runner.image_fn,
-                mesh=runner.mesh)
-
-
 def _option_rows(choices: Sequence[tuple[str, ImageRef | None, MultipleChoice]], runner: Runner) -> list[Encoded]:
     """Every option text as the answer to the bare question, in the runner's template, question by question."""
     return [encode(Example(mc.question, opt, image, uid), runner.text)
@@ -139,7 +134,7 @@ def _option_pass(model: nnx.Module, rows: Sequence[Encoded], runner: Runner, des
     """The pass that scores every option row (`_option_rows`) as the answer, or none when there are no options."""
     if not rows:
         return []
-    return [score_pass(model, rows, desc=f"{desc} score", **_common(runner), shared_prompts=runner.shared_prompts)]
+    return [score_pass(model, rows, desc=f"{desc} score", **runner.batching(), shared_prompts=runner.shared_prompts)]
 
 
 def _option_loss(scores: Sequence[Pass], choices: Sequence[MultipleChoice]) -> list[list[float]]:
@@ -221,10 +216,10 @@ def evaluate_eval_py(model: nnx.Module, bench: Benchmark, runner: Runner, *, for
     option_rows = {name: _option_rows([(it.uid, it.images[-1] if it.images else None, mc)
                                        for it, mc in zip(choices[name], mcs[name], strict=True)], runner)
                    for name in choices}
-    generating = dict(eos_token_id=tok.eos_token_id, max_new_tokens=runner.max_new_tokens)
+    generating = runner.generating()
     compile_ahead(model, to_score=list(option_rows.values()), to_generate=[sorted_rows],
-                  **generating, **_common(runner), shared_prompts=runner.shared_prompts)
-    outputs = generate_pass(model, sorted_rows, desc="eval.py generate", **generating, **_common(runner))
+                  **generating, **runner.batching(), shared_prompts=runner.shared_prompts)
+    outputs = generate_pass(model, sorted_rows, desc="eval.py generate", **generating, **runner.batching())
     scores = {name: _option_pass(model, option_rows[name], runner, name) for name, set_items in items.items()
               if set_items}
     run_passes([outputs, *(p for passes in scores.values() for p in passes)])

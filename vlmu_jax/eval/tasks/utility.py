@@ -35,9 +35,8 @@ def _answers(model: nnx.Module, questions: Sequence[tuple[str, str]], runner: Ru
     prompts = [Example(q, "", ImageRef(path=image), str(i)) for i, (q, image) in enumerate(questions)]
     runner = dataclasses.replace(runner, max_new_tokens=max_new_tokens)
     tok = runner.tokenizer
-    generated = generate_rows(model, generation_rows(prompts, runner.text), batch_size=runner.batch_size,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                              max_new_tokens=max_new_tokens, image_fn=runner.image_fn, mesh=runner.mesh, desc=desc)
+    generated = generate_rows(model, generation_rows(prompts, runner.text), **runner.batching(),
+                              **runner.generating(), desc=desc)
     return [tok.decode(ids, skip_special_tokens=True).strip() for ids in generated]
 
 
