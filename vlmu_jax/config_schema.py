@@ -153,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
     # compile_ahead): a cold run pays the longest compile instead of their sum.
     c.eval.compile_ahead = True
     # Score each prompt (image + question) once and the answers that repeat it (FIUBench's ground-truth, paraphrased
-    # and perturbed answers; MLLMU-Bench's options) as continuations over its KV cache (eval/batched.py score_rows):
+    # and perturbed answers; MLLMU-Bench's options) as continuations over its KV cache (eval/batched.py score_pass):
     # 6.1x fewer scored positions on FIUBench's splits (bench/prefix_share_count.py); at 7B on one H200 the eval
     # stage at forget10 / retain15 took 185 s instead of 326 s (bench/RESULTS.md, session 9). The same values up to
     # float rounding; False scores every row whole.

@@ -300,7 +300,7 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
                   to_generate: Sequence[Sequence[Encoded]] = (), batch_size: int, pad_token_id: int,
                   eos_token_id: int | Sequence[int] | None, max_new_tokens: int, image_fn: Callable,
                   mesh: Mesh | None = None, shared_prompts: bool = False) -> None:
-    """Compiles the programs that `score_rows(rows)` for each `to_score` entry and `generate_rows(rows)` for each
+    """Compiles the programs that `score_pass(rows)` for each `to_score` entry and `generate_pass(rows)` for each
     `to_generate` entry (same other arguments) will run, one per distinct padded length, all at once: each in its
     own thread, where jit's tracing is Python but XLA's compile is not. Why: a cold eval stage at 7B compiled two
     scoring shapes (~11 s each) and generation (~25 s) one after another, 52 s of a 374 s stage (bench/RESULTS.md,

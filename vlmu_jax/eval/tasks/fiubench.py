@@ -43,7 +43,7 @@ class Runner:
     max_new_tokens: int
     protocol: Protocol
     mesh: Mesh | None = None
-    shared_prompts: bool = True  # config eval.shared_prompts (batched.score_rows)
+    shared_prompts: bool = True  # config eval.shared_prompts (batched.score_pass)
 
     @property
     def tokenizer(self) -> Any:
