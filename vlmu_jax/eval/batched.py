@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,8 +27,6 @@ from vlmu_jax.eval.generate import decode_over_slices, generate
 from vlmu_jax.eval.scoring import continuation_logprobs, token_logprobs
 from vlmu_jax.logs import progress
 from vlmu_jax.models.sharding import global_batch
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,22 +55,6 @@ def _batches(source: ExampleSource, desc: str):
         yield batch, idx, fresh
 
 
-def _overlapped(items: Iterable[T], dispatch: Callable[[T], Any], collect: Callable[[T, Any], None]) -> None:
-    """`collect(item, dispatch(item))` for every item, with item i + 1 dispatched before item i is collected.
-    Why: jax runs a call asynchronously, so the devices compute the next batch while the host waits for this one's
-    results, gathers and unpacks them and makes the next inputs; collecting each batch before dispatching the
-    next left the devices idle for all of that between every two calls (~4-5 s of host work per 7B model
-    evaluated at FIUBench's splits, bench/NOTES.md). Two batches' buffers are alive at once."""
-    pending = None
-    for item in items:
-        out = dispatch(item)
-        if pending is not None:
-            collect(*pending)
-        pending = (item, out)
-    if pending is not None:
-        collect(*pending)
-
-
 @dataclass(frozen=True)
 class Pass:
     """One pass of the model over a source's batches (scores or generations of some rows): what `run_passes`
@@ -86,13 +68,24 @@ class Pass:
 
 
 def run_passes(passes: Sequence[Pass]) -> None:
-    """The passes one after another as one overlapped stream of device calls: a pass's first batch is made and
-    dispatched before the pass before it has its last batch collected. Why: run one at a time, the devices sat
-    idle at every pass boundary (a split's scoring and its generation, one split and the next) while the host
-    collected the last batch and made the next pass's first: ~9.6 s of the 146 s eval stage at FIUBench's
-    splits outside the model loads and weight copies (bench/NOTES.md, session 14)."""
-    _overlapped(((p, batch) for p in passes for batch in p.batches), lambda x: x[0].dispatch(x[1]),
-                lambda x, out: x[0].collect(x[1], out))
+    """Every batch of the passes, pass after pass, as one overlapped stream of device calls: batch i + 1 (a pass's
+    first included) is made and dispatched before batch i is collected. Two batches' buffers are alive at once.
+
+    Why: jax runs a call asynchronously, so the devices compute the next batch while the host waits for this one's
+    results, gathers and unpacks them and makes the next inputs. Collecting each batch before dispatching the next
+    left the devices idle for all of that between every two calls (~4-5 s of host work per 7B model evaluated at
+    FIUBench's splits, bench/NOTES.md session 10), and running the passes one at a time left them idle at every
+    pass boundary (a split's scoring and its generation, one split and the next: ~9.6 s of the 146 s eval stage
+    at FIUBench's splits outside the model loads and weight copies, session 14)."""
+    pending = None
+    for p in passes:
+        for batch in p.batches:
+            out = p.dispatch(batch)
+            if pending is not None:
+                pending[0].collect(pending[1], pending[2])
+            pending = (p, batch, out)
+    if pending is not None:
+        pending[0].collect(pending[1], pending[2])
 
 
 def _gather(x: jax.Array) -> np.ndarray:

@@ -84,10 +84,14 @@ def join_kernels(projections: Sequence[Dense], stand_in: Callable[[jax.Array], j
     return nnx.Param(jnp.concatenate(kernels, axis=-1))
 
 
-def unjoin_kernels(projections: Sequence[Dense], parts: Sequence[jax.Array]) -> None:
-    """Give each projection back its kernel, `parts` being the joined kernel split as `join_kernels` joined it."""
-    for p, part in zip(projections, parts, strict=True):
-        p.kernel.set_value(part)
+def unjoin_kernels(projections: Sequence[Dense], joined: nnx.Param | None,
+                   split: Callable[[jax.Array], Sequence[jax.Array]]) -> Any:
+    """Undo `join_kernels`: each projection gets its kernel back from `joined` cut by `split` (nothing to do when
+    `joined` is None). Returns what the module's joined attribute is set to afterwards: None, as nnx data."""
+    if joined is not None:
+        for p, part in zip(projections, split(joined.get_value()), strict=True):
+            p.kernel.set_value(part)
+    return nnx.data(None)
 
 
 def joined_matmul(x: jax.Array, joined: nnx.Param) -> jax.Array:
@@ -448,9 +452,8 @@ class GatedMLP(nnx.Module):
 
     def split_projections(self) -> None:
         """Undo fuse_projections."""
-        if self.gate_up_kernel is not None:
-            unjoin_kernels((self.gate_proj, self.up_proj), jnp.split(self.gate_up_kernel.get_value(), 2, axis=-1))
-            self.gate_up_kernel = nnx.data(None)
+        self.gate_up_kernel = unjoin_kernels((self.gate_proj, self.up_proj), self.gate_up_kernel,
+                                             lambda k: jnp.split(k, 2, axis=-1))
 
 
 class FusedGatedMLP(nnx.Module):

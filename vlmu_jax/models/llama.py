@@ -149,9 +149,8 @@ class LlamaAttention(nnx.Module):
 
     def split_projections(self) -> None:
         """Undo fuse_projections."""
-        if self.qkv_kernel is not None:
-            unjoin_kernels((self.q_proj, self.k_proj, self.v_proj), split_qkv(self.qkv_kernel.get_value(), self.config))
-            self.qkv_kernel = nnx.data(None)
+        self.qkv_kernel = unjoin_kernels((self.q_proj, self.k_proj, self.v_proj), self.qkv_kernel,
+                                         lambda k: split_qkv(k, self.config))
 
     def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """Rotary embedding of q or k [B,T,N,H] at positions [B,T] (M-RoPE overrides it with 3D positions)."""

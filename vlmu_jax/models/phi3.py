@@ -34,6 +34,9 @@ class Phi3Attention(LlamaAttention):
     def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:
         """Nothing to join: q/k/v are one kernel already."""
 
+    def split_projections(self) -> None:
+        """Nothing was joined."""
+
 
 def phi3_layer(c: TextConfig, *, stack: tuple[int, ...], dtype, rngs: nnx.Rngs) -> DecoderLayer:
     attn = Phi3Attention(c, stack=stack, dtype=dtype, rngs=rngs)
