@@ -20,15 +20,15 @@ PAD, BOS, EOS = 0, 1, 2
 TILE, PATCH, MAX_TILES = 14, 7, 4
 
 
-def tiny_config() -> MllamaConfig:
+def tiny_config(layers: int = 3, cross: tuple[int, ...] = (1,)) -> MllamaConfig:
     vision = dict(
         hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_global_layers=2, attention_heads=2,
         image_size=TILE, patch_size=PATCH, max_num_tiles=MAX_TILES, intermediate_layers_indices=[0, 2],
         vision_output_dim=48, initializer_range=0.2,
     )
     text = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, cross_attention_layers=[1], rms_norm_eps=1e-5, max_position_embeddings=64,
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, cross_attention_layers=list(cross), rms_norm_eps=1e-5, max_position_embeddings=64,
         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, initializer_range=0.2,
         rope_parameters={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 16, "rope_theta": 10000.0},
@@ -36,9 +36,10 @@ def tiny_config() -> MllamaConfig:
     return MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
 
 
-def tiny_hf_model(seed: int = 0) -> MllamaForConditionalGeneration:
+def tiny_hf_model(seed: int = 0, **shape) -> MllamaForConditionalGeneration:
+    """shape: tiny_config's layers / cross."""
     torch.manual_seed(seed)
-    model = MllamaForConditionalGeneration(tiny_config()).eval()
+    model = MllamaForConditionalGeneration(tiny_config(**shape)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "gate" in name:

@@ -106,7 +106,7 @@ def _hf_params(model: nnx.Module, stored: dict[tuple, jax.Array] | None = None) 
     params = []
     for path, hp in hf_name_map(model).items():
         value = merged[path]
-        names = [hp.name.format(i=i) for i in range(value.shape[0])] if hp.stacked else [hp.name]
+        names = hp.names(value.shape[0])
         params.append(_Param(names, value, hp.stacked, stored is None and hp.swaps(value.ndim)))
     return params
 

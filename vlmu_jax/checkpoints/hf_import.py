@@ -176,7 +176,7 @@ def _checked_plan(folder: Path, dtype, options: dict[str, Any]):
     for path_, hp in hf_name_map(model).items():
         var = flat[path_]
         shape = tuple(var.get_value().shape)
-        names = [hp.name.format(i=i) for i in range(shape[0])] if hp.stacked else [hp.name]
+        names = hp.names(shape[0])
         per = shape[1:] if hp.stacked else shape
         want = per[::-1] if hp.transpose else per
         for name in names:

@@ -30,10 +30,11 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from vlmu_jax.models.layers import GatedMLP
 from vlmu_jax.models.llama import DecoderLM, LlamaAttention
+from vlmu_jax.models.mllama import MllamaTextModel
 
 
-def decoder_of(model: nnx.Module) -> DecoderLM | None:
-    """The model's stacked decoder (None for a model without one, e.g. Mllama's unscanned decoder)."""
+def decoder_of(model: nnx.Module) -> DecoderLM | MllamaTextModel | None:
+    """The model's decoder of stacked layers (None for a model without one)."""
     get = getattr(model, "decoder_lm", None)
     return None if get is None else get()
 
@@ -51,7 +52,7 @@ def room_for_copy(lm: DecoderLM) -> bool:
     """On GPU, whether the first local device's free memory holds its share of one more copy of the stacked
     decoder weights with a tenth to spare (CPU and TPU: no, their scans do not copy the same way). For
     generation's per-call slices (eval/generate.py), which do sit beside the stack."""
-    return jax.default_backend() == "gpu" and room_for(lm.layers, 1.1)
+    return jax.default_backend() == "gpu" and room_for(tuple(stack for stack, _ in lm.layer_stacks()), 1.1)
 
 
 @partial(jax.jit, static_argnums=1)
@@ -86,33 +87,33 @@ def _joinable(copies: Iterable[nnx.Module]) -> Iterator[LlamaAttention | GatedML
         yield from (node for _, node in nnx.iter_graph(copy) if isinstance(node, LlamaAttention | GatedMLP))
 
 
-def swap_in_copies(lm: DecoderLM) -> tuple[nnx.List, dict[tuple, Sharding]]:
-    """The decoder's layers as separate modules over per-layer copies of the stacked weights, each stacked param
-    dropped from the model once copied; and the placement of every param dropped (for `swap_back`)."""
-    n = lm.config.num_layers
+def swap_in_copies(stack: nnx.Module, n: int) -> tuple[list[nnx.Module], dict[tuple, Sharding]]:
+    """The `n` layers of a stacked layer module as separate modules over per-layer copies of its weights, each
+    stacked param dropped from the model once copied; and the placement of every param dropped (for
+    `swap_back`)."""
     slices, dropped = {}, {}
-    for path, var in _variables(lm.layers).items():
-        stack = var.get_value()
-        slices[path] = _unstack(stack, n)
+    for path, var in _variables(stack).items():
+        value = var.get_value()
+        slices[path] = _unstack(value, n)
         if isinstance(var, nnx.Param):
-            dropped[path] = stack.sharding
-            var.set_value(_stand_in(stack))  # the stack is freed once its slices are made
-        del stack
-    graphdef, state = nnx.split(lm.layers)
+            dropped[path] = value.sharding
+            var.set_value(_stand_in(value))  # the stacked value is freed once its slices are made
+        del value
+    graphdef, state = nnx.split(stack)
     flat = nnx.to_flat_state(state)
     copies = [nnx.merge(graphdef, nnx.from_flat_state([(p, jax.tree.map(lambda _, p=p, i=i: slices[p][i], v))
                                                        for p, v in flat]))
               for i in range(n)]
     for module in _joinable(copies):
         module.fuse_projections(_stand_in)
-    return nnx.List(copies), dropped
+    return copies, dropped
 
 
-def swap_back(lm: DecoderLM, copies: nnx.List, dropped: dict[tuple, Sharding]) -> None:
+def swap_back(stack: nnx.Module, copies: list[nnx.Module], dropped: dict[tuple, Sharding]) -> None:
     """Rebuilds each dropped stacked param from the copies, freeing that param's copies before the next one."""
     for module in _joinable(copies):
         module.split_projections()
-    stacked = _variables(lm.layers)
+    stacked = _variables(stack)
     per_layer = [_variables(copy) for copy in copies]
     for path, sharding in dropped.items():
         stacked[path].set_value(_stack([layer[path].get_value() for layer in per_layer], sharding))
@@ -133,10 +134,11 @@ def layer_copies(model: nnx.Module, mode: str = "auto") -> Iterator[bool]:
             mode == "auto" and jax.default_backend() != "gpu"):
         yield False
         return
-    copies, dropped = swap_in_copies(lm)
-    lm.layer_copies = copies
+    swapped = [(stack, *swap_in_copies(stack, n)) for stack, n in lm.layer_stacks()]
+    lm.layer_copies = nnx.List([copy for _, copies, _ in swapped for copy in copies])
     try:
         yield True
     finally:
         lm.layer_copies = None
-        swap_back(lm, copies, dropped)
+        for stack, copies, dropped in swapped:
+            swap_back(stack, copies, dropped)

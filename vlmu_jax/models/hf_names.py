@@ -22,6 +22,13 @@ class HFParam:
     name: str
     transpose: bool
     stacked: bool
+    layers: tuple[int, ...] | None = None  # the HF layer index of each stacked slice (default: its own index)
+
+    def names(self, n: int) -> list[str]:
+        """The HF tensor names of a value with `n` slices when stacked (its one name otherwise)."""
+        if not self.stacked:
+            return [self.name]
+        return [self.name.format(i=i if self.layers is None else self.layers[i]) for i in range(n)]
 
     def swaps(self, ndim: int) -> bool:
         """Whether a Flax value of `ndim` axes is stored with its last two axes swapped (a per-layer tensor of

@@ -272,6 +272,10 @@ class DecoderLM(nnx.Module):
         # Per-layer copies of `layers`' weights, attached only while a model is evaluated (eval/layer_copies.py).
         self.layer_copies: nnx.List | None = nnx.data(None)
 
+    def layer_stacks(self) -> tuple[tuple[nnx.Module, int], ...]:
+        """The stacked layer module and its depth (eval/layer_copies.py copies it per layer)."""
+        return ((self.layers, self.config.num_layers),)
+
     def embed(self, input_ids: jax.Array) -> jax.Array:
         ids = jnp.clip(input_ids, 0, self.config.vocab_size - 1)
         return jnp.take(self.embed_tokens[...], ids, axis=0)

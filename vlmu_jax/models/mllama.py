@@ -14,9 +14,11 @@ branch of the cross layer (``full_text_row_masked_out_mask``), not the attention
 A row without an image (id 0) skips every cross layer, which is what HF computes for that row on its own
 (no pixel_values: cross layers are skipped); a batch with ``images=None`` skips them statically.
 
-Layers are heterogeneous (self-attention and cross-attention decoder layers at ``cross_attention_layers``),
-so the text decoder runs unrolled: ``scan_layers`` applies to the vision encoders only and is a no-op for the
-decoder. ``remat`` wraps every decoder layer (and the vision layers through ``run_layers``).
+Layers are heterogeneous, so the decoder keeps two stacks: the self-attention layers ([n_self, ...]) and the
+cross-attention layers ([n_cross, ...]). A pass without a cache runs evenly spaced cross layers' blocks [self
+layers + cross layer] as one scan (`schedule`; ``scan_layers``, which also scans the vision encoders); a pass
+with a cache runs layer by layer. ``remat`` wraps every decoder layer (and the vision layers through
+``run_layers``).
 
 Generation: ``prefill`` runs the vision model once, keeps every cross layer's projected (k-normed) K/V and
 the per-row mask in the decode state next to the self-attention KV cache; ``decode_step`` reuses them (a new
@@ -62,7 +64,7 @@ class MllamaConfig:
     eos_token_id: int | tuple[int, ...] | None
     num_image_tokens: int = 1
     remat: str = "none"
-    scan_layers: bool = True  # vision encoders only; the decoder is always unrolled (heterogeneous layers)
+    scan_layers: bool = True  # vision encoders, and the decoder's blocks of [self layers + cross layer]
     attention_impl: str = "auto"
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -100,15 +102,15 @@ def mllama_config(hf_config: dict[str, Any], **options: Any) -> MllamaConfig:
 class CrossAttention(nnx.Module):
     """q from text, k/v from vision states; RMSNorm over head_dim on q and k (no rotary)."""
 
-    def __init__(self, c: TextConfig, *, dtype, rngs: nnx.Rngs):
-        kw = dict(std=c.init_std, dtype=dtype, rngs=rngs)
+    def __init__(self, c: TextConfig, *, stack: tuple[int, ...], dtype, rngs: nnx.Rngs):
+        kw = dict(stack=stack, std=c.init_std, dtype=dtype, rngs=rngs)
         d, hd = c.hidden_size, c.head_dim
         self.q_proj = Dense(d, c.num_heads * hd, axes=("embed", "heads"), **kw)
         self.k_proj = Dense(d, c.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
         self.v_proj = Dense(d, c.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
         self.o_proj = Dense(c.num_heads * hd, d, axes=("heads", "embed"), **kw)
-        self.q_norm = RMSNorm(hd, c.rms_norm_eps, dtype=dtype)
-        self.k_norm = RMSNorm(hd, c.rms_norm_eps, dtype=dtype)
+        self.q_norm = RMSNorm(hd, c.rms_norm_eps, stack=stack, dtype=dtype)
+        self.k_norm = RMSNorm(hd, c.rms_norm_eps, stack=stack, dtype=dtype)
         self.config = c
 
     def kv(self, states: jax.Array, rng: jax.Array | None) -> KVCache:
@@ -129,14 +131,15 @@ class CrossAttention(nnx.Module):
 class CrossDecoderLayer(nnx.Module):
     """h + tanh(attn_gate) * xattn(norm(h)); h + tanh(mlp_gate) * row_mask * mlp(norm(h))."""
 
-    def __init__(self, c: TextConfig, *, dtype, rngs: nnx.Rngs):
-        self.cross_attn = CrossAttention(c, dtype=dtype, rngs=rngs)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        self.cross_attn_attn_gate = nnx.Param(jnp.zeros((1,), dtype), axes=(None,))
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, stack=(), use_bias=c.mlp_bias,
+    def __init__(self, c: TextConfig, *, stack: tuple[int, ...], dtype, rngs: nnx.Rngs):
+        lead = ("layers",) * len(stack)
+        self.cross_attn = CrossAttention(c, stack=stack, dtype=dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, stack=stack, dtype=dtype)
+        self.cross_attn_attn_gate = nnx.Param(jnp.zeros((*stack, 1), dtype), axes=(*lead, None))
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, stack=stack, use_bias=c.mlp_bias,
                             std=c.init_std, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        self.cross_attn_mlp_gate = nnx.Param(jnp.zeros((1,), dtype), axes=(None,))
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, stack=stack, dtype=dtype)
+        self.cross_attn_mlp_gate = nnx.Param(jnp.zeros((*stack, 1), dtype), axes=(*lead, None))
 
     def __call__(self, h: jax.Array, cross: CrossState, kv: KVCache, *, impl: str, rng: jax.Array | None):
         """cross.token_mask [B, T] (token sees its image), key_valid [B, N], has_image [B]."""
@@ -163,24 +166,71 @@ class DecodeState(NamedTuple):
     cross: CrossState | None  # token_mask [B, 1]: how generated tokens attend
 
 
+class Schedule(NamedTuple):
+    """How the decoder runs its first `len(kinds)` layers: `kinds[i]` is (is a cross layer, its index in its own
+    stack); layers first .. first + count * period - 1 run as `count` scanned blocks of `period` layers (period -
+    1 self-attention layers, then a cross layer), the others one by one (count 0: every layer)."""
+
+    kinds: tuple[tuple[bool, int], ...]
+    first: int
+    period: int
+    count: int
+
+
+def schedule(num_layers: int, cross_layers: tuple[int, ...], n_run: int, scan: bool) -> Schedule:
+    """The decoder's Schedule. Llama-3.2-Vision's cross layers come every fifth layer (3, 8, .., 38): its 40
+    layers run as layers 0-3, seven scanned blocks [4 self + 1 cross] and layer 39. Why: unrolled, the LoRA
+    step's compile grew superlinearly with depth (25.7 / 63.0 / 210.8 s at 10 / 20 / 40 layers on a CPU,
+    bench/NOTES.md session 14), past ~95 s on an H200; a scanned block compiles once. Blocks need evenly spaced
+    cross layers; anything else runs unrolled."""
+    cross, kinds, n_self = sorted(cross_layers), [], 0
+    for i in range(n_run):
+        kinds.append((True, cross.index(i)) if i in cross else (False, n_self))
+        n_self += i not in cross
+    gaps = {b - a for a, b in zip(cross, cross[1:], strict=False)}
+    if not scan or len(gaps) != 1:
+        return Schedule(tuple(kinds), 0, 1, 0)
+    period = gaps.pop()
+    first = cross[0] + 1
+    count = min(len(cross) - 1, max(0, (n_run - first) // period))
+    return Schedule(tuple(kinds), first, period, count if count >= 2 else 0)
+
+
 class MllamaTextModel(nnx.Module):
-    """embed_tokens (vocab + 8 rows), unrolled self/cross decoder layers, final norm (no head)."""
+    """embed_tokens (vocab + 8 rows), the self-attention layers stacked ([n_self, ...]) and the cross-attention
+    layers stacked ([n_cross, ...]), final norm (no head). The HF layer index of each slice is the name map's."""
 
     def __init__(self, c: TextConfig, cross_layers: tuple[int, ...], *, dtype, rngs: nnx.Rngs):
         self.config = c
-        self.cross_layers = cross_layers
+        self.cross_layers = tuple(sorted(cross_layers))
         self.embed_tokens = nnx.Param(
             (c.init_std * jax.random.normal(rngs.params(), (c.vocab_size + 8, c.hidden_size))).astype(dtype),
             axes=("vocab", "embed"),
         )
-        # string keys: Flax paths stay ("layers", "3", ...), the HF layout, for the name map and LoRA regexes
-        self.layers = nnx.Dict({
-            str(i): CrossDecoderLayer(c, dtype=dtype, rngs=rngs)
-            if i in cross_layers
-            else llama_layer(c, stack=(), dtype=dtype, rngs=rngs)
-            for i in range(c.num_layers)
-        })
+        n_cross = len(self.cross_layers)
+        self.self_layers = llama_layer(c, stack=(c.num_layers - n_cross,), dtype=dtype, rngs=rngs)
+        self.cross_attn_layers = CrossDecoderLayer(c, stack=(n_cross,), dtype=dtype, rngs=rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        # Per-layer copies of both stacks' weights (self layers, then cross layers), attached only while a model
+        # is evaluated (eval/layer_copies.py).
+        self.layer_copies: nnx.List | None = nnx.data(None)
+
+    def layer_stacks(self) -> tuple[tuple[nnx.Module, int], ...]:
+        """The stacked layer modules and their depths, in the order `layer_copies` holds their copies."""
+        n_cross = len(self.cross_layers)
+        return (self.self_layers, self.config.num_layers - n_cross), (self.cross_attn_layers, n_cross)
+
+    def self_layer_ids(self) -> tuple[int, ...]:
+        """The HF layer index of each self-attention slice."""
+        return tuple(i for i in range(self.config.num_layers) if i not in self.cross_layers)
+
+    def _layer(self, cross: bool, j: int) -> nnx.Module:
+        """Layer j of a stack as a module: its attached copy, else a slice of the stack (a copy of its weights in
+        the program: decoding and scoring over the stack are right but slower; evaluation attaches copies)."""
+        if self.layer_copies is not None:
+            return self.layer_copies[j + cross * (self.config.num_layers - len(self.cross_layers))]
+        graphdef, state = nnx.split(self.cross_attn_layers if cross else self.self_layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[j], state))
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         ids = jnp.clip(input_ids, 0, self.config.vocab_size + 7)
@@ -188,7 +238,8 @@ class MllamaTextModel(nnx.Module):
 
     def cross_kv(self, states: jax.Array, rng: jax.Array | None) -> tuple[KVCache, ...]:
         """Every cross layer's K/V of the projected vision states [B, N, D]."""
-        return tuple(self.layers[str(i)].cross_attn.kv(states, fold(rng, 1000 + i)) for i in self.cross_layers)
+        return tuple(self._layer(True, k).cross_attn.kv(states, fold(rng, 1000 + i))
+                     for k, i in enumerate(self.cross_layers))
 
     def __call__(
         self,
@@ -200,20 +251,22 @@ class MllamaTextModel(nnx.Module):
         cross_kv: tuple[KVCache, ...] | None,
         impl: str,
         remat: str,
+        scan: bool = True,
         self_kv: tuple[KVCache, ...] | None = None,
         index: jax.Array | int = 0,
         rng: jax.Array | None = None,
         output_layer: int | None = None,
     ) -> tuple[jax.Array, tuple[KVCache, ...] | None]:
         """As DecoderLM.__call__, plus the cross-attention inputs (None: no image in the batch); layer indices
-        count the cross-attention layers, as HF's `model.language_model.layers` does."""
+        count the cross-attention layers, as HF's `model.language_model.layers` does. A pass without a cache
+        over the stacks (training, scoring) runs the Schedule's scanned blocks (`scan`); with a cache or over
+        attached copies every layer runs one by one."""
         b, t, _ = h.shape
         q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
         k_slots = jnp.broadcast_to(jnp.arange(kv_valid.shape[1]), kv_valid.shape)
         mask = attention_mask(q_slots, k_slots, kv_valid)
         causal = self_kv is None
         h = constrain(h, ("batch", "seq", None))
-        new_kv, n_self, n_cross = [], 0, 0
 
         def self_fn(layer, h, positions, mask, cache, index, rng):
             return layer(h, positions, mask, impl=impl, causal=causal, cache=cache, index=index, rng=rng)
@@ -222,22 +275,57 @@ class MllamaTextModel(nnx.Module):
             return layer(h, cross, kv, impl=impl, rng=rng)
 
         self_call, cross_call = remat_call(self_fn, remat), remat_call(cross_fn, remat)
+
+        def run(i, kind, layer, h, kv=None):
+            """Layer i (`kind` as in Schedule.kinds; a cross layer's K/V `kv` unless its index is given) on h, and
+            its updated cache (None for a cross layer)."""
+            is_cross, j = kind
+            if is_cross:
+                if cross is None:
+                    return h, None
+                return cross_call(layer, h, cross, cross_kv[j] if kv is None else kv, fold(rng, i)), None
+            cache = None if self_kv is None else self_kv[j]
+            h, cache = self_call(layer, h, positions, mask, cache, index, fold(rng, i))
+            if cache is not None and t > 1:  # a prompt's pass writing the cache
+                h, cache = cache_written(h, cache)
+            return h, cache
+
         n_run = self.config.num_layers if output_layer is None else layers_to_run(output_layer, self.config.num_layers)
-        for i in range(n_run):
-            layer, layer_rng = self.layers[str(i)], fold(rng, i)
-            if i in self.cross_layers:
-                if cross is not None:
-                    h = cross_call(layer, h, cross, cross_kv[n_cross], layer_rng)
-                n_cross += 1
-            else:
-                cache = None if self_kv is None else self_kv[n_self]
-                h, cache = self_call(layer, h, positions, mask, cache, index, layer_rng)
-                if cache is not None and t > 1:  # a prompt's pass writing the cache
-                    h, cache = cache_written(h, cache)
+        plan = schedule(self.config.num_layers, self.cross_layers, n_run,
+                        scan and self_kv is None and self.layer_copies is None)
+        blocks = range(plan.first, plan.first + plan.count * plan.period)
+        new_kv = []
+        for i, kind in enumerate(plan.kinds):
+            if i in blocks:
+                if i == blocks.start:
+                    h = self._run_blocks(plan, h, run, cross_kv)
+                continue
+            h, cache = run(i, kind, self._layer(*kind), h)
+            if not kind[0]:
                 new_kv.append(cache)
-                n_self += 1
         h = h if output_layer is not None else self.norm(h)
         return h, (None if self_kv is None else tuple(new_kv))
+
+    def _run_blocks(self, plan: Schedule, h: jax.Array, run, cross_kv: tuple[KVCache, ...] | None) -> jax.Array:
+        """The Schedule's blocks as one lax.scan over the block index. Each step takes its layers out of the whole
+        stacks by index (a stack cut to the blocks' layers would be a copy of them on every call)."""
+        (self_graph, self_state), (cross_graph, cross_state) = (nnx.split(s) for s, _ in self.layer_stacks())
+        first_self, first_cross = plan.kinds[plan.first][1], plan.kinds[plan.first + plan.period - 1][1]
+        kvs = None if cross_kv is None else jax.tree.map(
+            lambda *a: jnp.stack(a), *cross_kv[first_cross : first_cross + plan.count])
+
+        def block(h, xs):
+            n, kv = xs
+            for j in range(plan.period - 1):
+                layer = nnx.merge(self_graph, jax.tree.map(
+                    lambda a, j=j: a[first_self + n * (plan.period - 1) + j], self_state))
+                h, _ = run(plan.first + n * plan.period + j, (False, None), layer, h)
+            layer = nnx.merge(cross_graph, jax.tree.map(lambda a: a[first_cross + n], cross_state))
+            h, _ = run(plan.first + n * plan.period + plan.period - 1, (True, None), layer, h, kv)
+            return h, None
+
+        h, _ = jax.lax.scan(block, h, (jnp.arange(plan.count), kvs))
+        return h
 
 
 # ------------------------------------------------------------------------------------------ full model
@@ -292,7 +380,7 @@ class MllamaForConditionalGeneration(nnx.Module):
             cross = self.cross_state(input_ids, images)
             cross_kv = self.language_model.cross_kv(self.vision_states(images).astype(h.dtype), rng)
         h, self_kv = self.language_model(h, positions, kv_valid, cross=cross, cross_kv=cross_kv, impl=impl,
-                                         remat=c.remat, self_kv=self_kv, index=index, rng=rng,
+                                         remat=c.remat, scan=c.scan_layers, self_kv=self_kv, index=index, rng=rng,
                                          output_layer=output_layer)
         return h, self_kv, cross, cross_kv
 
@@ -313,11 +401,18 @@ class MllamaForConditionalGeneration(nnx.Module):
                           rng=dropout_rng, impl=self.config.attention_impl, output_layer=output_layer)
         return h
 
+    def decoder_lm(self) -> MllamaTextModel:
+        """The decoder whose stacked layers evaluation may copy per layer (eval/layer_copies.py)."""
+        return self.language_model
+
     def prefill(
-        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int
+        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int,
+        *, sliced: bool = False,
     ) -> tuple[jax.Array, DecodeState, jax.Array]:
         """As LlavaForConditionalGeneration.prefill (last real token's hidden state, decode state, valid cache
-        slots), the prompt kept in its padding: its self-attention runs XLA's with the explicit mask."""
+        slots), the prompt kept in its padding: its self-attention runs XLA's with the explicit mask. Decoding
+        runs one layer after another, over the attached per-layer copies or else over slices of the stacks, so
+        `sliced` (a SlicedCache for the stacked-scan decoders) asks for nothing more here."""
         t, b = self.config.text, input_ids.shape[0]
         dtype = self.head_weight().dtype
         n_self = t.num_layers - len(self.config.cross_attention_layers)
@@ -362,19 +457,24 @@ _LEAVES = {
 
 
 def mllama_name_map(model: nnx.Module) -> dict[tuple[str, ...], HFParam]:
-    """Flax path -> transformers-5 tensor name. Vision encoder layers are stacked ([L, ...] -> ``layers.{i}``);
-    decoder layers are separate modules (``layers.<n>`` in the path already)."""
+    """Flax path -> transformers-5 tensor name. Every layer stack is stacked ([L, ...] -> ``layers.{i}``): the
+    vision encoders' in order, the decoder's self-attention and cross-attention stacks at their HF layer
+    indices."""
+    lm = model.language_model
+    decoder = {"self_layers": lm.self_layer_ids(), "cross_attn_layers": lm.cross_layers}
     out = {}
     for path, _ in base_params(model):
         if path == ("lm_head",):
             out[path] = HFParam("lm_head.weight", False, False)
             continue
         top, *mid, leaf = path
-        stacked = top == "vision_tower" and "layers" in mid
-        if stacked:
-            mid = ["layers.{i}" if p == "layers" else p for p in mid]
+        ids = decoder.get(mid[0]) if top == "language_model" and mid else None
+        stacked = ids is not None or (top == "vision_tower" and "layers" in mid)
+        if ids is not None:
+            mid[0] = "layers"
+        mid = ["layers.{i}" if p == "layers" else p for p in mid]
         name, transpose = _LEAVES[leaf]
-        out[path] = HFParam(".".join([_PREFIXES[top], *mid, name]), transpose, stacked)
+        out[path] = HFParam(".".join([_PREFIXES[top], *mid, name]), transpose, stacked, ids)
     return out
 
 
