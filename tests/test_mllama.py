@@ -141,7 +141,7 @@ def test_lora_forward_and_merge(tiny):
     names = apply_lora(model, rank=2, alpha=4.0, targets=r".*_proj")
     assert any("cross_attn.q_proj" in n for n in names) and any("vision_tower" in n for n in names)
     np.testing.assert_allclose(_logits(model, ours), base, atol=1e-6)  # B = 0
-    dense = model.language_model.cross_attn_layers.cross_attn.k_proj
+    dense = model.language_model.layers["cross"].cross_attn.k_proj
     dense.lora_b.set_value(jnp.ones_like(dense.lora_b.get_value()) * 0.1)
     changed = _logits(model, ours)
     assert np.abs(changed - base).max() > 1e-3
@@ -211,7 +211,7 @@ def test_sharded_scoring_and_generation_match_single_device(tiny):
     ours, _ = tiny_batch(ROWS, padding="left", seed=5)
     single = load_pretrained(folder)
     sharded = load_pretrained(folder, mesh=mesh)
-    kernel = sharded.language_model.cross_attn_layers.cross_attn.q_proj.kernel.get_value()
+    kernel = sharded.language_model.layers["cross"].cross_attn.q_proj.kernel.get_value()
     assert len(kernel.sharding.device_set) == 8 and any(s is not None for s in kernel.sharding.spec)
     inputs = global_batch(ours, mesh)
     with jax.set_mesh(mesh):

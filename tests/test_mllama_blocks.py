@@ -1,7 +1,7 @@
-"""Mllama's decoder as two stacks (self-attention and cross-attention layers) run as scanned blocks [self layers +
-cross layer]: the schedule (derived by hand), HF's logits and checkpoint names at a depth with a head, two blocks
-and a tail, the scanned pass equal to the layer-by-layer one (forward, LoRA gradients with dropout, a hidden
-layer's output), and evaluation over per-layer copies of both stacks equal to the stacks."""
+"""Mllama's decoder in stacks run as scanned blocks [self layers + cross layer]: the schedule and stack layout
+(derived by hand), HF's logits and checkpoint names at a depth with a head, two blocks and a tail, the scanned
+pass equal to the layer-by-layer one (forward, LoRA gradients with dropout, a hidden layer's output), and
+evaluation over per-layer copies of every stack equal to the stacks."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import head_logprobs, token_logprobs
 from vlmu_jax.models.lora import apply_lora
-from vlmu_jax.models.mllama import schedule
+from vlmu_jax.models.mllama import schedule, stack_layout
 from vlmu_jax.models.registry import set_options
 
 # 9 layers, cross-attention at 1, 4, 7: layers 0-1 one by one, blocks [2, 3, 4x] and [5, 6, 7x], then layer 8
@@ -39,6 +39,12 @@ def test_schedule_of_llama_3_2_vision():
     assert schedule(40, cross, 13, scan=True).count == 0  # one whole block is not worth a scan
     assert schedule(40, (3, 8, 14, 18), 40, scan=True).count == 0  # uneven spacing: one by one
     assert len(schedule(40, cross, 12, scan=True).kinds) == 12
+    layout = stack_layout(40, cross)
+    assert layout["block_self_0"] == (4, 9, 14, 19, 24, 29, 34) and layout["block_self_3"][-1] == 37
+    assert layout["block_cross"] == (8, 13, 18, 23, 28, 33, 38)
+    assert layout["self"] == (0, 1, 2, 39) and layout["cross"] == (3,)
+    assert sorted(i for ids in layout.values() for i in ids) == list(range(40))
+    assert stack_layout(3, (1,)) == {"self": (0, 2), "cross": (1,)}  # no blocks: two stacks
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +64,8 @@ def test_scanned_blocks_match_hf(tiny):
     folder, hf = tiny
     model = load_pretrained(folder)
     assert schedule(LAYERS, CROSS, LAYERS, scan=True).count == 2
-    assert model.language_model.self_layers.mlp.up_proj.kernel.shape[0] == 6
-    assert model.language_model.cross_attn_layers.mlp.up_proj.kernel.shape[0] == 3
+    assert dict(model.language_model.layout) == {"block_self_0": (2, 5), "block_self_1": (3, 6), "block_cross": (4, 7),
+                                           "self": (0, 8), "cross": (1,)}
     ours, hf_in = tiny_batch(ROWS, padding="left")
     got = np.asarray(nnx.jit(lambda m, *a: m(*a) @ m.head_weight().T)(model, *_args(ours)))
     for i, row in enumerate(ROWS):
@@ -87,10 +93,11 @@ def test_scanned_pass_equals_layer_by_layer(tiny):
     model = load_pretrained(folder)
     apply_lora(model, rank=2, alpha=4.0, dropout=0.25, seed=0)
     set_options(model, remat="dots_with_no_batch_dims_saveable")
-    for name, dense in (("self", model.language_model.self_layers.mlp.up_proj),
-                        ("cross", model.language_model.cross_attn_layers.cross_attn.o_proj)):
+    layers = model.language_model.layers
+    for seed, dense in enumerate((layers["block_self_1"].mlp.up_proj, layers["block_cross"].cross_attn.o_proj,
+                                  layers["cross"].cross_attn.o_proj)):
         b = dense.lora_b
-        b.set_value(jax.random.normal(jax.random.key(len(name)), b.shape) * 0.1)
+        b.set_value(jax.random.normal(jax.random.key(seed), b.shape) * 0.1)
     model.train()
     ours, _ = tiny_batch(ROWS, padding="right", seed=2)
     ids, mask, images = _args(ours)
@@ -116,12 +123,13 @@ def test_scanned_pass_equals_layer_by_layer(tiny):
     assert want_flat.keys() == got_flat.keys() and len(want_flat) > 10
     for path, g in want_flat.items():
         np.testing.assert_allclose(np.asarray(got_flat[path]), np.asarray(g), rtol=1e-3, atol=1e-5)
-    assert np.abs(np.asarray(want_flat[("language_model", "cross_attn_layers", "cross_attn", "o_proj", "lora_a")]
-                             )).max() > 0  # every cross layer's adapter gets its gradient
+    for stack in ("block_cross", "cross"):  # every cross layer's adapter gets its gradient
+        grad = np.asarray(want_flat[("language_model", "layers", stack, "cross_attn", "o_proj", "lora_a")])
+        assert (np.abs(grad).reshape(grad.shape[0], -1).max(axis=1) > 0).all()
 
 
-def test_copies_of_both_stacks_compute_what_the_stacks_compute(tiny):
-    folder, _ = tiny
+def test_copies_of_every_stack_compute_what_the_stacks_compute(tiny):
+    folder, hf = tiny
     model = load_pretrained(folder)
     ours, _ = tiny_batch(ROWS, padding="left", seed=4)
     args = _args(ours)
@@ -132,14 +140,16 @@ def test_copies_of_both_stacks_compute_what_the_stacks_compute(tiny):
         return logps, tokens
 
     want = outputs()
-    before = np.asarray(model.language_model.cross_attn_layers.mlp.down_proj.kernel[...])
+    hf_weights = hf.state_dict()
     with layer_copies(model, "always") as attached, frozen(model):
         lm = model.language_model
         assert attached and len(lm.layer_copies) == LAYERS
-        np.testing.assert_array_equal(np.asarray(lm.layer_copies[6 + 2].mlp.down_proj.kernel[...]), before[2])
-        assert lm.cross_attn_layers.mlp.down_proj.kernel[...].shape == (0,)
+        for i in range(LAYERS):  # each HF layer's copy holds that layer's weights
+            np.testing.assert_array_equal(np.asarray(lm._layer(i).mlp.down_proj.kernel[...]),
+                                          hf_weights[f"model.language_model.layers.{i}.mlp.down_proj.weight"].numpy().T)
+        assert all(a.shape == (0,) for a in jax.tree.leaves(nnx.state(lm.layers, nnx.Param)))
         got = outputs()
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[1], want[1])
     assert (want[1] != PAD).any()
-    np.testing.assert_array_equal(np.asarray(model.language_model.cross_attn_layers.mlp.down_proj.kernel[...]), before)
+    assert model.language_model.layers["block_cross"].mlp.down_proj.kernel[...].shape[0] == 2  # the stack is back

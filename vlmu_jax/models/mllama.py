@@ -167,9 +167,10 @@ class DecodeState(NamedTuple):
 
 
 class Schedule(NamedTuple):
-    """How the decoder runs its first `len(kinds)` layers: `kinds[i]` is (is a cross layer, its index in its own
-    stack); layers first .. first + count * period - 1 run as `count` scanned blocks of `period` layers (period -
-    1 self-attention layers, then a cross layer), the others one by one (count 0: every layer)."""
+    """How the decoder runs its first `len(kinds)` layers: `kinds[i]` is (is a cross layer, its index among the
+    layers of its kind, which is its KV's index in a DecodeState); layers first .. first + count * period - 1 run
+    as `count` scanned blocks of `period` layers (period - 1 self-attention layers, then a cross layer), the
+    others one by one (count 0: every layer)."""
 
     kinds: tuple[tuple[bool, int], ...]
     first: int
@@ -196,9 +197,26 @@ def schedule(num_layers: int, cross_layers: tuple[int, ...], n_run: int, scan: b
     return Schedule(tuple(kinds), first, period, count if count >= 2 else 0)
 
 
+def stack_layout(num_layers: int, cross_layers: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Which HF layers each of the decoder's stacks holds, in stack order: ``block_self_j`` the j-th self layer of
+    every scanned block and ``block_cross`` their cross layers (the full-depth Schedule's blocks), ``self`` and
+    ``cross`` the layers run one by one. Why a stack per place in the block: a scan over stacks that hold exactly
+    its steps' layers takes each step's weights as its input, which the backward reuses; a layer sliced out of a
+    larger stack inside the step is saved for the backward, stacked into a second copy of the weights (Mllama's
+    11B LoRA step: 52.7 against 33.3 GB, bench/RESULTS.md session 15)."""
+    plan = schedule(num_layers, cross_layers, num_layers, scan=True)
+    block = range(plan.first, plan.first + plan.count * plan.period)
+    layout = {f"block_self_{j}": tuple(range(plan.first + j, block.stop, plan.period))
+              for j in range(plan.period - 1) if plan.count}
+    if plan.count:
+        layout["block_cross"] = tuple(range(block.start + plan.period - 1, block.stop, plan.period))
+    layout["self"] = tuple(i for i in range(num_layers) if i not in block and i not in cross_layers)
+    layout["cross"] = tuple(i for i in sorted(cross_layers) if i not in block)
+    return {name: ids for name, ids in layout.items() if ids}
+
+
 class MllamaTextModel(nnx.Module):
-    """embed_tokens (vocab + 8 rows), the self-attention layers stacked ([n_self, ...]) and the cross-attention
-    layers stacked ([n_cross, ...]), final norm (no head). The HF layer index of each slice is the name map's."""
+    """embed_tokens (vocab + 8 rows), the decoder layers in stacks (`stack_layout`), final norm (no head)."""
 
     def __init__(self, c: TextConfig, cross_layers: tuple[int, ...], *, dtype, rngs: nnx.Rngs):
         self.config = c
@@ -207,30 +225,35 @@ class MllamaTextModel(nnx.Module):
             (c.init_std * jax.random.normal(rngs.params(), (c.vocab_size + 8, c.hidden_size))).astype(dtype),
             axes=("vocab", "embed"),
         )
-        n_cross = len(self.cross_layers)
-        self.self_layers = llama_layer(c, stack=(c.num_layers - n_cross,), dtype=dtype, rngs=rngs)
-        self.cross_attn_layers = CrossDecoderLayer(c, stack=(n_cross,), dtype=dtype, rngs=rngs)
+        self.layout = tuple(stack_layout(c.num_layers, self.cross_layers).items())  # hashable: a static field
+        # string keys: Flax paths are ("layers", <stack>, ...), mapped to HF's layers.{i} by the name map
+        self.layers = nnx.Dict({
+            name: CrossDecoderLayer(c, stack=(len(ids),), dtype=dtype, rngs=rngs) if "cross" in name
+            else llama_layer(c, stack=(len(ids),), dtype=dtype, rngs=rngs)
+            for name, ids in self.layout
+        })
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        # Per-layer copies of both stacks' weights (self layers, then cross layers), attached only while a model
-        # is evaluated (eval/layer_copies.py).
+        # Per-layer copies of every stack's weights (in `layout` order), attached only while a model is evaluated
+        # (eval/layer_copies.py).
         self.layer_copies: nnx.List | None = nnx.data(None)
 
     def layer_stacks(self) -> tuple[tuple[nnx.Module, int], ...]:
         """The stacked layer modules and their depths, in the order `layer_copies` holds their copies."""
-        n_cross = len(self.cross_layers)
-        return (self.self_layers, self.config.num_layers - n_cross), (self.cross_attn_layers, n_cross)
+        return tuple((self.layers[name], len(ids)) for name, ids in self.layout)
 
-    def self_layer_ids(self) -> tuple[int, ...]:
-        """The HF layer index of each self-attention slice."""
-        return tuple(i for i in range(self.config.num_layers) if i not in self.cross_layers)
-
-    def _layer(self, cross: bool, j: int) -> nnx.Module:
-        """Layer j of a stack as a module: its attached copy, else a slice of the stack (a copy of its weights in
-        the program: decoding and scoring over the stack are right but slower; evaluation attaches copies)."""
-        if self.layer_copies is not None:
-            return self.layer_copies[j + cross * (self.config.num_layers - len(self.cross_layers))]
-        graphdef, state = nnx.split(self.cross_attn_layers if cross else self.self_layers)
-        return nnx.merge(graphdef, jax.tree.map(lambda a: a[j], state))
+    def _layer(self, i: int) -> nnx.Module:
+        """HF layer i as a module: its attached copy, else a slice of its stack (a copy of its weights in the
+        program: decoding and scoring over the stacks are right but slower; evaluation attaches copies)."""
+        offset = 0
+        for name, ids in self.layout:
+            if i in ids:
+                j = ids.index(i)
+                if self.layer_copies is not None:
+                    return self.layer_copies[offset + j]
+                graphdef, state = nnx.split(self.layers[name])
+                return nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], state))
+            offset += len(ids)
+        raise ValueError(f"no decoder layer {i}")
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         ids = jnp.clip(input_ids, 0, self.config.vocab_size + 7)
@@ -238,8 +261,7 @@ class MllamaTextModel(nnx.Module):
 
     def cross_kv(self, states: jax.Array, rng: jax.Array | None) -> tuple[KVCache, ...]:
         """Every cross layer's K/V of the projected vision states [B, N, D]."""
-        return tuple(self._layer(True, k).cross_attn.kv(states, fold(rng, 1000 + i))
-                     for k, i in enumerate(self.cross_layers))
+        return tuple(self._layer(i).cross_attn.kv(states, fold(rng, 1000 + i)) for i in self.cross_layers)
 
     def __call__(
         self,
@@ -300,31 +322,31 @@ class MllamaTextModel(nnx.Module):
                 if i == blocks.start:
                     h = self._run_blocks(plan, h, run, cross_kv)
                 continue
-            h, cache = run(i, kind, self._layer(*kind), h)
+            h, cache = run(i, kind, self._layer(i), h)
             if not kind[0]:
                 new_kv.append(cache)
         h = h if output_layer is not None else self.norm(h)
         return h, (None if self_kv is None else tuple(new_kv))
 
     def _run_blocks(self, plan: Schedule, h: jax.Array, run, cross_kv: tuple[KVCache, ...] | None) -> jax.Array:
-        """The Schedule's blocks as one lax.scan over the block index. Each step takes its layers out of the whole
-        stacks by index (a stack cut to the blocks' layers would be a copy of them on every call)."""
-        (self_graph, self_state), (cross_graph, cross_state) = (nnx.split(s) for s, _ in self.layer_stacks())
-        first_self, first_cross = plan.kinds[plan.first][1], plan.kinds[plan.first + plan.period - 1][1]
+        """The Schedule's blocks as one lax.scan whose steps take their layers' weights from the block stacks
+        (`stack_layout`; cut to the first `plan.count` blocks for a pass that stops inside the blocks)."""
+        names = [f"block_self_{j}" for j in range(plan.period - 1)] + ["block_cross"]
+        graphdefs, states = zip(*(nnx.split(self.layers[name]) for name in names), strict=True)
+        states = jax.tree.map(lambda a: a[: plan.count], states)
+        first_cross = plan.kinds[plan.first + plan.period - 1][1]
         kvs = None if cross_kv is None else jax.tree.map(
             lambda *a: jnp.stack(a), *cross_kv[first_cross : first_cross + plan.count])
 
         def block(h, xs):
-            n, kv = xs
-            for j in range(plan.period - 1):
-                layer = nnx.merge(self_graph, jax.tree.map(
-                    lambda a, j=j: a[first_self + n * (plan.period - 1) + j], self_state))
-                h, _ = run(plan.first + n * plan.period + j, (False, None), layer, h)
-            layer = nnx.merge(cross_graph, jax.tree.map(lambda a: a[first_cross + n], cross_state))
-            h, _ = run(plan.first + n * plan.period + plan.period - 1, (True, None), layer, h, kv)
+            n, layer_states, kv = xs
+            start = plan.first + n * plan.period
+            for j, (graphdef, state) in enumerate(zip(graphdefs, layer_states, strict=True)):
+                kind = (j == plan.period - 1, None)
+                h, _ = run(start + j, kind, nnx.merge(graphdef, state), h, kv if kind[0] else None)
             return h, None
 
-        h, _ = jax.lax.scan(block, h, (jnp.arange(plan.count), kvs))
+        h, _ = jax.lax.scan(block, h, (jnp.arange(plan.count), states, kvs))
         return h
 
 
@@ -458,21 +480,20 @@ _LEAVES = {
 
 def mllama_name_map(model: nnx.Module) -> dict[tuple[str, ...], HFParam]:
     """Flax path -> transformers-5 tensor name. Every layer stack is stacked ([L, ...] -> ``layers.{i}``): the
-    vision encoders' in order, the decoder's self-attention and cross-attention stacks at their HF layer
-    indices."""
-    lm = model.language_model
-    decoder = {"self_layers": lm.self_layer_ids(), "cross_attn_layers": lm.cross_layers}
+    vision encoders' in order, each of the decoder's stacks at the HF layer indices its `layout` gives."""
+    layout = dict(model.language_model.layout)
     out = {}
     for path, _ in base_params(model):
         if path == ("lm_head",):
             out[path] = HFParam("lm_head.weight", False, False)
             continue
         top, *mid, leaf = path
-        ids = decoder.get(mid[0]) if top == "language_model" and mid else None
+        ids = layout[mid[1]] if top == "language_model" and mid[:1] == ["layers"] else None
         stacked = ids is not None or (top == "vision_tower" and "layers" in mid)
         if ids is not None:
-            mid[0] = "layers"
-        mid = ["layers.{i}" if p == "layers" else p for p in mid]
+            mid = ["layers.{i}", *mid[2:]]
+        elif stacked:
+            mid = ["layers.{i}" if p == "layers" else p for p in mid]
         name, transpose = _LEAVES[leaf]
         out[path] = HFParam(".".join([_PREFIXES[top], *mid, name]), transpose, stacked, ids)
     return out
