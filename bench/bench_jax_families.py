@@ -79,8 +79,8 @@ def main() -> None:
     args = parser.parse_args()
     b, t_text = int(os.environ.get("B", 4)), int(os.environ.get("T", 128))
     t0 = time.perf_counter()
-    # Eager init: Mllama's unscanned decoder makes one jitted init of every layer's RNG ops compile for minutes
-    # on GPU; op by op, each parameter shape compiles once.
+    # Eager init: op by op, each parameter shape compiles once (one jitted init of a full-size Mllama, before its
+    # decoder was stacked, compiled for minutes on GPU).
     hf_config = FAMILIES[args.family][0]
     model = architecture(hf_config).model(model_config(hf_config), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     jax.block_until_ready(jax.tree.leaves(model))

@@ -145,7 +145,7 @@ def test_copies_of_every_stack_compute_what_the_stacks_compute(tiny):
         lm = model.language_model
         assert attached and len(lm.layer_copies) == LAYERS
         for i in range(LAYERS):  # each HF layer's copy holds that layer's weights
-            np.testing.assert_array_equal(np.asarray(lm._layer(i).mlp.down_proj.kernel[...]),
+            np.testing.assert_array_equal(np.asarray(lm.layer(i).mlp.down_proj.kernel[...]),
                                           hf_weights[f"model.language_model.layers.{i}.mlp.down_proj.weight"].numpy().T)
         assert all(a.shape == (0,) for a in jax.tree.leaves(nnx.state(lm.layers, nnx.Param)))
         got = outputs()

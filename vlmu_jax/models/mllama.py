@@ -241,7 +241,7 @@ class MllamaTextModel(nnx.Module):
         """The stacked layer modules and their depths, in the order `layer_copies` holds their copies."""
         return tuple((self.layers[name], len(ids)) for name, ids in self.layout)
 
-    def _layer(self, i: int) -> nnx.Module:
+    def layer(self, i: int) -> nnx.Module:
         """HF layer i as a module: its attached copy, else a slice of its stack (a copy of its weights in the
         program: decoding and scoring over the stacks are right but slower; evaluation attaches copies)."""
         offset = 0
@@ -261,7 +261,7 @@ class MllamaTextModel(nnx.Module):
 
     def cross_kv(self, states: jax.Array, rng: jax.Array | None) -> tuple[KVCache, ...]:
         """Every cross layer's K/V of the projected vision states [B, N, D]."""
-        return tuple(self._layer(i).cross_attn.kv(states, fold(rng, 1000 + i)) for i in self.cross_layers)
+        return tuple(self.layer(i).cross_attn.kv(states, fold(rng, 1000 + i)) for i in self.cross_layers)
 
     def __call__(
         self,
@@ -322,7 +322,7 @@ class MllamaTextModel(nnx.Module):
                 if i == blocks.start:
                     h = self._run_blocks(plan, h, run, cross_kv)
                 continue
-            h, cache = run(i, kind, self._layer(i), h)
+            h, cache = run(i, kind, self.layer(i), h)
             if not kind[0]:
                 new_kv.append(cache)
         h = h if output_layer is not None else self.norm(h)
