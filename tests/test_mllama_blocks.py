@@ -23,33 +23,35 @@ from vlmu_jax.models.lora import apply_lora
 from vlmu_jax.models.mllama import schedule, stack_layout
 from vlmu_jax.models.registry import set_options
 
-# 9 layers, cross-attention at 1, 4, 7: layers 0-1 one by one, blocks [2, 3, 4x] and [5, 6, 7x], then layer 8
-LAYERS, CROSS = 9, (1, 4, 7)
+# 10 layers, cross-attention at 2, 5, 8: a scan over layers 0-1, layer 2, blocks [3, 4, 5x] and [6, 7, 8x], layer 9
+LAYERS, CROSS = 10, (2, 5, 8)
 ROWS = [(3, 5, 2), (0, 2, 4), (4, 0, None), (2, 3, 1)]
 
 
 def test_schedule_of_llama_3_2_vision():
     cross = (3, 8, 13, 18, 23, 28, 33, 38)
     plan = schedule(40, cross, 40, scan=True)
-    assert (plan.first, plan.period, plan.count) == (4, 5, 7)  # layers 4..38: seven blocks, 3 and 39 alone
+    assert (plan.head, plan.first, plan.period, plan.count) == (3, 4, 5, 7)  # 0-2 scanned, 4..38 seven blocks
     assert plan.kinds[3] == (True, 0) and plan.kinds[4] == (False, 3) and plan.kinds[38] == (True, 7)
     assert plan.kinds[39] == (False, 31) and sum(not c for c, _ in plan.kinds) == 32
-    assert schedule(40, cross, 40, scan=False).count == 0
+    assert schedule(40, cross, 40, scan=False)[1:] == (0, 0, 1, 0)
+    assert schedule(40, cross, 2, scan=True).head == 2 and schedule(40, cross, 1, scan=True).head == 0
     assert schedule(40, cross, 14, scan=True).count == 2  # a hidden layer's pass: only whole blocks scan
     assert schedule(40, cross, 13, scan=True).count == 0  # one whole block is not worth a scan
-    assert schedule(40, (3, 8, 14, 18), 40, scan=True).count == 0  # uneven spacing: one by one
+    assert schedule(40, (3, 8, 14, 18), 40, scan=True)[1:] == (3, 0, 1, 0)  # uneven spacing: only the head scans
     assert len(schedule(40, cross, 12, scan=True).kinds) == 12
     layout = stack_layout(40, cross)
-    assert layout["block_self_0"] == (4, 9, 14, 19, 24, 29, 34) and layout["block_self_3"][-1] == 37
+    assert layout["head_self"] == (0, 1, 2) and layout["block_self"][:5] == (4, 5, 6, 7, 9)
+    assert len(layout["block_self"]) == 28 and layout["block_self"][-1] == 37
     assert layout["block_cross"] == (8, 13, 18, 23, 28, 33, 38)
-    assert layout["self"] == (0, 1, 2, 39) and layout["cross"] == (3,)
+    assert layout["self"] == (39,) and layout["cross"] == (3,)
     assert sorted(i for ids in layout.values() for i in ids) == list(range(40))
-    assert stack_layout(3, (1,)) == {"self": (0, 2), "cross": (1,)}  # no blocks: two stacks
+    assert stack_layout(3, (1,)) == {"self": (0, 2), "cross": (1,)}  # no blocks, a head of one layer
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mllama9")
+    folder = tmp_path_factory.mktemp("mllama10")
     hf = tiny_hf_model(seed=1, layers=LAYERS, cross=CROSS)
     hf.save_pretrained(folder)
     return folder, hf
@@ -63,9 +65,9 @@ def _args(batch):
 def test_scanned_blocks_match_hf(tiny):
     folder, hf = tiny
     model = load_pretrained(folder)
-    assert schedule(LAYERS, CROSS, LAYERS, scan=True).count == 2
-    assert dict(model.language_model.layout) == {"block_self_0": (2, 5), "block_self_1": (3, 6), "block_cross": (4, 7),
-                                           "self": (0, 8), "cross": (1,)}
+    assert schedule(LAYERS, CROSS, LAYERS, scan=True)[1:] == (2, 3, 3, 2)
+    assert dict(model.language_model.layout) == {"head_self": (0, 1), "block_self": (3, 4, 6, 7),
+                                                 "block_cross": (5, 8), "self": (9,), "cross": (2,)}
     ours, hf_in = tiny_batch(ROWS, padding="left")
     got = np.asarray(nnx.jit(lambda m, *a: m(*a) @ m.head_weight().T)(model, *_args(ours)))
     for i, row in enumerate(ROWS):
@@ -87,15 +89,15 @@ def test_export_names_each_slice_by_its_hf_layer(tiny, tmp_path):
 
 
 def test_scanned_pass_equals_layer_by_layer(tiny):
-    """Forward, a hidden layer's output (layer 7: both blocks scanned) and LoRA gradients under dropout (each
+    """Forward, a hidden layer's output (layer 8: both blocks scanned) and LoRA gradients under dropout (each
     layer's key folded from its HF index either way)."""
     folder, _ = tiny
     model = load_pretrained(folder)
     apply_lora(model, rank=2, alpha=4.0, dropout=0.25, seed=0)
     set_options(model, remat="dots_with_no_batch_dims_saveable")
     layers = model.language_model.layers
-    for seed, dense in enumerate((layers["block_self_1"].mlp.up_proj, layers["block_cross"].cross_attn.o_proj,
-                                  layers["cross"].cross_attn.o_proj)):
+    for seed, dense in enumerate((layers["head_self"].mlp.up_proj, layers["block_self"].self_attn.v_proj,
+                                  layers["block_cross"].cross_attn.o_proj, layers["cross"].cross_attn.o_proj)):
         b = dense.lora_b
         b.set_value(jax.random.normal(jax.random.key(seed), b.shape) * 0.1)
     model.train()
@@ -110,7 +112,7 @@ def test_scanned_pass_equals_layer_by_layer(tiny):
             return head_logprobs(hidden[:, :-1], m.head_weight(), ids[:, 1:]).sum()
 
         value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(m)
-        return value, grads, m(ids, mask, images, key, output_layer=7)
+        return value, grads, m(ids, mask, images, key, output_layer=8)
 
     scanned = outputs(model)
     set_options(model, scan_layers=False)

@@ -168,11 +168,13 @@ class DecodeState(NamedTuple):
 
 class Schedule(NamedTuple):
     """How the decoder runs its first `len(kinds)` layers: `kinds[i]` is (is a cross layer, its index among the
-    layers of its kind, which is its KV's index in a DecodeState); layers first .. first + count * period - 1 run
-    as `count` scanned blocks of `period` layers (period - 1 self-attention layers, then a cross layer), the
-    others one by one (count 0: every layer)."""
+    layers of its kind, which is its KV's index in a DecodeState). Layers 0 .. head - 1 (self-attention layers
+    before the first cross layer) run as one scan, layers first .. first + count * period - 1 as `count` scanned
+    blocks of `period` layers (a scan over the block's period - 1 self-attention layers, then its cross layer), the
+    others one by one (head 0, count 0: every layer)."""
 
     kinds: tuple[tuple[bool, int], ...]
+    head: int
     first: int
     period: int
     count: int
@@ -180,38 +182,43 @@ class Schedule(NamedTuple):
 
 def schedule(num_layers: int, cross_layers: tuple[int, ...], n_run: int, scan: bool) -> Schedule:
     """The decoder's Schedule. Llama-3.2-Vision's cross layers come every fifth layer (3, 8, .., 38): its 40
-    layers run as layers 0-3, seven scanned blocks [4 self + 1 cross] and layer 39. Why: unrolled, the LoRA
-    step's compile grew superlinearly with depth (25.7 / 63.0 / 210.8 s at 10 / 20 / 40 layers on a CPU,
-    bench/NOTES.md session 14), past ~95 s on an H200; a scanned block compiles once. Blocks need evenly spaced
-    cross layers; anything else runs unrolled."""
+    layers run as a scan over layers 0-2, layer 3, a scan over seven blocks [a scan over 4 self layers + 1 cross]
+    and layer 39, so a step compiles four layer bodies. Why: unrolled, the LoRA step's compile grew superlinearly
+    with depth (25.7 / 63.0 / 210.8 s at 10 / 20 / 40 layers on a CPU, bench/NOTES.md session 14) and LLaVA's
+    unrolled step did not compile within 150 s on an H200 (session 3). Blocks need evenly spaced cross layers;
+    anything else runs one by one. A scan over fewer than two layers or blocks is not worth its own body."""
     cross, kinds, n_self = sorted(cross_layers), [], 0
     for i in range(n_run):
         kinds.append((True, cross.index(i)) if i in cross else (False, n_self))
         n_self += i not in cross
+    head = min(cross[0], n_run) if scan else 0
     gaps = {b - a for a, b in zip(cross, cross[1:], strict=False)}
     if not scan or len(gaps) != 1:
-        return Schedule(tuple(kinds), 0, 1, 0)
+        return Schedule(tuple(kinds), head if head >= 2 else 0, 0, 1, 0)
     period = gaps.pop()
     first = cross[0] + 1
     count = min(len(cross) - 1, max(0, (n_run - first) // period))
-    return Schedule(tuple(kinds), first, period, count if count >= 2 else 0)
+    return Schedule(tuple(kinds), head if head >= 2 else 0, first, period, count if count >= 2 else 0)
 
 
 def stack_layout(num_layers: int, cross_layers: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Which HF layers each of the decoder's stacks holds, in stack order: ``block_self_j`` the j-th self layer of
-    every scanned block and ``block_cross`` their cross layers (the full-depth Schedule's blocks), ``self`` and
-    ``cross`` the layers run one by one. Why a stack per place in the block: a scan over stacks that hold exactly
-    its steps' layers takes each step's weights as its input, which the backward reuses; a layer sliced out of a
-    larger stack inside the step is saved for the backward, stacked into a second copy of the weights (Mllama's
-    11B LoRA step: 52.7 against 33.3 GB, bench/RESULTS.md session 15)."""
+    """Which HF layers each of the decoder's stacks holds, in stack order (the full-depth Schedule's parts):
+    ``head_self`` the self layers before the first cross layer, ``block_self`` the blocks' self layers block by
+    block (read as [count, period - 1, ...] by the scan, a free reshape), ``block_cross`` the blocks' cross layers,
+    ``self`` and ``cross`` the layers run one by one. Why a stack per scanned part: a scan over a stack that holds
+    exactly its steps' layers takes each step's weights as its input, which the backward reuses; a layer sliced out
+    of a larger stack inside the step is saved for the backward, stacked into a second copy of the weights
+    (Mllama's 11B LoRA step: 52.7 against 37.1 GiB, bench/RESULTS.md session 15)."""
     plan = schedule(num_layers, cross_layers, num_layers, scan=True)
     block = range(plan.first, plan.first + plan.count * plan.period)
-    layout = {f"block_self_{j}": tuple(range(plan.first + j, block.stop, plan.period))
-              for j in range(plan.period - 1) if plan.count}
-    if plan.count:
-        layout["block_cross"] = tuple(range(block.start + plan.period - 1, block.stop, plan.period))
-    layout["self"] = tuple(i for i in range(num_layers) if i not in block and i not in cross_layers)
-    layout["cross"] = tuple(i for i in sorted(cross_layers) if i not in block)
+    layout = {
+        "head_self": tuple(range(plan.head)),
+        "block_self": tuple(i for i in block if i not in cross_layers),
+        "block_cross": tuple(i for i in block if i in cross_layers),
+    }
+    placed = {i for ids in layout.values() for i in ids}
+    layout["self"] = tuple(i for i in range(num_layers) if i not in placed and i not in cross_layers)
+    layout["cross"] = tuple(i for i in sorted(cross_layers) if i not in placed)
     return {name: ids for name, ids in layout.items() if ids}
 
 
@@ -318,8 +325,10 @@ class MllamaTextModel(nnx.Module):
         blocks = range(plan.first, plan.first + plan.count * plan.period)
         new_kv = []
         for i, kind in enumerate(plan.kinds):
-            if i in blocks:
-                if i == blocks.start:
+            if i < plan.head or i in blocks:
+                if i == 0:
+                    h = self._scan_self(self._stack("head_self", plan.head), h, 0, run)
+                elif i == blocks.start:
                     h = self._run_blocks(plan, h, run, cross_kv)
                 continue
             h, cache = run(i, kind, self.layer(i), h)
@@ -328,26 +337,45 @@ class MllamaTextModel(nnx.Module):
         h = h if output_layer is not None else self.norm(h)
         return h, (None if self_kv is None else tuple(new_kv))
 
+    def _stack(self, name: str, n: int) -> tuple[nnx.GraphDef, nnx.State]:
+        """A stack's graphdef and the state of its first n layers (all of them unless a pass stops inside it)."""
+        graphdef, state = nnx.split(self.layers[name])
+        if n < len(dict(self.layout)[name]):
+            state = jax.tree.map(lambda a: a[:n], state)
+        return graphdef, state
+
+    @staticmethod
+    def _scan_self(stack: tuple[nnx.GraphDef, nnx.State], h: jax.Array, first: jax.Array | int, run) -> jax.Array:
+        """Self-attention layers first, first + 1, .. (their stacked state: `stack`) as one lax.scan."""
+        graphdef, state = stack
+
+        def step(h, xs):
+            j, layer_state = xs
+            h, _ = run(first + j, (False, None), nnx.merge(graphdef, layer_state), h)
+            return h, None
+
+        n = jax.tree.leaves(state)[0].shape[0]
+        return jax.lax.scan(step, h, (jnp.arange(n), state))[0]
+
     def _run_blocks(self, plan: Schedule, h: jax.Array, run, cross_kv: tuple[KVCache, ...] | None) -> jax.Array:
         """The Schedule's blocks as one lax.scan whose steps take their layers' weights from the block stacks
-        (`stack_layout`; cut to the first `plan.count` blocks for a pass that stops inside the blocks)."""
-        names = [f"block_self_{j}" for j in range(plan.period - 1)] + ["block_cross"]
-        graphdefs, states = zip(*(nnx.split(self.layers[name]) for name in names), strict=True)
-        states = jax.tree.map(lambda a: a[: plan.count], states)
-        first_cross = plan.kinds[plan.first + plan.period - 1][1]
+        (`stack_layout`): a scan over the block's self layers, then its cross layer."""
+        inner = plan.period - 1
+        self_graph, self_state = self._stack("block_self", plan.count * inner)
+        self_state = jax.tree.map(lambda a: a.reshape(plan.count, inner, *a.shape[1:]), self_state)
+        cross_graph, cross_state = self._stack("block_cross", plan.count)
+        first_cross = plan.kinds[plan.first + inner][1]
         kvs = None if cross_kv is None else jax.tree.map(
             lambda *a: jnp.stack(a), *cross_kv[first_cross : first_cross + plan.count])
 
         def block(h, xs):
-            n, layer_states, kv = xs
+            n, layer_states, cross_layer, kv = xs
             start = plan.first + n * plan.period
-            for j, (graphdef, state) in enumerate(zip(graphdefs, layer_states, strict=True)):
-                kind = (j == plan.period - 1, None)
-                h, _ = run(start + j, kind, nnx.merge(graphdef, state), h, kv if kind[0] else None)
+            h = self._scan_self((self_graph, layer_states), h, start, run)
+            h, _ = run(start + inner, (True, None), nnx.merge(cross_graph, cross_layer), h, kv)
             return h, None
 
-        h, _ = jax.lax.scan(block, h, (jnp.arange(plan.count), states, kvs))
-        return h
+        return jax.lax.scan(block, h, (jnp.arange(plan.count), self_state, cross_state, kvs))[0]
 
 
 # ------------------------------------------------------------------------------------------ full model
