@@ -67,7 +67,7 @@ def test_sampling_runs_and_respects_shape(tmp_path):
 
 def test_decode_over_slices_when_the_device_has_room(tmp_path, monkeypatch):
     """Weight slices (llama.SlicedCache) only on GPU and only when the device's free memory holds them with a tenth
-    to spare; Mllama (no stacked decoder) and CPU decode over the stacked weights."""
+    to spare; a model without a stacked decoder and CPU decode over the stacked weights."""
     from flax import nnx
 
     import vlmu_jax.eval.generate as gen

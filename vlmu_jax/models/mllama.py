@@ -14,11 +14,11 @@ branch of the cross layer (``full_text_row_masked_out_mask``), not the attention
 A row without an image (id 0) skips every cross layer, which is what HF computes for that row on its own
 (no pixel_values: cross layers are skipped); a batch with ``images=None`` skips them statically.
 
-Layers are heterogeneous, so the decoder keeps two stacks: the self-attention layers ([n_self, ...]) and the
-cross-attention layers ([n_cross, ...]). A pass without a cache runs evenly spaced cross layers' blocks [self
-layers + cross layer] as one scan (`schedule`; ``scan_layers``, which also scans the vision encoders); a pass
-with a cache runs layer by layer. ``remat`` wraps every decoder layer (and the vision layers through
-``run_layers``).
+Layers are heterogeneous, so the decoder keeps its layers in several stacks, one per part of the pass that runs
+as a scan (`stack_layout`). A pass without a cache runs the self layers before the first cross layer as one scan and
+the blocks between evenly spaced cross layers [self layers + cross layer] as another (`schedule`; ``scan_layers``,
+which also scans the vision encoders); a pass with a cache, or over the eval's per-layer copies, runs layer by
+layer. ``remat`` wraps every decoder layer (and the vision layers through ``run_layers``).
 
 Generation: ``prefill`` runs the vision model once, keeps every cross layer's projected (k-normed) K/V and
 the per-row mask in the decode state next to the self-attention KV cache; ``decode_step`` reuses them (a new
