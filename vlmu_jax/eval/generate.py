@@ -22,6 +22,7 @@ from flax import nnx
 from vlmu_jax.eval.frozen import model_jit
 from vlmu_jax.eval.layer_copies import decoder_of, room_for_copy
 from vlmu_jax.eval.prefill import cache_room, prefill, with_layer_weights, without_layer_copies
+from vlmu_jax.models.llama import DecoderLM
 
 
 def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -41,16 +42,19 @@ _SLICED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its
 
 
 def decode_over_slices(model: nnx.Module) -> bool:
-    """Whether to decode over per-layer weights (llama.SlicedCache): always while per-layer copies are attached
+    """Whether to decode over per-layer weights (llama.SlicedCache; a DecoderLM's only, Mllama's decoder runs layer
+    by layer over its copies or stack slices anyway): always while per-layer copies are attached
     (eval/layer_copies.py); else on GPU (where a scan over the stacked weights copies each layer's weights at
     every token) when the device has room to slice them per call (`room_for_copy`); else the stacked scan,
     which needs no second copy of the weights (a 7B model in bfloat16 still fits a 24 GB card). Decided once per
     model: a decision that flipped with the allocator's state between batches would recompile the loop."""
     lm = decoder_of(model)
-    if lm is not None and lm.layer_copies is not None:
+    if not isinstance(lm, DecoderLM):  # a decoder that decodes layer by layer anyway (Mllama) or none
+        return False
+    if lm.layer_copies is not None:
         return True
     if model not in _SLICED:
-        _SLICED[model] = lm is not None and room_for_copy(lm)
+        _SLICED[model] = room_for_copy(lm)
     return _SLICED[model]
 
 

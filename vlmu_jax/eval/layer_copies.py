@@ -52,7 +52,7 @@ def room_for_copy(lm: DecoderLM) -> bool:
     """On GPU, whether the first local device's free memory holds its share of one more copy of the stacked
     decoder weights with a tenth to spare (CPU and TPU: no, their scans do not copy the same way). For
     generation's per-call slices (eval/generate.py), which do sit beside the stack."""
-    return jax.default_backend() == "gpu" and room_for(tuple(stack for stack, _ in lm.layer_stacks()), 1.1)
+    return jax.default_backend() == "gpu" and room_for(lm.layers, 1.1)
 
 
 @partial(jax.jit, static_argnums=1)

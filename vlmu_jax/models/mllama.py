@@ -47,6 +47,7 @@ from vlmu_jax.models.layers import (
     fold,
     last_real,
     remat_call,
+    run_layers,
 )
 from vlmu_jax.models.llama import KVCache, TextConfig, layers_to_run, llama_layer
 from vlmu_jax.models.mllama_vision import MllamaVisionConfig, MllamaVisionModel
@@ -337,33 +338,28 @@ class MllamaTextModel(nnx.Module):
         h = h if output_layer is not None else self.norm(h)
         return h, (None if self_kv is None else tuple(new_kv))
 
-    def _stack(self, name: str, n: int) -> tuple[nnx.GraphDef, nnx.State]:
-        """A stack's graphdef and the state of its first n layers (all of them unless a pass stops inside it)."""
-        graphdef, state = nnx.split(self.layers[name])
-        if n < len(dict(self.layout)[name]):
-            state = jax.tree.map(lambda a: a[:n], state)
-        return graphdef, state
+    def _stack(self, name: str, n: int) -> nnx.Module:
+        """A stack as a module of its first n layers (itself unless a pass stops inside it)."""
+        stack = self.layers[name]
+        if n == len(dict(self.layout)[name]):
+            return stack
+        graphdef, state = nnx.split(stack)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[:n], state))
 
     @staticmethod
-    def _scan_self(stack: tuple[nnx.GraphDef, nnx.State], h: jax.Array, first: jax.Array | int, run) -> jax.Array:
-        """Self-attention layers first, first + 1, .. (their stacked state: `stack`) as one lax.scan."""
-        graphdef, state = stack
-
-        def step(h, xs):
-            j, layer_state = xs
-            h, _ = run(first + j, (False, None), nnx.merge(graphdef, layer_state), h)
-            return h, None
-
-        n = jax.tree.leaves(state)[0].shape[0]
-        return jax.lax.scan(step, h, (jnp.arange(n), state))[0]
+    def _scan_self(stack: nnx.Module, h: jax.Array, first: jax.Array | int, run) -> jax.Array:
+        """The self-attention layers first, first + 1, .. of a stack as one scan (`run` applies each layer's
+        remat)."""
+        n = jax.tree.leaves(nnx.state(stack))[0].shape[0]
+        return run_layers(stack, lambda layer, h, j: run(first + j, (False, None), layer, h), h, jnp.arange(n))[0]
 
     def _run_blocks(self, plan: Schedule, h: jax.Array, run, cross_kv: tuple[KVCache, ...] | None) -> jax.Array:
         """The Schedule's blocks as one lax.scan whose steps take their layers' weights from the block stacks
         (`stack_layout`): a scan over the block's self layers, then its cross layer."""
         inner = plan.period - 1
-        self_graph, self_state = self._stack("block_self", plan.count * inner)
+        self_graph, self_state = nnx.split(self._stack("block_self", plan.count * inner))
         self_state = jax.tree.map(lambda a: a.reshape(plan.count, inner, *a.shape[1:]), self_state)
-        cross_graph, cross_state = self._stack("block_cross", plan.count)
+        cross_graph, cross_state = nnx.split(self._stack("block_cross", plan.count))
         first_cross = plan.kinds[plan.first + inner][1]
         kvs = None if cross_kv is None else jax.tree.map(
             lambda *a: jnp.stack(a), *cross_kv[first_cross : first_cross + plan.count])
@@ -371,7 +367,7 @@ class MllamaTextModel(nnx.Module):
         def block(h, xs):
             n, layer_states, cross_layer, kv = xs
             start = plan.first + n * plan.period
-            h = self._scan_self((self_graph, layer_states), h, start, run)
+            h = self._scan_self(nnx.merge(self_graph, layer_states), h, start, run)
             h, _ = run(start + inner, (True, None), nnx.merge(cross_graph, cross_layer), h, kv)
             return h, None
 
@@ -456,13 +452,11 @@ class MllamaForConditionalGeneration(nnx.Module):
         return self.language_model
 
     def prefill(
-        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int,
-        *, sliced: bool = False,
+        self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None, cache_len: int
     ) -> tuple[jax.Array, DecodeState, jax.Array]:
         """As LlavaForConditionalGeneration.prefill (last real token's hidden state, decode state, valid cache
         slots), the prompt kept in its padding: its self-attention runs XLA's with the explicit mask. Decoding
-        runs one layer after another, over the attached per-layer copies or else over slices of the stacks, so
-        `sliced` (a SlicedCache for the stacked-scan decoders) asks for nothing more here."""
+        runs one layer after another, over the attached per-layer copies or else over slices of the stacks."""
         t, b = self.config.text, input_ids.shape[0]
         dtype = self.head_weight().dtype
         n_self = t.num_layers - len(self.config.cross_attention_layers)
