@@ -17,6 +17,11 @@ wall time of `batched.compile_ahead` (which compiles every program of a split si
 Everything else (building and saving models, loading checkpoints, tokenising, metrics) is the rest of the wall;
 of it, the eval row names the waits for each model's load and the attaching and detaching of its layer copies.
 Run from the repo root: `PYTHONPATH=. python bench/bench_pipeline.py --workdir DIR [--small]`.
+
+`--family mllama` / `--family idefics2` run the same stages at Llama-3.2-11B-Vision's / idefics2-8b's real shape
+(bench/family_shapes.py: the released config.json, with the demo tokenizer's vocabulary and special-token ids), and
+`--benchmark mllmu` runs MLLMU-Bench's preset (LoRA r16 stages, its eval sets) instead of FIUBench's. A full
+finetune of an 11B model does not fit one H200 with AdamW, so these families run MLLMU-Bench.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from bench import family_shapes
 from bench.bench_jax_llava import peak_gb
 from vlmu_jax import compile_cache, pipeline, presets, stages
 from vlmu_jax.eval import batched
 from vlmu_jax.eval.frozen import compiling
-from vlmu_jax.eval.tasks import fiubench
+from vlmu_jax.eval.tasks import fiubench, mllmu
+from vlmu_jax.models import tiny
 
 LLAVA_7B = dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, vision_hidden_size=1024,
                 vision_layers=24, vision_heads=16, image_size=336, patch_size=14, vocab_size=32064)
@@ -46,10 +53,34 @@ SMALL = dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, 
              vision_layers=2, vision_heads=4, image_size=336, patch_size=14, vocab_size=4096)
 
 
-def config(small: bool, steps: int, identities: int, objectives: str):
-    c = presets.fiubench("ga", template="llava-1.5", model_path="")
+TEMPLATES = {"llava": "llava-1.5", "mllama": "llama-3.2-vision", "idefics2": "idefics2"}
+# The released checkpoints' config.json and preprocessor_config.json (random weights are drawn from them).
+REAL_SHAPES = {"mllama": (family_shapes.MLLAMA, family_shapes.MLLAMA_PREPROCESSOR),
+               "idefics2": (family_shapes.IDEFICS2, family_shapes.IDEFICS2_PREPROCESSOR)}
+TOKEN_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def real_checkpoint(family: str):
+    """`pipeline.tiny_checkpoint` for `family` at its released shape: the released config's text, vision and
+    perceiver parts, with the tiny builder's token ids (the demo tokenizer's vocabulary, image and special tokens)."""
+    released, preprocessor = REAL_SHAPES[family]
+
+    def build(shape, ids):
+        config, _ = tiny.tiny_checkpoint(shape, ids)
+        for part in ("text_config", "vision_config", "perceiver_config"):
+            if part in released:
+                own = {k: config[part][k] for k in TOKEN_FIELDS if k in config.get(part, {})}
+                config[part] = {**released[part], **own}
+        return config, dict(preprocessor)
+
+    return build
+
+
+def config(small: bool, steps: int, identities: int, objectives: str, family: str = "llava",
+           benchmark: str = "fiubench"):
+    c = getattr(presets, benchmark)("ga", template=TEMPLATES[family], model_path="")
     c.model.tiny = True
-    c.model.tiny_shape.update(architecture="llava", text_model="llama", **(SMALL if small else LLAVA_7B))
+    c.model.tiny_shape.update(architecture=family, text_model="llama", **(SMALL if small else LLAVA_7B))
     c.data.synthetic_identities = identities
     c.unlearn.objective = objectives
     for stage in (c.finetune, c.retain_model, c.unlearn):
@@ -196,7 +227,13 @@ def main() -> None:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--identities", type=int, default=400)
+    parser.add_argument("--family", default="llava", choices=sorted(TEMPLATES),
+                        help="llava: LLaVA-1.5-7B's shape; mllama / idefics2: the released 11B / 8b shapes")
+    parser.add_argument("--benchmark", default="fiubench", choices=("fiubench", "mllmu"))
     parser.add_argument("--objectives", default="ga,gd,npo")
+    parser.add_argument("--drop_base_weights", action="store_true",
+                        help="delete the random base model's weight files once the finetune stage has read them "
+                             "(the tokenizer and processor stay): an 8B-11B run's four folders fill the disk")
     parser.add_argument("--eval_objective", default="npo")
     parser.add_argument("--eval_forget", default="forget1",
                         help="forget split the eval stage scores (FIUBench's own: forget10; forget1 fits a lease)")
@@ -209,7 +246,10 @@ def main() -> None:
                              "(finetuned, retain_model, unlearned_<eval_objective>), to time the eval stage alone")
     args = parser.parse_args()
     workdir = Path(args.workdir)
-    ws = pipeline.Workspace(config(args.small, args.steps, args.identities, args.objectives), workdir)
+    ws = pipeline.Workspace(config(args.small, args.steps, args.identities, args.objectives, args.family,
+                                   args.benchmark), workdir)
+    if args.family in REAL_SHAPES and not args.small:
+        pipeline.tiny_checkpoint = real_checkpoint(args.family)
     ws.config.eval.shared_prompts = not args.whole_rows
     compile_cache.configure(ws.config.compilation_cache_dir)  # as runner.run does
     results = []
@@ -246,6 +286,9 @@ def main() -> None:
         getattr(stages, stage)(ws)
         wall = time.perf_counter() - t0
         report(f"{stage} {objective}".strip(), wall, *train_compute(workdir, names))
+        if stage == "finetune" and args.drop_base_weights:
+            for f in ws.base_model.glob("*.safetensors*"):
+                f.unlink()
         if objective and objective != args.eval_objective:
             pipeline.wait_for_writes(ws.model_dir(names[0]))  # written in the background
             shutil.rmtree(ws.model_dir(names[0]))
@@ -262,6 +305,7 @@ def main() -> None:
     gen = CallTimer(batched.generate, lambda a, k: int(np.shape(a[1])[0]) * k["max_new_tokens"])
     batched.token_logprobs, batched.continuation_logprobs, batched.generate = score, shared, gen
     fiubench.compile_ahead = timed_compile_ahead(fiubench.compile_ahead)
+    mllmu.compile_ahead = timed_compile_ahead(mllmu.compile_ahead)
     host = HostTimer()
     stages._loaded_ahead, stages.layer_copies = host.loads(stages._loaded_ahead), host.copies(stages.layer_copies)
     ws.config.data.forget_split = args.eval_forget  # default forget1 / retain5: the same batches, fewer of them
