@@ -116,3 +116,45 @@ def test_fp16_checkpoint_loads_as_bf16_sharded(tmp_path):
         np.testing.assert_array_equal(np.asarray(g), expect, err_msg=str(path))
         split += len(g.sharding.device_set) == 8 and any(s is not None for s in g.sharding.spec)
     assert split > 10 and jax.device_count() == 8
+
+
+def test_load_holds_at_most_its_host_byte_budget(tmp_path, monkeypatch):
+    """Params are read from several threads, but only as many at once as fit the host byte budget; a budget
+    smaller than any param reads them one at a time. The loaded model is the same either way."""
+    import threading
+    import time
+
+    from flax import nnx
+
+    from vlmu_jax.checkpoints import hf_import
+
+    folder, _ = save_tiny(tmp_path / "src", "llama")
+    inner, lock = hf_import._make_array, threading.Lock()
+
+    def loads_at_once(budget: int) -> tuple[int, dict]:
+        at_once = [0, 0]  # now, most
+
+        def counted(*args, **kwargs):
+            with lock:
+                at_once[0] += 1
+                at_once[1] = max(at_once)
+            time.sleep(0.02)  # long enough for the other threads to start theirs if the budget lets them
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                with lock:
+                    at_once[0] -= 1
+
+        monkeypatch.setattr(hf_import, "_LOAD_HOST_BYTES", budget)
+        monkeypatch.setattr(hf_import, "_make_array", counted)
+        state = nnx.to_flat_state(nnx.state(load_pretrained(folder)))
+        return at_once[1], {k: np.asarray(v.get_value()) for k, v in state}
+
+    one, tight = loads_at_once(1)
+    many, roomy = loads_at_once(1 << 30)
+    assert one == 1
+    if hf_import._LOAD_THREADS > 1:
+        assert many > 1
+    assert tight.keys() == roomy.keys() and len(tight) > 10
+    for k in tight:
+        np.testing.assert_array_equal(tight[k], roomy[k])

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,33 @@ SAFETENSORS_DTYPES = {
 # Params read and placed at once. Why: a load's host copies (memory map -> numpy, numpy -> device) ran one param at
 # a time on one thread: a 7B folder took 7.6 s (1.8 GB/s) on an H200 host with 16 cores, 3 s from 8 threads.
 _LOAD_THREADS = min(8, os.cpu_count() or 1)
+# Host bytes a load's threads hold at once. Why: each thread reads a whole param to the host before placing it, and
+# a stacked param is every layer's tensor at once (3.3 GB for Llama-3.2-11B-Vision's [28, 14336, 4096] MLP kernels),
+# so 8 threads could hold ~26 GB of host memory beside whatever else the run holds (bench/NOTES.md item 5). 8 GiB
+# still lets two of a 7B model's largest stacked params (2.9 GB each) load side by side.
+_LOAD_HOST_BYTES = 8 << 30
+
+
+class _ByteBudget:
+    """Lets a reader start once its bytes fit under the bytes in flight; a param over the whole budget waits
+    until nothing else is held, then reads alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        n = min(nbytes, self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.held + n <= self.limit)
+            self.held += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= n
+                self._cond.notify_all()
 
 
 def _read_json(path: Path) -> Any:
@@ -149,6 +178,10 @@ class TensorIndex:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name][1]["shape"])
 
+    def nbytes(self, name: str) -> int:
+        start, end = self.entries[name][1]["data_offsets"]
+        return end - start
+
     def get(self, name: str) -> np.ndarray:
         path, info, base = self.entries[name]
         start, end = info["data_offsets"]
@@ -200,10 +233,12 @@ def load_pretrained(
     """
     folder = Path(path)
     graphdef, state, index, plan = _checked_plan(folder, dtype, options)
+    budget = _ByteBudget(_LOAD_HOST_BYTES)
 
     def make(entry) -> jax.Array:
         var, hp, names, shape = entry
-        return _make_array(index, names, hp, shape, dtype, placement(var, mesh))
+        with budget.hold(sum(index.nbytes(name) for name in names)):
+            return _make_array(index, names, hp, shape, dtype, placement(var, mesh))
 
     with ThreadPoolExecutor(_LOAD_THREADS, thread_name_prefix="load") as pool:
         for (var, *_), value in zip(plan, pool.map(make, plan), strict=True):
@@ -245,4 +280,5 @@ def _make_array(
         return np.stack([one(names[i], idx[1:]) for i in range(len(names))[idx[0]]])
 
     raw = jax.make_array_from_callback(stored, swapped(sharding, len(shape)) if transpose else sharding, callback)
+    raw.block_until_ready()  # on the devices: the host copies it was made from can go (load_pretrained's budget)
     return to_model(raw, transpose, dtype, sharding)
