@@ -5,9 +5,8 @@ Why the last: the in-process tests run tiny models a few times, so their time is
 LLVM's optimisation of the generated code is most of a compile. Without it the suite took 45 instead of 54
 CPU-minutes from a cold compilation cache on a 2-core machine like CI's (a Mllama gradient test: 64 instead of 128
 CPU-seconds), computing the same programs: the optimisation level changes how the code is scheduled, not what it
-computes. The CLI runs that
-tests start set their own XLA_FLAGS without it: they train and generate for long enough that unoptimised code
-made them slower (the demo's pipeline 188 -> 277 s).
+computes. The CLI runs that tests start set their own XLA_FLAGS without it: they train and generate for long
+enough that unoptimised code made them slower (the demo's pipeline 188 -> 277 s).
 XLA_FLAGS must be set before jax is first imported, which is why this lives in conftest.
 """
 
