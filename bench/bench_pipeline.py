@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import resource
 import shutil
 import threading
 import time
@@ -205,6 +206,12 @@ def _covered(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def host_peak_gb() -> float:
+    """The process's resident-set high-water mark so far (Linux reports ru_maxrss in KiB): what the host must hold
+    for the stages run until now, the folders being written in the background included."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def train_compute(workdir: Path, names: list[str]) -> tuple[float, float, int]:
     """(compute s, compile s, tokens) of the trainer runs `names` from their metrics.jsonl."""
     compute = compile_ = 0.0
@@ -260,7 +267,8 @@ def main() -> None:
                "compute_share": round(compute / wall, 3), "tokens": tokens,
                "tokens_per_s_wall": round(tokens / wall, 1),
                "tokens_per_s_compute": round(tokens / compute, 1) if compute else None,
-               "process_peak_gb": None if (peak := peak_gb()) is None else round(peak, 1), **extra}
+               "process_peak_gb": None if (peak := peak_gb()) is None else round(peak, 1),
+               "host_peak_gb": round(host_peak_gb(), 1), **extra}
         results.append(row)
         print(json.dumps(row), flush=True)
 
