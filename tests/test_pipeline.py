@@ -103,11 +103,14 @@ def test_models_from_memory_score_like_their_folders(demo_run: tuple[Path, str])
             for n in ("finetuned", "unlearned_ga", "disk_finetuned", "disk_unlearned_ga")}
     for name in ("finetuned", "unlearned_ga"):
         assert logs[f"disk_{name}"] == logs[name], name
+    # two models over copies in one stage: each is dropped with its copies attached (its stack is not rebuilt)
     log = _main(demo, "--config.stages=eval", "--config.eval.layer_copies=always",
-                f"--config.eval.models=copies_finetuned={demo / 'models' / 'finetuned'}")
-    assert "eval copies_finetuned: decoder weights copied per layer" in log
-    copies = json.loads((demo / "eval_results" / "copies_finetuned" / "eval_log_aggregated.json").read_text())
-    _assert_same_log(copies, logs["finetuned"])
+                f"--config.eval.models=copies_finetuned={demo / 'models' / 'finetuned'},"
+                f"copies_unlearned_ga={demo / 'models' / 'unlearned_ga'}")
+    for name in ("finetuned", "unlearned_ga"):
+        assert f"eval copies_{name}: decoder weights copied per layer" in log
+        copies = json.loads((demo / "eval_results" / f"copies_{name}" / "eval_log_aggregated.json").read_text())
+        _assert_same_log(copies, logs[name])
 
 
 def _assert_same_log(got, want, where: str = "") -> None:

@@ -407,7 +407,8 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         with timed(f"eval {name}: model loaded"):
             model = next(loads)
         judge = judge or _judge(ws)
-        with layer_copies(model, ws.config.eval.layer_copies) as copied, \
+        # restore=False: the model is dropped below (every model eval gets is its own), so its stack is not rebuilt
+        with layer_copies(model, ws.config.eval.layer_copies, restore=False) as copied, \
                 frozen(model, compile_ahead=ws.config.eval.compile_ahead):
             if copied:
                 say(f"eval {name}: decoder weights copied per layer for evaluation, in place of the stack (no "
