@@ -1,0 +1,75 @@
+"""Host memory and time of models held between stages (`checkpoints.in_memory.ModelCache`), by memory kind.
+
+Why: the pipeline at Llama-3.2-11B-Vision's shape (bench/RESULTS.md, session 17, call 56) peaked at 98.5 GB of
+host memory with two 18 GB models held. Held params live in a host memory space of the devices; on a GPU the
+`pinned_host` space is XLA's pinned-host BFC pool, which grows by doubling regions (up to
+XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB, 64 GiB by default) and never gives memory back. This times `put` (device ->
+host) and `load` (host -> device) of a random model at the released shape and reads the process's resident set
+and the system's shared memory (where pinned pages show) after each, for the memory kind given.
+
+    PYTHONPATH=. python bench/bench_held_models.py --kind pinned_host|unpinned_host [--family mllama|idefics2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from bench import family_shapes
+from vlmu_jax.checkpoints import in_memory
+from vlmu_jax.models.registry import init_model
+
+SHAPES = {"mllama": family_shapes.MLLAMA, "idefics2": family_shapes.IDEFICS2}
+
+
+def _gb(file: str, field: str) -> float:
+    """A `field: N kB` line of a /proc file, in GB."""
+    line = next(ln for ln in Path(file).read_text().splitlines() if ln.startswith(field + ":"))
+    return round(int(line.split()[1]) / 2**20, 1)
+
+
+def memory() -> dict[str, float]:
+    return {"rss_gb": _gb("/proc/self/status", "VmRSS"), "rss_peak_gb": _gb("/proc/self/status", "VmHWM"),
+            "shmem_gb": _gb("/proc/meminfo", "Shmem")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kind", default="pinned_host")
+    parser.add_argument("--family", default="mllama", choices=sorted(SHAPES))
+    args = parser.parse_args()
+    device = jax.devices()[0]
+    print(json.dumps({"memories": [m.kind for m in device.addressable_memories()], "kind": args.kind}), flush=True)
+
+    def to_host(x: jax.Array) -> jax.Array:
+        return jax.device_put(x, x.sharding.with_memory_kind(args.kind), may_alias=False)
+
+    in_memory._to_host = to_host
+    t0 = time.perf_counter()
+    model = init_model(SHAPES[args.family], seed=0, dtype=jnp.bfloat16)
+    jax.block_until_ready(jax.tree.leaves(model))
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(model))
+    print(json.dumps({"init_s": round(time.perf_counter() - t0, 1), "model_gb": round(nbytes / 2**30, 1),
+                      **memory()}), flush=True)
+    cache = in_memory.ModelCache(2)
+    folders = [Path(f"/tmp/held_{i}") for i in range(3)]
+    for folder in folders:  # the third put drops the first model: does its memory come back?
+        t0 = time.perf_counter()
+        cache.put(folder, model)
+        print(json.dumps({"put": folder.name, "s": round(time.perf_counter() - t0, 2), **memory()}), flush=True)
+    del model
+    for folder in folders[1:]:
+        t0 = time.perf_counter()
+        loaded = cache.load(folder, jnp.bfloat16)
+        jax.block_until_ready(jax.tree.leaves(loaded))
+        print(json.dumps({"load": folder.name, "s": round(time.perf_counter() - t0, 2), **memory()}), flush=True)
+        del loaded
+
+
+if __name__ == "__main__":
+    main()
