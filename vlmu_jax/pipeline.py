@@ -137,7 +137,7 @@ class Workspace:
 
     @cached_property
     def models(self) -> ModelCache:
-        """Models saved by this run's stages, kept in pinned host memory for the stages that load them next."""
+        """Models saved by this run's stages, kept in host memory for the stages that load them next."""
         return ModelCache(self.config.model.keep_in_memory)
 
     def load(self, name: str | Path):

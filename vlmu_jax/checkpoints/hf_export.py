@@ -10,7 +10,7 @@ import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,9 @@ from jax.experimental import multihost_utils
 from vlmu_jax.checkpoints.hf_import import SAFETENSORS_DTYPES
 from vlmu_jax.checkpoints.layout import to_stored
 from vlmu_jax.models.registry import abstract_model, hf_name_map
+
+if TYPE_CHECKING:
+    from vlmu_jax.checkpoints.in_memory import HostCopy
 
 _DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
@@ -83,7 +86,7 @@ class _Param(NamedTuple):
     in the Flax layout, and whether HF stores it transposed."""
 
     names: list[str]
-    value: jax.Array  # on its devices in the Flax layout, or (`export_held`) in pinned host memory as stored
+    value: jax.Array | HostCopy  # on its devices in the Flax layout, or (`export_held`) in host memory as stored
     stacked: bool
     transpose: bool  # the folder stores `value` with its last two axes swapped (never a held value)
 
@@ -99,7 +102,7 @@ class _Param(NamedTuple):
         return list(host) if self.stacked else [host]
 
 
-def _hf_params(model: nnx.Module, stored: dict[tuple, jax.Array] | None = None) -> list[_Param]:
+def _hf_params(model: nnx.Module, stored: dict[tuple, HostCopy] | None = None) -> list[_Param]:
     """The model's exported params in export order: `stored` by param path, as the folder stores them (default:
     the model's own on its devices, LoRA merged, in the Flax layout)."""
     merged = merged_params(model) if stored is None else stored
@@ -125,9 +128,9 @@ def export_hf(model: nnx.Module, out_dir: str | Path, dtype=None, max_shard_byte
     return _write_folder(Path(out_dir), config, params, dtype, max_shard_bytes)
 
 
-def export_held(out_dir: str | Path, hf_config: dict, stored: dict[tuple, jax.Array],
+def export_held(out_dir: str | Path, hf_config: dict, stored: dict[tuple, HostCopy],
                 max_shard_bytes: int = 4 * 2**30) -> Path:
-    """The folder `export_hf` writes, from a model held in pinned host memory as the folder stores it
+    """The folder `export_hf` writes, from a model held in host memory as the folder stores it
     (`in_memory.ModelCache`: its config.json, its params in HF layout and the folder's dtype): no device work and
     no host transposes, only bytes to the disk, so a thread can write it while the next stage trains."""
     params = _hf_params(abstract_model(hf_config, jnp.float32), stored)

@@ -1,16 +1,20 @@
-"""Models handed from one stage to the next in device memory instead of through their HF folders.
+"""Models handed from one stage to the next in memory instead of through their HF folders.
 
 `stages` runs finetune -> unlearn -> eval in one process, and each stage used to load what the previous one had
 just exported (about 20 s per save + reload at 7B). The folders are still written (they are the results users
-take away); `ModelCache` also keeps the exported params on the accelerator and builds the next stage's model
+take away); `ModelCache` also keeps the exported params in host memory and builds the next stage's model
 from them exactly as `load_pretrained` builds it from the folder: the same config.json, the values cast to the
 folder's dtype and then to the load dtype, the same sharding. Every model it hands out gets its own copy of the
 arrays, since the trainer donates (and so invalidates) the arrays of the model it trains.
 
-Held params live in pinned host memory, sharded like the model: a 7B model in bfloat16 is 13.5 GiB of host RAM
-per model and nothing on the accelerator, whose memory the next stage's training needs (a full 7B finetune with
-AdamW fills most of an 80 GB GPU), and copying it back takes about a second, not an export and a reload. At most
-`capacity` models are held; the least recently saved or loaded goes first.
+Held params live in the host's ordinary (pageable) memory, one numpy block per distinct shard this process
+holds (`HostCopy`): a 7B model in bfloat16 is 13.5 GiB of host RAM per model and nothing on the accelerator,
+whose memory the next stage's training needs (a full 7B finetune with AdamW fills most of an 80 GB GPU), and
+copying it back takes seconds, not an export and a reload. At most `capacity` models are held; the least recently
+saved or loaded goes first. Not the devices' `pinned_host` memory space: on a GPU that is XLA's pinned-host pool,
+which grows by doubling regions up to a 64 GiB cap (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB) and never gives memory
+back; at Llama-3.2-11B-Vision's shape two held 19.9 GB models took the whole 64 GiB, their first copies out took
+26.4 s and 18.4 s while the pool grew, and the pipeline's host peak reached 98.5 GB (bench/RESULTS.md, session 17).
 
 They are held as the folder stores them (HF layout, the folder's dtype), cast and transposed on the devices on
 the way in and out, so that `hf_export.export_held` only streams bytes to the disk. Held in the Flax layout, the
@@ -26,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, Sharding
 
 from vlmu_jax.checkpoints.hf_export import merged_params, saved_config
 from vlmu_jax.checkpoints.hf_import import runtime_summary
@@ -37,10 +42,66 @@ from vlmu_jax.models.registry import abstract_model, hf_name_map
 from vlmu_jax.models.sharding import placement
 
 
+def _block_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """A shard's index as (start, stop) per axis: the same block on two devices gets the same key."""
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+
+
+def _own(x: jax.Array) -> np.ndarray:
+    """`x`'s value in host memory of its own (on the CPU backend `np.asarray` is a view of the device buffer)."""
+    host = np.asarray(x)
+    return host.copy() if x.platform() == "cpu" else host
+
+
+@dataclass(frozen=True)
+class HostCopy:
+    """A device array's value in the host's pageable memory: one numpy block per distinct shard this process holds
+    (a block replicated over several devices is held once), and the placement it had on the devices."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    sharding: Sharding
+    blocks: dict[tuple[tuple[int, int], ...], np.ndarray]
+
+    @classmethod
+    def of(cls, x: jax.Array) -> HostCopy:
+        distinct = {}
+        for shard in x.addressable_shards:
+            distinct.setdefault(_block_key(shard.index, x.shape), shard.data)
+        for data in distinct.values():  # every block's transfer under way before the first is waited for
+            data.copy_to_host_async()
+        return cls(tuple(x.shape), np.dtype(x.dtype), x.sharding, {k: _own(d) for k, d in distinct.items()})
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_fully_addressable(self) -> bool:
+        return self.sharding.is_fully_addressable
+
+    def on_devices(self, sharding: Sharding) -> jax.Array:
+        """A new array of this value, placed by `sharding` (built where it was, then moved if that differs)."""
+        x = jax.make_array_from_callback(self.shape, self.sharding,
+                                         lambda index: self.blocks[_block_key(index, self.shape)])
+        # may_alias=False: on the CPU backend `x` may share the held blocks' memory, and the trainer donates the
+        # arrays of the model it trains
+        return jax.device_put(x, sharding.with_memory_kind("device"), may_alias=False)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """The whole value, from a process that holds every block of it (the background writer's case)."""
+        whole = self.blocks.get(tuple((0, n) for n in self.shape))
+        if whole is None:
+            whole = np.empty(self.shape, self.dtype)
+            for key, block in self.blocks.items():
+                whole[tuple(slice(*k) for k in key)] = block
+        return whole if dtype is None else whole.astype(dtype)
+
+
 @dataclass(frozen=True)
 class _Held:
     hf_config: dict  # config.json as the folder holds it
-    params: dict[tuple, jax.Array]  # param path -> value as the folder stores it: HF layout, the folder's dtype
+    params: dict[tuple, HostCopy]  # param path -> value as the folder stores it: HF layout, the folder's dtype
 
 
 class ModelCache:
@@ -61,15 +122,15 @@ class ModelCache:
         names = hf_name_map(model)
         params = {}
         for path, value in merged_params(model).items():
-            # One param at a time: its transposed device copy is gone before the next one is made (the copies to
-            # the host are asynchronous, and a 7B model's worth of them would not fit beside a full finetune).
-            params[path] = jax.block_until_ready(_to_host(to_stored(value, names[path].swaps(value.ndim), dtype)))
+            # One param at a time: its transposed device copy is gone before the next one is made (a 7B model's
+            # worth of them would not fit beside a full finetune).
+            params[path] = HostCopy.of(to_stored(value, names[path].swaps(value.ndim), dtype))
         # json round trip: tuples become lists, as in the folder's config.json
         config = json.loads(json.dumps(saved_config(model, next(iter(params.values())).dtype)))
         self._held[key] = _Held(config, params)
 
-    def held(self, folder: Path) -> tuple[dict, dict[tuple, jax.Array]] | None:
-        """(config.json as the folder holds it, the params as the folder stores them, in pinned host memory) of
+    def held(self, folder: Path) -> tuple[dict, dict[tuple, HostCopy]] | None:
+        """(config.json as the folder holds it, the params as the folder stores them, in host memory) of
         the model held for `folder`, or None: what `hf_export.export_held` writes the folder from."""
         held = self._held.get(folder.resolve())
         return None if held is None else (held.hf_config, held.params)
@@ -88,18 +149,8 @@ class ModelCache:
         for path, hp in paths.items():
             var, stored = flat[path], held.params[path]
             sharding, transpose = placement(var, mesh), hp.swaps(stored.ndim)
-            on_device = _copy(stored, swapped(sharding, stored.ndim) if transpose else sharding)
+            on_device = stored.on_devices(swapped(sharding, stored.ndim) if transpose else sharding)
             var.set_value(to_model(on_device, transpose, dtype, sharding))
         model = nnx.merge(graphdef, state)
         logging.info("%s, from memory", runtime_summary(model, folder, dtype))
         return model
-
-
-def _to_host(x: jax.Array) -> jax.Array:
-    """A copy of `x` in pinned host memory, sharded as `x` is."""
-    return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"), may_alias=False)
-
-
-def _copy(x: jax.Array, sharding) -> jax.Array:
-    """A new buffer in `sharding`'s device memory (never an alias of `x`)."""
-    return jax.device_put(x, sharding.with_memory_kind("device"), may_alias=False)
