@@ -95,6 +95,8 @@ class HostCopy:
             whole = np.empty(self.shape, self.dtype)
             for key, block in self.blocks.items():
                 whole[tuple(slice(*k) for k in key)] = block
+        elif copy:  # the held block itself otherwise
+            whole = whole.copy()
         return whole if dtype is None else whole.astype(dtype)
 
 
