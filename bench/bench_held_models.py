@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bench import family_shapes
+from bench.bench_pipeline import host_peak_gb
 from vlmu_jax.checkpoints import in_memory
 from vlmu_jax.models.registry import init_model
 
@@ -35,7 +36,7 @@ def _gb(file: str, field: str) -> float:
 
 
 def memory() -> dict[str, float]:
-    return {"rss_gb": _gb("/proc/self/status", "VmRSS"), "rss_peak_gb": _gb("/proc/self/status", "VmHWM"),
+    return {"rss_gb": _gb("/proc/self/status", "VmRSS"), "rss_peak_gb": round(host_peak_gb(), 1),
             "shmem_gb": _gb("/proc/meminfo", "Shmem")}
 
 

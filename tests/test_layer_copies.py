@@ -78,12 +78,12 @@ def test_copies_compute_what_the_stack_computes(tmp_path, text):
     for path, value in before.items():
         np.testing.assert_array_equal(np.asarray(after[path]), value)
     assert hf_name_map(model) == names
+    np.testing.assert_allclose(_outputs(model, batch)[0], want[0], rtol=1e-6, atol=1e-6)
     # restore=False (a model dropped after evaluation): the copies stay attached, the stack is not rebuilt
     with layer_copies(model, "always", restore=False) as attached:
         assert attached
     assert len(model.decoder_lm().layer_copies) == model.config.text.num_layers
     assert all(a.shape == (0,) for a in jax.tree.leaves(nnx.state(model.decoder_lm().layers, nnx.Param)))
-    np.testing.assert_allclose(_outputs(model, batch)[0], want[0], rtol=1e-6, atol=1e-6)
 
 
 def test_sharded_copies_keep_the_stack_placement(tmp_path):

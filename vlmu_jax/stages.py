@@ -407,7 +407,7 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         with timed(f"eval {name}: model loaded"):
             model = next(loads)
         judge = judge or _judge(ws)
-        # restore=False: the model is dropped below (every model eval gets is its own), so its stack is not rebuilt
+        # restore=False: the model is its own (loaded or built from held params) and unused after this block
         with layer_copies(model, ws.config.eval.layer_copies, restore=False) as copied, \
                 frozen(model, compile_ahead=ws.config.eval.compile_ahead):
             if copied:
