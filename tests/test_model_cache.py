@@ -16,7 +16,7 @@ from flax import nnx
 from tests.tiny_models import tiny_config
 from vlmu_jax.checkpoints.hf_export import export_held, export_hf
 from vlmu_jax.checkpoints.hf_import import load_pretrained
-from vlmu_jax.checkpoints.in_memory import ModelCache
+from vlmu_jax.checkpoints.in_memory import ModelCache, _HostCopier
 from vlmu_jax.models import lora
 from vlmu_jax.models.registry import init_model
 from vlmu_jax.models.sharding import make_mesh
@@ -86,10 +86,14 @@ def test_capacity_drops_the_least_recently_used(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("save_dtype", [None, jnp.bfloat16])
-def test_folder_written_from_the_held_copy_is_the_exported_one(tmp_path: Path, save_dtype) -> None:
+def test_folder_written_from_the_held_copy_is_the_exported_one(tmp_path: Path, save_dtype,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A model trained on a (data, fsdp, tensor) mesh, held sharded in host memory in HF layout: the folder
     written from that copy alone (no device work) has the files, and the bytes, of `export_hf`'s, sharded files
-    included."""
+    included. Each block is copied out of its staging buffer by several host threads (a chunk of 1 kB each here,
+    64 MB in use), into memory of its own."""
+    monkeypatch.setattr(_HostCopier, "_CHUNK", 1024)
+    monkeypatch.setattr(_HostCopier, "_THREADS", 3)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     first = tmp_path / "first"
     export_hf(lora.merge_lora(_trained()), first)
@@ -100,7 +104,8 @@ def test_folder_written_from_the_held_copy_is_the_exported_one(tmp_path: Path, s
     config, params = cache.held(tmp_path / "b")
     # In pageable host memory, each distinct block once: over (data=2, fsdp=2, tensor=2) a param held by 8 devices
     # is at most 4 distinct blocks (rows over data are replicas), and the blocks add up to the param's size.
-    assert all(isinstance(b, np.ndarray) for v in params.values() for b in v.blocks.values())
+    assert all(isinstance(b, np.ndarray) and b.flags.owndata for v in params.values() for b in v.blocks.values())
+    assert max(b.nbytes for v in params.values() for b in v.blocks.values()) > 3 * 1024  # split over 3 threads
     assert all(sum(b.nbytes for b in v.blocks.values()) == np.prod(v.shape) * v.dtype.itemsize
                for v in params.values())
     assert max(len(v.blocks) for v in params.values()) == 4

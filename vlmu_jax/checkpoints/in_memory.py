@@ -15,6 +15,10 @@ saved or loaded goes first. Not the devices' `pinned_host` memory space: on a GP
 which grows by doubling regions up to a 64 GiB cap (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB) and never gives memory
 back; at Llama-3.2-11B-Vision's shape two held 19.9 GB models took the whole 64 GiB, their first copies out took
 26.4 s and 18.4 s while the pool grew, and the pipeline's host peak reached 98.5 GB (bench/RESULTS.md, session 17).
+That space still serves as a staging area on the way out (`_HostCopier`): a copy from the devices into pageable
+memory ran at ~1.9 GB/s on an H200 (~11.5 s per 11B model, with or without several copies at once), one into
+pinned memory at ~40 GB/s, and host threads then copy each staged param into its numpy block; only the params in
+flight (two at a time) are pinned.
 
 They are held as the folder stores them (HF layout, the folder's dtype), cast and transposed on the devices on
 the way in and out, so that `hf_export.export_held` only streams bytes to the disk. Held in the Flax layout, the
@@ -25,7 +29,10 @@ to write beside the next stage instead of ~20 s in the foreground (bench/NOTES.m
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +54,14 @@ def _block_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[
     return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
 
 
+def _distinct_shards(x: jax.Array) -> dict[tuple[tuple[int, int], ...], jax.Array]:
+    """The data of each distinct block of `x` this process holds (a block replicated over devices once)."""
+    distinct = {}
+    for shard in x.addressable_shards:
+        distinct.setdefault(_block_key(shard.index, x.shape), shard.data)
+    return distinct
+
+
 def _own(x: jax.Array) -> np.ndarray:
     """`x`'s value in host memory of its own (on the CPU backend `np.asarray` is a view of the device buffer)."""
     host = np.asarray(x)
@@ -65,9 +80,8 @@ class HostCopy:
 
     @classmethod
     def of(cls, x: jax.Array) -> HostCopy:
-        distinct = {}
-        for shard in x.addressable_shards:
-            distinct.setdefault(_block_key(shard.index, x.shape), shard.data)
+        """`x`'s value copied straight into pageable memory (see `_HostCopier` for the faster way out)."""
+        distinct = _distinct_shards(x)
         for data in distinct.values():  # every block's transfer under way before the first is waited for
             data.copy_to_host_async()
         return cls(tuple(x.shape), np.dtype(x.dtype), x.sharding, {k: _own(d) for k, d in distinct.items()})
@@ -100,6 +114,53 @@ class HostCopy:
         return whole if dtype is None else whole.astype(dtype)
 
 
+class _HostCopier:
+    """Device arrays -> `HostCopy`s through the devices' `pinned_host` memory space, two arrays in flight.
+
+    Why staged: a device -> pageable copy ran at ~1.9 GB/s on an H200, a device -> pinned one at ~40 GB/s, and a
+    pinned -> pageable copy runs on the host's cores in parallel. The staged array is dropped once its blocks are
+    copied out, so XLA's pinned pool only grows to the params in flight. Where the devices have no pinned_host
+    space the arrays are copied straight into pageable memory (`HostCopy.of`).
+    """
+
+    _THREADS = min(8, os.cpu_count() or 1)
+    _CHUNK = 64 << 20  # bytes per host thread's share of a block's copy, at least
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.pool = pool
+
+    def copies(self, arrays: Iterable[jax.Array]) -> Iterator[HostCopy]:
+        """A `HostCopy` of each array, in order; an array's transfer starts before the previous one is copied out
+        (the iterable is read one ahead, so make each array as it is read to bound the device memory)."""
+        staged = None
+        for x in arrays:
+            kinds = {m.kind for m in next(iter(x.devices())).addressable_memories()}
+            if "pinned_host" not in kinds:
+                yield HostCopy.of(x)
+                continue
+            # may_alias=False: on the CPU backend the staged array could otherwise be `x` itself
+            upcoming = (x.sharding, jax.device_put(x, x.sharding.with_memory_kind("pinned_host"), may_alias=False))
+            if staged is not None:
+                yield self._copy_out(*staged)
+            staged = upcoming
+        if staged is not None:
+            yield self._copy_out(*staged)
+
+    def _copy_out(self, sharding: Sharding, staged: jax.Array) -> HostCopy:
+        blocks = {key: self._block(np.asarray(data)) for key, data in _distinct_shards(staged).items()}
+        return HostCopy(tuple(staged.shape), np.dtype(staged.dtype), sharding, blocks)
+
+    def _block(self, src: np.ndarray) -> np.ndarray:
+        """A pageable copy of `src` (a view of pinned memory on a GPU), its bytes split over the host threads."""
+        dst = np.empty_like(src)
+        src_bytes, dst_bytes = src.reshape(-1).view(np.uint8), dst.reshape(-1).view(np.uint8)
+        parts = max(1, min(self._THREADS, src_bytes.size // self._CHUNK))
+        bounds = np.linspace(0, src_bytes.size, parts + 1).astype(int)
+        list(self.pool.map(lambda i: np.copyto(dst_bytes[bounds[i]:bounds[i + 1]], src_bytes[bounds[i]:bounds[i + 1]]),
+                           range(parts)))
+        return dst
+
+
 @dataclass(frozen=True)
 class _Held:
     hf_config: dict  # config.json as the folder holds it
@@ -122,11 +183,12 @@ class ModelCache:
         while len(self._held) >= self.capacity:
             self._held.popitem(last=False)
         names = hf_name_map(model)
-        params = {}
-        for path, value in merged_params(model).items():
-            # One param at a time: its transposed device copy is gone before the next one is made (a 7B model's
-            # worth of them would not fit beside a full finetune).
-            params[path] = HostCopy.of(to_stored(value, names[path].swaps(value.ndim), dtype))
+        merged = merged_params(model)
+        # Each param's transposed device copy is made as the copier reads it, so two are on the devices at a time
+        # (a 7B model's worth of them would not fit beside a full finetune).
+        stored = (to_stored(value, names[path].swaps(value.ndim), dtype) for path, value in merged.items())
+        with ThreadPoolExecutor(_HostCopier._THREADS) as pool:
+            params = dict(zip(merged, _HostCopier(pool).copies(stored), strict=True))
         # json round trip: tuples become lists, as in the folder's config.json
         config = json.loads(json.dumps(saved_config(model, next(iter(params.values())).dtype)))
         self._held[key] = _Held(config, params)
