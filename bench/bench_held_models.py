@@ -9,9 +9,11 @@ the process's resident set and the system's shared memory (where pinned pages sh
 `--kind pinned_host` holds the params in that memory space instead of pageable numpy blocks, as before.
 `--copy direct` copies each param straight into pageable memory (session 17's way; ~1.9 GB/s on an H200, no
 faster with 8 params' copies at once, call 59) instead of through a pinned staging buffer (`_HostCopier`).
+`--load pinned` builds each loaded param in the devices' pinned_host space first, then copies it to the devices
+(a trial: loads copy straight from the numpy blocks).
 
     PYTHONPATH=. python bench/bench_held_models.py [--kind pageable|pinned_host] [--family mllama|idefics2]
-        [--copy staged|direct]
+        [--copy staged|direct] [--load direct|pinned]
 """
 
 from __future__ import annotations
@@ -48,10 +50,18 @@ def main() -> None:
     parser.add_argument("--kind", default="pageable", choices=("pageable", "pinned_host"))
     parser.add_argument("--family", default="mllama", choices=sorted(SHAPES))
     parser.add_argument("--copy", default="staged", choices=("staged", "direct"))
+    parser.add_argument("--load", default="direct", choices=("direct", "pinned"))
     args = parser.parse_args()
     device = jax.devices()[0]
     print(json.dumps({"memories": [m.kind for m in device.addressable_memories()], "kind": args.kind,
-                      "copy": args.copy}), flush=True)
+                      "copy": args.copy, "load": args.load}), flush=True)
+    if args.load == "pinned":
+        def on_devices(self, sharding):
+            x = jax.make_array_from_callback(self.shape, self.sharding.with_memory_kind("pinned_host"),
+                                             lambda index: self.blocks[in_memory._block_key(index, self.shape)])
+            return jax.device_put(x, sharding.with_memory_kind("device"), may_alias=False)
+
+        in_memory.HostCopy.on_devices = on_devices
     if args.copy == "direct":
         in_memory._HostCopier.copies = lambda self, arrays: map(in_memory.HostCopy.of, arrays)
 
