@@ -15,10 +15,11 @@ saved or loaded goes first. Not the devices' `pinned_host` memory space: on a GP
 which grows by doubling regions up to a 64 GiB cap (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB) and never gives memory
 back; at Llama-3.2-11B-Vision's shape two held 19.9 GB models took the whole 64 GiB, their first copies out took
 26.4 s and 18.4 s while the pool grew, and the pipeline's host peak reached 98.5 GB (bench/RESULTS.md, session 17).
-That space still serves as a staging area on the way out (`_HostCopier`): a copy from the devices into pageable
-memory ran at ~1.9 GB/s on an H200 (~11.5 s per 11B model, with or without several copies at once), one into
-pinned memory at ~40 GB/s, and host threads then copy each staged param into its numpy block; only the params in
-flight (two at a time) are pinned.
+That space still serves as a staging area (`_HostCopier`): a copy from the devices into pageable memory ran at
+~1.7 GB/s on an H200 (11.6-13.5 s per 11B model, with or without several copies at once), one into pinned memory
+at ~40 GB/s, and host threads then copy each staged param into its numpy block, so that a put after the first took
+1.8-2.4 s; only the params in flight (two at a time) are pinned, a pool of 10 GB at 11B (bench/RESULTS.md,
+session 18). Loads build each param there before copying it to the devices.
 
 They are held as the folder stores them (HF layout, the folder's dtype), cast and transposed on the devices on
 the way in and out, so that `hf_export.export_held` only streams bytes to the disk. Held in the Flax layout, the
@@ -62,6 +63,11 @@ def _distinct_shards(x: jax.Array) -> dict[tuple[tuple[int, int], ...], jax.Arra
     return distinct
 
 
+def _has_pinned(sharding: Sharding) -> bool:
+    """Whether the devices of `sharding` have a pinned_host memory space (GPUs, TPUs and the CPU backend do)."""
+    return "pinned_host" in {m.kind for m in next(iter(sharding.device_set)).addressable_memories()}
+
+
 def _own(x: jax.Array) -> np.ndarray:
     """`x`'s value in host memory of its own (on the CPU backend `np.asarray` is a view of the device buffer)."""
     host = np.asarray(x)
@@ -95,8 +101,12 @@ class HostCopy:
         return self.sharding.is_fully_addressable
 
     def on_devices(self, sharding: Sharding) -> jax.Array:
-        """A new array of this value, placed by `sharding` (built where it was, then moved if that differs)."""
-        x = jax.make_array_from_callback(self.shape, self.sharding,
+        """A new array of this value, placed by `sharding` (built where it was, then moved if that differs).
+
+        Built in the devices' pinned_host space first where they have one: at 11B a load took 3.9 / 1.9 s so,
+        5.9 / 2.5 s straight from pageable memory, and the pinned pool did not grow (bench/RESULTS.md, call 61)."""
+        source = self.sharding.with_memory_kind("pinned_host") if _has_pinned(self.sharding) else self.sharding
+        x = jax.make_array_from_callback(self.shape, source,
                                          lambda index: self.blocks[_block_key(index, self.shape)])
         # may_alias=False: on the CPU backend `x` may share the held blocks' memory, and the trainer donates the
         # arrays of the model it trains
@@ -117,7 +127,7 @@ class HostCopy:
 class _HostCopier:
     """Device arrays -> `HostCopy`s through the devices' `pinned_host` memory space, two arrays in flight.
 
-    Why staged: a device -> pageable copy ran at ~1.9 GB/s on an H200, a device -> pinned one at ~40 GB/s, and a
+    Why staged: a device -> pageable copy ran at ~1.7 GB/s on an H200, a device -> pinned one at ~40 GB/s, and a
     pinned -> pageable copy runs on the host's cores in parallel. The staged array is dropped once its blocks are
     copied out, so XLA's pinned pool only grows to the params in flight. Where the devices have no pinned_host
     space the arrays are copied straight into pageable memory (`HostCopy.of`).
@@ -134,8 +144,7 @@ class _HostCopier:
         (the iterable is read one ahead, so make each array as it is read to bound the device memory)."""
         staged = None
         for x in arrays:
-            kinds = {m.kind for m in next(iter(x.devices())).addressable_memories()}
-            if "pinned_host" not in kinds:
+            if not _has_pinned(x.sharding):
                 yield HostCopy.of(x)
                 continue
             # may_alias=False: on the CPU backend the staged array could otherwise be `x` itself
