@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from tests.tiny_models import tiny_config
+from vlmu_jax.checkpoints import in_memory
 from vlmu_jax.checkpoints.hf_export import export_held, export_hf
 from vlmu_jax.checkpoints.hf_import import load_pretrained
 from vlmu_jax.checkpoints.in_memory import ModelCache, _HostCopier
@@ -91,9 +92,14 @@ def test_folder_written_from_the_held_copy_is_the_exported_one(tmp_path: Path, s
     """A model trained on a (data, fsdp, tensor) mesh, held sharded in host memory in HF layout: the folder
     written from that copy alone (no device work) has the files, and the bytes, of `export_hf`'s, sharded files
     included. Each block is copied out of its staging buffer by several host threads (a chunk of 1 kB each here,
-    64 MB in use), into memory of its own."""
+    64 MB in use), into memory of its own; params above STAGE_MAX_BYTES (4 kB here) are copied straight out, in
+    between the staged ones, and the folder's order is kept."""
     monkeypatch.setattr(_HostCopier, "_CHUNK", 1024)
     monkeypatch.setattr(_HostCopier, "_THREADS", 3)
+    monkeypatch.setattr(in_memory, "STAGE_MAX_BYTES", 4096)
+    direct = []
+    monkeypatch.setattr(in_memory.HostCopy, "of", classmethod(
+        lambda cls, x, of=in_memory.HostCopy.of.__func__: direct.append(x.shape) or of(cls, x)))
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     first = tmp_path / "first"
     export_hf(lora.merge_lora(_trained()), first)
@@ -109,6 +115,7 @@ def test_folder_written_from_the_held_copy_is_the_exported_one(tmp_path: Path, s
     assert all(sum(b.nbytes for b in v.blocks.values()) == np.prod(v.shape) * v.dtype.itemsize
                for v in params.values())
     assert max(len(v.blocks) for v in params.values()) == 4
+    assert 0 < len(direct) < len(params)  # both ways out were taken
     # Held as the folder stores it (HF layout): the writer streams bytes, it transposes nothing on the host.
     kernel = params[("language_model", "layers", "mlp", "down_proj", "kernel")]
     flax_kernel = model.language_model.layers.mlp.down_proj.kernel[...]

@@ -63,9 +63,17 @@ def _distinct_shards(x: jax.Array) -> dict[tuple[tuple[int, int], ...], jax.Arra
     return distinct
 
 
-def _has_pinned(sharding: Sharding) -> bool:
-    """Whether the devices of `sharding` have a pinned_host memory space (GPUs, TPUs and the CPU backend do)."""
-    return "pinned_host" in {m.kind for m in next(iter(sharding.device_set)).addressable_memories()}
+# The largest param (this process's blocks of it) copied through pinned_host: XLA's pinned pool keeps what it grew
+# to, up to a 64 GiB cap, and two params are staged at a time. Llama-3.2-11B-Vision's largest is 3.3 GB; a 90B
+# model's stacked MLP kernels (~38 GB each) go the slow way rather than fill the pool.
+STAGE_MAX_BYTES = 8 << 30
+
+
+def _staged(sharding: Sharding, nbytes: int) -> bool:
+    """Whether a param of `nbytes` on this process goes through pinned_host: where the devices of `sharding` have
+    that memory space (GPUs, TPUs and the CPU backend do) and it is at most STAGE_MAX_BYTES."""
+    kinds = {m.kind for m in next(iter(sharding.device_set)).addressable_memories()}
+    return "pinned_host" in kinds and nbytes <= STAGE_MAX_BYTES
 
 
 def _own(x: jax.Array) -> np.ndarray:
@@ -105,7 +113,8 @@ class HostCopy:
 
         Built in the devices' pinned_host space first where they have one: at 11B a load took 3.9 / 1.9 s so,
         5.9 / 2.5 s straight from pageable memory, and the pinned pool did not grow (bench/RESULTS.md, call 61)."""
-        source = self.sharding.with_memory_kind("pinned_host") if _has_pinned(self.sharding) else self.sharding
+        staged = _staged(self.sharding, sum(b.nbytes for b in self.blocks.values()))
+        source = self.sharding.with_memory_kind("pinned_host") if staged else self.sharding
         x = jax.make_array_from_callback(self.shape, source,
                                          lambda index: self.blocks[_block_key(index, self.shape)])
         # may_alias=False: on the CPU backend `x` may share the held blocks' memory, and the trainer donates the
@@ -130,7 +139,7 @@ class _HostCopier:
     Why staged: a device -> pageable copy ran at ~1.7 GB/s on an H200, a device -> pinned one at ~40 GB/s, and a
     pinned -> pageable copy runs on the host's cores in parallel. The staged array is dropped once its blocks are
     copied out, so XLA's pinned pool only grows to the params in flight. Where the devices have no pinned_host
-    space the arrays are copied straight into pageable memory (`HostCopy.of`).
+    space, or a param is larger than STAGE_MAX_BYTES, it is copied straight into pageable memory (`HostCopy.of`).
     """
 
     _THREADS = min(8, os.cpu_count() or 1)
@@ -144,13 +153,16 @@ class _HostCopier:
         (the iterable is read one ahead, so make each array as it is read to bound the device memory)."""
         staged = None
         for x in arrays:
-            if not _has_pinned(x.sharding):
-                yield HostCopy.of(x)
-                continue
-            # may_alias=False: on the CPU backend the staged array could otherwise be `x` itself
-            upcoming = (x.sharding, jax.device_put(x, x.sharding.with_memory_kind("pinned_host"), may_alias=False))
+            if _staged(x.sharding, sum(d.nbytes for d in _distinct_shards(x).values())):
+                # may_alias=False: on the CPU backend the staged array could otherwise be `x` itself
+                upcoming = (x.sharding, jax.device_put(x, x.sharding.with_memory_kind("pinned_host"),
+                                                       may_alias=False))
+            else:
+                upcoming = None
             if staged is not None:
                 yield self._copy_out(*staged)
+            if upcoming is None:
+                yield HostCopy.of(x)
             staged = upcoming
         if staged is not None:
             yield self._copy_out(*staged)
