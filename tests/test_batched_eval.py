@@ -166,3 +166,62 @@ def test_passes_together_equal_passes_alone(workspace: Workspace) -> None:
         np.testing.assert_array_equal(a.logps, b.logps)
     for a, b in zip(tokens.out, generate_rows(model, prompts, **common, **generating), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_rows_per_batch_under_a_token_cap() -> None:
+    """Rows of a batch padded to `length`: the batch size while it fits the cap, else what fits, in whole steps of
+    the data-parallel shards and at least one step."""
+    from vlmu_jax.eval.batched import rows_per_batch
+
+    assert rows_per_batch(640, 16, 32768) == 16  # 10240 positions fit
+    assert rows_per_batch(8570, 16, 32768) == 3  # 25710 fit, 34280 would not
+    assert rows_per_batch(8570, 16, 32768, multiple=2) == 2
+    assert rows_per_batch(40000, 16, 32768, multiple=4) == 4  # never fewer than one row per shard
+    assert rows_per_batch(8570, 16, 0) == 16  # no cap
+
+
+def test_token_cap_splits_long_rows_and_keeps_every_result(workspace: Workspace) -> None:
+    """Under `max_batch_tokens` the rows whose batches would exceed it go in smaller batches of their own padded
+    length, after the others; every row is scored and generated once, to what the uncapped passes give, and
+    compile_ahead compiles the capped shapes too."""
+    from vlmu_jax.eval.batched import _eval_source, _SplitSource, compile_ahead
+    from vlmu_jax.eval.frozen import frozen
+
+    ws = workspace
+    model = ws.load("base")
+    examples = examples_from(ws.bench.identities)[:24]
+    long = [dataclasses.replace(e, answer=" ".join([e.answer] * 12)) for e in examples[::3]]
+    rows = [encode(e, ws.text_config) for e in examples + long]
+    prompts = generation_rows(examples[:10], ws.text_config)
+    common = dict(batch_size=8, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn)
+    generating = dict(eos_token_id=ws.tokenizer.eos_token_id, max_new_tokens=5)
+    uncapped = _eval_source(rows, 8, common["pad_token_id"], ws.image_fn, left_pad=False)
+    lengths = sorted({uncapped.padded_length(i) for i in range(len(uncapped))})
+    assert len(lengths) >= 2
+    cap = 8 * lengths[0]  # batches of the shortest length stay at 8 rows, longer ones get fewer
+    capped = _eval_source(rows, 8, common["pad_token_id"], ws.image_fn, left_pad=False, max_batch_tokens=cap)
+    assert isinstance(capped, _SplitSource) and len(capped) > len(uncapped)
+    seen = set()
+    for i in range(len(capped)):
+        idx = capped.global_indices(i)
+        assert len(idx) * capped.padded_length(i) <= cap or len(idx) == 1
+        assert all(len(rows[j].input_ids) <= capped.padded_length(i) for j in idx)
+        seen.update(idx.tolist())
+    assert seen == set(range(len(rows)))
+    prompt_cap = 3 * _eval_source(prompts, 8, common["pad_token_id"], ws.image_fn, left_pad=True).padded_length(0)
+    assert isinstance(_eval_source(prompts, 8, common["pad_token_id"], ws.image_fn, left_pad=True,
+                                   max_batch_tokens=prompt_cap), _SplitSource)
+    want_scores = score_rows(model, rows, **common)
+    want_tokens = generate_rows(model, prompts, **common, **generating)
+    with frozen(model):
+        compile_ahead(model, to_score=[rows], **common, **generating, max_batch_tokens=cap)
+        compile_ahead(model, to_generate=[prompts], **common, **generating, max_batch_tokens=prompt_cap)
+        COUNTER.active, COUNTER.count = True, 0
+        scores = score_rows(model, rows, **common, max_batch_tokens=cap)
+        tokens = generate_rows(model, prompts, **common, **generating, max_batch_tokens=prompt_cap)
+        COUNTER.active = False
+    assert COUNTER.count == 0, f"{COUNTER.count} compilations after compile_ahead"
+    for a, b in zip(scores, want_scores, strict=True):
+        np.testing.assert_allclose(a.logps, b.logps, rtol=1e-5, atol=1e-5)
+    for a, b in zip(tokens, want_tokens, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -140,6 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 16
+    # Padded prompt positions per eval batch, at most: batches of longer rows get fewer rows (eval.batched
+    # .rows_per_batch), so a KV cache of batch_size x ~8.6k tokens (MLLMU-Bench's few-shot images at LLaVA-1.5's
+    # 576 tokens each) does not run the device out of memory. 0 = batch_size rows whatever their length.
+    c.eval.max_batch_tokens = 32768
     c.eval.retain_split = "retain15"  # FIUBench eval.yaml pairs forget splits with retain5 / retain15
     c.eval.max_new_tokens = 50
     # Per-layer copies of the decoder's stacked weights in place of the stack while a model is evaluated
@@ -248,6 +252,8 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.eval.layer_copies must be one of {LAYER_COPIES}, got {e.layer_copies!r}")
     if e.load_ahead not in LAYER_COPIES:
         raise ValueError(f"config.eval.load_ahead must be one of {LAYER_COPIES}, got {e.load_ahead!r}")
+    if e.max_batch_tokens < 0:
+        raise ValueError(f"config.eval.max_batch_tokens must be >= 0 (0 = no cap), got {e.max_batch_tokens}")
     if e.judge_backend not in ("openai", "local"):
         raise ValueError(f"config.eval.judge_backend must be 'openai' or 'local', got {e.judge_backend!r}")
     if e.judge_backend == "local":

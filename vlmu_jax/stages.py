@@ -386,7 +386,7 @@ def _runner(ws: Workspace):
 
     return Runner(text=ws.eval_text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.eval_image_fn,
                   max_new_tokens=ws.config.eval.max_new_tokens, protocol=ws.protocol, mesh=ws.mesh,
-                  shared_prompts=ws.config.eval.shared_prompts)
+                  shared_prompts=ws.config.eval.shared_prompts, max_batch_tokens=ws.config.eval.max_batch_tokens)
 
 
 def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs

@@ -374,5 +374,9 @@ class ExampleSource:
         """The length global batch `index` is padded to (without collating it)."""
         return bucket_length(max(len(self.rows[i].input_ids) for i in self.global_indices(index)), self.buckets)
 
+    def host_indices(self, index: int) -> np.ndarray:
+        """Row indices of global batch `index` that this host feeds."""
+        return self.global_indices(index)[self.host]
+
     def get(self, index: int) -> dict[str, Any]:
-        return self._collate([self.rows[i] for i in self.global_indices(index)[self.host]])
+        return self._collate([self.rows[i] for i in self.host_indices(index)])

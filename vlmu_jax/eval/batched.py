@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource
+from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length, row_buckets
 from vlmu_jax.data.prefetch import prefetched
 from vlmu_jax.eval.frozen import compile_only, compiles_ahead
 from vlmu_jax.eval.generate import decode_over_slices, generate
@@ -43,7 +44,7 @@ class AnswerScores:
         return float(-self.logps.mean())
 
 
-def _batches(source: ExampleSource, desc: str):
+def _batches(source: ExampleSource | _SplitSource, desc: str):
     """(batch, row indices) for every batch, each row index reported once (the last batch wraps)."""
     seen: set[int] = set()
     made = prefetched(source.get, range(len(source)))  # the next batches are made while the device runs this one
@@ -95,15 +96,83 @@ def _gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _score_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int, image_fn: Callable) -> ExampleSource:
-    return ExampleSource(list(rows), global_batch_size=batch_size, pad_token_id=pad_token_id, image_fn=image_fn,
-                         shuffle=False)
+@dataclass(frozen=True)
+class _Part:
+    source: ExampleSource
+    rows: np.ndarray  # the part's rows' indices in the whole pass's rows
 
 
-def _generate_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int,
-                     image_fn: Callable) -> ExampleSource:
-    return ExampleSource(list(rows), global_batch_size=batch_size, pad_token_id=pad_token_id, image_fn=image_fn,
-                         shuffle=False, left_pad=True)
+class _SplitSource:
+    """Several `ExampleSource`s over parts of a pass's rows, read one after another as one source: the batches of
+    rows too long for the pass's batch size under its token cap, at a smaller batch size per padded length."""
+
+    def __init__(self, parts: Sequence[_Part]):
+        self.parts = list(parts)
+        self._where = [(part, j) for part in self.parts for j in range(len(part.source))]
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def global_indices(self, index: int) -> np.ndarray:
+        part, j = self._where[index]
+        return part.rows[part.source.global_indices(j)]
+
+    def host_indices(self, index: int) -> np.ndarray:
+        part, j = self._where[index]
+        return part.rows[part.source.host_indices(j)]
+
+    def padded_length(self, index: int) -> int:
+        part, j = self._where[index]
+        return part.source.padded_length(j)
+
+    def get(self, index: int) -> dict[str, Any]:
+        part, j = self._where[index]
+        return part.source.get(j)
+
+
+def rows_per_batch(length: int, batch_size: int, max_batch_tokens: int, multiple: int = 1) -> int:
+    """Rows in an eval batch padded to `length`: `batch_size`, fewer where that many rows would hold more than
+    `max_batch_tokens` positions (0: no cap), in steps of `multiple` (the data-parallel shards), at least one step.
+
+    Why: every row of a batch is padded to its longest, and its KV cache grows with rows x length. MLLMU-Bench's
+    eval.py prompts carry few-shot images: at LLaVA-1.5's 576 tokens per image some rows hold 13 images (8.6k
+    tokens), and 16 of them ran out of an H200's memory (bench/RESULTS.md, session 18, call 62)."""
+    if not max_batch_tokens:
+        return batch_size
+    return max(multiple, min(batch_size, max_batch_tokens // length) // multiple * multiple)
+
+
+def _data_shards(mesh: Mesh | None) -> int:
+    """How many ways a batch is split: the mesh's data-parallel shards and the processes feeding them."""
+    shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1) if mesh is not None else 1
+    return math.lcm(shards, jax.process_count())
+
+
+def _eval_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int, image_fn: Callable, *,
+                 left_pad: bool, max_batch_tokens: int = 0,
+                 mesh: Mesh | None = None) -> ExampleSource | _SplitSource:
+    """The batches of a pass over `rows` in their order, `batch_size` rows each, except that rows whose padded
+    length would put more than `max_batch_tokens` positions in a batch go in batches of their own length at
+    `rows_per_batch` rows, after the others. Every part pads to the same ladder of lengths (the whole pass's)."""
+    make = functools.partial(ExampleSource, pad_token_id=pad_token_id, image_fn=image_fn, shuffle=False,
+                             left_pad=left_pad)
+    buckets = row_buckets(rows)
+    lengths = np.array([bucket_length(len(r.input_ids), buckets) for r in rows])
+    sizes = {int(n): rows_per_batch(int(n), batch_size, max_batch_tokens, _data_shards(mesh)) for n in set(lengths)}
+    long = sorted(n for n, size in sizes.items() if size < batch_size)
+    if not long:
+        return make(list(rows), global_batch_size=batch_size, buckets=buckets)
+    groups = [np.flatnonzero(~np.isin(lengths, long)), *(np.flatnonzero(lengths == n) for n in long)]
+    return _SplitSource([_Part(make([rows[i] for i in idx], global_batch_size=sizes[int(lengths[idx[0]])],
+                                    buckets=buckets), idx) for idx in groups if idx.size])
+
+
+def _score_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int, image_fn: Callable, **cap: Any):
+    return _eval_source(rows, batch_size, pad_token_id, image_fn, left_pad=False, **cap)
+
+
+def _generate_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int, image_fn: Callable, **cap: Any):
+    return _eval_source(rows, batch_size, pad_token_id, image_fn, left_pad=True, **cap)
 
 
 def _score_batch(model: nnx.Module, inputs: dict):
@@ -183,18 +252,19 @@ def _shared_batch(model: nnx.Module, inputs: dict):
                                  sliced=decode_over_slices(model))
 
 
-def _shared_inputs(source: ExampleSource, groups: PromptGroups, rows: Sequence[Encoded], pad_token_id: int,
-                   index: int, batch: dict | None = None) -> dict:
+def _shared_inputs(source: ExampleSource | _SplitSource, groups: PromptGroups, rows: Sequence[Encoded],
+                   pad_token_id: int, index: int, batch: dict | None = None) -> dict:
     """Prompt batch `index` of `source` (this host's rows; `batch` when already collated) with its groups'
     continuations."""
     batch_groups = source.global_indices(index)
     batch = source.get(index) if batch is None else batch
-    return {**batch, **_continuations(groups, rows, batch_groups, batch_groups[source.host], pad_token_id)}
+    return {**batch, **_continuations(groups, rows, batch_groups, source.host_indices(index), pad_token_id)}
 
 
 def _shared_pass(model: nnx.Module, rows: Sequence[Encoded], groups: PromptGroups, *, batch_size: int,
-                 pad_token_id: int, image_fn: Callable, mesh: Mesh | None, desc: str) -> Pass:
-    source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn)
+                 pad_token_id: int, image_fn: Callable, mesh: Mesh | None, max_batch_tokens: int, desc: str) -> Pass:
+    source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn,
+                              max_batch_tokens=max_batch_tokens, mesh=mesh)
     out: list[AnswerScores | None] = [None] * len(rows)
 
     def dispatch(item: tuple[int, tuple]) -> tuple:
@@ -220,7 +290,7 @@ def _shared_groups(rows: Sequence[Encoded], shared_prompts: bool) -> PromptGroup
 
 
 def score_pass(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
-               image_fn: Callable, mesh: Mesh | None = None, shared_prompts: bool = False,
+               image_fn: Callable, mesh: Mesh | None = None, max_batch_tokens: int = 0, shared_prompts: bool = False,
                desc: str = "score") -> Pass:
     """Teacher-forced answer-token scores (`AnswerScores`) for every row, in row order, as a pass. `shared_prompts`
     (config eval.shared_prompts): rows that repeat a prompt run it once and their answers as continuations over
@@ -229,8 +299,8 @@ def score_pass(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, p
     groups = _shared_groups(rows, shared_prompts)
     if groups is not None:
         return _shared_pass(model, rows, groups, batch_size=batch_size, pad_token_id=pad_token_id,
-                            image_fn=image_fn, mesh=mesh, desc=desc)
-    source = _score_source(rows, batch_size, pad_token_id, image_fn)
+                            image_fn=image_fn, mesh=mesh, max_batch_tokens=max_batch_tokens, desc=desc)
+    source = _score_source(rows, batch_size, pad_token_id, image_fn, max_batch_tokens=max_batch_tokens, mesh=mesh)
     out: list[AnswerScores | None] = [None] * len(rows)
 
     def dispatch(item: tuple) -> tuple:
@@ -258,9 +328,9 @@ def score_rows(model: nnx.Module, rows: Sequence[Encoded], **kwargs: Any) -> lis
 
 def generate_pass(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
                   eos_token_id: int | Sequence[int] | None, max_new_tokens: int, image_fn: Callable,
-                  mesh: Mesh | None = None, desc: str = "generate") -> Pass:
+                  mesh: Mesh | None = None, max_batch_tokens: int = 0, desc: str = "generate") -> Pass:
     """Greedy continuations of left-padded prompts, cut at the first EOS, in row order, as a pass."""
-    source = _generate_source(rows, batch_size, pad_token_id, image_fn)
+    source = _generate_source(rows, batch_size, pad_token_id, image_fn, max_batch_tokens=max_batch_tokens, mesh=mesh)
     eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
     out: list[np.ndarray | None] = [None] * len(rows)
 
@@ -292,7 +362,7 @@ _COMPILE_THREADS = 8  # XLA compiles of a 7B program take a few GB of host memor
 def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = (),
                   to_generate: Sequence[Sequence[Encoded]] = (), batch_size: int, pad_token_id: int,
                   eos_token_id: int | Sequence[int] | None, max_new_tokens: int, image_fn: Callable,
-                  mesh: Mesh | None = None, shared_prompts: bool = False) -> None:
+                  mesh: Mesh | None = None, max_batch_tokens: int = 0, shared_prompts: bool = False) -> None:
     """Compiles the programs that `score_pass(rows)` for each `to_score` entry and `generate_pass(rows)` for each
     `to_generate` entry (same other arguments) will run, one per distinct padded length, all at once: each in its
     own thread, where jit's tracing is Python but XLA's compile is not. Why: a cold eval stage at 7B compiled two
@@ -303,21 +373,22 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
         return
     run_generate = functools.partial(_generate_batch, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                      max_new_tokens=max_new_tokens)
+    cap = dict(max_batch_tokens=max_batch_tokens, mesh=mesh)
     jobs: dict[tuple, tuple[Callable[[], dict], Callable]] = {}  # program -> (a batch of its shapes, the call)
     for rows in filter(None, to_score):
         groups = _shared_groups(rows, shared_prompts)
         if groups is None:
-            source = _score_source(rows, batch_size, pad_token_id, image_fn)
+            source = _score_source(rows, batch_size, pad_token_id, image_fn, **cap)
             for length, i in _first_of_each_length(source).items():
                 jobs.setdefault(("score", length), (functools.partial(source.get, i), _score_batch))
             continue
-        source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn)
+        source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn, **cap)
         for i in range(len(source)):
             program = ("shared", source.padded_length(i), continuation_shape(groups, rows, source.global_indices(i)))
             jobs.setdefault(program, (functools.partial(_shared_inputs, source, groups, rows, pad_token_id, i),
                                       _shared_batch))
     for rows in filter(None, to_generate):
-        source = _generate_source(rows, batch_size, pad_token_id, image_fn)
+        source = _generate_source(rows, batch_size, pad_token_id, image_fn, **cap)
         for length, i in _first_of_each_length(source).items():
             jobs.setdefault(("generate", length), (functools.partial(source.get, i), run_generate))
 
@@ -330,7 +401,7 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
         list(pool.map(compile_one, jobs.values()))
 
 
-def _first_of_each_length(source: ExampleSource) -> dict[int, int]:
+def _first_of_each_length(source: ExampleSource | _SplitSource) -> dict[int, int]:
     """Padded length -> the first batch index padded to it (each length needs its own program)."""
     first: dict[int, int] = {}
     for i in range(len(source)):

@@ -44,6 +44,7 @@ class Runner:
     protocol: Protocol
     mesh: Mesh | None = None
     shared_prompts: bool = True  # config eval.shared_prompts (batched.score_pass)
+    max_batch_tokens: int = 0  # config eval.max_batch_tokens (batched.rows_per_batch)
 
     @property
     def tokenizer(self) -> Any:
@@ -52,7 +53,7 @@ class Runner:
     def batching(self) -> dict[str, Any]:
         """The arguments every batched pass of `eval.batched` takes from the runner."""
         return dict(batch_size=self.batch_size, pad_token_id=self.tokenizer.pad_token_id, image_fn=self.image_fn,
-                    mesh=self.mesh)
+                    mesh=self.mesh, max_batch_tokens=self.max_batch_tokens)
 
     def generating(self) -> dict[str, Any]:
         """What a generation pass (and its compile-ahead) takes besides: the EOS ids and the new-token budget."""
