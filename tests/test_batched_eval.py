@@ -40,6 +40,14 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     return ws
 
 
+def _rows_of_several_lengths(ws: Workspace, n: int) -> tuple[list, list]:
+    """Scoring rows of `n` examples plus a third of them with answers twelve times as long (padded to more than one
+    length), and generation prompts of the first ten."""
+    examples = examples_from(ws.bench.identities)[:n]
+    long = [dataclasses.replace(e, answer=" ".join([e.answer] * 12)) for e in examples[::3]]
+    return [encode(e, ws.text_config) for e in examples + long], generation_rows(examples[:10], ws.text_config)
+
+
 def test_split_scored_in_few_compiled_shapes(workspace: Workspace) -> None:
     ws = workspace
     model = ws.load("base")
@@ -86,11 +94,7 @@ def test_compile_ahead_compiles_every_shape_before_the_calls(workspace: Workspac
 
     ws = workspace
     model = ws.load("base")
-    examples = examples_from(ws.bench.identities)[:36]
-    # a third of the answers twelve times as long: rows padded to more than one length
-    long = [dataclasses.replace(e, answer=" ".join([e.answer] * 12)) for e in examples[::3]]
-    rows = [encode(e, ws.text_config) for e in examples + long]
-    prompts = generation_rows(examples[:10], ws.text_config)
+    rows, prompts = _rows_of_several_lengths(ws, 36)
     common = dict(batch_size=12, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn)  # a fresh batch size
     generating = dict(eos_token_id=ws.tokenizer.eos_token_id, max_new_tokens=5)
     lengths = len(_first_of_each_length(_score_source(rows, 12, common["pad_token_id"], ws.image_fn)))
@@ -189,10 +193,7 @@ def test_token_cap_splits_long_rows_and_keeps_every_result(workspace: Workspace)
 
     ws = workspace
     model = ws.load("base")
-    examples = examples_from(ws.bench.identities)[:24]
-    long = [dataclasses.replace(e, answer=" ".join([e.answer] * 12)) for e in examples[::3]]
-    rows = [encode(e, ws.text_config) for e in examples + long]
-    prompts = generation_rows(examples[:10], ws.text_config)
+    rows, prompts = _rows_of_several_lengths(ws, 24)
     common = dict(batch_size=8, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn)
     generating = dict(eos_token_id=ws.tokenizer.eos_token_id, max_new_tokens=5)
     uncapped = _eval_source(rows, 8, common["pad_token_id"], ws.image_fn, left_pad=False)
