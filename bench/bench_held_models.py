@@ -9,11 +9,11 @@ the process's resident set and the system's shared memory (where pinned pages sh
 `--kind pinned_host` holds the params in that memory space instead of pageable numpy blocks, as before.
 `--copy direct` copies each param straight into pageable memory (session 17's way; ~1.9 GB/s on an H200, no
 faster with 8 params' copies at once, call 59) instead of through a pinned staging buffer (`_HostCopier`).
-`--load pinned` builds each loaded param in the devices' pinned_host space first, then copies it to the devices
-(a trial: loads copy straight from the numpy blocks).
+`--load direct` copies each loaded param straight from its numpy blocks to the devices instead of building it in
+pinned_host first (`HostCopy.on_devices`; call 61 compared the two).
 
     PYTHONPATH=. python bench/bench_held_models.py [--kind pageable|pinned_host] [--family mllama|idefics2]
-        [--copy staged|direct] [--load direct|pinned]
+        [--copy staged|direct] [--load staged|direct]
 """
 
 from __future__ import annotations
@@ -50,14 +50,14 @@ def main() -> None:
     parser.add_argument("--kind", default="pageable", choices=("pageable", "pinned_host"))
     parser.add_argument("--family", default="mllama", choices=sorted(SHAPES))
     parser.add_argument("--copy", default="staged", choices=("staged", "direct"))
-    parser.add_argument("--load", default="direct", choices=("direct", "pinned"))
+    parser.add_argument("--load", default="staged", choices=("staged", "direct"))
     args = parser.parse_args()
     device = jax.devices()[0]
     print(json.dumps({"memories": [m.kind for m in device.addressable_memories()], "kind": args.kind,
                       "copy": args.copy, "load": args.load}), flush=True)
-    if args.load == "pinned":
+    if args.load == "direct":  # loads as before a7fbc90: built where the blocks were held, then moved
         def on_devices(self, sharding):
-            x = jax.make_array_from_callback(self.shape, self.sharding.with_memory_kind("pinned_host"),
+            x = jax.make_array_from_callback(self.shape, self.sharding,
                                              lambda index: self.blocks[in_memory._block_key(index, self.shape)])
             return jax.device_put(x, sharding.with_memory_kind("device"), may_alias=False)
 

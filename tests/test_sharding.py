@@ -12,7 +12,7 @@ from vlmu_jax.checkpoints.hf_import import load_pretrained
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.scoring import token_logprobs
 from vlmu_jax.models.registry import init_model
-from vlmu_jax.models.sharding import global_batch, make_mesh
+from vlmu_jax.models.sharding import batch_shards, global_batch, make_mesh
 
 
 def _logps(model, batch):
@@ -65,3 +65,14 @@ def test_sharded_generation_matches_single_device(tmp_path, sliced):
     assert len(got.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(got), want)
     assert (want != PAD).any()
+
+
+def test_batch_shards_count_the_axes_rows_split_over() -> None:
+    """A batch's rows split over data x fsdp (the rules' 'batch'), not over tensor: 4 ways on (2, 2, 2), 8 on
+    (2, 4, 1), none without a mesh; `global_batch` gives each device that share of the rows."""
+    assert batch_shards(None) == 1
+    assert batch_shards(make_mesh(data=2, fsdp=4, tensor=1)) == 8
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    assert batch_shards(mesh) == 4
+    ids = global_batch({"ids": np.arange(8 * 3).reshape(8, 3)}, mesh)["ids"]
+    assert {s.data.shape for s in ids.addressable_shards} == {(8 // batch_shards(mesh), 3)}

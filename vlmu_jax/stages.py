@@ -35,6 +35,7 @@ from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl, head_token_st
 from vlmu_jax.logs import say, timed
 from vlmu_jax.models import lora
 from vlmu_jax.models.registry import set_options
+from vlmu_jax.models.sharding import batch_shards
 from vlmu_jax.pipeline import (
     Workspace,
     clear_done,
@@ -124,7 +125,7 @@ def _source(ws: Workspace, name: str, rows: list[Encoded], stage: ml_collections
             shuffle: bool = True, buckets: tuple[int, ...] | None = None) -> ExampleSource:
     """A training stream; without given `buckets`, padded to one length when `data.single_length_max_padding`
     allows it (`vlmu_jax.data.stream_length`)."""
-    shards = ws.mesh.shape["data"] * ws.mesh.shape["fsdp"]
+    shards = batch_shards(ws.mesh)
     if stage.batch_size % shards:
         raise InputError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
                          f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")

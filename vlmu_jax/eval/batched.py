@@ -27,7 +27,7 @@ from vlmu_jax.eval.frozen import compile_only, compiles_ahead
 from vlmu_jax.eval.generate import decode_over_slices, generate
 from vlmu_jax.eval.scoring import continuation_logprobs, token_logprobs
 from vlmu_jax.logs import progress
-from vlmu_jax.models.sharding import global_batch
+from vlmu_jax.models.sharding import batch_shards, global_batch
 
 
 @dataclass(frozen=True)
@@ -142,12 +142,6 @@ def rows_per_batch(length: int, batch_size: int, max_batch_tokens: int, multiple
     return max(multiple, min(batch_size, max_batch_tokens // length) // multiple * multiple)
 
 
-def _data_shards(mesh: Mesh | None) -> int:
-    """How many ways a batch is split: the mesh's data-parallel shards and the processes feeding them."""
-    shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1) if mesh is not None else 1
-    return math.lcm(shards, jax.process_count())
-
-
 def _eval_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int, image_fn: Callable, *,
                  left_pad: bool, max_batch_tokens: int = 0,
                  mesh: Mesh | None = None) -> ExampleSource | _SplitSource:
@@ -157,8 +151,9 @@ def _eval_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int, im
     make = functools.partial(ExampleSource, pad_token_id=pad_token_id, image_fn=image_fn, shuffle=False,
                              left_pad=left_pad)
     buckets = row_buckets(rows)
+    multiple = math.lcm(batch_shards(mesh), jax.process_count())  # the mesh's batch shards and the hosts feeding them
     lengths = np.array([bucket_length(len(r.input_ids), buckets) for r in rows])
-    sizes = {int(n): rows_per_batch(int(n), batch_size, max_batch_tokens, _data_shards(mesh)) for n in set(lengths)}
+    sizes = {int(n): rows_per_batch(int(n), batch_size, max_batch_tokens, multiple) for n in set(lengths)}
     long = sorted(n for n, size in sizes.items() if size < batch_size)
     if not long:
         return make(list(rows), global_batch_size=batch_size, buckets=buckets)

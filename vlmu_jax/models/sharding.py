@@ -6,6 +6,7 @@ decided here only, so the same model code runs on 1 CPU, 8 fake CPU devices, a G
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,11 +110,21 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes a batch's rows are split over (the rules' 'batch')."""
+    axes = logical_to_spec(("batch",))[0]
+    return tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.axis_names)
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many ways `global_batch` splits a batch's rows over `mesh` (1 without a mesh): a global batch size must
+    be a multiple of it."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in _batch_axes(mesh))
+
+
 def global_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
     """This host's rows of a batch (a pytree of arrays) -> global arrays split along 'batch' over the mesh."""
     if mesh is None:
         return jax.tree.map(jax.numpy.asarray, batch)
-    axes = logical_to_spec(("batch",))[0]
-    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.axis_names)
-    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    sharding = NamedSharding(mesh, PartitionSpec(_batch_axes(mesh)))
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)
