@@ -20,7 +20,7 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     """launch/local_multiprocess.sh (2 processes x 2 CPU devices): finetune a few steps + eval = one process with
     4 devices, loss by loss and metric by metric."""
     quick = ["--config.data.synthetic_identities=10", "--config.finetune.num_steps=3",
-             "--config.retain_model.num_steps=3", "--config.stages=finetune,eval"]
+             "--config.retain_model.num_steps=3", "--config.eval.max_new_tokens=4", "--config.stages=finetune,eval"]
     single = tmp_path / "single"
     _main(single, *quick, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     multi = tmp_path / "multi"
