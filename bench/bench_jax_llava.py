@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -61,6 +62,13 @@ SHARED_K = tuple(int(x) for x in os.environ.get("SHARED_K", "7,1").split(",") if
 STEP_COPIES = tuple(x == "1" for x in os.environ.get("STEP_COPIES", "0").split(","))
 GEN_COPIES = tuple(x == "1" for x in os.environ.get("GEN_COPIES", os.environ.get("COPIES", "1,0")).split(","))
 SCAN = os.environ.get("SCAN", "1") == "1"
+# DECODE_KERNEL=0: decode steps' attention on XLA's masked path instead of models/decode_attention.py's kernel;
+# DECODE_TILING=block_k,warps,stages: the kernel with that tiling instead of its default.
+if os.environ.get("DECODE_KERNEL", "1") == "0":
+    layers.decode_attention.supported = lambda *args: False
+if os.environ.get("DECODE_TILING"):
+    _tiling = dict(zip(("block_k", "warps", "stages"), map(int, os.environ["DECODE_TILING"].split(",")), strict=True))
+    layers.decode_attention.decode_attention = partial(layers.decode_attention.decode_attention, **_tiling)
 
 
 def hf_config(small: bool) -> dict:
@@ -182,6 +190,8 @@ def main() -> None:
                 "device": str(jax.devices()[0]),
                 "scan_layers": SCAN,
                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                "decode_kernel": os.environ.get("DECODE_KERNEL", "1"),
+                "decode_tiling": os.environ.get("DECODE_TILING", "default"),
             }
         ),
         flush=True,

@@ -18,6 +18,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.extend.random import threefry2x32_p
 
+from vlmu_jax.models import decode_attention
+
 Axes = tuple[str | None, ...]
 DROPOUT_MASK = "lora_dropout_keep"  # the checkpoint name of LoRA dropout masks (REMAT_POLICIES)
 
@@ -323,6 +325,9 @@ def attend(
     """
     impl = resolve_attention_impl(impl, q.dtype)
     t, s = q.shape[1], k.shape[1]
+    if impl == "cudnn" and decode_attention.supported(q, k, mask):
+        # a decode step (one query per row over a masked cache): one kernel instead of XLA's seven
+        return decode_attention.decode_attention(q, k, v, mask)
     if impl == "cudnn" and (t % 2 or s % 2):
         # jax's cuDNN backward rejects odd sequence lengths (seen on H100, jax 0.11.2). Padded by one token, with
         # the real keys given as lengths (causality alone hides a key appended after the last query), they keep

@@ -260,9 +260,12 @@ class LlavaForConditionalGeneration(nnx.Module):
         index: jax.Array, *, extend: int = 0,
     ) -> tuple[jax.Array, KVCache | SlicedCache]:
         """Hidden states [B, T, D] of new tokens per row written at cache slots `index`.. (`extend` = K: K
-        continuations over the cache, not written; see DecoderLM.__call__)."""
+        continuations over the cache, not written; see DecoderLM.__call__). One new token per row attends with
+        the model's attention (on GPU, the decode kernel, models/decode_attention.py); several, with XLA's over
+        the explicit mask."""
+        impl = self.config.attention_impl if tokens.shape[1] == 1 and not extend else "xla"
         return self.decode(self.language_model.embed(tokens), positions, kv_valid, cache=state, index=index,
-                           impl="xla", extend=extend)
+                           impl=impl, extend=extend)
 
 
 # ------------------------------------------------------------------------------------------- config.json
