@@ -86,21 +86,27 @@ def test_attend_routes_only_gpu_decode_steps(monkeypatch):
         return kernel(*args, interpret=True)
 
     q, k, v, mask = _inputs(2, 130, 8, 2, 32, jnp.bfloat16)
-    assert not da.supported(q, k, mask)  # this CPU
+    one_device = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(one_device):
+        assert not da.supported(q, k, mask)  # this CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(da, "decode_attention", counted)
     monkeypatch.setattr(layers, "resolve_attention_impl", lambda impl, dtype=None: impl)
-    got = layers.attend(q, k, v, mask, impl="cudnn")
+    with jax.set_mesh(one_device):
+        got = layers.attend(q, k, v, mask, impl="cudnn")
     assert calls == [q.shape]
     want = jax.nn.dot_product_attention(q, k, v, mask=mask)
     assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)))) <= 2 ** -6
-    assert not da.supported(jnp.concatenate([q, q], axis=1), k, mask)  # two queries: a prompt, not a decode step
-    assert not da.supported(q, k, layers.SeqLengths(keys=jnp.full((2,), 130)))
-    assert not da.supported(q[..., :24], k[..., :24], mask)  # a head size Triton's tiles cannot take
-    with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
-        assert not da.supported(q, k, mask)  # XLA's partitioner would gather every operand to each device
-    with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])):
+    with jax.set_mesh(one_device):
         assert da.supported(q, k, mask)
+        assert not da.supported(jnp.concatenate([q, q], axis=1), k, mask)  # two queries: a prompt
+        assert not da.supported(q, k, layers.SeqLengths(keys=jnp.full((2,), 130)))
+        assert not da.supported(q[..., :24], k[..., :24], mask)  # a head size Triton's tiles cannot take
+    # several devices to run on (XLA's partitioner would gather every operand to each): a mesh of two, or no mesh
+    # in a process with this test run's 8 devices
+    with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
+        assert not da.supported(q, k, mask)
+    assert jax.device_count() > 1 and not da.supported(q, k, mask)
 
 
 def _kernel_in_decode_steps(monkeypatch, *modules) -> list:
