@@ -1,12 +1,13 @@
-"""One decode step's attention over a KV cache as a single split-key kernel (Pallas on Triton, GPU).
+"""One decode step's attention over a KV cache as a single kernel (Pallas on Triton, GPU).
 
 Why: XLA runs a decode step's attention (one query per row over a [B, S, K, H] cache with a boolean mask) as
 seven kernels: the scores' reduction, the mask's select, max, exp, sum, a cast and the values' reduction. On an H200
 at LLaVA-1.5-7B's shape (B=4, 736 cache slots) they took 30.6 us per layer against 11.2 us to read the layer's
 keys and values once, ~0.6 ms of a 4.7 ms decode step (bench/RESULTS.md, session 20). Here each program reads one
 (row, key head) pair's keys and values once, keeps an online softmax over them (FlashAttention's running max and
-sum) and writes the normalised output: one kernel per layer and step, nothing around it (its query rows are read
-and written in place). Only where rows x key heads are too few to fill the GPU (grouped heads at small batch) are
+sum) and writes the normalised output: one kernel per layer and step and nothing else per layer (its query rows
+are read and written in place; the rows' bounds come from the mask, shared by all layers, once per step; call
+69's trace). Only where rows x key heads are too few to fill the GPU (grouped heads at small batch) are
 the slots split over several programs, whose partial results a small XLA reduction merges.
 
 The keys each query sees are given as the boolean mask the XLA path takes (causality and any sliding window
