@@ -12,13 +12,13 @@ Run from the repo root on a GPU: `PYTHONPATH=. python bench/bench_decode_attenti
 from __future__ import annotations
 
 import json
-import time
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.bench_jax_llava import timeit
 from vlmu_jax.models.decode_attention import decode_attention
 
 LAYERS = 32
@@ -33,18 +33,6 @@ SHAPES = (("llava7b", 4, 736, 32, 32, 128), ("llava7b", 16, 736, 32, 32, 128), (
 
 def xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-
-
-def timed(fn, args, n: int = 20) -> float:
-    """Median seconds of a call after two warm-up calls."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[n // 2]
 
 
 def main() -> None:
@@ -80,10 +68,12 @@ def main() -> None:
 
             out = attention(q[0], ks[0], vs[0], mask)
             err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
-            sec = timed(step, (q, ks, vs, mask)) / (STEPS * LAYERS)
+            args = (q, ks, vs, mask)
+            sec = timeit(lambda step=step, args=args: step(*args), n=20) / (STEPS * LAYERS)
             print(json.dumps({"what": "decode_attention", "shape": name, "path": path, "B": b, "S": s, "N": n,
                               "K": kh, "H": hd, "us_per_layer": sec * 1e6, "valid_kv_gb_per_s": read / sec / 1e9,
                               "max_abs_err_vs_f32": err}), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -54,8 +54,8 @@ def supported(q: jax.Array, k: jax.Array, mask: object) -> bool:
             and jax.default_backend() == "gpu" and (jax.device_count() if mesh.empty else mesh.size) == 1)
 
 
-def _kernel(q_ref, k_ref, v_ref, valid_ref, lo_ref, hi_ref, *out_refs, split: int, scale: float, slots: int,
-            groups: int, rows: int, block_k: int) -> None:
+def _kernel(q_ref, k_ref, v_ref, valid_ref, lo_ref, hi_ref, *out_refs, split: int, scale: float, groups: int,
+            rows: int, block_k: int) -> None:
     """Program (b, h, j): the `groups` queries of key head h in row b (read as `rows` >= 16 rows, the rest masked)
     over slots [j * split, (j + 1) * split) of the cache, intersected with the row's [lo, hi) bounds and its mask
     (lo < 0: every slot, with equal scores).
@@ -67,7 +67,7 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, lo_ref, hi_ref, *out_refs, split: in
     lo = lo_ref[b]
     even = lo < 0  # no valid key in this row: equal scores over all of them
     begin = jnp.maximum(j * split, jnp.maximum(lo, 0))
-    end = jnp.minimum(jnp.minimum((j + 1) * split, hi_ref[b]), slots)
+    end = jnp.minimum((j + 1) * split, hi_ref[b])  # hi <= the slots
     offsets = jnp.arange(block_k)
 
     def body(i, carry):
@@ -127,8 +127,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     splits = pl.cdiv(slots, split)
     if stages is None:
         stages = STAGES_FEW if b * kh * splits < FEW_PROGRAMS else STAGES
-    kernel = functools.partial(_kernel, split=split, scale=1.0 / math.sqrt(hd), slots=slots, groups=groups,
-                               rows=rows, block_k=block_k)
+    kernel = functools.partial(_kernel, split=split, scale=1.0 / math.sqrt(hd), groups=groups, rows=rows,
+                               block_k=block_k)
     if splits == 1:
         out_specs, out_shape = pl.no_block_spec, jax.ShapeDtypeStruct((b, n, hd), q.dtype)
     else:

@@ -254,6 +254,13 @@ def last_real(h: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.take_along_axis(h, last.reshape((-1, 1) + (1,) * (h.ndim - 2)), axis=1)
 
 
+def decode_step_impl(impl: str, new_tokens: int) -> str:
+    """The attention a decode step over a KV cache runs: the model's own `impl` for one new token per row (on GPU
+    `attend` sends it to the decode kernel, models/decode_attention.py), XLA's for several (their explicit
+    non-causal mask stays off cuDNN's bias path)."""
+    return impl if new_tokens == 1 else "xla"
+
+
 def resolve_attention_impl(impl: str, dtype=None) -> str:
     """The kernel a model's attention runs: "auto" -> cudnn on GPU, XLA elsewhere (on TPU XLA fuses attention
     itself); cuDNN's flash attention needs half precision, so a float32 ``dtype`` runs XLA's."""

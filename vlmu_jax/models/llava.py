@@ -25,7 +25,7 @@ from flax import nnx
 from vlmu_jax.models.architecture import Architecture, special_token_ids
 from vlmu_jax.models.clip import ClipVisionTower, VisionConfig
 from vlmu_jax.models.hf_names import HFParam, rename, stacked_name_map
-from vlmu_jax.models.layers import Dense, activation, last_real
+from vlmu_jax.models.layers import Dense, activation, decode_step_impl, last_real
 from vlmu_jax.models.llama import DecoderLM, KVCache, SlicedCache, TextConfig, output_head, sliced_cache
 from vlmu_jax.models.phi3 import phi3_text_config
 
@@ -260,10 +260,8 @@ class LlavaForConditionalGeneration(nnx.Module):
         index: jax.Array, *, extend: int = 0,
     ) -> tuple[jax.Array, KVCache | SlicedCache]:
         """Hidden states [B, T, D] of new tokens per row written at cache slots `index`.. (`extend` = K: K
-        continuations over the cache, not written; see DecoderLM.__call__). One new token per row attends with
-        the model's attention (on GPU, the decode kernel, models/decode_attention.py); several, with XLA's over
-        the explicit mask."""
-        impl = self.config.attention_impl if tokens.shape[1] == 1 and not extend else "xla"
+        continuations over the cache, not written; see DecoderLM.__call__). Attention: `layers.decode_step_impl`."""
+        impl = decode_step_impl(self.config.attention_impl, tokens.shape[1])  # extend: attend_blocks, no impl
         return self.decode(self.language_model.embed(tokens), positions, kv_valid, cache=state, index=index,
                            impl=impl, extend=extend)
 

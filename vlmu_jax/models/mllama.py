@@ -44,6 +44,7 @@ from vlmu_jax.models.layers import (
     attend,
     attention_mask,
     cache_written,
+    decode_step_impl,
     fold,
     last_real,
     remat_call,
@@ -474,13 +475,12 @@ class MllamaForConditionalGeneration(nnx.Module):
     def decode_step(
         self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, state: DecodeState, index: jax.Array
     ) -> tuple[jax.Array, DecodeState]:
-        """Hidden states [B, T, D] of new tokens per row written at cache slots ``index``.. One new token per row
-        attends (over its cache and over the images) with the model's attention (on GPU, the decode kernel,
-        models/decode_attention.py); several, with XLA's over the explicit masks."""
+        """Hidden states [B, T, D] of new tokens per row written at cache slots ``index``.. Attention, over the cache
+        and over the images: `layers.decode_step_impl`."""
         c = self.config
         h, self_kv = self.language_model(
             self.language_model.embed(tokens), positions, kv_valid, cross=state.cross, cross_kv=state.cross_kv,
-            impl=c.attention_impl if tokens.shape[1] == 1 else "xla", remat=c.remat, self_kv=state.self_kv,
+            impl=decode_step_impl(c.attention_impl, tokens.shape[1]), remat=c.remat, self_kv=state.self_kv,
             index=index,
         )
         return h, state._replace(self_kv=self_kv)
