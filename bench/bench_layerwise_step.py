@@ -37,13 +37,15 @@ REMAT = os.environ.get("REMAT", "dots_with_no_batch_dims_saveable")
 LABELLED = 64  # labelled tokens per row (the anchor's second half of its text)
 
 
-def loss_of_hidden(h: jax.Array, norm: nnx.Module, head: jax.Array, ids: jax.Array) -> jax.Array:
-    """Gradient ascent's loss: minus the mean NLL of the labelled (last LABELLED) tokens."""
-    logp = head_logprobs(norm(h)[:, -LABELLED - 1 : -1], head, ids[:, -LABELLED:])
+def ga_loss(h_normed: jax.Array, head: jax.Array, ids: jax.Array) -> jax.Array:
+    """Gradient ascent's loss from final-normed hidden states: minus the mean NLL of the labelled (last LABELLED)
+    tokens."""
+    logp = head_logprobs(h_normed[:, -LABELLED - 1 : -1], head, ids[:, -LABELLED:])
     return jnp.mean(logp)
 
 
-def scanned_step(lm: nnx.Module, head: jax.Array, tx: optax.GradientTransformation, impl: str) -> Callable:
+def scanned_step(lm: nnx.Module, head: jax.Array, tx: optax.GradientTransformation,
+                 impl: str) -> tuple[Callable, nnx.State, nnx.State]:
     """The whole step as one program: the decoder's own scan over its stacked layers."""
     graphdef, lora, rest = nnx.split(lm, nnx.LoRAParam, ...)
 
@@ -52,19 +54,13 @@ def scanned_step(lm: nnx.Module, head: jax.Array, tx: optax.GradientTransformati
         def loss(lora):
             model = nnx.merge(graphdef, lora, rest)
             h, _ = model(h0, positions, kv_valid, impl=impl, remat=REMAT, scan=True, rng=rng)
-            return _head_loss(h, head, ids)
+            return ga_loss(h, head, ids)  # the decoder's output is final-normed
 
         value, grads = jax.value_and_grad(loss)(lora)
         updates, opt_state = tx.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state, value, grads
 
     return step, lora, rest
-
-
-def _head_loss(h_normed: jax.Array, head: jax.Array, ids: jax.Array) -> jax.Array:
-    """loss_of_hidden on hidden states already through the final norm (the decoder's own output)."""
-    logp = head_logprobs(h_normed[:, -LABELLED - 1 : -1], head, ids[:, -LABELLED:])
-    return jnp.mean(logp)
 
 
 class LayerwiseStep:
@@ -109,7 +105,7 @@ class LayerwiseStep:
         return jax.tree.unflatten(self.meta["treedef"], leaves)(dy)
 
     def _head_loss(self, h, head, ids):
-        return loss_of_hidden(h, self.norm, head, ids)
+        return ga_loss(self.norm(h), head, ids)
 
     def _apply(self, lora, opt_state, grads):
         updates, opt_state = self.tx.update(grads, opt_state, lora)
