@@ -1,14 +1,17 @@
-"""A LoRA gradient-ascent step over LLaVA-1.5-7B's decoder: one scanned program against one program per layer.
+"""A LoRA gradient-ascent step over a decoder (LLaVA-1.5-7B's, or Llama-3.2-11B-Vision's self and cross layers):
+one scanned program against one program per layer.
 
 Question (bench/NOTES.md, session 21): inside the decoder's lax.scan XLA:GPU copies every layer's weights out of
-the stack, in the forward and again in the backward (~20 ms of a 0.215 s GA step), and the step's one program
-takes 20 s (LLaVA) to 70 s (Mllama) to compile. Run instead as one jitted forward and one jitted backward per layer,
-dispatched from Python over per-layer weight arrays, no weight is sliced out of a stack and only one layer's body
-compiles. This measures both forms of the same step on the decoder alone (the frozen vision prefix is the same in
-both): the embeddings of B rows of T tokens -> 32 LoRA layers (r=128, dropout 0.05, the presets' dots remat) ->
-norm -> head log-probs of the last 64 tokens -> -mean NLL -> AdamW. One JSON line per form (median seconds,
-compile seconds, the largest gradient difference against the scanned form).
-Run from the repo root: `PYTHONPATH=. python bench/bench_layerwise_step.py [--small]` (--small: CPU shape).
+the stack, in the forward and again in the backward (~20 ms of a 0.215 s LLaVA GA step), and the step's one
+program takes 20 s (LLaVA) to 70-90 s (Mllama) to compile. Run instead as one jitted forward and one jitted
+backward per layer, dispatched from Python over per-layer weight arrays, no weight is sliced out of a stack and
+only one body per kind of layer compiles. This measures both forms of the same step on the decoder alone (the
+frozen vision prefix is the same in both; Mllama's vision states are random): embeddings of B rows -> the LoRA
+layers (r=128, dropout 0.05, the presets' dots remat) -> norm -> head log-probs of the last 64 tokens -> -mean
+NLL -> AdamW. One JSON line per form (median seconds, compile seconds, the largest gradient difference against
+the scanned form, the per-layer form's program count).
+Run from the repo root: `PYTHONPATH=. python bench/bench_layerwise_step.py [--small] [--family llava|mllama]`
+(--small: a CPU shape; B= sets the batch).
 """
 
 from __future__ import annotations
@@ -258,8 +261,10 @@ def main() -> None:
                       "loss": float(ref_loss), "device": str(jax.devices()[0]), "peak_gb": peak_gb()}), flush=True)
 
     copies = [copy for stack, n in lm.layer_stacks() for copy in swap_in_copies(stack, n)[0]]
-    order = [i for _, ids_ in getattr(lm, "layout", None) or ((None, range(len(copies))),) for i in ids_]
-    by_layer = [copies[order.index(i)] for i in range(len(copies))]  # the copies in layer order
+    # (stack name, its layers' indices) in the copies' order; LLaVA's one stack holds every layer in order
+    layout = getattr(lm, "layout", None) or ((None, range(len(copies))),)
+    order = [i for _, ids_ in layout for i in ids_]  # copy j is layer order[j]
+    by_layer = [copies[j] for j in sorted(range(len(copies)), key=order.__getitem__)]
     lw = LayerwiseStep(list(zip(setup.calls, by_layer, strict=True)), lambda h, head, ids: ga_loss(
         lm.norm(h), head, ids), tx)
     lw_opt = jax.jit(tx.init)(lw.lora)
@@ -269,7 +274,6 @@ def main() -> None:
     jax.block_until_ready(grads)
     first_s = time.perf_counter() - t0
     # each stack's gradients from its layers' (the copies' order), set beside the scanned step's for that stack
-    layout = getattr(lm, "layout", None) or ((None, range(len(copies))),)
     diff, k = 0.0, 0
     for name, ids_ in layout:
         ours = jax.tree.map(lambda *xs: jnp.stack(xs), *(grads[order[j]] for j in range(k, k + len(ids_))))
