@@ -38,7 +38,7 @@ from vlmu_jax.models.registry import init_model, set_options
 from vlmu_jax.stages import logps_fn
 from vlmu_jax.unlearn.objectives import get_objective
 from vlmu_jax.unlearn.optim import make_optimizer
-from vlmu_jax.unlearn.trainer import TrainConfig, make_step
+from vlmu_jax.unlearn.trainer import TrainConfig, make_loss, prepare_step
 
 # Extra batch sizes for greedy generation (the issue asks for B=16 and B=64 besides the anchor's B=4).
 # GEN_SCAN=1,0 also times the unrolled decoder (slower on the H200, bench/NOTES.md).
@@ -60,6 +60,9 @@ FROZEN = tuple(x == "1" for x in os.environ.get("FROZEN", "1").split(","))
 SHARED_K = tuple(int(x) for x in os.environ.get("SHARED_K", "7,1").split(",") if x)
 # STEP_COPIES=1,0: the steps over per-layer weight copies (unrolled, eval/layer_copies.py) and over the stack.
 STEP_COPIES = tuple(x == "1" for x in os.environ.get("STEP_COPIES", "0").split(","))
+# LAYERWISE=always,never: the steps layer by layer (unlearn/layerwise.py, the pipeline's default on GPU) and as one
+# scanned program.
+LAYERWISE = tuple(x for x in os.environ.get("LAYERWISE", "always,never").split(",") if x)
 GEN_COPIES = tuple(x == "1" for x in os.environ.get("GEN_COPIES", os.environ.get("COPIES", "1,0")).split(","))
 SCAN = os.environ.get("SCAN", "1") == "1"
 # DECODE_KERNEL=0: decode steps' attention on XLA's masked path instead of models/decode_attention.py's kernel;
@@ -213,14 +216,16 @@ def main() -> None:
     # Loss on the second half of the text, as the anchor's labels.
     labels = jnp.where(jnp.arange(ids.shape[1]) >= 1 + n_img + t_text // 2, ids, IGNORE)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}
-    for (objective, remat, *dropout), copies in itertools.product(STEPS if "steps" in WORK else (), STEP_COPIES):
+    for (objective, remat, *dropout), copies, form in itertools.product(STEPS if "steps" in WORK else (), STEP_COPIES,
+                                                                        LAYERWISE):
         # objective:remat:materialised|philox runs the step with those dropout masks (bench/bench_dropout.py)
         layers.dropout_keep = {"materialised": materialised, "philox": philox}.get(dropout[0] if dropout else "",
                                                                                   dropout_keep)
         with layer_copies(model, "always" if copies else "never") as attached:
-            r = unlearn_step_time(model, objective, remat, batch)
+            r = unlearn_step_time(model, objective, remat, batch, layerwise_mode="never" if copies else form)
         print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout[0] if dropout
-                          else "dropout_keep", "layer_copies": attached, "B": b, "T": n_img + t_text, "s": r.s,
+                          else "dropout_keep", "layer_copies": attached, "layerwise": form, "B": b,
+                          "T": n_img + t_text, "s": r.s,
                           "compile_s": r.compile_s, "samples_per_s": b / r.s, "max_mem_gb": r.process_peak_gb,
                           "step_peak_gb": r.step_peak_gb}), flush=True)
     layers.dropout_keep = dropout_keep
@@ -328,51 +333,54 @@ class StepTiming(NamedTuple):
 
     s: float
     process_peak_gb: float | None
-    step_peak_gb: float
+    step_peak_gb: float | None
     compile_s: float
 
 
 def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict,
-                      trainable=nnx.LoRAParam) -> StepTiming:
-    """Median time of the pipeline's own jitted train step (trainer.make_step: the objective, AdamW with
-    clipping and weight decay, donated state) on the `trainable` params (default: LoRA); every stream the
-    objective reads gets `batch` (GD and NPO: forget and retain, NPO's reference forward included)."""
+                      trainable=nnx.LoRAParam, layerwise_mode: str = "never") -> StepTiming:
+    """Median time of the pipeline's own train step (trainer.prepare_step: the objective, AdamW with clipping and
+    weight decay, donated state) on the `trainable` params (default: LoRA); every stream the objective reads gets
+    `batch` (GD and NPO: forget and retain, NPO's reference forward included). layerwise_mode: the trainer's
+    (`never`: the scanned step, one program; `always`: layer by layer, unlearn/layerwise.py), whose compile_s is
+    then its first call (every program compiled and run once) and whose step peak is not counted (None)."""
     set_options(model, remat=remat)
     cfg = TrainConfig(objective=objective, lr=1e-5, weight_decay=0.01)
     obj = get_objective(objective)
     tx, _ = make_optimizer(lr=cfg.lr, total_steps=100, weight_decay=cfg.weight_decay)
-    model.eval()
-    graphdef_eval = nnx.graphdef(model)
-    model.train()
-    graphdef, params, rng, rest = nnx.split(model, trainable, nnx.RngState, ...)
     # keep_unused: every argument stays a parameter of the program (jit drops unused ones, e.g. GA's reference),
     # so XLA's argument size counts each passed array, and the arrays passed twice are subtracted below.
-    step = jax.jit(make_step(graphdef, graphdef_eval, obj, cfg, tx, logps_fn, None), donate_argnums=(0, 1, 2),
-                   keep_unused=True)
+    prepared = prepare_step(model, trainable, obj, tx, make_loss(obj, cfg, logps_fn, None),
+                            layerwise_mode=layerwise_mode, keep_unused=True)
     streams = {name: batch for phase in obj.phases for name in phase} | {s: batch for s in obj.optional}
-    state = [params, jax.jit(tx.init)(params), rng]
+    state = [prepared.params, jax.jit(tx.init)(prepared.params), prepared.rng]
     # (rest, ref_other, ref_rest, grad_mask): the reference is the model itself with LoRA zeroed, no saliency
-    fixed = (rest, nnx.State({}), rest, nnx.State({}), streams)
+    fixed = (*prepared.fixed, nnx.State({}), streams)
+    step_gb = None
     t0 = time.perf_counter()
-    compiled = step.lower(*state, *fixed).compile()
+    if prepared.frozen:
+        state[0], state[1], state[2], loss, _ = prepared.step(*state, *fixed)
+        jax.block_until_ready(loss)
+    else:
+        mem = prepared.step.lower(*state, *fixed).compile().memory_analysis()
+        # XLA counts an array passed as two arguments twice (the reference's frozen params are the model's own).
+        seen: set[int] = set()
+        twice = 0
+        for x in jax.tree.leaves((*state, *fixed)):
+            twice += x.nbytes if id(x) in seen else 0
+            seen.add(id(x))
+        step_gb = (mem.argument_size_in_bytes - twice + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                   + mem.temp_size_in_bytes) / 2**30
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    # XLA counts an array passed as two arguments twice (the reference's frozen params are the model's own here).
-    seen: set[int] = set()
-    twice = 0
-    for x in jax.tree.leaves((*state, *fixed)):
-        twice += x.nbytes if id(x) in seen else 0
-        seen.add(id(x))
-    step_gb = (mem.argument_size_in_bytes - twice + mem.output_size_in_bytes - mem.alias_size_in_bytes
-               + mem.temp_size_in_bytes) / 2**30
 
     def run() -> jax.Array:
-        # through jit, not `compiled`: on a mesh the step's outputs may come back placed otherwise than its inputs
-        # went in (the AOT program would refuse them; jit compiles once more in the warm-up calls)
-        state[0], state[1], state[2], loss, _ = step(*state, *fixed)
+        # through jit, not an AOT program: on a mesh the step's outputs may come back placed otherwise than its
+        # inputs went in (the AOT program would refuse them; jit compiles once more in the warm-up calls)
+        state[0], state[1], state[2], loss, _ = prepared.step(*state, *fixed)
         return loss
 
     s = timeit(run)
+    prepared.restore()
     nnx.update(model, state[0], state[2])  # the model's own LoRA and RNG arrays were donated to the first step
     model.eval()
     return StepTiming(s, peak_gb(), step_gb, compile_s)

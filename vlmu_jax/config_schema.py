@@ -56,6 +56,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     # memory (bench/NOTES.md); "dots_and_dropout_saveable" also keeps the LoRA dropout masks (3.6 ms faster per 7B
     # step, 2.9 GiB more); a full finetune at 7B wants "full".
     c.remat = ""
+    # The step with the decoder's layers run one jitted program at a time (vlmu_jax.unlearn.layerwise): auto = on GPU
+    # for a LoRA stage of a decoder of stacked layers (LLaVA, Idefics2, Qwen2-VL; -6 to -12 % per LLaVA-7B step and a
+    # third of the compile, bench/NOTES.md session 21); always; never (one scanned program).
+    c.layerwise = "auto"
     c.tune_vision_tower = False
     c.tune_mm_projector = True
     c.tune_language_model = True

@@ -56,19 +56,19 @@ def room_for_copy(lm: DecoderLM) -> bool:
 
 
 @partial(jax.jit, static_argnums=1)
-def _unstack(x: jax.Array, n: int) -> list[jax.Array]:
+def unstack(x: jax.Array, n: int) -> list[jax.Array]:
     """Slices 0..n-1 of a stacked param. One program per param shape, reused by every model the eval stage
     evaluates; each slice keeps the stack's placement of its remaining axes (the layer axis is never sharded)."""
     return [x[i] for i in range(n)]
 
 
 @partial(jax.jit, static_argnames="sharding")
-def _stack(xs: list[jax.Array], sharding: Sharding) -> jax.Array:
+def restack(xs: list[jax.Array], sharding: Sharding) -> jax.Array:
     """The stacked param rebuilt from its per-layer copies, placed as it was."""
     return jax.lax.with_sharding_constraint(jnp.stack(xs), sharding)
 
 
-def _stand_in(x: jax.Array) -> jax.Array:
+def stand_in(x: jax.Array) -> jax.Array:
     """A zero-size array of `x`'s dtype on `x`'s devices: what a stacked param holds while its copies replace it."""
     sharding = x.sharding
     if isinstance(sharding, NamedSharding):
@@ -76,7 +76,7 @@ def _stand_in(x: jax.Array) -> jax.Array:
     return jax.device_put(np.zeros((0,), x.dtype), sharding)
 
 
-def _variables(module: nnx.Module) -> dict[tuple, nnx.Variable]:
+def variables_of(module: nnx.Module) -> dict[tuple, nnx.Variable]:
     """The module's own variables by path (setting their values changes the module)."""
     return {path: node for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)}
 
@@ -92,12 +92,12 @@ def swap_in_copies(stack: nnx.Module, n: int) -> tuple[list[nnx.Module], dict[tu
     stacked param dropped from the model once copied; and the placement of every param dropped (for
     `swap_back`)."""
     slices, dropped = {}, {}
-    for path, var in _variables(stack).items():
+    for path, var in variables_of(stack).items():
         value = var.get_value()
-        slices[path] = _unstack(value, n)
+        slices[path] = unstack(value, n)
         if isinstance(var, nnx.Param):
             dropped[path] = value.sharding
-            var.set_value(_stand_in(value))  # the stacked value is freed once its slices are made
+            var.set_value(stand_in(value))  # the stacked value is freed once its slices are made
         del value
     graphdef, state = nnx.split(stack)
     flat = nnx.to_flat_state(state)
@@ -105,7 +105,7 @@ def swap_in_copies(stack: nnx.Module, n: int) -> tuple[list[nnx.Module], dict[tu
                                                        for p, v in flat]))
               for i in range(n)]
     for module in _joinable(copies):
-        module.fuse_projections(_stand_in)
+        module.fuse_projections(stand_in)
     return copies, dropped
 
 
@@ -113,11 +113,11 @@ def swap_back(stack: nnx.Module, copies: list[nnx.Module], dropped: dict[tuple, 
     """Rebuilds each dropped stacked param from the copies, freeing that param's copies before the next one."""
     for module in _joinable(copies):
         module.split_projections()
-    stacked = _variables(stack)
-    per_layer = [_variables(copy) for copy in copies]
+    stacked = variables_of(stack)
+    per_layer = [variables_of(copy) for copy in copies]
     for path, sharding in dropped.items():
-        stacked[path].set_value(_stack([layer[path].get_value() for layer in per_layer], sharding))
-        blank = _stand_in(per_layer[0][path].get_value())
+        stacked[path].set_value(restack([layer[path].get_value() for layer in per_layer], sharding))
+        blank = stand_in(per_layer[0][path].get_value())
         for layer in per_layer:
             layer[path].set_value(blank)
 

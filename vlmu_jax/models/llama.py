@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlmu_jax.models import decoder_tape
 from vlmu_jax.models.layers import (
     Dense,
     GatedMLP,
@@ -347,6 +348,10 @@ class DecoderLM(nnx.Module):
 
         h = constrain(h, ("batch", "seq", None))
         limit = None if output_layer is None else layers_to_run(output_layer, self.config.num_layers)
+        tape = decoder_tape.active()
+        if tape is not None and cache is None and not extend:  # the trainer's per-layer step runs the layers
+            return tape.record(self, h, positions, mask, layer_rngs, impl=impl, causal=causal, remat=remat,
+                               limit=limit), None
         if isinstance(cache, SlicedCache):
             # the layers' states are the copies' where copies are attached (their projections held joined),
             # and slices of the stack otherwise (layer_weights)

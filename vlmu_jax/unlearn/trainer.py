@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -33,6 +34,7 @@ from vlmu_jax.checkpoints.orbax_io import Checkpointer
 from vlmu_jax.data.prefetch import prefetched
 from vlmu_jax.logs import progress
 from vlmu_jax.models.sharding import global_batch
+from vlmu_jax.unlearn import layerwise
 from vlmu_jax.unlearn.objectives import Objective, StreamLogps, get_objective, token_mean_nll
 from vlmu_jax.unlearn.optim import make_optimizer
 from vlmu_jax.unlearn.run_log import RunLog
@@ -84,6 +86,7 @@ class TrainConfig:
     rmu_steering: float = 2.0
     hidden_layer: int = 7
     saliency_threshold: float = 1.0
+    layerwise: str = "auto"  # the step layer by layer: auto | always | never (use_layerwise)
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrainConfig:
@@ -177,51 +180,92 @@ def _stream_logps(name, obj, cfg, model, ref_model, batch, own, ref, kl_fn, voca
     return StreamLogps(logps, ref, mask, kl, kl_mask, vocab, hidden, ref_hidden, hidden_mask)
 
 
-def make_step(graphdef, graphdef_eval, obj: Objective, cfg: TrainConfig, tx, logps_fn, kl_fn, vocab_fn=None,
-              hidden_fn=None) -> Callable:
-    """The pure train step (jitted by the caller). The reference model is `graphdef_eval` with zero LoRA,
-    `ref_other` (the reference's values of the trainable non-LoRA params: empty for LoRA runs or when no reference
-    is needed) and `ref_rest` (its frozen params: the model's own, or a separate reference model's); `grad_mask` the
-    objective's saliency mask over the trainable params (empty when it has none)."""
-    needs_ref = bool(obj.ref_streams or obj.kl_streams)
+def make_loss(obj: Objective, cfg: TrainConfig, logps_fn, kl_fn, vocab_fn=None, hidden_fn=None) -> Callable:
+    """The objective's loss as a traceable `(model, ref_model | None, batches) -> (loss, aux)`: the streams' policy
+    (and reference) log-probs and whatever else the objective reads of them (KL, full-vocab statistics, hidden
+    states)."""
     # Streams the objective reads only through their policy (and reference) log-probs: they may share one pass.
     logps_only = set(obj.optional).union(*obj.phases) - {*obj.kl_streams, *obj.vocab_streams, *obj.hidden_streams}
     ref_streams = set(obj.ref_streams)
 
+    def loss(model, ref_model, batches):
+        # `step_length`: the longest real row over all of the step's streams, the length FIUBench's collator pads
+        # a step's forget and retain rows to (its KL term averages over that many positions, see stages.kl_fn).
+        step_length = jnp.max(jnp.stack([jnp.max(jnp.sum(b["attention_mask"], axis=-1))
+                                         for b in batches.values()]))
+        own = joined_logps(model, batches, step_length, logps_fn, join=logps_only)
+        refs = jax.lax.stop_gradient(joined_logps(
+            ref_model, {n: b for n, b in batches.items() if n in ref_streams}, step_length, logps_fn,
+            join=logps_only))
+        streams = {n: _stream_logps(n, obj, cfg, model, ref_model, {**b, "step_length": step_length}, own[n],
+                                   refs[n][0] if n in refs else None, kl_fn, vocab_fn, hidden_fn)
+                   for n, b in batches.items()}
+        return obj.fn(streams, cfg)
+
+    return loss
+
+
+def make_merge(graphdef, graphdef_eval, obj: Objective) -> Callable:
+    """Traceable `(params, rng, rest, ref_other, ref_rest) -> (model, ref_model | None)`. The reference model is
+    `graphdef_eval` with zero LoRA, `ref_other` (the reference's values of the trainable non-LoRA params: empty for
+    LoRA runs or when no reference is needed) and `ref_rest` (its frozen params: the model's own, or a separate
+    reference model's)."""
+    needs_ref = bool(obj.ref_streams or obj.kl_streams)
+
+    def merge(params, rng, rest, ref_other, ref_rest):
+        # Fresh Variables at this trace level: dropout may advance the RNG counters inside grad (the reference's
+        # too: a model with LoRA dropout draws its key even in eval mode).
+        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rng), rest)
+        if not needs_ref:
+            return model, None
+        lora, _ = nnx.split_state(params, nnx.LoRAParam, ...)
+        ref_params = jax.lax.stop_gradient(nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other))
+        return model, nnx.merge(graphdef_eval, ref_params, jax.tree.map(lambda x: x, rng), ref_rest)
+
+    return merge
+
+
+def apply_gradients(tx, params, opt_state, grads, grad_mask, masked: bool) -> tuple[Any, Any, jax.Array]:
+    """One optimizer update: the saliency mask applied to the gradients when the step's streams ask for it; returns
+    the new params and optimizer state and the (masked) gradients' norm."""
+    if masked:
+        grads = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), grads, grad_mask)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+
+
+def make_step(merge: Callable, loss: Callable, obj: Objective, tx) -> Callable:
+    """The pure train step (jitted by the caller): `merge` builds the policy and reference models (`make_merge`),
+    `loss` their loss (`make_loss`); `grad_mask` the objective's saliency mask over the trainable params (empty
+    when it has none)."""
+
     def step(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches):
-        ref_params = None
-        if needs_ref:
-            lora, _ = nnx.split_state(params, nnx.LoRAParam, ...)
-            ref_params = jax.lax.stop_gradient(nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other))
-
         def loss_of(p):
-            # Fresh Variables at this trace level: dropout may advance the RNG counters inside grad (the
-            # reference's too: a model with LoRA dropout draws its key even in eval mode).
-            model = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rng), rest)
-            ref_model = None if ref_params is None else nnx.merge(graphdef_eval, ref_params,
-                                                                  jax.tree.map(lambda x: x, rng), ref_rest)
-            # `step_length`: the longest real row over all of the step's streams, the length FIUBench's collator pads
-            # a step's forget and retain rows to (its KL term averages over that many positions, see stages.kl_fn).
-            step_length = jnp.max(jnp.stack([jnp.max(jnp.sum(b["attention_mask"], axis=-1))
-                                             for b in batches.values()]))
-            own = joined_logps(model, batches, step_length, logps_fn, join=logps_only)
-            refs = jax.lax.stop_gradient(joined_logps(
-                ref_model, {n: b for n, b in batches.items() if n in ref_streams}, step_length, logps_fn,
-                join=logps_only))
-            streams = {n: _stream_logps(n, obj, cfg, model, ref_model, {**b, "step_length": step_length}, own[n],
-                                       refs[n][0] if n in refs else None, kl_fn, vocab_fn, hidden_fn)
-                       for n, b in batches.items()}
-            loss, aux = obj.fn(streams, cfg)
-            return loss, (aux, nnx.state(model, nnx.RngState))
+            model, ref_model = merge(p, rng, rest, ref_other, ref_rest)
+            value, aux = loss(model, ref_model, batches)
+            return value, (aux, nnx.state(model, nnx.RngState))
 
-        (loss, (aux, new_rng)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        if any(n in obj.masked_streams for n in batches):
-            grads = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), grads, grad_mask)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        aux = {**aux, "grad_norm": optax.tree.norm(grads)}
-        return optax.apply_updates(params, updates), opt_state, new_rng, loss, aux
+        (value, (aux, new_rng)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        params, opt_state, norm = apply_gradients(tx, params, opt_state, grads, grad_mask,
+                                                  any(n in obj.masked_streams for n in batches))
+        return params, opt_state, new_rng, value, {**aux, "grad_norm": norm}
 
     return step
+
+
+def use_layerwise(mode: str, model: nnx.Module, params: nnx.State) -> bool:
+    """Whether the step runs layer by layer (unlearn/layerwise.py). mode: auto (on GPU, where the scan copies each
+    layer's weights out of its stack, for a decoder of stacked layers whose trainable layer params are all LoRA),
+    always (an error where it cannot run), never."""
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"layerwise={mode!r}: choose auto, always or never")
+    if mode == "never":
+        return False
+    reason = layerwise.applicable(model, params)
+    if mode == "always" and reason is not None:
+        raise ValueError(f"layerwise='always' cannot train this model layer by layer: {reason}")
+    return reason is None and (mode == "always" or (jax.default_backend() == "gpu" and layerwise.lora_only(
+        model, params)))
 
 
 def on_mesh(tree: Any, mesh: Mesh | None) -> Any:
@@ -257,6 +301,120 @@ def _saliency(obj: Objective, cfg: TrainConfig, graphdef_eval, params, rng, rest
         return fisher_diagonal(nll, params, batches, context=(rng, rest))
 
     return saliency_mask(fisher(obj.masked_streams), fisher(obj.preserve_streams), cfg.saliency_threshold)
+
+
+@dataclass
+class PreparedStep:
+    """A model split for training and its step: `step(params, opt_state, rng, *fixed, grad_mask, batches)`;
+    `fixed` = (rest, ref_other, ref_rest). `frozen`: the models whose stacked frozen decoder weights the per-layer
+    step holds per layer (empty for the scanned step); `restore()` puts them back."""
+
+    step: Callable
+    params: nnx.State
+    rng: nnx.State
+    fixed: tuple[nnx.State, nnx.State, nnx.State]
+    frozen: list[layerwise.FrozenLayers]
+
+    def restore(self) -> None:
+        for layers in self.frozen:
+            layers.restore()
+        self.frozen = []
+
+
+def prepare_step(model: nnx.Module, trainable: Any, obj: Objective, tx, loss: Callable, *, layerwise_mode: str,
+                 reference: nnx.Module | None = None, keep_unused: bool = False) -> PreparedStep:
+    """`model` split into (trainable params, RNG state, the rest) and the train step over them: the scanned step as
+    one jitted program, or the per-layer step (`use_layerwise`). The reference is `model` with LoRA zeroed and its
+    trainable non-LoRA params at their initial values, or `reference` (the same graph). keep_unused: every argument
+    stays a parameter of the jitted program (the benchmarks' memory accounting)."""
+    model.eval()
+    graphdef_eval = nnx.graphdef(model)
+    model.train()
+    graphdef, params, rng, rest = nnx.split(model, trainable, nnx.RngState, ...)
+    needs_ref = bool(obj.ref_streams or obj.kl_streams)
+    ref_params, ref_rest = (params, rest) if reference is None else nnx.split(reference, trainable, nnx.RngState,
+                                                                              ...)[1::2]
+    ref_other = nnx.split_state(ref_params, nnx.LoRAParam, ...)[1] if needs_ref else nnx.State({})
+    if reference is None:  # the model's own arrays are donated to the step: its reference keeps a copy
+        ref_other = jax.tree.map(jnp.copy, ref_other)
+    merge = make_merge(graphdef, graphdef_eval, obj)
+    if not use_layerwise(layerwise_mode, model, params):
+        step = jax.jit(make_step(merge, loss, obj, tx), donate_argnums=(0, 1, 2), keep_unused=keep_unused)
+        return PreparedStep(step, params, rng, (rest, ref_other, ref_rest), [])
+    frozen = [layerwise.FrozenLayers(model, trainable)]
+    if reference is not None:
+        frozen.append(layerwise.FrozenLayers(reference, trainable))
+    # the decoder's stacked frozen weights are zero-size stand-ins now: the step holds them per layer
+    rest = nnx.split(model, trainable, nnx.RngState, ...)[3]
+    ref_rest = rest if reference is None else nnx.split(reference, trainable, nnx.RngState, ...)[3]
+    step = layerwise.LayerwiseStep(
+        merge=merge, loss=loss, apply=functools.partial(apply_gradients, tx), masked_streams=obj.masked_streams,
+        prefix=frozen[0].prefix, n_layers=frozen[0].n, stack_graphdefs=layerwise.stack_graphdefs(model),
+        frozen=frozen[0].layers, ref_frozen=frozen[-1].layers)
+    return PreparedStep(step, params, rng, (rest, ref_other, ref_rest), frozen)
+
+
+def _run_steps(step_fn: Callable, state: tuple, fixed: tuple, *, cfg: TrainConfig, sources: Mapping[str, BatchSource],
+               phases: list[tuple[str, ...]], phase_lengths: list[int], total: int, schedule: Callable,
+               workdir: str | Path, mesh: Mesh | None) -> tuple[Any, Any, Any, list[float]]:
+    """The training loop from the latest checkpoint in `workdir` (or step 0) to `total`: `state` = (params,
+    opt_state, rng), `fixed` = the step's other arguments; returns the final state and this run's losses."""
+    params, opt_state, rng = state
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(
+        workdir / "checkpoints",
+        save_every=cfg.save_every or total,
+        keep=cfg.keep_checkpoints,
+        async_save=cfg.async_checkpoints,
+    )
+    start = ckpt.latest_step() or 0
+    if start:
+        params, opt_state, rng = ckpt.restore(start, (params, opt_state, rng))
+    params, opt_state, rng = on_mesh((params, opt_state, rng), mesh)
+    is_main = jax.process_index() == 0
+    losses: list[float] = []
+    bar = progress(total=total, initial=start, desc=workdir.name, unit="step", disable=not (is_main and cfg.progress))
+    with RunLog(workdir, start=start, enabled=is_main) as log, bar:
+        def host_batches(step: int) -> dict[str, dict]:
+            phase, index = plan_step(step, phase_lengths)
+            return {name: sources[name].get(index) for name in phases[phase]}
+
+        t0 = time.perf_counter()
+        for step, host in enumerate(prefetched(host_batches, range(start, total)), start=start):
+            batches = {name: global_batch(b, mesh) for name, b in host.items()}
+            params, opt_state, rng, loss, aux = step_fn(params, opt_state, rng, *fixed, batches)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                ckpt.close()
+                raise FloatingPointError(
+                    f"non-finite loss {loss} at step {step}; last good checkpoint: step {ckpt.latest_step()}"
+                )
+            tokens = sum(int(b["attention_mask"].sum()) for b in host.values()) * jax.process_count()
+            # Since the last step's checkpoint call: waiting for this step's batch (made ahead while the device
+            # ran the last one) + the step to completion (the first at each length compiles).
+            elapsed = time.perf_counter() - t0
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": float(schedule(step // cfg.grad_accum)),
+                "step_s": elapsed,
+                "tokens": tokens,
+                "seq_len": max(int(b["input_ids"].shape[1]) for b in host.values()),  # a new one compiles
+                "tokens_per_s": tokens / elapsed,
+                **{k: float(v) for k, v in aux.items()},
+            }
+            if step == start and start:
+                record["resumed_from"] = start
+            log.write(record)
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=int(record["tokens_per_s"]),
+                            refresh=False)  # redraws follow the bar's own interval (rare in a log file)
+            bar.update(1)
+            ckpt.save(step + 1, (params, opt_state, rng), force=step + 1 == total)
+            t0 = time.perf_counter()
+    ckpt.close()
+    return params, opt_state, rng, losses
 
 
 def train(
@@ -309,80 +467,25 @@ def train(
         eps=cfg.adam_eps,
     )
 
-    model.eval()
-    graphdef_eval = nnx.graphdef(model)
-    model.train()
-    graphdef, params, rng, rest = nnx.split(model, trainable, nnx.RngState, ...)
-    needs_ref = bool(obj.ref_streams or obj.kl_streams)
-    ref_params, ref_rest = (params, rest) if reference is None else nnx.split(reference, trainable, nnx.RngState,
-                                                                              ...)[1::2]
-    ref_other = nnx.split_state(ref_params, nnx.LoRAParam, ...)[1] if needs_ref else nnx.State({})
-    if reference is None:  # the model's own arrays are donated to the step: its reference keeps a copy
-        ref_other = jax.tree.map(jnp.copy, ref_other)
-    opt_state = jax.jit(tx.init)(params)
-    step_fn = jax.jit(
-        make_step(graphdef, graphdef_eval, obj, cfg, tx, logps_fn, kl_fn, vocab_fn, hidden_fn),
-        donate_argnums=(0, 1, 2),
-    )
     grad_mask = nnx.State({})
-    if obj.masked_streams:
+    if obj.masked_streams:  # at the starting params, before the step takes the model's arrays
+        model.eval()
+        graphdef_eval = nnx.graphdef(model)
+        model.train()
+        _, params, rng, rest = nnx.split(model, trainable, nnx.RngState, ...)
         grad_mask = _saliency(obj, cfg, graphdef_eval, params, rng, rest, sources, logps_fn, mesh,
                               show=jax.process_index() == 0 and cfg.progress)
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(
-        workdir / "checkpoints",
-        save_every=cfg.save_every or total,
-        keep=cfg.keep_checkpoints,
-        async_save=cfg.async_checkpoints,
-    )
-    start = ckpt.latest_step() or 0
-    if start:
-        params, opt_state, rng = ckpt.restore(start, (params, opt_state, rng))
-    params, opt_state, rng = on_mesh((params, opt_state, rng), mesh)
-    is_main = jax.process_index() == 0
-    losses: list[float] = []
-    bar = progress(total=total, initial=start, desc=workdir.name, unit="step", disable=not (is_main and cfg.progress))
-    with RunLog(workdir, start=start, enabled=is_main) as log, bar:
-        def host_batches(step: int) -> dict[str, dict]:
-            phase, index = plan_step(step, phase_lengths)
-            return {name: sources[name].get(index) for name in phases[phase]}
-
-        t0 = time.perf_counter()
-        for step, host in enumerate(prefetched(host_batches, range(start, total)), start=start):
-            batches = {name: global_batch(b, mesh) for name, b in host.items()}
-            params, opt_state, rng, loss, aux = step_fn(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask,
-                                                        batches)
-            loss = float(loss)
-            if not math.isfinite(loss):
-                ckpt.close()
-                raise FloatingPointError(
-                    f"non-finite loss {loss} at step {step}; last good checkpoint: step {ckpt.latest_step()}"
-                )
-            tokens = sum(int(b["attention_mask"].sum()) for b in host.values()) * jax.process_count()
-            # Since the last step's checkpoint call: waiting for this step's batch (made ahead while the device
-            # ran the last one) + the step to completion (the first at each length compiles).
-            elapsed = time.perf_counter() - t0
-            record = {
-                "step": step,
-                "loss": loss,
-                "lr": float(schedule(step // cfg.grad_accum)),
-                "step_s": elapsed,
-                "tokens": tokens,
-                "seq_len": max(int(b["input_ids"].shape[1]) for b in host.values()),  # a new one compiles
-                "tokens_per_s": tokens / elapsed,
-                **{k: float(v) for k, v in aux.items()},
-            }
-            if step == start and start:
-                record["resumed_from"] = start
-            log.write(record)
-            losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=int(record["tokens_per_s"]),
-                            refresh=False)  # redraws follow the bar's own interval (rare in a log file)
-            bar.update(1)
-            ckpt.save(step + 1, (params, opt_state, rng), force=step + 1 == total)
-            t0 = time.perf_counter()
-    ckpt.close()
+    prepared = prepare_step(model, trainable, obj, tx, make_loss(obj, cfg, logps_fn, kl_fn, vocab_fn, hidden_fn),
+                            layerwise_mode=cfg.layerwise, reference=reference)
+    logging.info("%s: the train step runs %s", Path(workdir).name,
+                 "layer by layer (layerwise)" if prepared.frozen else "as one program")
+    params, rng = prepared.params, prepared.rng
+    opt_state = jax.jit(tx.init)(params)
+    try:
+        params, opt_state, rng, losses = _run_steps(
+            prepared.step, (params, opt_state, rng), (*prepared.fixed, grad_mask), cfg=cfg, sources=sources,
+            phases=phases, phase_lengths=phase_lengths, total=total, schedule=schedule, workdir=workdir, mesh=mesh)
+    finally:  # the model whole again (its stacked frozen decoder weights), also after an error
+        prepared.restore()
     nnx.update(model, params, rng)
     return TrainResult(step=total, losses=losses, opt_state=opt_state)

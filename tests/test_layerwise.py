@@ -1,0 +1,132 @@
+"""The per-layer train step (unlearn/layerwise.py) against the scanned one on a tiny LoRA LLaVA, on this CPU.
+
+Both forms run the same loss, optimizer and checkpoints: the losses, the updated params and the RNG state of a few
+steps must agree to float rounding for every kind of decoder call the objectives make (forget and retain joined in
+one pass, the LoRA-off reference, the KL stream's policy and reference calls, RMU's early stop at a hidden layer),
+with trainable params before the decoder (the projector) and after it (none here but the final norm's input). A run
+checkpointed by one form resumes in the other, and the model's stacked frozen weights come back bit for bit.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.tiny_models import tiny_batch, tiny_config
+from vlmu_jax.data.batching import IGNORE
+from vlmu_jax.models import lora
+from vlmu_jax.models.registry import init_model
+from vlmu_jax.models.sharding import make_mesh
+from vlmu_jax.stages import hidden_fn, kl_fn, logps_fn
+from vlmu_jax.unlearn import layerwise
+from vlmu_jax.unlearn.trainer import TrainConfig, train, use_layerwise
+
+LAYERS = 3
+
+
+class Rows:
+    """A BatchSource over fixed batches of the tiny model's rows, answers = each row's last 4 tokens."""
+
+    def __init__(self, seed: int, lengths=(6, 9, 7, 8)):
+        self.batches = []
+        for k in range(2):
+            b = tiny_batch(list(lengths), seed=seed + k)
+            real = b["attention_mask"].sum(1)
+            pos = np.arange(b["input_ids"].shape[1])
+            answer = (pos[None] >= real[:, None] - 4) & (pos[None] < real[:, None])
+            b["labels"] = np.where(answer, b["input_ids"], IGNORE).astype(np.int32)
+            self.batches.append(b)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def get(self, index: int) -> dict:
+        return self.batches[index % len(self.batches)]
+
+
+def tiny_lora_llava(mesh=None) -> tuple[nnx.Module, object]:
+    """The tiny LLaVA with 3 decoder layers, LoRA (dropout on) with nonzero B on every linear of the LM, and the
+    projector fully trained: the policy differs from its LoRA-off reference and every LoRA A gets a gradient."""
+    config = tiny_config("llama").to_dict()
+    config["text_config"]["num_hidden_layers"] = LAYERS
+    model = init_model(config, seed=0, mesh=mesh)
+    lora.apply_lora(model, rank=4, alpha=8.0, dropout=0.1, seed=0, targets=r"language_model.*_proj$")
+    state = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype),
+                                   state))
+    model.train()
+    return model, lora.trainable_filter(lora=True, tune_mm_projector=True)
+
+
+def run(tmp: Path, objective: str, mode: str, steps: int = 3, mesh=None,
+        **kw) -> tuple[list[float], nnx.State, nnx.Module]:
+    model, trainable = tiny_lora_llava(mesh)
+    cfg = TrainConfig(objective=objective, lr=5e-3, num_steps=steps, progress=False, layerwise=mode,
+                      async_checkpoints=False, weight_decay=0.01, **kw)
+    sources = {"forget": Rows(1), "retain": Rows(5)}
+    res = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl_fn, hidden_fn=hidden_fn,
+                trainable=trainable, workdir=tmp / f"{objective}-{mode}", mesh=mesh)
+    return res.losses, nnx.state(model, trainable), model
+
+
+def assert_close(a: nnx.State, b: nnx.State, atol: float) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("objective,kw", [("ga", {}), ("gd", {}), ("npo", {}), ("kl", {}),
+                                          ("rmu", {"hidden_layer": 1})])
+def test_layerwise_step_equals_scanned_step(tmp_path, objective, kw) -> None:
+    losses, params, _ = run(tmp_path, objective, "never", **kw)
+    lw_losses, lw_params, model = run(tmp_path, objective, "always", **kw)
+    np.testing.assert_allclose(lw_losses, losses, rtol=1e-5)
+    assert losses[0] != pytest.approx(losses[-1], rel=1e-4)  # the steps moved the model
+    assert_close(lw_params, params, atol=1e-5)  # a wrong gradient moves a param by ~lr = 5e-3
+    # the stacked frozen weights are back in the model, the same bits as a fresh build's
+    fresh, trainable = tiny_lora_llava()
+    frozen = lambda m: nnx.state(m.language_model.layers, nnx.Not(nnx.LoRAParam))  # noqa: E731
+    for x, y in zip(jax.tree.leaves(frozen(model)), jax.tree.leaves(frozen(fresh)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_checkpoint_of_one_form_resumes_in_the_other(tmp_path) -> None:
+    """The per-layer step keeps the scanned step's stacked params and optimizer state: a scanned run's checkpoint at
+    step 2 of 4, resumed layer by layer, ends where the scanned run ended."""
+    _, params, _ = run(tmp_path, "gd", "never", steps=4, save_every=2, keep_checkpoints=3)
+    shutil.copytree(tmp_path / "gd-never" / "checkpoints" / "2", tmp_path / "gd-always" / "checkpoints" / "2")
+    losses, resumed, _ = run(tmp_path, "gd", "always", steps=4, save_every=2, keep_checkpoints=3)
+    assert len(losses) == 2  # steps 2 and 3 only
+    assert_close(resumed, params, atol=1e-5)
+
+
+def test_layerwise_step_on_a_mesh(tmp_path) -> None:
+    """On 8 fake CPU devices (data=2, fsdp=2, tensor=2) the per-layer step computes what the scanned step does, and
+    the trained and restored weights keep their placement."""
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    losses, params, _ = run(tmp_path, "gd", "never", mesh=mesh)
+    lw_losses, lw_params, model = run(tmp_path, "gd", "always", mesh=mesh)
+    np.testing.assert_allclose(lw_losses, losses, rtol=1e-5)
+    assert_close(lw_params, params, atol=1e-5)
+    placed = {tuple(map(str, p)): x.get_value().sharding
+              for p, x in nnx.to_flat_state(nnx.state(model.language_model.layers))}
+    for path in [("mlp", "gate_proj", "kernel"), ("self_attn", "q_proj", "lora_a")]:
+        assert len(placed[path].device_set) == 8 and any(placed[path].spec), path
+
+
+def test_auto_takes_the_scanned_step_on_cpu_and_always_names_what_it_cannot() -> None:
+    model, trainable = tiny_lora_llava()
+    params = nnx.state(model, trainable)
+    assert jax.default_backend() != "gpu" and not use_layerwise("auto", model, params)
+    assert use_layerwise("always", model, params) and layerwise.lora_only(model, params)
+    assert not layerwise.lora_only(model, nnx.state(model, nnx.Param))  # a full finetune: auto keeps the scan
+    with pytest.raises(ValueError, match="nothing in its decoder layers trains"):
+        use_layerwise("always", model, nnx.state(model, nnx.PathContains("multi_modal_projector")))
+    with pytest.raises(ValueError, match="choose auto, always or never"):
+        use_layerwise("sometimes", model, params)
+    assert jnp.ndim(params["language_model"]["layers"]["mlp"]["up_proj"]["lora_a"][...]) == 3  # stacked [L, ...]
