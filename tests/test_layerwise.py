@@ -10,6 +10,7 @@ checkpointed by one form resumes in the other, and the model's stacked frozen we
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax import monitoring
 
 from tests.tiny_models import tiny_batch, tiny_config
 from vlmu_jax.data.batching import IGNORE
@@ -64,12 +66,12 @@ def tiny_lora_llava(mesh=None) -> tuple[nnx.Module, object]:
     return model, lora.trainable_filter(lora=True, tune_mm_projector=True)
 
 
-def run(tmp: Path, objective: str, mode: str, steps: int = 3, mesh=None,
+def run(tmp: Path, objective: str, mode: str, steps: int = 3, mesh=None, lengths=(6, 9, 7, 8),
         **kw) -> tuple[list[float], nnx.State, nnx.Module]:
     model, trainable = tiny_lora_llava(mesh)
     cfg = TrainConfig(objective=objective, lr=5e-3, num_steps=steps, progress=False, layerwise=mode,
                       async_checkpoints=False, weight_decay=0.01, **kw)
-    sources = {"forget": Rows(1), "retain": Rows(5)}
+    sources = {"forget": Rows(1, lengths), "retain": Rows(5, lengths)}
     res = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl_fn, hidden_fn=hidden_fn,
                 trainable=trainable, workdir=tmp / f"{objective}-{mode}", mesh=mesh)
     return res.losses, nnx.state(model, trainable), model
@@ -130,3 +132,46 @@ def test_auto_takes_the_scanned_step_on_cpu_and_always_names_what_it_cannot() ->
     with pytest.raises(ValueError, match="choose auto, always or never"):
         use_layerwise("sometimes", model, params)
     assert jnp.ndim(params["language_model"]["layers"]["mlp"]["up_proj"]["lora_a"][...]) == 3  # stacked [L, ...]
+
+
+def test_first_step_compiles_its_programs_ahead_in_threads(tmp_path, monkeypatch) -> None:
+    """The first step over a batch shape compiles every program it runs (collect, the policy's and the reference's
+    layers, replay, update) at once in compile threads; the step's own calls then compile nothing."""
+    compiles, inside = [], []
+    monitoring.register_event_duration_secs_listener(
+        lambda name, _, **kw: compiles.append(threading.current_thread().name) if "backend_compile" in name else None)
+    ahead, call = layerwise.LayerwiseStep._compile_ahead, layerwise.LayerwiseStep.__call__
+
+    def counted_ahead(self, *args):
+        before = len(compiles)
+        ahead(self, *args)
+        inside.append(("ahead", compiles[before:]))
+
+    def counted_call(self, *args):
+        before = len(compiles)
+        out = call(self, *args)
+        inside.append(("step", compiles[before:]))
+        return out
+
+    monkeypatch.setattr(layerwise.LayerwiseStep, "_compile_ahead", counted_ahead)
+    monkeypatch.setattr(layerwise.LayerwiseStep, "__call__", counted_call)
+    run(tmp_path, "npo", "always", steps=2, lengths=(5, 11, 6, 7))  # a batch shape of this test alone
+    (_, in_ahead), (_, first), (_, second) = inside
+    assert sum(name.startswith("compile") for name in in_ahead) == 6  # collect, policy fwd+bwd, plain, replay, update
+    # besides the ahead block the first step compiled at most the slicing of its params into layers (another test
+    # of this process may have compiled it), the second nothing
+    assert len(first) - len(in_ahead) <= 1 and not second
+
+
+def test_restore_frees_the_slices_a_step_shares() -> None:
+    """FrozenLayers swaps the stacked frozen decoder weights for stand-ins and back; restoring empties the per-layer
+    list in place, so the step holding that list no longer keeps a decoder's worth of slices alive."""
+    model, trainable = tiny_lora_llava()
+    kernel = model.language_model.layers.mlp.up_proj.kernel
+    before = np.asarray(kernel.get_value())
+    frozen = layerwise.FrozenLayers(model, trainable)
+    shared = frozen.layers
+    assert len(shared) == LAYERS and kernel.get_value().size == 0
+    frozen.restore()
+    assert shared == []
+    np.testing.assert_array_equal(np.asarray(kernel.get_value()), before)

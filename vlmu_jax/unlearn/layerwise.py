@@ -23,6 +23,7 @@ zero-size stand-ins and rebuilt bit for bit at the end), its trainable layer par
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,12 +114,13 @@ class FrozenLayers:
                                             for p, v in flat]) for i in range(self.n)]
 
     def restore(self) -> None:
-        """The stacked arrays rebuilt in the model from the per-layer states (bit for bit), which are dropped."""
-        per_layer = [nnx.to_flat_state(layer) for layer in self.layers]
-        values = [{tuple(p): jax.tree.leaves(v)[0] for p, v in flat} for flat in per_layer]
+        """The stacked arrays rebuilt in the model from the per-layer states (bit for bit), one param at a time,
+        each param's slices freed once it is rebuilt: `layers` is emptied in place, so a step that shares the list
+        holds none of them afterwards (else a 7B decoder's slices outlive the run beside the rebuilt stack)."""
+        values = [{tuple(p): jax.tree.leaves(v)[0] for p, v in nnx.to_flat_state(layer)} for layer in self.layers]
+        self.layers.clear()
         for path, (var, sharding) in self._dropped.items():
-            var.set_value(restack([layer[path] for layer in values], sharding))
-        self.layers = []
+            var.set_value(restack([layer.pop(path) for layer in values], sharding))
 
 
 @dataclass(frozen=True)
@@ -266,12 +268,51 @@ class LayerwiseStep:
         params, opt_state, norm = self.apply(params, opt_state, grads, grad_mask, masked)
         return params, opt_state, norm, self._slices_fn(self._split(params)[0])
 
+    def _compile_ahead(self, params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches) -> None:
+        """Every program of a step over `batches`' shapes lowered from the shapes alone (the collect program's
+        outputs give the layers' inputs) and compiled at once, each in its own thread (XLA's compile runs outside
+        the GIL); the step's calls then find them in jit's caches. Why: compiled one after another as the first
+        step reaches them, LLaVA-7B's collect, layer, replay and update programs took 17-24 s against the scanned
+        step's 11-13 s (bench/RESULTS.md, session 22)."""
+        layer_params, outer = self._split(params)
+        collect = self._collect.lower(params, rng, rest, ref_other, ref_rest, batches)
+        lowered, seen = [collect], set()
+        calls = self._calls[self._sig]
+        if self.reference is None and any(c.role == REFERENCE for c in calls):
+            self.reference = self._reference_slices(params, ref_other)
+        p = self.programs
+        outputs, layer_grads, dh0s = [], [], []
+        for call, (h, positions, mask, keys) in zip(calls, collect.out_info, strict=True):
+            layer_call, key = LayerCall(call.impl, call.causal), None if keys is None else keys[0]
+            n = self.n if call.limit is None else call.limit
+            program = (call.role, layer_call, call.remat, _avals((h, positions, mask, key)))
+            if call.role == POLICY:
+                args = (layer_call, self.graphdef_train, call.remat, self.prefix, self.policy[0], self.frozen[0], h,
+                        positions, mask, key)
+                if program not in seen:
+                    forward = p.forward.lower(*args)  # traced before the backward: it records where residuals go
+                    lowered += [forward, p.backward.lower(*args, forward.out_info[1], h)]
+                layer_grads.append([self.policy[0]] * n + [None] * (self.n - n))
+                dh0s.append(h)
+            elif program not in seen:
+                lowered.append(p.plain.lower(layer_call, self.graphdef_eval, self.prefix, self.reference[0],
+                                             self.ref_frozen[0], h, positions, mask, key))
+            seen.add(program)
+            outputs.append(h)
+        lowered.append(self._replay.lower(outer, layer_params, rng, rest, ref_other, ref_rest, batches, outputs))
+        lowered.append(self._update.lower(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches,
+                                          outer, layer_grads, dh0s))
+        with ThreadPoolExecutor(len(lowered), thread_name_prefix="compile") as pool:
+            list(pool.map(lambda program: program.compile(), lowered))
+
     # -- the step ------------------------------------------------------------------------------------------------
     def __call__(self, params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches):
         self._sig = jax.tree.structure(batches), _avals(batches)
         layer_params, outer = self._split(params)
         if self.policy is None:
             self.policy = self._slices(layer_params)
+        if self._sig not in self._calls:
+            self._compile_ahead(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches)
         inputs = self._collect(params, rng, rest, ref_other, ref_rest, batches)
         calls = self._calls[self._sig]
         if self.reference is None and any(c.role == REFERENCE for c in calls):
