@@ -78,7 +78,7 @@ def real_checkpoint(family: str):
 
 
 def config(small: bool, steps: int, identities: int, objectives: str, family: str = "llava",
-           benchmark: str = "fiubench"):
+           benchmark: str = "fiubench", layerwise: str = "auto"):
     c = getattr(presets, benchmark)("ga", template=TEMPLATES[family], model_path="")
     c.model.tiny = True
     c.model.tiny_shape.update(architecture=family, text_model="llama", **(SMALL if small else LLAVA_7B))
@@ -86,7 +86,7 @@ def config(small: bool, steps: int, identities: int, objectives: str, family: st
     c.unlearn.objective = objectives
     for stage in (c.finetune, c.retain_model, c.unlearn):
         # No Orbax checkpoints: a 7B full finetune's (weights + AdamW moments) does not fit the device's disk.
-        stage.update(num_steps=steps, progress=False, keep_checkpoints=0)
+        stage.update(num_steps=steps, progress=False, keep_checkpoints=0, layerwise=layerwise)
     return c
 
 
@@ -238,6 +238,8 @@ def main() -> None:
                         help="llava: LLaVA-1.5-7B's shape; mllama / idefics2: the released 11B / 8b shapes")
     parser.add_argument("--benchmark", default="fiubench", choices=("fiubench", "mllmu"))
     parser.add_argument("--objectives", default="ga,gd,npo")
+    parser.add_argument("--layerwise", default="auto", choices=("auto", "always", "never"),
+                        help="the training stages' step layer by layer (config train.layerwise; auto: on GPU)")
     parser.add_argument("--drop_base_weights", action="store_true",
                         help="delete the random base model's weight files once the finetune stage has read them "
                              "(the tokenizer and processor stay): an 8B-11B run's four folders fill the disk")
@@ -254,7 +256,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     ws = pipeline.Workspace(config(args.small, args.steps, args.identities, args.objectives, args.family,
-                                   args.benchmark), workdir)
+                                   args.benchmark, args.layerwise), workdir)
     if args.family in REAL_SHAPES and not args.small:
         pipeline.tiny_checkpoint = real_checkpoint(args.family)
     ws.config.eval.shared_prompts = not args.whole_rows

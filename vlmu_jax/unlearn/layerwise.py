@@ -22,6 +22,7 @@ zero-size stand-ins and rebuilt bit for bit at the end), its trainable layer par
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -103,24 +104,28 @@ class FrozenLayers:
         frozen = nnx.split_state(nnx.split(model, trainable, nnx.RngState, ...)[3], _under(self.prefix), ...)[0]
         variables = {tuple(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
         flat = list(nnx.to_flat_state(frozen))
-        slices, self._dropped = {}, {}
+        self._slices: dict[Path, list[jax.Array]] = {}  # path -> its per-layer arrays, for `restore`
+        self._dropped = {}
         for path, _ in flat:  # one param at a time: its stacked value is freed once sliced
             value = variables[tuple(path)].get_value()
-            slices[tuple(path)] = unstack(value, self.n)
+            self._slices[tuple(path)] = unstack(value, self.n)
             self._dropped[tuple(path)] = (variables[tuple(path)], value.sharding)
             variables[tuple(path)].set_value(stand_in(value))
             del value
-        self.layers = [nnx.from_flat_state([(p, jax.tree.map(lambda _, p=p, i=i: slices[tuple(p)][i], v))
+        self.layers = [nnx.from_flat_state([(p, jax.tree.map(lambda _, p=p, i=i: self._slices[tuple(p)][i], v))
                                             for p, v in flat]) for i in range(self.n)]
 
     def restore(self) -> None:
         """The stacked arrays rebuilt in the model from the per-layer states (bit for bit), one param at a time,
         each param's slices freed once it is rebuilt: `layers` is emptied in place, so a step that shares the list
         holds none of them afterwards (else a 7B decoder's slices outlive the run beside the rebuilt stack)."""
-        values = [{tuple(p): jax.tree.leaves(v)[0] for p, v in nnx.to_flat_state(layer)} for layer in self.layers]
         self.layers.clear()
+        # flax's state flattening leaves reference cycles (a recursive closure holding its result) that keep the
+        # per-layer Variables, so their arrays, alive until the collector runs: measured on this CPU, a decoder's
+        # slices outlived restore(); on an H200 the pipeline's training stages peaked 12.3 / 24.5 GiB higher
+        gc.collect()
         for path, (var, sharding) in self._dropped.items():
-            var.set_value(restack([layer.pop(path) for layer in values], sharding))
+            var.set_value(restack(self._slices.pop(path), sharding))
 
 
 @dataclass(frozen=True)
