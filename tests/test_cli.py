@@ -29,6 +29,8 @@ def _run(args: list[str], workdir: Path, entry: list[str] | None = None) -> subp
          "config.protocol must be one of ['original', 'corrected'], got 'tofu'"),
         (["--config", "configs/demo.py", "--config.eval.layer_copies=yes"],
          "config.eval.layer_copies must be one of ('auto', 'always', 'never'), got 'yes'"),
+        (["--config", "configs/demo.py", "--config.finetune.layerwise=on"],
+         "config.finetune.layerwise must be one of ('auto', 'always', 'never'), got 'on'"),
         (["--config", "configs/demo.py", "--config.unlearn.remat=some"],
          "config.unlearn.remat must be one of ['dots_and_dropout_saveable', 'dots_saveable', "
          "'dots_with_no_batch_dims_saveable', "

@@ -204,7 +204,7 @@ def stage_list(config: ml_collections.ConfigDict) -> list[str]:
     return [s for s in STAGES if s in asked]
 
 
-LAYER_COPIES = ("auto", "always", "never")
+LAYER_COPIES = ("auto", "always", "never")  # the modes of eval.layer_copies, eval.load_ahead and train.layerwise
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -230,6 +230,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             (f"{name}.remat", config[name].remat or config.model.remat) for name in TRAIN_STAGES]:
         if policy not in REMAT_POLICIES:
             raise ValueError(f"config.{where} must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
+    for name in TRAIN_STAGES:
+        if config[name].layerwise not in LAYER_COPIES:
+            raise ValueError(f"config.{name}.layerwise must be one of {LAYER_COPIES}, got {config[name].layerwise!r}")
     if config.model.keep_in_memory < 0:
         raise ValueError(f"config.model.keep_in_memory must be >= 0 (models held), got {config.model.keep_in_memory}")
     if not 0 <= config.data.single_length_max_padding:

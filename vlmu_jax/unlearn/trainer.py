@@ -8,6 +8,8 @@ non-LoRA parameters (full finetune, tuned projector) are kept as a frozen copy o
 only when the objective needs a reference. A run may instead name a separate reference model of the same
 graph (MLLMU-Bench's NPO oracle), whose weights then sit beside the model's. Data position is a pure
 function of the step, so a resume restores (params, opt_state, rng, step) and replays the identical trajectory.
+On GPU a LoRA stage of a decoder of stacked layers runs the same step layer by layer instead (`prepare_step`,
+unlearn/layerwise.py), over the same params, optimizer state and checkpoints.
 """
 
 from __future__ import annotations
