@@ -52,29 +52,42 @@ class Rows:
         return self.batches[index % len(self.batches)]
 
 
-def tiny_lora_llava(mesh=None) -> tuple[nnx.Module, object]:
-    """The tiny LLaVA with 3 decoder layers, LoRA (dropout on) with nonzero B on every linear of the LM, and the
-    projector fully trained: the policy differs from its LoRA-off reference and every LoRA A gets a gradient."""
-    config = tiny_config("llama").to_dict()
-    config["text_config"]["num_hidden_layers"] = LAYERS
-    model = init_model(config, seed=0, mesh=mesh)
+def with_lora(model: nnx.Module) -> object:
+    """LoRA (dropout on) with nonzero B on every projection of `model`'s language model, in train mode; returns what
+    trains: the adapters and the projector (fully). Nonzero B: the policy differs from its LoRA-off reference and
+    every LoRA A gets a gradient."""
     lora.apply_lora(model, rank=4, alpha=8.0, dropout=0.1, seed=0, targets=r"language_model.*_proj$")
     state = nnx.state(model, nnx.LoRAParam)
     nnx.update(model, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype),
                                    state))
     model.train()
-    return model, lora.trainable_filter(lora=True, tune_mm_projector=True)
+    return lora.trainable_filter(lora=True, tune_mm_projector=True)
+
+
+def tiny_lora_llava(mesh=None) -> tuple[nnx.Module, object]:
+    """The tiny LLaVA with 3 decoder layers, `with_lora`."""
+    config = tiny_config("llama").to_dict()
+    config["text_config"]["num_hidden_layers"] = LAYERS
+    model = init_model(config, seed=0, mesh=mesh)
+    return model, with_lora(model)
+
+
+def train_run(build, sources: dict, tmp: Path, objective: str, mode: str, steps: int = 3, mesh=None,
+              **kw) -> tuple[list[float], nnx.State, nnx.Module]:
+    """`steps` steps of `objective` on the model `build()` makes, the step layer by layer or not (`mode`): the losses,
+    the trained params and the model."""
+    model, trainable = build()
+    cfg = TrainConfig(objective=objective, lr=5e-3, num_steps=steps, progress=False, layerwise=mode,
+                      async_checkpoints=False, weight_decay=0.01, **kw)
+    res = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl_fn, hidden_fn=hidden_fn,
+                trainable=trainable, workdir=tmp / f"{objective}-{mode}", mesh=mesh)
+    return res.losses, nnx.state(model, trainable), model
 
 
 def run(tmp: Path, objective: str, mode: str, steps: int = 3, mesh=None, lengths=(6, 9, 7, 8),
         **kw) -> tuple[list[float], nnx.State, nnx.Module]:
-    model, trainable = tiny_lora_llava(mesh)
-    cfg = TrainConfig(objective=objective, lr=5e-3, num_steps=steps, progress=False, layerwise=mode,
-                      async_checkpoints=False, weight_decay=0.01, **kw)
     sources = {"forget": Rows(1, lengths), "retain": Rows(5, lengths)}
-    res = train(model, cfg, sources=sources, logps_fn=logps_fn, kl_fn=kl_fn, hidden_fn=hidden_fn,
-                trainable=trainable, workdir=tmp / f"{objective}-{mode}", mesh=mesh)
-    return res.losses, nnx.state(model, trainable), model
+    return train_run(lambda: tiny_lora_llava(mesh), sources, tmp, objective, mode, steps, mesh, **kw)
 
 
 def assert_close(a: nnx.State, b: nnx.State, atol: float) -> None:

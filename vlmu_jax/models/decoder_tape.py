@@ -10,7 +10,8 @@ call's output as an argument, so the loss and the cotangents of those outputs co
 
 Only a cache-less call (training, scoring without a cache) goes on the tape; every decoder call of a model's
 forward must take inputs that do not depend on an earlier decoder call's output (true of every family here: one
-decoder call per forward).
+decoder call per forward). A decoder with cross-attention layers (Mllama's) records their inputs too: the
+cross-attention mask and each cross layer's K/V, which its model computes before the decoder call.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextvars
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -38,6 +39,19 @@ class DecoderCall:
     limit: int | None
 
 
+class DecoderInputs(NamedTuple):
+    """One decoder call's arrays: embeddings, positions, self-attention mask, each layer's key (None: no
+    dropout) and, for a decoder with cross-attention layers (mllama.MllamaTextModel), the cross-attention state and
+    every cross layer's K/V (None: no image in the batch, the cross layers are skipped; and for other decoders)."""
+
+    h: jax.Array
+    positions: jax.Array
+    mask: Any
+    keys: tuple[jax.Array, ...] | None
+    cross: Any = None
+    cross_kv: tuple | None = None
+
+
 @dataclass
 class Tape:
     """The decoder calls of one trace. `roles`: id of each decoder module merged in the trace -> its role.
@@ -48,18 +62,20 @@ class Tape:
     roles: dict[int, str]
     outputs: Sequence[jax.Array] | None = None
     calls: list[DecoderCall] = field(default_factory=list)
-    inputs: list[tuple] = field(default_factory=list)
+    inputs: list[DecoderInputs] = field(default_factory=list)
 
-    def record(self, lm: Any, h: jax.Array, positions: jax.Array, mask: Any, layer_rngs: jax.Array | None, *,
-               impl: str, causal: bool, remat: str, limit: int | None) -> jax.Array:
-        """The decoder `lm`'s call on embeddings `h` (its mask and per-layer keys already made)."""
+    def record(self, lm: Any, h: jax.Array, positions: jax.Array, mask: Any,
+               layer_rngs: jax.Array | Sequence[jax.Array] | None, *, impl: str, causal: bool, remat: str,
+               limit: int | None, cross: Any = None, cross_kv: tuple | None = None) -> jax.Array:
+        """The decoder `lm`'s call on embeddings `h` (its mask and per-layer keys already made; `cross` /
+        `cross_kv`: a cross-attention decoder's inputs besides, see DecoderInputs)."""
         if id(lm) not in self.roles:
             raise ValueError("a decoder call outside the trainer's policy and reference models reached the tape")
         self.calls.append(DecoderCall(self.roles[id(lm)], impl, causal, remat, limit))
         if self.outputs is None:
             n = lm.config.num_layers if limit is None else limit
             keys = None if layer_rngs is None else tuple(layer_rngs[i] for i in range(n))
-            self.inputs.append((h, positions, mask, keys))
+            self.inputs.append(DecoderInputs(h, positions, mask, keys, cross, cross_kv))
             return h
         out = self.outputs[len(self.calls) - 1]
         return lm.norm(out) if limit is None else out

@@ -18,7 +18,8 @@ Layers are heterogeneous, so the decoder keeps its layers in several stacks, one
 as a scan (`stack_layout`). A pass without a cache runs the self layers before the first cross layer as one scan and
 the blocks between evenly spaced cross layers [self layers + cross layer] as another (`schedule`; ``scan_layers``,
 which also scans the vision encoders); a pass with a cache, or over the eval's per-layer copies, runs layer by
-layer. ``remat`` wraps every decoder layer (and the vision layers through ``run_layers``).
+layer. ``remat`` wraps every decoder layer (and the vision layers through ``run_layers``). While the trainer's
+per-layer step traces the loss, a pass without a cache goes on its tape instead (models/decoder_tape.py).
 
 Generation: ``prefill`` runs the vision model once, keeps every cross layer's projected (k-normed) K/V and
 the per-row mask in the decode state next to the self-attention KV cache; ``decode_step`` reuses them (a new
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlmu_jax.models import decoder_tape
 from vlmu_jax.models.architecture import Architecture, special_token_ids
 from vlmu_jax.models.hf_names import LEAVES, HFParam, base_params, rename
 from vlmu_jax.models.layers import (
@@ -103,6 +105,10 @@ def mllama_config(hf_config: dict[str, Any], **options: Any) -> MllamaConfig:
 
 class CrossAttention(nnx.Module):
     """q from text, k/v from vision states; RMSNorm over head_dim on q and k (no rotary)."""
+
+    # what `kv` reads: MllamaTextModel.cross_kv runs it before the decoder call, not inside the layer's own call
+    # (the trainer's per-layer step leaves these frozen weights stacked in the model: unlearn/layerwise.py)
+    KV_MODULES = ("k_proj", "v_proj", "k_norm")
 
     def __init__(self, c: TextConfig, *, stack: tuple[int, ...], dtype, rngs: nnx.Rngs):
         kw = dict(stack=stack, std=c.init_std, dtype=dtype, rngs=rngs)
@@ -270,7 +276,18 @@ class MllamaTextModel(nnx.Module):
 
     def cross_kv(self, states: jax.Array, rng: jax.Array | None) -> tuple[KVCache, ...]:
         """Every cross layer's K/V of the projected vision states [B, N, D]."""
-        return tuple(self.layer(i).cross_attn.kv(states, fold(rng, 1000 + i)) for i in self.cross_layers)
+        return tuple(self._kv_projection(i).kv(states, fold(rng, 1000 + i)) for i in self.cross_layers)
+
+    def _kv_projection(self, i: int) -> CrossAttention:
+        """Cross layer i's attention with only what `kv` reads sliced out of its stack (its attached copy's where
+        copies are attached). Why not `layer(i)`: while the trainer's per-layer step runs, the stacks hold zero-size
+        stand-ins for every other frozen weight (unlearn/layerwise.py)."""
+        if self.layer_copies is not None:
+            return self.layer(i).cross_attn
+        name, j = next((name, ids.index(i)) for name, ids in self.layout if i in ids)
+        graphdef, state = nnx.split(self.layers[name].cross_attn)
+        return nnx.merge(graphdef, nnx.State({k: jax.tree.map(lambda a, j=j: a[j], v) if k in CrossAttention.KV_MODULES
+                                              else v for k, v in state.items()}))
 
     def __call__(
         self,
@@ -298,6 +315,12 @@ class MllamaTextModel(nnx.Module):
         mask = attention_mask(q_slots, k_slots, kv_valid)
         causal = self_kv is None
         h = constrain(h, ("batch", "seq", None))
+        n_run = self.config.num_layers if output_layer is None else layers_to_run(output_layer, self.config.num_layers)
+        tape = decoder_tape.active()
+        if tape is not None and self_kv is None and self.layer_copies is None:  # the trainer's per-layer step
+            keys = None if rng is None else tuple(fold(rng, i) for i in range(n_run))
+            return tape.record(self, h, positions, mask, keys, impl=impl, causal=causal, remat=remat,
+                               limit=None if output_layer is None else n_run, cross=cross, cross_kv=cross_kv), None
 
         def self_fn(layer, h, positions, mask, cache, index, rng):
             return layer(h, positions, mask, impl=impl, causal=causal, cache=cache, index=index, rng=rng)
@@ -321,7 +344,6 @@ class MllamaTextModel(nnx.Module):
                 h, cache = cache_written(h, cache)
             return h, cache
 
-        n_run = self.config.num_layers if output_layer is None else layers_to_run(output_layer, self.config.num_layers)
         plan = schedule(self.config.num_layers, self.cross_layers, n_run,
                         scan and self_kv is None and self.layer_copies is None)
         blocks = range(plan.first, plan.first + plan.count * plan.period)

@@ -17,7 +17,12 @@ state and checkpoints keep the stacked layout of the scanned step, and a run may
 
 Memory: the decoder's frozen weights are held per layer for the run (the stacked arrays in the model are replaced by
 zero-size stand-ins and rebuilt bit for bit at the end), its trainable layer params once stacked and once per layer
-(LoRA: small). Scope: decoders of stacked layers (`llama.DecoderLM`: LLaVA Llama / Phi-3, Idefics2, Qwen2-VL).
+(LoRA: small). Scope: decoders of stacked layers (`llama.DecoderLM`: LLaVA Llama / Phi-3, Idefics2, Qwen2-VL) and
+Mllama's decoder (`mllama.MllamaTextModel`: several stacks, self- and cross-attention layers). Its cross layers'
+K/V are projected from the vision states before the decoder call (MllamaTextModel.cross_kv), so they stay in the
+collect trace: a cross layer's backward returns their cotangents too, and the update program's vjp of the collect
+trace then runs over the layer params as well (LoRA on the cross layers' k/v projections); those projections'
+frozen weights stay stacked in the model beside their per-layer slices (the collect trace reads them).
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlmu_jax.eval.layer_copies import decoder_of, restack, stand_in, unstack
-from vlmu_jax.models.decoder_tape import POLICY, REFERENCE, Tape, recording
+from vlmu_jax.models.decoder_tape import POLICY, REFERENCE, DecoderCall, DecoderInputs, Tape, recording
 from vlmu_jax.models.layers import remat_policy
 from vlmu_jax.models.llama import DecoderLM
+from vlmu_jax.models.mllama import CrossAttention, CrossDecoderLayer, MllamaTextModel
 
 Path = tuple
 
@@ -60,20 +66,66 @@ def _at(state: nnx.State, prefix: Path) -> nnx.State:
     return state
 
 
-def stack_graphdefs(model: nnx.Module) -> tuple[Any, Any]:
-    """The decoder's stacked layer module's graphdef in train and in eval mode (the model is left in train mode)."""
-    layers = decoder_of(model).layers
+@dataclass(frozen=True)
+class Stack:
+    """One stacked layer module of the decoder: its path in the model, the decoder layers it holds in stack order,
+    and whether they are cross-attention layers (Mllama's, fed each its K/V of the vision states)."""
+
+    prefix: Path
+    ids: tuple[int, ...]
+    cross: bool
+
+    def read_outside(self, path: Path) -> bool:
+        """Whether the model reads the param at `path` (full) outside the layer calls too: a cross layer's K/V
+        projections, which MllamaTextModel.cross_kv runs before the decoder call."""
+        rel = tuple(path[len(self.prefix):])
+        return self.cross and len(rel) > 1 and rel[0] == "cross_attn" and rel[1] in CrossAttention.KV_MODULES
+
+
+def decoder_stacks(model: nnx.Module) -> tuple[Stack, ...]:
+    """The decoder's layer stacks: `llama.DecoderLM`'s one, `mllama.MllamaTextModel`'s several (its `layout`)."""
+    lm = decoder_of(model)
+    if isinstance(lm, MllamaTextModel):
+        return tuple(Stack(module_path(model, lm.layers[name]), ids, isinstance(lm.layers[name], CrossDecoderLayer))
+                     for name, ids in lm.layout)
+    return (Stack(module_path(model, lm.layers), tuple(range(lm.config.num_layers)), False),)
+
+
+def stack_graphdefs(model: nnx.Module) -> tuple[tuple[tuple[Stack, Any], ...], tuple[tuple[Stack, Any], ...]]:
+    """Each of the decoder's layer stacks with its module's graphdef, in train and in eval mode (the model is left in
+    train mode)."""
+    stacks = decoder_stacks(model)
+    modules = [_module_at(model, stack.prefix) for stack in stacks]
     model.eval()
-    graphdef_eval = nnx.graphdef(layers)
+    graphdefs_eval = tuple((stack, nnx.graphdef(m)) for stack, m in zip(stacks, modules, strict=True))
     model.train()
-    return nnx.graphdef(layers), graphdef_eval
+    return tuple((stack, nnx.graphdef(m)) for stack, m in zip(stacks, modules, strict=True)), graphdefs_eval
+
+
+def _module_at(root: nnx.Module, prefix: Path) -> nnx.Module:
+    """The module at `prefix` inside `root`."""
+    for path, found in nnx.iter_graph(root):
+        if tuple(path) == tuple(prefix):
+            return found
+    raise ValueError(f"no module at {prefix}")
+
+
+def _within(state: nnx.State, prefix: Path) -> nnx.State:
+    """The variables of `state` below `prefix`, their paths relative to it (empty where there are none)."""
+    n = len(prefix)
+    return nnx.from_flat_state([(tuple(p)[n:], v) for p, v in nnx.to_flat_state(state) if tuple(p[:n]) == prefix])
+
+
+def _prefixed(state: nnx.State, prefix: Path) -> nnx.State:
+    """`state` with `prefix` put before every path (`_within`'s inverse)."""
+    return nnx.from_flat_state([(tuple(prefix) + tuple(p), v) for p, v in nnx.to_flat_state(state)])
 
 
 def applicable(model: nnx.Module, params: nnx.State) -> str | None:
     """Why the per-layer step cannot run on `model` training `params` (None: it can)."""
     lm = decoder_of(model)
-    if not isinstance(lm, DecoderLM):
-        return "its decoder is not a stack of identical layers (llama.DecoderLM)"
+    if not isinstance(lm, DecoderLM | MllamaTextModel):
+        return "its decoder is not made of stacked layers (llama.DecoderLM, mllama.MllamaTextModel)"
     prefix = module_path(model, lm.layers)
     if any(_under(prefix)(p, None) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.RngState))):
         return "its decoder layers hold RNG state"
@@ -91,8 +143,10 @@ def lora_only(model: nnx.Module, params: nnx.State) -> bool:
 
 
 class FrozenLayers:
-    """A model's frozen decoder-layer weights as per-layer states (full paths, for `nnx.merge` beside the trainable
-    slices), the stacked arrays in the model replaced by zero-size stand-ins until `restore`.
+    """A model's frozen decoder-layer weights as per-layer states (layer i's: its stack's params sliced at i, paths
+    relative to the stack module, for `nnx.merge` beside the trainable slices), the stacked arrays in the model
+    replaced by zero-size stand-ins until `restore`; but for what the model reads outside the layer calls
+    (`Stack.read_outside`), which stays stacked as well.
 
     Why here and not eval/layer_copies.swap_in_copies: training keeps the trainable layer params stacked (the
     optimizer and the checkpoints see the scanned step's layout), so only what the trainer leaves frozen moves."""
@@ -106,14 +160,22 @@ class FrozenLayers:
         flat = list(nnx.to_flat_state(frozen))
         self._slices: dict[Path, list[jax.Array]] = {}  # path -> its per-layer arrays, for `restore`
         self._dropped = {}
+        stacks = decoder_stacks(model)
+        stack_of = {tuple(p): next(s for s in stacks if tuple(p[: len(s.prefix)]) == s.prefix) for p, _ in flat}
         for path, _ in flat:  # one param at a time: its stacked value is freed once sliced
             value = variables[tuple(path)].get_value()
-            self._slices[tuple(path)] = unstack(value, self.n)
+            self._slices[tuple(path)] = unstack(value, len(stack_of[tuple(path)].ids))
+            if stack_of[tuple(path)].read_outside(path):  # stays stacked too (small: Mllama's K/V projections)
+                continue
             self._dropped[tuple(path)] = (variables[tuple(path)], value.sharding)
             variables[tuple(path)].set_value(stand_in(value))
             del value
-        self.layers = [nnx.from_flat_state([(p, jax.tree.map(lambda _, p=p, i=i: self._slices[tuple(p)][i], v))
-                                            for p, v in flat]) for i in range(self.n)]
+        self.layers: list[nnx.State] = [nnx.State({})] * self.n
+        for stack in stacks:
+            own = [(tuple(p), v) for p, v in flat if stack_of[tuple(p)] is stack]
+            for j, i in enumerate(stack.ids):
+                self.layers[i] = nnx.from_flat_state([(p[len(stack.prefix):], jax.tree.map(
+                    lambda _, p=p, j=j: self._slices[p][j], v)) for p, v in own])
 
     def restore(self) -> None:
         """The stacked arrays rebuilt in the model from the per-layer states (bit for bit), one param at a time,
@@ -126,18 +188,32 @@ class FrozenLayers:
         gc.collect()
         for path, (var, sharding) in self._dropped.items():
             var.set_value(restack(self._slices.pop(path), sharding))
+        self._slices.clear()
 
 
 @dataclass(frozen=True)
 class LayerCall:
-    """One cache-less decoder layer call (a static argument of the layer programs: hashed by value)."""
+    """One cache-less self-attention decoder layer call (a static argument of the layer programs: hashed by value).
+    `diff` (what the backward differentiates besides the weights and h) is empty, `fixed` = (positions, mask)."""
 
     impl: str
     causal: bool
 
-    def __call__(self, layer: nnx.Module, h: jax.Array, positions: jax.Array, mask: Any,
-                 rng: jax.Array | None) -> jax.Array:
+    def __call__(self, layer: nnx.Module, h: jax.Array, diff: tuple, fixed: tuple, rng: jax.Array | None) -> jax.Array:
+        positions, mask = fixed
         return layer(h, positions, mask, impl=self.impl, causal=self.causal, cache=None, index=0, rng=rng)[0]
+
+
+@dataclass(frozen=True)
+class CrossLayerCall:
+    """One Mllama cross-attention layer call: `diff` = its K/V (computed before the decoder, so their gradient
+    flows back to the vision side and to the layer's own k/v projections through the update program), `fixed` =
+    the CrossState."""
+
+    impl: str
+
+    def __call__(self, layer: nnx.Module, h: jax.Array, diff: tuple, fixed: Any, rng: jax.Array | None) -> jax.Array:
+        return layer(h, fixed, diff, impl=self.impl, rng=rng)
 
 
 def _avals(tree: Any) -> tuple:
@@ -146,43 +222,43 @@ def _avals(tree: Any) -> tuple:
 
 class LayerPrograms:
     """A layer's forward with the backward's residuals, its backward, and a plain forward, each one jitted program
-    per (call, layer structure, remat, shapes).
+    per (call, layer structure, remat, shapes): stacks of the same layer structure share them.
 
-    The forward returns jax.vjp's residuals but not the arrays it was given (its weights, input, mask, key): jit
-    would copy a returned argument into a new buffer, so the backward takes them again and puts them back where the
-    residuals held them (which residual is which argument is found at trace time by identity)."""
+    The forward returns jax.vjp's residuals but not the arrays it was given (its weights, inputs, key): jit would
+    copy a returned argument into a new buffer, so the backward takes them again and puts them back where the
+    residuals held them (which residual is which argument is found at trace time by identity). The backward
+    returns the gradients of the layer's trainable params, of h and of `diff`."""
 
     def __init__(self) -> None:
         self._meta: dict[tuple, tuple] = {}
-        self.forward = jax.jit(self._forward, static_argnums=(0, 1, 2, 3))
-        self.backward = jax.jit(self._backward, static_argnums=(0, 1, 2, 3))
-        self.plain = jax.jit(self._plain, static_argnums=(0, 1, 2))
+        self.forward = jax.jit(self._forward, static_argnums=(0, 1, 2))
+        self.backward = jax.jit(self._backward, static_argnums=(0, 1, 2))
+        self.plain = jax.jit(self._plain, static_argnums=(0, 1))
 
     @staticmethod
-    def _fn(call: LayerCall, graphdef, remat: str, prefix: Path, rest, positions, mask, rng) -> Callable:
-        def f(params, h):
-            layer = nnx.merge(graphdef, _at(params, prefix), _at(rest, prefix))
-            return call(layer, h, positions, mask, rng)
+    def _fn(call: LayerCall | CrossLayerCall, graphdef, remat: str, rest, fixed, rng) -> Callable:
+        def f(params, h, diff):
+            return call(nnx.merge(graphdef, params, rest), h, diff, fixed, rng)
 
         return f if remat == "none" else jax.checkpoint(f, policy=remat_policy(remat))
 
-    def _forward(self, call, graphdef, remat, prefix, params, rest, h, positions, mask, rng):
-        y, vjp = jax.vjp(self._fn(call, graphdef, remat, prefix, rest, positions, mask, rng), params, h)
+    def _forward(self, call, graphdef, remat, params, rest, h, diff, fixed, rng):
+        y, vjp = jax.vjp(self._fn(call, graphdef, remat, rest, fixed, rng), params, h, diff)
         leaves, treedef = jax.tree.flatten(vjp)
-        given = jax.tree.leaves((params, rest, h, positions, mask, rng))
+        given = jax.tree.leaves((params, rest, h, diff, fixed, rng))
         where = [next((j for j, a in enumerate(given) if a is leaf), -1) for leaf in leaves]
-        self._meta[call, graphdef, remat, prefix, _avals((params, rest, h, positions, mask, rng))] = treedef, where
+        self._meta[call, graphdef, remat, _avals((params, rest, h, diff, fixed, rng))] = treedef, where
         return y, [leaf for leaf, j in zip(leaves, where, strict=True) if j < 0]
 
-    def _backward(self, call, graphdef, remat, prefix, params, rest, h, positions, mask, rng, residuals, dy):
-        treedef, where = self._meta[call, graphdef, remat, prefix, _avals((params, rest, h, positions, mask, rng))]
-        given = jax.tree.leaves((params, rest, h, positions, mask, rng))
+    def _backward(self, call, graphdef, remat, params, rest, h, diff, fixed, rng, residuals, dy):
+        treedef, where = self._meta[call, graphdef, remat, _avals((params, rest, h, diff, fixed, rng))]
+        given = jax.tree.leaves((params, rest, h, diff, fixed, rng))
         it = iter(residuals)
         return jax.tree.unflatten(treedef, [next(it) if j < 0 else given[j] for j in where])(dy)
 
     @staticmethod
-    def _plain(call, graphdef, prefix, params, rest, h, positions, mask, rng):
-        return call(nnx.merge(graphdef, _at(params, prefix), _at(rest, prefix)), h, positions, mask, rng)
+    def _plain(call, graphdef, params, rest, h, diff, fixed, rng):
+        return call(nnx.merge(graphdef, params, rest), h, diff, fixed, rng)
 
 
 class LayerwiseStep:
@@ -190,17 +266,24 @@ class LayerwiseStep:
     opt_state, rng, loss, aux)` with the decoder's layers run per layer (module docstring).
 
     merge / loss / apply: the trainer's `make_merge`, `make_loss` and `apply_gradients` (with its tx bound).
-    `frozen` / `ref_frozen`: the policy's and the reference's frozen layer weights (FrozenLayers.layers); the
-    stacked `rest` / `ref_rest` given to the step hold stand-ins there. `stack_graphdef(s)`: the stacked layer
-    module's graphdef in train and eval mode (the reference runs in eval mode: no dropout)."""
+    `prefix`: the path of the decoder's layers (every stack below it). `frozen` / `ref_frozen`: the policy's and the
+    reference's frozen layer weights (FrozenLayers.layers); the stacked `rest` / `ref_rest` given to the step hold
+    stand-ins there. `stack_graphdefs`: each layer stack with its module's graphdef, in train and in eval mode
+    (`stack_graphdefs`; the reference runs in eval mode: no dropout)."""
 
     def __init__(self, *, merge: Callable, loss: Callable, apply: Callable, masked_streams: Sequence[str],
-                 prefix: Path, n_layers: int, stack_graphdefs: tuple[Any, Any], frozen: list[nnx.State],
+                 prefix: Path, n_layers: int, stack_graphdefs: tuple[tuple, tuple], frozen: list[nnx.State],
                  ref_frozen: list[nnx.State]):
         self.merge, self.loss, self.apply = merge, loss, apply
         self.masked_streams = set(masked_streams)
         self.prefix, self.n = prefix, n_layers
-        self.graphdef_train, self.graphdef_eval = stack_graphdefs
+        train, evaluated = stack_graphdefs
+        self.stacks = tuple(stack for stack, _ in train)
+        self.graphdefs_train = tuple(graphdef for _, graphdef in train)
+        self.graphdefs_eval = tuple(graphdef for _, graphdef in evaluated)
+        self.stack_of = {i: s for s, stack in enumerate(self.stacks) for i in stack.ids}  # layer -> its stack
+        # a cross layer -> the index of its K/V among the decoder's (MllamaTextModel.cross_kv: in layer order)
+        self.cross_index = {i: k for k, i in enumerate(sorted(i for st in self.stacks if st.cross for i in st.ids))}
         self.frozen, self.ref_frozen = frozen, ref_frozen
         self.programs = LayerPrograms()
         self.policy: list[nnx.State] | None = None  # this step's trainable layer params, per layer
@@ -219,12 +302,34 @@ class LayerwiseStep:
         return nnx.split_state(params, _under(self.prefix), ...)
 
     def _slices_fn(self, layer_params: nnx.State) -> list[nnx.State]:
-        return [jax.tree.map(lambda a, i=i: a[i], layer_params) for i in range(self.n)]
+        """Each layer's slice of its stack's params (paths relative to the stack)."""
+        own = [_within(layer_params, stack.prefix) for stack in self.stacks]
+        slices: list[nnx.State] = [nnx.State({})] * self.n
+        for stack, state in zip(self.stacks, own, strict=True):
+            for j, i in enumerate(stack.ids):
+                slices[i] = jax.tree.map(lambda a, j=j: a[j], state)
+        return slices
 
     def _reference_fn(self, params, ref_other):
         lora, _ = nnx.split_state(params, nnx.LoRAParam, ...)
         ref_params = nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other)
         return self._slices_fn(self._split(ref_params)[0])
+
+    def _stacked(self, layer_params: nnx.State, layer_grads: list[list]) -> nnx.State:
+        """The layers' gradients (per decoder call, per layer; None where a call did not run the layer) summed and
+        stacked into the params' layout, stack by stack (full paths)."""
+        stacked = []
+        for stack in self.stacks:
+            own = _within(layer_params, stack.prefix)
+            if not jax.tree.leaves(own):
+                continue
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), own)
+            per_layer = []
+            for i in stack.ids:
+                got = [g[i] for g in layer_grads if g[i] is not None]
+                per_layer.append(jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *got) if got else zeros)
+            stacked.append(_prefixed(jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer), stack.prefix))
+        return nnx.merge_state(*stacked) if stacked else nnx.State({})
 
     def _traced(self, params, rng, rest, ref_other, ref_rest, batches, outputs=None):
         """The loss traced with its decoder calls on a tape: (loss, aux, the model's RNG state, the tape)."""
@@ -251,27 +356,51 @@ class LayerwiseStep:
         policy = [k for k, c in enumerate(self._calls[self._sig]) if c.role == POLICY]
         return value, aux, new_rng, g_outer, [d_out[k] for k in policy]
 
-    def _update_fn(self, params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches, g_outer,
-                   layer_grads, dh0s):
+    def _prefix_grads(self, params, rng, rest, ref_other, ref_rest, batches, dh0s, dkvs) -> nnx.State | None:
+        """The gradients of what runs before the decoder (embeddings, projector, vision tower; and a cross layer's
+        k/v projections, which make its K/V there): the vjp of the collect trace with the cotangents of the
+        policy's decoder inputs. Over the outer params alone unless a call has cross-attention K/V (they read
+        params inside the layer stacks); None where nothing before the decoder trains."""
         layer_params, outer = self._split(params)
-        if jax.tree.leaves(outer) and dh0s:  # what runs before the decoder: the vjp of the collect trace
+        cross = any(d is not None for d in dkvs)
+        if not dh0s or not (jax.tree.leaves(outer) or cross):
+            return None
 
-            def h0s(outer):
-                tape = self._traced(nnx.merge_state(layer_params, outer), rng, rest, ref_other, ref_rest, batches)[3]
-                return [inp[0] for c, inp in zip(tape.calls, tape.inputs, strict=True) if c.role == POLICY]
+        def inputs(p):
+            p = p if cross else nnx.merge_state(layer_params, p)
+            tape = self._traced(p, rng, rest, ref_other, ref_rest, batches)[3]
+            own = [inp for c, inp in zip(tape.calls, tape.inputs, strict=True) if c.role == POLICY]
+            return [inp.h for inp in own], [inp.cross_kv for inp in own]
 
-            _, vjp = jax.vjp(h0s, outer)
-            g_outer = jax.tree.map(jnp.add, g_outer, vjp(dh0s)[0])
-        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), layer_params)
-        per_layer = []
-        for i in range(self.n):
-            got = [g[i] for g in layer_grads if g[i] is not None]
-            per_layer.append(jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *got) if got else zeros)
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
-        grads = nnx.merge_state(stacked, g_outer)
+        (_, kvs), vjp = jax.vjp(inputs, params if cross else outer)
+        dkvs = [None if kv is None else tuple(jax.tree.map(jnp.zeros_like, x) if d is None else d
+                                              for x, d in zip(kv, dkv, strict=True))
+                for kv, dkv in zip(kvs, dkvs, strict=True)]
+        return vjp((list(dh0s), dkvs))[0]
+
+    def _update_fn(self, params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches, g_outer,
+                   layer_grads, dh0s, dkvs):
+        layer_params, _ = self._split(params)
+        grads = nnx.merge_state(self._stacked(layer_params, layer_grads), g_outer)
+        before = self._prefix_grads(params, rng, rest, ref_other, ref_rest, batches, dh0s, dkvs)
+        if before is not None:
+            grads = _add_into(grads, before)
         masked = any(n in self.masked_streams for n in batches)
         params, opt_state, norm = self.apply(params, opt_state, grads, grad_mask, masked)
         return params, opt_state, norm, self._slices_fn(self._split(params)[0])
+
+    # -- the layers ----------------------------------------------------------------------------------------------
+    def _runs(self, call: DecoderCall, inp: DecoderInputs) -> list[tuple[int, Any, int, Any, Any, Any]]:
+        """The decoder layers `call` runs, in order, each as (its index, its LayerCall, its stack's index, its diff
+        and fixed inputs, its key): the first `limit` layers, but for a cross layer in a pass without images."""
+        runs = []
+        for i in range(self.n if call.limit is None else call.limit):
+            s, key = self.stack_of[i], None if inp.keys is None else inp.keys[i]
+            if not self.stacks[s].cross:
+                runs.append((i, LayerCall(call.impl, call.causal), s, (), (inp.positions, inp.mask), key))
+            elif inp.cross is not None:
+                runs.append((i, CrossLayerCall(call.impl), s, inp.cross_kv[self.cross_index[i]], inp.cross, key))
+        return runs
 
     def _compile_ahead(self, params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches) -> None:
         """Every program of a step over `batches`' shapes lowered from the shapes alone (the collect program's
@@ -286,29 +415,41 @@ class LayerwiseStep:
         if self.reference is None and any(c.role == REFERENCE for c in calls):
             self.reference = self._reference_slices(params, ref_other)
         p = self.programs
-        outputs, layer_grads, dh0s = [], [], []
-        for call, (h, positions, mask, keys) in zip(calls, collect.out_info, strict=True):
-            layer_call, key = LayerCall(call.impl, call.causal), None if keys is None else keys[0]
-            n = self.n if call.limit is None else call.limit
-            program = (call.role, layer_call, call.remat, _avals((h, positions, mask, key)))
+        outputs, layer_grads, dh0s, dkvs = [], [], [], []
+        for call, inp in zip(calls, collect.out_info, strict=True):
+            grads, dkv = [None] * self.n, self._no_dkv(inp)
+            for i, layer_call, s, diff, fixed, key in self._runs(call, inp):
+                weights = (self.policy[i], self.frozen[i]) if call.role == POLICY else (self.reference[i],
+                                                                                      self.ref_frozen[i])
+                program = (call.role, layer_call, self.graphdefs_train[s], call.remat,
+                           _avals((*weights, inp.h, diff, fixed, key)))
+                if call.role == POLICY:
+                    args = (layer_call, self.graphdefs_train[s], call.remat, *weights, inp.h, diff, fixed, key)
+                    if program not in seen:
+                        forward = p.forward.lower(*args)  # traced before the backward: it records where residuals go
+                        lowered += [forward, p.backward.lower(*args, forward.out_info[1], inp.h)]
+                    grads[i] = self.policy[i]
+                    if dkv is not None and i in self.cross_index:
+                        dkv[self.cross_index[i]] = diff
+                elif program not in seen:
+                    lowered.append(p.plain.lower(layer_call, self.graphdefs_eval[s], *weights, inp.h, diff, fixed,
+                                                 key))
+                seen.add(program)
             if call.role == POLICY:
-                args = (layer_call, self.graphdef_train, call.remat, self.prefix, self.policy[0], self.frozen[0], h,
-                        positions, mask, key)
-                if program not in seen:
-                    forward = p.forward.lower(*args)  # traced before the backward: it records where residuals go
-                    lowered += [forward, p.backward.lower(*args, forward.out_info[1], h)]
-                layer_grads.append([self.policy[0]] * n + [None] * (self.n - n))
-                dh0s.append(h)
-            elif program not in seen:
-                lowered.append(p.plain.lower(layer_call, self.graphdef_eval, self.prefix, self.reference[0],
-                                             self.ref_frozen[0], h, positions, mask, key))
-            seen.add(program)
-            outputs.append(h)
+                layer_grads.append(grads)
+                dh0s.append(inp.h)
+                dkvs.append(None if dkv is None else tuple(dkv))
+            outputs.append(inp.h)
         lowered.append(self._replay.lower(outer, layer_params, rng, rest, ref_other, ref_rest, batches, outputs))
         lowered.append(self._update.lower(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches,
-                                          outer, layer_grads, dh0s))
+                                          outer, layer_grads, dh0s, dkvs))
         with ThreadPoolExecutor(len(lowered), thread_name_prefix="compile") as pool:
             list(pool.map(lambda program: program.compile(), lowered))
+
+    @staticmethod
+    def _no_dkv(inp: DecoderInputs) -> list | None:
+        """A call's cross-attention K/V cotangents before its backward (None: the call has none)."""
+        return None if inp.cross is None or inp.cross_kv is None else [None] * len(inp.cross_kv)
 
     # -- the step ------------------------------------------------------------------------------------------------
     def __call__(self, params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches):
@@ -324,37 +465,44 @@ class LayerwiseStep:
             self.reference = self._reference_slices(params, ref_other)
         p = self.programs
         outputs, saved = [], []
-        for call, (h, positions, mask, keys) in zip(calls, inputs, strict=True):
-            layer_call = LayerCall(call.impl, call.causal)
-            n = self.n if call.limit is None else call.limit
-            residuals = []
-            for i in range(n):
-                key = None if keys is None else keys[i]
+        for call, inp in zip(calls, inputs, strict=True):
+            h, residuals = inp.h, [None] * self.n
+            for i, layer_call, s, diff, fixed, key in self._runs(call, inp):
                 if call.role == POLICY:
                     given = h
-                    h, res = p.forward(layer_call, self.graphdef_train, call.remat, self.prefix, self.policy[i],
-                                       self.frozen[i], h, positions, mask, key)
-                    residuals.append((given, key, res))
+                    h, res = p.forward(layer_call, self.graphdefs_train[s], call.remat, self.policy[i],
+                                       self.frozen[i], h, diff, fixed, key)
+                    residuals[i] = (given, res)
                 else:
-                    h = p.plain(layer_call, self.graphdef_eval, self.prefix, self.reference[i], self.ref_frozen[i],
-                                h, positions, mask, key)
+                    h = p.plain(layer_call, self.graphdefs_eval[s], self.reference[i], self.ref_frozen[i], h, diff,
+                                fixed, key)
             outputs.append(h)
             saved.append(residuals)
         value, aux, new_rng, g_outer, d_out = self._replay(outer, layer_params, rng, rest, ref_other, ref_rest,
                                                             batches, outputs)
         del outputs
-        layer_grads, dh0s = [], []
+        layer_grads, dh0s, dkvs = [], [], []
         policy_calls = [(c, inp, res) for c, inp, res in zip(calls, inputs, saved, strict=True) if c.role == POLICY]
-        for (call, (_, positions, mask, _), residuals), dh in zip(policy_calls, d_out, strict=True):
-            layer_call = LayerCall(call.impl, call.causal)
+        for (call, inp, residuals), dh in zip(policy_calls, d_out, strict=True):
             grads: list = [None] * self.n
-            for i in reversed(range(len(residuals))):
-                h, key, res = residuals[i]
-                grads[i], dh = p.backward(layer_call, self.graphdef_train, call.remat, self.prefix, self.policy[i],
-                                          self.frozen[i], h, positions, mask, key, res, dh)
+            dkv = self._no_dkv(inp)
+            for i, layer_call, s, diff, fixed, key in reversed(self._runs(call, inp)):
+                h, res = residuals[i]
                 residuals[i] = None
+                grads[i], dh, d_diff = p.backward(layer_call, self.graphdefs_train[s], call.remat, self.policy[i],
+                                                  self.frozen[i], h, diff, fixed, key, res, dh)
+                if self.stacks[s].cross:
+                    dkv[self.cross_index[i]] = d_diff
             layer_grads.append(grads)
             dh0s.append(dh)
+            dkvs.append(None if dkv is None else tuple(dkv))
         params, opt_state, norm, self.policy = self._update(params, opt_state, rng, rest, ref_other, ref_rest,
-                                                            grad_mask, batches, g_outer, layer_grads, dh0s)
+                                                            grad_mask, batches, g_outer, layer_grads, dh0s, dkvs)
         return params, opt_state, new_rng, value, {**aux, "grad_norm": norm}
+
+
+def _add_into(grads: nnx.State, more: nnx.State) -> nnx.State:
+    """`grads` with `more` (gradients of a subset of its params, same paths) added where `more` has them."""
+    added = {tuple(p): v for p, v in nnx.to_flat_state(more)}
+    return nnx.from_flat_state([(tuple(p), jax.tree.map(jnp.add, v, added[tuple(p)]) if tuple(p) in added else v)
+                                for p, v in nnx.to_flat_state(grads)])
