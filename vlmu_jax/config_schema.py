@@ -57,8 +57,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     # step, 2.9 GiB more); a full finetune at 7B wants "full".
     c.remat = ""
     # The step with the decoder's layers run one jitted program at a time (vlmu_jax.unlearn.layerwise): auto = on GPU
-    # for a LoRA stage of a decoder of stacked layers (LLaVA, Idefics2, Qwen2-VL; -6 to -12 % per LLaVA-7B step and a
-    # third of the compile, bench/NOTES.md session 21); always; never (one scanned program).
+    # for a LoRA stage of LLaVA, Idefics2 or Qwen2-VL (-7 to -11 % per step at 7B-8B, bench/RESULTS.md session 22);
+    # always (Mllama too, measured slower there); never (one scanned program).
     c.layerwise = "auto"
     c.tune_vision_tower = False
     c.tune_mm_projector = True

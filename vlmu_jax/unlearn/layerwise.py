@@ -134,10 +134,16 @@ def applicable(model: nnx.Module, params: nnx.State) -> str | None:
     return None
 
 
-def lora_only(model: nnx.Module, params: nnx.State) -> bool:
-    """Whether every trainable param in the decoder's layers is a LoRA adapter (what `auto` takes the per-layer
-    step for: the trainable layer params are then held twice, stacked and per layer, at a small cost)."""
-    prefix = module_path(model, decoder_of(model).layers)
+def measured_faster(model: nnx.Module, params: nnx.State) -> bool:
+    """Whether the per-layer step was measured faster than the scanned one for this model and trainable set, which
+    `auto` takes it for on GPU (bench/RESULTS.md, session 22): a `llama.DecoderLM` decoder (LLaVA, Idefics2,
+    Qwen2-VL; -7 to -11 % per step) whose trainable layer params are all LoRA (they are held twice, stacked and per
+    layer: small for LoRA). Not Mllama's decoder: its LoRA GA step took 0.499 s against the scan's 0.349 s on an
+    H200 (its collect and update programs both run the vision tower: bench/NOTES.md)."""
+    lm = decoder_of(model)
+    if not isinstance(lm, DecoderLM):
+        return False
+    prefix = module_path(model, lm.layers)
     flat = [(p, v) for p, v in nnx.to_flat_state(params) if _under(prefix)(p, None)]
     return all(isinstance(v, nnx.LoRAParam) or getattr(v, "type", None) is nnx.LoRAParam for _, v in flat)
 
