@@ -1,10 +1,10 @@
 """The train step with the decoder's layers run one jitted program at a time, dispatched from Python.
 
 Why (bench/NOTES.md, session 21): inside the decoder's lax.scan XLA:GPU copies each layer's weights out of the
-stack in the forward and again in the backward (~20 ms of a 0.215 s LLaVA-7B LoRA step), and the step's one
-program compiles for 20-30 s. Run as one forward and one backward program per layer over per-layer weight arrays,
-no weight is sliced out of a stack and only one layer body compiles (LLaVA-7B's decoder: -6 to -12 % per step,
-compile 22-32 s -> 10-13 s, measured on an H200).
+stack in the forward and again in the backward (~20 ms of a 0.215 s LLaVA-7B LoRA step). Run as one forward and one
+backward program per layer over per-layer weight arrays, no weight is sliced out of a stack. Measured on an H200
+(bench/RESULTS.md, session 22): LLaVA-7B's GA / GD / NPO steps -10.8 / -8.3 / -6.9 %, Idefics2-8b's GA -7.7 %, the
+first step 12-20 s against the scanned program's 10-13 s compile; Mllama's GA +43 % (`measured_faster`).
 
 The step is the trainer's own (same loss, same optimizer, same checkpoints): the loss is traced with the decoder
 calls on a tape (models/decoder_tape.py). A *collect* program returns each decoder call's inputs; the layers run
@@ -57,13 +57,6 @@ def module_path(root: nnx.Module, node: nnx.Module) -> Path:
 def _under(prefix: Path) -> Callable[[Path, Any], bool]:
     """NNX filter: the variables below `prefix`."""
     return lambda path, _: tuple(path[: len(prefix)]) == prefix
-
-
-def _at(state: nnx.State, prefix: Path) -> nnx.State:
-    """The sub-state at `prefix` (paths relative to it)."""
-    for key in prefix:
-        state = state[key]
-    return state
 
 
 @dataclass(frozen=True)
