@@ -188,3 +188,26 @@ def test_restore_frees_the_slices_a_step_shares() -> None:
     frozen.restore()
     assert shared == []
     np.testing.assert_array_equal(np.asarray(kernel.get_value()), before)
+
+
+def test_update_program_reuses_the_collect_programs_vjp(tmp_path, monkeypatch) -> None:
+    """The projector trains, so the update program applies the vjp of what runs before the decoder; it takes the
+    collect program's residuals rather than tracing the model (its vision tower) again."""
+    traced_in_update, tracing = [], []
+    update, traced = layerwise.LayerwiseStep._update_fn, layerwise.LayerwiseStep._traced
+
+    def update_fn(self, *args):
+        tracing.append(True)
+        try:
+            return update(self, *args)
+        finally:
+            tracing.pop()
+
+    def traced_fn(self, *args, **kw):
+        traced_in_update.append(bool(tracing))
+        return traced(self, *args, **kw)
+
+    monkeypatch.setattr(layerwise.LayerwiseStep, "_update_fn", update_fn)
+    monkeypatch.setattr(layerwise.LayerwiseStep, "_traced", traced_fn)
+    run(tmp_path, "ga", "always", steps=1, lengths=(5, 10, 6, 8))
+    assert traced_in_update and not any(traced_in_update)  # collect and replay traced the model, update did not

@@ -11,7 +11,7 @@ calls on a tape (models/decoder_tape.py). A *collect* program returns each decod
 one by one (the policy's with jax.vjp residuals, the reference's plain); a *replay* program takes the decoder
 outputs as arguments and returns the loss, its aux, and the gradients of everything outside the layers and of the
 decoder outputs; the layers' backward runs one by one; an *update* program adds the gradients of what runs before
-the decoder (embeddings, projector, vision tower: a vjp of the collect trace, cut by XLA when nothing there trains),
+the decoder (embeddings, projector, vision tower: the collect program's vjp, whose residuals it returned),
 stacks the layers' gradients into the params' own [L, ...] layout and applies the optimizer. So params, optimizer
 state and checkpoints keep the stacked layout of the scanned step, and a run may resume in either form.
 
@@ -20,9 +20,9 @@ zero-size stand-ins and rebuilt bit for bit at the end), its trainable layer par
 (LoRA: small). Scope: decoders of stacked layers (`llama.DecoderLM`: LLaVA Llama / Phi-3, Idefics2, Qwen2-VL) and
 Mllama's decoder (`mllama.MllamaTextModel`: several stacks, self- and cross-attention layers). Its cross layers'
 K/V are projected from the vision states before the decoder call (MllamaTextModel.cross_kv), so they stay in the
-collect trace: a cross layer's backward returns their cotangents too, and the update program's vjp of the collect
-trace then runs over the layer params as well (LoRA on the cross layers' k/v projections); those projections'
-frozen weights stay stacked in the model beside their per-layer slices (the collect trace reads them).
+collect trace: a cross layer's backward returns their cotangents too, and the collect program's vjp (applied by
+the update program) then runs over the layer params as well (LoRA on the cross layers' k/v projections); those
+projections' frozen weights stay stacked in the model beside their per-layer slices (the collect trace reads them).
 """
 
 from __future__ import annotations
@@ -219,14 +219,29 @@ def _avals(tree: Any) -> tuple:
     return tuple((x.shape, x.dtype) for x in jax.tree.leaves(tree))
 
 
+def split_residuals(vjp: Callable, given: list) -> tuple[list, tuple]:
+    """jax.vjp's function as (its residuals that are not among `given`, how to put it back together). Why: a jitted
+    program that returned the arrays it was given would copy them into new buffers; its caller passes them again
+    to the program that applies the vjp (`join_residuals`). Which residual is which argument is found at trace time
+    by identity."""
+    leaves, treedef = jax.tree.flatten(vjp)
+    where = [next((j for j, a in enumerate(given) if a is leaf), -1) for leaf in leaves]
+    return [leaf for leaf, j in zip(leaves, where, strict=True) if j < 0], (treedef, where)
+
+
+def join_residuals(meta: tuple, kept: list, given: list) -> Callable:
+    """The vjp function `split_residuals` took apart, from its kept residuals and the same `given` arrays."""
+    treedef, where = meta
+    it = iter(kept)
+    return jax.tree.unflatten(treedef, [next(it) if j < 0 else given[j] for j in where])
+
+
 class LayerPrograms:
     """A layer's forward with the backward's residuals, its backward, and a plain forward, each one jitted program
     per (call, layer structure, remat, shapes): stacks of the same layer structure share them.
 
-    The forward returns jax.vjp's residuals but not the arrays it was given (its weights, inputs, key): jit would
-    copy a returned argument into a new buffer, so the backward takes them again and puts them back where the
-    residuals held them (which residual is which argument is found at trace time by identity). The backward
-    returns the gradients of the layer's trainable params, of h and of `diff`."""
+    The forward returns jax.vjp's residuals but not the arrays it was given (`split_residuals`); the backward takes
+    those again and returns the gradients of the layer's trainable params, of h and of `diff`."""
 
     def __init__(self) -> None:
         self._meta: dict[tuple, tuple] = {}
@@ -243,17 +258,13 @@ class LayerPrograms:
 
     def _forward(self, call, graphdef, remat, params, rest, h, diff, fixed, rng):
         y, vjp = jax.vjp(self._fn(call, graphdef, remat, rest, fixed, rng), params, h, diff)
-        leaves, treedef = jax.tree.flatten(vjp)
-        given = jax.tree.leaves((params, rest, h, diff, fixed, rng))
-        where = [next((j for j, a in enumerate(given) if a is leaf), -1) for leaf in leaves]
-        self._meta[call, graphdef, remat, _avals((params, rest, h, diff, fixed, rng))] = treedef, where
-        return y, [leaf for leaf, j in zip(leaves, where, strict=True) if j < 0]
+        args = (params, rest, h, diff, fixed, rng)
+        kept, self._meta[call, graphdef, remat, _avals(args)] = split_residuals(vjp, jax.tree.leaves(args))
+        return y, kept
 
     def _backward(self, call, graphdef, remat, params, rest, h, diff, fixed, rng, residuals, dy):
-        treedef, where = self._meta[call, graphdef, remat, _avals((params, rest, h, diff, fixed, rng))]
-        given = jax.tree.leaves((params, rest, h, diff, fixed, rng))
-        it = iter(residuals)
-        return jax.tree.unflatten(treedef, [next(it) if j < 0 else given[j] for j in where])(dy)
+        args = (params, rest, h, diff, fixed, rng)
+        return join_residuals(self._meta[call, graphdef, remat, _avals(args)], residuals, jax.tree.leaves(args))(dy)
 
     @staticmethod
     def _plain(call, graphdef, params, rest, h, diff, fixed, rng):
@@ -288,6 +299,7 @@ class LayerwiseStep:
         self.policy: list[nnx.State] | None = None  # this step's trainable layer params, per layer
         self.reference: list[nnx.State] | None = None  # the reference's (zero LoRA), per layer; fixed
         self._calls: dict[tuple, tuple] = {}  # batches' shapes -> the decoder calls of the loss
+        self._prefix_meta: dict[tuple, tuple] = {}  # batches' shapes -> how the collect program's vjp comes apart
         self._sig: tuple = ()
         self._collect = jax.jit(self._collect_fn)
         self._replay = jax.jit(self._replay_fn)
@@ -341,8 +353,34 @@ class LayerwiseStep:
         self._calls[self._sig] = tuple(tape.calls)
         return value, aux, nnx.state(model, nnx.RngState), tape
 
+    def _prefix(self, params, rng, rest, ref_other, ref_rest, batches) -> tuple[nnx.State, Callable] | None:
+        """What runs before the decoder as a function for jax.vjp: (the params it differentiates, a function of them
+        giving the policy's decoder inputs (h, cross-attention K/V) with every call's inputs as aux); None where
+        nothing there trains. Over the params outside the layers, or over all of them for a decoder with cross
+        layers (their K/V are projected there, by params inside the layer stacks)."""
+        layer_params, outer = self._split(params)
+        cross = any(stack.cross for stack in self.stacks)
+        if not (jax.tree.leaves(outer) or cross):
+            return None
+
+        def inputs(p):
+            p = p if cross else nnx.merge_state(layer_params, p)
+            tape = self._traced(p, rng, rest, ref_other, ref_rest, batches)[3]
+            own = [inp for c, inp in zip(tape.calls, tape.inputs, strict=True) if c.role == POLICY]
+            return ([inp.h for inp in own], [inp.cross_kv for inp in own]), tape.inputs
+
+        return (params if cross else outer), inputs
+
     def _collect_fn(self, params, rng, rest, ref_other, ref_rest, batches):
-        return self._traced(params, rng, rest, ref_other, ref_rest, batches)[3].inputs
+        """Each decoder call's inputs, and the residuals of their vjp over what trains before the decoder (none
+        where nothing does): the update program applies it without running the vision tower again."""
+        prefix = self._prefix(params, rng, rest, ref_other, ref_rest, batches)
+        if prefix is None:
+            return self._traced(params, rng, rest, ref_other, ref_rest, batches)[3].inputs, []
+        _, vjp, inputs = jax.vjp(prefix[1], prefix[0], has_aux=True)
+        kept, self._prefix_meta[self._sig] = split_residuals(
+            vjp, jax.tree.leaves((params, rng, rest, ref_other, ref_rest, batches)))
+        return inputs, kept
 
     def _replay_fn(self, outer, layer_params, rng, rest, ref_other, ref_rest, batches, outputs):
         def f(outer, outputs):
@@ -355,33 +393,26 @@ class LayerwiseStep:
         policy = [k for k, c in enumerate(self._calls[self._sig]) if c.role == POLICY]
         return value, aux, new_rng, g_outer, [d_out[k] for k in policy]
 
-    def _prefix_grads(self, params, rng, rest, ref_other, ref_rest, batches, dh0s, dkvs) -> nnx.State | None:
+    def _prefix_grads(self, params, rng, rest, ref_other, ref_rest, batches, residuals, kvs, dh0s,
+                      dkvs) -> nnx.State | None:
         """The gradients of what runs before the decoder (embeddings, projector, vision tower; and a cross layer's
-        k/v projections, which make its K/V there): the vjp of the collect trace with the cotangents of the
-        policy's decoder inputs. Over the outer params alone unless a call has cross-attention K/V (they read
-        params inside the layer stacks); None where nothing before the decoder trains."""
-        layer_params, outer = self._split(params)
-        cross = any(d is not None for d in dkvs)
-        if not dh0s or not (jax.tree.leaves(outer) or cross):
+        k/v projections, which make its K/V there): the collect program's vjp applied to the cotangents of the
+        policy's decoder inputs (`kvs`: their K/V, for the zeros of a cross layer a call did not run). None where
+        nothing before the decoder trains."""
+        if self._sig not in self._prefix_meta or not dh0s:
             return None
-
-        def inputs(p):
-            p = p if cross else nnx.merge_state(layer_params, p)
-            tape = self._traced(p, rng, rest, ref_other, ref_rest, batches)[3]
-            own = [inp for c, inp in zip(tape.calls, tape.inputs, strict=True) if c.role == POLICY]
-            return [inp.h for inp in own], [inp.cross_kv for inp in own]
-
-        (_, kvs), vjp = jax.vjp(inputs, params if cross else outer)
+        vjp = join_residuals(self._prefix_meta[self._sig], residuals,
+                             jax.tree.leaves((params, rng, rest, ref_other, ref_rest, batches)))
         dkvs = [None if kv is None else tuple(jax.tree.map(jnp.zeros_like, x) if d is None else d
                                               for x, d in zip(kv, dkv, strict=True))
                 for kv, dkv in zip(kvs, dkvs, strict=True)]
         return vjp((list(dh0s), dkvs))[0]
 
     def _update_fn(self, params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches, g_outer,
-                   layer_grads, dh0s, dkvs):
+                   layer_grads, residuals, kvs, dh0s, dkvs):
         layer_params, _ = self._split(params)
         grads = nnx.merge_state(self._stacked(layer_params, layer_grads), g_outer)
-        before = self._prefix_grads(params, rng, rest, ref_other, ref_rest, batches, dh0s, dkvs)
+        before = self._prefix_grads(params, rng, rest, ref_other, ref_rest, batches, residuals, kvs, dh0s, dkvs)
         if before is not None:
             grads = _add_into(grads, before)
         masked = any(n in self.masked_streams for n in batches)
@@ -415,7 +446,8 @@ class LayerwiseStep:
             self.reference = self._reference_slices(params, ref_other)
         p = self.programs
         outputs, layer_grads, dh0s, dkvs = [], [], [], []
-        for call, inp in zip(calls, collect.out_info, strict=True):
+        inputs, prefix_residuals = collect.out_info
+        for call, inp in zip(calls, inputs, strict=True):
             grads, dkv = [None] * self.n, self._no_dkv(inp)
             for i, layer_call, s, diff, fixed, key in self._runs(call, inp):
                 weights = (self.policy[i], self.frozen[i]) if call.role == POLICY else (self.reference[i],
@@ -440,8 +472,9 @@ class LayerwiseStep:
                 dkvs.append(None if dkv is None else tuple(dkv))
             outputs.append(inp.h)
         lowered.append(self._replay.lower(outer, layer_params, rng, rest, ref_other, ref_rest, batches, outputs))
+        kvs = [inp.cross_kv for c, inp in zip(calls, inputs, strict=True) if c.role == POLICY]
         lowered.append(self._update.lower(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches,
-                                          outer, layer_grads, dh0s, dkvs))
+                                          outer, layer_grads, prefix_residuals, kvs, dh0s, dkvs))
         with ThreadPoolExecutor(len(lowered), thread_name_prefix="compile") as pool:
             list(pool.map(lambda program: program.compile(), lowered))
 
@@ -458,7 +491,7 @@ class LayerwiseStep:
             self.policy = self._slices(layer_params)
         if self._sig not in self._calls:
             self._compile_ahead(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches)
-        inputs = self._collect(params, rng, rest, ref_other, ref_rest, batches)
+        inputs, prefix_residuals = self._collect(params, rng, rest, ref_other, ref_rest, batches)
         calls = self._calls[self._sig]
         if self.reference is None and any(c.role == REFERENCE for c in calls):
             self.reference = self._reference_slices(params, ref_other)
@@ -495,8 +528,10 @@ class LayerwiseStep:
             layer_grads.append(grads)
             dh0s.append(dh)
             dkvs.append(None if dkv is None else tuple(dkv))
+        kvs = [inp.cross_kv for c, inp in zip(calls, inputs, strict=True) if c.role == POLICY]
         params, opt_state, norm, self.policy = self._update(params, opt_state, rng, rest, ref_other, ref_rest,
-                                                            grad_mask, batches, g_outer, layer_grads, dh0s, dkvs)
+                                                            grad_mask, batches, g_outer, layer_grads,
+                                                            prefix_residuals, kvs, dh0s, dkvs)
         return params, opt_state, new_rng, value, {**aux, "grad_norm": norm}
 
 
