@@ -75,32 +75,29 @@ class Stack:
         return self.cross and len(rel) > 1 and rel[0] == "cross_attn" and rel[1] in CrossAttention.KV_MODULES
 
 
-def decoder_stacks(model: nnx.Module) -> tuple[Stack, ...]:
-    """The decoder's layer stacks: `llama.DecoderLM`'s one, `mllama.MllamaTextModel`'s several (its `layout`)."""
+def _stack_modules(model: nnx.Module) -> list[tuple[Stack, nnx.Module]]:
+    """The decoder's layer stacks with their modules: `llama.DecoderLM`'s one, `mllama.MllamaTextModel`'s several
+    (its `layout`)."""
     lm = decoder_of(model)
     if isinstance(lm, MllamaTextModel):
-        return tuple(Stack(module_path(model, lm.layers[name]), ids, isinstance(lm.layers[name], CrossDecoderLayer))
-                     for name, ids in lm.layout)
-    return (Stack(module_path(model, lm.layers), tuple(range(lm.config.num_layers)), False),)
+        return [(Stack(module_path(model, lm.layers[name]), ids, isinstance(lm.layers[name], CrossDecoderLayer)),
+                 lm.layers[name]) for name, ids in lm.layout]
+    return [(Stack(module_path(model, lm.layers), tuple(range(lm.config.num_layers)), False), lm.layers)]
+
+
+def decoder_stacks(model: nnx.Module) -> tuple[Stack, ...]:
+    """The decoder's layer stacks (`_stack_modules`)."""
+    return tuple(stack for stack, _ in _stack_modules(model))
 
 
 def stack_graphdefs(model: nnx.Module) -> tuple[tuple[tuple[Stack, Any], ...], tuple[tuple[Stack, Any], ...]]:
     """Each of the decoder's layer stacks with its module's graphdef, in train and in eval mode (the model is left in
     train mode)."""
-    stacks = decoder_stacks(model)
-    modules = [_module_at(model, stack.prefix) for stack in stacks]
+    stacks = _stack_modules(model)
     model.eval()
-    graphdefs_eval = tuple((stack, nnx.graphdef(m)) for stack, m in zip(stacks, modules, strict=True))
+    graphdefs_eval = tuple((stack, nnx.graphdef(m)) for stack, m in stacks)
     model.train()
-    return tuple((stack, nnx.graphdef(m)) for stack, m in zip(stacks, modules, strict=True)), graphdefs_eval
-
-
-def _module_at(root: nnx.Module, prefix: Path) -> nnx.Module:
-    """The module at `prefix` inside `root`."""
-    for path, found in nnx.iter_graph(root):
-        if tuple(path) == tuple(prefix):
-            return found
-    raise ValueError(f"no module at {prefix}")
+    return tuple((stack, nnx.graphdef(m)) for stack, m in stacks), graphdefs_eval
 
 
 def _within(state: nnx.State, prefix: Path) -> nnx.State:
@@ -275,16 +272,18 @@ class LayerwiseStep:
     """The trainer's step `(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches) -> (params,
     opt_state, rng, loss, aux)` with the decoder's layers run per layer (module docstring).
 
-    merge / loss / apply: the trainer's `make_merge`, `make_loss` and `apply_gradients` (with its tx bound).
+    merge / loss / apply / reference_params: the trainer's `make_merge`, `make_loss`, `apply_gradients` (with its tx
+    bound) and `reference_params`.
     `prefix`: the path of the decoder's layers (every stack below it). `frozen` / `ref_frozen`: the policy's and the
     reference's frozen layer weights (FrozenLayers.layers); the stacked `rest` / `ref_rest` given to the step hold
     stand-ins there. `stack_graphdefs`: each layer stack with its module's graphdef, in train and in eval mode
     (`stack_graphdefs`; the reference runs in eval mode: no dropout)."""
 
-    def __init__(self, *, merge: Callable, loss: Callable, apply: Callable, masked_streams: Sequence[str],
+    def __init__(self, *, merge: Callable, loss: Callable, apply: Callable, reference_params: Callable,
+                 masked_streams: Sequence[str],
                  prefix: Path, n_layers: int, stack_graphdefs: tuple[tuple, tuple], frozen: list[nnx.State],
                  ref_frozen: list[nnx.State]):
-        self.merge, self.loss, self.apply = merge, loss, apply
+        self.merge, self.loss, self.apply, self.reference_params = merge, loss, apply, reference_params
         self.masked_streams = set(masked_streams)
         self.prefix, self.n = prefix, n_layers
         train, evaluated = stack_graphdefs
@@ -322,9 +321,7 @@ class LayerwiseStep:
         return slices
 
     def _reference_fn(self, params, ref_other):
-        lora, _ = nnx.split_state(params, nnx.LoRAParam, ...)
-        ref_params = nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other)
-        return self._slices_fn(self._split(ref_params)[0])
+        return self._slices_fn(self._split(self.reference_params(params, ref_other))[0])
 
     def _stacked(self, layer_params: nnx.State, layer_grads: list[list]) -> nnx.State:
         """The layers' gradients (per decoder call, per layer; None where a call did not run the layer) summed and

@@ -220,11 +220,17 @@ def make_merge(graphdef, graphdef_eval, obj: Objective) -> Callable:
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rng), rest)
         if not needs_ref:
             return model, None
-        lora, _ = nnx.split_state(params, nnx.LoRAParam, ...)
-        ref_params = jax.lax.stop_gradient(nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other))
+        ref_params = jax.lax.stop_gradient(reference_params(params, ref_other))
         return model, nnx.merge(graphdef_eval, ref_params, jax.tree.map(lambda x: x, rng), ref_rest)
 
     return merge
+
+
+def reference_params(params: nnx.State, ref_other: nnx.State) -> nnx.State:
+    """The reference's trainable params: the LoRA adapters zeroed (no adapter is the pre-unlearning model) and the
+    trainable non-LoRA params at `ref_other`, their values before training."""
+    lora, _ = nnx.split_state(params, nnx.LoRAParam, ...)
+    return nnx.merge_state(jax.tree.map(jnp.zeros_like, lora), ref_other)
 
 
 def apply_gradients(tx, params, opt_state, grads, grad_mask, masked: bool) -> tuple[Any, Any, jax.Array]:
@@ -350,7 +356,8 @@ def prepare_step(model: nnx.Module, trainable: Any, obj: Objective, tx, loss: Ca
     rest = nnx.split(model, trainable, nnx.RngState, ...)[3]
     ref_rest = rest if reference is None else nnx.split(reference, trainable, nnx.RngState, ...)[3]
     step = layerwise.LayerwiseStep(
-        merge=merge, loss=loss, apply=functools.partial(apply_gradients, tx), masked_streams=obj.masked_streams,
+        merge=merge, loss=loss, apply=functools.partial(apply_gradients, tx), reference_params=reference_params,
+        masked_streams=obj.masked_streams,
         prefix=frozen[0].prefix, n_layers=frozen[0].n, stack_graphdefs=layerwise.stack_graphdefs(model),
         frozen=frozen[0].layers, ref_frozen=frozen[-1].layers)
     return PreparedStep(step, params, rng, (rest, ref_other, ref_rest), frozen)
