@@ -98,15 +98,21 @@ def assert_close(a: nnx.State, b: nnx.State, atol: float) -> None:
 @pytest.mark.parametrize("objective,kw", [("ga", {}), ("gd", {}), ("npo", {}), ("kl", {}),
                                           ("rmu", {"hidden_layer": 1})])
 def test_layerwise_step_equals_scanned_step(tmp_path, objective, kw) -> None:
-    losses, params, _ = run(tmp_path, objective, "never", **kw)
-    lw_losses, lw_params, model = run(tmp_path, objective, "always", **kw)
+    assert_forms_agree(lambda mode: run(tmp_path, objective, mode, **kw), tiny_lora_llava)
+
+
+def assert_forms_agree(run_form, build) -> None:
+    """`run_form(mode)` scanned and layer by layer: the same losses and trained params, and the model's stacked
+    frozen weights back afterwards, the same bits as a fresh `build()`'s."""
+    losses, params, _ = run_form("never")
+    lw_losses, lw_params, model = run_form("always")
     np.testing.assert_allclose(lw_losses, losses, rtol=1e-5)
     assert losses[0] != pytest.approx(losses[-1], rel=1e-4)  # the steps moved the model
     assert_close(lw_params, params, atol=1e-5)  # a wrong gradient moves a param by ~lr = 5e-3
-    # the stacked frozen weights are back in the model, the same bits as a fresh build's
-    fresh, trainable = tiny_lora_llava()
+    fresh, _ = build()
     frozen = lambda m: nnx.state(m.language_model.layers, nnx.Not(nnx.LoRAParam))  # noqa: E731
     for x, y in zip(jax.tree.leaves(frozen(model)), jax.tree.leaves(frozen(fresh)), strict=True):
+        assert x.size and x.shape == y.shape
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
