@@ -3,7 +3,8 @@
 For each trace_* directory under the given folder: device busy time, the share by kernel class (matmul,
 attention, RNG, copies, other fusions) and the kernels that cost most, summed over the traced calls; then the
 device's idle stretches between kernels.
-Usage: `python bench/read_trace.py OUT_DIR [TOP]`.
+Usage: `python bench/read_trace.py OUT_DIR [TOP] [MODULE_REGEX]`: with a regex, also every kernel of the programs
+(XLA modules) it matches, summed per program, e.g. `_forward|_backward` for the per-layer step's layer programs.
 """
 
 from __future__ import annotations
@@ -56,7 +57,33 @@ def gaps(events: list[dict], top: int = 8) -> None:
         print(f"   {d / 1e3:8.2f} ms after {a[:60]} before {b[:60]}")
 
 
-def summarize(trace_dir: str, top: int) -> None:
+def module_of(event: dict) -> str:
+    """The XLA program a kernel ran in, where the trace names it."""
+    args = event.get("args", {})
+    return args.get("hlo_module") or args.get("long_name", "").split(":")[0] or "?"
+
+
+def by_module(events: list[dict], pattern: str) -> None:
+    """Each matching program's kernels, in their order of first appearance, with their summed time and count."""
+    regex = re.compile(pattern)
+    modules: dict[str, collections.OrderedDict] = {}
+    for e in sorted(events, key=lambda e: e["ts"]):
+        module = module_of(e)
+        if not regex.search(module):
+            continue
+        kernels = modules.setdefault(module, collections.OrderedDict())
+        op = e.get("args", {}).get("hlo_op", "")
+        key = (e["name"] if not op or op.startswith("command_buffer") else f"{op} ({e['name'][:40]})")[:90]
+        dur, count = kernels.get(key, (0.0, 0))
+        kernels[key] = (dur + e["dur"], count + 1)
+    for module, kernels in modules.items():
+        total = sum(d for d, _ in kernels.values())
+        print(f"   -- program {module}: {total / 1e3:.2f} ms in {sum(c for _, c in kernels.values())} kernels")
+        for key, (dur, count) in kernels.items():
+            print(f"      {dur:10.1f} us {count:5d}x {kernel_class(key):9s} {key}")
+
+
+def summarize(trace_dir: str, top: int, modules: str | None = None) -> None:
     files = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))
     if not files:
         print(f"{trace_dir}: no trace.json.gz")
@@ -87,6 +114,8 @@ def summarize(trace_dir: str, top: int) -> None:
     for (label, key), dur in by_name.most_common(top):
         print(f"   {dur / 1e3:8.2f} ms {counts[(label, key)]:6d}x {label:9s} {key}")
     gaps(events)
+    if modules:
+        by_module(events, modules)
     sample = events[len(events) // 2]
     print(f"   sample event: {sample['name'][:80]} args={json.dumps(sample.get('args', {}))[:300]}")
 
@@ -94,4 +123,4 @@ def summarize(trace_dir: str, top: int) -> None:
 if __name__ == "__main__":
     out, top = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 18
     for d in sorted(glob.glob(os.path.join(out, "trace_*"))):
-        summarize(d, top)
+        summarize(d, top, sys.argv[3] if len(sys.argv) > 3 else None)
