@@ -3,8 +3,9 @@
 Why (bench/NOTES.md, session 21): inside the decoder's lax.scan XLA:GPU copies each layer's weights out of the
 stack in the forward and again in the backward (~20 ms of a 0.215 s LLaVA-7B LoRA step). Run as one forward and one
 backward program per layer over per-layer weight arrays, no weight is sliced out of a stack. Measured on an H200
-(bench/RESULTS.md, session 22): LLaVA-7B's GA / GD / NPO steps -10.8 / -8.3 / -6.9 %, Idefics2-8b's GA -7.7 %, the
-first step 12-20 s against the scanned program's 10-13 s compile; Mllama's GA +43 % (`measured_faster`).
+(bench/RESULTS.md, sessions 22-23): LLaVA-7B's GA / GD / NPO steps -10.8 / -8.3 / -6.9 %, Idefics2-8b's GA -7.7 %,
+Llama-3.2-11B-Vision's GA -9.3 %; the first step 12-20 s against the scanned program's 10-13 s compile at 7B, 46 s
+against 57 s at 11B (`measured_faster`).
 
 The step is the trainer's own (same loss, same optimizer, same checkpoints): the loss is traced with the decoder
 calls on a tape (models/decoder_tape.py). A *collect* program returns each decoder call's inputs; the layers run
@@ -126,12 +127,13 @@ def applicable(model: nnx.Module, params: nnx.State) -> str | None:
 
 def measured_faster(model: nnx.Module, params: nnx.State) -> bool:
     """Whether the per-layer step was measured faster than the scanned one for this model and trainable set, which
-    `auto` takes it for on GPU (bench/RESULTS.md, session 22): a `llama.DecoderLM` decoder (LLaVA, Idefics2,
-    Qwen2-VL; -7 to -11 % per step) whose trainable layer params are all LoRA (they are held twice, stacked and per
-    layer: small for LoRA). Not Mllama's decoder: its LoRA GA step took 0.499 s against the scan's 0.349 s on an
-    H200 (its collect and update programs both run the vision tower: bench/NOTES.md)."""
+    `auto` takes it for on GPU (bench/RESULTS.md, sessions 22-23): a decoder of stacked layers (`applicable`) whose
+    trainable layer params are all LoRA (they are held twice, stacked and per layer: small for LoRA). Measured on an
+    H200: LLaVA-7B, Idefics2-8b and Llama-3.2-11B-Vision, 7-11 % less per step. Mllama's was slower (0.499 against
+    0.349 s) while its update program ran the vision tower a second time; since the collect program hands over that
+    vjp's residuals it is faster (0.325 against 0.359 s)."""
     lm = decoder_of(model)
-    if not isinstance(lm, DecoderLM):
+    if not isinstance(lm, DecoderLM | MllamaTextModel):
         return False
     prefix = module_path(model, lm.layers)
     flat = [(p, v) for p, v in nnx.to_flat_state(params) if _under(prefix)(p, None)]
