@@ -30,13 +30,13 @@ from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.lora import apply_lora
 from vlmu_jax.models.registry import architecture, model_config, set_options
 
-# The eval calls run in each of these eval.layer_copies modes, the LoRA GA step under each remat policy.
+# The eval calls run in each of these eval.layer_copies modes, the LoRA steps (OBJECTIVES) under each remat policy.
 COPIES = os.environ.get("COPIES", "auto").split(",")
 REMAT = tuple(x for x in os.environ.get("REMAT", "none").split(",") if x)  # REMAT="": no step
-# The step layer by layer (unlearn/layerwise.py: the pipeline's default on GPU for LLaVA, Idefics2, Qwen2-VL) and
-# as one scanned program; Mllama's decoder runs scanned either way.
+# The step layer by layer (unlearn/layerwise.py: the pipeline's default on GPU for LoRA) and as one scanned program.
 LAYERWISE = tuple(x for x in os.environ.get("LAYERWISE", "auto,never").split(",") if x)
 EVAL = os.environ.get("EVAL", "1") == "1"  # EVAL=0: the LoRA step only (for a call with little time left)
+OBJECTIVES = tuple(x for x in os.environ.get("OBJECTIVES", "ga").split(",") if x)  # gd / npo: both streams = the batch
 
 
 def eval_calls(model: nnx.Module, ids: jax.Array, mask: jax.Array, images: dict, head: int) -> None:
@@ -102,11 +102,11 @@ def main() -> None:
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
     answer = jnp.arange(t) >= head + 1 + t_text // 2  # the second half of the text is the answer
     labels = jnp.where(answer[None, :], ids, -100)
-    for remat, form in itertools.product(REMAT, LAYERWISE):
-        r = unlearn_step_time(model, "ga", remat,
+    for objective, remat, form in itertools.product(OBJECTIVES, REMAT, LAYERWISE):
+        r = unlearn_step_time(model, objective, remat,
                               {"input_ids": ids, "attention_mask": mask, "images": images, "labels": labels},
                               layerwise_mode=form)
-        print(json.dumps({"what": "lora_ga_step", "remat": remat, "layerwise": form, "B": b, "T": t, "s": r.s,
+        print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "layerwise": form, "B": b, "T": t, "s": r.s,
                           "samples_per_s": b / r.s,
                           "compile_s": r.compile_s, "max_mem_gb": r.process_peak_gb, "step_peak_gb": r.step_peak_gb}),
               flush=True)
