@@ -5,6 +5,7 @@ attention, RNG, copies, other fusions) and the kernels that cost most, summed ov
 device's idle stretches between kernels.
 Usage: `python bench/read_trace.py OUT_DIR [TOP] [MODULE_REGEX]`: with a regex, also every kernel of the programs
 (XLA modules) it matches, summed per program, e.g. `_forward|_backward` for the per-layer step's layer programs.
+HOST=1: also the busiest host thread's events (`host_summary`).
 """
 
 from __future__ import annotations
@@ -32,12 +33,41 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
-def device_events(path: str) -> list[dict]:
+def _events(path: str) -> tuple[list[dict], set]:
+    """The trace's complete events and the ids of its GPU processes."""
     data = json.load(gzip.open(path))
     events = data["traceEvents"] if isinstance(data, dict) else data
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
-    return [e for e in events if e.get("ph") == "X" and e["pid"] in gpu]
+    return [e for e in events if e.get("ph") == "X"], {pid for pid, name in names.items() if "gpu" in name.lower()}
+
+
+def device_events(path: str) -> list[dict]:
+    events, gpu = _events(path)
+    return [e for e in events if e["pid"] in gpu]
+
+
+def host_summary(path: str, top: int) -> None:
+    """The busiest host thread's events by summed duration (nested events each count their own span): where the
+    host's time goes when it, not the device, sets the pace (a program's launch, a command buffer's update)."""
+    events, gpu = _events(path)
+    threads: collections.Counter = collections.Counter()
+    for e in events:
+        if e["pid"] not in gpu:
+            threads[(e["pid"], e["tid"])] += 1
+    if not threads:
+        return
+    (pid, tid), _ = threads.most_common(1)[0]
+    own = [e for e in events if (e["pid"], e["tid"]) == (pid, tid)]
+    span = max(e["ts"] + e["dur"] for e in own) - min(e["ts"] for e in own)
+    by_name: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()
+    for e in own:
+        key = re.sub(r"\d+", "#", e["name"])[:100]
+        by_name[key] += e["dur"]
+        counts[key] += 1
+    print(f"   host thread {pid}/{tid}: {len(own)} events over {span / 1e3:.1f} ms")
+    for key, dur in by_name.most_common(top):
+        print(f"   {dur / 1e3:8.2f} ms {counts[key]:6d}x {key}")
 
 
 def gaps(events: list[dict], top: int = 8) -> None:
@@ -116,6 +146,8 @@ def summarize(trace_dir: str, top: int, modules: str | None = None) -> None:
     gaps(events)
     if modules:
         by_module(events, modules)
+    if os.environ.get("HOST", "0") == "1":
+        host_summary(files[0], top)
     sample = events[len(events) // 2]
     print(f"   sample event: {sample['name'][:80]} args={json.dumps(sample.get('args', {}))[:300]}")
 
