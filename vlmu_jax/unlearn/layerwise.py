@@ -141,10 +141,10 @@ def measured_faster(model: nnx.Module, params: nnx.State) -> bool:
 
 
 class FrozenLayers:
-    """A model's frozen decoder-layer weights as per-layer states (layer i's: its stack's params sliced at i, paths
-    relative to the stack module, for `nnx.merge` beside the trainable slices), the stacked arrays in the model
-    replaced by zero-size stand-ins until `restore`; but for what the model reads outside the layer calls
-    (`Stack.read_outside`), which stays stacked as well.
+    """A model's frozen decoder-layer weights per layer (layer i's: its stack's params sliced at i, paths relative to
+    the stack module, for `nnx.merge` beside the trainable slices; held as the leaves of `treedefs[i]`, which
+    `LayerProgram` passes to jit), the stacked arrays in the model replaced by zero-size stand-ins until `restore`;
+    but for what the model reads outside the layer calls (`Stack.read_outside`), which stays stacked as well.
 
     Why here and not eval/layer_copies.swap_in_copies: training keeps the trainable layer params stacked (the
     optimizer and the checkpoints see the scanned step's layout), so only what the trainer leaves frozen moves."""
@@ -168,12 +168,13 @@ class FrozenLayers:
             self._dropped[tuple(path)] = (variables[tuple(path)], value.sharding)
             variables[tuple(path)].set_value(stand_in(value))
             del value
-        self.layers: list[nnx.State] = [nnx.State({})] * self.n
+        self.layers: list[list[jax.Array]] = [[] for _ in range(self.n)]
+        self.treedefs: list[Any] = [None] * self.n
         for stack in stacks:
             own = [(tuple(p), v) for p, v in flat if stack_of[tuple(p)] is stack]
             for j, i in enumerate(stack.ids):
-                self.layers[i] = nnx.from_flat_state([(p[len(stack.prefix):], jax.tree.map(
-                    lambda _, p=p, j=j: self._slices[p][j], v)) for p, v in own])
+                self.layers[i], self.treedefs[i] = jax.tree.flatten(nnx.from_flat_state([
+                    (p[len(stack.prefix):], jax.tree.map(lambda _, p=p, j=j: self._slices[p][j], v)) for p, v in own]))
 
     def restore(self) -> None:
         """The stacked arrays rebuilt in the model from the per-layer states (bit for bit), one param at a time,
@@ -235,39 +236,44 @@ def join_residuals(meta: tuple, kept: list, given: list) -> Callable:
     return jax.tree.unflatten(treedef, [next(it) if j < 0 else given[j] for j in where])
 
 
-class LayerPrograms:
-    """A layer's forward with the backward's residuals, its backward, and a plain forward, each one jitted program
-    per (call, layer structure, remat, shapes): stacks of the same layer structure share them.
+class LayerProgram:
+    """A layer structure's programs: its forward with the backward's residuals, its backward, and a plain forward,
+    each jitted once per shape. The layer's call, graph, remat policy and its weights' tree structures are bound
+    here, and the weights pass as flat lists of arrays. Why: measured on an H200 host (bench/NOTES.md, session 23)
+    the per-layer step was host-bound; jit hashed nnx's GraphDef (a static argument) and flattened nnx States in
+    Python on every one of a 7B step's 64 layer calls, about half the host's time.
 
     The forward returns jax.vjp's residuals but not the arrays it was given (`split_residuals`); the backward takes
-    those again and returns the gradients of the layer's trainable params, of h and of `diff`."""
+    those again and returns the gradients of the layer's trainable params (leaves), of h and of `diff`."""
 
-    def __init__(self) -> None:
+    def __init__(self, call: LayerCall | CrossLayerCall, graphdef: Any, remat: str, param_def: Any, rest_def: Any):
+        self.call, self.graphdef, self.remat = call, graphdef, remat
+        self.param_def, self.rest_def = param_def, rest_def
         self._meta: dict[tuple, tuple] = {}
-        self.forward = jax.jit(self._forward, static_argnums=(0, 1, 2))
-        self.backward = jax.jit(self._backward, static_argnums=(0, 1, 2))
-        self.plain = jax.jit(self._plain, static_argnums=(0, 1))
+        self.forward = jax.jit(self._forward)
+        self.backward = jax.jit(self._backward)
+        self.plain = jax.jit(self._run)
 
-    @staticmethod
-    def _fn(call: LayerCall | CrossLayerCall, graphdef, remat: str, rest, fixed, rng) -> Callable:
+    def _run(self, params: list, rest: list, h, diff, fixed, rng):
+        layer = nnx.merge(self.graphdef, jax.tree.unflatten(self.param_def, params),
+                          jax.tree.unflatten(self.rest_def, rest))
+        return self.call(layer, h, diff, fixed, rng)
+
+    def _fn(self, rest: list, fixed, rng) -> Callable:
         def f(params, h, diff):
-            return call(nnx.merge(graphdef, params, rest), h, diff, fixed, rng)
+            return self._run(params, rest, h, diff, fixed, rng)
 
-        return f if remat == "none" else jax.checkpoint(f, policy=remat_policy(remat))
+        return f if self.remat == "none" else jax.checkpoint(f, policy=remat_policy(self.remat))
 
-    def _forward(self, call, graphdef, remat, params, rest, h, diff, fixed, rng):
-        y, vjp = jax.vjp(self._fn(call, graphdef, remat, rest, fixed, rng), params, h, diff)
+    def _forward(self, params, rest, h, diff, fixed, rng):
+        y, vjp = jax.vjp(self._fn(rest, fixed, rng), params, h, diff)
         args = (params, rest, h, diff, fixed, rng)
-        kept, self._meta[call, graphdef, remat, _avals(args)] = split_residuals(vjp, jax.tree.leaves(args))
+        kept, self._meta[_avals(args)] = split_residuals(vjp, jax.tree.leaves(args))
         return y, kept
 
-    def _backward(self, call, graphdef, remat, params, rest, h, diff, fixed, rng, residuals, dy):
+    def _backward(self, params, rest, h, diff, fixed, rng, residuals, dy):
         args = (params, rest, h, diff, fixed, rng)
-        return join_residuals(self._meta[call, graphdef, remat, _avals(args)], residuals, jax.tree.leaves(args))(dy)
-
-    @staticmethod
-    def _plain(call, graphdef, params, rest, h, diff, fixed, rng):
-        return call(nnx.merge(graphdef, params, rest), h, diff, fixed, rng)
+        return join_residuals(self._meta[_avals(args)], residuals, jax.tree.leaves(args))(dy)
 
 
 class LayerwiseStep:
@@ -278,13 +284,15 @@ class LayerwiseStep:
     bound) and `reference_params`.
     `prefix`: the path of the decoder's layers (every stack below it). `frozen` / `ref_frozen`: the policy's and the
     reference's frozen layer weights (FrozenLayers.layers); the stacked `rest` / `ref_rest` given to the step hold
-    stand-ins there. `stack_graphdefs`: each layer stack with its module's graphdef, in train and in eval mode
-    (`stack_graphdefs`; the reference runs in eval mode: no dropout)."""
+    stand-ins there; `frozen_defs`: their tree structures (FrozenLayers.treedefs; the reference has the policy's
+    graph). `stack_graphdefs`: each layer stack with its module's graphdef, in train and in eval mode
+    (`stack_graphdefs`; the reference runs in eval mode: no dropout). Per-layer params pass between the programs
+    as flat lists of arrays (`LayerProgram`)."""
 
     def __init__(self, *, merge: Callable, loss: Callable, apply: Callable, reference_params: Callable,
                  masked_streams: Sequence[str],
-                 prefix: Path, n_layers: int, stack_graphdefs: tuple[tuple, tuple], frozen: list[nnx.State],
-                 ref_frozen: list[nnx.State]):
+                 prefix: Path, n_layers: int, stack_graphdefs: tuple[tuple, tuple], frozen: list[list],
+                 ref_frozen: list[list], frozen_defs: list):
         self.merge, self.loss, self.apply, self.reference_params = merge, loss, apply, reference_params
         self.masked_streams = set(masked_streams)
         self.prefix, self.n = prefix, n_layers
@@ -295,10 +303,11 @@ class LayerwiseStep:
         self.stack_of = {i: s for s, stack in enumerate(self.stacks) for i in stack.ids}  # layer -> its stack
         # a cross layer -> the index of its K/V among the decoder's (MllamaTextModel.cross_kv: in layer order)
         self.cross_index = {i: k for k, i in enumerate(sorted(i for st in self.stacks if st.cross for i in st.ids))}
-        self.frozen, self.ref_frozen = frozen, ref_frozen
-        self.programs = LayerPrograms()
-        self.policy: list[nnx.State] | None = None  # this step's trainable layer params, per layer
-        self.reference: list[nnx.State] | None = None  # the reference's (zero LoRA), per layer; fixed
+        self.frozen, self.ref_frozen, self.frozen_defs = frozen, ref_frozen, frozen_defs
+        self.programs: dict[tuple, LayerProgram] = {}  # (role, stack, layer call, remat) -> its programs
+        self.param_defs: dict[int, Any] = {}  # stack -> the tree structure of a layer's trainable params
+        self.policy: list[list] | None = None  # this step's trainable layer params, per layer (leaves)
+        self.reference: list[list] | None = None  # the reference's (zero LoRA), per layer (leaves); fixed
         self._calls: dict[tuple, tuple] = {}  # batches' shapes -> the decoder calls of the loss
         self._prefix_meta: dict[tuple, tuple] = {}  # batches' shapes -> how the collect program's vjp comes apart
         self._sig: tuple = ()
@@ -313,13 +322,14 @@ class LayerwiseStep:
         """(the decoder layers' trainable params, everything else that trains)."""
         return nnx.split_state(params, _under(self.prefix), ...)
 
-    def _slices_fn(self, layer_params: nnx.State) -> list[nnx.State]:
-        """Each layer's slice of its stack's params (paths relative to the stack)."""
-        own = [_within(layer_params, stack.prefix) for stack in self.stacks]
-        slices: list[nnx.State] = [nnx.State({})] * self.n
-        for stack, state in zip(self.stacks, own, strict=True):
+    def _slices_fn(self, layer_params: nnx.State) -> list[list]:
+        """Each layer's slice of its stack's params (paths relative to the stack) as leaves; their tree structure
+        goes to `param_defs`."""
+        slices: list[list] = [[] for _ in range(self.n)]
+        for s, stack in enumerate(self.stacks):
+            state = _within(layer_params, stack.prefix)
             for j, i in enumerate(stack.ids):
-                slices[i] = jax.tree.map(lambda a, j=j: a[j], state)
+                slices[i], self.param_defs[s] = jax.tree.flatten(jax.tree.map(lambda a, j=j: a[j], state))
         return slices
 
     def _reference_fn(self, params, ref_other):
@@ -329,14 +339,14 @@ class LayerwiseStep:
         """The layers' gradients (per decoder call, per layer; None where a call did not run the layer) summed and
         stacked into the params' layout, stack by stack (full paths)."""
         stacked = []
-        for stack in self.stacks:
+        for s, stack in enumerate(self.stacks):
             own = _within(layer_params, stack.prefix)
             if not jax.tree.leaves(own):
                 continue
             zeros = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), own)
             per_layer = []
             for i in stack.ids:
-                got = [g[i] for g in layer_grads if g[i] is not None]
+                got = [jax.tree.unflatten(self.param_defs[s], g[i]) for g in layer_grads if g[i] is not None]
                 per_layer.append(jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *got) if got else zeros)
             stacked.append(_prefixed(jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer), stack.prefix))
         return nnx.merge_state(*stacked) if stacked else nnx.State({})
@@ -419,16 +429,31 @@ class LayerwiseStep:
         return params, opt_state, norm, self._slices_fn(self._split(params)[0])
 
     # -- the layers ----------------------------------------------------------------------------------------------
-    def _runs(self, call: DecoderCall, inp: DecoderInputs) -> list[tuple[int, Any, int, Any, Any, Any]]:
-        """The decoder layers `call` runs, in order, each as (its index, its LayerCall, its stack's index, its diff
-        and fixed inputs, its key): the first `limit` layers, but for a cross layer in a pass without images."""
+    def _program(self, role: str, s: int, layer_call: LayerCall | CrossLayerCall, remat: str) -> LayerProgram:
+        """The programs of stack `s`'s layers for this role and call (made once)."""
+        key = (role, s, layer_call, remat)
+        if key not in self.programs:
+            graphdef = (self.graphdefs_train if role == POLICY else self.graphdefs_eval)[s]
+            self.programs[key] = LayerProgram(layer_call, graphdef, remat, self.param_defs[s],
+                                              self.frozen_defs[self.stacks[s].ids[0]])
+        return self.programs[key]
+
+    def _runs(self, call: DecoderCall, inp: DecoderInputs) -> list[tuple]:
+        """The decoder layers `call` runs, in order, each as (its index, its LayerProgram, its stack's index, its
+        diff and fixed inputs, its key, its trainable and its frozen weights): the first `limit` layers, but for a
+        cross layer in a pass without images."""
+        params, frozen = (self.policy, self.frozen) if call.role == POLICY else (self.reference, self.ref_frozen)
         runs = []
         for i in range(self.n if call.limit is None else call.limit):
             s, key = self.stack_of[i], None if inp.keys is None else inp.keys[i]
             if not self.stacks[s].cross:
-                runs.append((i, LayerCall(call.impl, call.causal), s, (), (inp.positions, inp.mask), key))
+                layer_call, diff, fixed = LayerCall(call.impl, call.causal), (), (inp.positions, inp.mask)
             elif inp.cross is not None:
-                runs.append((i, CrossLayerCall(call.impl), s, inp.cross_kv[self.cross_index[i]], inp.cross, key))
+                layer_call, diff, fixed = CrossLayerCall(call.impl), inp.cross_kv[self.cross_index[i]], inp.cross
+            else:
+                continue
+            runs.append((i, self._program(call.role, s, layer_call, call.remat), s, diff, fixed, key, params[i],
+                         frozen[i]))
         return runs
 
     def _compile_ahead(self, params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches) -> None:
@@ -443,28 +468,23 @@ class LayerwiseStep:
         calls = self._calls[self._sig]
         if self.reference is None and any(c.role == REFERENCE for c in calls):
             self.reference = self._reference_slices(params, ref_other)
-        p = self.programs
         outputs, layer_grads, dh0s, dkvs = [], [], [], []
         inputs, prefix_residuals = collect.out_info
         for call, inp in zip(calls, inputs, strict=True):
             grads, dkv = [None] * self.n, self._no_dkv(inp)
-            for i, layer_call, s, diff, fixed, key in self._runs(call, inp):
-                weights = (self.policy[i], self.frozen[i]) if call.role == POLICY else (self.reference[i],
-                                                                                      self.ref_frozen[i])
-                program = (call.role, layer_call, self.graphdefs_train[s], call.remat,
-                           _avals((*weights, inp.h, diff, fixed, key)))
+            for i, program, _, diff, fixed, key, weights, frozen in self._runs(call, inp):
+                args = (weights, frozen, inp.h, diff, fixed, key)
+                sig = (program, _avals(args))
                 if call.role == POLICY:
-                    args = (layer_call, self.graphdefs_train[s], call.remat, *weights, inp.h, diff, fixed, key)
-                    if program not in seen:
-                        forward = p.forward.lower(*args)  # traced before the backward: it records where residuals go
-                        lowered += [forward, p.backward.lower(*args, forward.out_info[1], inp.h)]
-                    grads[i] = self.policy[i]
+                    if sig not in seen:
+                        forward = program.forward.lower(*args)  # traced before the backward: it records residuals
+                        lowered += [forward, program.backward.lower(*args, forward.out_info[1], inp.h)]
+                    grads[i] = weights
                     if dkv is not None and i in self.cross_index:
                         dkv[self.cross_index[i]] = diff
-                elif program not in seen:
-                    lowered.append(p.plain.lower(layer_call, self.graphdefs_eval[s], *weights, inp.h, diff, fixed,
-                                                 key))
-                seen.add(program)
+                elif sig not in seen:
+                    lowered.append(program.plain.lower(*args))
+                seen.add(sig)
             if call.role == POLICY:
                 layer_grads.append(grads)
                 dh0s.append(inp.h)
@@ -494,19 +514,16 @@ class LayerwiseStep:
         calls = self._calls[self._sig]
         if self.reference is None and any(c.role == REFERENCE for c in calls):
             self.reference = self._reference_slices(params, ref_other)
-        p = self.programs
         outputs, saved = [], []
         for call, inp in zip(calls, inputs, strict=True):
             h, residuals = inp.h, [None] * self.n
-            for i, layer_call, s, diff, fixed, key in self._runs(call, inp):
+            for i, program, _, diff, fixed, key, weights, frozen in self._runs(call, inp):
                 if call.role == POLICY:
                     given = h
-                    h, res = p.forward(layer_call, self.graphdefs_train[s], call.remat, self.policy[i],
-                                       self.frozen[i], h, diff, fixed, key)
+                    h, res = program.forward(weights, frozen, h, diff, fixed, key)
                     residuals[i] = (given, res)
                 else:
-                    h = p.plain(layer_call, self.graphdefs_eval[s], self.reference[i], self.ref_frozen[i], h, diff,
-                                fixed, key)
+                    h = program.plain(weights, frozen, h, diff, fixed, key)
             outputs.append(h)
             saved.append(residuals)
         value, aux, new_rng, g_outer, d_out = self._replay(outer, layer_params, rng, rest, ref_other, ref_rest,
@@ -517,11 +534,10 @@ class LayerwiseStep:
         for (call, inp, residuals), dh in zip(policy_calls, d_out, strict=True):
             grads: list = [None] * self.n
             dkv = self._no_dkv(inp)
-            for i, layer_call, s, diff, fixed, key in reversed(self._runs(call, inp)):
+            for i, program, s, diff, fixed, key, weights, frozen in reversed(self._runs(call, inp)):
                 h, res = residuals[i]
                 residuals[i] = None
-                grads[i], dh, d_diff = p.backward(layer_call, self.graphdefs_train[s], call.remat, self.policy[i],
-                                                  self.frozen[i], h, diff, fixed, key, res, dh)
+                grads[i], dh, d_diff = program.backward(weights, frozen, h, diff, fixed, key, res, dh)
                 if self.stacks[s].cross:
                     dkv[self.cross_index[i]] = d_diff
             layer_grads.append(grads)

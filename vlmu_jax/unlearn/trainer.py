@@ -359,7 +359,7 @@ def prepare_step(model: nnx.Module, trainable: Any, obj: Objective, tx, loss: Ca
         merge=merge, loss=loss, apply=functools.partial(apply_gradients, tx), reference_params=reference_params,
         masked_streams=obj.masked_streams,
         prefix=frozen[0].prefix, n_layers=frozen[0].n, stack_graphdefs=layerwise.stack_graphdefs(model),
-        frozen=frozen[0].layers, ref_frozen=frozen[-1].layers)
+        frozen=frozen[0].layers, ref_frozen=frozen[-1].layers, frozen_defs=frozen[0].treedefs)
     return PreparedStep(step, params, rng, (rest, ref_other, ref_rest), frozen)
 
 
