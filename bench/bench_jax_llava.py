@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.bench_dropout import materialised, philox
+from bench.bench_dropout import hashed, materialised, philox
 from vlmu_jax.data.batching import IGNORE
 from vlmu_jax.eval.frozen import compile_only, frozen
 from vlmu_jax.eval.generate import generate
@@ -45,7 +45,7 @@ from vlmu_jax.unlearn.trainer import TrainConfig, make_loss, prepare_step
 GEN_BATCHES = tuple(int(x) for x in os.environ.get("GEN_B", "16,64").split(",") if x)
 GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1").split(","))
 # The unlearning steps to time, objective:remat pairs (the presets' LoRA stages keep the matmul outputs);
-# objective:remat:materialised draws the dropout masks as bench/bench_dropout.py's `materialised`.
+# objective:remat:materialised|philox|hashed draws the dropout masks as bench/bench_dropout.py's function of that name.
 _DOTS = "dots_with_no_batch_dims_saveable"
 STEPS = tuple(tuple(x.split(":")) for x in os.environ.get(
     "STEPS", f"ga:{_DOTS},ga:none,gd:{_DOTS},npo:{_DOTS}").split(",") if x)
@@ -218,9 +218,9 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}
     for (objective, remat, *dropout), copies, form in itertools.product(STEPS if "steps" in WORK else (), STEP_COPIES,
                                                                         LAYERWISE):
-        # objective:remat:materialised|philox runs the step with those dropout masks (bench/bench_dropout.py)
-        layers.dropout_keep = {"materialised": materialised, "philox": philox}.get(dropout[0] if dropout else "",
-                                                                                  dropout_keep)
+        # objective:remat:materialised|philox|hashed runs the step with those dropout masks (bench/bench_dropout.py)
+        masks = {"materialised": materialised, "philox": philox, "hashed": hashed}
+        layers.dropout_keep = masks.get(dropout[0] if dropout else "", dropout_keep)
         with layer_copies(model, "always" if copies else "never") as attached:
             r = unlearn_step_time(model, objective, remat, batch, layerwise_mode="never" if copies else form)
         print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout[0] if dropout

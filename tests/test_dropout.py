@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vlmu_jax.models.layers import REMAT_POLICIES, Dense, dropout_keep
+from vlmu_jax.models.layers import REMAT_POLICIES, Dense, dropout_keep, fused_attention_saveable
 from vlmu_jax.models.sharding import make_mesh
 
 
@@ -48,8 +48,9 @@ def test_mask_does_not_depend_on_sharding():
 
 
 def test_remat_policy_keeping_dropout_masks(capsys):
-    """`dots_and_dropout_saveable` keeps each LoRA dropout mask for the backward instead of drawing it again: the
-    masks are among what it saves (not under the plain dots policy), and the gradients are those without remat."""
+    """`dots_and_dropout_saveable` (and the presets' `dots_attention_dropout_saveable`) keeps each LoRA dropout
+    mask for the backward instead of drawing it again: the masks are among what it saves (not under the plain dots
+    policy), and the gradients are those without remat."""
     dense = Dense(8, 6, axes=(None, None), rngs=nnx.Rngs(0))
     dense.lora_a = nnx.LoRAParam(jax.random.normal(jax.random.key(1), (8, 4)))
     dense.lora_b = nnx.LoRAParam(jax.random.normal(jax.random.key(2), (4, 6)))
@@ -64,9 +65,21 @@ def test_remat_policy_keeping_dropout_masks(capsys):
         return (f if policy is None else jax.checkpoint(f, policy=policy))(lora, x)
 
     want = jax.grad(loss)(lora, None)
-    for name in ("dots_with_no_batch_dims_saveable", "dots_and_dropout_saveable"):
+    for name in ("dots_with_no_batch_dims_saveable", "dots_and_dropout_saveable", "dots_attention_dropout_saveable"):
         got = jax.grad(loss)(lora, REMAT_POLICIES[name])
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
         jax.ad_checkpoint.print_saved_residuals(lambda lora, name=name: loss(lora, REMAT_POLICIES[name]), lora)
         saved = capsys.readouterr().out
-        assert ("bool[4,5,8]" in saved) == (name == "dots_and_dropout_saveable"), saved
+        assert ("bool[4,5,8]" in saved) == (name != "dots_with_no_batch_dims_saveable"), saved
+
+
+def test_presets_policy_keeps_cudnn_attention_outputs():
+    """The LoRA stages' policy saves what cuDNN's fused attention forward returns (its output and softmax
+    statistics), so its backward does not run that forward again; other primitives it leaves to the dots policy.
+    The cuDNN primitive exists only on a GPU, so this asks the policy function about jax's primitive objects."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    for prim in (cudnn._dot_product_attention_fwd_p, cudnn._dot_product_attention_fwd_p_wrapper):
+        assert fused_attention_saveable(prim)
+    for prim in (cudnn._dot_product_attention_bwd_p, jax.lax.exp_p, jax.lax.dot_general_p):
+        assert not fused_attention_saveable(prim)

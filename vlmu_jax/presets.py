@@ -42,10 +42,12 @@ def _method(variant: str | None, known: tuple[str, ...], default: str) -> str:
     return method
 
 
-# LoRA training keeps the matmul outputs and recomputes the rest: LLaVA-1.5-7B's GA step ran as fast as with no
-# remat (0.220 against 0.222 s) in 32.4 instead of 43.1 GB (bench/RESULTS.md, session 5). Full finetuning at 7B
-# stays on "full": weights, gradients and AdamW moments leave less room.
-LORA_REMAT = "dots_with_no_batch_dims_saveable"
+# LoRA training keeps the matmul outputs, the dropout masks and cuDNN attention's outputs, and recomputes the rest:
+# keeping the matmul outputs, LLaVA-1.5-7B's GA step ran as fast as with no remat (0.220 against 0.222 s) in 32.4
+# instead of 43.1 GB (bench/RESULTS.md, session 5); the masks and the attention outputs took the per-layer step
+# 3-4 % further for ~3.6 GiB (session 23), still below PyTorch's peak. Full finetuning at 7B stays on "full":
+# weights, gradients and AdamW moments leave less room.
+LORA_REMAT = "dots_attention_dropout_saveable"
 
 
 def fiubench(variant: str | None, *, template: str, model_path: str) -> ml_collections.ConfigDict:

@@ -484,6 +484,13 @@ class FusedGatedMLP(nnx.Module):
 
 # -------------------------------------------------------------------------------------- stacked layers
 
+def fused_attention_saveable(prim: Any, *_: Any, **__: Any) -> bool:
+    """Checkpoint policy: the outputs of cuDNN's fused attention forward (its output and softmax statistics), which
+    its backward reads. Why: under the dots policy the backward ran the whole attention forward again (60 us per
+    7B layer and step on an H200, bench/NOTES.md session 23); kept, they cost [B, T, heads, head_dim] per layer."""
+    return prim.name.startswith("dot_product_attention_fwd")
+
+
 # "dots_and_dropout_saveable" also keeps the LoRA dropout masks (one byte per element of each adapted projection's
 # input, ~3.2 GB for a 7B LoRA step at 4 x 704 tokens). Why: a Threefry mask costs ~0.1 ms of integer hashing per
 # [2816, 11008] input on an H200, and under the dots policy each is drawn again in the backward (bench/NOTES.md).
@@ -494,6 +501,13 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_and_dropout_saveable": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK),
+    ),
+    # the presets' LoRA stages (presets.LORA_REMAT): 3-4 % faster per 7B step than the dots alone, for 2.9 GiB of
+    # masks and 0.7 GiB of attention outputs at B=4 (bench/RESULTS.md, session 23)
+    "dots_attention_dropout_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                                                        fused_attention_saveable),
         jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK),
     ),
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
