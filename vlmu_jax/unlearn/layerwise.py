@@ -239,9 +239,11 @@ def join_residuals(meta: tuple, kept: list, given: list) -> Callable:
 class LayerProgram:
     """A layer structure's programs: its forward with the backward's residuals, its backward, and a plain forward,
     each jitted once per shape. The layer's call, graph, remat policy and its weights' tree structures are bound
-    here, and the weights pass as flat lists of arrays. Why: measured on an H200 host (bench/NOTES.md, session 23)
-    the per-layer step was host-bound; jit hashed nnx's GraphDef (a static argument) and flattened nnx States in
-    Python on every one of a 7B step's 64 layer calls, about half the host's time.
+    here, and the weights pass as flat lists of arrays. Why (bench/NOTES.md, session 23): with the graph as a static
+    argument, jit hashed nnx's GraphDef and flattened nnx States in Python on each of a 7B step's 64 layer calls,
+    which took most of the host's ~1.5 ms per layer forward on an H200 host; bound here, 0.5 ms. A 7B step is
+    device-bound either way (the host waits on the device), but a layer must not cost the host more than the device
+    where layers are cheap.
 
     The forward returns jax.vjp's residuals but not the arrays it was given (`split_residuals`); the backward takes
     those again and returns the gradients of the layer's trainable params (leaves), of h and of `diff`."""
