@@ -58,8 +58,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     # outputs; a full finetune at 7B wants "full".
     c.remat = ""
     # The step with the decoder's layers run one jitted program at a time (vlmu_jax.unlearn.layerwise): auto = on GPU
-    # for a LoRA stage of LLaVA, Idefics2 or Qwen2-VL (-7 to -11 % per step at 7B-8B, bench/RESULTS.md session 22);
-    # always (Mllama too, measured slower there); never (one scanned program).
+    # for a LoRA stage of LLaVA, Idefics2, Qwen2-VL or Mllama (-7 to -13 % per step at 7B-11B, bench/RESULTS.md
+    # sessions 22-23); always (a full finetune too); never (one scanned program).
     c.layerwise = "auto"
     c.tune_vision_tower = False
     c.tune_mm_projector = True
