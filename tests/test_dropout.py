@@ -74,7 +74,7 @@ def test_remat_policy_keeping_dropout_masks(capsys):
 
 
 def test_presets_policy_keeps_cudnn_attention_outputs():
-    """The LoRA stages' policy saves what cuDNN's fused attention forward returns (its output and softmax
+    """LLaVA-1.5's LoRA stages' policy saves what cuDNN's fused attention forward returns (its output and softmax
     statistics), so its backward does not run that forward again; other primitives it leaves to the dots policy.
     The cuDNN primitive exists only on a GPU, so this asks the policy function about jax's primitive objects."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
@@ -83,3 +83,16 @@ def test_presets_policy_keeps_cudnn_attention_outputs():
         assert fused_attention_saveable(prim)
     for prim in (cudnn._dot_product_attention_bwd_p, jax.lax.exp_p, jax.lax.dot_general_p):
         assert not fused_attention_saveable(prim)
+
+
+def test_presets_pick_the_lora_policy_per_template():
+    """LLaVA-1.5's LoRA stages keep the masks and attention outputs (measured faster on an H200), idefics2's and the
+    families not measured both ways keep the matmul outputs only; FIUBench's full finetune stays on `full`."""
+    from vlmu_jax import presets
+
+    keep, dots = "dots_attention_dropout_saveable", "dots_with_no_batch_dims_saveable"
+    for template, want in (("llava-1.5", keep), ("idefics2", dots), ("llava-phi", dots), ("qwen2-vl", dots),
+                           ("llama-3.2-vision", dots)):
+        assert presets.mllmu(None, template=template, model_path="").model.remat == want
+        fiubench = presets.fiubench(None, template=template, model_path="")
+        assert (fiubench.unlearn.remat, fiubench.model.remat) == (want, "full")

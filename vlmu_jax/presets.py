@@ -42,12 +42,19 @@ def _method(variant: str | None, known: tuple[str, ...], default: str) -> str:
     return method
 
 
-# LoRA training keeps the matmul outputs, the dropout masks and cuDNN attention's outputs, and recomputes the rest:
-# keeping the matmul outputs, LLaVA-1.5-7B's GA step ran as fast as with no remat (0.220 against 0.222 s) in 32.4
-# instead of 43.1 GB (bench/RESULTS.md, session 5); the masks and the attention outputs took the per-layer step
-# 3-4 % further for ~3.6 GiB (session 23), still below PyTorch's peak. Full finetuning at 7B stays on "full":
-# weights, gradients and AdamW moments leave less room.
-LORA_REMAT = "dots_attention_dropout_saveable"
+# LoRA training keeps the matmul outputs and recomputes the rest: LLaVA-1.5-7B's GA step ran as fast as with no
+# remat (0.220 against 0.222 s) in 32.4 instead of 43.1 GB (bench/RESULTS.md, session 5). LLaVA-1.5 also keeps the
+# dropout masks and cuDNN attention's outputs: its per-layer 7B step 1-3 % faster for ~3.6 GiB, still below
+# PyTorch's peak; idefics2-8b's (195 tokens a row) 2 % slower that way (session 23), so it stays on the matmul
+# outputs, as do the families not measured both ways. Full finetuning at 7B stays on "full": weights, gradients and
+# AdamW moments leave less room.
+LORA_REMAT = "dots_with_no_batch_dims_saveable"
+LORA_REMAT_BY_TEMPLATE = {"llava-1.5": "dots_attention_dropout_saveable"}
+
+
+def lora_remat(template: str) -> str:
+    """The presets' remat policy for a LoRA stage of a model with this chat template (measured per family)."""
+    return LORA_REMAT_BY_TEMPLATE.get(template, LORA_REMAT)
 
 
 def fiubench(variant: str | None, *, template: str, model_path: str) -> ml_collections.ConfigDict:
@@ -72,7 +79,7 @@ def fiubench(variant: str | None, *, template: str, model_path: str) -> ml_colle
                      warmup_ratio=0.06, weight_decay=0.01, max_grad_norm=1.0, batch_size=4, grad_accum=16,
                      num_epochs=5, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05,
                      tune_vision_tower=False, tune_mm_projector=True, tune_language_model=True,
-                     remat=LORA_REMAT)
+                     remat=lora_remat(template))
     c.unlearn.update(METHOD_PARAMS.get(c.unlearn.objective, {}))
     c.eval.max_new_tokens = 50
     return c
@@ -93,7 +100,7 @@ def mllmu(variant: str | None, *, template: str, model_path: str) -> ml_collecti
     c.name = f"mllmu_{template}_{method}"
     c.model.path = model_path
     c.model.template = template
-    c.model.remat = LORA_REMAT  # every stage trains LoRA adapters only
+    c.model.remat = lora_remat(template)  # every stage trains LoRA adapters only
     c.data.forget_ratio = 5
     c.data.max_length = 384
     if template == "qwen2-vl":

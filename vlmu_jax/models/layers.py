@@ -503,8 +503,8 @@ REMAT_POLICIES: dict[str, Any] = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK),
     ),
-    # the presets' LoRA stages (presets.LORA_REMAT): 3-4 % faster per 7B step than the dots alone, for 2.9 GiB of
-    # masks and 0.7 GiB of attention outputs at B=4 (bench/RESULTS.md, session 23)
+    # LLaVA-1.5's LoRA stages in the presets (presets.lora_remat): 1-3 % faster per 7B step than the dots alone, for
+    # ~3.6 GiB of masks and attention outputs at B=4 (bench/RESULTS.md, session 23)
     "dots_attention_dropout_saveable": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
                                                         fused_attention_saveable),
