@@ -80,3 +80,21 @@ def test_the_tiny_decoder_has_every_kind_of_stack() -> None:
                          ids=["ga", "gd", "npo", "gd-text-only", "rmu"])
 def test_layerwise_step_equals_scanned_step(tmp_path, objective, images, kw) -> None:
     assert_forms_agree(lambda mode: run(tmp_path, objective, mode, images, **kw), tiny_lora_mllama)
+
+
+def test_stacks_of_one_layer_structure_share_their_programs(tmp_path, monkeypatch) -> None:
+    """Mllama's three stacks of self-attention layers share one set of layer programs, its two stacks of cross
+    layers another (compared once when the step is built): a GA step compiles two layer structures, not five."""
+    steps = []
+    call = layerwise.LayerwiseStep.__call__
+
+    def kept(self, *args):
+        steps.append(self)
+        return call(self, *args)
+
+    monkeypatch.setattr(layerwise.LayerwiseStep, "__call__", kept)
+    run(tmp_path, "ga", "always", steps=1)
+    step = steps[0]
+    assert step.shares == [0, 0, 2, 0, 2]  # head_self, block_self, block_cross, self, cross
+    assert sorted((role, s, type(c).__name__) for role, s, c, _ in step.programs) == [
+        ("policy", 0, "LayerCall"), ("policy", 2, "CrossLayerCall")]

@@ -307,6 +307,9 @@ class LayerwiseStep:
         self.cross_index = {i: k for k, i in enumerate(sorted(i for st in self.stacks if st.cross for i in st.ids))}
         self.frozen, self.ref_frozen, self.frozen_defs = frozen, ref_frozen, frozen_defs
         self.programs: dict[tuple, LayerProgram] = {}  # (role, stack, layer call, remat) -> its programs
+        # stack -> the first stack of the same layer structure, whose programs it shares (Mllama's three stacks of
+        # self-attention layers, its two of cross layers): compared once here, not hashed per call
+        self.shares = [next(t for t in range(s + 1) if self._same_structure(t, s)) for s in range(len(self.stacks))]
         self.param_defs: dict[int, Any] = {}  # stack -> the tree structure of a layer's trainable params
         self.policy: list[list] | None = None  # this step's trainable layer params, per layer (leaves)
         self.reference: list[list] | None = None  # the reference's (zero LoRA), per layer (leaves); fixed
@@ -431,8 +434,14 @@ class LayerwiseStep:
         return params, opt_state, norm, self._slices_fn(self._split(params)[0])
 
     # -- the layers ----------------------------------------------------------------------------------------------
+    def _same_structure(self, t: int, s: int) -> bool:
+        """Whether stacks t and s hold layers of one structure (graphs in both modes, frozen weights' tree)."""
+        return (self.graphdefs_train[t] == self.graphdefs_train[s] and self.graphdefs_eval[t] == self.graphdefs_eval[s]
+                and self.frozen_defs[self.stacks[t].ids[0]] == self.frozen_defs[self.stacks[s].ids[0]])
+
     def _program(self, role: str, s: int, layer_call: LayerCall | CrossLayerCall, remat: str) -> LayerProgram:
-        """The programs of stack `s`'s layers for this role and call (made once)."""
+        """The programs of stack `s`'s layers for this role and call (made once per layer structure)."""
+        s = self.shares[s]
         key = (role, s, layer_call, remat)
         if key not in self.programs:
             graphdef = (self.graphdefs_train if role == POLICY else self.graphdefs_eval)[s]
