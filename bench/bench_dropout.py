@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from vlmu_jax.models.layers import _flat_index, dropout_keep, keep_from_blocks, threefry_blocks
+from vlmu_jax.models.layers import dropout_keep, flat_index, keep_from_blocks, threefry_blocks
 
 RATE = 0.05
 
@@ -43,7 +43,7 @@ def _mix32(x: jax.Array) -> jax.Array:
 def hashed(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
     k = jax.random.key_data(rng)
     *lead, d = shape
-    count = _flat_index((*lead, -(-d // 2)))
+    count = flat_index((*lead, -(-d // 2)))
     bits = _mix32(_mix32(count ^ k[0]) + k[1])
     lanes = jnp.stack([bits & jnp.uint32(0xFFFF), bits >> 16], axis=-1).reshape(*lead, -1)[..., :d]
     return lanes >= jnp.uint32(round(rate * 65536))

@@ -101,7 +101,7 @@ def joined_matmul(x: jax.Array, joined: nnx.Param) -> jax.Array:
     return jnp.einsum("...i,io->...o", x, joined[...].astype(x.dtype))
 
 
-def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+def flat_index(shape: tuple[int, ...]) -> jax.Array:
     """uint32 row-major index of every element of `shape` (fewer than 2**32 elements)."""
     if math.prod(shape) >= 2**32:
         raise ValueError(f"dropout mask of shape {shape} has 2**32 elements or more")
@@ -131,7 +131,7 @@ def dropout_keep(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Arr
 def threefry_blocks(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """The Threefry-2x32 blocks (hi, lo) of `dropout_keep`'s mask: one per four elements along the last axis."""
     *lead, d = shape
-    count = _flat_index((*lead, -(-d // 4)))
+    count = flat_index((*lead, -(-d // 4)))
     k = jax.random.key_data(rng)
     return threefry2x32_p.bind(k[0], k[1], jnp.zeros_like(count), count)
 
