@@ -192,7 +192,7 @@ class FrozenLayers:
 
 @dataclass(frozen=True)
 class LayerCall:
-    """One cache-less self-attention decoder layer call (a static argument of the layer programs: hashed by value).
+    """One cache-less self-attention decoder layer call (bound in its LayerProgram, which it keys by value).
     `diff` (what the backward differentiates besides the weights and h) is empty, `fixed` = (positions, mask)."""
 
     impl: str
