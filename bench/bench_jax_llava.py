@@ -35,6 +35,7 @@ from vlmu_jax.models import layers
 from vlmu_jax.models.layers import dropout_keep, resolve_attention_impl
 from vlmu_jax.models.lora import apply_lora, merge_lora
 from vlmu_jax.models.registry import init_model, set_options
+from vlmu_jax.presets import lora_remat
 from vlmu_jax.stages import logps_fn
 from vlmu_jax.unlearn.objectives import get_objective
 from vlmu_jax.unlearn.optim import make_optimizer
@@ -44,11 +45,11 @@ from vlmu_jax.unlearn.trainer import TrainConfig, make_loss, prepare_step
 # GEN_SCAN=1,0 also times the unrolled decoder (slower on the H200, bench/NOTES.md).
 GEN_BATCHES = tuple(int(x) for x in os.environ.get("GEN_B", "16,64").split(",") if x)
 GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1").split(","))
-# The unlearning steps to time, objective:remat pairs (the presets' LoRA stages keep the matmul outputs);
+# The unlearning steps to time, objective:remat pairs (by default the LLaVA-1.5 presets' LoRA policy);
 # objective:remat:materialised|philox|hashed draws the dropout masks as bench/bench_dropout.py's function of that name.
-_DOTS = "dots_with_no_batch_dims_saveable"
+_LORA = lora_remat("llava-1.5")  # what the LLaVA-1.5 presets' LoRA stages run
 STEPS = tuple(tuple(x.split(":")) for x in os.environ.get(
-    "STEPS", f"ga:{_DOTS},ga:none,gd:{_DOTS},npo:{_DOTS}").split(",") if x)
+    "STEPS", f"ga:{_LORA},ga:none,gd:{_LORA},npo:{_LORA}").split(",") if x)
 # Which workloads run (WORK=logprob,steps for the flag and layout experiments); SCAN=0 runs log-probs and the
 # steps with the layers unrolled instead of scanned.
 WORK = set(os.environ.get("WORK", "logprob,steps,generate").split(","))
