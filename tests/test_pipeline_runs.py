@@ -71,15 +71,17 @@ def test_mllmu_pipeline(tmp_path: Path) -> None:
 
 def test_llava_real_image_size(tmp_path: Path) -> None:
     """LLaVA-1.5's real image geometry (336 px, patch 14: 576 image tokens) at FIUBench's max_length 512 through
-    finetune, unlearn (under its own remat policy) and eval with a narrow model: the sequence buckets follow the
-    image expansion, and the log names each loaded model's attention and remat."""
+    finetune, unlearn (under its own remat policy, the LLaVA-1.5 presets' LoRA one, with LoRA dropout so it keeps
+    the masks) and eval with a narrow model: the sequence buckets follow the image expansion, and the log names each
+    loaded model's attention and remat."""
     workdir = tmp_path / "llava336"
     log = _main(workdir, "--config.data.synthetic_identities=10", "--config.data.max_length=512",
           "--config.model.tiny_shape.image_size=336", "--config.model.tiny_shape.patch_size=14",
           "--config.model.tiny_shape.hidden_size=64", "--config.model.tiny_shape.intermediate_size=128",
           "--config.model.tiny_shape.vision_hidden_size=32", "--config.model.tiny_shape.vision_layers=1",
           "--config.finetune.num_steps=2", "--config.retain_model.num_steps=1", "--config.unlearn.num_steps=1",
-          "--config.unlearn.objective=gd", "--config.unlearn.remat=dots_with_no_batch_dims_saveable",
+          "--config.unlearn.objective=gd", "--config.unlearn.remat=dots_attention_dropout_saveable",
+          "--config.unlearn.lora_dropout=0.05",
           "--config.eval.max_new_tokens=2", "--config.eval.batch_size=16", "--config.stages=finetune,unlearn,eval")
     for name in ("finetuned", "retain_model", "unlearned_gd"):
         forget = json.loads((workdir / "eval_results" / name / "eval_log_aggregated.json").read_text())[
@@ -89,4 +91,4 @@ def test_llava_real_image_size(tmp_path: Path) -> None:
     # CPU: "auto" attention resolves to XLA's; the demo config keeps remat off, the unlearn stage sets its own.
     assert f"model {workdir / 'models' / 'finetuned'}: llava in float32, attention xla (asked 'auto'), remat 'none'" \
         in log
-    assert "unlearned_gd trains with remat 'dots_with_no_batch_dims_saveable' (config.model.remat 'none')" in log
+    assert "unlearned_gd trains with remat 'dots_attention_dropout_saveable' (config.model.remat 'none')" in log
