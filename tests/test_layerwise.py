@@ -144,8 +144,8 @@ def test_auto_takes_the_scanned_step_on_cpu_and_always_names_what_it_cannot() ->
     model, trainable = tiny_lora_llava()
     params = nnx.state(model, trainable)
     assert jax.default_backend() != "gpu" and not use_layerwise("auto", model, params)
-    assert use_layerwise("always", model, params) and layerwise.measured_faster(model, params)
-    assert not layerwise.measured_faster(model, nnx.state(model, nnx.Param))  # a full finetune: auto keeps the scan
+    assert use_layerwise("always", model, params) and layerwise.lora_only(model, params)
+    assert not layerwise.lora_only(model, nnx.state(model, nnx.Param))  # a full finetune: auto keeps the scan
     with pytest.raises(ValueError, match="nothing in its decoder layers trains"):
         use_layerwise("always", model, nnx.state(model, nnx.PathContains("multi_modal_projector")))
     with pytest.raises(ValueError, match="choose auto, always or never"):

@@ -71,8 +71,8 @@ def test_the_tiny_decoder_has_every_kind_of_stack() -> None:
     assert [s.cross for s in stacks] == [False, False, True, False, True]
     assert sorted(i for s in stacks for i in s.ids) == list(range(LAYERS))
     # measured faster than the scan on an H200 for LoRA (session 23): `auto` takes it there; a full finetune stays
-    assert layerwise.measured_faster(model, nnx.state(model, nnx.LoRAParam))
-    assert not layerwise.measured_faster(model, nnx.state(model, nnx.Param))
+    assert layerwise.lora_only(model, nnx.state(model, nnx.LoRAParam))
+    assert not layerwise.lora_only(model, nnx.state(model, nnx.Param))
 
 
 @pytest.mark.parametrize("objective,images,kw", [("ga", True, {}), ("gd", True, {}), ("npo", True, {}),

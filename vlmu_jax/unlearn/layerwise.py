@@ -5,7 +5,7 @@ stack in the forward and again in the backward (~20 ms of a 0.215 s LLaVA-7B LoR
 backward program per layer over per-layer weight arrays, no weight is sliced out of a stack. Measured on an H200
 (bench/RESULTS.md, sessions 22-23): LLaVA-7B's GA / GD / NPO steps -10.8 / -8.3 / -6.9 %, Idefics2-8b's GA -7.7 %,
 Llama-3.2-11B-Vision's GA -9.3 %; the first step 12-20 s against the scanned program's 10-13 s compile at 7B, 46 s
-against 57 s at 11B (`measured_faster`).
+against 57 s at 11B (`lora_only`: where `auto` takes it).
 
 The step is the trainer's own (same loss, same optimizer, same checkpoints): the loss is traced with the decoder
 calls on a tape (models/decoder_tape.py). A *collect* program returns each decoder call's inputs; the layers run
@@ -125,17 +125,13 @@ def applicable(model: nnx.Module, params: nnx.State) -> str | None:
     return None
 
 
-def measured_faster(model: nnx.Module, params: nnx.State) -> bool:
-    """Whether the per-layer step was measured faster than the scanned one for this model and trainable set, which
-    `auto` takes it for on GPU (bench/RESULTS.md, sessions 22-23): a decoder of stacked layers (`applicable`) whose
-    trainable layer params are all LoRA (they are held twice, stacked and per layer: small for LoRA). Measured on an
-    H200: LLaVA-7B, Idefics2-8b and Llama-3.2-11B-Vision, 7-11 % less per step. Mllama's was slower (0.499 against
-    0.349 s) while its update program ran the vision tower a second time; since the collect program hands over that
-    vjp's residuals it is faster (0.325 against 0.359 s)."""
-    lm = decoder_of(model)
-    if not isinstance(lm, DecoderLM | MllamaTextModel):
-        return False
-    prefix = module_path(model, lm.layers)
+def lora_only(model: nnx.Module, params: nnx.State) -> bool:
+    """Whether every trainable param in `model`'s decoder layers (a decoder `applicable` accepts) is LoRA: where
+    `auto` takes the per-layer step on GPU. Why LoRA only: the trainable layer params are held twice, stacked and
+    per layer (small for LoRA). Measured faster than the scan on an H200 there (bench/RESULTS.md, sessions 22-23):
+    LLaVA-7B, Idefics2-8b and Llama-3.2-11B-Vision, 7-13 % less per step (Mllama's since its collect program hands
+    the vision tower's vjp residuals to the update program: before, 0.499 against the scan's 0.349 s)."""
+    prefix = module_path(model, decoder_of(model).layers)
     flat = [(p, v) for p, v in nnx.to_flat_state(params) if _under(prefix)(p, None)]
     return all(isinstance(v, nnx.LoRAParam) or getattr(v, "type", None) is nnx.LoRAParam for _, v in flat)
 

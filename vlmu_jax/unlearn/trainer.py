@@ -263,8 +263,8 @@ def make_step(merge: Callable, loss: Callable, obj: Objective, tx) -> Callable:
 
 def use_layerwise(mode: str, model: nnx.Module, params: nnx.State) -> bool:
     """Whether the step runs layer by layer (unlearn/layerwise.py). mode: auto (on GPU, where the scan copies each
-    layer's weights out of its stack, for the models and trainable sets it was measured faster on:
-    `layerwise.measured_faster`), always (an error where it cannot run), never."""
+    layer's weights out of its stack, for a stacked decoder whose trainable layer params are all LoRA, where it was
+    measured faster: `layerwise.lora_only`), always (an error where it cannot run), never."""
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"layerwise={mode!r}: choose auto, always or never")
     if mode == "never":
@@ -272,7 +272,7 @@ def use_layerwise(mode: str, model: nnx.Module, params: nnx.State) -> bool:
     reason = layerwise.applicable(model, params)
     if mode == "always" and reason is not None:
         raise ValueError(f"layerwise='always' cannot train this model layer by layer: {reason}")
-    return reason is None and (mode == "always" or (jax.default_backend() == "gpu" and layerwise.measured_faster(
+    return reason is None and (mode == "always" or (jax.default_backend() == "gpu" and layerwise.lora_only(
         model, params)))
 
 
