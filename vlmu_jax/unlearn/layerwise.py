@@ -324,13 +324,13 @@ class LayerwiseStep:
         return nnx.split_state(params, _under(self.prefix), ...)
 
     def _slices_fn(self, layer_params: nnx.State) -> list[list]:
-        """Each layer's slice of its stack's params (paths relative to the stack) as leaves; their tree structure
-        goes to `param_defs`."""
+        """Each layer's slice of its stack's params (paths relative to the stack) as the leaves of its stack's
+        `param_defs` (a slice has its stack's tree structure)."""
         slices: list[list] = [[] for _ in range(self.n)]
-        for s, stack in enumerate(self.stacks):
+        for stack in self.stacks:
             state = _within(layer_params, stack.prefix)
             for j, i in enumerate(stack.ids):
-                slices[i], self.param_defs[s] = jax.tree.flatten(jax.tree.map(lambda a, j=j: a[j], state))
+                slices[i] = jax.tree.leaves(jax.tree.map(lambda a, j=j: a[j], state))
         return slices
 
     def _reference_fn(self, params, ref_other):
@@ -514,6 +514,8 @@ class LayerwiseStep:
         self._sig = jax.tree.structure(batches), _avals(batches)
         layer_params, outer = self._split(params)
         if self.policy is None:
+            self.param_defs = {s: jax.tree.structure(_within(layer_params, stack.prefix))
+                               for s, stack in enumerate(self.stacks)}
             self.policy = self._slices(layer_params)
         if self._sig not in self._calls:
             self._compile_ahead(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches)
