@@ -87,10 +87,15 @@ def gaps(events: list[dict], top: int = 8) -> None:
         print(f"   {d / 1e3:8.2f} ms after {a[:60]} before {b[:60]}")
 
 
-def module_of(event: dict) -> str:
-    """The XLA program a kernel ran in, where the trace names it."""
+def kernel_key(event: dict) -> str:
+    """A kernel event's name for the tables: its HLO op and kernel name (inside a CUDA graph hlo_op names the
+    command buffer, so the kernel's own name, the fusion's, alone), a copy's direction added."""
     args = event.get("args", {})
-    return args.get("hlo_module") or args.get("long_name", "").split(":")[0] or "?"
+    op = args.get("hlo_op", "")
+    key = event["name"] if not op or op.startswith("command_buffer") else f"{op} ({event['name']})"
+    if "memcpy_details" in args:
+        key += " " + args["memcpy_details"].split(" dest")[0]
+    return key
 
 
 def by_module(events: list[dict], pattern: str) -> None:
@@ -98,12 +103,11 @@ def by_module(events: list[dict], pattern: str) -> None:
     regex = re.compile(pattern)
     modules: dict[str, collections.OrderedDict] = {}
     for e in sorted(events, key=lambda e: e["ts"]):
-        module = module_of(e)
+        module = e.get("args", {}).get("hlo_module", "?")
         if not regex.search(module):
             continue
         kernels = modules.setdefault(module, collections.OrderedDict())
-        op = e.get("args", {}).get("hlo_op", "")
-        key = (e["name"] if not op or op.startswith("command_buffer") else f"{op} ({e['name'][:40]})")[:90]
+        key = kernel_key(e)[:110]
         dur, count = kernels.get(key, (0.0, 0))
         kernels[key] = (dur + e["dur"], count + 1)
     for module, kernels in modules.items():
@@ -126,12 +130,7 @@ def summarize(trace_dir: str, top: int, modules: str | None = None) -> None:
     counts: collections.Counter = collections.Counter()
     by_class: collections.Counter = collections.Counter()
     for e in events:
-        args = e.get("args", {})
-        op = args.get("hlo_op", "")
-        # Inside a CUDA graph hlo_op names the command buffer; the kernel's own name is the fusion's.
-        key = e["name"] if not op or op.startswith("command_buffer") else f"{op} ({e['name']})"
-        if "memcpy_details" in args:
-            key += " " + args["memcpy_details"].split(" dest")[0]
+        key = kernel_key(e)
         label = kernel_class(key)
         by_name[(label, key[:110])] += e["dur"]
         counts[(label, key[:110])] += 1
