@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from bench.bench_dropout import hashed, materialised, philox
-from vlmu_jax.data.batching import IGNORE
+from vlmu_jax.data.batching import IGNORE, label_index
 from vlmu_jax.eval.frozen import compile_only, frozen
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.layer_copies import layer_copies
@@ -64,6 +64,9 @@ STEP_COPIES = tuple(x == "1" for x in os.environ.get("STEP_COPIES", "0").split("
 # LAYERWISE=always,never: the steps layer by layer (unlearn/layerwise.py, the pipeline's default on GPU) and as one
 # scanned program.
 LAYERWISE = tuple(x for x in os.environ.get("LAYERWISE", "always,never").split(",") if x)
+# The steps' output head: at the batch's label positions (labels: what the pipeline's training sources give) or at
+# every position (all: before session 24)
+POSITIONS = tuple(x for x in os.environ.get("POSITIONS", "labels").split(",") if x)
 GEN_COPIES = tuple(x == "1" for x in os.environ.get("GEN_COPIES", os.environ.get("COPIES", "1,0")).split(","))
 SCAN = os.environ.get("SCAN", "1") == "1"
 # DECODE_KERNEL=0: decode steps' attention on XLA's masked path instead of models/decode_attention.py's kernel;
@@ -216,16 +219,19 @@ def main() -> None:
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
     # Loss on the second half of the text, as the anchor's labels.
     labels = jnp.where(jnp.arange(ids.shape[1]) >= 1 + n_img + t_text // 2, ids, IGNORE)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}
-    for (objective, remat, *dropout), copies, form in itertools.product(STEPS if "steps" in WORK else (), STEP_COPIES,
-                                                                        LAYERWISE):
+    batches = {"all": {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}}
+    batches["labels"] = {**batches["all"], "label_index": jnp.asarray(label_index(np.asarray(labels), t_text // 2))}
+    for (objective, remat, *dropout), copies, form, positions in itertools.product(
+            STEPS if "steps" in WORK else (), STEP_COPIES, LAYERWISE, POSITIONS):
         # objective:remat:materialised|philox|hashed runs the step with those dropout masks (bench/bench_dropout.py)
         masks = {"materialised": materialised, "philox": philox, "hashed": hashed}
         layers.dropout_keep = masks.get(dropout[0] if dropout else "", dropout_keep)
         with layer_copies(model, "always" if copies else "never") as attached:
-            r = unlearn_step_time(model, objective, remat, batch, layerwise_mode="never" if copies else form)
+            r = unlearn_step_time(model, objective, remat, batches[positions],
+                                  layerwise_mode="never" if copies else form)
         print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout[0] if dropout
-                          else "dropout_keep", "layer_copies": attached, "layerwise": form, "B": b,
+                          else "dropout_keep", "layer_copies": attached, "layerwise": form, "positions": positions,
+                          "B": b,
                           "T": n_img + t_text, "s": r.s,
                           "compile_s": r.compile_s, "samples_per_s": b / r.s, "max_mem_gb": r.process_peak_gb,
                           "step_peak_gb": r.step_peak_gb}), flush=True)

@@ -31,7 +31,7 @@ from vlmu_jax.data.records import Identity
 from vlmu_jax.errors import InputError
 from vlmu_jax.eval.frozen import frozen
 from vlmu_jax.eval.layer_copies import layer_copies, room_for
-from vlmu_jax.eval.scoring import compute_token_logprobs, head_kl, head_token_stat
+from vlmu_jax.eval.scoring import head_kl, head_logprobs, head_token_stat
 from vlmu_jax.logs import say, timed
 from vlmu_jax.models import lora
 from vlmu_jax.models.registry import set_options
@@ -52,10 +52,24 @@ _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
                "preprocessor_config.json", "chat_template.jinja", "generation_config.json")
 
 
+def _predicting(hidden: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(hidden states [B, N, D], their next tokens [B, N], mask [B, N]) at the positions the objectives score: the
+    batch's label positions where it holds them (`batching.label_index`; the output head then runs on those
+    alone), else every position but the last, masked to the labels."""
+    ids, predicted = batch["input_ids"], batch["labels"][:, 1:] != IGNORE
+    if "label_index" not in batch:
+        return hidden[:, :-1], ids[:, 1:], predicted
+    at = batch["label_index"]
+    count = jnp.sum(predicted, axis=1)
+    return (jnp.take_along_axis(hidden, at[..., None], axis=1), jnp.take_along_axis(ids, at + 1, axis=1),
+            jnp.arange(at.shape[1]) < count[:, None])
+
+
 def logps_fn(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Answer-token log-probs of a batch and their mask, for the trainer's objectives."""
-    logps = compute_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["images"])
-    return logps, batch["labels"][:, 1:] != IGNORE
+    """Answer-token log-probs of a batch and their mask, for the trainer's objectives (`_predicting`'s
+    positions)."""
+    hidden, targets, mask = _predicting(model(batch["input_ids"], batch["attention_mask"], batch["images"]), batch)
+    return head_logprobs(hidden, model.head_weight(), targets), mask
 
 
 def kl_fn(model: nnx.Module, ref_model: nnx.Module, batch: dict, *,
@@ -94,14 +108,15 @@ def lora_targets(model: nnx.Module, protocol: Protocol) -> str:
 
 
 def vocab_fn(model: nnx.Module, ref_model: nnx.Module | None, batch: dict, stat) -> jax.Array:
-    """An objective's per-position statistic of the full next-token distributions (UNDIAL, CE-U), chunked."""
+    """An objective's per-position statistic of the full next-token distributions (UNDIAL, CE-U), chunked, at
+    `logps_fn`'s positions."""
     args = (batch["input_ids"], batch["attention_mask"], batch["images"])
     ref_hidden = ref_head = None
     if ref_model is not None:
-        ref_hidden = jax.lax.stop_gradient(ref_model(*args)[:, :-1])
+        ref_hidden = jax.lax.stop_gradient(_predicting(ref_model(*args), batch)[0])
         ref_head = jax.lax.stop_gradient(ref_model.head_weight())
-    return head_token_stat(stat, model(*args)[:, :-1], model.head_weight(), batch["input_ids"][:, 1:],
-                           ref_hidden, ref_head)
+    hidden, targets, _ = _predicting(model(*args), batch)
+    return head_token_stat(stat, hidden, model.head_weight(), targets, ref_hidden, ref_head)
 
 
 def hidden_fn(model: nnx.Module, batch: dict, layer: int) -> tuple[jax.Array, jax.Array]:
@@ -131,7 +146,7 @@ def _source(ws: Workspace, name: str, rows: list[Encoded], stage: ml_collections
                          f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")
     source = functools.partial(ExampleSource, rows, global_batch_size=stage.batch_size,
                                pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn, seed=seed,
-                               shuffle=shuffle)
+                               shuffle=shuffle, label_index=True)
     if buckets is not None:
         return source(buckets=buckets)
     per_bucket, max_padding = source(), ws.config.data.single_length_max_padding

@@ -247,6 +247,31 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {max(buckets)}; add a bucket")
 
 
+def label_slots(rows: Sequence[Encoded]) -> int:
+    """How many predicted-label positions each batch of `rows` holds (`label_index`): the rows' most, rounded up
+    to BUCKET_MULTIPLE (full matmul tiles in the output head). One number per source, so its batches keep one
+    shape per length bucket."""
+    most = max(int(np.count_nonzero(r.labels[1:] != IGNORE)) for r in rows)
+    return max(BUCKET_MULTIPLE, -(-most // BUCKET_MULTIPLE) * BUCKET_MULTIPLE)
+
+
+def label_index(labels: np.ndarray, slots: int) -> np.ndarray:
+    """int32 [B, min(slots, T - 1)]: each row's positions t whose next token is a label (labels[t + 1] != IGNORE),
+    in order, then zeros; a row's count of them is its count of labels after the first position.
+
+    Why: an objective reads log p(x_{t+1} | x_<=t) at these positions only, so the output head (a [T, D] x [D, V]
+    gemm and a log-softmax over the vocabulary per row, forward and backward) runs on them alone
+    (`stages.logps_fn`): at LLaVA-1.5's shape 64 answer tokens of a 704-token row."""
+    predicted = labels[:, 1:] != IGNORE
+    index = np.zeros((len(labels), min(slots, predicted.shape[1])), np.int32)
+    for i, row in enumerate(predicted):
+        at = np.flatnonzero(row)
+        if len(at) > index.shape[1]:
+            raise ValueError(f"row {i} has {len(at)} label positions, more than the {index.shape[1]} slots given")
+        index[i, : len(at)] = at
+    return index
+
+
 def collate(
     rows: Sequence[Encoded],
     *,
@@ -254,11 +279,13 @@ def collate(
     image_fn: Callable[[ImageRef | None], dict[str, np.ndarray]],
     buckets: Sequence[int] | None = None,
     left_pad: bool = False,
+    slots: int | None = None,
 ) -> dict[str, Any]:
     """Pad rows to one bucket length; right padding for training/scoring, left padding for generation.
 
     `image_fn(ref)` gives a row's image inputs (`image_fn(None)` a text-only row's); they are stacked per
-    key under `batch["images"]`. `buckets` None: `row_buckets(rows)`.
+    key under `batch["images"]`. `buckets` None: `row_buckets(rows)`. `slots`: also `batch["label_index"]`
+    (`label_index`) with that many slots.
     """
     t = bucket_length(max(len(r.input_ids) for r in rows), buckets or row_buckets(rows))
     batch: dict[str, Any] = {
@@ -273,6 +300,8 @@ def collate(
         batch["input_ids"][i, span] = row.input_ids
         batch["attention_mask"][i, span] = 1
         batch["labels"][i, span] = row.labels
+    if slots is not None:
+        batch["label_index"] = label_index(batch["labels"], slots)
     return batch
 
 
@@ -322,6 +351,8 @@ class ExampleSource:
     The last batch of an epoch wraps around to the epoch's first rows so every batch has the same shape
     and every example is seen once per epoch. `shuffle=False` keeps file order (scoring/eval). `buckets`
     None derives them from all the rows (`row_buckets`), so every batch of the source picks from one ladder.
+    `label_index`: batches also hold their label positions (`label_index`, `label_slots(rows)` slots), for the
+    trainer's objectives.
     """
 
     def __init__(
@@ -337,6 +368,7 @@ class ExampleSource:
         left_pad: bool = False,
         process_index: int | None = None,
         process_count: int | None = None,
+        label_index: bool = False,
     ):
         if not rows:
             raise ValueError("no examples")
@@ -358,6 +390,7 @@ class ExampleSource:
             image_fn=functools.lru_cache(256)(image_fn),
             buckets=self.buckets,
             left_pad=left_pad,
+            slots=label_slots(rows) if label_index else None,
         )
 
     def __len__(self) -> int:

@@ -29,13 +29,15 @@ Array = jax.Array
 
 
 class StreamLogps(NamedTuple):
-    """Per-token quantities of one data stream, all [B, T-1] float32 (masks bool or 0/1).
+    """Per-token quantities of one data stream, float32 (masks bool or 0/1): `policy`, `ref`, `mask` and `vocab`
+    [B, N] at the positions the trainer's `logps_fn` scores, in order (every position but the last, or the batch's
+    label positions), `kl` and `kl_mask` [B, T-1].
 
     `kl` is the full-vocabulary KL(ref || policy) at each position, which cannot be rebuilt from
     target-token log-probs; the trainer's `kl_fn` supplies it (chunked over the vocabulary for real
     models) only for streams an objective lists in `kl_streams`. `kl_mask` marks the positions it
     averages over (the originals use every position of the retain inputs; we use the real tokens).
-    `vocab` [B, T-1] is the objective's own full-vocabulary per-token quantity (its `vocab_stat`, UNDIAL /
+    `vocab` is the objective's own full-vocabulary per-token quantity (its `vocab_stat`, UNDIAL /
     CE-U), for streams in `vocab_streams`. `hidden` / `ref_hidden` [B, T, D] are the output of decoder layer
     `hidden_layer` under the policy / the reference, with `hidden_mask` [B, T] = labels != -100 (unshifted),
     for streams in `hidden_streams` (RMU).
