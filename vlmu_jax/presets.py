@@ -45,13 +45,14 @@ def _method(variant: str | None, known: tuple[str, ...], default: str) -> str:
 # LoRA training keeps the matmul outputs and recomputes the rest: LLaVA-1.5-7B's GA step ran as fast as with no
 # remat (0.220 against 0.222 s) in 32.4 instead of 43.1 GB (bench/RESULTS.md, session 5). LLaVA-1.5 also keeps the
 # dropout masks and cuDNN attention's outputs: its per-layer 7B step 1-3 % faster for ~3.6 GiB, still below
-# PyTorch's peak (session 23; "mllmu-llava" is MLLMU-Bench's template for the same model); so does
-# Llama-3.2-11B-Vision's, 5.4 % faster (session 24). idefics2-8b's (195 tokens a row) is 2 % slower that way
-# (session 23), so it stays on the matmul outputs, as do the families not measured both ways. Full finetuning at 7B
-# stays on "full": weights, gradients and AdamW moments leave less room.
+# PyTorch's peak (session 23; "mllmu-llava" is MLLMU-Bench's template for the same model); so do
+# Llama-3.2-11B-Vision's, 5.4 % faster, and Qwen2.5-VL-7B's, 1.9 % faster at the same peak (session 24; "qwen2-vl" is
+# the template of both Qwen2-VL and Qwen2.5-VL). idefics2-8b's (195 tokens a row) is 2 % slower that way (session
+# 23), so it stays on the matmul outputs, as do the families not measured both ways (llava-phi). Full finetuning at
+# 7B stays on "full": weights, gradients and AdamW moments leave less room.
 LORA_REMAT = "dots_with_no_batch_dims_saveable"
 LORA_REMAT_BY_TEMPLATE = {template: "dots_attention_dropout_saveable"
-                          for template in ("llava-1.5", "mllmu-llava", "llama-3.2-vision")}
+                          for template in ("llava-1.5", "mllmu-llava", "llama-3.2-vision", "qwen2-vl")}
 
 
 def lora_remat(template: str) -> str:

@@ -503,9 +503,9 @@ REMAT_POLICIES: dict[str, Any] = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK),
     ),
-    # LLaVA-1.5's and Llama-3.2-Vision's LoRA stages in the presets (presets.lora_remat): 1-3 % faster per 7B step
-    # than the dots alone, for ~3.6 GiB of masks and attention outputs at B=4 (bench/RESULTS.md, session 23); 5.4 %
-    # per 11B step (session 24)
+    # LLaVA-1.5's, Llama-3.2-Vision's and Qwen2-VL's LoRA stages in the presets (presets.lora_remat): 1-3 % faster
+    # per 7B step than the dots alone, for ~3.6 GiB of masks and attention outputs at B=4 (bench/RESULTS.md, session
+    # 23); 5.4 % per 11B step, 1.9 % per Qwen2.5-VL-7B step (session 24)
     "dots_attention_dropout_saveable": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
                                                         fused_attention_saveable),
