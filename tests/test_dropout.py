@@ -48,9 +48,10 @@ def test_mask_does_not_depend_on_sharding():
 
 
 def test_remat_policy_keeping_dropout_masks(capsys):
-    """`dots_and_dropout_saveable` (and the presets' `dots_attention_dropout_saveable`) keeps each LoRA dropout
-    mask for the backward instead of drawing it again: the masks are among what it saves (not under the plain dots
-    policy), and the gradients are those without remat."""
+    """`dots_and_dropout_saveable` (and the presets' `dots_attention_dropout_saveable`, and
+    `projections_attention_dropout_saveable`) keeps each LoRA dropout mask for the backward instead of drawing it
+    again: the masks are among what it saves (not under the plain dots policy), and the gradients are those without
+    remat."""
     dense = Dense(8, 6, axes=(None, None), rngs=nnx.Rngs(0))
     dense.lora_a = nnx.LoRAParam(jax.random.normal(jax.random.key(1), (8, 4)))
     dense.lora_b = nnx.LoRAParam(jax.random.normal(jax.random.key(2), (4, 6)))
@@ -65,12 +66,21 @@ def test_remat_policy_keeping_dropout_masks(capsys):
         return (f if policy is None else jax.checkpoint(f, policy=policy))(lora, x)
 
     want = jax.grad(loss)(lora, None)
-    for name in ("dots_with_no_batch_dims_saveable", "dots_and_dropout_saveable", "dots_attention_dropout_saveable"):
+    for name in ("dots_with_no_batch_dims_saveable", "dots_and_dropout_saveable", "dots_attention_dropout_saveable",
+                 "projections_attention_dropout_saveable"):
         got = jax.grad(loss)(lora, REMAT_POLICIES[name])
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
         jax.ad_checkpoint.print_saved_residuals(lambda lora, name=name: loss(lora, REMAT_POLICIES[name]), lora)
         saved = capsys.readouterr().out
         assert ("bool[4,5,8]" in saved) == (name != "dots_with_no_batch_dims_saveable"), saved
+        # the dots policies keep the base and the LoRA outputs apart (the tanh's backward adds them again); the
+        # projections policy keeps their sum once, and LoRA's rank-4 hidden
+        outputs = [ln for ln in saved.splitlines() if ln.startswith("f32[4,5,6]")]
+        if name.startswith("projections"):
+            assert [ln.split(" from")[0] for ln in outputs] == ["f32[4,5,6] named 'projection_output'"], saved
+            assert "f32[4,5,4] named 'lora_hidden'" in saved and "dot_general" not in saved, saved
+        else:
+            assert len(outputs) == 2 and all("output of dot_general" in ln for ln in outputs), saved
 
 
 def test_presets_policy_keeps_cudnn_attention_outputs():

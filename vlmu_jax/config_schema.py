@@ -55,7 +55,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     # outputs with "dots_with_no_batch_dims_saveable": at LLaVA-1.5-7B shape as fast as none and a quarter less
     # memory (bench/NOTES.md); "dots_and_dropout_saveable" also keeps the LoRA dropout masks (3.6 ms faster per 7B
     # step, 2.9 GiB more); "dots_attention_dropout_saveable" (the presets' LoRA stages but idefics2's and
-    # llava-phi's: presets.lora_remat) also cuDNN attention's outputs; a full finetune at 7B wants "full".
+    # llava-phi's: presets.lora_remat) also cuDNN attention's outputs; "projections_attention_dropout_saveable"
+    # keeps each projection's output (base + LoRA) once instead of the dots; a full finetune at 7B wants "full".
     c.remat = ""
     # The step with the decoder's layers run one jitted program at a time (vlmu_jax.unlearn.layerwise): auto = on GPU
     # for a LoRA stage of LLaVA, Idefics2, Qwen2-VL or Mllama (-7 to -13 % per step at 7B-11B, bench/RESULTS.md

@@ -22,6 +22,8 @@ from vlmu_jax.models import decode_attention
 
 Axes = tuple[str | None, ...]
 DROPOUT_MASK = "lora_dropout_keep"  # the checkpoint name of LoRA dropout masks (REMAT_POLICIES)
+PROJECTION_OUTPUT = "projection_output"  # a Dense's output, bias and LoRA included (REMAT_POLICIES)
+LORA_HIDDEN = "lora_hidden"  # LoRA's rank-r x @ A (REMAT_POLICIES)
 
 
 def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype) -> jax.Array:
@@ -62,9 +64,9 @@ class Dense(nnx.Module):
             if self.lora_dropout > 0.0 and not self.deterministic and rng is not None:
                 keep = checkpoint_name(dropout_keep(rng, x.shape, self.lora_dropout), DROPOUT_MASK)
                 h = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
-            h = jnp.einsum("...i,ir->...r", h, self.lora_a[...].astype(x.dtype))
+            h = checkpoint_name(jnp.einsum("...i,ir->...r", h, self.lora_a[...].astype(x.dtype)), LORA_HIDDEN)
             y = y + self.lora_scale * jnp.einsum("...r,ro->...o", h, self.lora_b[...].astype(x.dtype))
-        return y
+        return checkpoint_name(y, PROJECTION_OUTPUT)
 
 
 def join_kernels(projections: Sequence[Dense], stand_in: Callable[[jax.Array], jax.Array]) -> nnx.Param | None:
@@ -511,6 +513,12 @@ REMAT_POLICIES: dict[str, Any] = {
                                                         fused_attention_saveable),
         jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK),
     ),
+    # Each projection's output once (base + LoRA summed), LoRA's rank-r hidden, the masks and cuDNN attention's
+    # outputs, where the dots policies keep a LoRA projection's base and LoRA outputs apart (its backward, a
+    # nonlinearity after it, adds them again) and every dot output, needed or not by the backward.
+    "projections_attention_dropout_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(PROJECTION_OUTPUT, LORA_HIDDEN, DROPOUT_MASK),
+        fused_attention_saveable),
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 
