@@ -6,8 +6,9 @@ with different keys inside one program (a timed loop of separate calls measures 
 `dropout_keep` builds it; with the blocks materialised first (an optimization barrier between `threefry_blocks`
 and `keep_from_blocks`); with `jax.random.bernoulli`; and with 16-bit draws of XLA's own bit generator (`philox`:
 an `unsafe_rbg` key seeded from one Threefry draw, so `lax.rng_bit_generator`, Philox on GPU, as PyTorch's dropout
-uses; its bits depend on the sharding); and with `hashed`: two rounds of a 32-bit integer mixer keyed by the
-Threefry key's words, two 16-bit lanes per element pair (about a sixth of Threefry's integer work per element).
+uses; its bits depend on the sharding); with `hashed`: two rounds of a 32-bit integer mixer keyed by the
+Threefry key's words, two 16-bit lanes per element pair (about a sixth of Threefry's integer work per element); and
+with `kernel`: `dropout_keep`'s bits from one Pallas kernel per mask (models/dropout_kernel.py).
 Run from the repo root: `PYTHONPATH=. python bench/bench_dropout.py`.
 """
 
@@ -19,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from vlmu_jax.models.dropout_kernel import keep_mask
 from vlmu_jax.models.layers import dropout_keep, flat_index, keep_from_blocks, threefry_blocks
 
 RATE = 0.05
@@ -58,7 +60,7 @@ def main() -> None:
     for shape in ((4, 704, 4096), (4, 704, 11008)):
         x = jnp.ones(shape, jnp.bfloat16)
         for name, keep in (("dropout_keep", dropout_keep), ("blocks_materialised", materialised),
-                           ("bernoulli", bernoulli), ("philox", philox), ("hashed", hashed)):
+                           ("bernoulli", bernoulli), ("philox", philox), ("hashed", hashed), ("kernel", keep_mask)):
             def masks(x: jax.Array, k: jax.Array, keep=keep) -> jax.Array:
                 def one(i: int, total: jax.Array) -> jax.Array:
                     kept = jnp.where(keep(jax.random.fold_in(k, i), x.shape, RATE), x / (1 - RATE), 0)

@@ -32,6 +32,7 @@ from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import continuation_logprobs, token_logprobs
 from vlmu_jax.models import layers
+from vlmu_jax.models.dropout_kernel import keep_mask
 from vlmu_jax.models.layers import dropout_keep, resolve_attention_impl
 from vlmu_jax.models.lora import apply_lora, merge_lora
 from vlmu_jax.models.registry import init_model, set_options
@@ -223,8 +224,9 @@ def main() -> None:
     batches["labels"] = {**batches["all"], "label_index": jnp.asarray(label_index(np.asarray(labels), t_text // 2))}
     for (objective, remat, *dropout), copies, form, positions in itertools.product(
             STEPS if "steps" in WORK else (), STEP_COPIES, LAYERWISE, POSITIONS):
-        # objective:remat:materialised|philox|hashed runs the step with those dropout masks (bench/bench_dropout.py)
-        masks = {"materialised": materialised, "philox": philox, "hashed": hashed}
+        # objective:remat:materialised|philox|hashed|kernel runs the step with those dropout masks
+        # (bench/bench_dropout.py; kernel: models/dropout_kernel.py, dropout_keep's bits)
+        masks = {"materialised": materialised, "philox": philox, "hashed": hashed, "kernel": keep_mask}
         layers.dropout_keep = masks.get(dropout[0] if dropout else "", dropout_keep)
         with layer_copies(model, "always" if copies else "never") as attached:
             r = unlearn_step_time(model, objective, remat, batches[positions],

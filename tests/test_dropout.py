@@ -4,6 +4,8 @@ probability 1 - rate independently, the same mask however the array is sharded; 
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +109,82 @@ def test_presets_pick_the_lora_policy_per_template():
         assert presets.mllmu(None, template=template, model_path="").model.remat == want
         fiubench = presets.fiubench(None, template=template, model_path="")
         assert (fiubench.unlearn.remat, fiubench.model.remat) == (want, "full")
+
+
+def test_threefry_in_kernel_form_is_jaxs():
+    """`dropout_kernel.threefry2x32` (plain uint32 ops, for use inside a kernel) gives jax's Threefry-2x32 words."""
+    from jax.extend.random import threefry2x32_p
+
+    from vlmu_jax.models.dropout_kernel import threefry2x32
+
+    k = jax.random.key_data(jax.random.key(123))
+    x0 = jnp.asarray(np.random.RandomState(0).randint(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32))
+    x1 = jnp.arange(2**32 - 1000, 2**32, dtype=jnp.uint32)  # counts near the top: uint32 wrap-around
+    for got, want in zip(threefry2x32(k[0], k[1], x0, x1), threefry2x32_p.bind(k[0], k[1], x0, x1), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_mask_kernel_gives_dropout_keeps_bits():
+    """The mask kernel (through Pallas's interpreter on this CPU) writes `dropout_keep`'s mask bit for bit: tiles
+    past the rows or blocks (rows not a multiple of 64, a last axis not a multiple of 4 or of 256), two rates."""
+    from vlmu_jax.models.dropout_kernel import keep_mask
+
+    for shape, rate in (((3, 5, 64), 0.05), ((2, 70, 44), 0.05), ((1, 9, 10), 0.5), ((130, 300), 0.3)):
+        key = jax.random.fold_in(jax.random.key(7), len(shape))
+        want = np.asarray(dropout_keep(key, shape, rate))
+        got = np.asarray(keep_mask(key, shape, rate, interpret=True))
+        assert got.dtype == bool and got.shape == shape
+        np.testing.assert_array_equal(got, want)
+
+
+def test_mask_kernel_lowers_to_one_triton_call():
+    """The GPU lowering, made on this CPU: one Triton call per mask over (64-row, 64-block) programs writing the
+    [rows, blocks, 4] booleans that are the mask in its own element order (no transpose, concatenate or uint32
+    array around it). LLaVA-7B's 4096-wide masks at 4 x 704 tokens: 44 x 16 programs; the 11008-wide: 44 x 43."""
+    from vlmu_jax.models.dropout_kernel import keep_mask
+
+    for d, blocks in ((4096, 1024), (11008, 2752)):
+        text = keep_mask.trace(jax.random.key(0), (4, 704, d), 0.05).lower(lowering_platforms=("cuda",)).as_text()
+        calls = [line for line in text.splitlines() if "custom_call @__gpu$xla.gpu.triton" in line]
+        assert len(calls) == 1
+        assert f"grid_x = 44 : i32, grid_y = {blocks // 64} : i32, grid_z = 1 : i32" in calls[0]
+        assert f"-> tensor<2816x{blocks}x4xi1>" in calls[0]
+        around = "\n".join(line for line in text.splitlines() if line not in calls)  # the kernel's IR names its code
+        assert not any(op in around for op in ("transpose", "concatenate", "threefry"))
+        assert re.findall(r"tensor<[0-9x]*ui32>", around) == ["tensor<2xui32>"] * around.count("ui32>")  # the key
+
+
+def test_mask_kernel_in_a_lora_step(monkeypatch):
+    """A LoRA projection's gradients with the kernel drawing its mask (interpreted) are those with `dropout_keep`,
+    with the mask kept for the backward or drawn again there: the kernel sits inside jax.grad and remat."""
+    import functools
+
+    from vlmu_jax.models import layers
+    from vlmu_jax.models.dropout_kernel import keep_mask
+
+    dense = Dense(40, 24, axes=(None, None), rngs=nnx.Rngs(0))
+    dense.lora_a = nnx.LoRAParam(jax.random.normal(jax.random.key(1), (40, 4)))
+    dense.lora_b = nnx.LoRAParam(jax.random.normal(jax.random.key(2), (4, 24)))
+    dense.lora_dropout, dense.deterministic = 0.3, False
+    graphdef, lora, rest = nnx.split(dense, nnx.LoRAParam, ...)
+    x, rng = jax.random.normal(jax.random.key(3), (2, 70, 40)), jax.random.key(4)
+
+    def grads(policy):
+        def f(lora):
+            return jnp.tanh(nnx.merge(graphdef, lora, rest)(x, rng)).sum()
+
+        return jax.grad(jax.checkpoint(f, policy=REMAT_POLICIES[policy]))(lora)
+
+    drawn = []
+
+    def kernel(*args):
+        drawn.append(args[1])
+        return functools.partial(keep_mask, interpret=True)(*args)
+
+    for policy in ("dots_with_no_batch_dims_saveable", "dots_attention_dropout_saveable"):
+        want = grads(policy)
+        monkeypatch.setattr(layers, "dropout_keep", kernel)
+        got = grads(policy)
+        monkeypatch.undo()
+        assert drawn and drawn[-1] == (2, 70, 40)  # the kernel drew the mask
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
