@@ -59,6 +59,9 @@ def main() -> None:
     key = jax.random.key(0)
     for shape in ((4, 704, 4096), (4, 704, 11008)):
         x = jnp.ones(shape, jnp.bfloat16)
+        # the kernel as the GPU compiles it must give dropout_keep's bits (its tests run it interpreted on a CPU)
+        same = bool(jnp.array_equal(keep_mask(key, shape, RATE), dropout_keep(key, shape, RATE)))
+        print(json.dumps({"what": "dropout_kernel_bits", "shape": shape, "same_as_dropout_keep": same}), flush=True)
         for name, keep in (("dropout_keep", dropout_keep), ("blocks_materialised", materialised),
                            ("bernoulli", bernoulli), ("philox", philox), ("hashed", hashed), ("kernel", keep_mask)):
             def masks(x: jax.Array, k: jax.Array, keep=keep) -> jax.Array:
