@@ -49,17 +49,23 @@ def test_mask_does_not_depend_on_sharding():
     np.testing.assert_array_equal(np.asarray(got) == 1, want)
 
 
+def lora_projection(din: int, dout: int, lead: tuple[int, ...]) -> tuple:
+    """A rank-4 LoRA projection with dropout 0.3 in train mode, split into (graph, LoRA params, the rest), and an
+    input [*lead, din] and dropout key for it."""
+    dense = Dense(din, dout, axes=(None, None), rngs=nnx.Rngs(0))
+    dense.lora_a = nnx.LoRAParam(jax.random.normal(jax.random.key(1), (din, 4)))
+    dense.lora_b = nnx.LoRAParam(jax.random.normal(jax.random.key(2), (4, dout)))
+    dense.lora_dropout, dense.deterministic = 0.3, False
+    return (*nnx.split(dense, nnx.LoRAParam, ...), jax.random.normal(jax.random.key(3), (*lead, din)),
+            jax.random.key(4))
+
+
 def test_remat_policy_keeping_dropout_masks(capsys):
     """`dots_and_dropout_saveable` (and the presets' `dots_attention_dropout_saveable`, and
     `projections_attention_dropout_saveable`) keeps each LoRA dropout mask for the backward instead of drawing it
     again: the masks are among what it saves (not under the plain dots policy), and the gradients are those without
     remat."""
-    dense = Dense(8, 6, axes=(None, None), rngs=nnx.Rngs(0))
-    dense.lora_a = nnx.LoRAParam(jax.random.normal(jax.random.key(1), (8, 4)))
-    dense.lora_b = nnx.LoRAParam(jax.random.normal(jax.random.key(2), (4, 6)))
-    dense.lora_dropout, dense.deterministic = 0.3, False
-    graphdef, lora, rest = nnx.split(dense, nnx.LoRAParam, ...)
-    x, rng = jax.random.normal(jax.random.key(3), (4, 5, 8)), jax.random.key(4)
+    graphdef, lora, rest, x, rng = lora_projection(8, 6, (4, 5))
 
     def loss(lora, policy):
         def f(lora, x):
@@ -162,12 +168,7 @@ def test_mask_kernel_in_a_lora_step(monkeypatch):
     from vlmu_jax.models import layers
     from vlmu_jax.models.dropout_kernel import keep_mask
 
-    dense = Dense(40, 24, axes=(None, None), rngs=nnx.Rngs(0))
-    dense.lora_a = nnx.LoRAParam(jax.random.normal(jax.random.key(1), (40, 4)))
-    dense.lora_b = nnx.LoRAParam(jax.random.normal(jax.random.key(2), (4, 24)))
-    dense.lora_dropout, dense.deterministic = 0.3, False
-    graphdef, lora, rest = nnx.split(dense, nnx.LoRAParam, ...)
-    x, rng = jax.random.normal(jax.random.key(3), (2, 70, 40)), jax.random.key(4)
+    graphdef, lora, rest, x, rng = lora_projection(40, 24, (2, 70))
 
     def grads(policy):
         def f(lora):
