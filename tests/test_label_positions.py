@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -100,14 +101,10 @@ def test_losses_and_gradients_equal_with_label_positions(lora_llava, objective) 
     want, want_grad = jax.value_and_grad(value)(params, jax.tree.map(jnp.asarray, plain))
     got, got_grad = jax.value_and_grad(value)(params, jax.tree.map(jnp.asarray, indexed))
     assert float(got) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
-    assert float(optax_norm(want_grad)) > 0
+    assert float(optax.tree.norm(want_grad)) > 0  # the loss reaches the adapters
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
     model.train()
-
-
-def optax_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 class IndexedRows(Rows):
