@@ -2,7 +2,7 @@
 
 Training sources hold each row's label positions, so the output head runs on those alone. The objectives must see
 the same numbers as over every position masked to the labels: per-position log-probs, masks, and every loss with
-its gradients, for joined streams of different label counts and for the full-vocabulary statistics too.
+its gradients, for streams joined into one pass or run apart, and for the full-vocabulary statistics too.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def test_label_index_by_hand() -> None:
 
 
 def test_sources_round_slots_up_and_batches_carry_them() -> None:
-    """A source's slots: its rows' most label positions rounded up to 64; its batches hold them only when asked."""
+    """A source's slots: its rows' most label positions rounded up to 64 (or more, given); its batches hold them
+    only when asked."""
     def row(n_answer: int) -> Encoded:
         ids = np.arange(1, 101, dtype=np.int32)
         return Encoded(ids, np.where(np.arange(100) >= 100 - n_answer, ids, IGNORE).astype(np.int32), None)
@@ -45,10 +46,12 @@ def test_sources_round_slots_up_and_batches_carry_them() -> None:
     image_fn = lambda ref: {"pixel_values": np.zeros((3, 2, 2), np.float32)}  # noqa: E731
     kw = dict(global_batch_size=2, pad_token_id=0, image_fn=image_fn, buckets=(128,), shuffle=False,
               process_index=0, process_count=1)
-    batch = ExampleSource([row(3), row(5)], label_index=True, **kw).get(0)
+    rows = [row(3), row(5)]
+    batch = ExampleSource(rows, label_slots=label_slots(rows), **kw).get(0)
     np.testing.assert_array_equal(batch["label_index"][0, :4], [96, 97, 98, 0])
     np.testing.assert_array_equal(batch["label_index"][1, :6], [94, 95, 96, 97, 98, 0])
     assert batch["label_index"].shape == (2, 64)
+    assert ExampleSource(rows, label_slots=100, **kw).get(0)["label_index"].shape == (2, 100)  # a stage's most
     assert "label_index" not in ExampleSource([row(3), row(5)], **kw).get(0)
 
 
@@ -78,11 +81,12 @@ def test_logps_at_label_positions_are_the_full_ones(lora_llava) -> None:
     model.train()
 
 
+@pytest.mark.parametrize("slots", [(7, 7), (4, 7)], ids=["one-count-joined", "two-counts-apart"])
 @pytest.mark.parametrize("objective", ["gd", "npo", "undial", "ceu"])
-def test_losses_and_gradients_equal_with_label_positions(lora_llava, objective) -> None:
-    """Every loss and its gradients, with the forget and retain streams' label positions in different slot counts
-    (joined into one pass at the larger), equal those over every position; UNDIAL's and CE-U's full-vocabulary
-    statistics included."""
+def test_losses_and_gradients_equal_with_label_positions(lora_llava, objective, slots) -> None:
+    """Every loss and its gradients, with the forget and retain streams' label positions in one slot count (GD's
+    streams joined into one pass, as a stage's sources make them) or two (run apart), equal those over every
+    position; UNDIAL's and CE-U's full-vocabulary statistics included."""
     model = lora_llava
     model.eval()
     graphdef, params, rngs, rest = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
@@ -90,7 +94,7 @@ def test_losses_and_gradients_equal_with_label_positions(lora_llava, objective) 
     cfg = TrainConfig(objective=objective)
     loss = make_loss(obj, cfg, logps_fn, None, vocab_fn)
     plain = {"forget": Rows(1).batches[0], "retain": Rows(5).batches[1]}
-    indexed = {"forget": with_index(plain["forget"], 4), "retain": with_index(plain["retain"], 7)}
+    indexed = {"forget": with_index(plain["forget"], slots[0]), "retain": with_index(plain["retain"], slots[1])}
 
     def value(p, batches):
         m = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rngs), rest)  # fresh RNG variables at this trace

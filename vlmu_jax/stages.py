@@ -26,7 +26,16 @@ from flax import nnx
 
 from vlmu_jax import model_sources
 from vlmu_jax.data import stream_length
-from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length, encode, examples_from, row_buckets
+from vlmu_jax.data.batching import (
+    IGNORE,
+    Encoded,
+    ExampleSource,
+    bucket_length,
+    encode,
+    examples_from,
+    label_slots,
+    row_buckets,
+)
 from vlmu_jax.data.records import Identity
 from vlmu_jax.errors import InputError
 from vlmu_jax.eval.frozen import frozen
@@ -137,16 +146,17 @@ def _rows(ws: Workspace, identities: list[Identity], *, seed: int, idk: tuple[st
 
 
 def _source(ws: Workspace, name: str, rows: list[Encoded], stage: ml_collections.ConfigDict, *, seed: int,
-            shuffle: bool = True, buckets: tuple[int, ...] | None = None) -> ExampleSource:
+            shuffle: bool = True, buckets: tuple[int, ...] | None = None, slots: int | None = None) -> ExampleSource:
     """A training stream; without given `buckets`, padded to one length when `data.single_length_max_padding`
-    allows it (`vlmu_jax.data.stream_length`)."""
+    allows it (`vlmu_jax.data.stream_length`). Its batches hold their label positions in `slots` slots (default:
+    `batching.label_slots(rows)`; a stage with several streams gives them all their most)."""
     shards = batch_shards(ws.mesh)
     if stage.batch_size % shards:
         raise InputError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
                          f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")
     source = functools.partial(ExampleSource, rows, global_batch_size=stage.batch_size,
                                pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn, seed=seed,
-                               shuffle=shuffle, label_index=True)
+                               shuffle=shuffle, label_slots=slots or label_slots(rows))
     if buckets is not None:
         return source(buckets=buckets)
     per_bucket, max_padding = source(), ws.config.data.single_length_max_padding
@@ -301,8 +311,10 @@ def unlearn(ws: Workspace) -> None:
     if ws.protocol.fiubench_kl_all_positions:
         every = [r for rs in rows.values() for r in rs]
         buckets = (bucket_length(max(len(r.input_ids) for r in every), row_buckets(every)),)
+    slots = max(label_slots(rs) for rs in rows.values())  # one count: a bucket's forget and retain batches join
     sources = {name: _source(ws, f"unlearn {name}", rs, c.unlearn, seed=seeds[name],
-                             shuffle=shuffle or name == "retain", buckets=buckets) for name, rs in rows.items()}
+                             shuffle=shuffle or name == "retain", buckets=buckets, slots=slots)
+               for name, rs in rows.items()}
     for objective in objectives(ws):
         _train_model(ws, start="finetuned", out_name=f"unlearned_{objective}", stage=c.unlearn,
                      objective=objective, **_mllmu_npo(ws, objective, sources))

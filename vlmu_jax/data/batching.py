@@ -248,9 +248,9 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
 
 
 def label_slots(rows: Sequence[Encoded]) -> int:
-    """How many predicted-label positions each batch of `rows` holds (`label_index`): the rows' most, rounded up
-    to BUCKET_MULTIPLE (full matmul tiles in the output head). One number per source, so its batches keep one
-    shape per length bucket."""
+    """How many predicted-label positions a batch of `rows` needs (`label_index`): the rows' most, rounded up to
+    BUCKET_MULTIPLE (full matmul tiles in the output head). One number per training stage (stages._source), so its
+    batches keep one shape per length bucket and its streams' batches of one bucket run as one pass."""
     most = max(int(np.count_nonzero(r.labels[1:] != IGNORE)) for r in rows)
     return max(BUCKET_MULTIPLE, -(-most // BUCKET_MULTIPLE) * BUCKET_MULTIPLE)
 
@@ -351,8 +351,8 @@ class ExampleSource:
     The last batch of an epoch wraps around to the epoch's first rows so every batch has the same shape
     and every example is seen once per epoch. `shuffle=False` keeps file order (scoring/eval). `buckets`
     None derives them from all the rows (`row_buckets`), so every batch of the source picks from one ladder.
-    `label_index`: batches also hold their label positions (`label_index`, `label_slots(rows)` slots), for the
-    trainer's objectives.
+    `label_slots`: batches also hold their label positions (`label_index`) in that many slots, for the trainer's
+    objectives (at least `label_slots(rows)`).
     """
 
     def __init__(
@@ -368,7 +368,7 @@ class ExampleSource:
         left_pad: bool = False,
         process_index: int | None = None,
         process_count: int | None = None,
-        label_index: bool = False,
+        label_slots: int | None = None,
     ):
         if not rows:
             raise ValueError("no examples")
@@ -390,7 +390,7 @@ class ExampleSource:
             image_fn=functools.lru_cache(256)(image_fn),
             buckets=self.buckets,
             left_pad=left_pad,
-            slots=label_slots(rows) if label_index else None,
+            slots=label_slots,
         )
 
     def __len__(self) -> int:

@@ -132,8 +132,8 @@ def _need(fn: Callable | None, what: str, obj: Objective) -> Callable:
 
 def _batch_key(batch: Mapping[str, Any]) -> tuple | None:
     """What two streams' batches must share to run as one: tree structure, shapes and dtypes (None when some
-    leaf has no leading axis to join them on); their label positions may differ in count (`_join`)."""
-    leaves, treedef = jax.tree.flatten({**batch, "label_index": None} if "label_index" in batch else batch)
+    leaf has no leading axis to join them on)."""
+    leaves, treedef = jax.tree.flatten(batch)
     if any(jnp.ndim(x) == 0 for x in leaves):
         return None
     return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
@@ -156,23 +156,11 @@ def joined_logps(model, batches: Mapping[str, Mapping[str, Any]], step_length, l
         groups.setdefault((name in join and _batch_key(batch)) or name, []).append(name)
     out = {}
     for names in groups.values():
-        logps, mask = logps_fn(model, {**_join([batches[n] for n in names]), "step_length": step_length})
+        joined = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(batches[n] for n in names))
+        logps, mask = logps_fn(model, {**joined, "step_length": step_length})
         rows = np.cumsum([len(batches[n]["input_ids"]) for n in names])[:-1]
-        for name, lp, m in zip(names, jnp.split(logps, rows), jnp.split(mask, rows), strict=True):
-            # a stream's own count of label positions (the joined pass padded them to the group's most)
-            n = batches[name]["label_index"].shape[1] if "label_index" in batches[name] else lp.shape[1]
-            out[name] = (lp[:, :n], m[:, :n])
+        out.update(zip(names, zip(jnp.split(logps, rows), jnp.split(mask, rows), strict=True), strict=True))
     return out
-
-
-def _join(parts: list[Mapping[str, Any]]) -> dict:
-    """Batches of one `_batch_key` as one, along the batch axis; their label positions (`batching.label_index`)
-    padded to the most slots any of them has (slots past a row's count are masked by it)."""
-    if "label_index" in parts[0]:
-        most = max(p["label_index"].shape[1] for p in parts)
-        parts = [{**p, "label_index": jnp.pad(p["label_index"], ((0, 0), (0, most - p["label_index"].shape[1])))}
-                 for p in parts]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
 def _stream_logps(name, obj, cfg, model, ref_model, batch, own, ref, kl_fn, vocab_fn, hidden_fn) -> StreamLogps:
