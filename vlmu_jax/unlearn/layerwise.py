@@ -32,7 +32,7 @@ import gc
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -274,6 +274,24 @@ class LayerProgram:
         return join_residuals(self._meta[_avals(args)], residuals, jax.tree.leaves(args))(dy)
 
 
+class LayerRun(NamedTuple):
+    """One layer of a decoder call: its index, its stack's index, its programs, and what they take besides the
+    layer's input h (its trainable and frozen weights, the call's diff and fixed inputs, its dropout key)."""
+
+    index: int
+    stack: int
+    program: LayerProgram
+    weights: list
+    frozen: list
+    diff: Any
+    fixed: Any
+    key: Any
+
+    def args(self, h: jax.Array) -> tuple:
+        """The layer programs' arguments with input `h`."""
+        return self.weights, self.frozen, h, self.diff, self.fixed, self.key
+
+
 class LayerwiseStep:
     """The trainer's step `(params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches) -> (params,
     opt_state, rng, loss, aux)` with the decoder's layers run per layer (module docstring).
@@ -445,10 +463,9 @@ class LayerwiseStep:
                                               self.frozen_defs[self.stacks[s].ids[0]])
         return self.programs[key]
 
-    def _runs(self, call: DecoderCall, inp: DecoderInputs) -> list[tuple]:
-        """The decoder layers `call` runs, in order, each as (its index, its LayerProgram, its stack's index, its
-        diff and fixed inputs, its key, its trainable and its frozen weights): the first `limit` layers, but for a
-        cross layer in a pass without images."""
+    def _runs(self, call: DecoderCall, inp: DecoderInputs) -> list[LayerRun]:
+        """The decoder layers `call` runs, in order: the first `limit` layers, but for a cross layer in a pass
+        without images."""
         params, frozen = (self.policy, self.frozen) if call.role == POLICY else (self.reference, self.ref_frozen)
         runs = []
         for i in range(self.n if call.limit is None else call.limit):
@@ -459,8 +476,8 @@ class LayerwiseStep:
                 layer_call, diff, fixed = CrossLayerCall(call.impl), inp.cross_kv[self.cross_index[i]], inp.cross
             else:
                 continue
-            runs.append((i, self._program(call.role, s, layer_call, call.remat), s, diff, fixed, key, params[i],
-                         frozen[i]))
+            runs.append(LayerRun(i, s, self._program(call.role, s, layer_call, call.remat), params[i], frozen[i],
+                                 diff, fixed, key))
         return runs
 
     def _compile_ahead(self, params, opt_state, rng, rest, ref_other, ref_rest, grad_mask, batches) -> None:
@@ -479,18 +496,18 @@ class LayerwiseStep:
         inputs, prefix_residuals = collect.out_info
         for call, inp in zip(calls, inputs, strict=True):
             grads, dkv = [None] * self.n, self._no_dkv(inp)
-            for i, program, _, diff, fixed, key, weights, frozen in self._runs(call, inp):
-                args = (weights, frozen, inp.h, diff, fixed, key)
-                sig = (program, _avals(args))
+            for run in self._runs(call, inp):
+                args = run.args(inp.h)
+                sig = (run.program, _avals(args))
                 if call.role == POLICY:
                     if sig not in seen:
-                        forward = program.forward.lower(*args)  # traced before the backward: it records residuals
-                        lowered += [forward, program.backward.lower(*args, forward.out_info[1], inp.h)]
-                    grads[i] = weights
-                    if dkv is not None and i in self.cross_index:
-                        dkv[self.cross_index[i]] = diff
+                        forward = run.program.forward.lower(*args)  # traced before the backward: records residuals
+                        lowered += [forward, run.program.backward.lower(*args, forward.out_info[1], inp.h)]
+                    grads[run.index] = run.weights
+                    if dkv is not None and run.index in self.cross_index:
+                        dkv[self.cross_index[run.index]] = run.diff
                 elif sig not in seen:
-                    lowered.append(program.plain.lower(*args))
+                    lowered.append(run.program.plain.lower(*args))
                 seen.add(sig)
             if call.role == POLICY:
                 layer_grads.append(grads)
@@ -523,32 +540,31 @@ class LayerwiseStep:
         calls = self._calls[self._sig]
         if self.reference is None and any(c.role == REFERENCE for c in calls):
             self.reference = self._reference_slices(params, ref_other)
-        outputs, saved = [], []
+        outputs, saved = [], []  # saved: per policy call, its layer runs and each one's (input, residuals)
         for call, inp in zip(calls, inputs, strict=True):
-            h, residuals = inp.h, [None] * self.n
-            for i, program, _, diff, fixed, key, weights, frozen in self._runs(call, inp):
+            h, runs, residuals = inp.h, self._runs(call, inp), []
+            for run in runs:
                 if call.role == POLICY:
                     given = h
-                    h, res = program.forward(weights, frozen, h, diff, fixed, key)
-                    residuals[i] = (given, res)
+                    h, res = run.program.forward(*run.args(h))
+                    residuals.append((given, res))
                 else:
-                    h = program.plain(weights, frozen, h, diff, fixed, key)
+                    h = run.program.plain(*run.args(h))
             outputs.append(h)
-            saved.append(residuals)
+            if call.role == POLICY:
+                saved.append((inp, runs, residuals))
         value, aux, new_rng, g_outer, d_out = self._replay(outer, layer_params, rng, rest, ref_other, ref_rest,
                                                             batches, outputs)
         del outputs
         layer_grads, dh0s, dkvs = [], [], []
-        policy_calls = [(c, inp, res) for c, inp, res in zip(calls, inputs, saved, strict=True) if c.role == POLICY]
-        for (call, inp, residuals), dh in zip(policy_calls, d_out, strict=True):
+        for (inp, runs, residuals), dh in zip(saved, d_out, strict=True):
             grads: list = [None] * self.n
             dkv = self._no_dkv(inp)
-            for i, program, s, diff, fixed, key, weights, frozen in reversed(self._runs(call, inp)):
-                h, res = residuals[i]
-                residuals[i] = None
-                grads[i], dh, d_diff = program.backward(weights, frozen, h, diff, fixed, key, res, dh)
-                if self.stacks[s].cross:
-                    dkv[self.cross_index[i]] = d_diff
+            while runs:
+                run, (h, res) = runs.pop(), residuals.pop()  # each layer's residuals freed once it is through
+                grads[run.index], dh, d_diff = run.program.backward(*run.args(h), res, dh)
+                if self.stacks[run.stack].cross:
+                    dkv[self.cross_index[run.index]] = d_diff
             layer_grads.append(grads)
             dh0s.append(dh)
             dkvs.append(None if dkv is None else tuple(dkv))
