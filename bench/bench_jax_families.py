@@ -22,7 +22,7 @@ from flax import nnx
 
 from bench.bench_jax_llava import compiled_ahead, peak_gb, timeit, unlearn_step_time
 from bench.family_shapes import FAMILIES, batch
-from vlmu_jax.data.batching import BUCKET_MULTIPLE, IGNORE, label_index
+from vlmu_jax.data.batching import IGNORE, label_index, label_slots
 from vlmu_jax.eval.frozen import frozen
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.layer_copies import layer_copies
@@ -103,9 +103,9 @@ def main() -> None:
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
     answer = jnp.arange(t) >= head + 1 + t_text // 2  # the second half of the text is the answer
     labels = jnp.where(answer[None, :], ids, IGNORE)
-    slots = -(-int(answer.sum()) // BUCKET_MULTIPLE) * BUCKET_MULTIPLE  # as batching.label_slots rounds
-    step_batch = {"input_ids": ids, "attention_mask": mask, "images": images, "labels": labels,
-                  "label_index": jnp.asarray(label_index(np.asarray(labels), slots))}  # as the pipeline's sources
+    labels_np = np.asarray(labels)
+    step_batch = {"input_ids": ids, "attention_mask": mask, "images": images, "labels": labels,  # as the pipeline's
+                  "label_index": jnp.asarray(label_index(labels_np, label_slots(labels_np)))}  # sources give them
     for objective, remat, form in itertools.product(OBJECTIVES, REMAT, LAYERWISE):
         r = unlearn_step_time(model, objective, remat, step_batch, layerwise_mode=form)
         print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "layerwise": form, "B": b, "T": t, "s": r.s,

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from bench.bench_dropout import hashed, materialised, philox
-from vlmu_jax.data.batching import IGNORE, label_index
+from vlmu_jax.data.batching import IGNORE, label_index, label_slots
 from vlmu_jax.eval.frozen import compile_only, frozen
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.layer_copies import layer_copies
@@ -221,7 +221,8 @@ def main() -> None:
     # Loss on the second half of the text, as the anchor's labels.
     labels = jnp.where(jnp.arange(ids.shape[1]) >= 1 + n_img + t_text // 2, ids, IGNORE)
     batches = {"all": {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}}
-    batches["labels"] = {**batches["all"], "label_index": jnp.asarray(label_index(np.asarray(labels), t_text // 2))}
+    labels_np = np.asarray(labels)
+    batches["labels"] = {**batches["all"], "label_index": jnp.asarray(label_index(labels_np, label_slots(labels_np)))}
     for (objective, remat, *dropout), copies, form, positions in itertools.product(
             STEPS if "steps" in WORK else (), STEP_COPIES, LAYERWISE, POSITIONS):
         # objective:remat:materialised|philox|hashed|kernel runs the step with those dropout masks

@@ -40,14 +40,14 @@ def test_sources_round_slots_up_and_batches_carry_them() -> None:
         ids = np.arange(1, 101, dtype=np.int32)
         return Encoded(ids, np.where(np.arange(100) >= 100 - n_answer, ids, IGNORE).astype(np.int32), None)
 
-    assert label_slots([row(3), row(64)]) == 64
-    assert label_slots([row(3), row(65)]) == 128
-    assert label_slots([row(0)]) == 64
+    assert label_slots([row(3).labels, row(64).labels]) == 64
+    assert label_slots([row(3).labels, row(65).labels]) == 128
+    assert label_slots([row(0).labels]) == 64
     image_fn = lambda ref: {"pixel_values": np.zeros((3, 2, 2), np.float32)}  # noqa: E731
     kw = dict(global_batch_size=2, pad_token_id=0, image_fn=image_fn, buckets=(128,), shuffle=False,
               process_index=0, process_count=1)
     rows = [row(3), row(5)]
-    batch = ExampleSource(rows, label_slots=label_slots(rows), **kw).get(0)
+    batch = ExampleSource(rows, label_slots=label_slots(r.labels for r in rows), **kw).get(0)
     np.testing.assert_array_equal(batch["label_index"][0, :4], [96, 97, 98, 0])
     np.testing.assert_array_equal(batch["label_index"][1, :6], [94, 95, 96, 97, 98, 0])
     assert batch["label_index"].shape == (2, 64)

@@ -149,14 +149,14 @@ def _source(ws: Workspace, name: str, rows: list[Encoded], stage: ml_collections
             shuffle: bool = True, buckets: tuple[int, ...] | None = None, slots: int | None = None) -> ExampleSource:
     """A training stream; without given `buckets`, padded to one length when `data.single_length_max_padding`
     allows it (`vlmu_jax.data.stream_length`). Its batches hold their label positions in `slots` slots (default:
-    `batching.label_slots(rows)`; a stage with several streams gives them all their most)."""
+    `batching.label_slots` of its rows' labels; a stage with several streams gives them all their most)."""
     shards = batch_shards(ws.mesh)
     if stage.batch_size % shards:
         raise InputError(f"batch_size {stage.batch_size} does not split over the mesh's {shards} data-parallel "
                          f"shards (mesh {dict(ws.mesh.shape)}): use a multiple of {shards}")
     source = functools.partial(ExampleSource, rows, global_batch_size=stage.batch_size,
                                pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn, seed=seed,
-                               shuffle=shuffle, label_slots=slots or label_slots(rows))
+                               shuffle=shuffle, label_slots=slots or label_slots(r.labels for r in rows))
     if buckets is not None:
         return source(buckets=buckets)
     per_bucket, max_padding = source(), ws.config.data.single_length_max_padding
@@ -311,7 +311,7 @@ def unlearn(ws: Workspace) -> None:
     if ws.protocol.fiubench_kl_all_positions:
         every = [r for rs in rows.values() for r in rs]
         buckets = (bucket_length(max(len(r.input_ids) for r in every), row_buckets(every)),)
-    slots = max(label_slots(rs) for rs in rows.values())  # one count: a bucket's forget and retain batches join
+    slots = label_slots(r.labels for rs in rows.values() for r in rs)  # one count: a bucket's streams join
     sources = {name: _source(ws, f"unlearn {name}", rs, c.unlearn, seed=seeds[name],
                              shuffle=shuffle or name == "retain", buckets=buckets, slots=slots)
                for name, rs in rows.items()}

@@ -12,7 +12,7 @@ stay masked here because transformers 5 expands them and they are not predictabl
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -247,11 +247,12 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {max(buckets)}; add a bucket")
 
 
-def label_slots(rows: Sequence[Encoded]) -> int:
-    """How many predicted-label positions a batch of `rows` needs (`label_index`): the rows' most, rounded up to
-    BUCKET_MULTIPLE (full matmul tiles in the output head). One number per training stage (stages._source), so its
-    batches keep one shape per length bucket and its streams' batches of one bucket run as one pass."""
-    most = max(int(np.count_nonzero(r.labels[1:] != IGNORE)) for r in rows)
+def label_slots(labels: Iterable[np.ndarray]) -> int:
+    """How many predicted-label positions a batch of rows with these `labels` (one array per row) needs
+    (`label_index`): the rows' most, rounded up to BUCKET_MULTIPLE (full matmul tiles in the output head). One
+    number per training stage (stages._source), so its batches keep one shape per length bucket and its streams'
+    batches of one bucket run as one pass."""
+    most = max(int(np.count_nonzero(row[1:] != IGNORE)) for row in labels)
     return max(BUCKET_MULTIPLE, -(-most // BUCKET_MULTIPLE) * BUCKET_MULTIPLE)
 
 
@@ -352,7 +353,7 @@ class ExampleSource:
     and every example is seen once per epoch. `shuffle=False` keeps file order (scoring/eval). `buckets`
     None derives them from all the rows (`row_buckets`), so every batch of the source picks from one ladder.
     `label_slots`: batches also hold their label positions (`label_index`) in that many slots, for the trainer's
-    objectives (at least `label_slots(rows)`).
+    objectives (at least `label_slots` of the rows' labels).
     """
 
     def __init__(
