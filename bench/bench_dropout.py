@@ -1,14 +1,15 @@
-"""LoRA dropout masks on the device: what one costs (bench/NOTES.md, sessions 6-7).
+"""LoRA dropout masks on the device: what one costs (bench/NOTES.md, sessions 6-7 and 24-25).
 
 A 7B LoRA GA step spent ~30 ms in the masks' fusions, and drawing four 16-bit lanes per Threefry block
 (`layers.dropout_keep`) took only 4 ms off. This times `x * keep / (1 - rate)` at the 7B step's shapes, 20 masks
-with different keys inside one program (a timed loop of separate calls measures their dispatch: session 7), as
-`dropout_keep` builds it; with the blocks materialised first (an optimization barrier between `threefry_blocks`
-and `keep_from_blocks`); with `jax.random.bernoulli`; and with 16-bit draws of XLA's own bit generator (`philox`:
-an `unsafe_rbg` key seeded from one Threefry draw, so `lax.rng_bit_generator`, Philox on GPU, as PyTorch's dropout
-uses; its bits depend on the sharding); with `hashed`: two rounds of a 32-bit integer mixer keyed by the
-Threefry key's words, two 16-bit lanes per element pair (about a sixth of Threefry's integer work per element); and
-with `kernel`: `dropout_keep`'s bits from one Pallas kernel per mask (models/dropout_kernel.py).
+with different keys inside one program (a timed loop of separate calls measures their dispatch: session 7): as
+XLA builds `dropout_keep`'s bits (`xla`, its path off a single GPU); with the blocks materialised first (an
+optimization barrier between `threefry_blocks` and `keep_from_blocks`); with `jax.random.bernoulli`; with 16-bit
+draws of XLA's own bit generator (`philox`: an `unsafe_rbg` key seeded from one Threefry draw, so
+`lax.rng_bit_generator`, Philox on GPU, as PyTorch's dropout uses; its bits depend on the sharding); with
+`hashed`: two rounds of a 32-bit integer mixer keyed by the Threefry key's words, two 16-bit lanes per element
+pair (about a sixth of Threefry's integer work per element); and with `kernel`: the same bits as `xla` from one
+Pallas kernel per mask (models/dropout_kernel.py; what `dropout_keep` runs on one GPU).
 Run from the repo root: `PYTHONPATH=. python bench/bench_dropout.py`.
 """
 
@@ -21,9 +22,14 @@ import jax
 import jax.numpy as jnp
 
 from vlmu_jax.models.dropout_kernel import keep_mask
-from vlmu_jax.models.layers import dropout_keep, flat_index, keep_from_blocks, threefry_blocks
+from vlmu_jax.models.layers import flat_index, keep_from_blocks, threefry_blocks
 
 RATE = 0.05
+
+
+def xla_keep(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """`dropout_keep`'s bits through XLA's fusions (what it runs off a single GPU)."""
+    return keep_from_blocks(threefry_blocks(rng, shape), shape, rate)
 
 
 def materialised(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
@@ -59,10 +65,10 @@ def main() -> None:
     key = jax.random.key(0)
     for shape in ((4, 704, 4096), (4, 704, 11008)):
         x = jnp.ones(shape, jnp.bfloat16)
-        # the kernel as the GPU compiles it must give dropout_keep's bits (its tests run it interpreted on a CPU)
-        same = bool(jnp.array_equal(keep_mask(key, shape, RATE), dropout_keep(key, shape, RATE)))
-        print(json.dumps({"what": "dropout_kernel_bits", "shape": shape, "same_as_dropout_keep": same}), flush=True)
-        for name, keep in (("dropout_keep", dropout_keep), ("blocks_materialised", materialised),
+        # the kernel as the GPU compiles it must give XLA's bits (its tests run it interpreted on a CPU)
+        same = bool(jnp.array_equal(keep_mask(key, shape, RATE), xla_keep(key, shape, RATE)))
+        print(json.dumps({"what": "dropout_kernel_bits", "shape": shape, "same_as_xla": same}), flush=True)
+        for name, keep in (("xla", xla_keep), ("blocks_materialised", materialised),
                            ("bernoulli", bernoulli), ("philox", philox), ("hashed", hashed), ("kernel", keep_mask)):
             def masks(x: jax.Array, k: jax.Array, keep=keep) -> jax.Array:
                 def one(i: int, total: jax.Array) -> jax.Array:

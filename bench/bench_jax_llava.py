@@ -25,19 +25,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.bench_dropout import hashed, materialised, philox
+from bench.bench_dropout import hashed, materialised, philox, xla_keep
 from vlmu_jax.data.batching import IGNORE, label_index, label_slots
 from vlmu_jax.eval.frozen import compile_only, frozen
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import continuation_logprobs, token_logprobs
 from vlmu_jax.models import layers
-from vlmu_jax.models.dropout_kernel import keep_mask
 from vlmu_jax.models.layers import dropout_keep, resolve_attention_impl
 from vlmu_jax.models.lora import apply_lora, merge_lora
 from vlmu_jax.models.registry import init_model, set_options
 from vlmu_jax.presets import lora_remat
 from vlmu_jax.stages import logps_fn
+from vlmu_jax.unlearn import layerwise
 from vlmu_jax.unlearn.objectives import get_objective
 from vlmu_jax.unlearn.optim import make_optimizer
 from vlmu_jax.unlearn.trainer import TrainConfig, make_loss, prepare_step
@@ -47,7 +47,9 @@ from vlmu_jax.unlearn.trainer import TrainConfig, make_loss, prepare_step
 GEN_BATCHES = tuple(int(x) for x in os.environ.get("GEN_B", "16,64").split(",") if x)
 GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1").split(","))
 # The unlearning steps to time, objective:remat pairs (by default the LLaVA-1.5 presets' LoRA policy);
-# objective:remat:materialised|philox|hashed draws the dropout masks as bench/bench_dropout.py's function of that name.
+# objective:remat:xla|materialised|philox|hashed draws the dropout masks as bench/bench_dropout.py's function of that
+# name (default: layers.dropout_keep, on one GPU its kernel); objective:remat:MASKS:joined holds the frozen q/k/v
+# and gate/up kernels joined in the per-layer step (layerwise.JOIN_FROZEN_KERNELS).
 _LORA = lora_remat("llava-1.5")  # what the LLaVA-1.5 presets' LoRA stages run
 STEPS = tuple(tuple(x.split(":")) for x in os.environ.get(
     "STEPS", f"ga:{_LORA},ga:none,gd:{_LORA},npo:{_LORA}").split(",") if x)
@@ -223,22 +225,22 @@ def main() -> None:
     batches = {"all": {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}}
     labels_np = np.asarray(labels)
     batches["labels"] = {**batches["all"], "label_index": jnp.asarray(label_index(labels_np, label_slots(labels_np)))}
-    for (objective, remat, *dropout), copies, form, positions in itertools.product(
+    for (objective, remat, *how), copies, form, positions in itertools.product(
             STEPS if "steps" in WORK else (), STEP_COPIES, LAYERWISE, POSITIONS):
-        # objective:remat:materialised|philox|hashed|kernel runs the step with those dropout masks
-        # (bench/bench_dropout.py; kernel: models/dropout_kernel.py, dropout_keep's bits)
-        masks = {"materialised": materialised, "philox": philox, "hashed": hashed, "kernel": keep_mask}
-        layers.dropout_keep = masks.get(dropout[0] if dropout else "", dropout_keep)
+        dropout, kernels = (how + ["", ""])[:2]
+        masks = {"xla": xla_keep, "materialised": materialised, "philox": philox, "hashed": hashed}
+        layers.dropout_keep = masks.get(dropout, dropout_keep)
+        layerwise.JOIN_FROZEN_KERNELS = kernels == "joined"
         with layer_copies(model, "always" if copies else "never") as attached:
             r = unlearn_step_time(model, objective, remat, batches[positions],
                                   layerwise_mode="never" if copies else form)
-        print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout[0] if dropout
-                          else "dropout_keep", "layer_copies": attached, "layerwise": form, "positions": positions,
-                          "B": b,
+        print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout or "dropout_keep",
+                          "frozen_kernels": kernels or "apart", "layer_copies": attached, "layerwise": form,
+                          "positions": positions, "B": b,
                           "T": n_img + t_text, "s": r.s,
                           "compile_s": r.compile_s, "samples_per_s": b / r.s, "max_mem_gb": r.process_peak_gb,
                           "step_peak_gb": r.step_peak_gb}), flush=True)
-    layers.dropout_keep = dropout_keep
+    layers.dropout_keep, layerwise.JOIN_FROZEN_KERNELS = dropout_keep, False
     if "generate" not in WORK:
         return
     set_options(model, scan_layers=True)

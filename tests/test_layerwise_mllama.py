@@ -82,6 +82,14 @@ def test_layerwise_step_equals_scanned_step(tmp_path, objective, images, kw) -> 
     assert_forms_agree(lambda mode: run(tmp_path, objective, mode, images, **kw), tiny_lora_mllama)
 
 
+def test_layerwise_step_with_joined_kernels_equals_scanned_step(tmp_path, monkeypatch) -> None:
+    """Mllama's self and cross layers with their frozen q/k/v (self layers) and gate/up kernels held joined: NPO
+    (policy and reference through the joined kernels) trains what the scanned step does (tolerance as LLaVA's,
+    tests/test_layerwise.py)."""
+    monkeypatch.setattr(layerwise, "JOIN_FROZEN_KERNELS", True)
+    assert_forms_agree(lambda mode: run(tmp_path, "npo", mode, True), tiny_lora_mllama, atol=5e-5)
+
+
 def test_stacks_of_one_layer_structure_share_their_programs(tmp_path, monkeypatch) -> None:
     """Mllama's three stacks of self-attention layers share one set of layer programs, its two stacks of cross
     layers another (compared once when the step is built): a GA step compiles two layer structures, not five."""

@@ -7,7 +7,8 @@ masks at 4 x 704 tokens); concatenate fusions read them back, split the 16-bit l
 boolean masks, since the four lanes of a block land on four neighbouring elements (bench/NOTES.md, session 24:
 call 92's HLO of call 87's trace, ~6.8 ms of a 0.18 s GA step). Here each program hashes a tile of blocks and
 stores the four lanes' comparisons straight into the mask: the mask's bytes are written once and nothing is
-read. Measured: not yet (bench: `STEPS=ga:POLICY:kernel bench/bench_jax_llava.py`, `bench/bench_dropout.py`).
+read. Measured on an H200 (bench/RESULTS.md, session 25, call 93): the same bits as XLA's path, compiled; per
+LLaVA-7B step GA 0.1822 -> 0.1768 s, NPO 0.4243 -> 0.4198 s, for 1.3-1.4 GB more peak memory.
 
 Same bits as `layers.dropout_keep` for a Threefry key: block c of row r (the flat count r * ceil(d / 4) + c over
 the mask's last axis d) gives lanes (hi & 0xFFFF, hi >> 16, lo & 0xFFFF, lo >> 16) to elements 4c .. 4c + 3, each
@@ -60,6 +61,14 @@ def _kernel(key_ref, out_ref, *, blocks: int, threshold: int) -> None:
     word = jnp.where(lane < 2, hi[..., None], lo[..., None])
     bits = jnp.where(lane % 2 == 0, word & jnp.uint32(0xFFFF), word >> jnp.uint32(16))
     out_ref[...] = bits >= jnp.uint32(threshold)
+
+
+def supported() -> bool:
+    """Whether `layers.dropout_keep` runs the kernel: on a GPU, with one device to run on (the active mesh's,
+    else the process's). Why one: a mask sharded over several devices would be gathered in front of a custom
+    kernel by XLA's partitioner (as `decode_attention.supported`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() == "gpu" and (jax.device_count() if mesh.empty else mesh.size) == 1
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "rate", "interpret"))

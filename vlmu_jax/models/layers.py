@@ -18,7 +18,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.extend.random import threefry2x32_p
 
-from vlmu_jax.models import decode_attention
+from vlmu_jax.models import decode_attention, dropout_kernel
 
 Axes = tuple[str | None, ...]
 DROPOUT_MASK = "lora_dropout_keep"  # the checkpoint name of LoRA dropout masks (REMAT_POLICIES)
@@ -59,6 +59,11 @@ class Dense(nnx.Module):
         y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
+        return self.with_lora(y, x, rng)
+
+    def with_lora(self, y: jax.Array, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+        """`y` (x @ kernel + bias, computed here or as this projection's slice of a joined gemm: `join_kernels`)
+        plus the LoRA term of `x`, named as the projection's output for the remat policies."""
         if self.lora_a is not None:
             h = x
             if self.lora_dropout > 0.0 and not self.deterministic and rng is not None:
@@ -71,7 +76,8 @@ class Dense(nnx.Module):
 
 def join_kernels(projections: Sequence[Dense], stand_in: Callable[[jax.Array], jax.Array]) -> nnx.Param | None:
     """One kernel holding `projections`' kernels side by side along the output axis, theirs replaced by
-    `stand_in`s; None, with nothing changed, where one has a bias or LoRA or is spread over several devices.
+    `stand_in`s; None, with nothing changed, where one has a bias or is spread over several devices. Each
+    projection's LoRA (if any) stays its own: it adds its term to its slice of the joined gemm (`Dense.with_lora`).
 
     Why: XLA's dot merger joins projections that share their input, and with the weights passed as arguments it
     concatenates them on every call (64 MiB per layer at 7B, 1.1 ms of a 69 ms log-prob call, bench/RESULTS.md
@@ -79,8 +85,7 @@ def join_kernels(projections: Sequence[Dense], stand_in: Callable[[jax.Array], j
     work of several. A kernel sharded along its output axis would be resharded by the split, so only on one
     device. Undone by `unjoin_kernels`.
     """
-    if any(p.bias is not None or p.lora_a is not None or len(p.kernel.get_value().sharding.device_set) > 1
-           for p in projections):
+    if any(p.bias is not None or len(p.kernel.get_value().sharding.device_set) > 1 for p in projections):
         return None
     kernels = [p.kernel.get_value() for p in projections]
     for p, kernel in zip(projections, kernels, strict=True):
@@ -123,10 +128,14 @@ def dropout_keep(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Arr
     7B LoRA GA step (bench/NOTES.md). Here one block gives four 16-bit lanes, a quarter of the hashing, so the rate
     is realised to 1/65536 (0.05 -> 0.0500031). Lanes are counted by their flat index, like jax's own
     partitionable bits, so the mask does not depend on how the array is sharded. A key of another PRNG
-    implementation (or a raw uint32 key) falls back to `jax.random.bernoulli`.
+    implementation (or a raw uint32 key) falls back to `jax.random.bernoulli`. On one GPU the same bits come from
+    one kernel per mask (`dropout_kernel.keep_mask`: XLA writes the blocks' words out and reads them back; -5.4 ms
+    per LLaVA-7B GA step, bench/RESULTS.md session 25).
     """
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or str(jax.random.key_impl(rng)) != "threefry2x32":
         return jax.random.bernoulli(rng, 1.0 - rate, shape)
+    if dropout_kernel.supported():
+        return dropout_kernel.keep_mask(rng, shape, rate)
     return keep_from_blocks(threefry_blocks(rng, shape), shape, rate)
 
 
@@ -457,6 +466,7 @@ class GatedMLP(nnx.Module):
             gate, up = self.gate_proj(x, fold(rng, 0)), self.up_proj(x, fold(rng, 1))
         else:
             gate, up = jnp.split(joined_matmul(x, self.gate_up_kernel), 2, axis=-1)
+            gate, up = self.gate_proj.with_lora(gate, x, fold(rng, 0)), self.up_proj.with_lora(up, x, fold(rng, 1))
         return self.down_proj(activation(self.act)(gate) * up, fold(rng, 2))
 
     def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:

@@ -140,7 +140,10 @@ class LlamaAttention(nnx.Module):
 
     def qkv(self, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         if self.qkv_kernel is not None:
-            return split_qkv(joined_matmul(x, self.qkv_kernel), self.config)
+            parts = split_qkv(joined_matmul(x, self.qkv_kernel), self.config)
+            q, k, v = (p.with_lora(y, x, fold(rng, j))
+                       for j, (p, y) in enumerate(zip((self.q_proj, self.k_proj, self.v_proj), parts, strict=True)))
+            return q, k, v
         return self.q_proj(x, fold(rng, 0)), self.k_proj(x, fold(rng, 1)), self.v_proj(x, fold(rng, 2))
 
     def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:

@@ -40,8 +40,8 @@ from flax import nnx
 
 from vlmu_jax.eval.layer_copies import decoder_of, restack, stand_in, unstack
 from vlmu_jax.models.decoder_tape import POLICY, REFERENCE, DecoderCall, DecoderInputs, Tape, recording
-from vlmu_jax.models.layers import remat_policy
-from vlmu_jax.models.llama import DecoderLM
+from vlmu_jax.models.layers import GatedMLP, remat_policy
+from vlmu_jax.models.llama import DecoderLM, LlamaAttention
 from vlmu_jax.models.mllama import CrossAttention, CrossDecoderLayer, MllamaTextModel
 
 Path = tuple
@@ -136,11 +136,43 @@ def lora_only(model: nnx.Module, params: nnx.State) -> bool:
     return all(isinstance(v, nnx.LoRAParam) or getattr(v, "type", None) is nnx.LoRAParam for _, v in flat)
 
 
+# Whether FrozenLayers holds the frozen q/k/v and gate/up kernels joined (`join_frozen_projections`). Off until
+# measured on a GPU (bench/NOTES.md, "Next device session": `bench_jax_llava.py` STEPS variant `:joined`): the
+# forward saves a kernel concatenation, two output slices and two norm multiplies per 7B layer (~3 ms per GA step
+# predicted), but the backward's cotangent concatenations may cost as much.
+JOIN_FROZEN_KERNELS = False
+
+
+def join_frozen_projections(model: nnx.Module, trainable: Any) -> list[LlamaAttention | GatedMLP]:
+    """The decoder layers' attentions and gated MLPs whose q/k/v (gate/up) kernels are all frozen, their kernels
+    joined (`fuse_projections`: `layers.join_kernels`, where it applies); undone by `split_projections` on each.
+
+    Why (bench/NOTES.md, session 25): with the kernels passed apart, XLA's dot merger concatenates q and k's kernels
+    in every layer call (34 us per 7B layer), slices their outputs apart again, and multiplies the norm's output by
+    its weight once per consumer gemm; a kernel held joined is one gemm over one normed input, each projection's
+    LoRA term added to its slice."""
+    trained = {tuple(p) for p, _ in nnx.to_flat_state(nnx.split(model, trainable, ...)[1])}
+    inside = _under(module_path(model, decoder_of(model).layers))
+    found = [(tuple(path), node) for path, node in nnx.iter_graph(model)
+             if isinstance(node, LlamaAttention | GatedMLP) and inside(tuple(path), None)]
+    joined = []
+    for path, node in found:
+        names = ("q_proj", "k_proj", "v_proj") if isinstance(node, LlamaAttention) else ("gate_proj", "up_proj")
+        if any((*path, name, "kernel") in trained for name in names):
+            continue
+        node.fuse_projections(stand_in)
+        if (node.qkv_kernel if isinstance(node, LlamaAttention) else node.gate_up_kernel) is not None:
+            joined.append(node)
+    return joined
+
+
 class FrozenLayers:
     """A model's frozen decoder-layer weights per layer (layer i's: its stack's params sliced at i, paths relative to
     the stack module, for `nnx.merge` beside the trainable slices; held as the leaves of `treedefs[i]`, which
     `LayerProgram` passes to jit), the stacked arrays in the model replaced by zero-size stand-ins until `restore`;
-    but for what the model reads outside the layer calls (`Stack.read_outside`), which stays stacked as well.
+    but for what the model reads outside the layer calls (`Stack.read_outside`), which stays stacked as well. With
+    `JOIN_FROZEN_KERNELS` the frozen q/k/v and gate/up kernels are held joined (`join_frozen_projections`) until
+    `restore`, and the model's graph changes with them: take its graphdefs after this.
 
     Why here and not eval/layer_copies.swap_in_copies: training keeps the trainable layer params stacked (the
     optimizer and the checkpoints see the scanned step's layout), so only what the trainer leaves frozen moves."""
@@ -149,6 +181,7 @@ class FrozenLayers:
         lm = decoder_of(model)
         self.n = lm.config.num_layers
         self.prefix = module_path(model, lm.layers)
+        self._joined = join_frozen_projections(model, trainable) if JOIN_FROZEN_KERNELS else []
         frozen = nnx.split_state(nnx.split(model, trainable, nnx.RngState, ...)[3], _under(self.prefix), ...)[0]
         variables = {tuple(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
         flat = list(nnx.to_flat_state(frozen))
@@ -158,7 +191,11 @@ class FrozenLayers:
         stack_of = {tuple(p): next(s for s in stacks if tuple(p[: len(s.prefix)]) == s.prefix) for p, _ in flat}
         for path, _ in flat:  # one param at a time: its stacked value is freed once sliced
             value = variables[tuple(path)].get_value()
-            self._slices[tuple(path)] = unstack(value, len(stack_of[tuple(path)].ids))
+            n = len(stack_of[tuple(path)].ids)
+            if value.size == 0:  # a joined projection's own kernel (join_frozen_projections): a stand-in everywhere
+                self._slices[tuple(path)] = [value] * n
+                continue
+            self._slices[tuple(path)] = unstack(value, n)
             if stack_of[tuple(path)].read_outside(path):  # stays stacked too (small: Mllama's K/V projections)
                 continue
             self._dropped[tuple(path)] = (variables[tuple(path)], value.sharding)
@@ -184,6 +221,9 @@ class FrozenLayers:
         for path, (var, sharding) in self._dropped.items():
             var.set_value(restack(self._slices.pop(path), sharding))
         self._slices.clear()
+        for module in self._joined:
+            module.split_projections()
+        self._joined = []
 
 
 @dataclass(frozen=True)

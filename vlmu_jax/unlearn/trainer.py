@@ -345,16 +345,21 @@ def prepare_step(model: nnx.Module, trainable: Any, obj: Objective, tx, loss: Ca
     ref_other = nnx.split_state(ref_params, nnx.LoRAParam, ...)[1] if needs_ref else nnx.State({})
     if reference is None:  # the model's own arrays are donated to the step: its reference keeps a copy
         ref_other = jax.tree.map(jnp.copy, ref_other)
-    merge = make_merge(graphdef, graphdef_eval, obj)
     if not use_layerwise(layerwise_mode, model, params):
-        step = jax.jit(make_step(merge, loss, obj, tx), donate_argnums=(0, 1, 2), keep_unused=keep_unused)
+        step = jax.jit(make_step(make_merge(graphdef, graphdef_eval, obj), loss, obj, tx), donate_argnums=(0, 1, 2),
+                       keep_unused=keep_unused)
         return PreparedStep(step, params, rng, (rest, ref_other, ref_rest), [])
     frozen = [layerwise.FrozenLayers(model, trainable)]
     if reference is not None:
         frozen.append(layerwise.FrozenLayers(reference, trainable))
-    # the decoder's stacked frozen weights are zero-size stand-ins now: the step holds them per layer
-    rest = nnx.split(model, trainable, nnx.RngState, ...)[3]
+    # the decoder's stacked frozen weights are zero-size stand-ins now (the step holds them per layer), with
+    # layerwise.JOIN_FROZEN_KERNELS their q/k/v and gate/up kernels joined: the graphs may have changed with them
+    model.eval()
+    graphdef_eval = nnx.graphdef(model)
+    model.train()
+    graphdef, _, _, rest = nnx.split(model, trainable, nnx.RngState, ...)
     ref_rest = rest if reference is None else nnx.split(reference, trainable, nnx.RngState, ...)[3]
+    merge = make_merge(graphdef, graphdef_eval, obj)
     step = layerwise.LayerwiseStep(
         merge=merge, loss=loss, apply=functools.partial(apply_gradients, tx), reference_params=reference_params,
         masked_streams=obj.masked_streams,
