@@ -33,7 +33,7 @@ def _run(args: list[str], workdir: Path, entry: list[str] | None = None) -> subp
          "config.finetune.layerwise must be one of ('auto', 'always', 'never'), got 'on'"),
         (["--config", "configs/demo.py", "--config.unlearn.remat=some"],
          "config.unlearn.remat must be one of ['dots_and_dropout_saveable', 'dots_attention_dropout_saveable', "
-         "'dots_saveable', 'dots_with_no_batch_dims_saveable', "
+         "'dots_attention_inputs_dropout_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable', "
          "'everything_saveable', 'full', 'none', 'projections_attention_dropout_saveable'], got 'some'"),
         (["--config", "configs/nothere.py"], "No such file or directory: 'configs/nothere.py'"),
         (["--config", "configs/fiubench_llava15.py:nosuchmethod"], "unknown method variant 'nosuchmethod'"),

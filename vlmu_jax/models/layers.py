@@ -24,6 +24,7 @@ Axes = tuple[str | None, ...]
 DROPOUT_MASK = "lora_dropout_keep"  # the checkpoint name of LoRA dropout masks (REMAT_POLICIES)
 PROJECTION_OUTPUT = "projection_output"  # a Dense's output, bias and LoRA included (REMAT_POLICIES)
 LORA_HIDDEN = "lora_hidden"  # LoRA's rank-r x @ A (REMAT_POLICIES)
+ATTENTION_INPUT = "attention_input"  # a self-attention's q and k after the rotary, and its v (REMAT_POLICIES)
 
 
 def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype) -> jax.Array:
@@ -522,6 +523,15 @@ REMAT_POLICIES: dict[str, Any] = {
         jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
                                                         fused_attention_saveable),
         jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK),
+    ),
+    # The presets' policy plus the attention's inputs (q and k after the rotary, v), which the forward writes anyway
+    # for the fused kernel: the backward then reads them instead of adding q's, k's and v's base and LoRA dot
+    # outputs again and redoing the rotary, and those six dot outputs are no longer kept (three [B, T, 4096] per 7B
+    # layer less). Predicted -1.5 ms and ~2 GiB per 7B GA step at B=4; not yet measured (bench/NOTES.md).
+    "dots_attention_inputs_dropout_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                                                        fused_attention_saveable),
+        jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK, ATTENTION_INPUT),
     ),
     # Each projection's output once (base + LoRA summed), LoRA's rank-r hidden, the masks and cuDNN attention's
     # outputs, where the dots policies keep a LoRA projection's base and LoRA outputs apart (the backward of what

@@ -16,9 +16,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from vlmu_jax.models import decoder_tape
 from vlmu_jax.models.layers import (
+    ATTENTION_INPUT,
     Dense,
     GatedMLP,
     RMSNorm,
@@ -182,9 +184,9 @@ class LlamaAttention(nnx.Module):
         c = self.config
         b, t, _ = x.shape
         q, k, v = self.qkv(x, rng)
-        q = self.rope(q.reshape(b, t, c.num_heads, c.head_dim), positions)
-        k = self.rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions)
-        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        q = checkpoint_name(self.rope(q.reshape(b, t, c.num_heads, c.head_dim), positions), ATTENTION_INPUT)
+        k = checkpoint_name(self.rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions), ATTENTION_INPUT)
+        v = checkpoint_name(v.reshape(b, t, c.num_kv_heads, c.head_dim), ATTENTION_INPUT)
         if cache is not None and extend:
             before, own = mask
             out = attend_blocks(q, ((cache[0].astype(q.dtype), cache[1].astype(q.dtype), before), (k, v, own)))
