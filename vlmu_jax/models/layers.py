@@ -472,7 +472,7 @@ class GatedMLP(nnx.Module):
 
     def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:
         """Hold the gate and up kernels as one [gate | up] kernel (`join_kernels`, where it applies); once, on fresh
-        layer copies (eval/layer_copies.py)."""
+        layer copies (eval/layer_copies.py) or a training stage's frozen layers (unlearn/layerwise.py)."""
         self.gate_up_kernel = join_kernels((self.gate_proj, self.up_proj), stand_in)
 
     def split_projections(self) -> None:

@@ -150,7 +150,7 @@ class LlamaAttention(nnx.Module):
 
     def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:
         """Hold the q/k/v kernels as one [q | k | v] kernel (`layers.join_kernels`, where it applies); once, on
-        fresh layer copies (eval/layer_copies.py)."""
+        fresh layer copies (eval/layer_copies.py) or a training stage's frozen layers (unlearn/layerwise.py)."""
         self.qkv_kernel = join_kernels((self.q_proj, self.k_proj, self.v_proj), stand_in)
 
     def split_projections(self) -> None:

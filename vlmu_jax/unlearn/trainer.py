@@ -329,16 +329,23 @@ class PreparedStep:
         self.frozen = []
 
 
+def _split_for_training(model: nnx.Module, trainable: Any) -> tuple[Any, Any, nnx.State, nnx.State, nnx.State]:
+    """`model`'s graphdef in train mode and in eval mode (the reference's), and its (trainable params, RNG state,
+    the rest); the model is left in train mode."""
+    model.eval()
+    graphdef_eval = nnx.graphdef(model)
+    model.train()
+    graphdef, params, rng, rest = nnx.split(model, trainable, nnx.RngState, ...)
+    return graphdef, graphdef_eval, params, rng, rest
+
+
 def prepare_step(model: nnx.Module, trainable: Any, obj: Objective, tx, loss: Callable, *, layerwise_mode: str,
                  reference: nnx.Module | None = None, keep_unused: bool = False) -> PreparedStep:
     """`model` split into (trainable params, RNG state, the rest) and the train step over them: the scanned step as
     one jitted program, or the per-layer step (`use_layerwise`). The reference is `model` with LoRA zeroed and its
     trainable non-LoRA params at their initial values, or `reference` (the same graph). keep_unused: every argument
     stays a parameter of the jitted program (the benchmarks' memory accounting)."""
-    model.eval()
-    graphdef_eval = nnx.graphdef(model)
-    model.train()
-    graphdef, params, rng, rest = nnx.split(model, trainable, nnx.RngState, ...)
+    graphdef, graphdef_eval, params, rng, rest = _split_for_training(model, trainable)
     needs_ref = bool(obj.ref_streams or obj.kl_streams)
     ref_params, ref_rest = (params, rest) if reference is None else nnx.split(reference, trainable, nnx.RngState,
                                                                               ...)[1::2]
@@ -354,10 +361,7 @@ def prepare_step(model: nnx.Module, trainable: Any, obj: Objective, tx, loss: Ca
         frozen.append(layerwise.FrozenLayers(reference, trainable))
     # the decoder's stacked frozen weights are zero-size stand-ins now (the step holds them per layer), with
     # layerwise.JOIN_FROZEN_KERNELS their q/k/v and gate/up kernels joined: the graphs may have changed with them
-    model.eval()
-    graphdef_eval = nnx.graphdef(model)
-    model.train()
-    graphdef, _, _, rest = nnx.split(model, trainable, nnx.RngState, ...)
+    graphdef, graphdef_eval, _, _, rest = _split_for_training(model, trainable)
     ref_rest = rest if reference is None else nnx.split(reference, trainable, nnx.RngState, ...)[3]
     merge = make_merge(graphdef, graphdef_eval, obj)
     step = layerwise.LayerwiseStep(
