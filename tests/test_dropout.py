@@ -161,15 +161,15 @@ def test_mask_kernel_lowers_to_one_triton_call():
 
 
 def test_mask_kernel_in_a_lora_step(monkeypatch):
-    """Where the kernel runs (`dropout_kernel.supported`: one GPU, made true here), `dropout_keep` draws each mask
-    with it, and a LoRA projection's gradients are those of XLA's path (this CPU's), with the mask kept for the
-    backward or drawn again there: the kernel (interpreted) sits inside jax.grad and remat."""
+    """On one GPU (`sharding.runs_on_one_gpu`, made true here) `dropout_keep` draws each mask with the kernel,
+    and a LoRA projection's gradients are those of XLA's path (this CPU's), with the mask kept for the backward or
+    drawn again there: the kernel (interpreted) sits inside jax.grad and remat."""
     import functools
 
-    from vlmu_jax.models import dropout_kernel
+    from vlmu_jax.models import dropout_kernel, layers
     from vlmu_jax.models.dropout_kernel import keep_mask
 
-    assert not dropout_kernel.supported()  # no GPU here
+    assert not layers.runs_on_one_gpu()  # no GPU here
 
     graphdef, lora, rest, x, rng = lora_projection(40, 24, (2, 70))
 
@@ -187,7 +187,7 @@ def test_mask_kernel_in_a_lora_step(monkeypatch):
 
     for policy in ("dots_with_no_batch_dims_saveable", "dots_attention_dropout_saveable"):
         want = grads(policy)
-        monkeypatch.setattr(dropout_kernel, "supported", lambda: True)
+        monkeypatch.setattr(layers, "runs_on_one_gpu", lambda: True)
         monkeypatch.setattr(dropout_kernel, "keep_mask", kernel)
         got = grads(policy)
         monkeypatch.undo()

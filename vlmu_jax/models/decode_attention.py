@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from vlmu_jax.models.sharding import runs_on_one_gpu
+
 BLOCK_K = 64  # key slots per loop step: 64 x 128 bf16 keys and values are 16 KB each
 WARPS = 4  # Triton's warps per program
 # Loads in flight per program (Triton's software pipelining): 3 where programs are fewer than FEW_PROGRAMS (two
@@ -43,15 +45,10 @@ _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # a masked score: finite, so a 
 
 def supported(q: jax.Array, k: jax.Array, mask: object) -> bool:
     """Whether a call of `layers.attend` can run here: one query per row, a boolean [B, 1, 1, S] mask, a head
-    size Triton's tiles take (a power of two, >= 16), a GPU, and one device to run on: the active mesh's
-    (`jax.set_mesh`, sharding.constrain's), else the process's. Why: arrays sharded over several devices would be
-    gathered to each of them in front of a custom kernel by XLA's partitioner, and the pipeline places its arrays
-    on its mesh without making it the active one."""
+    size Triton's tiles take (a power of two, >= 16), and one GPU to run on (`sharding.runs_on_one_gpu`)."""
     h = q.shape[-1]
-    mesh = jax.sharding.get_abstract_mesh()
     return (q.shape[1] == 1 and isinstance(mask, jax.Array) and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
-            and h >= 16 and h & (h - 1) == 0 and q.shape[2] % k.shape[2] == 0
-            and jax.default_backend() == "gpu" and (jax.device_count() if mesh.empty else mesh.size) == 1)
+            and h >= 16 and h & (h - 1) == 0 and q.shape[2] % k.shape[2] == 0 and runs_on_one_gpu())
 
 
 def _kernel(q_ref, k_ref, v_ref, valid_ref, lo_ref, hi_ref, *out_refs, split: int, scale: float, groups: int,

@@ -63,14 +63,6 @@ def _kernel(key_ref, out_ref, *, blocks: int, threshold: int) -> None:
     out_ref[...] = bits >= jnp.uint32(threshold)
 
 
-def supported() -> bool:
-    """Whether `layers.dropout_keep` runs the kernel: on a GPU, with one device to run on (the active mesh's,
-    else the process's). Why one: a mask sharded over several devices would be gathered in front of a custom
-    kernel by XLA's partitioner (as `decode_attention.supported`)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return jax.default_backend() == "gpu" and (jax.device_count() if mesh.empty else mesh.size) == 1
-
-
 @functools.partial(jax.jit, static_argnames=("shape", "rate", "interpret"))
 def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float, *, interpret: bool = False) -> jax.Array:
     """`layers.dropout_keep(rng, shape, rate)` for a Threefry key, as one kernel; `interpret` runs it through

@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.extend.random import threefry2x32_p
 
 from vlmu_jax.models import decode_attention, dropout_kernel
+from vlmu_jax.models.sharding import runs_on_one_gpu
 
 Axes = tuple[str | None, ...]
 DROPOUT_MASK = "lora_dropout_keep"  # the checkpoint name of LoRA dropout masks (REMAT_POLICIES)
@@ -135,7 +136,7 @@ def dropout_keep(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Arr
     """
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or str(jax.random.key_impl(rng)) != "threefry2x32":
         return jax.random.bernoulli(rng, 1.0 - rate, shape)
-    if dropout_kernel.supported():
+    if runs_on_one_gpu():
         return dropout_kernel.keep_mask(rng, shape, rate)
     return keep_from_blocks(threefry_blocks(rng, shape), shape, rate)
 

@@ -128,3 +128,13 @@ def global_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
         return jax.tree.map(jax.numpy.asarray, batch)
     sharding = NamedSharding(mesh, PartitionSpec(_batch_axes(mesh)))
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)
+
+
+def runs_on_one_gpu() -> bool:
+    """Whether what is traced now runs on one GPU: the active mesh's only device (`jax.set_mesh`, `constrain`'s),
+    else the process's only device. Where our Pallas kernels run (models/decode_attention.py,
+    models/dropout_kernel.py). Why one: arrays sharded over several devices would be gathered to each of them in
+    front of a custom kernel by XLA's partitioner, and the pipeline places its arrays on its mesh without making it
+    the active one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() == "gpu" and (jax.device_count() if mesh.empty else mesh.size) == 1
