@@ -252,7 +252,7 @@ def label_slots(labels: Iterable[np.ndarray]) -> int:
     (`label_index`): the rows' most, rounded up to BUCKET_MULTIPLE (full matmul tiles in the output head). One
     number per training stage (stages._source), so its batches keep one shape per length bucket and its streams'
     batches of one bucket run as one pass."""
-    most = max(int(np.count_nonzero(row[1:] != IGNORE)) for row in labels)
+    most = max((int(np.count_nonzero(row[1:] != IGNORE)) for row in labels), default=0)
     return max(BUCKET_MULTIPLE, -(-most // BUCKET_MULTIPLE) * BUCKET_MULTIPLE)
 
 

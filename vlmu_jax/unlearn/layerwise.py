@@ -145,7 +145,7 @@ JOIN_FROZEN_KERNELS = False
 
 def join_frozen_projections(model: nnx.Module, trainable: Any) -> list[LlamaAttention | GatedMLP]:
     """The decoder layers' attentions and gated MLPs whose q/k/v (gate/up) kernels are all frozen, their kernels
-    joined (`fuse_projections`: `layers.join_kernels`, where it applies); undone by `split_projections` on each.
+    joined where `layers.join_kernels` applies (`fuse_projections`); undone by `split_projections` on each.
 
     Why (bench/NOTES.md, session 25): with the kernels passed apart, XLA's dot merger concatenates q and k's kernels
     in every layer call (34 us per 7B layer), slices their outputs apart again, and multiplies the norm's output by
@@ -160,9 +160,8 @@ def join_frozen_projections(model: nnx.Module, trainable: Any) -> list[LlamaAtte
         names = ("q_proj", "k_proj", "v_proj") if isinstance(node, LlamaAttention) else ("gate_proj", "up_proj")
         if any((*path, name, "kernel") in trained for name in names):
             continue
-        node.fuse_projections(stand_in)
-        if (node.qkv_kernel if isinstance(node, LlamaAttention) else node.gate_up_kernel) is not None:
-            joined.append(node)
+        node.fuse_projections(stand_in)  # a no-op where the kernels cannot join; so is split_projections then
+        joined.append(node)
     return joined
 
 
