@@ -10,13 +10,19 @@ draws of XLA's own bit generator (`philox`: an `unsafe_rbg` key seeded from one 
 `hashed`: two rounds of a 32-bit integer mixer keyed by the Threefry key's words, two 16-bit lanes per element
 pair (about a sixth of Threefry's integer work per element); and with `kernel`: the same bits as `xla` from one
 Pallas kernel per mask (models/dropout_kernel.py; what `dropout_keep` runs on one GPU).
+Then the kernel alone (`what: mask_kernel`: 20 masks written, one element of each read, so nothing fuses into it),
+at its default tiling and at each of MASK_TILINGS (`rows,blocks,warps;...`, the same bits whatever the tiling), beside
+the time to write its bytes at the device's copy bandwidth: whether the kernel waits on its Threefry hashing or on
+its writes (call 93: 0.043 ms per [4, 704, 4096] mask with the masked sum, ~4x its bytes' floor).
 Run from the repo root: `PYTHONPATH=. python bench/bench_dropout.py`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +31,8 @@ from vlmu_jax.models.dropout_kernel import keep_mask
 from vlmu_jax.models.layers import flat_index, keep_from_blocks, threefry_blocks
 
 RATE = 0.05
+_TILINGS = os.environ.get("MASK_TILINGS", "32,64,4;64,32,4;64,128,8;128,64,8;64,64,8;16,256,4")
+MASK_TILINGS = tuple(tuple(int(v) for v in t.split(",")) for t in _TILINGS.split(";") if t)
 
 
 def xla_keep(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
@@ -77,14 +85,33 @@ def main() -> None:
 
                 return jax.lax.fori_loop(0, 20, one, jnp.float32(0))
 
-            f = jax.jit(masks)
-            jax.block_until_ready(f(x, key))
-            t0 = time.perf_counter()
-            for n in range(5):
-                out = f(x, jax.random.fold_in(key, n))
-            jax.block_until_ready(out)
             print(json.dumps({"what": "dropout", "how": name, "shape": shape,
-                              "ms": round((time.perf_counter() - t0) / 100 * 1e3, 3)}), flush=True)
+                              "ms": round(per_mask_ms(jax.jit(masks), x, key), 3)}), flush=True)
+        floor_ms = x.size / 4.3e12 * 1e3  # one byte per element at ~4.3 TB/s (KINDS.md)
+        for tiling in ((), *MASK_TILINGS):
+            how = dict(zip(("block_rows", "block_cols", "warps"), tiling, strict=True)) if tiling else {}
+
+            def written(x: jax.Array, k: jax.Array, how=how) -> jax.Array:
+                def one(i: int, total: jax.Array) -> jax.Array:
+                    mask = keep_mask(jax.random.fold_in(k, i), x.shape, RATE, **how)
+                    return total + mask[0, 0, 0].astype(jnp.float32)
+
+                return jax.lax.fori_loop(0, 20, one, jnp.float32(0))
+
+            same = bool(jnp.array_equal(keep_mask(key, shape, RATE, **how), xla_keep(key, shape, RATE)))
+            print(json.dumps({"what": "mask_kernel", "tiling": how or "default", "shape": shape, "same_bits": same,
+                              "ms": round(per_mask_ms(jax.jit(written), x, key), 4),
+                              "bytes_floor_ms": round(floor_ms, 4)}), flush=True)
+
+
+def per_mask_ms(f: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, key: jax.Array) -> float:
+    """Milliseconds per mask of `f` (20 masks per call), over five calls after one to compile."""
+    jax.block_until_ready(f(x, key))
+    t0 = time.perf_counter()
+    for n in range(5):
+        out = f(x, jax.random.fold_in(key, n))
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / 100 * 1e3
 
 
 if __name__ == "__main__":

@@ -76,6 +76,11 @@ SCAN = os.environ.get("SCAN", "1") == "1"
 # DECODE_TILING=block_k,warps,stages: the kernel with that tiling instead of its default.
 if os.environ.get("DECODE_KERNEL", "1") == "0":
     layers.decode_attention.supported = lambda *args: False
+# MASK_TILING=rows,blocks,warps: the dropout-mask kernel (models/dropout_kernel.py) with that tiling (the same bits)
+if os.environ.get("MASK_TILING"):
+    _mask_tiling = dict(zip(("block_rows", "block_cols", "warps"), map(int, os.environ["MASK_TILING"].split(",")),
+                            strict=True))
+    layers.dropout_kernel.keep_mask = partial(layers.dropout_kernel.keep_mask, **_mask_tiling)
 if os.environ.get("DECODE_TILING"):
     _tiling = dict(zip(("block_k", "warps", "stages"), map(int, os.environ["DECODE_TILING"].split(",")), strict=True))
     layers.decode_attention.decode_attention = partial(layers.decode_attention.decode_attention, **_tiling)

@@ -132,7 +132,8 @@ def test_threefry_in_kernel_form_is_jaxs():
 
 def test_mask_kernel_gives_dropout_keeps_bits():
     """The mask kernel (through Pallas's interpreter on this CPU) writes `dropout_keep`'s mask bit for bit: tiles
-    past the rows or blocks (rows not a multiple of 64, a last axis not a multiple of 4 or of 256), two rates."""
+    past the rows or blocks (rows not a multiple of 64, a last axis not a multiple of 4 or of 256), three rates,
+    and a tiling other than the default."""
     from vlmu_jax.models.dropout_kernel import keep_mask
 
     for shape, rate in (((3, 5, 64), 0.05), ((2, 70, 44), 0.05), ((1, 9, 10), 0.5), ((130, 300), 0.3)):
@@ -141,6 +142,9 @@ def test_mask_kernel_gives_dropout_keeps_bits():
         got = np.asarray(keep_mask(key, shape, rate, interpret=True))
         assert got.dtype == bool and got.shape == shape
         np.testing.assert_array_equal(got, want)
+    # another tiling (what bench_dropout.py's MASK_TILINGS sweeps) writes the same bits
+    got = keep_mask(key, (130, 300), 0.3, interpret=True, block_rows=16, block_cols=32, warps=2)
+    np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_mask_kernel_lowers_to_one_triton_call():

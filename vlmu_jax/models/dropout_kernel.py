@@ -48,36 +48,39 @@ def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> 
     return x0, x1
 
 
-def _kernel(key_ref, out_ref, *, blocks: int, threshold: int) -> None:
-    """Program (i, j): rows [i * BLOCK_ROWS, ...) and Threefry blocks [j * BLOCK_COLS, ...) of the mask, stored
+def _kernel(key_ref, out_ref, *, blocks: int, threshold: int, block_rows: int, block_cols: int) -> None:
+    """Program (i, j): rows [i * block_rows, ...) and Threefry blocks [j * block_cols, ...) of the mask, stored
     as [rows, blocks, 4] (lane-minor: the mask's own element order)."""
     # uint32 throughout (an int32 program id would promote the counts to int32: arithmetic shifts, other bits)
-    first_row = pl.program_id(0).astype(jnp.uint32) * jnp.uint32(BLOCK_ROWS)
-    first_col = pl.program_id(1).astype(jnp.uint32) * jnp.uint32(BLOCK_COLS)
-    rows = first_row + jax.lax.broadcasted_iota(jnp.uint32, (BLOCK_ROWS, BLOCK_COLS), 0)
-    cols = first_col + jax.lax.broadcasted_iota(jnp.uint32, (BLOCK_ROWS, BLOCK_COLS), 1)
+    first_row = pl.program_id(0).astype(jnp.uint32) * jnp.uint32(block_rows)
+    first_col = pl.program_id(1).astype(jnp.uint32) * jnp.uint32(block_cols)
+    rows = first_row + jax.lax.broadcasted_iota(jnp.uint32, (block_rows, block_cols), 0)
+    cols = first_col + jax.lax.broadcasted_iota(jnp.uint32, (block_rows, block_cols), 1)
     hi, lo = threefry2x32(key_ref[0], key_ref[1], jnp.zeros_like(rows), rows * jnp.uint32(blocks) + cols)
-    lane = jax.lax.broadcasted_iota(jnp.int32, (BLOCK_ROWS, BLOCK_COLS, 4), 2)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (block_rows, block_cols, 4), 2)
     word = jnp.where(lane < 2, hi[..., None], lo[..., None])
     bits = jnp.where(lane % 2 == 0, word & jnp.uint32(0xFFFF), word >> jnp.uint32(16))
     out_ref[...] = bits >= jnp.uint32(threshold)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "rate", "interpret"))
-def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float, *, interpret: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("shape", "rate", "interpret", "block_rows", "block_cols", "warps"))
+def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float, *, interpret: bool = False,
+              block_rows: int = BLOCK_ROWS, block_cols: int = BLOCK_COLS, warps: int = WARPS) -> jax.Array:
     """`layers.dropout_keep(rng, shape, rate)` for a Threefry key, as one kernel; `interpret` runs it through
-    Pallas's interpreter (CPU tests)."""
+    Pallas's interpreter (CPU tests). The tiling (rows and Threefry blocks per program, warps) gives the same bits
+    whatever it is: `bench/bench_dropout.py` times others (MASK_TILINGS)."""
     *lead, d = shape
     rows, blocks = math.prod(lead), -(-d // 4)
     if rows * blocks >= 2**32:
         raise ValueError(f"dropout mask of shape {shape} has 2**32 Threefry blocks or more")
     out = pl.pallas_call(
-        functools.partial(_kernel, blocks=blocks, threshold=round(rate * 65536)),
-        grid=(pl.cdiv(rows, BLOCK_ROWS), pl.cdiv(blocks, BLOCK_COLS)),
+        functools.partial(_kernel, blocks=blocks, threshold=round(rate * 65536), block_rows=block_rows,
+                          block_cols=block_cols),
+        grid=(pl.cdiv(rows, block_rows), pl.cdiv(blocks, block_cols)),
         in_specs=[pl.BlockSpec((2,), lambda i, j: (0,))],
-        out_specs=pl.BlockSpec((BLOCK_ROWS, BLOCK_COLS, 4), lambda i, j: (i, j, 0)),
+        out_specs=pl.BlockSpec((block_rows, block_cols, 4), lambda i, j: (i, j, 0)),
         out_shape=jax.ShapeDtypeStruct((rows, blocks, 4), jnp.bool_),
-        compiler_params=plgpu.CompilerParams(num_warps=WARPS),
+        compiler_params=plgpu.CompilerParams(num_warps=warps),
         interpret=interpret,
         name="dropout_keep_mask",
     )(jax.random.key_data(rng).astype(jnp.uint32))
