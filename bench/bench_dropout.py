@@ -13,7 +13,8 @@ Pallas kernel per mask (models/dropout_kernel.py; what `dropout_keep` runs on on
 Then the kernel alone (`what: mask_kernel`: 20 masks written, one element of each read, so nothing fuses into it),
 at its default tiling and at each of MASK_TILINGS (`rows,blocks,warps;...`, the same bits whatever the tiling), beside
 the time to write its bytes at the device's copy bandwidth: whether the kernel waits on its Threefry hashing or on
-its writes (call 93: 0.043 ms per [4, 704, 4096] mask with the masked sum, ~4x its bytes' floor).
+its writes (call 93: 0.043 ms per [4, 704, 4096] mask with the masked sum, ~4x its bytes' floor); and with 16
+and 12 of Threefry's 20 rounds (other bits: how much of its time is hashing).
 Run from the repo root: `PYTHONPATH=. python bench/bench_dropout.py`.
 """
 
@@ -88,8 +89,9 @@ def main() -> None:
             print(json.dumps({"what": "dropout", "how": name, "shape": shape,
                               "ms": round(per_mask_ms(jax.jit(masks), x, key), 3)}), flush=True)
         floor_ms = x.size / 4.3e12 * 1e3  # one byte per element at ~4.3 TB/s (KINDS.md)
-        for tiling in ((), *MASK_TILINGS):
-            how = dict(zip(("block_rows", "block_cols", "warps"), tiling, strict=True)) if tiling else {}
+        # fewer Threefry rounds (other bits: their time only says how much of the kernel's is hashing)
+        for how in ({}, *({"block_rows": r, "block_cols": c, "warps": w} for r, c, w in MASK_TILINGS),
+                    {"groups": 4}, {"groups": 3}):
 
             def written(x: jax.Array, k: jax.Array, how=how) -> jax.Array:
                 def one(i: int, total: jax.Array) -> jax.Array:
@@ -99,7 +101,7 @@ def main() -> None:
                 return jax.lax.fori_loop(0, 20, one, jnp.float32(0))
 
             same = bool(jnp.array_equal(keep_mask(key, shape, RATE, **how), xla_keep(key, shape, RATE)))
-            print(json.dumps({"what": "mask_kernel", "tiling": how or "default", "shape": shape, "same_bits": same,
+            print(json.dumps({"what": "mask_kernel", "how": how or "default", "shape": shape, "same_bits": same,
                               "ms": round(per_mask_ms(jax.jit(written), x, key), 4),
                               "bytes_floor_ms": round(floor_ms, 4)}), flush=True)
 

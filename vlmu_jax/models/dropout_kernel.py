@@ -35,12 +35,14 @@ def _rotl(x: jax.Array, r: int) -> jax.Array:
     return (x << jnp.uint32(r)) | (x >> jnp.uint32(32 - r))
 
 
-def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array,
+                 groups: int = 5) -> tuple[jax.Array, jax.Array]:
     """Threefry-2x32 (20 rounds) of the counts (x0, x1) under the key (k0, k1), as jax's `threefry2x32_p`
-    computes it; uint32 throughout, so it runs inside a kernel as well as outside."""
+    computes it; uint32 throughout, so it runs inside a kernel as well as outside. `groups` of four rounds other
+    than 5 give other bits: for `bench/bench_dropout.py` to time whether the kernel waits on its hashing."""
     ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
     x0, x1 = x0 + ks[0], x1 + ks[1]
-    for group in range(5):
+    for group in range(groups):
         for r in _ROTATIONS[group % 2]:
             x0 = x0 + x1
             x1 = _rotl(x1, r) ^ x0
@@ -48,7 +50,8 @@ def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> 
     return x0, x1
 
 
-def _kernel(key_ref, out_ref, *, blocks: int, threshold: int, block_rows: int, block_cols: int) -> None:
+def _kernel(key_ref, out_ref, *, blocks: int, threshold: int, block_rows: int, block_cols: int,
+            groups: int) -> None:
     """Program (i, j): rows [i * block_rows, ...) and Threefry blocks [j * block_cols, ...) of the mask, stored
     as [rows, blocks, 4] (lane-minor: the mask's own element order)."""
     # uint32 throughout (an int32 program id would promote the counts to int32: arithmetic shifts, other bits)
@@ -56,26 +59,28 @@ def _kernel(key_ref, out_ref, *, blocks: int, threshold: int, block_rows: int, b
     first_col = pl.program_id(1).astype(jnp.uint32) * jnp.uint32(block_cols)
     rows = first_row + jax.lax.broadcasted_iota(jnp.uint32, (block_rows, block_cols), 0)
     cols = first_col + jax.lax.broadcasted_iota(jnp.uint32, (block_rows, block_cols), 1)
-    hi, lo = threefry2x32(key_ref[0], key_ref[1], jnp.zeros_like(rows), rows * jnp.uint32(blocks) + cols)
+    hi, lo = threefry2x32(key_ref[0], key_ref[1], jnp.zeros_like(rows), rows * jnp.uint32(blocks) + cols, groups)
     lane = jax.lax.broadcasted_iota(jnp.int32, (block_rows, block_cols, 4), 2)
     word = jnp.where(lane < 2, hi[..., None], lo[..., None])
     bits = jnp.where(lane % 2 == 0, word & jnp.uint32(0xFFFF), word >> jnp.uint32(16))
     out_ref[...] = bits >= jnp.uint32(threshold)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "rate", "interpret", "block_rows", "block_cols", "warps"))
+@functools.partial(jax.jit, static_argnames=("shape", "rate", "interpret", "block_rows", "block_cols", "warps",
+                                             "groups"))
 def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float, *, interpret: bool = False,
-              block_rows: int = BLOCK_ROWS, block_cols: int = BLOCK_COLS, warps: int = WARPS) -> jax.Array:
+              block_rows: int = BLOCK_ROWS, block_cols: int = BLOCK_COLS, warps: int = WARPS,
+              groups: int = 5) -> jax.Array:
     """`layers.dropout_keep(rng, shape, rate)` for a Threefry key, as one kernel; `interpret` runs it through
     Pallas's interpreter (CPU tests). The tiling (rows and Threefry blocks per program, warps) gives the same bits
-    whatever it is: `bench/bench_dropout.py` times others (MASK_TILINGS)."""
+    whatever it is: `bench/bench_dropout.py` times others (MASK_TILINGS), and fewer rounds (`groups`, other bits)."""
     *lead, d = shape
     rows, blocks = math.prod(lead), -(-d // 4)
     if rows * blocks >= 2**32:
         raise ValueError(f"dropout mask of shape {shape} has 2**32 Threefry blocks or more")
     out = pl.pallas_call(
         functools.partial(_kernel, blocks=blocks, threshold=round(rate * 65536), block_rows=block_rows,
-                          block_cols=block_cols),
+                          block_cols=block_cols, groups=groups),
         grid=(pl.cdiv(rows, block_rows), pl.cdiv(blocks, block_cols)),
         in_specs=[pl.BlockSpec((2,), lambda i, j: (0,))],
         out_specs=pl.BlockSpec((block_rows, block_cols, 4), lambda i, j: (i, j, 0)),
