@@ -175,20 +175,39 @@ def test_passes_together_equal_passes_alone(workspace: Workspace) -> None:
 def test_rows_per_batch_under_a_token_cap() -> None:
     """Rows of a batch padded to `length`: the batch size while it fits the cap, else what fits, in whole steps of
     the data-parallel shards and at least one step."""
-    from vlmu_jax.eval.batched import rows_per_batch
+    from vlmu_jax.eval.batched import BatchCap, rows_per_batch
 
-    assert rows_per_batch(640, 16, 32768) == 16  # 10240 positions fit
-    assert rows_per_batch(8570, 16, 32768) == 3  # 25710 fit, 34280 would not
-    assert rows_per_batch(8570, 16, 32768, multiple=2) == 2
-    assert rows_per_batch(40000, 16, 32768, multiple=4) == 4  # never fewer than one row per shard
-    assert rows_per_batch(8570, 16, 0) == 16  # no cap
+    cap = BatchCap(tokens=32768)
+    assert rows_per_batch(640, 16, cap) == 16  # 10240 positions fit
+    assert rows_per_batch(8570, 16, cap) == 3  # 25710 fit, 34280 would not
+    assert rows_per_batch(8570, 16, cap, multiple=2) == 2
+    assert rows_per_batch(40000, 16, cap, multiple=4) == 4  # never fewer than one row per shard
+    assert rows_per_batch(8570, 16, BatchCap()) == 16  # no cap
+
+
+def test_rows_per_batch_under_an_image_cap() -> None:
+    """The image cap counts a row's image inputs: Idefics2 with image splitting gives each image five 980 px crops,
+    float32 pixels (3 x 980 x 980 x 4 B) and an int64 mask (980 x 980 x 8 B), 96.04 MB; eval.py's few-shot rows
+    show up to six images (576.24 MB). The tighter of the two caps wins; 0 is no cap."""
+    from vlmu_jax.eval.batched import BatchCap, rows_per_batch
+
+    crops = 5 * (3 * 980 * 980 * 4 + 980 * 980 * 8)
+    assert crops == 96_040_000
+    cap = BatchCap(tokens=32768, image_bytes=2048 * 10**6)
+    assert rows_per_batch(640, 16, cap, row_image_bytes=crops) == 16  # 1536.64 MB fit
+    assert rows_per_batch(640, 32, cap, row_image_bytes=crops) == 21  # 2016.84 MB fit, 2112.88 would not
+    assert rows_per_batch(2200, 32, cap, row_image_bytes=crops) == 14  # the token cap: 30800 positions fit
+    assert rows_per_batch(640, 16, cap, row_image_bytes=6 * crops) == 3  # 1728.72 MB fit
+    assert rows_per_batch(640, 16, cap, multiple=4, row_image_bytes=6 * crops) == 4  # one row per shard at least
+    assert rows_per_batch(640, 16, BatchCap(image_bytes=2048 * 10**6), row_image_bytes=0) == 16  # no image inputs
+    assert rows_per_batch(640, 16, BatchCap(tokens=32768), row_image_bytes=6 * crops) == 16  # no image cap
 
 
 def test_token_cap_splits_long_rows_and_keeps_every_result(workspace: Workspace) -> None:
-    """Under `max_batch_tokens` the rows whose batches would exceed it go in smaller batches of their own padded
+    """Under a token cap the rows whose batches would exceed it go in smaller batches of their own padded
     length, after the others; every row is scored and generated once, to what the uncapped passes give, and
     compile_ahead compiles the capped shapes too."""
-    from vlmu_jax.eval.batched import _eval_source, _SplitSource, compile_ahead
+    from vlmu_jax.eval.batched import BatchCap, _eval_source, _SplitSource, compile_ahead
     from vlmu_jax.eval.frozen import frozen
 
     ws = workspace
@@ -200,7 +219,7 @@ def test_token_cap_splits_long_rows_and_keeps_every_result(workspace: Workspace)
     lengths = sorted({uncapped.padded_length(i) for i in range(len(uncapped))})
     assert len(lengths) >= 2
     cap = 8 * lengths[0]  # batches of the shortest length stay at 8 rows, longer ones get fewer
-    capped = _eval_source(rows, 8, common["pad_token_id"], ws.image_fn, left_pad=False, max_batch_tokens=cap)
+    capped = _eval_source(rows, 8, common["pad_token_id"], ws.image_fn, left_pad=False, cap=BatchCap(tokens=cap))
     assert isinstance(capped, _SplitSource) and len(capped) > len(uncapped)
     seen = set()
     for i in range(len(capped)):
@@ -211,18 +230,47 @@ def test_token_cap_splits_long_rows_and_keeps_every_result(workspace: Workspace)
     assert seen == set(range(len(rows)))
     prompt_cap = 3 * _eval_source(prompts, 8, common["pad_token_id"], ws.image_fn, left_pad=True).padded_length(0)
     assert isinstance(_eval_source(prompts, 8, common["pad_token_id"], ws.image_fn, left_pad=True,
-                                   max_batch_tokens=prompt_cap), _SplitSource)
+                                   cap=BatchCap(tokens=prompt_cap)), _SplitSource)
     want_scores = score_rows(model, rows, **common)
     want_tokens = generate_rows(model, prompts, **common, **generating)
     with frozen(model):
-        compile_ahead(model, to_score=[rows], **common, **generating, max_batch_tokens=cap)
-        compile_ahead(model, to_generate=[prompts], **common, **generating, max_batch_tokens=prompt_cap)
+        compile_ahead(model, to_score=[rows], **common, **generating, cap=BatchCap(tokens=cap))
+        compile_ahead(model, to_generate=[prompts], **common, **generating, cap=BatchCap(tokens=prompt_cap))
         COUNTER.active, COUNTER.count = True, 0
-        scores = score_rows(model, rows, **common, max_batch_tokens=cap)
-        tokens = generate_rows(model, prompts, **common, **generating, max_batch_tokens=prompt_cap)
+        scores = score_rows(model, rows, **common, cap=BatchCap(tokens=cap))
+        tokens = generate_rows(model, prompts, **common, **generating, cap=BatchCap(tokens=prompt_cap))
         COUNTER.active = False
     assert COUNTER.count == 0, f"{COUNTER.count} compilations after compile_ahead"
     for a, b in zip(scores, want_scores, strict=True):
         np.testing.assert_allclose(a.logps, b.logps, rtol=1e-5, atol=1e-5)
     for a, b in zip(tokens, want_tokens, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_image_cap_batches_rows_of_many_images_apart(workspace: Workspace) -> None:
+    """Under an image cap, rows that show three images (eval.py's few-shot rows) go in batches of their own, as
+    many as the cap holds, after the one-image rows, which stay at the batch size; each batch's image inputs, as
+    collated, fit the cap, and every row is batched."""
+    from vlmu_jax.eval.batched import BatchCap, _eval_source, _SplitSource
+
+    ws = workspace
+    examples = examples_from(ws.bench.identities)[:12]
+    markup = ws.text_config.template.image_markup  # the prompt shows each context image where its markup is
+    shots = [dataclasses.replace(e, question=2 * markup + e.question, context_images=(e.image, e.image))
+             for e in examples[:6]]
+    rows = [encode(e, ws.text_config) for e in examples + shots]
+    assert {len(r.images) for r in rows} == {1, 3}
+    slot = sum(a.nbytes for a in ws.image_fn(None).values())
+    cap = BatchCap(image_bytes=8 * slot)  # eight image slots: 8 one-image rows, 2 three-image rows
+    source = _eval_source(rows, 8, ws.tokenizer.pad_token_id, ws.image_fn, left_pad=False, cap=cap)
+    assert isinstance(source, _SplitSource)
+    sizes, seen = [], []
+    for i in range(len(source)):
+        idx = source.global_indices(i)
+        images = {len(rows[j].images) for j in idx}
+        batch = source.get(i)
+        assert sum(a.nbytes for a in batch["images"].values()) <= cap.image_bytes
+        sizes.append((images.pop() if len(images) == 1 else images, len(idx)))
+        seen += idx.tolist()
+    assert set(seen) == set(range(len(rows)))  # (a part's last batch is filled up with its first rows again)
+    assert sizes == [(1, 8), (1, 8), (3, 2), (3, 2), (3, 2)]  # 12 one-image rows at 8, then 6 three-image ones at 2

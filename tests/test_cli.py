@@ -69,3 +69,28 @@ def test_console_script_is_the_same_command_line(tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "vlmu_jax: error: bad config: config.stages names unknown stage(s) ['dance']; known: "
         "['finetune', 'unlearn', 'eval', 'export', 'report']"]
+
+
+def test_image_processor_overrides_name_any_key() -> None:
+    """`--config.model.image_processor_overrides.KEY=VALUE` names any preprocessor_config.json key, though
+    config_flags overrides only keys a config has: JSON values (booleans, numbers, objects), Python's True /
+    False, anything else as a string; every other flag is left to absl."""
+    from vlmu_jax.main import processor_overrides
+
+    flag = "--config.model.image_processor_overrides."
+    argv = ["prog", "--config", "configs/demo.py", f"{flag}do_image_splitting=true", f"{flag}max_pixels=401408",
+            f'{flag}size={{"longest_edge": 980, "shortest_edge": 378}}', f"{flag}do_pad=False",
+            f"{flag}resample=bicubic", "--config.unlearn.lr=1e-4", f"{flag}no_value"]
+    rest, overrides = processor_overrides(argv)
+    assert rest == ["prog", "--config", "configs/demo.py", "--config.unlearn.lr=1e-4", f"{flag}no_value"]
+    assert overrides == {"do_image_splitting": True, "max_pixels": 401408,
+                         "size": {"longest_edge": 980, "shortest_edge": 378}, "do_pad": False, "resample": "bicubic"}
+
+
+def test_image_processor_override_of_a_preset_key_keeps_its_type(tmp_path: Path) -> None:
+    """A key a preset already sets keeps its type: a value of another type is a bad config, in one line."""
+    flag = "--config.model.image_processor_overrides."
+    result = _run(["--config", "configs/fiubench_qwen2_5_vl.py", f"{flag}max_pixels=many"], tmp_path / "run")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "vlmu_jax: error: bad config: Could not override field 'max_pixels' (reference). many is of original type "
+        "<class 'str'> and cannot be casted to type <class 'int'>"]

@@ -79,15 +79,15 @@ def test_shared_prompts_on_a_mesh_equal_one_device(root) -> None:
     whole = score_rows(load_pretrained(ws.base_model), rows, **kwargs)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     shared = score_rows(load_pretrained(ws.base_model, mesh=mesh), rows, mesh=mesh, shared_prompts=True, **kwargs)
-    # Batches of 8 prompts, those too long for max_batch_tokens in batches of 4 (one per data-parallel shard).
-    from vlmu_jax.eval.batched import _eval_source, _SplitSource
+    # Batches of 8 prompts, those too long for the token cap in batches of 4 (one per data-parallel shard).
+    from vlmu_jax.eval.batched import BatchCap, _eval_source, _SplitSource
 
     prompts = prompt_groups(rows).prompts
     cap = 4 * max(len(p.input_ids) for p in prompts)
     assert isinstance(_eval_source(prompts, 8, ws.tokenizer.pad_token_id, ws.eval_image_fn, left_pad=True,
-                                   max_batch_tokens=cap, mesh=mesh), _SplitSource)
+                                   cap=BatchCap(tokens=cap), mesh=mesh), _SplitSource)
     capped = score_rows(load_pretrained(ws.base_model, mesh=mesh), rows, mesh=mesh, shared_prompts=True,
-                        max_batch_tokens=cap, **{**kwargs, "batch_size": 8})
+                        cap=BatchCap(tokens=cap), **{**kwargs, "batch_size": 8})
     for w, s, c in zip(whole, shared, capped, strict=True):
         np.testing.assert_allclose(s.logps, w.logps, rtol=0, atol=2e-5)
         np.testing.assert_allclose(s.mu, w.mu, rtol=0, atol=2e-5)

@@ -117,6 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tiny_shape.vision_heads = 4
     c.model.tiny_shape.image_size = 32
     c.model.tiny_shape.patch_size = 8
+    c.model.tiny_shape.perceiver_latents = 8  # idefics2: image tokens per (sub-)image (idefics2-8b: 64)
+    c.model.tiny_shape.max_tiles = 2  # mllama: tiles per image (Llama-3.2-Vision: 4)
     c.model.template = "llava-1.5"  # prompt template, see vlmu_jax.data.templates
     # Keys that replace the checkpoint's preprocessor_config.json values (e.g. do_image_splitting=False, as
     # MLLMU-Bench builds Idefics2's processor); presets add the keys they set.
@@ -151,6 +153,11 @@ def base_config() -> ml_collections.ConfigDict:
     # .rows_per_batch), so a KV cache of batch_size x ~8.6k tokens (MLLMU-Bench's few-shot images at LLaVA-1.5's
     # 576 tokens each) does not run the device out of memory. 0 = batch_size rows whatever their length.
     c.eval.max_batch_tokens = 32768
+    # The rows' image inputs per eval batch in MB, at most (eval.batched.BatchCap): rows of many or large images
+    # (Idefics2's five 980 px crops per image with splitting, MLLMU-Bench's few-shot images) go in smaller batches,
+    # so the host's arrays and the vision tower's work stay bounded. 2048 keeps FIUBench's rows of every family at
+    # 16 a batch (Idefics2's five crops with splitting: 96 MB a row). 0 = no cap.
+    c.eval.max_batch_image_mb = 2048
     c.eval.retain_split = "retain15"  # FIUBench eval.yaml pairs forget splits with retain5 / retain15
     c.eval.max_new_tokens = 50
     # Per-layer copies of the decoder's stacked weights in place of the stack while a model is evaluated
@@ -262,8 +269,9 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.eval.layer_copies must be one of {LAYER_COPIES}, got {e.layer_copies!r}")
     if e.load_ahead not in LAYER_COPIES:
         raise ValueError(f"config.eval.load_ahead must be one of {LAYER_COPIES}, got {e.load_ahead!r}")
-    if e.max_batch_tokens < 0:
-        raise ValueError(f"config.eval.max_batch_tokens must be >= 0 (0 = no cap), got {e.max_batch_tokens}")
+    for key in ("max_batch_tokens", "max_batch_image_mb"):
+        if e[key] < 0:
+            raise ValueError(f"config.eval.{key} must be >= 0 (0 = no cap), got {e[key]}")
     if e.judge_backend not in ("openai", "local"):
         raise ValueError(f"config.eval.judge_backend must be 'openai' or 'local', got {e.judge_backend!r}")
     if e.judge_backend == "local":

@@ -10,9 +10,11 @@ tokenizer or processor files, the workdir: `vlmu_jax.errors.InputError` or an OS
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -26,6 +28,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of proc
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (explicit multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (explicit multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+_PROCESSOR_FLAG = "--config.model.image_processor_overrides."
+# KEY -> VALUE of each `--config.model.image_processor_overrides.KEY=VALUE` (taken out of argv by `_parse_flags`)
+_PROCESSOR_OVERRIDES: dict[str, Any] = {}
 
 
 def _fail(message: str) -> None:
@@ -49,6 +55,9 @@ def main(argv: list[str]) -> None:
 
     try:
         config = _CONFIG.value  # loading the file and applying --config.* overrides happens here
+        with config.unlocked():
+            for key, value in _PROCESSOR_OVERRIDES.items():
+                config.model.image_processor_overrides[key] = value
         config_schema.validate(config)
     except (KeyError, TypeError, AttributeError, ValueError, OSError) as e:
         _fail(f"bad config: {_describe(e)}")
@@ -76,12 +85,35 @@ def _input_message(e: InputError | OSError) -> str:
     return str(e)
 
 
+def processor_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """argv without its `--config.model.image_processor_overrides.KEY=VALUE` flags, and those as {KEY: VALUE}.
+
+    Why: config_flags overrides only keys a config already has, while these name any key of a checkpoint's
+    preprocessor_config.json (do_image_splitting, max_pixels, size, ...). VALUE is read as JSON (`true`, `980`,
+    `{"longest_edge": 980}`), Python's `True` / `False` as booleans, anything else as a string."""
+    rest, overrides = [], {}
+    for arg in argv:
+        key, eq, value = arg.removeprefix(_PROCESSOR_FLAG).partition("=")
+        if not arg.startswith(_PROCESSOR_FLAG) or not eq or not key:
+            rest.append(arg)
+            continue
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = {"True": True, "False": False}.get(value, value)
+    return rest, overrides
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, with its tracebacks and usage dumps replaced by one line.
 
     The config file is executed and `--config.*` overrides are applied while flags are parsed, so
     any exception here (unknown key, wrong type, missing file, bad variant) is a bad command line.
+    The image processor's overrides are taken out first (`processor_overrides`) and set by `main`.
     """
+    argv, overrides = processor_overrides(argv)
+    sys.argv = processor_overrides(sys.argv)[0]  # config_flags finds its --config.* overrides in sys.argv itself
+    _PROCESSOR_OVERRIDES.update(overrides)
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - every failure here is reported the same way

@@ -410,11 +410,13 @@ def _model_at_checkpoint(ws: Workspace, ckpt_dir: Path, step: int, *, start: str
 
 
 def _runner(ws: Workspace):
+    from vlmu_jax.eval.batched import BatchCap
     from vlmu_jax.eval.tasks.fiubench import Runner
 
     return Runner(text=ws.eval_text_config, batch_size=ws.config.eval.batch_size, image_fn=ws.eval_image_fn,
                   max_new_tokens=ws.config.eval.max_new_tokens, protocol=ws.protocol, mesh=ws.mesh,
-                  shared_prompts=ws.config.eval.shared_prompts, max_batch_tokens=ws.config.eval.max_batch_tokens)
+                  shared_prompts=ws.config.eval.shared_prompts,
+                  cap=BatchCap(ws.config.eval.max_batch_tokens, ws.config.eval.max_batch_image_mb * 10**6))
 
 
 def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs

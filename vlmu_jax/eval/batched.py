@@ -104,7 +104,8 @@ class _Part:
 
 class _SplitSource:
     """Several `ExampleSource`s over parts of a pass's rows, read one after another as one source: the batches of
-    rows too long for the pass's batch size under its token cap, at a smaller batch size per padded length."""
+    rows that the pass's batch size would put over its cap, at a smaller batch size per padded length and image
+    count."""
 
     def __init__(self, parts: Sequence[_Part]):
         self.parts = list(parts)
@@ -130,44 +131,69 @@ class _SplitSource:
         return part.source.get(j)
 
 
-def rows_per_batch(length: int, batch_size: int, max_batch_tokens: int, multiple: int = 1) -> int:
-    """Rows in an eval batch padded to `length`: `batch_size`, fewer where that many rows would hold more than
-    `max_batch_tokens` positions (0: no cap), in steps of `multiple` (the data-parallel shards), at least one step.
+@dataclass(frozen=True)
+class BatchCap:
+    """What one eval batch may hold at most (0: no cap); `rows_per_batch` gives batches that would hold more
+    fewer rows.
 
-    Why: every row of a batch is padded to its longest, and its KV cache grows with rows x length. MLLMU-Bench's
-    eval.py prompts carry few-shot images: at LLaVA-1.5's 576 tokens per image some rows hold 13 images (8.6k
-    tokens), and 16 of them ran out of an H200's memory (bench/RESULTS.md, session 18, call 62)."""
-    if not max_batch_tokens:
-        return batch_size
-    return max(multiple, min(batch_size, max_batch_tokens // length) // multiple * multiple)
+    tokens (config eval.max_batch_tokens): padded prompt positions. Every row of a batch is padded to its longest,
+    and its KV cache grows with rows x length: MLLMU-Bench's eval.py prompts carry few-shot images, at LLaVA-1.5's
+    576 tokens per image some rows hold 13 images (8.6k tokens), and 16 of them ran out of an H200's memory
+    (bench/RESULTS.md, session 18, call 62).
+    image_bytes (config eval.max_batch_image_mb, in MB of 1e6 bytes): the rows' image inputs, each row's image slots
+    (`_batch_images`: one per image, one blank for a row without) at the processor's padded size. They grow with
+    rows x images x pixels, and so does the vision tower's work: Idefics2-8b with image splitting makes each image
+    five 980 px crops (58 MB of float32, 24,500 patches), and eval.py's few-shot rows show up to six images, so
+    32 such rows were 11 GB of host arrays per batch (a tiny model's eval ran a 24 GB machine out of memory,
+    bench/NOTES.md session 26)."""
+
+    tokens: int = 0
+    image_bytes: int = 0
+
+
+def rows_per_batch(length: int, batch_size: int, cap: BatchCap, multiple: int = 1, row_image_bytes: int = 0) -> int:
+    """Rows in an eval batch padded to `length` whose rows' image inputs take `row_image_bytes` each:
+    `batch_size`, fewer where that many would hold more than `cap` allows, in steps of `multiple` (the
+    data-parallel shards), at least one step."""
+    rows = batch_size
+    if cap.tokens:
+        rows = min(rows, cap.tokens // length)
+    if cap.image_bytes and row_image_bytes:
+        rows = min(rows, cap.image_bytes // row_image_bytes)
+    return batch_size if rows == batch_size else max(multiple, rows // multiple * multiple)
 
 
 def _eval_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int, image_fn: Callable, *,
-                 left_pad: bool, max_batch_tokens: int = 0,
+                 left_pad: bool, cap: BatchCap = BatchCap(),
                  mesh: Mesh | None = None) -> ExampleSource | _SplitSource:
-    """The batches of a pass over `rows` in their order, `batch_size` rows each, except that rows whose padded
-    length would put more than `max_batch_tokens` positions in a batch go in batches of their own length at
+    """The batches of a pass over `rows` in their order, `batch_size` rows each, except that rows of a padded
+    length and image count whose batches would exceed `cap` go in batches of their own length and image count at
     `rows_per_batch` rows, after the others. Every part pads to the same ladder of lengths (the whole pass's)."""
     make = functools.partial(ExampleSource, pad_token_id=pad_token_id, image_fn=image_fn, shuffle=False,
                              left_pad=left_pad)
     buckets = row_buckets(rows)
     multiple = math.lcm(batch_shards(mesh), jax.process_count())  # the mesh's batch shards and the hosts feeding them
-    lengths = np.array([bucket_length(len(r.input_ids), buckets) for r in rows])
-    sizes = {int(n): rows_per_batch(int(n), batch_size, max_batch_tokens, multiple) for n in set(lengths)}
-    long = sorted(n for n, size in sizes.items() if size < batch_size)
-    if not long:
+    slot_bytes = sum(a.nbytes for a in image_fn(None).values()) if cap.image_bytes else 0  # one image slot's inputs
+    keys = [(bucket_length(len(r.input_ids), buckets), max(1, len(r.images))) for r in rows]
+    sizes = {k: rows_per_batch(k[0], batch_size, cap, multiple, k[1] * slot_bytes) for k in set(keys)}
+    small = sorted(k for k, size in sizes.items() if size < batch_size)
+    if not small:
         return make(list(rows), global_batch_size=batch_size, buckets=buckets)
-    groups = [np.flatnonzero(~np.isin(lengths, long)), *(np.flatnonzero(lengths == n) for n in long)]
-    return _SplitSource([_Part(make([rows[i] for i in idx], global_batch_size=sizes[int(lengths[idx[0]])],
-                                    buckets=buckets), idx) for idx in groups if idx.size])
+    of_key = {k: [] for k in small}
+    rest = []
+    for i, k in enumerate(keys):
+        (of_key[k] if k in of_key else rest).append(i)
+    groups = [(rest, batch_size), *((of_key[k], sizes[k]) for k in small)]
+    return _SplitSource([_Part(make([rows[i] for i in idx], global_batch_size=size, buckets=buckets),
+                               np.asarray(idx)) for idx, size in groups if idx])
 
 
-def _score_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int, image_fn: Callable, **cap: Any):
-    return _eval_source(rows, batch_size, pad_token_id, image_fn, left_pad=False, **cap)
+def _score_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int, image_fn: Callable, **how: Any):
+    return _eval_source(rows, batch_size, pad_token_id, image_fn, left_pad=False, **how)
 
 
-def _generate_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int, image_fn: Callable, **cap: Any):
-    return _eval_source(rows, batch_size, pad_token_id, image_fn, left_pad=True, **cap)
+def _generate_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int, image_fn: Callable, **how: Any):
+    return _eval_source(rows, batch_size, pad_token_id, image_fn, left_pad=True, **how)
 
 
 def _score_batch(model: nnx.Module, inputs: dict):
@@ -257,9 +283,8 @@ def _shared_inputs(source: ExampleSource | _SplitSource, groups: PromptGroups, r
 
 
 def _shared_pass(model: nnx.Module, rows: Sequence[Encoded], groups: PromptGroups, *, batch_size: int,
-                 pad_token_id: int, image_fn: Callable, mesh: Mesh | None, max_batch_tokens: int, desc: str) -> Pass:
-    source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn,
-                              max_batch_tokens=max_batch_tokens, mesh=mesh)
+                 pad_token_id: int, image_fn: Callable, mesh: Mesh | None, cap: BatchCap, desc: str) -> Pass:
+    source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn, cap=cap, mesh=mesh)
     out: list[AnswerScores | None] = [None] * len(rows)
 
     def dispatch(item: tuple[int, tuple]) -> tuple:
@@ -285,7 +310,7 @@ def _shared_groups(rows: Sequence[Encoded], shared_prompts: bool) -> PromptGroup
 
 
 def score_pass(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
-               image_fn: Callable, mesh: Mesh | None = None, max_batch_tokens: int = 0, shared_prompts: bool = False,
+               image_fn: Callable, mesh: Mesh | None = None, cap: BatchCap = BatchCap(), shared_prompts: bool = False,
                desc: str = "score") -> Pass:
     """Teacher-forced answer-token scores (`AnswerScores`) for every row, in row order, as a pass. `shared_prompts`
     (config eval.shared_prompts): rows that repeat a prompt run it once and their answers as continuations over
@@ -294,8 +319,8 @@ def score_pass(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, p
     groups = _shared_groups(rows, shared_prompts)
     if groups is not None:
         return _shared_pass(model, rows, groups, batch_size=batch_size, pad_token_id=pad_token_id,
-                            image_fn=image_fn, mesh=mesh, max_batch_tokens=max_batch_tokens, desc=desc)
-    source = _score_source(rows, batch_size, pad_token_id, image_fn, max_batch_tokens=max_batch_tokens, mesh=mesh)
+                            image_fn=image_fn, mesh=mesh, cap=cap, desc=desc)
+    source = _score_source(rows, batch_size, pad_token_id, image_fn, cap=cap, mesh=mesh)
     out: list[AnswerScores | None] = [None] * len(rows)
 
     def dispatch(item: tuple) -> tuple:
@@ -323,9 +348,9 @@ def score_rows(model: nnx.Module, rows: Sequence[Encoded], **kwargs: Any) -> lis
 
 def generate_pass(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, pad_token_id: int,
                   eos_token_id: int | Sequence[int] | None, max_new_tokens: int, image_fn: Callable,
-                  mesh: Mesh | None = None, max_batch_tokens: int = 0, desc: str = "generate") -> Pass:
+                  mesh: Mesh | None = None, cap: BatchCap = BatchCap(), desc: str = "generate") -> Pass:
     """Greedy continuations of left-padded prompts, cut at the first EOS, in row order, as a pass."""
-    source = _generate_source(rows, batch_size, pad_token_id, image_fn, max_batch_tokens=max_batch_tokens, mesh=mesh)
+    source = _generate_source(rows, batch_size, pad_token_id, image_fn, cap=cap, mesh=mesh)
     eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
     out: list[np.ndarray | None] = [None] * len(rows)
 
@@ -357,7 +382,7 @@ _COMPILE_THREADS = 8  # XLA compiles of a 7B program take a few GB of host memor
 def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = (),
                   to_generate: Sequence[Sequence[Encoded]] = (), batch_size: int, pad_token_id: int,
                   eos_token_id: int | Sequence[int] | None, max_new_tokens: int, image_fn: Callable,
-                  mesh: Mesh | None = None, max_batch_tokens: int = 0, shared_prompts: bool = False) -> None:
+                  mesh: Mesh | None = None, cap: BatchCap = BatchCap(), shared_prompts: bool = False) -> None:
     """Compiles the programs that `score_pass(rows)` for each `to_score` entry and `generate_pass(rows)` for each
     `to_generate` entry (same other arguments) will run, one per distinct padded length, all at once: each in its
     own thread, where jit's tracing is Python but XLA's compile is not. Why: a cold eval stage at 7B compiled two
@@ -368,22 +393,22 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
         return
     run_generate = functools.partial(_generate_batch, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                      max_new_tokens=max_new_tokens)
-    cap = dict(max_batch_tokens=max_batch_tokens, mesh=mesh)
+    capped = dict(cap=cap, mesh=mesh)
     jobs: dict[tuple, tuple[Callable[[], dict], Callable]] = {}  # program -> (a batch of its shapes, the call)
     for rows in filter(None, to_score):
         groups = _shared_groups(rows, shared_prompts)
         if groups is None:
-            source = _score_source(rows, batch_size, pad_token_id, image_fn, **cap)
+            source = _score_source(rows, batch_size, pad_token_id, image_fn, **capped)
             for length, i in _first_of_each_length(source).items():
                 jobs.setdefault(("score", length), (functools.partial(source.get, i), _score_batch))
             continue
-        source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn, **cap)
+        source = _generate_source(groups.prompts, batch_size, pad_token_id, image_fn, **capped)
         for i in range(len(source)):
             program = ("shared", source.padded_length(i), continuation_shape(groups, rows, source.global_indices(i)))
             jobs.setdefault(program, (functools.partial(_shared_inputs, source, groups, rows, pad_token_id, i),
                                       _shared_batch))
     for rows in filter(None, to_generate):
-        source = _generate_source(rows, batch_size, pad_token_id, image_fn, **cap)
+        source = _generate_source(rows, batch_size, pad_token_id, image_fn, **capped)
         for length, i in _first_of_each_length(source).items():
             jobs.setdefault(("generate", length), (functools.partial(source.get, i), run_generate))
 

@@ -67,16 +67,18 @@ def tiny_mllama(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, 
     """A MllamaForConditionalGeneration (Llama-3.2-Vision layout) and its tiled image processor.
 
     max(num_layers, 2) decoder layers with one cross-attention layer in the middle; tiles of image_size
-    (at most 2 per image), 1 global vision layer, the first local layer's output as intermediate feature.
+    (at most max_tiles per image, in every arrangement of at most that many), 1 global vision layer, the first
+    local layer's output as intermediate feature.
     """
     layers = max(shape.num_layers, 2)
     text = _llama_text(shape, ids, "mllama_text_model")
     text.update(num_hidden_layers=layers, cross_attention_layers=[layers // 2], rope_theta=10000.0)
-    vh = shape.vision_hidden_size
+    vh, tiles = shape.vision_hidden_size, shape.max_tiles
     vision = dict(model_type="mllama_vision_model", hidden_size=vh, intermediate_size=2 * vh,
                   num_hidden_layers=shape.vision_layers, num_global_layers=1, attention_heads=shape.vision_heads,
-                  image_size=shape.image_size, patch_size=shape.patch_size, max_num_tiles=2,
-                  supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]], intermediate_layers_indices=[0],
+                  image_size=shape.image_size, patch_size=shape.patch_size, max_num_tiles=tiles,
+                  supported_aspect_ratios=[[w, h] for w in range(1, tiles + 1) for h in range(1, tiles // w + 1)],
+                  intermediate_layers_indices=[0],
                   vision_output_dim=2 * vh, hidden_act="gelu", norm_eps=1e-5, initializer_range=0.02)
     config = {
         "model_type": "mllama", "architectures": ["MllamaForConditionalGeneration"],
@@ -86,7 +88,7 @@ def tiny_mllama(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, 
     size = shape.image_size
     preprocessor = {
         "image_processor_type": "MllamaImageProcessor", "do_convert_rgb": True, "do_resize": True,
-        "size": {"height": size, "width": size}, "max_image_tiles": 2, "do_pad": True,
+        "size": {"height": size, "width": size}, "max_image_tiles": tiles, "do_pad": True,
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "resample": 2,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
     }
@@ -94,8 +96,9 @@ def tiny_mllama(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, 
 
 
 def tiny_idefics2(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An Idefics2ForConditionalGeneration (SigLIP-style tower, 2-layer perceiver with 8 latents, Mistral LM)
-    and its processor: images resized to at most image_size (at least 2 patches) and padded to image_size."""
+    """An Idefics2ForConditionalGeneration (SigLIP-style tower, 2-layer perceiver with perceiver_latents latents,
+    Mistral LM) and its processor: images resized to at most image_size (at least 2 patches) and padded to
+    image_size."""
     text = _llama_text(shape, ids, "mistral")
     text.update(sliding_window=4096, head_dim=shape.hidden_size // shape.num_heads)
     vision = dict(model_type="idefics2_vision", hidden_size=shape.vision_hidden_size,
@@ -105,8 +108,9 @@ def tiny_idefics2(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str
                   initializer_range=0.02)
     heads = 4 if shape.hidden_size % 4 == 0 else 1
     perceiver = dict(model_type="idefics2_perceiver", hidden_size=shape.hidden_size, hidden_act="silu",
-                     rms_norm_eps=1e-5, resampler_n_latents=8, resampler_depth=2, resampler_n_heads=heads,
-                     resampler_head_dim=shape.hidden_size // heads, num_key_value_heads=max(1, heads // 2),
+                     rms_norm_eps=1e-5, resampler_n_latents=shape.perceiver_latents, resampler_depth=2,
+                     resampler_n_heads=heads, resampler_head_dim=shape.hidden_size // heads,
+                     num_key_value_heads=max(1, heads // 2),
                      initializer_range=0.02)
     config = {
         "model_type": "idefics2", "architectures": ["Idefics2ForConditionalGeneration"],

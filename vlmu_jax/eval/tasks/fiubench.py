@@ -26,7 +26,7 @@ from vlmu_jax.data.fiubench_prompts import roundtrip_prompt
 from vlmu_jax.data.records import IMAGE, Identity
 from vlmu_jax.data.templates import Template
 from vlmu_jax.eval import attacks, judge, metrics, mia
-from vlmu_jax.eval.batched import Pass, compile_ahead, generate_pass, run_passes, score_pass
+from vlmu_jax.eval.batched import BatchCap, Pass, compile_ahead, generate_pass, run_passes, score_pass
 from vlmu_jax.eval.result_logs import FiuTaskResults, fiubench_eval_log
 from vlmu_jax.protocol import Protocol
 
@@ -44,7 +44,7 @@ class Runner:
     protocol: Protocol
     mesh: Mesh | None = None
     shared_prompts: bool = True  # config eval.shared_prompts (batched.score_pass)
-    max_batch_tokens: int = 0  # config eval.max_batch_tokens (batched.rows_per_batch)
+    cap: BatchCap = BatchCap()  # config eval.max_batch_tokens / max_batch_image_mb (batched.rows_per_batch)
 
     @property
     def tokenizer(self) -> Any:
@@ -53,7 +53,7 @@ class Runner:
     def batching(self) -> dict[str, Any]:
         """The arguments every batched pass of `eval.batched` takes from the runner."""
         return dict(batch_size=self.batch_size, pad_token_id=self.tokenizer.pad_token_id, image_fn=self.image_fn,
-                    mesh=self.mesh, max_batch_tokens=self.max_batch_tokens)
+                    mesh=self.mesh, cap=self.cap)
 
     def generating(self) -> dict[str, Any]:
         """What a generation pass (and its compile-ahead) takes besides: the EOS ids and the new-token budget."""
