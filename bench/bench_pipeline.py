@@ -253,6 +253,10 @@ def main() -> None:
     parser.add_argument("--eval_only", action="store_true",
                         help="skip training: evaluate the random base model under the three names eval reads "
                              "(finetuned, retain_model, unlearned_<eval_objective>), to time the eval stage alone")
+    parser.add_argument("--image_max_mb", type=int, default=None,
+                        help="config eval.max_batch_image_mb (default: the config's; 0 = no cap)")
+    parser.add_argument("--split_images", action="store_true",
+                        help="Idefics2: image splitting on in every stage (five crops per image, 320 image tokens)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     ws = pipeline.Workspace(config(args.small, args.steps, args.identities, args.objectives, args.family,
@@ -260,6 +264,11 @@ def main() -> None:
     if args.family in REAL_SHAPES and not args.small:
         pipeline.tiny_checkpoint = real_checkpoint(args.family)
     ws.config.eval.shared_prompts = not args.whole_rows
+    if args.image_max_mb is not None:
+        ws.config.eval.max_batch_image_mb = args.image_max_mb
+    if args.split_images:
+        with ws.config.unlocked():
+            ws.config.model.image_processor_overrides.do_image_splitting = True
     compile_cache.configure(ws.config.compilation_cache_dir)  # as runner.run does
     results = []
 
