@@ -187,18 +187,18 @@ def test_rows_per_batch_under_a_token_cap() -> None:
 
 def test_rows_per_batch_under_an_image_cap() -> None:
     """The image cap counts a row's image inputs: Idefics2 with image splitting gives each image five 980 px crops,
-    float32 pixels (3 x 980 x 980 x 4 B) and an int64 mask (980 x 980 x 8 B), 96.04 MB; eval.py's few-shot rows
-    show up to six images (576.24 MB). The tighter of the two caps wins; 0 is no cap."""
+    float32 pixels (3 x 980 x 980 x 4 B) and a boolean mask (980 x 980 B), 62.426 MB; eval.py's few-shot rows show
+    up to six images (374.556 MB). The tighter of the two caps wins; 0 is no cap."""
     from vlmu_jax.eval.batched import BatchCap, rows_per_batch
 
-    crops = 5 * (3 * 980 * 980 * 4 + 980 * 980 * 8)
-    assert crops == 96_040_000
+    crops = 5 * (3 * 980 * 980 * 4 + 980 * 980)
+    assert crops == 62_426_000
     cap = BatchCap(tokens=32768, image_bytes=2048 * 10**6)
-    assert rows_per_batch(640, 16, cap, row_image_bytes=crops) == 16  # 1536.64 MB fit
-    assert rows_per_batch(640, 32, cap, row_image_bytes=crops) == 21  # 2016.84 MB fit, 2112.88 would not
+    assert rows_per_batch(640, 16, cap, row_image_bytes=crops) == 16  # 998.816 MB fit
+    assert rows_per_batch(640, 64, cap, row_image_bytes=crops) == 32  # 1997.632 MB fit, 2060.058 would not
     assert rows_per_batch(2200, 32, cap, row_image_bytes=crops) == 14  # the token cap: 30800 positions fit
-    assert rows_per_batch(640, 16, cap, row_image_bytes=6 * crops) == 3  # 1728.72 MB fit
-    assert rows_per_batch(640, 16, cap, multiple=4, row_image_bytes=6 * crops) == 4  # one row per shard at least
+    assert rows_per_batch(640, 16, cap, row_image_bytes=6 * crops) == 5  # 1872.78 MB fit, 2247.336 would not
+    assert rows_per_batch(640, 16, cap, multiple=4, row_image_bytes=6 * crops) == 4  # in whole steps of 4
     assert rows_per_batch(640, 16, BatchCap(image_bytes=2048 * 10**6), row_image_bytes=0) == 16  # no image inputs
     assert rows_per_batch(640, 16, BatchCap(tokens=32768), row_image_bytes=6 * crops) == 16  # no image cap
 

@@ -365,7 +365,7 @@ def test_sharded_load_matches_single_device(tmp_path, sliced):
 def test_pipeline_at_idefics2_8b_sequence_shape(tmp_path):
     """FIUBench's finetune + eval with a narrow Idefics2 at idefics2-8b's sequence shape: 980 px images, image
     splitting (asked for on the command line, a key the demo config does not have), 64 perceiver latents per crop,
-    so 5 x 64 = 320 image tokens per row, under an eval image cap of 200 MB (two rows of five crops a batch). The
+    so 5 x 64 = 320 image tokens per row, under an eval image cap of 200 MB (three rows of five crops a batch). The
     tower's patches are 70 px rather than the 8b's 14 (4900 patches a crop, whose XLA attention scores this CPU
     would hold per crop); the LM's rows and the image inputs are the real ones."""
     import glob

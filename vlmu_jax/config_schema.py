@@ -156,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
     # The rows' image inputs per eval batch in MB, at most (eval.batched.BatchCap): rows of many or large images
     # (Idefics2's five 980 px crops per image with splitting, MLLMU-Bench's few-shot images) go in smaller batches,
     # so the host's arrays and the vision tower's work stay bounded. 2048 keeps FIUBench's rows of every family at
-    # 16 a batch (Idefics2's five crops with splitting: 96 MB a row). 0 = no cap.
+    # 16 a batch (Idefics2's five crops with splitting: 62 MB a row). 0 = no cap.
     c.eval.max_batch_image_mb = 2048
     c.eval.retain_split = "retain15"  # FIUBench eval.yaml pairs forget splits with retain5 / retain15
     c.eval.max_new_tokens = 50

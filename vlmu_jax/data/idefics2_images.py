@@ -100,7 +100,8 @@ class Idefics2Processor:
         return self.longest_edge
 
     def _one(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[H, W, 3] uint8 -> padded float32 [3, P, P] and int64 mask [P, P]."""
+        """[H, W, 3] uint8 -> padded float32 [3, P, P] and boolean mask [P, P] (HF's is int64: 8x the bytes, 40 %
+        of a crop's inputs, for what the model reads as a mask; eval.batched.BatchCap counts them)."""
         if self.do_resize:
             h, w = resize_output_size(*pixels.shape[:2], self.shortest_edge, self.longest_edge)
             pixels = np.asarray(Image.fromarray(pixels).resize((w, h), resample=self.resample))
@@ -112,8 +113,8 @@ class Idefics2Processor:
             raise ValueError(f"Idefics2 image of {h}x{w} exceeds the padded size {p}x{p} (longest_edge)")
         out = np.zeros((3, p, p), np.float32)
         out[:, :h, :w] = x
-        mask = np.zeros((p, p), np.int64)
-        mask[:h, :w] = 1
+        mask = np.zeros((p, p), bool)
+        mask[:h, :w] = True
         return out, mask
 
     def __call__(self, image: Image.Image) -> dict[str, np.ndarray]:
@@ -128,7 +129,7 @@ class Idefics2Processor:
         n, p = self.images_per_row, self.pad_size
         return {
             "pixel_values": np.zeros((n, 3, p, p), np.float32),
-            "pixel_attention_mask": np.zeros((n, p, p), np.int64),
+            "pixel_attention_mask": np.zeros((n, p, p), bool),
         }
 
     def image_token_ids(self, image_token_id: int, num_image_tokens: int, tokenizer: Any) -> tuple[int, ...]:

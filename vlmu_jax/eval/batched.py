@@ -143,8 +143,8 @@ class BatchCap:
     image_bytes (config eval.max_batch_image_mb, in MB of 1e6 bytes): the rows' image inputs, each row's image slots
     (`_batch_images`: one per image, one blank for a row without) at the processor's padded size. They grow with
     rows x images x pixels, and so does the vision tower's work: Idefics2-8b with image splitting makes each image
-    five 980 px crops (58 MB of float32, 24,500 patches), and eval.py's few-shot rows show up to six images, so
-    32 such rows were 11 GB of host arrays per batch (a tiny model's eval ran a 24 GB machine out of memory,
+    five 980 px crops (62 MB of inputs, 24,500 patches), and eval.py's few-shot rows show up to six images, so 32
+    such rows are 12 GB of host arrays per batch (a tiny model's eval ran a 24 GB machine out of memory,
     bench/NOTES.md session 26)."""
 
     tokens: int = 0
