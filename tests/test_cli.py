@@ -75,7 +75,7 @@ def test_image_processor_overrides_name_any_key() -> None:
     """`--config.model.image_processor_overrides.KEY=VALUE` names any preprocessor_config.json key, though
     config_flags overrides only keys a config has: JSON values (booleans, numbers, objects), Python's True /
     False, anything else as a string; every other flag is left to absl."""
-    from vlmu_jax.main import processor_overrides
+    from vlmu_jax.cli_overrides import processor_overrides
 
     flag = "--config.model.image_processor_overrides."
     argv = ["prog", "--config", "configs/demo.py", f"{flag}do_image_splitting=true", f"{flag}max_pixels=401408",

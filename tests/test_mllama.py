@@ -168,7 +168,7 @@ def test_pipeline_finetune_and_eval(tmp_path):
 
     shape = "--config.model.tiny_shape."
     overrides = ["--config.model.template=llama-3.2-vision", f"{shape}architecture=mllama",
-                 "--config.stages=finetune,eval", "--config.data.synthetic_identities=10",
+                 "--config.stages=finetune,eval", "--config.data.synthetic_identities=5",
                  "--config.data.synthetic_image_size=1120", "--config.finetune.num_steps=2",
                  "--config.retain_model.num_steps=1", "--config.finetune.batch_size=4",
                  "--config.retain_model.batch_size=4", "--config.eval.batch_size=8", "--config.eval.max_new_tokens=2",

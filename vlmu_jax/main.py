@@ -10,7 +10,6 @@ tokenizer or processor files, the workdir: `vlmu_jax.errors.InputError` or an OS
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -20,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vlmu_jax import logs
+from vlmu_jax.cli_overrides import processor_overrides
 from vlmu_jax.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:variant]).")
@@ -29,7 +29,6 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (explicit multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_PROCESSOR_FLAG = "--config.model.image_processor_overrides."
 # KEY -> VALUE of each `--config.model.image_processor_overrides.KEY=VALUE` (taken out of argv by `_parse_flags`)
 _PROCESSOR_OVERRIDES: dict[str, Any] = {}
 
@@ -83,25 +82,6 @@ def _input_message(e: InputError | OSError) -> str:
     if isinstance(e, OSError) and e.filename is not None:
         return f"{e.filename}: {e.strerror or e}"
     return str(e)
-
-
-def processor_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """argv without its `--config.model.image_processor_overrides.KEY=VALUE` flags, and those as {KEY: VALUE}.
-
-    Why: config_flags overrides only keys a config already has, while these name any key of a checkpoint's
-    preprocessor_config.json (do_image_splitting, max_pixels, size, ...). VALUE is read as JSON (`true`, `980`,
-    `{"longest_edge": 980}`), Python's `True` / `False` as booleans, anything else as a string."""
-    rest, overrides = [], {}
-    for arg in argv:
-        key, eq, value = arg.removeprefix(_PROCESSOR_FLAG).partition("=")
-        if not arg.startswith(_PROCESSOR_FLAG) or not eq or not key:
-            rest.append(arg)
-            continue
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = {"True": True, "False": False}.get(value, value)
-    return rest, overrides
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
