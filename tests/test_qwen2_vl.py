@@ -269,21 +269,32 @@ def test_image_token_count_follows_each_image(tmp_path):
     assert (encode(Example("Who?", "Ada.", None), cfg).input_ids == image_id).sum() == 0
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
-def test_pipeline_on_tiny_qwen(tmp_path, family):
-    """`python -m vlmu_jax.main` (demo, reduced) with a tiny Qwen2.5-VL or Qwen2-VL and the qwen template:
-    finetune trains (finite logged losses) and eval writes FIUBench's results."""
+# Qwen2.5-VL at the presets' image cap (max_pixels = 512 merged tokens): 640 px pictures become 616 px, 44 x 44
+# patches, 22 x 22 = 484 image tokens a row (every training row then pads to 576); Qwen2-VL at the tiny shape.
+REAL_SHAPE = ["--config.data.synthetic_image_size=640", "--config.model.tiny_shape.patch_size=14",
+              "--config.model.image_processor_overrides.max_pixels=401408", "--config.eval.batch_size=8"]
+
+
+@pytest.mark.parametrize(("family", "shape"), [("qwen2_5_vl", REAL_SHAPE), ("qwen2_vl", [])])
+def test_pipeline_on_tiny_qwen(tmp_path, family, shape):
+    """`python -m vlmu_jax.main` (demo, reduced) with a narrow Qwen2.5-VL or Qwen2-VL and the qwen template:
+    finetune trains (finite logged losses) and eval writes FIUBench's results; Qwen2.5-VL at the presets' real
+    sequence shape."""
+    import glob
     import json
     import os
     import subprocess
     import sys
 
+    from vlmu_jax.data.images import load_image_processor
+
     repo = Path(__file__).resolve().parent.parent
     workdir = tmp_path / "w"
     cmd = [sys.executable, "-m", "vlmu_jax.main", "--config", "configs/demo.py:ci", "--workdir", str(workdir),
            "--config.model.template=qwen2-vl", f"--config.model.tiny_shape.architecture={family}",
-           "--config.data.synthetic_identities=8", "--config.finetune.num_steps=2",
-           "--config.retain_model.num_steps=2", "--config.eval.max_new_tokens=2", "--config.stages=finetune,eval"]
+           f"--config.data.synthetic_identities={5 if shape else 8}", "--config.finetune.num_steps=2",
+           "--config.retain_model.num_steps=2", "--config.eval.max_new_tokens=2", "--config.stages=finetune,eval",
+           *shape]
     result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     assert result.returncode == 0, result.stderr[-4000:]
@@ -293,6 +304,11 @@ def test_pipeline_on_tiny_qwen(tmp_path, family):
         losses = [json.loads(line)["loss"] for line in (workdir / "train" / name / "metrics.jsonl").open()]
         assert len(losses) == 2 and np.isfinite(losses).all()
         assert list((workdir / "eval_results" / name).glob("*.json"))
+    if shape:
+        assert "finetuned: one length 576" in result.stderr
+        picture = Image.open(sorted(glob.glob(str(workdir / "data" / "**" / "*.png"), recursive=True))[0])
+        processor = load_image_processor(workdir / "models" / "base", {"max_pixels": 401408})
+        assert processor(picture)["image_grid_thw"].tolist() == [1, 44, 44]
 
 
 @pytest.mark.parametrize("name", ["fiubench_qwen2_5_vl", "mllmu_qwen2_vl"])
