@@ -250,7 +250,7 @@ def test_token_cap_splits_long_rows_and_keeps_every_result(workspace: Workspace)
 def test_image_cap_batches_rows_of_many_images_apart(workspace: Workspace) -> None:
     """Under an image cap, rows that show three images (eval.py's few-shot rows) go in batches of their own, as
     many as the cap holds, after the one-image rows, which stay at the batch size; each batch's image inputs, as
-    collated, fit the cap, and every row is batched."""
+    collated, fit the cap, every row is batched, and its scores are the uncapped pass's."""
     from vlmu_jax.eval.batched import BatchCap, _eval_source, _SplitSource
 
     ws = workspace
@@ -274,3 +274,8 @@ def test_image_cap_batches_rows_of_many_images_apart(workspace: Workspace) -> No
         seen += idx.tolist()
     assert set(seen) == set(range(len(rows)))  # (a part's last batch is filled up with its first rows again)
     assert sizes == [(1, 8), (1, 8), (3, 2), (3, 2), (3, 2)]  # 12 one-image rows at 8, then 6 three-image ones at 2
+    # every row's scores are the uncapped pass's
+    model = ws.load("base")
+    common = dict(batch_size=8, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn)
+    for a, b in zip(score_rows(model, rows, **common, cap=cap), score_rows(model, rows, **common), strict=True):
+        np.testing.assert_allclose(a.logps, b.logps, rtol=0, atol=1e-5)
