@@ -75,9 +75,11 @@ def test_the_tiny_decoder_has_every_kind_of_stack() -> None:
     assert not layerwise.lora_only(model, nnx.state(model, nnx.Param))
 
 
-@pytest.mark.parametrize("objective,images,kw", [("ga", True, {}), ("gd", True, {}), ("npo", True, {}),
-                                                 ("gd", False, {}), ("rmu", True, {"hidden_layer": 6})],
-                         ids=["ga", "gd", "npo", "gd-text-only", "rmu"])
+# No GA row: GD's forget stream is GA's loss through the same layers (and GA runs per layer on LLaVA in
+# test_layerwise.py); the ~45 s it took on CI's two cores pay for the real-shape CLI runs of every family.
+@pytest.mark.parametrize("objective,images,kw", [("gd", True, {}), ("npo", True, {}), ("gd", False, {}),
+                                                 ("rmu", True, {"hidden_layer": 6})],
+                         ids=["gd", "npo", "gd-text-only", "rmu"])
 def test_layerwise_step_equals_scanned_step(tmp_path, objective, images, kw) -> None:
     assert_forms_agree(lambda mode: run(tmp_path, objective, mode, images, **kw), tiny_lora_mllama)
 
