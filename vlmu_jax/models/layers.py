@@ -505,6 +505,13 @@ def fused_attention_saveable(prim: Any, *_: Any, **__: Any) -> bool:
     return prim.name.startswith("dot_product_attention_fwd")
 
 
+def _dots_attention_and(*names: str) -> Any:
+    """Keeps the matmul outputs (no batch dims), cuDNN attention's outputs and the values named `names`."""
+    both = jax.checkpoint_policies.save_from_both_policies
+    return both(both(jax.checkpoint_policies.dots_with_no_batch_dims_saveable, fused_attention_saveable),
+                jax.checkpoint_policies.save_only_these_names(*names))
+
+
 # "dots_and_dropout_saveable" also keeps the LoRA dropout masks (one byte per element of each adapted projection's
 # input, ~3.2 GB for a 7B LoRA step at 4 x 704 tokens). Why: a Threefry mask costs ~0.1 ms of integer hashing per
 # [2816, 11008] input on an H200, and under the dots policy each is drawn again in the backward (bench/NOTES.md).
@@ -520,20 +527,12 @@ REMAT_POLICIES: dict[str, Any] = {
     # LLaVA-1.5's, Llama-3.2-Vision's and Qwen2-VL's LoRA stages in the presets (presets.lora_remat): 1-3 % faster
     # per 7B step than the dots alone, for ~3.6 GiB of masks and attention outputs at B=4 (bench/RESULTS.md, session
     # 23); 5.4 % per 11B step, 1.9 % per Qwen2.5-VL-7B step (session 24)
-    "dots_attention_dropout_saveable": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                                                        fused_attention_saveable),
-        jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK),
-    ),
+    "dots_attention_dropout_saveable": _dots_attention_and(DROPOUT_MASK),
     # The presets' policy plus the attention's inputs (q and k after the rotary, v), which the forward writes anyway
     # for the fused kernel: the backward then reads them instead of adding q's, k's and v's base and LoRA dot
     # outputs again and redoing the rotary, and those six dot outputs are no longer kept (three [B, T, 4096] per 7B
     # layer less). Predicted -1.5 ms and ~2 GiB per 7B GA step at B=4; not yet measured (bench/NOTES.md).
-    "dots_attention_inputs_dropout_saveable": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                                                        fused_attention_saveable),
-        jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK, ATTENTION_INPUT),
-    ),
+    "dots_attention_inputs_dropout_saveable": _dots_attention_and(DROPOUT_MASK, ATTENTION_INPUT),
     # Each projection's output once (base + LoRA summed), LoRA's rank-r hidden, the masks and cuDNN attention's
     # outputs, where the dots policies keep a LoRA projection's base and LoRA outputs apart (the backward of what
     # follows it adds them again). For less memory: LLaVA-1.5-7B's GA step peaked 29.4 instead of 37.2 GiB, GD 42.3

@@ -13,6 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from vlmu_jax.data.mllama_images import supported_aspect_ratios
+
 
 @dataclass(frozen=True)
 class TokenIds:
@@ -77,7 +79,7 @@ def tiny_mllama(shape: Shape, ids: TokenIds) -> tuple[dict[str, Any], dict[str, 
     vision = dict(model_type="mllama_vision_model", hidden_size=vh, intermediate_size=2 * vh,
                   num_hidden_layers=shape.vision_layers, num_global_layers=1, attention_heads=shape.vision_heads,
                   image_size=shape.image_size, patch_size=shape.patch_size, max_num_tiles=tiles,
-                  supported_aspect_ratios=[[w, h] for w in range(1, tiles + 1) for h in range(1, tiles // w + 1)],
+                  supported_aspect_ratios=[list(r) for r in supported_aspect_ratios(tiles)],
                   intermediate_layers_indices=[0],
                   vision_output_dim=2 * vh, hidden_act="gelu", norm_eps=1e-5, initializer_range=0.02)
     config = {
