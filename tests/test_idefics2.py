@@ -368,35 +368,26 @@ def test_pipeline_at_idefics2_8b_sequence_shape(tmp_path):
     so 5 x 64 = 320 image tokens per row, under an eval image cap of 200 MB (three rows of five crops a batch). The
     tower's patches are 70 px rather than the 8b's 14 (4900 patches a crop, whose XLA attention scores this CPU
     would hold per crop); the LM's rows and the image inputs are the real ones."""
-    import glob
     import json
-    import os
-    import subprocess
-    import sys
 
-    from vlmu_jax.data.images import load_image_processor
+    from tests.test_pipeline import _first_picture_inputs, _main
 
-    repo = Path(__file__).resolve().parent.parent
     shape = "--config.model.tiny_shape."
-    cmd = [sys.executable, "-m", "vlmu_jax.main", "--config", "configs/demo.py:ci", "--workdir", str(tmp_path),
-           "--config.model.template=idefics2", f"{shape}architecture=idefics2", f"{shape}image_size=980",
-           f"{shape}patch_size=70", f"{shape}perceiver_latents=64",
-           "--config.model.image_processor_overrides.do_image_splitting=true", "--config.data.synthetic_identities=10",
-           "--config.finetune.num_steps=2", "--config.retain_model.num_steps=1", "--config.finetune.batch_size=4",
-           "--config.retain_model.batch_size=4", "--config.eval.max_new_tokens=2",
-           "--config.eval.max_batch_image_mb=200", "--config.stages=finetune,eval"]
-    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
-    assert result.returncode == 0, result.stderr[-4000:]
+    log = _main(tmp_path, "--config.model.template=idefics2", f"{shape}architecture=idefics2",
+                f"{shape}image_size=980", f"{shape}patch_size=70", f"{shape}perceiver_latents=64",
+                "--config.model.image_processor_overrides.do_image_splitting=true",
+                "--config.data.synthetic_identities=10", "--config.finetune.num_steps=2",
+                "--config.retain_model.num_steps=1", "--config.finetune.batch_size=4",
+                "--config.retain_model.batch_size=4", "--config.eval.max_new_tokens=2",
+                "--config.eval.max_batch_image_mb=200", "--config.stages=finetune,eval")
     # 320 image tokens and the question's text: every training row pads to 384 (the demo's max_length is 128)
-    assert "finetuned: one length 384" in result.stderr and "retain_model: one length 384" in result.stderr
+    assert "finetuned: one length 384" in log and "retain_model: one length 384" in log
     resolved = json.loads((tmp_path / "config.json").read_text())
     assert resolved["model"]["image_processor_overrides"] == {"do_image_splitting": True}
     base = json.loads((tmp_path / "models" / "base" / "config.json").read_text())
     assert base["perceiver_config"]["resampler_n_latents"] == 64 and base["vision_config"]["image_size"] == 980
-    picture = Image.open(sorted(glob.glob(str(tmp_path / "data" / "**" / "*.png"), recursive=True))[0])
-    processor = load_image_processor(tmp_path / "models" / "base", resolved["model"]["image_processor_overrides"])
-    assert processor(picture)["pixel_values"].shape == (5, 3, 980, 980)
+    inputs = _first_picture_inputs(tmp_path, resolved["model"]["image_processor_overrides"])
+    assert inputs["pixel_values"].shape == (5, 3, 980, 980)
     for name in ("finetuned", "retain_model"):
         logs = json.loads((tmp_path / "eval_results" / name / "eval_log_aggregated.json").read_text())
         forget = logs["eval_forget_log.json"]

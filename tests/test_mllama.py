@@ -155,39 +155,24 @@ def test_pipeline_finetune_and_eval(tmp_path):
     """The demo pipeline with a narrow Mllama at Llama-3.2-11B-Vision's image geometry (560 px tiles, patch 14,
     up to 4 tiles: 1601 vision tokens per tile, 4 tiles for the 1120 px pictures) and the llama-3.2-vision
     template: finetune + eval write finite logs."""
-    import glob
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from PIL import Image
-
-    from vlmu_jax.data.images import load_image_processor
+    from tests.test_pipeline import _first_picture_inputs, _main
 
     shape = "--config.model.tiny_shape."
-    overrides = ["--config.model.template=llama-3.2-vision", f"{shape}architecture=mllama",
-                 "--config.stages=finetune,eval", "--config.data.synthetic_identities=5",
-                 "--config.data.synthetic_image_size=1120", "--config.finetune.num_steps=2",
-                 "--config.retain_model.num_steps=1", "--config.finetune.batch_size=4",
-                 "--config.retain_model.batch_size=4", "--config.eval.batch_size=8", "--config.eval.max_new_tokens=2",
-                 f"{shape}hidden_size=32", f"{shape}intermediate_size=64", f"{shape}vision_hidden_size=16",
-                 f"{shape}vision_heads=1", f"{shape}vision_layers=1", f"{shape}vocab_size=512",
-                 f"{shape}image_size=560", f"{shape}patch_size=14", f"{shape}max_tiles=4"]
-    cmd = [sys.executable, "-m", "vlmu_jax.main", "--config", "configs/demo.py:ci", "--workdir", str(tmp_path),
-           *overrides]
-    repo = Path(__file__).resolve().parent.parent
-    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
-    assert result.returncode == 0, result.stderr[-4000:]
+    _main(tmp_path, "--config.model.template=llama-3.2-vision", f"{shape}architecture=mllama",
+          "--config.stages=finetune,eval", "--config.data.synthetic_identities=5",
+          "--config.data.synthetic_image_size=1120", "--config.finetune.num_steps=2",
+          "--config.retain_model.num_steps=1", "--config.finetune.batch_size=4", "--config.retain_model.batch_size=4",
+          "--config.eval.batch_size=8", "--config.eval.max_new_tokens=2", f"{shape}hidden_size=32",
+          f"{shape}intermediate_size=64", f"{shape}vision_hidden_size=16", f"{shape}vision_heads=1",
+          f"{shape}vision_layers=1", f"{shape}vocab_size=512", f"{shape}image_size=560", f"{shape}patch_size=14",
+          f"{shape}max_tiles=4")
     base = json.loads((tmp_path / "models" / "base" / "config.json").read_text())
     assert base["model_type"] == "mllama"
     vision = base["vision_config"]
     assert (vision["image_size"], vision["patch_size"], vision["max_num_tiles"]) == (560, 14, 4)
-    picture = Image.open(sorted(glob.glob(str(tmp_path / "data" / "**" / "*.png"), recursive=True))[0])
-    assert load_image_processor(tmp_path / "models" / "base")(picture.convert("RGB"))["pixel_values"].shape == (
-        4, 3, 560, 560)
+    assert _first_picture_inputs(tmp_path)["pixel_values"].shape == (4, 3, 560, 560)
     for name in ("finetuned", "retain_model"):
         losses = [json.loads(line)["loss"] for line in (tmp_path / "train" / name / "metrics.jsonl").open()]
         assert len(losses) == {"finetuned": 2, "retain_model": 1}[name] and np.isfinite(losses).all()

@@ -33,6 +33,14 @@ def _rows(workdir: Path) -> dict[str, dict]:
     return {r["Model"]: r for r in json.loads((workdir / "report" / "results.json").read_text())["rows"]}
 
 
+def _first_picture_inputs(workdir: Path, overrides: dict | None = None) -> dict:
+    """The run's base model's image inputs (its processor, with `overrides`) for the run's first data picture."""
+    from vlmu_jax.data.images import load_image_processor
+
+    picture = Image.open(sorted((workdir / "data").rglob("*.png"))[0])
+    return load_image_processor(workdir / "models" / "base", overrides)(picture)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The demo's workdir and its log; its compiled programs go to a cache of this test session."""

@@ -280,24 +280,15 @@ def test_pipeline_on_tiny_qwen(tmp_path, family, shape):
     """`python -m vlmu_jax.main` (demo, reduced) with a narrow Qwen2.5-VL or Qwen2-VL and the qwen template:
     finetune trains (finite logged losses) and eval writes FIUBench's results; Qwen2.5-VL at the presets' real
     sequence shape."""
-    import glob
     import json
-    import os
-    import subprocess
-    import sys
 
-    from vlmu_jax.data.images import load_image_processor
+    from tests.test_pipeline import _first_picture_inputs, _main
 
-    repo = Path(__file__).resolve().parent.parent
     workdir = tmp_path / "w"
-    cmd = [sys.executable, "-m", "vlmu_jax.main", "--config", "configs/demo.py:ci", "--workdir", str(workdir),
-           "--config.model.template=qwen2-vl", f"--config.model.tiny_shape.architecture={family}",
-           f"--config.data.synthetic_identities={5 if shape else 8}", "--config.finetune.num_steps=2",
-           "--config.retain_model.num_steps=2", "--config.eval.max_new_tokens=2", "--config.stages=finetune,eval",
-           *shape]
-    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
-    assert result.returncode == 0, result.stderr[-4000:]
+    log = _main(workdir, "--config.model.template=qwen2-vl", f"--config.model.tiny_shape.architecture={family}",
+                f"--config.data.synthetic_identities={5 if shape else 8}", "--config.finetune.num_steps=2",
+                "--config.retain_model.num_steps=2", "--config.eval.max_new_tokens=2",
+                "--config.stages=finetune,eval", *shape)
     hf_config = json.loads((workdir / "models" / "base" / "config.json").read_text())
     assert hf_config["model_type"] == family
     for name in ("finetuned", "retain_model"):
@@ -305,10 +296,8 @@ def test_pipeline_on_tiny_qwen(tmp_path, family, shape):
         assert len(losses) == 2 and np.isfinite(losses).all()
         assert list((workdir / "eval_results" / name).glob("*.json"))
     if shape:
-        assert "finetuned: one length 576" in result.stderr
-        picture = Image.open(sorted(glob.glob(str(workdir / "data" / "**" / "*.png"), recursive=True))[0])
-        processor = load_image_processor(workdir / "models" / "base", {"max_pixels": 401408})
-        assert processor(picture)["image_grid_thw"].tolist() == [1, 44, 44]
+        assert "finetuned: one length 576" in log
+        assert _first_picture_inputs(workdir, {"max_pixels": 401408})["image_grid_thw"].tolist() == [1, 44, 44]
 
 
 @pytest.mark.parametrize("name", ["fiubench_qwen2_5_vl", "mllmu_qwen2_vl"])
