@@ -12,7 +12,7 @@ from vlmu_jax.checkpoints.hf_import import load_pretrained
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.scoring import token_logprobs
 from vlmu_jax.models.registry import init_model
-from vlmu_jax.models.sharding import batch_shards, global_batch, make_mesh
+from vlmu_jax.models.sharding import abstract_batch, batch_shards, global_batch, make_mesh
 
 
 def _logps(model, batch):
@@ -76,3 +76,20 @@ def test_batch_shards_count_the_axes_rows_split_over() -> None:
     assert batch_shards(mesh) == 4
     ids = global_batch({"ids": np.arange(8 * 3).reshape(8, 3)}, mesh)["ids"]
     assert {s.data.shape for s in ids.addressable_shards} == {(8 // batch_shards(mesh), 3)}
+
+
+def test_abstract_batch_is_what_global_batch_places() -> None:
+    """Compile-ahead lowers against `abstract_batch`, so a later call's program must be the one compiled: the same
+    global shape, dtype (numpy's int64 and float64 as jax keeps them: int32, float32) and placement as the copy
+    `global_batch` makes, with a mesh and without one."""
+    batch = {"input_ids": np.arange(8 * 3).reshape(8, 3), "attention_mask": np.ones((8, 3), np.int32),
+             "images": {"pixel_values": np.zeros((8, 2, 5), np.float64), "pixel_attention_mask": np.ones((8, 5), bool)}}
+    for mesh in (None, make_mesh(data=2, fsdp=2, tensor=2), make_mesh(data=1, fsdp=8, tensor=1)):
+        placed, abstract = global_batch(batch, mesh), abstract_batch(batch, mesh)
+        assert jax.tree.structure(placed) == jax.tree.structure(abstract)
+        for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(abstract), strict=True):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype), (mesh, a, b)
+            if mesh is not None:
+                assert a.sharding == b.sharding
+    assert abstract_batch(batch, None)["input_ids"].dtype == np.int32
+    assert abstract_batch(batch, None)["images"]["pixel_values"].dtype == np.float32

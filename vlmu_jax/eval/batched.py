@@ -27,7 +27,7 @@ from vlmu_jax.eval.frozen import compile_only, compiles_ahead
 from vlmu_jax.eval.generate import decode_over_slices, generate
 from vlmu_jax.eval.scoring import continuation_logprobs, token_logprobs
 from vlmu_jax.logs import progress
-from vlmu_jax.models.sharding import batch_shards, global_batch
+from vlmu_jax.models.sharding import abstract_batch, batch_shards, global_batch
 
 
 @dataclass(frozen=True)
@@ -203,8 +203,6 @@ def _score_batch(model: nnx.Module, inputs: dict):
 def _generate_batch(model: nnx.Module, inputs: dict, *, eos_token_id, pad_token_id: int, max_new_tokens: int):
     return generate(model, inputs["input_ids"], inputs["attention_mask"], inputs["images"],
                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-
-
 
 
 @dataclass(frozen=True)
@@ -415,7 +413,7 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
     def compile_one(job) -> None:
         inputs, run = job
         with compile_only():
-            run(model, global_batch(inputs(), mesh))
+            run(model, abstract_batch(inputs(), mesh))
 
     with ThreadPoolExecutor(min(max(len(jobs), 1), _COMPILE_THREADS), thread_name_prefix="compile") as pool:
         list(pool.map(compile_one, jobs.values()))

@@ -113,6 +113,11 @@ def _decode(
     return out, without_layer_copies(cache, model)
 
 
+def _as_array(x: Any, dtype: Any = None) -> jax.Array | jax.ShapeDtypeStruct:
+    """x as a jax array; an abstract value as it is (a compile-only call's inputs: eval/batched.compile_ahead)."""
+    return x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x, dtype)
+
+
 def generate(
     model: nnx.Module,
     input_ids,
@@ -143,9 +148,9 @@ def generate(
     if temperature > 0.0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs an rng key")
     rng = jax.random.key(0) if rng is None else rng
-    ids = jnp.asarray(input_ids, jnp.int32)
-    h, cache, kv_valid = prefill(model, ids, jnp.asarray(attention_mask, jnp.int32),
-                                 None if images is None else jax.tree.map(jnp.asarray, images),
+    ids = _as_array(input_ids, jnp.int32)
+    h, cache, kv_valid = prefill(model, ids, _as_array(attention_mask, jnp.int32),
+                                 None if images is None else jax.tree.map(_as_array, images),
                                  cache_len=ids.shape[1] + cache_room(max_new_tokens), sliced=decode_over_slices(model))
     tokens, _ = _decode(model, h, kv_valid, rng, cache=cache, prompt_len=ids.shape[1], max_new_tokens=max_new_tokens,
                         eos=eos, pad=int(pad), temperature=float(temperature), top_p=float(top_p))
