@@ -30,6 +30,7 @@ from vlmu_jax.eval.scoring import token_logprobs
 from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.lora import apply_lora
 from vlmu_jax.models.registry import architecture, model_config, set_options
+from vlmu_jax.unlearn import layerwise
 
 # The eval calls run in each of these eval.layer_copies modes, the LoRA steps (OBJECTIVES) under each remat policy.
 COPIES = os.environ.get("COPIES", "auto").split(",")
@@ -38,6 +39,9 @@ REMAT = tuple(x for x in os.environ.get("REMAT", "none").split(",") if x)  # REM
 LAYERWISE = tuple(x for x in os.environ.get("LAYERWISE", "auto,never").split(",") if x)
 EVAL = os.environ.get("EVAL", "1") == "1"  # EVAL=0: the LoRA step only (for a call with little time left)
 OBJECTIVES = tuple(x for x in os.environ.get("OBJECTIVES", "ga").split(",") if x)  # gd / npo: both streams = the batch
+# KERNELS=joined,apart: the per-layer step with the frozen q/k/v and gate/up kernels joined and apart
+# (layerwise.JOIN_FROZEN_KERNELS; default: its default)
+KERNELS = tuple(x for x in os.environ.get("KERNELS", "").split(",") if x) or (None,)
 
 
 def eval_calls(model: nnx.Module, ids: jax.Array, mask: jax.Array, images: dict, head: int) -> None:
@@ -106,12 +110,16 @@ def main() -> None:
     labels_np = np.asarray(labels)
     step_batch = {"input_ids": ids, "attention_mask": mask, "images": images, "labels": labels,  # as the pipeline's
                   "label_index": jnp.asarray(label_index(labels_np, label_slots(labels_np)))}  # sources give them
-    for objective, remat, form in itertools.product(OBJECTIVES, REMAT, LAYERWISE):
+    join_default = layerwise.JOIN_FROZEN_KERNELS
+    for objective, remat, form, kernels in itertools.product(OBJECTIVES, REMAT, LAYERWISE, KERNELS):
+        layerwise.JOIN_FROZEN_KERNELS = join_default if kernels is None else kernels == "joined"
         r = unlearn_step_time(model, objective, remat, step_batch, layerwise_mode=form)
         print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "layerwise": form, "B": b, "T": t, "s": r.s,
+                          "frozen_kernels": "joined" if layerwise.JOIN_FROZEN_KERNELS else "apart",
                           "samples_per_s": b / r.s,
                           "compile_s": r.compile_s, "max_mem_gb": r.process_peak_gb, "step_peak_gb": r.step_peak_gb}),
               flush=True)
+    layerwise.JOIN_FROZEN_KERNELS = join_default
 
 
 if __name__ == "__main__":

@@ -48,8 +48,10 @@ GEN_BATCHES = tuple(int(x) for x in os.environ.get("GEN_B", "16,64").split(",") 
 GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1").split(","))
 # The unlearning steps to time, objective:remat pairs (by default the LLaVA-1.5 presets' LoRA policy);
 # objective:remat:xla|materialised|philox|hashed draws the dropout masks as bench/bench_dropout.py's function of that
-# name (default: layers.dropout_keep, on one GPU its kernel); objective:remat:MASKS:joined holds the frozen q/k/v
-# and gate/up kernels joined in the per-layer step (layerwise.JOIN_FROZEN_KERNELS).
+# name (default: layers.dropout_keep, on one GPU its kernel; `ones`: every element kept, a constant XLA folds the
+# masks' selects into, so the difference to the default is what the masks cost the step); objective:remat:MASKS:apart
+# (:joined) holds the frozen q/k/v and gate/up kernels apart (joined) in the per-layer step
+# (layerwise.JOIN_FROZEN_KERNELS; default: its default).
 _LORA = lora_remat("llava-1.5")  # what the LLaVA-1.5 presets' LoRA stages run
 STEPS = tuple(tuple(x.split(":")) for x in os.environ.get(
     "STEPS", f"ga:{_LORA},ga:none,gd:{_LORA},npo:{_LORA}").split(",") if x)
@@ -230,22 +232,25 @@ def main() -> None:
     batches = {"all": {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}}
     labels_np = np.asarray(labels)
     batches["labels"] = {**batches["all"], "label_index": jnp.asarray(label_index(labels_np, label_slots(labels_np)))}
+    join_default = layerwise.JOIN_FROZEN_KERNELS
     for (objective, remat, *how), copies, form, positions in itertools.product(
             STEPS if "steps" in WORK else (), STEP_COPIES, LAYERWISE, POSITIONS):
         dropout, kernels = (how + ["", ""])[:2]
-        masks = {"xla": xla_keep, "materialised": materialised, "philox": philox, "hashed": hashed}
+        masks = {"xla": xla_keep, "materialised": materialised, "philox": philox, "hashed": hashed,
+                 "ones": lambda rng, shape, rate: jnp.ones(shape, bool)}
         layers.dropout_keep = masks.get(dropout, dropout_keep)
-        layerwise.JOIN_FROZEN_KERNELS = kernels == "joined"
+        layerwise.JOIN_FROZEN_KERNELS = {"joined": True, "apart": False}.get(kernels, join_default)
         with layer_copies(model, "always" if copies else "never") as attached:
             r = unlearn_step_time(model, objective, remat, batches[positions],
                                   layerwise_mode="never" if copies else form)
         print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout or "dropout_keep",
-                          "frozen_kernels": kernels or "apart", "layer_copies": attached, "layerwise": form,
+                          "frozen_kernels": "joined" if layerwise.JOIN_FROZEN_KERNELS else "apart",
+                          "layer_copies": attached, "layerwise": form,
                           "positions": positions, "B": b,
                           "T": n_img + t_text, "s": r.s,
                           "compile_s": r.compile_s, "samples_per_s": b / r.s, "max_mem_gb": r.process_peak_gb,
                           "step_peak_gb": r.step_peak_gb}), flush=True)
-    layers.dropout_keep, layerwise.JOIN_FROZEN_KERNELS = dropout_keep, False
+    layers.dropout_keep, layerwise.JOIN_FROZEN_KERNELS = dropout_keep, join_default
     if "generate" not in WORK:
         return
     set_options(model, scan_layers=True)

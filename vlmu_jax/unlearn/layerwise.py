@@ -136,11 +136,12 @@ def lora_only(model: nnx.Module, params: nnx.State) -> bool:
     return all(isinstance(v, nnx.LoRAParam) or getattr(v, "type", None) is nnx.LoRAParam for _, v in flat)
 
 
-# Whether FrozenLayers holds the frozen q/k/v and gate/up kernels joined (`join_frozen_projections`). Off until
-# measured on a GPU (bench/NOTES.md, "Next device session": `bench_jax_llava.py` STEPS variant `:joined`): the
-# forward saves a kernel concatenation, two output slices and two norm multiplies per 7B layer (~3 ms per GA step
-# predicted), but the backward's cotangent concatenations may cost as much.
-JOIN_FROZEN_KERNELS = False
+# Whether FrozenLayers holds the frozen q/k/v and gate/up kernels joined (`join_frozen_projections`): one gemm over
+# one normed input for q/k/v and one for gate/up, where XLA's dot merger concatenated the kernels and sliced the
+# outputs in every step. Measured on an H200 (bench/RESULTS.md, session 27, call 94), LLaVA-7B's per-layer LoRA
+# steps: GA 0.1798 -> 0.1747 s (with the attention-inputs policy 0.1753 -> 0.1725 s), NPO and GD ~0.8 % faster.
+# Not measured on a GPU for the other families (the same layers: tests/test_layerwise_mllama.py).
+JOIN_FROZEN_KERNELS = True
 
 
 def join_frozen_projections(model: nnx.Module, trainable: Any) -> list[LlamaAttention | GatedMLP]:
