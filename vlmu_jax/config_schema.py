@@ -54,8 +54,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     # Rematerialisation of this stage's training step; "" = config.model.remat. A LoRA stage keeps only the matmul
     # outputs with "dots_with_no_batch_dims_saveable": at LLaVA-1.5-7B shape as fast as none and a quarter less
     # memory (bench/NOTES.md); "dots_and_dropout_saveable" also keeps the LoRA dropout masks (3.6 ms faster per 7B
-    # step, 2.9 GiB more); "dots_attention_dropout_saveable" (the presets' LoRA stages but idefics2's and
-    # llava-phi's: presets.lora_remat) also cuDNN attention's outputs; "projections_attention_dropout_saveable"
+    # step, 2.9 GiB more); "dots_attention_dropout_saveable" (Mllama's and Qwen2-VL's presets: presets.lora_remat)
+    # also cuDNN attention's outputs; "dots_attention_inputs_dropout_saveable" (LLaVA-1.5's) also attention's
+    # inputs, q and k after the rotary and v; "projections_attention_dropout_saveable"
     # keeps each projection's output (base + LoRA) once instead of the dots: ~20 % less memory for 1-2 % more time
     # per LoRA step; a full finetune at 7B wants "full".
     c.remat = ""
