@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.test_pipeline import REPO, _main, _rows
 
@@ -69,18 +70,24 @@ def test_mllmu_pipeline(tmp_path: Path) -> None:
     assert "Forget Set Results / classification / Image-Textual Question Accuracy" in rows["finetuned"]
 
 
-def test_llava_real_image_size(tmp_path: Path) -> None:
-    """LLaVA-1.5's real image geometry (336 px, patch 14: 576 image tokens) at FIUBench's max_length 512 through
-    finetune, unlearn (under its own remat policy, the LLaVA-1.5 presets' LoRA one, with LoRA dropout so it keeps
-    the masks) and eval with a narrow model: the sequence buckets follow the image expansion, and the log names each
-    loaded model's attention and remat."""
+@pytest.mark.parametrize("text_model,extra", [
+    ("llama", ()),
+    # LLaVA-Phi-3's template under the corrected protocol: the original's generation prompt splits the decoded row at
+    # "<|end|><|assistant|>", which the demo tokenizer (it keeps the newline between them) never writes
+    ("phi3", ("--config.model.template=llava-phi", "--config.protocol=corrected"))])
+def test_llava_real_image_size(tmp_path: Path, text_model: str, extra: tuple[str, ...]) -> None:
+    """LLaVA-1.5's and LLaVA-Phi-3's real image geometry (336 px, patch 14: 576 image tokens) at FIUBench's
+    max_length 512 through finetune, unlearn (under its own remat policy, the LLaVA-1.5 presets' LoRA one, with LoRA
+    dropout so it keeps the masks) and eval with a narrow model: the sequence buckets follow the image expansion
+    (rows of 704 and 640), and the log names each loaded model's attention and remat."""
     workdir = tmp_path / "llava336"
-    log = _main(workdir, "--config.data.synthetic_identities=10", "--config.data.max_length=512",
+    log = _main(workdir, *extra, f"--config.model.tiny_shape.text_model={text_model}",
+          "--config.data.synthetic_identities=10", "--config.data.max_length=512",
           "--config.model.tiny_shape.image_size=336", "--config.model.tiny_shape.patch_size=14",
           "--config.model.tiny_shape.hidden_size=64", "--config.model.tiny_shape.intermediate_size=128",
           "--config.model.tiny_shape.vision_hidden_size=32", "--config.model.tiny_shape.vision_layers=1",
           "--config.finetune.num_steps=2", "--config.retain_model.num_steps=1", "--config.unlearn.num_steps=1",
-          "--config.unlearn.objective=gd", "--config.unlearn.remat=dots_attention_dropout_saveable",
+          "--config.unlearn.objective=gd", "--config.unlearn.remat=dots_attention_inputs_dropout_saveable",
           "--config.unlearn.lora_dropout=0.05",
           "--config.eval.max_new_tokens=2", "--config.eval.batch_size=16", "--config.stages=finetune,unlearn,eval")
     for name in ("finetuned", "retain_model", "unlearned_gd"):
@@ -91,4 +98,6 @@ def test_llava_real_image_size(tmp_path: Path) -> None:
     # CPU: "auto" attention resolves to XLA's; the demo config keeps remat off, the unlearn stage sets its own.
     assert f"model {workdir / 'models' / 'finetuned'}: llava in float32, attention xla (asked 'auto'), remat 'none'" \
         in log
-    assert "unlearned_gd trains with remat 'dots_attention_dropout_saveable' (config.model.remat 'none')" in log
+    assert "unlearned_gd trains with remat 'dots_attention_inputs_dropout_saveable' (config.model.remat 'none')" in log
+    # 576 image tokens and the text: rows padded to the bucket above them (LLaVA-1.5's longer template: 704)
+    assert f"finetuned: one length {704 if text_model == 'llama' else 640}" in log
