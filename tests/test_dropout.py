@@ -104,13 +104,15 @@ def test_presets_policy_keeps_cudnn_attention_outputs():
 
 
 def test_presets_pick_the_lora_policy_per_template():
-    """LLaVA-1.5's (under either benchmark's template), Llama-3.2-Vision's and Qwen2(.5)-VL's LoRA stages keep the
-    masks and attention outputs (measured faster on an H200), idefics2's and the families not measured both ways keep
-    the matmul outputs only; FIUBench's full finetune stays on `full`."""
+    """LLaVA-1.5's LoRA stages (under either benchmark's template) keep the masks, attention's inputs and outputs;
+    Llama-3.2-Vision's and Qwen2(.5)-VL's the masks and attention's outputs (each measured faster on an H200);
+    idefics2's and the families not measured both ways the matmul outputs only; FIUBench's full finetune stays on
+    `full`."""
     from vlmu_jax import presets
 
-    keep, dots = "dots_attention_dropout_saveable", "dots_with_no_batch_dims_saveable"
-    for template, want in (("llava-1.5", keep), ("mllmu-llava", keep), ("llama-3.2-vision", keep),
+    inputs, keep, dots = ("dots_attention_inputs_dropout_saveable", "dots_attention_dropout_saveable",
+                          "dots_with_no_batch_dims_saveable")
+    for template, want in (("llava-1.5", inputs), ("mllmu-llava", inputs), ("llama-3.2-vision", keep),
                            ("qwen2-vl", keep), ("idefics2", dots), ("llava-phi", dots)):
         assert presets.mllmu(None, template=template, model_path="").model.remat == want
         fiubench = presets.fiubench(None, template=template, model_path="")
