@@ -20,14 +20,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from vlmu_jax import logs
 from vlmu_jax.checkpoints.in_memory import ModelCache
 from vlmu_jax.data import fiubench, mllmu, synthetic
 from vlmu_jax.data.batching import TextConfig, checkpoint_text_config
-from vlmu_jax.data.images import ImageProcessor, load_image_processor, row_images
-from vlmu_jax.data.records import Benchmark, ImageRef
+from vlmu_jax.data.image_cache import ImageCache
+from vlmu_jax.data.images import ImageProcessor, load_image_processor
+from vlmu_jax.data.records import Benchmark
 from vlmu_jax.data.templates import get_template, load_tokenizer, train_demo_tokenizer
 from vlmu_jax.model_sources import given_checkpoints
 from vlmu_jax.models import sharding
@@ -127,13 +127,15 @@ class Workspace:
         user = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
         return load_image_processor(self.base_model, {**self.protocol.image_processor_overrides(stage), **user})
 
-    def image_fn(self, ref: ImageRef | None) -> dict[str, np.ndarray]:
-        """A training row's image inputs for the model (a text-only row's when `ref` is None)."""
-        return row_images(self.image_processor, ref)
+    @cached_property
+    def image_fn(self) -> ImageCache:
+        """A training row's image inputs for the model (`image_fn(ref)`; a text-only row's when `ref` is None)."""
+        return ImageCache(self.image_processor, self.config.data.image_cache_mb * 10**6)
 
-    def eval_image_fn(self, ref: ImageRef | None) -> dict[str, np.ndarray]:
-        """An evaluation row's image inputs for the model (a text-only row's when `ref` is None)."""
-        return row_images(self.eval_image_processor, ref)
+    @cached_property
+    def eval_image_fn(self) -> ImageCache:
+        """An evaluation row's image inputs for the model (`eval_image_fn(ref)`; None: a text-only row's)."""
+        return ImageCache(self.eval_image_processor, self.config.data.image_cache_mb * 10**6)
 
     @cached_property
     def models(self) -> ModelCache:

@@ -388,7 +388,7 @@ class ExampleSource:
         self._collate = functools.partial(
             collate,
             pad_token_id=pad_token_id,
-            image_fn=functools.lru_cache(256)(image_fn),
+            image_fn=image_fn,
             buckets=self.buckets,
             left_pad=left_pad,
             slots=label_slots,
