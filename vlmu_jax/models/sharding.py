@@ -134,17 +134,19 @@ def abstract_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
     """The shapes, dtypes and placement `global_batch(batch, mesh)` would give, without copying anything to the
     devices: what compiling a batch's programs ahead needs (eval/batched.compile_ahead). Why: there a sample batch
     per program was copied in eight threads at once, device memory held for nothing (an idefics2 batch with image
-    splitting is up to `eval.max_batch_image_mb`)."""
-    def spec(v: Any) -> jax.ShapeDtypeStruct:
-        dtype = jax.dtypes.canonicalize_dtype(np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype)
-        if mesh is None:
-            return jax.ShapeDtypeStruct(np.shape(v), dtype)
-        sharding = NamedSharding(mesh, PartitionSpec(_batch_axes(mesh)))
-        # the rows of the processes' shards concatenated, as make_array_from_process_local_data reads them
-        shards = batch_shards(mesh)
-        placed = sharding.devices_indices_map((shards,))
-        here = len({placed[d][0].start for d in sharding.addressable_devices})
-        return jax.ShapeDtypeStruct((np.shape(v)[0] * shards // here, *np.shape(v)[1:]), dtype, sharding=sharding)
+    splitting is up to `eval.max_batch_image_mb`). `batch` holds numpy arrays, as the batch sources give them."""
+    if mesh is None:
+        return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jax.dtypes.canonicalize_dtype(v.dtype)), batch)
+    sharding = NamedSharding(mesh, PartitionSpec(_batch_axes(mesh)))
+    # global rows: this host's rows times the batch shards over the ones its devices hold, as
+    # make_array_from_process_local_data reads them
+    shards = batch_shards(mesh)
+    placed = sharding.devices_indices_map((shards,))
+    here = len({placed[d][0].start for d in sharding.addressable_devices})
+
+    def spec(v: np.ndarray) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((v.shape[0] * shards // here, *v.shape[1:]), jax.dtypes.canonicalize_dtype(v.dtype),
+                                    sharding=sharding)
 
     return jax.tree.map(spec, batch)
 
