@@ -123,7 +123,8 @@ def assert_forms_agree(run_form, build, atol: float | None = None) -> None:
 def test_layerwise_step_with_kernels_apart_equals_scanned_step(tmp_path, objective, monkeypatch) -> None:
     """The other tests run the per-layer step with the frozen q/k/v and gate/up kernels held joined (the default:
     one gemm each, each projection's LoRA and dropout mask its own); held apart, as the model stores them, it
-    trains what the scanned step does too."""
+    trains what the scanned step does too. (Apart is no family's special case: Mllama's layers were tested that way
+    until session 27, and CI's time went to the joined default there.)"""
     monkeypatch.setattr(layerwise, "JOIN_FROZEN_KERNELS", False)
     assert_forms_agree(lambda mode: run(tmp_path, objective, mode), tiny_lora_llava)
 

@@ -84,13 +84,6 @@ def test_layerwise_step_equals_scanned_step(tmp_path, objective, images, kw) -> 
     assert_forms_agree(lambda mode: run(tmp_path, objective, mode, images, **kw), tiny_lora_mllama)
 
 
-def test_layerwise_step_with_kernels_apart_equals_scanned_step(tmp_path, monkeypatch) -> None:
-    """The tests above hold Mllama's frozen q/k/v (self layers) and gate/up kernels joined (the default); held
-    apart, NPO (policy and reference) trains what the scanned step does too (tolerances: tests/test_layerwise.py)."""
-    monkeypatch.setattr(layerwise, "JOIN_FROZEN_KERNELS", False)
-    assert_forms_agree(lambda mode: run(tmp_path, "npo", mode, True), tiny_lora_mllama)
-
-
 def test_stacks_of_one_layer_structure_share_their_programs(tmp_path, monkeypatch) -> None:
     """Mllama's three stacks of self-attention layers share one set of layer programs, its two stacks of cross
     layers another (compared once when the step is built): a GA step compiles two layer structures, not five."""
