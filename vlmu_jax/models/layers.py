@@ -524,14 +524,14 @@ REMAT_POLICIES: dict[str, Any] = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK),
     ),
-    # LLaVA-1.5's, Llama-3.2-Vision's and Qwen2-VL's LoRA stages in the presets (presets.lora_remat): 1-3 % faster
-    # per 7B step than the dots alone, for ~3.6 GiB of masks and attention outputs at B=4 (bench/RESULTS.md, session
+    # Llama-3.2-Vision's and Qwen2-VL's LoRA stages in the presets (presets.lora_remat): LLaVA-1.5's 7B step 1-3 %
+    # faster than the dots alone, for ~3.6 GiB of masks and attention outputs at B=4 (bench/RESULTS.md, session
     # 23); 5.4 % per 11B step, 1.9 % per Qwen2.5-VL-7B step (session 24)
     "dots_attention_dropout_saveable": _dots_attention_and(DROPOUT_MASK),
     # The presets' policy plus the attention's inputs (q and k after the rotary, v), which the forward writes anyway
     # for the fused kernel: the backward then reads them instead of adding q's, k's and v's base and LoRA dot
     # outputs again and redoing the rotary, and those six dot outputs are no longer kept (three [B, T, 4096] per 7B
-    # layer less). Predicted -1.5 ms and ~2 GiB per 7B GA step at B=4; not yet measured (bench/NOTES.md).
+    # layer less). LLaVA-1.5's LoRA stages in the presets: its per-layer 7B GA step 0.1798 -> 0.1753 s (session 27).
     "dots_attention_inputs_dropout_saveable": _dots_attention_and(DROPOUT_MASK, ATTENTION_INPUT),
     # Each projection's output once (base + LoRA summed), LoRA's rank-r hidden, the masks and cuDNN attention's
     # outputs, where the dots policies keep a LoRA projection's base and LoRA outputs apart (the backward of what

@@ -122,11 +122,16 @@ def batch_shards(mesh: Mesh | None) -> int:
     return 1 if mesh is None else math.prod(mesh.shape[a] for a in _batch_axes(mesh))
 
 
+def _batch_sharding(mesh: Mesh) -> NamedSharding:
+    """A batch's placement: its rows split over the rules' 'batch' axes, the rest whole."""
+    return NamedSharding(mesh, PartitionSpec(_batch_axes(mesh)))
+
+
 def global_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
     """This host's rows of a batch (a pytree of arrays) -> global arrays split along 'batch' over the mesh."""
     if mesh is None:  # device_put, not jnp.asarray: that compiles a copy program per shape (jax 0.10)
         return jax.tree.map(jax.device_put, batch)
-    sharding = NamedSharding(mesh, PartitionSpec(_batch_axes(mesh)))
+    sharding = _batch_sharding(mesh)
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)
 
 
@@ -137,7 +142,7 @@ def abstract_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
     splitting is up to `eval.max_batch_image_mb`). `batch` holds numpy arrays, as the batch sources give them."""
     if mesh is None:
         return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jax.dtypes.canonicalize_dtype(v.dtype)), batch)
-    sharding = NamedSharding(mesh, PartitionSpec(_batch_axes(mesh)))
+    sharding = _batch_sharding(mesh)
     # global rows: this host's rows times the batch shards over the ones its devices hold, as
     # make_array_from_process_local_data reads them
     shards = batch_shards(mesh)
