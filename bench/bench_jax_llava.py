@@ -31,9 +31,10 @@ from vlmu_jax.eval.frozen import compile_only, frozen
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import continuation_logprobs, token_logprobs
-from vlmu_jax.models import layers
+from vlmu_jax.models import layers, lora_kernel
 from vlmu_jax.models.layers import dropout_keep, resolve_attention_impl
 from vlmu_jax.models.lora import apply_lora, merge_lora
+from vlmu_jax.models.lora_kernel import fused_call
 from vlmu_jax.models.registry import init_model, set_options
 from vlmu_jax.presets import lora_remat
 from vlmu_jax.stages import logps_fn
@@ -51,7 +52,9 @@ GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1").split(","))
 # name (default: layers.dropout_keep, on one GPU its kernel; `ones`: every element kept, a constant XLA folds the
 # masks' selects into, so the difference to the default is what the masks cost the step); objective:remat:MASKS:apart
 # (:joined) holds the frozen q/k/v and gate/up kernels apart (joined) in the per-layer step
-# (layerwise.JOIN_FROZEN_KERNELS; default: its default).
+# (layerwise.JOIN_FROZEN_KERNELS; default: its default); objective:remat:MASKS:KERNELS:unfused runs LoRA's dropout
+# and down-product as XLA's mask kernel, select and gemm instead of models/lora_kernel.py's one kernel (on one GPU),
+# objective:remat:MASKS:KERNELS:rows/blocks/warps/stages/programs the kernel with that tiling.
 _LORA = lora_remat("llava-1.5")  # what the LLaVA-1.5 presets' LoRA stages run
 STEPS = tuple(tuple(x.split(":")) for x in os.environ.get(
     "STEPS", f"ga:{_LORA},ga:none,gd:{_LORA},npo:{_LORA}").split(",") if x)
@@ -232,25 +235,31 @@ def main() -> None:
     batches = {"all": {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": pix}}
     labels_np = np.asarray(labels)
     batches["labels"] = {**batches["all"], "label_index": jnp.asarray(label_index(labels_np, label_slots(labels_np)))}
-    join_default = layerwise.JOIN_FROZEN_KERNELS
+    join_default, fused_default = layerwise.JOIN_FROZEN_KERNELS, layers.FUSED_LORA_DROPOUT
     for (objective, remat, *how), copies, form, positions in itertools.product(
             STEPS if "steps" in WORK else (), STEP_COPIES, LAYERWISE, POSITIONS):
-        dropout, kernels = (how + ["", ""])[:2]
+        dropout, kernels, lora = (how + ["", "", ""])[:3]
         masks = {"xla": xla_keep, "materialised": materialised, "philox": philox, "hashed": hashed,
                  "ones": lambda rng, shape, rate: jnp.ones(shape, bool)}
         layers.dropout_keep = masks.get(dropout, dropout_keep)
         layerwise.JOIN_FROZEN_KERNELS = {"joined": True, "apart": False}.get(kernels, join_default)
+        layers.FUSED_LORA_DROPOUT = lora != "unfused"
+        tiling = dict(zip(("block_rows", "block_cols", "warps", "stages", "programs"), map(int, lora.split("/")),
+                          strict=True)) if "/" in lora else {}
+        lora_kernel.fused_call = partial(fused_call, **tiling)
         with layer_copies(model, "always" if copies else "never") as attached:
             r = unlearn_step_time(model, objective, remat, batches[positions],
                                   layerwise_mode="never" if copies else form)
         print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout or "dropout_keep",
                           "frozen_kernels": "joined" if layerwise.JOIN_FROZEN_KERNELS else "apart",
+                          "lora_dropout": lora or "fused",
                           "layer_copies": attached, "layerwise": form,
                           "positions": positions, "B": b,
                           "T": n_img + t_text, "s": r.s,
                           "compile_s": r.compile_s, "samples_per_s": b / r.s, "max_mem_gb": r.process_peak_gb,
                           "step_peak_gb": r.step_peak_gb}), flush=True)
     layers.dropout_keep, layerwise.JOIN_FROZEN_KERNELS = dropout_keep, join_default
+    layers.FUSED_LORA_DROPOUT, lora_kernel.fused_call = fused_default, fused_call
     if "generate" not in WORK:
         return
     set_options(model, scan_layers=True)

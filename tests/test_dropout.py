@@ -24,9 +24,12 @@ def test_keep_rate_and_independence():
     drop = 1 - keep.mean()
     realised = 3277 / 65536  # round(0.05 * 65536) / 65536
     assert abs(drop - realised) < 5 * np.sqrt(realised * (1 - realised) / n)
-    # Neighbours share a Threefry block (lanes 0-3 of one count) or not: both dropped as often as independence says.
-    both = (~keep[..., :-1] & ~keep[..., 1:]).mean()
-    assert abs(both - realised**2) < 5 * np.sqrt(realised**2 / keep[..., 1:].size)
+    # Elements c and q + c share a Threefry block (lanes 0 and 1 of one count), neighbours do not: both pairs are
+    # dropped together as often as independence says.
+    q = -(-shape[-1] // 4)
+    for first, second in ((keep[..., :q], keep[..., q:2 * q]), (keep[..., :-1], keep[..., 1:])):
+        both = (~first & ~second).mean()
+        assert abs(both - realised**2) < 5 * np.sqrt(realised**2 / first.size)
     # Rows are hashed from different counts: no two rows alike.
     rows = keep.reshape(-1, shape[-1])
     assert len({r.tobytes() for r in rows}) == len(rows)
@@ -37,6 +40,24 @@ def test_keep_rate_and_independence():
     assert np.asarray(dropout_keep(jax.random.key(0), (8, 9), 0.0)).all()
     half = np.asarray(dropout_keep(jax.random.key(0), (512, 512), 0.5)).mean()
     assert abs(half - 0.5) < 5 * 0.5 / 512
+
+
+def test_mask_layout_is_four_quarters_of_lanes():
+    """Element l * q + c of row r (q = ceil(d / 4)) is lane l of Threefry block r * q + c, the lanes being
+    (hi & 0xFFFF, hi >> 16, lo & 0xFFFF, lo >> 16), kept where the lane is >= round(rate * 65536): derived here
+    from jax's own Threefry-2x32 for d = 10 (q = 3; the last quarter has one element)."""
+    from jax.extend.random import threefry2x32_p
+
+    key, rate, rows, d = jax.random.key(5), 0.5, 3, 10
+    k = jax.random.key_data(key)
+    counts = jnp.arange(rows * 3, dtype=jnp.uint32)
+    hi, lo = (np.asarray(w).reshape(rows, 3) for w in threefry2x32_p.bind(k[0], k[1], jnp.zeros_like(counts), counts))
+    lanes = (hi & 0xFFFF, hi >> 16, lo & 0xFFFF, lo >> 16)
+    want = np.zeros((rows, d), bool)
+    for r in range(rows):
+        for e in range(d):
+            want[r, e] = lanes[e // 3][r, e % 3] >= 32768
+    np.testing.assert_array_equal(np.asarray(dropout_keep(key, (rows, d), rate)), want)
 
 
 def test_mask_does_not_depend_on_sharding():
@@ -151,7 +172,7 @@ def test_mask_kernel_gives_dropout_keeps_bits():
 
 def test_mask_kernel_lowers_to_one_triton_call():
     """The GPU lowering, made on this CPU: one Triton call per mask over (64-row, 64-block) programs writing the
-    [rows, blocks, 4] booleans that are the mask in its own element order (no transpose, concatenate or uint32
+    [rows, 4, blocks] booleans that are the mask in its own element order (no transpose, concatenate or uint32
     array around it). LLaVA-7B's 4096-wide masks at 4 x 704 tokens: 44 x 16 programs; the 11008-wide: 44 x 43."""
     from vlmu_jax.models.dropout_kernel import keep_mask
 
@@ -160,7 +181,7 @@ def test_mask_kernel_lowers_to_one_triton_call():
         calls = [line for line in text.splitlines() if "custom_call @__gpu$xla.gpu.triton" in line]
         assert len(calls) == 1
         assert f"grid_x = 44 : i32, grid_y = {blocks // 64} : i32, grid_z = 1 : i32" in calls[0]
-        assert f"-> tensor<2816x{blocks}x4xi1>" in calls[0]
+        assert f"-> tensor<2816x4x{blocks}xi1>" in calls[0]
         around = "\n".join(line for line in text.splitlines() if line not in calls)  # the kernel's IR names its code
         assert not any(op in around for op in ("transpose", "concatenate", "threefry"))
         assert re.findall(r"tensor<[0-9x]*ui32>", around) == ["tensor<2xui32>"] * around.count("ui32>")  # the key

@@ -149,7 +149,9 @@ def test_lora_step_over_copies_equals_the_scanned_stack(tmp_path):
         i = path.index("layers")
         for layer in range(model.config.text.num_layers):
             copy_path = (*path[:i], "layer_copies", layer, *path[i + 1:])
-            np.testing.assert_allclose(np.asarray(got_flat[copy_path]), np.asarray(g)[layer], rtol=1e-4, atol=1e-6)
+            # float32 sums in another order (scanned / unrolled): within 1e-5 of the gradient's scale
+            np.testing.assert_allclose(np.asarray(got_flat[copy_path]), np.asarray(g)[layer], rtol=1e-4,
+                                       atol=1e-5 * np.abs(np.asarray(g)).max())
             compared += 1
     assert compared > 10
     np.testing.assert_allclose(np.asarray(model.decoder_lm().layers.mlp.up_proj.lora_b[...]),

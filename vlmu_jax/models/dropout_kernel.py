@@ -10,9 +10,9 @@ stores the four lanes' comparisons straight into the mask: the mask's bytes are 
 read. Measured on an H200 (bench/RESULTS.md, session 25, call 93): the same bits as XLA's path, compiled; per
 LLaVA-7B step GA 0.1822 -> 0.1768 s, NPO 0.4243 -> 0.4198 s, for 1.3-1.4 GB more peak memory.
 
-Same bits as `layers.dropout_keep` for a Threefry key: block c of row r (the flat count r * ceil(d / 4) + c over
-the mask's last axis d) gives lanes (hi & 0xFFFF, hi >> 16, lo & 0xFFFF, lo >> 16) to elements 4c .. 4c + 3, each
-kept where its lane is >= round(rate * 65536) (tests/test_dropout.py).
+Same bits as `layers.dropout_keep` for a Threefry key: block c of row r (the flat count r * q + c, q = ceil(d / 4)
+blocks over the mask's last axis d) gives lanes (hi & 0xFFFF, hi >> 16, lo & 0xFFFF, lo >> 16) to elements c,
+q + c, 2q + c and 3q + c, each kept where its lane is >= round(rate * 65536) (tests/test_dropout.py).
 """
 
 from __future__ import annotations
@@ -53,15 +53,15 @@ def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array,
 def _kernel(key_ref, out_ref, *, blocks: int, threshold: int, block_rows: int, block_cols: int,
             groups: int) -> None:
     """Program (i, j): rows [i * block_rows, ...) and Threefry blocks [j * block_cols, ...) of the mask, stored
-    as [rows, blocks, 4] (lane-minor: the mask's own element order)."""
+    as [rows, 4, blocks] (the row's four quarters: the mask's own element order)."""
     # uint32 throughout (an int32 program id would promote the counts to int32: arithmetic shifts, other bits)
     first_row = pl.program_id(0).astype(jnp.uint32) * jnp.uint32(block_rows)
     first_col = pl.program_id(1).astype(jnp.uint32) * jnp.uint32(block_cols)
     rows = first_row + jax.lax.broadcasted_iota(jnp.uint32, (block_rows, block_cols), 0)
     cols = first_col + jax.lax.broadcasted_iota(jnp.uint32, (block_rows, block_cols), 1)
     hi, lo = threefry2x32(key_ref[0], key_ref[1], jnp.zeros_like(rows), rows * jnp.uint32(blocks) + cols, groups)
-    lane = jax.lax.broadcasted_iota(jnp.int32, (block_rows, block_cols, 4), 2)
-    word = jnp.where(lane < 2, hi[..., None], lo[..., None])
+    lane = jax.lax.broadcasted_iota(jnp.int32, (block_rows, 4, block_cols), 1)
+    word = jnp.where(lane < 2, hi[:, None, :], lo[:, None, :])
     bits = jnp.where(lane % 2 == 0, word & jnp.uint32(0xFFFF), word >> jnp.uint32(16))
     out_ref[...] = bits >= jnp.uint32(threshold)
 
@@ -83,8 +83,8 @@ def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float, *, interpret:
                           block_cols=block_cols, groups=groups),
         grid=(pl.cdiv(rows, block_rows), pl.cdiv(blocks, block_cols)),
         in_specs=[pl.BlockSpec((2,), lambda i, j: (0,))],
-        out_specs=pl.BlockSpec((block_rows, block_cols, 4), lambda i, j: (i, j, 0)),
-        out_shape=jax.ShapeDtypeStruct((rows, blocks, 4), jnp.bool_),
+        out_specs=pl.BlockSpec((block_rows, 4, block_cols), lambda i, j: (i, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((rows, 4, blocks), jnp.bool_),
         compiler_params=plgpu.CompilerParams(num_warps=warps),
         interpret=interpret,
         name="dropout_keep_mask",

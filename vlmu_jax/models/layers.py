@@ -18,7 +18,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.extend.random import threefry2x32_p
 
-from vlmu_jax.models import decode_attention, dropout_kernel
+from vlmu_jax.models import decode_attention, dropout_kernel, lora_kernel
 from vlmu_jax.models.sharding import runs_on_one_gpu
 
 Axes = tuple[str | None, ...]
@@ -26,6 +26,10 @@ DROPOUT_MASK = "lora_dropout_keep"  # the checkpoint name of LoRA dropout masks 
 PROJECTION_OUTPUT = "projection_output"  # a Dense's output, bias and LoRA included (REMAT_POLICIES)
 LORA_HIDDEN = "lora_hidden"  # LoRA's rank-r x @ A (REMAT_POLICIES)
 ATTENTION_INPUT = "attention_input"  # a self-attention's q and k after the rotary, and its v (REMAT_POLICIES)
+# True: on one GPU, a LoRA input's dropout and its product with A run as one kernel where it fits (`lora_kernel`);
+# False: as the mask kernel, XLA's select and a gemm (bench/bench_jax_llava.py times both: `unfused` steps). Off
+# until measured on a GPU.
+FUSED_LORA_DROPOUT = False
 
 
 def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype) -> jax.Array:
@@ -67,11 +71,17 @@ class Dense(nnx.Module):
         """`y` (x @ kernel + bias, computed here or as this projection's slice of a joined gemm: `join_kernels`)
         plus the LoRA term of `x`, named as the projection's output for the remat policies."""
         if self.lora_a is not None:
-            h = x
+            a = self.lora_a[...].astype(x.dtype)
             if self.lora_dropout > 0.0 and not self.deterministic and rng is not None:
-                keep = checkpoint_name(dropout_keep(rng, x.shape, self.lora_dropout), DROPOUT_MASK)
-                h = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
-            h = checkpoint_name(jnp.einsum("...i,ir->...r", h, self.lora_a[...].astype(x.dtype)), LORA_HIDDEN)
+                if (FUSED_LORA_DROPOUT and _threefry(rng) and runs_on_one_gpu()
+                        and lora_kernel.fits(x.shape, a.shape[1], x.dtype)):
+                    h = lora_kernel.dropout_hidden(x, a, rng, self.lora_dropout, DROPOUT_MASK)
+                else:
+                    keep = checkpoint_name(dropout_keep(rng, x.shape, self.lora_dropout), DROPOUT_MASK)
+                    h = lora_kernel.reference(x, a, keep, self.lora_dropout)
+            else:
+                h = jnp.einsum("...i,ir->...r", x, a)
+            h = checkpoint_name(h, LORA_HIDDEN)
             y = y + self.lora_scale * jnp.einsum("...r,ro->...o", h, self.lora_b[...].astype(x.dtype))
         return checkpoint_name(y, PROJECTION_OUTPUT)
 
@@ -134,15 +144,21 @@ def dropout_keep(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Arr
     one kernel per mask (`dropout_kernel.keep_mask`: XLA writes the blocks' words out and reads them back; -5.4 ms
     per LLaVA-7B GA step, bench/RESULTS.md session 25).
     """
-    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or str(jax.random.key_impl(rng)) != "threefry2x32":
+    if not _threefry(rng):
         return jax.random.bernoulli(rng, 1.0 - rate, shape)
     if runs_on_one_gpu():
         return dropout_kernel.keep_mask(rng, shape, rate)
     return keep_from_blocks(threefry_blocks(rng, shape), shape, rate)
 
 
+def _threefry(rng: jax.Array) -> bool:
+    """Whether `rng` is a typed Threefry-2x32 key (what `dropout_keep`'s lanes are hashed with)."""
+    return jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and str(jax.random.key_impl(rng)) == "threefry2x32"
+
+
 def threefry_blocks(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """The Threefry-2x32 blocks (hi, lo) of `dropout_keep`'s mask: one per four elements along the last axis."""
+    """The Threefry-2x32 blocks (hi, lo) of `dropout_keep`'s mask: one per four elements along the last axis, block
+    c of a row at flat count row * ceil(d / 4) + c."""
     *lead, d = shape
     count = flat_index((*lead, -(-d // 4)))
     k = jax.random.key_data(rng)
@@ -150,11 +166,16 @@ def threefry_blocks(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, 
 
 
 def keep_from_blocks(blocks: tuple[jax.Array, jax.Array], shape: tuple[int, ...], rate: float) -> jax.Array:
-    """`dropout_keep`'s mask from its blocks: four 16-bit lanes each, kept where a lane is >= rate * 65536."""
+    """`dropout_keep`'s mask from its blocks: four 16-bit lanes each, kept where a lane is >= rate * 65536.
+
+    Lane l of block c goes to element l * q + c of its row (q = ceil(d / 4) blocks a row): a row is four quarters,
+    the lanes' (hi & 0xFFFF, hi >> 16, lo & 0xFFFF, lo >> 16). Why quarters and not four neighbours: a kernel that
+    hashes a tile of blocks gets four tiles of contiguous columns, one per lane, where neighbours would need its
+    tiles interleaved; LoRA's fused down-product (`lora_kernel.dropout_hidden`) multiplies each by its rows of A."""
     hi, lo = blocks
     *lead, d = shape
     low16 = jnp.uint32(0xFFFF)
-    lanes = jnp.stack([hi & low16, hi >> 16, lo & low16, lo >> 16], axis=-1).reshape(*lead, -1)[..., :d]
+    lanes = jnp.stack([hi & low16, hi >> 16, lo & low16, lo >> 16], axis=-2).reshape(*lead, -1)[..., :d]
     return lanes >= jnp.uint32(round(rate * 65536))
 
 
@@ -515,6 +536,8 @@ def _dots_attention_and(*names: str) -> Any:
 # "dots_and_dropout_saveable" also keeps the LoRA dropout masks (one byte per element of each adapted projection's
 # input, ~3.2 GB for a 7B LoRA step at 4 x 704 tokens). Why: a Threefry mask costs ~0.1 ms of integer hashing per
 # [2816, 11008] input on an H200, and under the dots policy each is drawn again in the backward (bench/NOTES.md).
+# The policies that keep the masks keep LoRA's rank-r hidden by name too: on one GPU it is the output of
+# `lora_kernel`'s fused product rather than a dot, and the backward would otherwise run that kernel again.
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -522,17 +545,17 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_and_dropout_saveable": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK),
+        jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK, LORA_HIDDEN),
     ),
     # Llama-3.2-Vision's and Qwen2-VL's LoRA stages in the presets (presets.lora_remat): LLaVA-1.5's 7B step 1-3 %
     # faster than the dots alone, for ~3.6 GiB of masks and attention outputs at B=4 (bench/RESULTS.md, session
     # 23); 5.4 % per 11B step, 1.9 % per Qwen2.5-VL-7B step (session 24)
-    "dots_attention_dropout_saveable": _dots_attention_and(DROPOUT_MASK),
+    "dots_attention_dropout_saveable": _dots_attention_and(DROPOUT_MASK, LORA_HIDDEN),
     # The presets' policy plus the attention's inputs (q and k after the rotary, v), which the forward writes anyway
     # for the fused kernel: the backward then reads them instead of adding q's, k's and v's base and LoRA dot
     # outputs again and redoing the rotary, and those six dot outputs are no longer kept (three [B, T, 4096] per 7B
     # layer less). LLaVA-1.5's LoRA stages in the presets: its per-layer 7B GA step 0.1798 -> 0.1753 s (session 27).
-    "dots_attention_inputs_dropout_saveable": _dots_attention_and(DROPOUT_MASK, ATTENTION_INPUT),
+    "dots_attention_inputs_dropout_saveable": _dots_attention_and(DROPOUT_MASK, LORA_HIDDEN, ATTENTION_INPUT),
     # Each projection's output once (base + LoRA summed), LoRA's rank-r hidden, the masks and cuDNN attention's
     # outputs, where the dots policies keep a LoRA projection's base and LoRA outputs apart (the backward of what
     # follows it adds them again). For less memory: LLaVA-1.5-7B's GA step peaked 29.4 instead of 37.2 GiB, GD 42.3

@@ -1,0 +1,145 @@
+"""LoRA's dropout and down-product in one kernel (Pallas on Triton, GPU): h = (x * keep / (1 - rate)) @ A with the
+keep mask hashed where x is read, written once for the backward.
+
+Why: XLA runs a LoRA input's dropout as three passes before the rank-r product: the mask kernel
+(`dropout_kernel.keep_mask`) writes the mask, a select fusion reads x and the mask and writes the masked input,
+and cuBLAS reads that again in a split-K gemm whose float32 partials a reduce fusion adds up. Per LLaVA-7B layer
+at 4 x 704 tokens that is ~100 MB of traffic per 4096-wide input and ~270 MB for the 11008-wide one, where x
+itself is 23 / 62 MB; together the masks and their selects cost 7.5 ms of a 0.174 s GA step (bench/RESULTS.md,
+session 28, call 98: all-kept masks against the default). Here each program reads its rows of x once, hashes the
+mask beside the loads, writes the mask (the backward's) and multiplies the kept, scaled tile by its rows of A.
+
+Same mask as `layers.dropout_keep` (its quarter layout: lane l of Threefry block c is element l * q + c of a row
+of q = d / 4 blocks, so one tile of hashes serves four tiles of contiguous columns), same masked input bit for
+bit; the product sums in another order than cuBLAS's (float32 either way). The backward is XLA's: the
+gradient of the unfused expression at the kept mask (`reference`), so both paths train alike
+(tests/test_lora_kernel.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from vlmu_jax.models.dropout_kernel import threefry2x32
+
+BLOCK_ROWS = 64  # rows of x per program
+BLOCK_COLS = 64  # Threefry blocks per step of a program's loop: four [64, 64] tiles of x, one per lane
+WARPS = 4
+STAGES = 3
+PROGRAMS = 264  # about two per SM of an H100 / H200 (132): rows are cut into BLOCK_ROWS, then K into splits
+RANKS = (16, 32, 64, 128, 256)  # LoRA ranks the kernel takes (a Triton dot's dims are powers of two, >= 16)
+
+
+def fits(shape: tuple[int, ...], rank: int, dtype: jnp.dtype) -> bool:
+    """Whether `dropout_hidden` takes an input of `shape` and a rank-`rank` A: a last axis of four quarters, each a
+    whole number of BLOCK_COLS blocks, a rank the Triton dot takes, a float16 or bfloat16 input, and fewer than
+    2**32 Threefry blocks (their counts are uint32)."""
+    *lead, d = shape
+    return (d % (4 * BLOCK_COLS) == 0 and rank in RANKS and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and math.prod(lead) * (d // 4) < 2**32)
+
+
+def reference(x: jax.Array, a: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+    """The unfused expression (`layers.Dense.with_lora`'s): the kept inputs scaled by 1 / (1 - rate), times A."""
+    masked = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return jnp.einsum("...i,ir->...r", masked, a)
+
+
+def _kernel(key_ref, x_ref, a_ref, h_ref, keep_ref, *, rows: int, quarter: int, splits: int, block_rows: int,
+            block_cols: int, threshold: int, divisor: float) -> None:
+    """Program (i, s): rows [i * block_rows, ...) of x; split s of the quarter's blocks, all four lanes. Writes the
+    mask's tiles and split s's float32 partial product [block_rows, rank]."""
+    i, s = pl.program_id(0), pl.program_id(1)
+    first = i * block_rows
+    row = first + jax.lax.broadcasted_iota(jnp.int32, (block_rows, block_cols), 0)
+    inside = row < rows
+    chunks = quarter // block_cols
+    k0, k1 = key_ref[0], key_ref[1]
+
+    def step(j: jax.Array, acc: jax.Array) -> jax.Array:
+        c0 = j * block_cols
+        col = c0 + jax.lax.broadcasted_iota(jnp.int32, (block_rows, block_cols), 1)
+        # uint32 throughout, as dropout_kernel's: int32 counts would shift arithmetically (other bits)
+        count = row.astype(jnp.uint32) * jnp.uint32(quarter) + col.astype(jnp.uint32)
+        hi, lo = threefry2x32(k0, k1, jnp.zeros_like(count), count)
+        low16 = jnp.uint32(0xFFFF)
+        for lane, bits in enumerate((hi & low16, hi >> jnp.uint32(16), lo & low16, lo >> jnp.uint32(16))):
+            keep = bits >= jnp.uint32(threshold)
+            where = (pl.ds(first, block_rows), pl.ds(lane * quarter + c0, block_cols))
+            x = plgpu.load(x_ref.at[where], mask=inside, other=0)
+            plgpu.store(keep_ref.at[where], keep, mask=inside)
+            masked = jnp.where(keep, (x.astype(jnp.float32) / divisor).astype(x.dtype), 0).astype(x.dtype)
+            a = a_ref[pl.ds(lane * quarter + c0, block_cols), :]
+            acc = acc + jnp.dot(masked, a, preferred_element_type=jnp.float32)
+        return acc
+
+    rank = h_ref.shape[-1]
+    acc = jax.lax.fori_loop(s * chunks // splits, (s + 1) * chunks // splits, step,
+                            jnp.zeros((block_rows, rank), jnp.float32))
+    out_rows = first + jax.lax.broadcasted_iota(jnp.int32, (block_rows, rank), 0)
+    plgpu.store(h_ref.at[s, pl.ds(first, block_rows), :], acc, mask=out_rows < rows)
+
+
+@functools.partial(jax.jit, static_argnames=("rate", "interpret", "block_rows", "block_cols", "warps", "stages",
+                                             "programs"))
+def fused_call(x: jax.Array, a: jax.Array, key: jax.Array, *, rate: float, interpret: bool = False,
+               block_rows: int = BLOCK_ROWS, block_cols: int = BLOCK_COLS, warps: int = WARPS, stages: int = STAGES,
+               programs: int = PROGRAMS) -> tuple[jax.Array, jax.Array]:
+    """(h, keep) for x [rows, d] and A [d, rank] of x's dtype under a raw Threefry key (uint32[2]): h in x's dtype,
+    keep the boolean mask. `interpret` runs it through Pallas's interpreter (CPU tests); the tiling and the number
+    of programs aimed at do not change the mask, only the order the product sums in."""
+    rows, d = x.shape
+    quarter, rank = d // 4, a.shape[1]
+    chunks, row_blocks = quarter // block_cols, pl.cdiv(rows, block_rows)
+    splits = max(1, min(chunks, programs // row_blocks))  # split K too where rows alone give too few programs
+    partial, keep = pl.pallas_call(
+        functools.partial(_kernel, rows=rows, quarter=quarter, splits=splits, block_rows=block_rows,
+                          block_cols=block_cols, threshold=round(rate * 65536),
+                          divisor=float(np.asarray(1.0 - rate, x.dtype))),
+        grid=(row_blocks, splits),
+        out_shape=(jax.ShapeDtypeStruct((splits, rows, rank), jnp.float32),
+                   jax.ShapeDtypeStruct((rows, d), jnp.bool_)),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+        interpret=interpret,
+        name="lora_dropout_hidden",
+    )(key, x, a)
+    return partial.sum(0).astype(x.dtype), keep
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _hidden(x: jax.Array, a: jax.Array, key: jax.Array, rate: float, mask_name: str, interpret: bool) -> jax.Array:
+    return fused_call(x, a, key, rate=rate, interpret=interpret)[0]
+
+
+def _hidden_fwd(x, a, key, rate, mask_name, interpret):
+    h, keep = fused_call(x, a, key, rate=rate, interpret=interpret)
+    # Named inside the forward rule: a remat policy that saves the name keeps the mask for the backward, where
+    # otherwise jax.checkpoint would run this forward (the kernel) again to rebuild it.
+    return h, (x, a, checkpoint_name(keep, mask_name))
+
+
+def _hidden_bwd(rate, mask_name, interpret, residuals, dh):
+    x, a, keep = residuals
+    _, vjp = jax.vjp(lambda x, a: reference(x, a, keep, rate), x, a)
+    return (*vjp(dh), None)
+
+
+_hidden.defvjp(_hidden_fwd, _hidden_bwd)
+
+
+def dropout_hidden(x: jax.Array, a: jax.Array, rng: jax.Array, rate: float, mask_name: str, *,
+                   interpret: bool = False) -> jax.Array:
+    """`reference(x, a, layers.dropout_keep(rng, x.shape, rate), rate)` for x [..., d] (`fits`) and A [d, rank] of
+    x's dtype under a Threefry key, the mask named `mask_name` for the remat policies."""
+    *lead, d = x.shape
+    key = jax.random.key_data(rng).astype(jnp.uint32)
+    h = _hidden(x.reshape(-1, d), a, key, rate, mask_name, interpret)
+    return h.reshape(*lead, a.shape[1])
