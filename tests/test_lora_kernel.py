@@ -53,6 +53,10 @@ def test_what_the_kernel_takes():
     assert not lora_kernel.fits((4, 704, 1000), 16, bf16)  # a quarter of 250 blocks: not whole 64-block chunks
     assert not lora_kernel.fits((4, 704, 4096), 16, jnp.float32)
     assert not lora_kernel.fits((2**22 + 1, 4096), 16, bf16)  # 2**32 Threefry counts or more
+    # a tiling whose chunks do not tile the quarter is refused, not run over part of it
+    x, a = jnp.zeros((64, 11008), bf16), jnp.zeros((11008, 16), bf16)
+    with pytest.raises(ValueError, match="four quarters"):
+        lora_kernel.fused_call(x, a, jnp.zeros(2, jnp.uint32), rate=0.05, block_cols=128, interpret=True)
 
 
 def test_kernel_lowers_to_one_triton_call():

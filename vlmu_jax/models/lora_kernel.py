@@ -98,6 +98,9 @@ def fused_call(x: jax.Array, a: jax.Array, key: jax.Array, *, rate: float, inter
     of programs aimed at do not change the mask, only the order the product sums in."""
     rows, d = x.shape
     quarter, rank = d // 4, a.shape[1]
+    if d % (4 * block_cols) or rows * quarter >= 2**32:
+        raise ValueError(f"LoRA input [{rows}, {d}]: the kernel needs a width of four quarters of whole "
+                         f"{block_cols}-block chunks and fewer than 2**32 Threefry blocks")
     chunks, row_blocks = quarter // block_cols, pl.cdiv(rows, block_rows)
     splits = max(1, min(chunks, programs // row_blocks))  # split K too where rows alone give too few programs
     partial, keep = pl.pallas_call(
