@@ -27,6 +27,7 @@ from vlmu_jax.eval.frozen import frozen
 from vlmu_jax.eval.generate import generate
 from vlmu_jax.eval.layer_copies import layer_copies
 from vlmu_jax.eval.scoring import token_logprobs
+from vlmu_jax.models import layers
 from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.lora import apply_lora
 from vlmu_jax.models.registry import architecture, model_config, set_options
@@ -42,6 +43,9 @@ OBJECTIVES = tuple(x for x in os.environ.get("OBJECTIVES", "ga").split(",") if x
 # KERNELS=joined,apart: the per-layer step with the frozen q/k/v and gate/up kernels joined and apart
 # (layerwise.JOIN_FROZEN_KERNELS; default: its default)
 KERNELS = tuple(x for x in os.environ.get("KERNELS", "").split(",") if x) or (None,)
+# LORA=fused,unfused: LoRA's dropout and down-product as models/lora_kernel.py's one kernel (on one GPU) and as the
+# mask kernel, XLA's select and a gemm (layers.FUSED_LORA_DROPOUT; default: its default)
+LORA = tuple(x for x in os.environ.get("LORA", "").split(",") if x) or (None,)
 
 
 def eval_calls(model: nnx.Module, ids: jax.Array, mask: jax.Array, images: dict, head: int) -> None:
@@ -110,16 +114,18 @@ def main() -> None:
     labels_np = np.asarray(labels)
     step_batch = {"input_ids": ids, "attention_mask": mask, "images": images, "labels": labels,  # as the pipeline's
                   "label_index": jnp.asarray(label_index(labels_np, label_slots(labels_np)))}  # sources give them
-    join_default = layerwise.JOIN_FROZEN_KERNELS
-    for objective, remat, form, kernels in itertools.product(OBJECTIVES, REMAT, LAYERWISE, KERNELS):
+    join_default, fused_default = layerwise.JOIN_FROZEN_KERNELS, layers.FUSED_LORA_DROPOUT
+    for objective, remat, form, kernels, lora in itertools.product(OBJECTIVES, REMAT, LAYERWISE, KERNELS, LORA):
         layerwise.JOIN_FROZEN_KERNELS = join_default if kernels is None else kernels == "joined"
+        layers.FUSED_LORA_DROPOUT = fused_default if lora is None else lora == "fused"
         r = unlearn_step_time(model, objective, remat, step_batch, layerwise_mode=form)
         print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "layerwise": form, "B": b, "T": t, "s": r.s,
                           "frozen_kernels": "joined" if layerwise.JOIN_FROZEN_KERNELS else "apart",
+                          "lora_dropout": "fused" if layers.FUSED_LORA_DROPOUT else "unfused",
                           "samples_per_s": b / r.s,
                           "compile_s": r.compile_s, "max_mem_gb": r.process_peak_gb, "step_peak_gb": r.step_peak_gb}),
               flush=True)
-    layerwise.JOIN_FROZEN_KERNELS = join_default
+    layerwise.JOIN_FROZEN_KERNELS, layers.FUSED_LORA_DROPOUT = join_default, fused_default
 
 
 if __name__ == "__main__":
