@@ -65,6 +65,9 @@ WORK = set(os.environ.get("WORK", "logprob,steps,generate").split(","))
 COPIES = tuple(x == "1" for x in os.environ.get("COPIES", "1,0").split(","))
 # FROZEN=1,0: eval calls on the model split once (eval/frozen.py, what the eval stage runs) and through nnx.jit.
 FROZEN = tuple(x == "1" for x in os.environ.get("FROZEN", "1").split(","))
+# HEAD_CHUNKS=128,704: log-probs with the output head over chunks of that many positions (token_logprobs'
+# chunk_size; 128 is the eval's; 704 runs every position at once, no scan around the head)
+HEAD_CHUNKS = tuple(int(x) for x in os.environ.get("HEAD_CHUNKS", "128").split(","))
 # WORK=shared: answers per prompt of the shared-prompt scoring call (FIUBench's forget split has 7 per question).
 SHARED_K = tuple(int(x) for x in os.environ.get("SHARED_K", "7,1").split(",") if x)
 # STEP_COPIES=1,0: the steps over per-layer weight copies (unrolled, eval/layer_copies.py) and over the stack.
@@ -223,10 +226,10 @@ def main() -> None:
     ids, mask = jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids))
     pix = {"pixel_values": jnp.asarray(rng.randn(b, 3, 336, 336), jnp.bfloat16)}
 
-    for copies, freeze in itertools.product(COPIES, FROZEN) if "logprob" in WORK else ():
+    for copies, freeze, chunk in itertools.product(COPIES, FROZEN, HEAD_CHUNKS) if "logprob" in WORK else ():
         mode = "always" if copies else "never"
         with layer_copies(model, mode) as attached, frozen(model) if freeze else nullcontext():
-            logprob_time(model, ids, mask, pix, {"layer_copies": attached, "frozen": freeze})
+            logprob_time(model, ids, mask, pix, {"layer_copies": attached, "frozen": freeze, "head_chunk": chunk})
     if "shared" in WORK:
         shared_time(model, rng)
     apply_lora(model, rank=128, alpha=256.0, dropout=0.05, seed=0)
@@ -286,8 +289,10 @@ def main() -> None:
 def logprob_time(model: nnx.Module, ids: jax.Array, mask: jax.Array, pix: dict, how: dict) -> None:
     """Median time of the eval's teacher-forced log-probs (one JSON line)."""
     b, t = ids.shape
-    ahead = compiled_ahead(lambda: token_logprobs(model, ids, mask, pix)) if how["frozen"] else (None, None)
-    s = timeit(lambda: token_logprobs(model, ids, mask, pix))
+    chunk = how["head_chunk"]
+    ahead = compiled_ahead(lambda: token_logprobs(model, ids, mask, pix, chunk_size=chunk)) if how["frozen"] else (
+        None, None)
+    s = timeit(lambda: token_logprobs(model, ids, mask, pix, chunk_size=chunk))
     print(
         json.dumps(
             {
