@@ -102,9 +102,9 @@ def test_lora_projection_trains_alike_fused_and_unfused(monkeypatch):
             m.setattr(layers, "runs_on_one_gpu", lambda: fused)
             m.setattr(layers, "FUSED_LORA_DROPOUT", True)
             m.setattr(lora_kernel, "fused_call", interpreted)
-            grad = jax.checkpoint(jax.value_and_grad(loss), policy=REMAT_POLICIES[policy])
-            kernels = str(jax.make_jaxpr(jax.grad(jax.checkpoint(loss, policy=REMAT_POLICIES[policy])))(lora))
-            return grad(lora), kernels.count("pallas_call")
+            value_and_grad = jax.value_and_grad(jax.checkpoint(loss, policy=REMAT_POLICIES[policy]))
+            kernels = str(jax.make_jaxpr(value_and_grad)(lora)).count("pallas_call")
+            return value_and_grad(lora), kernels
 
     def interpreted(*args, **kwargs):
         return call(*args, **{**kwargs, "interpret": True})
