@@ -4,8 +4,9 @@ kernel, a select writing the masked input, cuBLAS's gemm), at LLaVA-7B's LoRA in
 their dispatch: bench/NOTES.md session 7), each giving (h, keep) as the step's forward keeps them.
 
 Also the kernel at each of LORA_TILINGS (`rows,blocks,warps,stages,programs;...`: the same mask, the product
-summed in another order) and the bytes floor (x read, the mask written, at 4.3 TB/s): whether the kernel waits on
-its memory or on its Threefry hashing.
+summed in another order), with 12 of Threefry's 20 rounds (other bits), and the bytes floor (x read, the mask
+written, at 4.3 TB/s): whether the kernel waits on its memory or on its Threefry hashing (the mask kernel alone
+did not, session 27's call 95; this one also multiplies).
 Run from the repo root: `PYTHONPATH=. python bench/bench_lora_kernel.py`.
 """
 
@@ -59,7 +60,7 @@ def main() -> None:
         x = jax.random.normal(jax.random.key(1), (2816, d)).astype(jnp.bfloat16)
         a = (0.05 * jax.random.normal(jax.random.key(2), (d, RANK))).astype(jnp.bfloat16)
         floor_ms = 1e3 * (2816 * d * 3) / 4.3e12
-        rows = [("unfused", unfused), ("fused", fused())]
+        rows = [("unfused", unfused), ("fused", fused()), ("fused, 12 rounds", fused(groups=3))]
         rows += [("fused " + ",".join(map(str, t)), fused(**dict(zip(
             ("block_rows", "block_cols", "warps", "stages", "programs"), t, strict=True)))) for t in LORA_TILINGS]
         for name, fn in rows:

@@ -54,7 +54,7 @@ def reference(x: jax.Array, a: jax.Array, keep: jax.Array, rate: float) -> jax.A
 
 
 def _kernel(key_ref, x_ref, a_ref, h_ref, keep_ref, *, rows: int, quarter: int, splits: int, block_rows: int,
-            block_cols: int, threshold: int, divisor: float) -> None:
+            block_cols: int, threshold: int, divisor: float, groups: int) -> None:
     """Program (i, s): rows [i * block_rows, ...) of x; split s of the quarter's blocks, all four lanes. Writes the
     mask's tiles and split s's float32 partial product [block_rows, rank]."""
     i, s = pl.program_id(0), pl.program_id(1)
@@ -69,7 +69,7 @@ def _kernel(key_ref, x_ref, a_ref, h_ref, keep_ref, *, rows: int, quarter: int, 
         col = c0 + jax.lax.broadcasted_iota(jnp.int32, (block_rows, block_cols), 1)
         # uint32 throughout, as dropout_kernel's: int32 counts would shift arithmetically (other bits)
         count = row.astype(jnp.uint32) * jnp.uint32(quarter) + col.astype(jnp.uint32)
-        hi, lo = threefry2x32(k0, k1, jnp.zeros_like(count), count)
+        hi, lo = threefry2x32(k0, k1, jnp.zeros_like(count), count, groups)
         low16 = jnp.uint32(0xFFFF)
         for lane, bits in enumerate((hi & low16, hi >> jnp.uint32(16), lo & low16, lo >> jnp.uint32(16))):
             keep = bits >= jnp.uint32(threshold)
@@ -89,13 +89,15 @@ def _kernel(key_ref, x_ref, a_ref, h_ref, keep_ref, *, rows: int, quarter: int, 
 
 
 @functools.partial(jax.jit, static_argnames=("rate", "interpret", "block_rows", "block_cols", "warps", "stages",
-                                             "programs"))
+                                             "programs", "groups"))
 def fused_call(x: jax.Array, a: jax.Array, key: jax.Array, *, rate: float, interpret: bool = False,
                block_rows: int = BLOCK_ROWS, block_cols: int = BLOCK_COLS, warps: int = WARPS, stages: int = STAGES,
-               programs: int = PROGRAMS) -> tuple[jax.Array, jax.Array]:
+               programs: int = PROGRAMS, groups: int = 5) -> tuple[jax.Array, jax.Array]:
     """(h, keep) for x [rows, d] and A [d, rank] of x's dtype under a raw Threefry key (uint32[2]): h in x's dtype,
     keep the boolean mask. `interpret` runs it through Pallas's interpreter (CPU tests); the tiling and the number
-    of programs aimed at do not change the mask, only the order the product sums in."""
+    of programs aimed at do not change the mask, only the order the product sums in. `groups` of Threefry's four
+    rounds other than 5 give other bits: for `bench/bench_lora_kernel.py` to time whether the kernel waits on its
+    hashing."""
     rows, d = x.shape
     quarter, rank = d // 4, a.shape[1]
     if d % (4 * block_cols) or rows * quarter >= 2**32:
@@ -106,7 +108,7 @@ def fused_call(x: jax.Array, a: jax.Array, key: jax.Array, *, rate: float, inter
     partial, keep = pl.pallas_call(
         functools.partial(_kernel, rows=rows, quarter=quarter, splits=splits, block_rows=block_rows,
                           block_cols=block_cols, threshold=round(rate * 65536),
-                          divisor=float(np.asarray(1.0 - rate, x.dtype))),
+                          divisor=float(np.asarray(1.0 - rate, x.dtype)), groups=groups),
         grid=(row_blocks, splits),
         out_shape=(jax.ShapeDtypeStruct((splits, rows, rank), jnp.float32),
                    jax.ShapeDtypeStruct((rows, d), jnp.bool_)),
