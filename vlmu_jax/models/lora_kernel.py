@@ -38,13 +38,18 @@ PROGRAMS = 264  # about two per SM of an H100 / H200 (132): rows are cut into BL
 RANKS = (16, 32, 64, 128, 256)  # LoRA ranks the kernel takes (a Triton dot's dims are powers of two, >= 16)
 
 
+def _tiles(rows: int, d: int, block_cols: int) -> bool:
+    """Whether `rows` x `d` inputs tile into the kernel's chunks: a last axis of four quarters, each a whole number
+    of `block_cols` Threefry blocks, and fewer than 2**32 blocks (their counts are uint32)."""
+    return d % (4 * block_cols) == 0 and rows * (d // 4) < 2**32
+
+
 def fits(shape: tuple[int, ...], rank: int, dtype: jnp.dtype) -> bool:
-    """Whether `dropout_hidden` takes an input of `shape` and a rank-`rank` A: a last axis of four quarters, each a
-    whole number of BLOCK_COLS blocks, a rank the Triton dot takes, a float16 or bfloat16 input, and fewer than
-    2**32 Threefry blocks (their counts are uint32)."""
+    """Whether `dropout_hidden` takes an input of `shape` and a rank-`rank` A: it tiles at the default BLOCK_COLS
+    (`_tiles`), the rank is one the Triton dot takes, and the input is float16 or bfloat16."""
     *lead, d = shape
-    return (d % (4 * BLOCK_COLS) == 0 and rank in RANKS and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and math.prod(lead) * (d // 4) < 2**32)
+    return (_tiles(math.prod(lead), d, BLOCK_COLS) and rank in RANKS
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
 
 
 def reference(x: jax.Array, a: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
@@ -100,7 +105,7 @@ def fused_call(x: jax.Array, a: jax.Array, key: jax.Array, *, rate: float, inter
     hashing."""
     rows, d = x.shape
     quarter, rank = d // 4, a.shape[1]
-    if d % (4 * block_cols) or rows * quarter >= 2**32:
+    if not _tiles(rows, d, block_cols):
         raise ValueError(f"LoRA input [{rows}, {d}]: the kernel needs a width of four quarters of whole "
                          f"{block_cols}-block chunks and fewer than 2**32 Threefry blocks")
     chunks, row_blocks = quarter // block_cols, pl.cdiv(rows, block_rows)
