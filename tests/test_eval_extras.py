@@ -70,6 +70,11 @@ def test_mme_and_pope_scores_per_model(run):
         want = mme.score_mme(items, replies)  # the stored scores are those of the stored replies
         assert got_mme["Perception"] == pytest.approx(want["Perception"])
         assert got_mme["Cognition"] == pytest.approx(want["Cognition"])
+        tool = workdir / "eval_results" / name / "mme_eval_tool"  # what MME's calculation.py reads
+        lines = [line.split("\t") for cat in sorted({i.category for i in items})
+                 for line in (tool / f"{cat}.txt").read_text().splitlines()]
+        assert sorted(lines) == sorted([i.image_name, i.question, i.answer, r.strip("\n")]
+                                       for i, r in zip(items, replies, strict=True))
         got_pope = json.loads((workdir / "eval_results" / name / "pope.json").read_text())
         replies = [p["prediction"] for p in got_pope["predictions"]]
         want = pope.score_pope([p.label for p in probes], replies)

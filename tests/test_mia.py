@@ -35,16 +35,6 @@ def test_question_scores_use_tokens_after_the_first():
     assert got["mink++"] == pytest.approx(_hand_min_k(z))
 
 
-def test_batch_scores_select_masked_positions():
-    logps = np.array([[-9.0, -1.0, -2.0, -3.0], [-9.0, -9.0, -0.5, -1.5]])
-    mask = np.array([[0, 1, 1, 1], [0, 0, 1, 1]], bool)
-    mu, var = np.full_like(logps, -1.0), np.ones_like(logps)
-    got = mia.batch_scores(logps, mask, mu, var, ["ab", "c"])
-    assert got["loss"] == pytest.approx([-2.0, -1.0])
-    one = mia.question_scores(np.array([-0.5, -1.5]), np.array([-1.0, -1.0]), np.ones(2), "c")
-    assert got["mink++"][1] == one["mink++"] and got["zlib"][1] == one["zlib"]
-
-
 def test_auc_hand_example_with_ties():
     # (member, nonmember) pairs: 3>1, 3>2, 2>1 count 1; 2=2 and 1=1 count 1/2; 1<2 counts 0 -> 4 / 6
     assert mia.auc([3.0, 2.0, 1.0], [1.0, 2.0]) == pytest.approx(4 / 6)

@@ -144,11 +144,11 @@ def test_original_empty_lists_force_zero_utility(aggregated):
     assert aggregate.fiubench_summary(aggregated, empty_lists_as_zero=True)["Model Utility"] == 0.0
 
 
-def test_files_collect_and_csv(aggregated, ape, tmp_path):
-    aggregate.write_json(aggregated, tmp_path / "runs" / "ga" / "forget5_eval_log_aggregated.json")
+def test_ape_log_beside_the_aggregated_one_and_csv(aggregated, ape, tmp_path):
     aggregate.write_json(ape, tmp_path / "runs" / "ga" / aggregate.APE)
-    aggregate.write_json(aggregated, tmp_path / "runs" / "kl" / "forget5_eval_log_aggregated.json")
-    rows = aggregate.collect_runs(tmp_path / "runs", _reference())
+    (tmp_path / "runs" / "kl").mkdir()
+    rows = [aggregate.fiubench_summary(aggregated, _reference(), ape_log=aggregate.read_ape_log(tmp_path / "runs" / m),
+                                       method=m) for m in ("ga", "kl")]
     assert [r["Method"] for r in rows] == ["ga", "kl"]
     assert rows[0]["APE"] == 0.5 and "APE" not in rows[1]
     assert rows[0]["Forget Quality"] == aggregate.fiubench_summary(aggregated, _reference())["Forget Quality"]

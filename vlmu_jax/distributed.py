@@ -49,8 +49,3 @@ def initialize(spec: ClusterSpec = ClusterSpec()) -> None:
         )
     elif _in_managed_cluster():
         jax.distributed.initialize()
-
-
-def is_primary() -> bool:
-    """Only process 0 writes reports, plots and exported models."""
-    return jax.process_index() == 0

@@ -421,7 +421,9 @@ def _runner(ws: Workspace):
 
 def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs
     """Per-question logs of every trained model: FIUBench forget/retain/APE, or MLLMU-Bench's four sets; the
-    judge's scores when one is configured; MME / POPE (``mme.json`` / ``pope.json``) when their paths are set."""
+    judge's scores when one is configured; MME / POPE (``mme.json`` with the eval tool's per-category files in
+    ``mme_eval_tool/``, ``pope.json``) when their paths are set."""
+    from vlmu_jax.eval.tasks.mme import write_eval_tool_results
     from vlmu_jax.report.aggregate import write_json
 
     sources = _evaluable(ws)  # given checkpoints are checked before any model runs
@@ -449,6 +451,9 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         if jax.process_index() == 0:
             for file, log in logs.items():
                 write_json(log, out / file)
+            if "mme.json" in logs:  # MME's own eval_tool (calculation.py) scores this folder as eval_mme.py's
+                write_eval_tool_results(utility["mme"], [p["prediction"] for p in logs["mme.json"]["predictions"]],
+                                        out / "mme_eval_tool")
             write_json({"model": str(path.resolve())}, out / _EVAL_INFO)
         mark_done(out)
 

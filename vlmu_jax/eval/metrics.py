@@ -58,12 +58,6 @@ def answer_nll(logps: np.ndarray, mask: np.ndarray, *,
     return -(np.where(summed, logps, 0.0)).sum(-1), n_tokens
 
 
-def mean_answer_nll(logps: np.ndarray, mask: np.ndarray, *, drop_first_token: bool = False) -> np.ndarray:
-    """``loss(a) = -(1/|a|) sum_t log p(a_t | q, a_<t)`` per row (BENCHMARKS.md notation)."""
-    total, n = answer_nll(logps, mask, drop_first_token=drop_first_token)
-    return total / n
-
-
 # ----------------------------------------------------------------------------- probability / truth ratio
 def probability_forget(gt_loss: np.ndarray) -> float:
     """Forget-set Probability: mean of ``exp(-loss(answer))``."""

@@ -57,23 +57,6 @@ def question_scores(logps: np.ndarray, mu: np.ndarray, var: np.ndarray,
     }
 
 
-def batch_scores(logps: np.ndarray, mask: np.ndarray, mu: np.ndarray, var: np.ndarray,
-                 texts_after_first: Sequence[str]) -> dict[str, list[float]]:
-    """:func:`question_scores` for each row of ``[B, T-1]`` arrays (``mask`` = answer positions).
-
-    Returns lists keyed as the FIUBench eval logs: ``loss``, ``zlib``, ``mink``, ``mink++``.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    out: dict[str, list[float]] = {"loss": [], "zlib": [], "mink": [], "mink++": []}
-    for row, text in enumerate(texts_after_first):
-        m = mask[row]
-        logps_row, mu_row, var_row = (np.asarray(a)[row, m] for a in (logps, mu, var))
-        scores = question_scores(logps_row, mu_row, var_row, text)
-        for key, value in scores.items():
-            out[key].append(value)
-    return out
-
-
 def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> float:
     """ROC AUC of separating members (forget) from non-members (holdout) by score, higher = member.
 

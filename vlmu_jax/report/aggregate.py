@@ -16,8 +16,6 @@ Differences from ``aggregate_eval_stat.py``:
   ``aggregate_eval_stat.py`` reads our aggregated file as it is) and ``MIA AUC <score>`` (forget vs
   retain-log questions, see ``eval.mia``). In the original the APE run overwrites the forget log (early
   return), so its ``Exact Match`` column is the APE EM when ``ape`` is in the metric list.
-- ``results_collect.py`` copies ``eval_results`` folders of forget1 runs; :func:`collect_runs` instead finds
-  every ``*eval_log_aggregated.json`` under a root and summarises each against the retain-only reference.
 """
 
 from __future__ import annotations
@@ -127,20 +125,6 @@ def read_ape_log(folder: str | Path) -> dict | None:
     """A checkpoint folder's APE log, or None when APE did not run."""
     path = Path(folder) / APE
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def collect_runs(root: str | Path, retain_reference: Mapping | None = None, *,
-                 pattern: str = "*eval_log_aggregated.json", empty_lists_as_zero: bool = False) -> list[dict]:
-    """Summary rows of every aggregated log under ``root`` (with the APE log beside it, if any); ``Method`` =
-    its folder relative to root."""
-    root = Path(root)
-    rows = []
-    for path in sorted(root.rglob(pattern)):
-        method = str(path.parent.relative_to(root))
-        rows.append(fiubench_summary(json.loads(path.read_text()), retain_reference,
-                                     ape_log=read_ape_log(path.parent), empty_lists_as_zero=empty_lists_as_zero,
-                                     method=method))
-    return rows
 
 
 def utility_columns(mme: Mapping | None = None, pope: Mapping | None = None) -> dict[str, float]:
