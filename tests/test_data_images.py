@@ -35,10 +35,11 @@ def test_parity_with_transformers(pad):
 def test_image_cache_processes_each_image_once_within_its_bytes() -> None:
     """An image shown by many rows is processed once while it is kept; past the byte bound the least recently used
     go first; kept arrays are read-only (every batch showing the image gets them); a text-only row's inputs too."""
+    import functools
     import io
 
     from vlmu_jax.data.image_cache import ImageCache
-    from vlmu_jax.data.images import ClipProcessor
+    from vlmu_jax.data.images import ClipProcessor, row_images
     from vlmu_jax.data.records import ImageRef
 
     calls = []
@@ -55,7 +56,7 @@ def test_image_cache_processes_each_image_once_within_its_bytes() -> None:
 
     processor = Counting(llava_spec(16))
     one = 3 * 16 * 16 * 4  # one image's float32 pixels
-    cache = ImageCache(processor, max_bytes=2 * one)
+    cache = ImageCache(functools.partial(row_images, processor), max_bytes=2 * one)
     a, b, c = ref(10), ref(20), ref(30)
     first = cache(a)
     assert cache(ref(10)) is first and len(calls) == 1  # an equal reference (same bytes) is the same image
@@ -70,6 +71,6 @@ def test_image_cache_processes_each_image_once_within_its_bytes() -> None:
     cache(b)
     assert calls[-1] == (20, 0, 0) and cache.kept_bytes == 2 * one
     assert cache(None)["pixel_values"].shape == (3, 16, 16) and not cache(None)["pixel_values"].any()
-    nothing = ImageCache(processor, max_bytes=0)
+    nothing = ImageCache(functools.partial(row_images, processor), max_bytes=0)
     nothing(a), nothing(a)
     assert calls[-2:] == [(10, 0, 0), (10, 0, 0)] and nothing.kept_bytes == 0

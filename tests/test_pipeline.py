@@ -92,12 +92,14 @@ def test_demo_writes_everything(demo: Path) -> None:
 def test_models_from_memory_score_like_their_folders(demo_run: tuple[Path, str]) -> None:
     """Unlearning started from the finetuned model in memory and eval took it and unlearned_ga from memory (the
     two models keep_in_memory=2 still holds then); scoring their folders in a fresh process, over per-layer
-    copies of the decoder weights (eval.layer_copies=always, the GPU default) or with no programs compiled ahead
-    and the next model loaded during an evaluation, gives the same logs.
+    copies of the decoder weights (eval.layer_copies=always, the GPU default, here with the vision tower run in
+    every batch) or with no programs compiled ahead and the next model loaded during an evaluation, gives the same
+    logs.
     Training streams were padded to one length each, and the log says what that cost."""
     demo, log = demo_run
     assert f"compilation cache: {json.loads((demo / 'config.json').read_text())['compilation_cache_dir']}" in log
     assert "finetuned: every batch padded to" in log or "finetuned: one length" in log
+    assert "eval finetuned: each image's features computed once" in log  # eval.image_embeddings_mb
     from_memory = [line for line in log.splitlines() if line.endswith(", from memory")]
     for name in ("finetuned", "unlearned_ga"):
         assert any(f"model {demo / 'models' / name}: " in line for line in from_memory), name
@@ -111,10 +113,13 @@ def test_models_from_memory_score_like_their_folders(demo_run: tuple[Path, str])
             for n in ("finetuned", "unlearned_ga", "disk_finetuned", "disk_unlearned_ga")}
     for name in ("finetuned", "unlearned_ga"):
         assert logs[f"disk_{name}"] == logs[name], name
-    # two models over copies in one stage: each is dropped with its copies attached (its stack is not rebuilt)
+    # two models over copies in one stage: each is dropped with its copies attached (its stack is not rebuilt);
+    # and the vision tower run in every batch (no image features made ahead): the same logs up to rounding
     log = _main(demo, "--config.stages=eval", "--config.eval.layer_copies=always",
+                "--config.eval.image_embeddings_mb=0",
                 f"--config.eval.models=copies_finetuned={demo / 'models' / 'finetuned'},"
                 f"copies_unlearned_ga={demo / 'models' / 'unlearned_ga'}")
+    assert "features computed once" not in log
     for name in ("finetuned", "unlearned_ga"):
         assert f"eval copies_{name}: decoder weights copied per layer" in log
         copies = json.loads((demo / "eval_results" / f"copies_{name}" / "eval_log_aggregated.json").read_text())

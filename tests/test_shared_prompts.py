@@ -68,6 +68,46 @@ def test_shared_prompt_scores_equal_whole_rows(root, family, monkeypatch) -> Non
         np.testing.assert_allclose(s.var, w.var, rtol=0, atol=2e-4)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_image_embeddings_made_once_score_and_generate_as_pixels(root, family) -> None:
+    """config eval.image_embeddings_mb: batches carry each image's features (Mllama: its projected vision states),
+    made once per image (and once for the text-only blank), and every score and generation is what the pixels
+    give."""
+    from vlmu_jax.eval.batched import generate_rows
+    from vlmu_jax.eval.frozen import frozen
+    from vlmu_jax.eval.image_embeddings import embedded_image_fn
+    from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS
+
+    ws, rows, _ = _rows(root / family, family)
+    model = ws.load("base")
+    made = []
+
+    def pixels(ref):
+        made.append(ref)
+        return ws.eval_image_fn(ref)
+
+    with pytest.raises(ValueError, match="frozen"):  # batches are made in threads: only a frozen model allows it
+        embedded_image_fn(model, pixels, 10**9, None)
+    kwargs = dict(batch_size=4, pad_token_id=ws.tokenizer.pad_token_id)
+    prompts = prompt_groups(rows).prompts
+    generating = dict(eos_token_id=ws.tokenizer.eos_token_id, max_new_tokens=3)
+    with frozen(model, compile_ahead=False):
+        embedded = embedded_image_fn(model, pixels, 10**9, None)
+        assert embedded(rows[0].image)[IMAGE_EMBEDDINGS].shape[-1] == model.config.text.hidden_size
+        for shared in (False, True):
+            want = score_rows(model, rows, image_fn=ws.eval_image_fn, shared_prompts=shared, **kwargs)
+            got = score_rows(model, rows, image_fn=embedded, shared_prompts=shared, **kwargs)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(g.logps, w.logps, rtol=0, atol=2e-5)
+                np.testing.assert_allclose(g.mu, w.mu, rtol=0, atol=2e-5)
+        for g, w in zip(generate_rows(model, prompts, image_fn=embedded, **kwargs, **generating),
+                        generate_rows(model, prompts, image_fn=ws.eval_image_fn, **kwargs, **generating),
+                        strict=True):
+            np.testing.assert_array_equal(g, w)
+    images = {r.image for r in rows}
+    assert len(images) == 2 and len(made) == len(set(made)) and set(made) <= images | {None}
+
+
 def test_shared_prompts_on_a_mesh_equal_one_device(root) -> None:
     """On the 8 fake CPU devices, mesh (data=2, fsdp=2, tensor=2): prompts split over (data, fsdp), weights over
     (fsdp, tensor), the prompt's cache and its continuations sharded; the scores are one device's whole rows."""
@@ -78,7 +118,14 @@ def test_shared_prompts_on_a_mesh_equal_one_device(root) -> None:
     kwargs = dict(batch_size=4, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.eval_image_fn)
     whole = score_rows(load_pretrained(ws.base_model), rows, **kwargs)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    shared = score_rows(load_pretrained(ws.base_model, mesh=mesh), rows, mesh=mesh, shared_prompts=True, **kwargs)
+    sharded = load_pretrained(ws.base_model, mesh=mesh)
+    shared = score_rows(sharded, rows, mesh=mesh, shared_prompts=True, **kwargs)
+    from vlmu_jax.eval.frozen import frozen
+    from vlmu_jax.eval.image_embeddings import embedded_image_fn  # each image's features made on the mesh too
+
+    with frozen(sharded, compile_ahead=False):
+        embedded = score_rows(sharded, rows, mesh=mesh, shared_prompts=True,
+                              **{**kwargs, "image_fn": embedded_image_fn(sharded, ws.eval_image_fn, 10**9, mesh)})
     # Batches of 8 prompts, those too long for the token cap in batches of 4 (one per data-parallel shard).
     from vlmu_jax.eval.batched import BatchCap, _eval_source, _SplitSource
 
@@ -88,8 +135,9 @@ def test_shared_prompts_on_a_mesh_equal_one_device(root) -> None:
                                    cap=BatchCap(tokens=cap), mesh=mesh), _SplitSource)
     capped = score_rows(load_pretrained(ws.base_model, mesh=mesh), rows, mesh=mesh, shared_prompts=True,
                         cap=BatchCap(tokens=cap), **{**kwargs, "batch_size": 8})
-    for w, s, c in zip(whole, shared, capped, strict=True):
+    for w, s, c, e in zip(whole, shared, capped, embedded, strict=True):
         np.testing.assert_allclose(s.logps, w.logps, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(e.logps, w.logps, rtol=0, atol=2e-5)
         np.testing.assert_allclose(s.mu, w.mu, rtol=0, atol=2e-5)
         np.testing.assert_allclose(c.logps, w.logps, rtol=0, atol=2e-5)
 

@@ -163,6 +163,12 @@ def base_config() -> ml_collections.ConfigDict:
     # so the host's arrays and the vision tower's work stay bounded. 2048 keeps FIUBench's rows of every family at
     # 16 a batch (Idefics2's five crops with splitting: 62 MB a row). 0 = no cap.
     c.eval.max_batch_image_mb = 2048
+    # Host memory in MB for each image's features, computed once per evaluated model and put in every batch that
+    # shows the image instead of its pixels (eval/image_embeddings.py): FIUBench shows each identity's picture in
+    # all of its questions, in every pass. LLaVA-1.5-7B: 4.7 MB an image; idefics2-8b with splitting: 2.6 MB;
+    # Llama-3.2-11B-Vision's four tiles: 52 MB. Not with several processes. 0 = off, the vision tower runs in every
+    # batch.
+    c.eval.image_embeddings_mb = 4096
     c.eval.retain_split = "retain15"  # FIUBench eval.yaml pairs forget splits with retain5 / retain15
     c.eval.max_new_tokens = 50
     # Per-layer copies of the decoder's stacked weights in place of the stack while a model is evaluated
@@ -274,9 +280,9 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.eval.layer_copies must be one of {LAYER_COPIES}, got {e.layer_copies!r}")
     if e.load_ahead not in LAYER_COPIES:
         raise ValueError(f"config.eval.load_ahead must be one of {LAYER_COPIES}, got {e.load_ahead!r}")
-    for key in ("max_batch_tokens", "max_batch_image_mb"):
+    for key in ("max_batch_tokens", "max_batch_image_mb", "image_embeddings_mb"):
         if e[key] < 0:
-            raise ValueError(f"config.eval.{key} must be >= 0 (0 = no cap), got {e[key]}")
+            raise ValueError(f"config.eval.{key} must be >= 0 (0 = none), got {e[key]}")
     if e.judge_backend not in ("openai", "local"):
         raise ValueError(f"config.eval.judge_backend must be 'openai' or 'local', got {e.judge_backend!r}")
     if e.judge_backend == "local":

@@ -9,6 +9,7 @@ so an interrupted run picks up where it stopped and a finished stage is skipped 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from vlmu_jax.checkpoints.in_memory import ModelCache
 from vlmu_jax.data import fiubench, mllmu, synthetic
 from vlmu_jax.data.batching import TextConfig, checkpoint_text_config
 from vlmu_jax.data.image_cache import ImageCache
-from vlmu_jax.data.images import ImageProcessor, load_image_processor
+from vlmu_jax.data.images import ImageProcessor, load_image_processor, row_images
 from vlmu_jax.data.records import Benchmark
 from vlmu_jax.data.templates import get_template, load_tokenizer, train_demo_tokenizer
 from vlmu_jax.model_sources import given_checkpoints
@@ -130,12 +131,14 @@ class Workspace:
     @cached_property
     def image_fn(self) -> ImageCache:
         """A training row's image inputs for the model (`image_fn(ref)`; a text-only row's when `ref` is None)."""
-        return ImageCache(self.image_processor, self.config.data.image_cache_mb * 10**6)
+        return ImageCache(functools.partial(row_images, self.image_processor),
+                          self.config.data.image_cache_mb * 10**6)
 
     @cached_property
     def eval_image_fn(self) -> ImageCache:
         """An evaluation row's image inputs for the model (`eval_image_fn(ref)`; None: a text-only row's)."""
-        return ImageCache(self.eval_image_processor, self.config.data.image_cache_mb * 10**6)
+        return ImageCache(functools.partial(row_images, self.eval_image_processor),
+                          self.config.data.image_cache_mb * 10**6)
 
     @cached_property
     def models(self) -> ModelCache:

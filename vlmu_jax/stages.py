@@ -419,6 +419,18 @@ def _runner(ws: Workspace):
                   cap=BatchCap(ws.config.eval.max_batch_tokens, ws.config.eval.max_batch_image_mb * 10**6))
 
 
+def _embedding_runner(ws: Workspace, model: nnx.Module, name: str, runner):
+    """`runner` with batches that carry each image's features, made once per image for this model
+    (eval/image_embeddings.py, config eval.image_embeddings_mb), where that applies; else `runner` itself."""
+    from vlmu_jax.eval.image_embeddings import embedded_image_fn
+
+    image_fn = embedded_image_fn(model, runner.image_fn, ws.config.eval.image_embeddings_mb * 10**6, ws.mesh)
+    if image_fn is None:
+        return runner
+    say(f"eval {name}: each image's features computed once and reused by every row that shows it")
+    return dataclasses.replace(runner, image_fn=image_fn)
+
+
 def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in configs
     """Per-question logs of every trained model: FIUBench forget/retain/APE, or MLLMU-Bench's four sets; the
     judge's scores when one is configured; MME / POPE (``mme.json`` with the eval tool's per-category files in
@@ -427,7 +439,7 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
     from vlmu_jax.report.aggregate import write_json
 
     sources = _evaluable(ws)  # given checkpoints are checked before any model runs
-    runner = _runner(ws)
+    base_runner = _runner(ws)
     utility = _utility_inputs(ws)  # read and checked before any model runs
     judge = None
     todo = {name: path for name, path in sources.items()
@@ -445,6 +457,7 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
             if copied:
                 say(f"eval {name}: decoder weights copied per layer for evaluation, in place of the stack (no "
                     "per-layer copy per forward)")
+            runner = _embedding_runner(ws, model, name, base_runner)
             logs = _fiubench_logs(ws, model, runner, name, judge) if ws.config.benchmark == "fiubench" else \
                 _mllmu_logs(ws, model, runner, judge)
             logs.update(_utility_logs(model, runner, utility, name))

@@ -310,7 +310,8 @@ def _batch_images(rows: Sequence[Encoded], image_fn: Callable[[ImageRef | None],
     """Image inputs stacked per key. A row with one image (or none) gives ``image_fn(ref)``; when some row shows
     several, every row gets the batch's largest count, text-only slots filled with ``image_fn(None)``, joined
     along the processor's image axis: a new one for one-image processors (LLaVA: [B, N, 3, H, W]), the existing
-    one for processors that already give a stack per image (Idefics2: [B, N * n, 3, H, W])."""
+    one for processors that already give a stack per image (Idefics2: [B, N * n, 3, H, W]) and for image
+    embeddings (eval/image_embeddings.py: [B, N * tokens, D])."""
     if all(not row.context_images for row in rows):
         images = [image_fn(row.image) for row in rows]
         return {k: np.stack([im[k] for im in images]) for k in images[0]}
@@ -319,7 +320,7 @@ def _batch_images(rows: Sequence[Encoded], image_fn: Callable[[ImageRef | None],
     per_row = []
     for row in rows:
         parts = [image_fn(ref) for ref in row.images] + [blank] * (n - len(row.images))
-        join = np.stack if parts[0]["pixel_values"].ndim == 3 else np.concatenate
+        join = np.stack if "pixel_values" in parts[0] and parts[0]["pixel_values"].ndim == 3 else np.concatenate
         per_row.append({k: join([p[k] for p in parts]) for k in parts[0]})
     return {k: np.stack([im[k] for im in per_row]) for k in per_row[0]}
 

@@ -412,8 +412,9 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
 
     def compile_one(job) -> None:
         inputs, run = job
+        batch = abstract_batch(inputs(), mesh)  # made outside compile_only: `image_fn` may run a program
         with compile_only():
-            run(model, abstract_batch(inputs(), mesh))
+            run(model, batch)
 
     with ThreadPoolExecutor(min(max(len(jobs), 1), _COMPILE_THREADS), thread_name_prefix="compile") as pool:
         list(pool.map(compile_one, jobs.values()))

@@ -71,6 +71,12 @@ def frozen(model: nnx.Module, *, compile_ahead: bool = True) -> Iterator[None]:
         _AHEAD.discard(model)
 
 
+def is_frozen(model: nnx.Module) -> bool:
+    """Whether the model is inside a `frozen` block: then `model_jit` calls on it may run from several threads at
+    once (`nnx.jit`'s graph walk on the live model is not safe to run concurrently)."""
+    return model in _FROZEN
+
+
 def compiles_ahead(model: nnx.Module) -> bool:
     """Whether the model is frozen with `compile_ahead` on."""
     return model in _FROZEN and model in _AHEAD

@@ -17,6 +17,10 @@ from flax import nnx
 
 from vlmu_jax.models.hf_names import HFParam
 
+# The key of a batch's images holding what each row's images become inside the model before the decoder reads
+# them (its `image_embeddings`), made once per image ahead of the batch instead of from its pixels.
+IMAGE_EMBEDDINGS = "image_embeddings"
+
 
 @dataclass(frozen=True)
 class Architecture:

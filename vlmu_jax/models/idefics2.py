@@ -313,16 +313,9 @@ class Idefics2ForConditionalGeneration(LlavaForConditionalGeneration):
         feats = self.multi_modal_projector(h, patch_mask.reshape(b * n, -1), impl="xla", **kw)
         return feats.reshape(b, n * feats.shape[1], feats.shape[2])
 
-    def embed(self, input_ids: jax.Array, images: dict[str, jax.Array] | None) -> jax.Array:
-        """Token embeddings with row b's k-th image token replaced by row b's k-th image feature."""
-        h = self.language_model.embed(input_ids)
-        if images is None:
-            return h
-        feats = self.image_features(images["pixel_values"], images["pixel_attention_mask"]).astype(h.dtype)
-        is_img = input_ids == self.config.image_token_id
-        idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
-        spliced = jnp.take_along_axis(feats, idx[..., None], axis=1)
-        return jnp.where(is_img[..., None], spliced, h)
+    def image_embeddings(self, images: dict[str, jax.Array]) -> jax.Array:
+        """[B, N * n_latents, D_text] (`image_features` of the batch's pixels and their mask)."""
+        return self.image_features(images["pixel_values"], images["pixel_attention_mask"])
 
 
 # ------------------------------------------------------------------------------------------- config.json

@@ -9,7 +9,9 @@ or the raw output of decoder layer ``output_layer``), ``head_weight()``,
 ``prefill(input_ids, attention_mask, images, cache_len)`` -> (hidden states, decode state) and
 ``decode_step(tokens, positions, kv_valid, state, index)`` -> (hidden states, decode state); ``images`` is
 the dict the architecture's image processor makes (here ``{"pixel_values": [B, 3, H, W]}``) and the decode
-state is whatever the architecture needs to carry between steps (here the KV cache).
+state is whatever the architecture needs to carry between steps (here the KV cache). ``image_embeddings(images)``
+gives what the images become inside the model before the decoder reads them, and ``images`` may carry those
+instead (``{IMAGE_EMBEDDINGS: ..., **the inputs named in KEPT_WITH_EMBEDDINGS}``, eval/image_embeddings.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmu_jax.models.architecture import Architecture, special_token_ids
+from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS, Architecture, special_token_ids
 from vlmu_jax.models.clip import ClipVisionTower, VisionConfig
 from vlmu_jax.models.hf_names import HFParam, rename, stacked_name_map
 from vlmu_jax.models.layers import Dense, activation, decode_step_impl, last_real
@@ -135,16 +137,25 @@ class LlavaForConditionalGeneration(nnx.Module):
             hs = [h[:, 1:] for h in hs]
         return self.multi_modal_projector(jnp.concatenate(hs, axis=-1))
 
-    def embed(self, input_ids: jax.Array, images: dict[str, jax.Array] | None) -> jax.Array:
-        """Token embeddings with row b's k-th image token replaced by row b's k-th image feature; pixel_values
+    # Image inputs the model reads besides IMAGE_EMBEDDINGS when a batch carries those (Qwen2-VL's positions).
+    KEPT_WITH_EMBEDDINGS: tuple[str, ...] = ()
+
+    def image_embeddings(self, images: dict[str, jax.Array]) -> jax.Array:
+        """[B, N, D_text]: row b's image features in the order its image tokens take them; pixel_values
         [B, 3, H, W] (one image per row) or [B, N, 3, H, W] (N images per row, in prompt order)."""
+        pixels = images["pixel_values"]
+        feats = self.image_features(pixels.reshape(-1, *pixels.shape[-3:]))
+        return feats.reshape(pixels.shape[0], -1, feats.shape[-1])
+
+    def embed(self, input_ids: jax.Array, images: dict[str, jax.Array] | None) -> jax.Array:
+        """Token embeddings with row b's k-th image token replaced by row b's k-th image feature: the batch's
+        IMAGE_EMBEDDINGS [B, ..., D_text] where it carries them (made once per image, eval/image_embeddings.py),
+        else `image_embeddings` of its image inputs."""
         h = self.language_model.embed(input_ids)
         if images is None:
             return h
-        pixels = images["pixel_values"]
-        b = pixels.shape[0]
-        feats = self.image_features(pixels.reshape(-1, *pixels.shape[-3:])).astype(h.dtype)
-        feats = feats.reshape(b, -1, feats.shape[-1])
+        feats = images[IMAGE_EMBEDDINGS] if IMAGE_EMBEDDINGS in images else self.image_embeddings(images)
+        feats = feats.reshape(feats.shape[0], -1, feats.shape[-1]).astype(h.dtype)
         is_img = input_ids == self.config.image_token_id
         idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
         spliced = jnp.take_along_axis(feats, idx[..., None], axis=1)

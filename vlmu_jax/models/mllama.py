@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlmu_jax.models import decoder_tape
-from vlmu_jax.models.architecture import Architecture, special_token_ids
+from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS, Architecture, special_token_ids
 from vlmu_jax.models.hf_names import LEAVES, HFParam, base_params, rename
 from vlmu_jax.models.layers import (
     Dense,
@@ -419,8 +419,10 @@ class MllamaForConditionalGeneration(nnx.Module):
     def head_weight(self) -> jax.Array:
         return self.lm_head[...]
 
-    def vision_states(self, images: dict[str, jax.Array]) -> jax.Array:
-        """Projected vision tokens [B, T * P, D_text] (tile-major)."""
+    KEPT_WITH_EMBEDDINGS = ("aspect_ratio_ids", "aspect_ratio_mask")  # the cross-attention masks read them
+
+    def image_embeddings(self, images: dict[str, jax.Array]) -> jax.Array:
+        """Projected vision tokens [B, T * P, D_text] (tile-major): what every cross layer's K/V are made from."""
         c = self.config
         feats = self.vision_tower(
             images["pixel_values"],
@@ -447,7 +449,8 @@ class MllamaForConditionalGeneration(nnx.Module):
         cross = cross_kv = None
         if images is not None:
             cross = self.cross_state(input_ids, images)
-            cross_kv = self.language_model.cross_kv(self.vision_states(images).astype(h.dtype), rng)
+            states = images[IMAGE_EMBEDDINGS] if IMAGE_EMBEDDINGS in images else self.image_embeddings(images)
+            cross_kv = self.language_model.cross_kv(states.astype(h.dtype), rng)
         h, self_kv = self.language_model(h, positions, kv_valid, cross=cross, cross_kv=cross_kv, impl=impl,
                                          remat=c.remat, scan=c.scan_layers, self_kv=self_kv, index=index, rng=rng,
                                          output_layer=output_layer)

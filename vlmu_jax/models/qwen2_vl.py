@@ -307,15 +307,11 @@ class QwenVLForConditionalGeneration(LlavaForConditionalGeneration):
         h = self.vision_tower(pixel_values, image_grid_thw, remat=c.remat, scan=c.scan_layers)
         return self.multi_modal_projector(h)
 
-    def embed(self, input_ids: jax.Array, images: dict[str, jax.Array] | None) -> jax.Array:
-        h = self.language_model.embed(input_ids)
-        if images is None:
-            return h
-        feats = self.image_features(images["pixel_values"], images["image_grid_thw"]).astype(h.dtype)
-        is_img = input_ids == self.config.image_token_id
-        idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
-        spliced = jnp.take_along_axis(feats, idx[..., None], axis=1)
-        return jnp.where(is_img[..., None], spliced, h)
+    KEPT_WITH_EMBEDDINGS = ("image_grid_thw",)  # the M-RoPE positions read the image grids
+
+    def image_embeddings(self, images: dict[str, jax.Array]) -> jax.Array:
+        """[B, N / merge^2, D_text] (`image_features` of the batch's patches and grids)."""
+        return self.image_features(images["pixel_values"], images["image_grid_thw"])
 
     def positions(
         self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None
