@@ -76,6 +76,7 @@ def test_image_embeddings_made_once_score_and_generate_as_pixels(root, family) -
     from vlmu_jax.eval.batched import generate_rows
     from vlmu_jax.eval.frozen import frozen
     from vlmu_jax.eval.image_embeddings import embedded_image_fn
+    from vlmu_jax.eval.layer_copies import layer_copies
     from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS
 
     ws, rows, _ = _rows(root / family, family)
@@ -91,19 +92,21 @@ def test_image_embeddings_made_once_score_and_generate_as_pixels(root, family) -
     kwargs = dict(batch_size=4, pad_token_id=ws.tokenizer.pad_token_id)
     prompts = prompt_groups(rows).prompts
     generating = dict(eos_token_id=ws.tokenizer.eos_token_id, max_new_tokens=3)
-    with frozen(model, compile_ahead=False):
+    want = {shared: score_rows(model, rows, image_fn=ws.eval_image_fn, shared_prompts=shared, **kwargs)
+            for shared in (False, True)}
+    want_tokens = generate_rows(model, prompts, image_fn=ws.eval_image_fn, **kwargs, **generating)
+    # as the eval stage runs it on a GPU: over per-layer weight copies, the model frozen
+    with layer_copies(model, "always"), frozen(model, compile_ahead=False):
         embedded = embedded_image_fn(model, pixels, 10**9, None)
         assert embedded(rows[0].image)[IMAGE_EMBEDDINGS].shape[-1] == model.config.text.hidden_size
         for shared in (False, True):
-            want = score_rows(model, rows, image_fn=ws.eval_image_fn, shared_prompts=shared, **kwargs)
             got = score_rows(model, rows, image_fn=embedded, shared_prompts=shared, **kwargs)
-            for g, w in zip(got, want, strict=True):
+            for g, w in zip(got, want[shared], strict=True):
                 np.testing.assert_allclose(g.logps, w.logps, rtol=0, atol=2e-5)
                 np.testing.assert_allclose(g.mu, w.mu, rtol=0, atol=2e-5)
-        for g, w in zip(generate_rows(model, prompts, image_fn=embedded, **kwargs, **generating),
-                        generate_rows(model, prompts, image_fn=ws.eval_image_fn, **kwargs, **generating),
-                        strict=True):
-            np.testing.assert_array_equal(g, w)
+        tokens = generate_rows(model, prompts, image_fn=embedded, **kwargs, **generating)
+    for g, w in zip(tokens, want_tokens, strict=True):
+        np.testing.assert_array_equal(g, w)
     images = {r.image for r in rows}
     assert len(images) == 2 and len(made) == len(set(made)) and set(made) <= images | {None}
 
