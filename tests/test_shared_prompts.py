@@ -175,6 +175,7 @@ def test_compile_ahead_covers_the_shared_programs(root, placement: str) -> None:
     from vlmu_jax.eval.layer_copies import layer_copies
     from vlmu_jax.models.sharding import make_mesh, shard_model
 
+    jax.clear_caches()  # what an earlier test of this file compiled for the same shapes would not count here
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
