@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -100,6 +101,7 @@ def test_models_from_memory_score_like_their_folders(demo_run: tuple[Path, str])
     assert f"compilation cache: {json.loads((demo / 'config.json').read_text())['compilation_cache_dir']}" in log
     assert "finetuned: every batch padded to" in log or "finetuned: one length" in log
     assert "eval finetuned: each image's features computed once" in log  # eval.image_embeddings_mb
+    assert "features made once for the stage" not in log  # the demo's unlearning trains the projector, as FIUBench
     from_memory = [line for line in log.splitlines() if line.endswith(", from memory")]
     for name in ("finetuned", "unlearned_ga"):
         assert any(f"model {demo / 'models' / name}: " in line for line in from_memory), name
@@ -141,6 +143,35 @@ def _assert_same_log(got, want, where: str = "") -> None:
         assert got == pytest.approx(want, rel=1e-4, abs=1e-6), where
     else:
         assert got == want, where
+
+
+def test_stage_with_a_frozen_image_path_trains_on_features_made_once(demo: Path, tmp_path: Path) -> None:
+    """Unlearning with neither the vision tower nor the projector training (MLLMU-Bench's stages): each image's
+    features are made once before the first step and the steps leave the vision tower out
+    (<stage>.image_embeddings_mb). The losses and the unlearned weights are those of the vision tower run in
+    every step; both run layer by layer, as LoRA stages do on a GPU."""
+    from safetensors.numpy import load_file
+
+    runs = {}
+    for name, extra in (("once", ()), ("every_step", ("--config.unlearn.image_embeddings_mb=0",))):
+        workdir = tmp_path / name
+        (workdir / "models").mkdir(parents=True)
+        (workdir / "data").symlink_to(demo / "data")
+        for model in ("base", "finetuned"):
+            (workdir / "models" / model).symlink_to(demo / "models" / model)
+        runs[name] = workdir, _main(workdir, "--config.stages=unlearn", "--config.unlearn.objective=npo",
+                                    "--config.unlearn.num_steps=3", "--config.unlearn.tune_mm_projector=False",
+                                    "--config.unlearn.layerwise=always", *extra)
+    assert "unlearned_npo: each image's features made once for the stage" in runs["once"][1]
+    assert "features made once" not in runs["every_step"][1]
+    losses = {name: [json.loads(line)["loss"] for line in (w / "train" / "unlearned_npo" / "metrics.jsonl").open()]
+              for name, (w, _) in runs.items()}
+    assert len(losses["once"]) == 3 and losses["once"] == pytest.approx(losses["every_step"], rel=1e-5, abs=1e-6)
+    weights = {name: {k: v for f in sorted((w / "models" / "unlearned_npo").glob("*.safetensors"))
+                      for k, v in load_file(f).items()} for name, (w, _) in runs.items()}
+    assert weights["once"].keys() == weights["every_step"].keys()
+    for key, value in weights["once"].items():
+        np.testing.assert_allclose(value, weights["every_step"][key], rtol=0, atol=1e-5, err_msg=key)
 
 
 def test_demo_shows_the_unlearning_tradeoff(demo: Path) -> None:

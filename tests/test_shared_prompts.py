@@ -75,8 +75,8 @@ def test_image_embeddings_made_once_score_and_generate_as_pixels(root, family) -
     give."""
     from vlmu_jax.eval.batched import generate_rows
     from vlmu_jax.eval.frozen import frozen
-    from vlmu_jax.eval.image_embeddings import embedded_image_fn
     from vlmu_jax.eval.layer_copies import layer_copies
+    from vlmu_jax.image_embeddings import embedded_image_fn
     from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS
 
     ws, rows, _ = _rows(root / family, family)
@@ -111,6 +111,23 @@ def test_image_embeddings_made_once_score_and_generate_as_pixels(root, family) -
     assert len(images) == 2 and len(made) == len(set(made)) and set(made) <= images | {None}
 
 
+def test_what_keeps_a_training_stage_on_pixels(root) -> None:
+    """A stage's batches carry image features only while nothing on the image path trains (a LoRA-only stage does
+    not; the projector tuned with it does) and a reference model holds the same image path."""
+    from vlmu_jax.image_embeddings import image_path_trains, same_image_path
+    from vlmu_jax.models import lora
+
+    ws, _, _ = _rows(root / "llava", "llava")
+    model, other = ws.load("base"), ws.load("base")
+    lora.apply_lora(model, rank=2, alpha=4.0, dropout=0.0, targets=ws.protocol.lora_targets, seed=0)
+    assert not image_path_trains(model, lora.trainable_filter(lora=True))
+    assert image_path_trains(model, lora.trainable_filter(lora=True, tune_mm_projector=True))
+    assert same_image_path(model, other)
+    kernel = other.multi_modal_projector.linear_1.kernel
+    kernel.set_value(kernel.get_value() + 1e-3)
+    assert not same_image_path(model, other)
+
+
 def test_shared_prompts_on_a_mesh_equal_one_device(root) -> None:
     """On the 8 fake CPU devices, mesh (data=2, fsdp=2, tensor=2): prompts split over (data, fsdp), weights over
     (fsdp, tensor), the prompt's cache and its continuations sharded; the scores are one device's whole rows."""
@@ -124,7 +141,7 @@ def test_shared_prompts_on_a_mesh_equal_one_device(root) -> None:
     sharded = load_pretrained(ws.base_model, mesh=mesh)
     shared = score_rows(sharded, rows, mesh=mesh, shared_prompts=True, **kwargs)
     from vlmu_jax.eval.frozen import frozen
-    from vlmu_jax.eval.image_embeddings import embedded_image_fn  # each image's features made on the mesh too
+    from vlmu_jax.image_embeddings import embedded_image_fn  # each image's features made on the mesh too
 
     with frozen(sharded, compile_ahead=False):
         embedded = score_rows(sharded, rows, mesh=mesh, shared_prompts=True,

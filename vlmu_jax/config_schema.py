@@ -67,6 +67,11 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     c.tune_vision_tower = False
     c.tune_mm_projector = True
     c.tune_language_model = True
+    # Host memory in MB for the features of every image the stage shows, made once before its first step and carried
+    # by its batches in place of the pixels (vlmu_jax/image_embeddings.py), when neither the vision tower nor the
+    # projector trains (MLLMU-Bench's stages; not FIUBench's, which train the projector) and a reference model
+    # shares them. Over this, or 0: the vision tower runs in every step.
+    c.image_embeddings_mb = 4096
     c.save_every = 100
     c.keep_checkpoints = 2  # 0: no Orbax checkpoints (no resume; the stage's HF folder is its output)
     c.update(overrides)
@@ -164,7 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
     # 16 a batch (Idefics2's five crops with splitting: 62 MB a row). 0 = no cap.
     c.eval.max_batch_image_mb = 2048
     # Host memory in MB for each image's features, computed once per evaluated model and put in every batch that
-    # shows the image instead of its pixels (eval/image_embeddings.py): FIUBench shows each identity's picture in
+    # shows the image instead of its pixels (vlmu_jax/image_embeddings.py): FIUBench shows each identity's picture in
     # all of its questions, in every pass. LLaVA-1.5-7B: 4.7 MB an image; idefics2-8b with splitting: 2.6 MB;
     # Llama-3.2-11B-Vision's four tiles: 52 MB. Not with several processes. 0 = off, the vision tower runs in every
     # batch.

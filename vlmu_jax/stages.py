@@ -251,6 +251,7 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
         _require(ws.model_dir(reference), f"{out_name} compares against it: run the finetune stage first")
         ref_model = ws.load(reference)
         _prepare_trainable(ref_model, stage, ws.config.seed, ws.protocol)  # the same graph; zero adapters
+    sources = _with_image_features(ws, model, ref_model, trainable, stage, sources, out_name)
     run_dir = ws.workdir / "train" / out_name
     if ws.config.force:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -263,6 +264,28 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
     logging.info("%s: %d steps, last loss %.4f", out_name, result.step, result.losses[-1] if result.losses
                  else float("nan"))
     _keep_trained(ws, model, out)
+
+
+def _with_image_features(ws: Workspace, model: nnx.Module, ref_model: nnx.Module | None, trainable,
+                         stage: ml_collections.ConfigDict, sources: dict[str, ExampleSource],
+                         name: str) -> dict[str, ExampleSource]:
+    """`sources` whose batches carry each image's features, made once for the stage, where neither the vision
+    tower nor the projector trains and the reference model (if any) holds the same ones
+    (vlmu_jax/image_embeddings.py, config <stage>.image_embeddings_mb); else `sources` as they are."""
+    from vlmu_jax.image_embeddings import image_path_trains, same_image_path, stage_image_fn
+
+    if stage.image_embeddings_mb <= 0 or image_path_trains(model, trainable) or (
+            ref_model is not None and not same_image_path(model, ref_model)):
+        return sources
+    refs = list(dict.fromkeys(ref for source in sources.values() for row in source.rows for ref in row.images))
+    with timed(f"{name}: features of its {len(refs)} images"):
+        image_fn = stage_image_fn(model, ws.image_fn, refs, stage.image_embeddings_mb * 10**6, ws.mesh,
+                                  stage.batch_size)
+    if image_fn is None:
+        say(f"{name}: its images' features exceed image_embeddings_mb: the vision tower runs in every step")
+        return sources
+    say(f"{name}: each image's features made once for the stage; its steps leave the vision tower out")
+    return {key: source.with_image_fn(image_fn) for key, source in sources.items()}
 
 
 def finetune(ws: Workspace) -> None:
@@ -421,8 +444,8 @@ def _runner(ws: Workspace):
 
 def _embedding_runner(ws: Workspace, model: nnx.Module, name: str, runner):
     """`runner` with batches that carry each image's features, made once per image for this model
-    (eval/image_embeddings.py, config eval.image_embeddings_mb), where that applies; else `runner` itself."""
-    from vlmu_jax.eval.image_embeddings import embedded_image_fn
+    (vlmu_jax/image_embeddings.py, config eval.image_embeddings_mb), where that applies; else `runner` itself."""
+    from vlmu_jax.image_embeddings import embedded_image_fn
 
     image_fn = embedded_image_fn(model, runner.image_fn, ws.config.eval.image_embeddings_mb * 10**6, ws.mesh)
     if image_fn is None:

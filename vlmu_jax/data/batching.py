@@ -11,6 +11,7 @@ stay masked here because transformers 5 expands them and they are not predictabl
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -311,7 +312,7 @@ def _batch_images(rows: Sequence[Encoded], image_fn: Callable[[ImageRef | None],
     several, every row gets the batch's largest count, text-only slots filled with ``image_fn(None)``, joined
     along the processor's image axis: a new one for one-image processors (LLaVA: [B, N, 3, H, W]), the existing
     one for processors that already give a stack per image (Idefics2: [B, N * n, 3, H, W]) and for image
-    embeddings (eval/image_embeddings.py: [B, N * tokens, D])."""
+    embeddings (vlmu_jax/image_embeddings.py: [B, N * tokens, D])."""
     if all(not row.context_images for row in rows):
         images = [image_fn(row.image) for row in rows]
         return {k: np.stack([im[k] for im in images]) for k in images[0]}
@@ -394,6 +395,12 @@ class ExampleSource:
             left_pad=left_pad,
             slots=label_slots,
         )
+
+    def with_image_fn(self, image_fn: Callable[[ImageRef | None], dict[str, np.ndarray]]) -> ExampleSource:
+        """The same source (rows, order, buckets) with its rows' image inputs from `image_fn`."""
+        source = copy.copy(self)
+        source._collate = functools.partial(self._collate, image_fn=image_fn)
+        return source
 
     def __len__(self) -> int:
         return -(-len(self.rows) // self.global_batch_size)

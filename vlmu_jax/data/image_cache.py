@@ -1,5 +1,5 @@
 """Image inputs kept per image, shared by every batch source that one image processor (or, in evaluation, one
-model's image embeddings: eval/image_embeddings.py) feeds.
+model's image embeddings: vlmu_jax/image_embeddings.py) feeds.
 
 An image is shown by many rows: each FIUBench identity's picture by all of its questions (each scored as several
 rows), and MLLMU-Bench eval.py's few-shot images by every few-shot row. Processing one costs 70-800 ms of host time

@@ -11,7 +11,7 @@ or the raw output of decoder layer ``output_layer``), ``head_weight()``,
 the dict the architecture's image processor makes (here ``{"pixel_values": [B, 3, H, W]}``) and the decode
 state is whatever the architecture needs to carry between steps (here the KV cache). ``image_embeddings(images)``
 gives what the images become inside the model before the decoder reads them, and ``images`` may carry those
-instead (``{IMAGE_EMBEDDINGS: ..., **the inputs named in KEPT_WITH_EMBEDDINGS}``, eval/image_embeddings.py).
+instead (``{IMAGE_EMBEDDINGS: ..., **the inputs named in KEPT_WITH_EMBEDDINGS}``, vlmu_jax/image_embeddings.py).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class LlavaForConditionalGeneration(nnx.Module):
 
     def embed(self, input_ids: jax.Array, images: dict[str, jax.Array] | None) -> jax.Array:
         """Token embeddings with row b's k-th image token replaced by row b's k-th image feature: the batch's
-        IMAGE_EMBEDDINGS [B, ..., D_text] where it carries them (made once per image, eval/image_embeddings.py),
+        IMAGE_EMBEDDINGS [B, ..., D_text] where it carries them (made once per image: vlmu_jax/image_embeddings.py),
         else `image_embeddings` of its image inputs."""
         h = self.language_model.embed(input_ids)
         if images is None:

@@ -1,0 +1,116 @@
+"""Each image's features computed once per model and put in every batch that shows the image, in place of its
+pixels: in evaluation, and in the training stages whose image path (vision tower and projector) does not train.
+
+Why: evaluation shows one image in many rows. Each FIUBench identity's picture is shown by all of its questions.
+Each question's prompt is run by the scoring pass, the generation pass and the APE variants, and every few-shot
+image of MLLMU-Bench's eval.py is shown by every few-shot row. Until now each row ran the vision tower on its own
+copy of the image. Per prompt, the tower's share of the prefill's FLOPs at the real shapes is:
+- Llama-3.2-11B-Vision: ~4/5 (its ViT-H over four 560 px tiles of 1601 positions, ~8 TFLOP, against ~2 TFLOP of
+  decoder for a question of ~100 tokens);
+- idefics2-8b with image splitting: more than half (SigLIP-so400m over five crops of up to 4900 patches, 8-20
+  TFLOP as the crops fill their 980 px, against ~5 TFLOP of decoder for 320 image tokens and the question);
+- Qwen2.5-VL-7B at the presets' cap: ~1/4;
+- LLaVA-1.5-7B: ~4 %.
+Evaluation never trains the model, so an image's features are a function of the image alone. Computing them once
+gives the same values, up to the float rounding of a different batch size. In training the same holds while the
+tower and the projector are frozen: MLLMU-Bench's stages train adapters on the language model only, and each
+image is shown once per question per epoch. FIUBench's unlearning also trains the projector (the seeds'
+`tune_mm_projector`), so its images keep their pixels.
+
+What is kept per image is what the decoder reads: the projected features spliced in as token embeddings (LLaVA,
+Idefics2, Qwen2-VL; 4.7 MB at LLaVA-1.5-7B, 2.6 MB for idefics2-8b's split image) or Mllama's projected vision
+states, from which each cross-attention layer makes its K/V (52 MB for four tiles at 11B). The features are
+computed in one process only: with several, each host makes its own rows' images, and a program on the shared
+mesh would need every process to run it at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from vlmu_jax.data.image_cache import ImageCache
+from vlmu_jax.eval.frozen import is_frozen, model_jit
+from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS
+from vlmu_jax.models.sharding import batch_shards, global_batch
+
+# What `image_embeddings` reads: no param below these may train while a batch carries its output.
+IMAGE_PATH = ("vision_tower", "multi_modal_projector")
+
+
+@model_jit
+def _image_embeddings(model: nnx.Module, images: dict[str, jax.Array]) -> jax.Array:
+    return model.image_embeddings(images)
+
+
+def _inputs(model: nnx.Module, features: np.ndarray, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A row's image inputs once its features are made: them and what the model reads beside them."""
+    return {IMAGE_EMBEDDINGS: features, **{k: inputs[k] for k in model.KEPT_WITH_EMBEDDINGS}}
+
+
+def embedded_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.ndarray]], max_bytes: int,
+                      mesh: Mesh | None) -> ImageCache | None:
+    """An `image_fn` for `model`'s evaluation batches. Each image reference (None: a text-only row's blank) maps
+    to `{IMAGE_EMBEDDINGS: [tokens, D]}`, plus the inputs the model still reads beside them
+    (`KEPT_WITH_EMBEDDINGS`). The values are made once from `image_fn`'s inputs and kept within `max_bytes` of
+    host memory (config eval.image_embeddings_mb). None where this does not apply: `max_bytes` 0 or several
+    processes. The model must be frozen (eval/frozen.py) while the result is used: batches are made in the
+    prefetch threads while the model runs in the main one."""
+    if max_bytes <= 0 or jax.process_count() > 1:
+        return None
+    if not is_frozen(model):
+        raise ValueError("image embeddings are made in batch threads: evaluate the model inside eval.frozen.frozen")
+    copies = batch_shards(mesh)  # one image per batch shard: the program's batch must split over the mesh
+
+    def make(ref: Any) -> dict[str, np.ndarray]:
+        inputs = image_fn(ref)
+        batch = global_batch({k: np.stack([v] * copies) for k, v in inputs.items()}, mesh)
+        return _inputs(model, np.asarray(_image_embeddings(model, batch)[0]), inputs)
+
+    return ImageCache(make, max_bytes)
+
+
+def image_path_trains(model: nnx.Module, trainable: nnx.filterlib.Filter) -> bool:
+    """Whether any param `image_embeddings` reads is in the `trainable` filter (LoRA adapters there included)."""
+    return any(str(path[0]) in IMAGE_PATH for path, _ in nnx.to_flat_state(nnx.state(model, trainable)))
+
+
+def same_image_path(a: nnx.Module, b: nnx.Module) -> bool:
+    """Whether two models' image paths hold the same values (a reference model reads the policy's features)."""
+    def leaves(model: nnx.Module) -> list[jax.Array]:
+        return jax.tree.leaves([nnx.state(getattr(model, name), nnx.Param) for name in IMAGE_PATH])
+
+    ours, theirs = leaves(a), leaves(b)
+    return len(ours) == len(theirs) and all(
+        x.shape == y.shape and bool(jnp.array_equal(x, y)) for x, y in zip(ours, theirs, strict=True))
+
+
+def stage_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.ndarray]], refs: Iterable[Any],
+                   max_bytes: int, mesh: Mesh | None, batch_size: int) -> Callable[[Any], dict[str, np.ndarray]] | None:
+    """An `image_fn` for a training stage's batches: the features of every image in `refs` (and of the text-only
+    blank), made now in `batch_size` images a program, looked up by the batches. Made before the first step
+    because the model trains while its batches are made in other threads. The caller checks that the image path
+    does not train (`image_path_trains`). None where this does not apply: `max_bytes` 0, several processes, or
+    the features of all the images over `max_bytes` (config <stage>.image_embeddings_mb)."""
+    if max_bytes <= 0 or jax.process_count() > 1:
+        return None
+    refs = list(dict.fromkeys([None, *refs]))
+    shards = batch_shards(mesh)
+    n = -(-max(batch_size, 1) // shards) * shards
+    kept: dict[Any, dict[str, np.ndarray]] = {}
+    for start in range(0, len(refs), n):
+        chunk = refs[start:start + n]
+        inputs = [image_fn(ref) for ref in chunk]
+        padded = inputs + [inputs[-1]] * (n - len(chunk))
+        batch = global_batch({k: np.stack([x[k] for x in padded]) for k in inputs[0]}, mesh)
+        features = np.asarray(_image_embeddings(model, batch))
+        kept.update((ref, _inputs(model, f, x)) for ref, f, x in zip(chunk, features, inputs, strict=False))
+        if sum(a.nbytes for a in kept[chunk[0]].values()) * len(refs) > max_bytes:
+            return None
+    return kept.__getitem__
