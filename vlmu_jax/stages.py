@@ -270,14 +270,17 @@ def _with_image_features(ws: Workspace, model: nnx.Module, ref_model: nnx.Module
                          stage: ml_collections.ConfigDict, sources: dict[str, ExampleSource],
                          name: str) -> dict[str, ExampleSource]:
     """`sources` whose batches carry each image's features, made once for the stage, where neither the vision
-    tower nor the projector trains and the reference model (if any) holds the same ones
-    (vlmu_jax/image_embeddings.py, config <stage>.image_embeddings_mb); else `sources` as they are."""
+    tower nor the projector trains, the reference model (if any) holds the same ones and the stage's steps show at
+    least as many rows as there are images (vlmu_jax/image_embeddings.py, config <stage>.image_embeddings_mb);
+    else `sources` as they are."""
     from vlmu_jax.image_embeddings import image_path_trains, same_image_path, stage_image_fn
 
     if stage.image_embeddings_mb <= 0 or image_path_trains(model, trainable) or (
             ref_model is not None and not same_image_path(model, ref_model)):
         return sources
     refs = list(dict.fromkeys(ref for source in sources.values() for row in source.rows for ref in row.images))
+    if 0 < stage.num_steps * stage.batch_size * len(sources) < len(refs):
+        return sources  # fewer steps than an epoch: its rows show fewer images than making each one would take
     with timed(f"{name}: features of its {len(refs)} images"):
         image_fn = stage_image_fn(model, ws.image_fn, refs, stage.image_embeddings_mb * 10**6, ws.mesh,
                                   stage.batch_size)
