@@ -96,10 +96,8 @@ def stage_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.nda
     """An `image_fn` for a training stage's batches: the features of every image in `refs` (and of the text-only
     blank), made now in `batch_size` images a program, looked up by the batches. Made before the first step
     because the model trains while its batches are made in other threads. The caller checks that the image path
-    does not train (`image_path_trains`). None where this does not apply: `max_bytes` 0, several processes, or
-    the features of all the images over `max_bytes` (config <stage>.image_embeddings_mb)."""
-    if max_bytes <= 0 or jax.process_count() > 1:
-        return None
+    does not train (`image_path_trains`) and that one process runs (each host makes its own rows' batches). None
+    when the features of all the images exceed `max_bytes` (config <stage>.image_embeddings_mb)."""
     refs = list(dict.fromkeys([None, *refs]))
     shards = batch_shards(mesh)
     n = -(-max(batch_size, 1) // shards) * shards

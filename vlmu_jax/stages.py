@@ -275,7 +275,8 @@ def _with_image_features(ws: Workspace, model: nnx.Module, ref_model: nnx.Module
     else `sources` as they are."""
     from vlmu_jax.image_embeddings import image_path_trains, same_image_path, stage_image_fn
 
-    if stage.image_embeddings_mb <= 0 or image_path_trains(model, trainable) or (
+    # one process only: with several, each host makes its own rows' batches, and the image program needs them all
+    if stage.image_embeddings_mb <= 0 or jax.process_count() > 1 or image_path_trains(model, trainable) or (
             ref_model is not None and not same_image_path(model, ref_model)):
         return sources
     refs = list(dict.fromkeys(ref for source in sources.values() for row in source.rows for ref in row.images))
