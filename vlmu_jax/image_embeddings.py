@@ -49,9 +49,15 @@ def _image_embeddings(model: nnx.Module, images: dict[str, jax.Array]) -> jax.Ar
     return model.image_embeddings(images)
 
 
-def _inputs(model: nnx.Module, features: np.ndarray, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A row's image inputs once its features are made: them and what the model reads beside them."""
-    return {IMAGE_EMBEDDINGS: features, **{k: inputs[k] for k in model.KEPT_WITH_EMBEDDINGS}}
+def _made(model: nnx.Module, inputs: list[dict[str, np.ndarray]], n: int,
+          mesh: Mesh | None) -> list[dict[str, np.ndarray]]:
+    """Each image's inputs once its features are made (them, and what the model reads beside them), the images run
+    as one program of `n` rows (a multiple of the mesh's batch shards; the last image fills the rest)."""
+    padded = inputs + [inputs[-1]] * (n - len(inputs))
+    batch = global_batch({k: np.stack([x[k] for x in padded]) for k in inputs[0]}, mesh)
+    features = np.asarray(_image_embeddings(model, batch))
+    return [{IMAGE_EMBEDDINGS: f, **{k: x[k] for k in model.KEPT_WITH_EMBEDDINGS}}
+            for f, x in zip(features, inputs, strict=False)]
 
 
 def embedded_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.ndarray]], max_bytes: int,
@@ -66,14 +72,8 @@ def embedded_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.
         return None
     if not is_frozen(model):
         raise ValueError("image embeddings are made in batch threads: evaluate the model inside eval.frozen.frozen")
-    copies = batch_shards(mesh)  # one image per batch shard: the program's batch must split over the mesh
-
-    def make(ref: Any) -> dict[str, np.ndarray]:
-        inputs = image_fn(ref)
-        batch = global_batch({k: np.stack([v] * copies) for k, v in inputs.items()}, mesh)
-        return _inputs(model, np.asarray(_image_embeddings(model, batch)[0]), inputs)
-
-    return ImageCache(make, max_bytes)
+    shards = batch_shards(mesh)  # one image per batch shard: the program's batch must split over the mesh
+    return ImageCache(lambda ref: _made(model, [image_fn(ref)], shards, mesh)[0], max_bytes)
 
 
 def image_path_trains(model: nnx.Module, trainable: nnx.filterlib.Filter) -> bool:
@@ -104,11 +104,7 @@ def stage_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.nda
     kept: dict[Any, dict[str, np.ndarray]] = {}
     for start in range(0, len(refs), n):
         chunk = refs[start:start + n]
-        inputs = [image_fn(ref) for ref in chunk]
-        padded = inputs + [inputs[-1]] * (n - len(chunk))
-        batch = global_batch({k: np.stack([x[k] for x in padded]) for k in inputs[0]}, mesh)
-        features = np.asarray(_image_embeddings(model, batch))
-        kept.update((ref, _inputs(model, f, x)) for ref, f, x in zip(chunk, features, inputs, strict=False))
-        if sum(a.nbytes for a in kept[chunk[0]].values()) * len(refs) > max_bytes:
-            return None
+        kept.update(zip(chunk, _made(model, [image_fn(ref) for ref in chunk], n, mesh), strict=True))
+        if start == 0 and sum(a.nbytes for a in kept[None].values()) * len(refs) > max_bytes:
+            return None  # every image's features are the blank's size
     return kept.__getitem__
