@@ -29,6 +29,7 @@ BLOCK_ROWS = 64  # mask rows (tokens) per program
 BLOCK_COLS = 64  # Threefry blocks (four mask elements each) per row and program: 64 x 64 x 4 = 16 KB of mask
 WARPS = 4
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))  # Threefry-2x32's 20 rounds in five groups of four
+GROUPS = 5  # jax's Threefry-2x32: fewer give other bits (the benches' is-it-hash-bound variants)
 
 
 def _rotl(x: jax.Array, r: int) -> jax.Array:
@@ -36,10 +37,10 @@ def _rotl(x: jax.Array, r: int) -> jax.Array:
 
 
 def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array,
-                 groups: int = 5) -> tuple[jax.Array, jax.Array]:
+                 groups: int = GROUPS) -> tuple[jax.Array, jax.Array]:
     """Threefry-2x32 (20 rounds) of the counts (x0, x1) under the key (k0, k1), as jax's `threefry2x32_p`
     computes it; uint32 throughout, so it runs inside a kernel as well as outside. `groups` of four rounds other
-    than 5 give other bits: for `bench/bench_dropout.py` to time whether the kernel waits on its hashing."""
+    than GROUPS give other bits: for `bench/bench_dropout.py` to time whether the kernel waits on its hashing."""
     ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
     x0, x1 = x0 + ks[0], x1 + ks[1]
     for group in range(groups):
@@ -70,7 +71,7 @@ def _kernel(key_ref, out_ref, *, blocks: int, threshold: int, block_rows: int, b
                                              "groups"))
 def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float, *, interpret: bool = False,
               block_rows: int = BLOCK_ROWS, block_cols: int = BLOCK_COLS, warps: int = WARPS,
-              groups: int = 5) -> jax.Array:
+              groups: int = GROUPS) -> jax.Array:
     """`layers.dropout_keep(rng, shape, rate)` for a Threefry key, as one kernel; `interpret` runs it through
     Pallas's interpreter (CPU tests). The tiling (rows and Threefry blocks per program, warps) gives the same bits
     whatever it is: `bench/bench_dropout.py` times others (MASK_TILINGS), and fewer rounds (`groups`, other bits)."""

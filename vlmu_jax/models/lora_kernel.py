@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from vlmu_jax.models.dropout_kernel import threefry2x32
+from vlmu_jax.models.dropout_kernel import GROUPS, threefry2x32
 
 BLOCK_ROWS = 64  # rows of x per program
 BLOCK_COLS = 64  # Threefry blocks per step of a program's loop: four [64, 64] tiles of x, one per lane
@@ -97,11 +97,11 @@ def _kernel(key_ref, x_ref, a_ref, h_ref, keep_ref, *, rows: int, quarter: int, 
                                              "programs", "groups"))
 def fused_call(x: jax.Array, a: jax.Array, key: jax.Array, *, rate: float, interpret: bool = False,
                block_rows: int = BLOCK_ROWS, block_cols: int = BLOCK_COLS, warps: int = WARPS, stages: int = STAGES,
-               programs: int = PROGRAMS, groups: int = 5) -> tuple[jax.Array, jax.Array]:
+               programs: int = PROGRAMS, groups: int = GROUPS) -> tuple[jax.Array, jax.Array]:
     """(h, keep) for x [rows, d] and A [d, rank] of x's dtype under a raw Threefry key (uint32[2]): h in x's dtype,
     keep the boolean mask. `interpret` runs it through Pallas's interpreter (CPU tests); the tiling and the number
     of programs aimed at do not change the mask, only the order the product sums in. `groups` of Threefry's four
-    rounds other than 5 give other bits: for `bench/bench_lora_kernel.py` to time whether the kernel waits on its
+    rounds other than GROUPS give other bits: for `bench/bench_lora_kernel.py` to time whether the kernel waits on its
     hashing."""
     rows, d = x.shape
     quarter, rank = d // 4, a.shape[1]
