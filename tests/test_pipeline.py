@@ -148,21 +148,25 @@ def _assert_same_log(got, want, where: str = "") -> None:
 def test_stage_with_a_frozen_image_path_trains_on_features_made_once(demo: Path, tmp_path: Path) -> None:
     """Unlearning with neither the vision tower nor the projector training (MLLMU-Bench's stages): each image's
     features are made once before the first step and the steps leave the vision tower out
-    (<stage>.image_embeddings_mb). The losses and the unlearned weights are those of the vision tower run in
-    every step; both run layer by layer, as LoRA stages do on a GPU."""
+    (<stage>.image_embeddings_mb), once for all of the stage's methods. The losses and the unlearned weights are
+    those of the vision tower run in every step; both run layer by layer, as LoRA stages do on a GPU."""
     from safetensors.numpy import load_file
 
     runs = {}
-    for name, extra in (("once", ()), ("every_step", ("--config.unlearn.image_embeddings_mb=0",))):
+    for name, extra in (("once", ("--config.unlearn.objective=npo,ga",)),
+                        ("every_step", ("--config.unlearn.objective=npo", "--config.unlearn.image_embeddings_mb=0"))):
         workdir = tmp_path / name
         (workdir / "models").mkdir(parents=True)
         (workdir / "data").symlink_to(demo / "data")
         for model in ("base", "finetuned"):
             (workdir / "models" / model).symlink_to(demo / "models" / model)
-        runs[name] = workdir, _main(workdir, "--config.stages=unlearn", "--config.unlearn.objective=npo",
+        runs[name] = workdir, _main(workdir, "--config.stages=unlearn",
                                     "--config.unlearn.num_steps=3", "--config.unlearn.tune_mm_projector=False",
                                     "--config.unlearn.layerwise=always", *extra)
     assert "unlearned_npo: each image's features made once for the stage" in runs["once"][1]
+    # GA, the stage's second method, starts from the same finetuned model and takes NPO's features
+    assert "unlearned_ga: each image's features made once for the stage" in runs["once"][1]
+    assert runs["once"][1].count("features of its") == 1
     assert "features made once" not in runs["every_step"][1]
     losses = {name: [json.loads(line)["loss"] for line in (w / "train" / "unlearned_npo" / "metrics.jsonl").open()]
               for name, (w, _) in runs.items()}

@@ -234,9 +234,11 @@ def _keep_trained(ws: Workspace, model: nnx.Module, out: Path) -> None:
 
 
 def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collections.ConfigDict,
-                 sources: dict[str, ExampleSource], objective: str | None = None, reference: str | None = None) -> None:
+                 sources: dict[str, ExampleSource], objective: str | None = None, reference: str | None = None,
+                 features: dict | None = None) -> None:
     """Trains model folder ``start`` into ``out_name``; ``reference`` names the reference model's folder when it is
-    not ``start`` with LoRA off."""
+    not ``start`` with LoRA off. ``features``: image features made from ``start`` by an earlier model of the same
+    stage call (`_with_image_features`), for the next one."""
     out = ws.model_dir(out_name)
     if is_done(out) and not ws.config.force:
         logging.info("%s exists, skipping (config.force=True redoes it)", out)
@@ -251,7 +253,8 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
         _require(ws.model_dir(reference), f"{out_name} compares against it: run the finetune stage first")
         ref_model = ws.load(reference)
         _prepare_trainable(ref_model, stage, ws.config.seed, ws.protocol)  # the same graph; zero adapters
-    sources = _with_image_features(ws, model, ref_model, trainable, stage, sources, out_name)
+    sources = _with_image_features(ws, model, ref_model, trainable, stage, sources, out_name,
+                                   {} if features is None else features)
     run_dir = ws.workdir / "train" / out_name
     if ws.config.force:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -267,12 +270,13 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
 
 
 def _with_image_features(ws: Workspace, model: nnx.Module, ref_model: nnx.Module | None, trainable,
-                         stage: ml_collections.ConfigDict, sources: dict[str, ExampleSource],
-                         name: str) -> dict[str, ExampleSource]:
+                         stage: ml_collections.ConfigDict, sources: dict[str, ExampleSource], name: str,
+                         made: dict) -> dict[str, ExampleSource]:
     """`sources` whose batches carry each image's features, made once for the stage, where neither the vision
     tower nor the projector trains, the reference model (if any) holds the same ones and the stage's steps show at
     least as many rows as there are images (vlmu_jax/image_embeddings.py, config <stage>.image_embeddings_mb);
-    else `sources` as they are."""
+    else `sources` as they are. `made` holds what an earlier model of the same start folder made (the unlearning
+    methods of one stage), taken when it covers these images, else replaced."""
     from vlmu_jax.image_embeddings import image_path_trains, same_image_path, stage_image_fn
 
     # one process only: with several, each host makes its own rows' batches, and the image program needs them all
@@ -282,9 +286,13 @@ def _with_image_features(ws: Workspace, model: nnx.Module, ref_model: nnx.Module
     refs = list(dict.fromkeys(ref for source in sources.values() for row in source.rows for ref in row.images))
     if 0 < stage.num_steps * stage.batch_size * len(sources) < len(refs):
         return sources  # fewer steps than an epoch: its rows show fewer images than making each one would take
-    with timed(f"{name}: features of its {len(refs)} images"):
-        image_fn = stage_image_fn(model, ws.image_fn, refs, stage.image_embeddings_mb * 10**6, ws.mesh,
-                                  stage.batch_size)
+    budget = stage.image_embeddings_mb * 10**6
+    if made.get("budget") == budget and made["refs"].issuperset(refs):
+        image_fn = made["image_fn"]
+    else:
+        with timed(f"{name}: features of its {len(refs)} images"):
+            image_fn = stage_image_fn(model, ws.image_fn, refs, budget, ws.mesh, stage.batch_size)
+        made.update(budget=budget, refs=set(refs), image_fn=image_fn)
     if image_fn is None:
         say(f"{name}: its images' features exceed image_embeddings_mb: the vision tower runs in every step")
         return sources
@@ -301,10 +309,11 @@ def finetune(ws: Workspace) -> None:
     else:
         forget = set(bench.splits[_forget_split(ws)])
         retained = [i for i in everyone if i.uid not in forget]
-    _train_model(ws, start="base", out_name="finetuned", stage=c.finetune,
+    features: dict = {}  # both start from the base model: one set of image features serves both
+    _train_model(ws, start="base", out_name="finetuned", stage=c.finetune, features=features,
                  sources={"train": _source(ws, "finetuned", _rows(ws, everyone, seed=c.seed), c.finetune,
                                            seed=c.seed, shuffle=shuffle)})
-    _train_model(ws, start="base", out_name="retain_model", stage=c.retain_model,
+    _train_model(ws, start="base", out_name="retain_model", stage=c.retain_model, features=features,
                  sources={"train": _source(ws, "retain_model", _rows(ws, retained, seed=c.seed), c.retain_model,
                                            seed=c.seed, shuffle=shuffle)})
 
@@ -342,9 +351,10 @@ def unlearn(ws: Workspace) -> None:
     sources = {name: _source(ws, f"unlearn {name}", rs, c.unlearn, seed=seeds[name],
                              shuffle=shuffle or name == "retain", buckets=buckets, slots=slots)
                for name, rs in rows.items()}
+    features: dict = {}  # every method starts from the finetuned model: its image features are made once
     for objective in objectives(ws):
         _train_model(ws, start="finetuned", out_name=f"unlearned_{objective}", stage=c.unlearn,
-                     objective=objective, **_mllmu_npo(ws, objective, sources))
+                     objective=objective, features=features, **_mllmu_npo(ws, objective, sources))
 
 
 def _mllmu_npo(ws: Workspace, objective: str, sources: dict[str, ExampleSource]) -> dict:
