@@ -234,11 +234,11 @@ def _keep_trained(ws: Workspace, model: nnx.Module, out: Path) -> None:
 
 
 def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collections.ConfigDict,
-                 sources: dict[str, ExampleSource], objective: str | None = None, reference: str | None = None,
-                 features: dict | None = None) -> None:
+                 sources: dict[str, ExampleSource], features: dict, objective: str | None = None,
+                 reference: str | None = None) -> None:
     """Trains model folder ``start`` into ``out_name``; ``reference`` names the reference model's folder when it is
-    not ``start`` with LoRA off. ``features``: image features made from ``start`` by an earlier model of the same
-    stage call (`_with_image_features`), for the next one."""
+    not ``start`` with LoRA off. ``features``: the stage call's image features made from ``start``, shared by its
+    models (`_with_image_features`)."""
     out = ws.model_dir(out_name)
     if is_done(out) and not ws.config.force:
         logging.info("%s exists, skipping (config.force=True redoes it)", out)
@@ -253,8 +253,7 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
         _require(ws.model_dir(reference), f"{out_name} compares against it: run the finetune stage first")
         ref_model = ws.load(reference)
         _prepare_trainable(ref_model, stage, ws.config.seed, ws.protocol)  # the same graph; zero adapters
-    sources = _with_image_features(ws, model, ref_model, trainable, stage, sources, out_name,
-                                   {} if features is None else features)
+    sources = _with_image_features(ws, model, ref_model, trainable, stage, sources, out_name, features)
     run_dir = ws.workdir / "train" / out_name
     if ws.config.force:
         shutil.rmtree(run_dir, ignore_errors=True)
