@@ -77,11 +77,15 @@ def _kernel(key_ref, x_ref, a_ref, h_ref, keep_ref, *, rows: int, quarter: int, 
         hi, lo = threefry2x32(k0, k1, jnp.zeros_like(count), count, groups)
         low16 = jnp.uint32(0xFFFF)
         for lane, bits in enumerate((hi & low16, hi >> jnp.uint32(16), lo & low16, lo >> jnp.uint32(16))):
-            keep = bits >= jnp.uint32(threshold)
+            # bits >= threshold as 1 / 0 without a comparison: bits + 2**16 - threshold reaches 2**16 exactly
+            # then. A boolean on the product's path fails Triton's compile on Hopper: the dot operand's layout
+            # change is hoisted onto it, and shared memory takes no 1-bit elements.
+            kept = (bits + jnp.uint32(65536 - threshold)) >> jnp.uint32(16)
             where = (pl.ds(first, block_rows), pl.ds(lane * quarter + c0, block_cols))
             x = plgpu.load(x_ref.at[where], mask=inside, other=0)
-            plgpu.store(keep_ref.at[where], keep, mask=inside)
-            masked = jnp.where(keep, (x.astype(jnp.float32) / divisor).astype(x.dtype), 0).astype(x.dtype)
+            plgpu.store(keep_ref.at[where], kept.astype(jnp.bool_), mask=inside)
+            # times 1 is exact: the kept inputs are those of jnp.where's form (dropped ones are +-0, not 0)
+            masked = (x.astype(jnp.float32) * kept.astype(jnp.float32) / divisor).astype(x.dtype)
             a = a_ref[pl.ds(lane * quarter + c0, block_cols), :]
             acc = acc + jnp.dot(masked, a, preferred_element_type=jnp.float32)
         return acc
