@@ -65,9 +65,9 @@ WORK = set(os.environ.get("WORK", "logprob,steps,generate").split(","))
 COPIES = tuple(x == "1" for x in os.environ.get("COPIES", "1,0").split(","))
 # FROZEN=1,0: eval calls on the model split once (eval/frozen.py, what the eval stage runs) and through nnx.jit.
 FROZEN = tuple(x == "1" for x in os.environ.get("FROZEN", "1").split(","))
-# HEAD_CHUNKS=128,704: log-probs with the output head over chunks of that many positions (token_logprobs'
-# chunk_size; 128 is the eval's; 704 runs every position at once, no scan around the head)
-HEAD_CHUNKS = tuple(int(x) for x in os.environ.get("HEAD_CHUNKS", "128").split(","))
+# HEAD_CHUNKS=auto,128,704: log-probs with the output head over chunks of that many positions (token_logprobs'
+# chunk_size); auto is the eval's (scoring.eval_head_chunk: every position at once here, no scan around the head)
+HEAD_CHUNKS = tuple(None if x == "auto" else int(x) for x in os.environ.get("HEAD_CHUNKS", "auto").split(","))
 # WORK=shared: answers per prompt of the shared-prompt scoring call (FIUBench's forget split has 7 per question).
 SHARED_K = tuple(int(x) for x in os.environ.get("SHARED_K", "7,1").split(",") if x)
 # STEP_COPIES=1,0: the steps over per-layer weight copies (unrolled, eval/layer_copies.py) and over the stack.

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmu_jax.eval.scoring import head_logprobs
+from vlmu_jax.eval.scoring import WHOLE_HEAD_BYTES, eval_head_chunk, head_logprobs
 
 
 def _inputs(dtype):
@@ -38,3 +38,16 @@ def test_bf16_backward_never_holds_a_float32_head() -> None:
     want = np.asarray(jax.grad(_direct)(h, w, t), np.float32)
     # The cotangent is rounded to bf16 (8 bits of mantissa) before the gemm, as in PyTorch's bf16 backward.
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
+
+
+def test_eval_head_chunk_is_every_position_while_its_logits_fit() -> None:
+    """Whole-row scoring runs the head over all positions at once where the float32 logits fit WHOLE_HEAD_BYTES
+    (LLaVA-1.5-7B's 4 x 703 positions: 361 MB), else over 128-position chunks (64 rows: 5.8 GB); the values are
+    the chunked ones."""
+    assert eval_head_chunk(4, 703, 32064) == 703
+    assert 64 * 703 * 32064 * 4 > WHOLE_HEAD_BYTES and eval_head_chunk(64, 703, 32064) == 128
+    h, w, t = _inputs(jnp.float32)
+    whole = head_logprobs(h, w, t, with_stats=True, chunk_size=eval_head_chunk(*t.shape, w.shape[0]))
+    chunked = head_logprobs(h, w, t, with_stats=True, chunk_size=4)
+    for a, b in zip(whole, chunked, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)

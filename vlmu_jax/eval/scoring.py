@@ -119,19 +119,34 @@ def head_kl(hidden: jax.Array, ref_hidden: jax.Array, head: jax.Array, ref_head:
     return head_token_stat(kl, hidden, head, targets, ref_hidden, ref_head, chunk_size)
 
 
+# The eval's whole-row scoring runs the output head over every position at once where the float32 logits take at
+# most this much memory, else over chunks of 128: one chunk took the LLaVA-1.5-7B log-probs of 4 x 704 tokens from
+# 0.0687 to 0.0661 s on an H200 (bench/RESULTS.md, session 30: the scan around the head and its slices gone).
+# Training keeps 128-position chunks: its backward holds each chunk's logits' cotangent too.
+WHOLE_HEAD_BYTES = 2**31
+
+
+def eval_head_chunk(batch: int, positions: int, vocab: int) -> int:
+    """Positions per output-head chunk in whole-row scoring: all of them where their float32 logits fit in
+    WHOLE_HEAD_BYTES, else 128."""
+    return positions if batch * positions * vocab * 4 <= WHOLE_HEAD_BYTES else 128
+
+
 def compute_token_logprobs(
     model: nnx.Module,
     input_ids: jax.Array,
     attention_mask: jax.Array,
     images: dict[str, jax.Array] | None,
     with_stats: bool = False,
-    chunk_size: int = 128,
+    chunk_size: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
-    """Traceable: logps [B, T-1] = log p(x_{t+1} | x_<=t); with_stats also (mu, var) of log p under p."""
+    """Traceable: logps [B, T-1] = log p(x_{t+1} | x_<=t); with_stats also (mu, var) of log p under p.
+    `chunk_size` None: `eval_head_chunk`'s."""
     hidden = model(input_ids, attention_mask, images)
-    return head_logprobs(
-        hidden[:, :-1], model.head_weight(), input_ids[:, 1:], with_stats=with_stats, chunk_size=chunk_size
-    )
+    head = model.head_weight()
+    b, t = input_ids.shape
+    chunk = eval_head_chunk(b, t - 1, head.shape[0]) if chunk_size is None else chunk_size
+    return head_logprobs(hidden[:, :-1], head, input_ids[:, 1:], with_stats=with_stats, chunk_size=chunk)
 
 
 def continuation_logprobs(
@@ -198,7 +213,7 @@ def token_logprobs(
     attention_mask: jax.Array,
     images: dict[str, jax.Array] | None,
     with_stats: bool = False,
-    chunk_size: int = 128,
+    chunk_size: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Jitted public wrapper of compute_token_logprobs."""
     return compute_token_logprobs(model, input_ids, attention_mask, images, with_stats, chunk_size)
