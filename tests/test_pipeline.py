@@ -101,7 +101,9 @@ def test_models_from_memory_score_like_their_folders(demo_run: tuple[Path, str])
     assert f"compilation cache: {json.loads((demo / 'config.json').read_text())['compilation_cache_dir']}" in log
     assert "finetuned: every batch padded to" in log or "finetuned: one length" in log
     assert "eval finetuned: each image's features computed once" in log  # eval.image_embeddings_mb
-    assert "features made once for the stage" not in log  # the demo's unlearning trains the projector, as FIUBench
+    # the demo's stages train the projector, as FIUBench's do: their batches carry the vision tower's states
+    for name in ("finetuned", "retain_model", "unlearned_gd", "unlearned_ga"):
+        assert f"{name}: each image's vision-tower states made once for the stage" in log, name
     from_memory = [line for line in log.splitlines() if line.endswith(", from memory")]
     for name in ("finetuned", "unlearned_ga"):
         assert any(f"model {demo / 'models' / name}: " in line for line in from_memory), name
@@ -145,13 +147,16 @@ def _assert_same_log(got, want, where: str = "") -> None:
         assert got == want, where
 
 
-def test_stage_with_a_frozen_image_path_trains_on_features_made_once(demo: Path, tmp_path: Path) -> None:
-    """Unlearning with neither the vision tower nor the projector training (MLLMU-Bench's stages): each image's
-    features are made once before the first step and the steps leave the vision tower out
-    (<stage>.image_embeddings_mb), once for all of the stage's methods. The losses and the unlearned weights are
-    those of the vision tower run in every step; both run layer by layer, as LoRA stages do on a GPU."""
+@pytest.mark.parametrize("tuned", ["projector_frozen", "projector_trains"])
+def test_stage_with_a_frozen_vision_tower_trains_on_images_made_once(demo: Path, tmp_path: Path, tuned: str) -> None:
+    """Unlearning with the vision tower frozen: each image is made once before the first step into what the steps
+    read past the frozen part (<stage>.image_embeddings_mb), once for all of the stage's methods, and the steps
+    leave the vision tower out: its features where the projector is frozen too (MLLMU-Bench's stages), the tower's
+    states where the projector trains (FIUBench's). The losses and the unlearned weights are those of the vision
+    tower run in every step; both run layer by layer, as LoRA stages do on a GPU."""
     from safetensors.numpy import load_file
 
+    what = {"projector_frozen": "features", "projector_trains": "vision-tower states"}[tuned]
     runs = {}
     for name, extra in (("once", ("--config.unlearn.objective=npo,ga",)),
                         ("every_step", ("--config.unlearn.objective=npo", "--config.unlearn.image_embeddings_mb=0"))):
@@ -160,20 +165,26 @@ def test_stage_with_a_frozen_image_path_trains_on_features_made_once(demo: Path,
         (workdir / "data").symlink_to(demo / "data")
         for model in ("base", "finetuned"):
             (workdir / "models" / model).symlink_to(demo / "models" / model)
-        runs[name] = workdir, _main(workdir, "--config.stages=unlearn",
-                                    "--config.unlearn.num_steps=3", "--config.unlearn.tune_mm_projector=False",
+        runs[name] = workdir, _main(workdir, "--config.stages=unlearn", "--config.unlearn.num_steps=3",
+                                    f"--config.unlearn.tune_mm_projector={tuned == 'projector_trains'}",
                                     "--config.unlearn.layerwise=always", *extra)
-    assert "unlearned_npo: each image's features made once for the stage" in runs["once"][1]
-    # GA, the stage's second method, starts from the same finetuned model and takes NPO's features
-    assert "unlearned_ga: each image's features made once for the stage" in runs["once"][1]
-    assert runs["once"][1].count("features of its") == 1
-    assert "features made once" not in runs["every_step"][1]
+    assert f"unlearned_npo: each image's {what} made once for the stage" in runs["once"][1]
+    # GA, the stage's second method, starts from the same finetuned model and takes NPO's images
+    assert f"unlearned_ga: each image's {what} made once for the stage" in runs["once"][1]
+    assert runs["once"][1].count(f"{what} of its") == 1
+    assert "made once for the stage" not in runs["every_step"][1]
     losses = {name: [json.loads(line)["loss"] for line in (w / "train" / "unlearned_npo" / "metrics.jsonl").open()]
               for name, (w, _) in runs.items()}
     assert len(losses["once"]) == 3 and losses["once"] == pytest.approx(losses["every_step"], rel=1e-5, abs=1e-6)
-    weights = {name: {k: v for f in sorted((w / "models" / "unlearned_npo").glob("*.safetensors"))
-                      for k, v in load_file(f).items()} for name, (w, _) in runs.items()}
+
+    def read(folder: Path) -> dict[str, np.ndarray]:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    weights = {name: read(w / "models" / "unlearned_npo") for name, (w, _) in runs.items()}
     assert weights["once"].keys() == weights["every_step"].keys()
+    start = read(demo / "models" / "finetuned")
+    moved = [k for k, v in weights["once"].items() if "multi_modal_projector" in k and not np.array_equal(v, start[k])]
+    assert bool(moved) == (tuned == "projector_trains")
     for key, value in weights["once"].items():
         np.testing.assert_allclose(value, weights["every_step"][key], rtol=0, atol=1e-5, err_msg=key)
 

@@ -41,6 +41,16 @@ def _rows(tmp_path, family: str):
     return ws, [encode(e, ws.eval_text_config) for e in examples], 2 + k
 
 
+def _with_images_seen(ws: Workspace):
+    """The base model with Mllama's cross-attention gates opened: they start at tanh(0) = 0, where no image reaches
+    the text (and so no test could tell one image input from another)."""
+    model = ws.load("base")
+    for path, node in nnx.iter_graph(model):
+        if path and path[-1] in ("cross_attn_attn_gate", "cross_attn_mlp_gate"):
+            node.set_value(node.get_value() + 0.5)
+    return model
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tmp_path_factory.mktemp("shared")
@@ -80,7 +90,7 @@ def test_image_embeddings_made_once_score_and_generate_as_pixels(root, family) -
     from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS
 
     ws, rows, _ = _rows(root / family, family)
-    model = ws.load("base")
+    model = _with_images_seen(ws)
     made = []
 
     def pixels(ref):
@@ -111,21 +121,70 @@ def test_image_embeddings_made_once_score_and_generate_as_pixels(root, family) -
     assert len(images) == 2 and len(made) == len(set(made)) and set(made) <= images | {None}
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_vision_states_train_the_projector_as_pixels(root, family) -> None:
+    """FIUBench's unlearning trains the projector, not the tower: batches then carry each image's tower states
+    (`vision_states`, made once per image and batched with the inputs the projector still reads), and the hidden
+    states and the projector's gradients are those of the pixels."""
+    import jax
+    import jax.numpy as jnp
+
+    from vlmu_jax.data.batching import collate
+    from vlmu_jax.image_embeddings import _made
+    from vlmu_jax.models.architecture import VISION_STATES
+
+    ws, rows, _ = _rows(root / family, family)
+    model = _with_images_seen(ws)
+    states = {}
+
+    def made(ref):
+        if ref not in states:
+            states[ref] = _made(model, [ws.eval_image_fn(ref)], 1, None, VISION_STATES)[0]
+        return states[ref]
+
+    pixels = collate(rows[:4], pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.eval_image_fn)
+    carried = collate(rows[:4], pad_token_id=ws.tokenizer.pad_token_id, image_fn=made)
+    assert "pixel_values" not in carried["images"] and set(carried["images"]) == {VISION_STATES,
+                                                                                 *model.KEPT_WITH_STATES}
+
+    def loss(model, batch):
+        h = model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+                  jax.tree.map(jnp.asarray, batch["images"]))
+        return jnp.sum(jnp.where(batch["attention_mask"][..., None] > 0, h, 0) ** 2), h
+
+    projector = nnx.DiffState(0, nnx.All(nnx.Param, nnx.PathContains("multi_modal_projector")))
+    grad = nnx.value_and_grad(loss, argnums=projector, has_aux=True)
+    (want, want_h), want_grads = grad(model, pixels)
+    (got, got_h), got_grads = grad(model, carried)
+    assert jax.tree.leaves(want_grads)
+    np.testing.assert_allclose(got_h, want_h, rtol=0, atol=2e-5)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        assert float(jnp.abs(w).max()) > 0
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.abs(w).max()))
+
+
 def test_what_keeps_a_training_stage_on_pixels(root) -> None:
-    """A stage's batches carry image features only while nothing on the image path trains (a LoRA-only stage does
-    not; the projector tuned with it does) and a reference model holds the same image path."""
-    from vlmu_jax.image_embeddings import image_path_trains, same_image_path
+    """A stage's batches start past the image path's frozen part: its features while nothing on it trains (a
+    LoRA-only stage), the tower's states while only the projector trains (tuned beside LoRA), pixels while the
+    tower trains; and only while a reference model holds the same values in what makes them."""
+    from vlmu_jax.image_embeddings import same_image_path, training_cut
     from vlmu_jax.models import lora
+    from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS, VISION_STATES
 
     ws, _, _ = _rows(root / "llava", "llava")
     model, other = ws.load("base"), ws.load("base")
     lora.apply_lora(model, rank=2, alpha=4.0, dropout=0.0, targets=ws.protocol.lora_targets, seed=0)
-    assert not image_path_trains(model, lora.trainable_filter(lora=True))
-    assert image_path_trains(model, lora.trainable_filter(lora=True, tune_mm_projector=True))
-    assert same_image_path(model, other)
+    assert training_cut(model, lora.trainable_filter(lora=True)) == IMAGE_EMBEDDINGS
+    assert training_cut(model, lora.trainable_filter(lora=True, tune_mm_projector=True)) == VISION_STATES
+    assert training_cut(model, lora.trainable_filter(lora=True, tune_vision_tower=True)) is None
+    assert same_image_path(model, other, IMAGE_EMBEDDINGS) and same_image_path(model, other, VISION_STATES)
     kernel = other.multi_modal_projector.linear_1.kernel
     kernel.set_value(kernel.get_value() + 1e-3)
-    assert not same_image_path(model, other)
+    assert not same_image_path(model, other, IMAGE_EMBEDDINGS) and same_image_path(model, other, VISION_STATES)
+    kernel = other.vision_tower.pre_layrnorm.weight
+    kernel.set_value(kernel.get_value() + 1e-3)
+    assert not same_image_path(model, other, VISION_STATES)
 
 
 def test_shared_prompts_on_a_mesh_equal_one_device(root) -> None:

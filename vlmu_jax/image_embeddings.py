@@ -15,7 +15,10 @@ Evaluation never trains the model, so an image's features are a function of the 
 gives the same values, up to the float rounding of a different batch size. In training the same holds while the
 tower and the projector are frozen: MLLMU-Bench's stages train adapters on the language model only, and each
 image is shown once per question per epoch. FIUBench's unlearning also trains the projector (the seeds'
-`tune_mm_projector`), so its images keep their pixels.
+`tune_mm_projector`): its batches carry the tower's states instead (VISION_STATES, `vision_states`), and each step
+runs the projector on them. Those are larger (LLaVA-1.5: 1.2 MB an image; idefics2-8b: 11 MB a crop;
+Llama-3.2-11B-Vision: 98 MB for four tiles, its final and intermediate layers' states), and the tower's share is
+what they save: most of the step for Mllama and split Idefics2, ~1 % for LLaVA-1.5-7B.
 
 What is kept per image is what the decoder reads: the projected features spliced in as token embeddings (LLaVA,
 Idefics2, Qwen2-VL; 4.7 MB at LLaVA-1.5-7B, 2.6 MB for idefics2-8b's split image) or Mllama's projected vision
@@ -26,6 +29,7 @@ mesh would need every process to run it at once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,27 +41,29 @@ from jax.sharding import Mesh
 
 from vlmu_jax.data.image_cache import ImageCache
 from vlmu_jax.eval.frozen import is_frozen, model_jit
-from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS
+from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS, VISION_STATES
 from vlmu_jax.models.sharding import batch_shards, global_batch
 
-# What `image_embeddings` reads: no param below these may train while a batch carries its output.
-IMAGE_PATH = ("vision_tower", "multi_modal_projector")
+# Where a batch's images may start inside the model, latest first, and the top-level modules whose params read them
+# (none of which may train while batches carry them): the decoder's image inputs, or the tower's states.
+READ_BY = {IMAGE_EMBEDDINGS: ("vision_tower", "multi_modal_projector"), VISION_STATES: ("vision_tower",)}
+# The model's inputs still read beside each (the model attribute naming them).
+_KEPT = {IMAGE_EMBEDDINGS: "KEPT_WITH_EMBEDDINGS", VISION_STATES: "KEPT_WITH_STATES"}
 
 
-@model_jit
-def _image_embeddings(model: nnx.Module, images: dict[str, jax.Array]) -> jax.Array:
-    return model.image_embeddings(images)
+@functools.partial(model_jit, static_argnames=("key",))
+def _image_inputs(model: nnx.Module, images: dict[str, jax.Array], *, key: str) -> jax.Array:
+    return model.image_embeddings(images) if key == IMAGE_EMBEDDINGS else model.vision_states(images)
 
 
-def _made(model: nnx.Module, inputs: list[dict[str, np.ndarray]], n: int,
-          mesh: Mesh | None) -> list[dict[str, np.ndarray]]:
-    """Each image's inputs once its features are made (them, and what the model reads beside them), the images run
-    as one program of `n` rows (a multiple of the mesh's batch shards; the last image fills the rest)."""
+def _made(model: nnx.Module, inputs: list[dict[str, np.ndarray]], n: int, mesh: Mesh | None,
+          key: str = IMAGE_EMBEDDINGS) -> list[dict[str, np.ndarray]]:
+    """Each image's inputs once `key` is made of them (it, and what the model reads beside it), the images run as
+    one program of `n` rows (a multiple of the mesh's batch shards; the last image fills the rest)."""
     padded = inputs + [inputs[-1]] * (n - len(inputs))
     batch = global_batch({k: np.stack([x[k] for x in padded]) for k in inputs[0]}, mesh)
-    features = np.asarray(_image_embeddings(model, batch))
-    return [{IMAGE_EMBEDDINGS: f, **{k: x[k] for k in model.KEPT_WITH_EMBEDDINGS}}
-            for f, x in zip(features, inputs, strict=False)]
+    made = np.asarray(_image_inputs(model, batch, key=key))
+    return [{key: f, **{k: x[k] for k in getattr(model, _KEPT[key])}} for f, x in zip(made, inputs, strict=False)]
 
 
 def embedded_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.ndarray]], max_bytes: int,
@@ -76,15 +82,19 @@ def embedded_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.
     return ImageCache(lambda ref: _made(model, [image_fn(ref)], shards, mesh)[0], max_bytes)
 
 
-def image_path_trains(model: nnx.Module, trainable: nnx.filterlib.Filter) -> bool:
-    """Whether any param `image_embeddings` reads is in the `trainable` filter (LoRA adapters there included)."""
-    return any(str(path[0]) in IMAGE_PATH for path, _ in nnx.to_flat_state(nnx.state(model, trainable)))
+def training_cut(model: nnx.Module, trainable: nnx.filterlib.Filter) -> str | None:
+    """The latest start a training stage's batches can give their images (a `READ_BY` key) while `trainable` (LoRA
+    adapters included) leaves everything that reads it frozen: IMAGE_EMBEDDINGS where nothing on the image path
+    trains, VISION_STATES where the projector does; None (pixels) where the vision tower does."""
+    trains = {str(path[0]) for path, _ in nnx.to_flat_state(nnx.state(model, trainable))}
+    return next((key for key, modules in READ_BY.items() if not trains & set(modules)), None)
 
 
-def same_image_path(a: nnx.Module, b: nnx.Module) -> bool:
-    """Whether two models' image paths hold the same values (a reference model reads the policy's features)."""
+def same_image_path(a: nnx.Module, b: nnx.Module, key: str) -> bool:
+    """Whether two models hold the same values in the params that make `key` (a reference model reads the policy's
+    batches)."""
     def leaves(model: nnx.Module) -> list[jax.Array]:
-        return jax.tree.leaves([nnx.state(getattr(model, name), nnx.Param) for name in IMAGE_PATH])
+        return jax.tree.leaves([nnx.state(getattr(model, name), nnx.Param) for name in READ_BY[key]])
 
     ours, theirs = leaves(a), leaves(b)
     return len(ours) == len(theirs) and all(
@@ -92,19 +102,20 @@ def same_image_path(a: nnx.Module, b: nnx.Module) -> bool:
 
 
 def stage_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.ndarray]], refs: Iterable[Any],
-                   max_bytes: int, mesh: Mesh | None, batch_size: int) -> Callable[[Any], dict[str, np.ndarray]] | None:
-    """An `image_fn` for a training stage's batches: the features of every image in `refs` (and of the text-only
-    blank), made now in `batch_size` images a program, looked up by the batches. Made before the first step
-    because the model trains while its batches are made in other threads. The caller checks that the image path
-    does not train (`image_path_trains`) and that one process runs (each host makes its own rows' batches). None
-    when the features of all the images exceed `max_bytes` (config <stage>.image_embeddings_mb)."""
+                   max_bytes: int, mesh: Mesh | None, batch_size: int,
+                   key: str) -> Callable[[Any], dict[str, np.ndarray]] | None:
+    """An `image_fn` for a training stage's batches: `key` (a `READ_BY` key) of every image in `refs` and of the
+    text-only blank, made now in `batch_size` images a program, looked up by the batches. Made before the first
+    step because the model trains while its batches are made in other threads. The caller checks that nothing
+    reading `key` trains (`training_cut`) and that one process runs (each host makes its own rows' batches). None
+    when all the images' values exceed `max_bytes` (config <stage>.image_embeddings_mb)."""
     refs = list(dict.fromkeys([None, *refs]))
     shards = batch_shards(mesh)
     n = -(-max(batch_size, 1) // shards) * shards
     kept: dict[Any, dict[str, np.ndarray]] = {}
     for start in range(0, len(refs), n):
         chunk = refs[start:start + n]
-        kept.update(zip(chunk, _made(model, [image_fn(ref) for ref in chunk], n, mesh), strict=True))
+        kept.update(zip(chunk, _made(model, [image_fn(ref) for ref in chunk], n, mesh, key), strict=True))
         if start == 0 and sum(a.nbytes for a in kept[None].values()) * len(refs) > max_bytes:
             return None  # every image's features are the blank's size
     return kept.__getitem__

@@ -271,31 +271,35 @@ def _train_model(ws: Workspace, *, start: str, out_name: str, stage: ml_collecti
 def _with_image_features(ws: Workspace, model: nnx.Module, ref_model: nnx.Module | None, trainable,
                          stage: ml_collections.ConfigDict, sources: dict[str, ExampleSource], name: str,
                          made: dict) -> dict[str, ExampleSource]:
-    """`sources` whose batches carry each image's features, made once for the stage, where neither the vision
-    tower nor the projector trains, the reference model (if any) holds the same ones and the stage's steps show at
-    least as many rows as there are images (vlmu_jax/image_embeddings.py, config <stage>.image_embeddings_mb);
-    else `sources` as they are. `made` holds what an earlier model of the same start folder made (the unlearning
-    methods of one stage), taken when it covers these images, else replaced."""
-    from vlmu_jax.image_embeddings import image_path_trains, same_image_path, stage_image_fn
+    """`sources` whose batches carry each image made once for the stage into what the model reads past its frozen
+    part (vlmu_jax/image_embeddings.py, config <stage>.image_embeddings_mb): its features where neither the vision
+    tower nor the projector trains, the tower's states where only the projector does. That holds where the
+    reference model (if any) makes the same values and the stage's steps show at least as many rows as there are
+    images; else `sources` as they are. `made` holds what an earlier model of the same start folder made (the
+    unlearning methods of one stage), taken when it covers these images, else replaced."""
+    from vlmu_jax.image_embeddings import same_image_path, stage_image_fn, training_cut
+    from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS
 
+    cut = training_cut(model, trainable)
     # one process only: with several, each host makes its own rows' batches, and the image program needs them all
-    if stage.image_embeddings_mb <= 0 or jax.process_count() > 1 or image_path_trains(model, trainable) or (
-            ref_model is not None and not same_image_path(model, ref_model)):
+    if stage.image_embeddings_mb <= 0 or jax.process_count() > 1 or cut is None or (
+            ref_model is not None and not same_image_path(model, ref_model, cut)):
         return sources
     refs = list(dict.fromkeys(ref for source in sources.values() for row in source.rows for ref in row.images))
     if 0 < stage.num_steps * stage.batch_size * len(sources) < len(refs):
         return sources  # fewer steps than an epoch: its rows show fewer images than making each one would take
     budget = stage.image_embeddings_mb * 10**6
-    if made.get("budget") == budget and made["refs"].issuperset(refs):
+    what = "features" if cut == IMAGE_EMBEDDINGS else "vision-tower states"
+    if made.get("budget") == budget and made.get("cut") == cut and made["refs"].issuperset(refs):
         image_fn = made["image_fn"]
     else:
-        with timed(f"{name}: features of its {len(refs)} images"):
-            image_fn = stage_image_fn(model, ws.image_fn, refs, budget, ws.mesh, stage.batch_size)
-        made.update(budget=budget, refs=set(refs), image_fn=image_fn)
+        with timed(f"{name}: {what} of its {len(refs)} images"):
+            image_fn = stage_image_fn(model, ws.image_fn, refs, budget, ws.mesh, stage.batch_size, cut)
+        made.update(budget=budget, cut=cut, refs=set(refs), image_fn=image_fn)
     if image_fn is None:
-        say(f"{name}: its images' features exceed image_embeddings_mb: the vision tower runs in every step")
+        say(f"{name}: its images' {what} exceed image_embeddings_mb: the vision tower runs in every step")
         return sources
-    say(f"{name}: each image's features made once for the stage; its steps leave the vision tower out")
+    say(f"{name}: each image's {what} made once for the stage; its steps leave the vision tower out")
     return {key: source.with_image_fn(image_fn) for key, source in sources.items()}
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 from flax import nnx
 
 from vlmu_jax.models.hf_names import HFParam
@@ -20,6 +21,9 @@ from vlmu_jax.models.hf_names import HFParam
 # The key of a batch's images holding what each row's images become inside the model before the decoder reads
 # them (its `image_embeddings`), made once per image ahead of the batch instead of from its pixels.
 IMAGE_EMBEDDINGS = "image_embeddings"
+# The key holding the vision tower's part of them (its `vision_states`), before the projector: what a batch carries
+# when the projector trains and the tower does not (FIUBench's unlearning).
+VISION_STATES = "vision_states"
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,13 @@ class Architecture:
     model: type[nnx.Module]  # model(config, dtype=, rngs=)
     name_map: Callable[[nnx.Module], dict[tuple[str, ...], HFParam]]  # Flax path -> HF tensor
     canonical_name: Callable[[str], str]  # any known on-disk tensor name -> the name name_map uses
+
+
+def project_images(model: nnx.Module, images: dict[str, jax.Array]) -> jax.Array:
+    """`model.project` of the batch's VISION_STATES where it carries them, else of `model.vision_states(images)`:
+    every family's `image_embeddings`, so both ways of feeding the images run one projector."""
+    states = images[VISION_STATES] if VISION_STATES in images else model.vision_states(images)
+    return model.project(states, images)
 
 
 def special_token_ids(hf_config: dict[str, Any]) -> dict[str, Any]:

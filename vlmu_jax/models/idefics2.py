@@ -295,27 +295,38 @@ class Idefics2ForConditionalGeneration(LlavaForConditionalGeneration):
         self.lm_head = output_head(t, dtype=dtype, rngs=rngs)
         self.lora_rngs: nnx.Rngs | None = nnx.data(None)
 
-    def image_features(self, pixel_values: jax.Array, pixel_attention_mask: jax.Array) -> jax.Array:
-        """[B, N * n_latents, D_text] from pixel_values [B, N, 3, H, W] and pixel_attention_mask [B, N, H, W]."""
-        c = self.config
-        b, n, ch, hh, ww = pixel_values.shape
-        p = c.vision.patch_size
+    KEPT_WITH_STATES = ("pixel_attention_mask",)  # the connector reads which patches are real
+
+    def _patches(self, pixel_attention_mask: jax.Array) -> jax.Array:
+        """[B * N, nh, nw]: which patches of each crop hold pixels, from pixel_attention_mask [B, N, H, W]."""
+        p = self.config.vision.patch_size
+        b, n, hh, ww = pixel_attention_mask.shape
         nh, nw = hh // p, ww // p
-        pix = pixel_values.reshape(b * n, ch, hh, ww)
         pm = pixel_attention_mask.reshape(b * n, hh, ww)[:, : nh * p, : nw * p].astype(jnp.int32)
         patch_mask = pm.reshape(b * n, nh, p, nw, p).sum(axis=(2, 4)) == p * p
         # Blank (text-only) images have no real patch: give them a dummy full mask so nothing degenerates.
-        patch_mask = jnp.where(patch_mask.any(axis=(1, 2))[:, None, None], patch_mask, True)
+        return jnp.where(patch_mask.any(axis=(1, 2))[:, None, None], patch_mask, True)
+
+    def vision_states(self, images: dict[str, jax.Array]) -> jax.Array:
+        """[B, N * patches, D_vision]: the tower's states of each row's N crops (pixel_values [B, N, 3, H, W]),
+        attending over their real patches (pixel_attention_mask [B, N, H, W])."""
+        pixel_values = images["pixel_values"]
+        b, n, ch, hh, ww = pixel_values.shape
+        c = self.config
+        h = self.vision_tower(pixel_values.reshape(b * n, ch, hh, ww), self._patches(images["pixel_attention_mask"]),
+                              impl=c.attention_impl, remat=c.remat, scan=c.scan_layers)
+        return h.reshape(b, n * h.shape[1], h.shape[2])
+
+    def project(self, states: jax.Array, images: dict[str, jax.Array]) -> jax.Array:
+        """[B, N * n_latents, D_text]: the connector on each crop's states and its real patches."""
+        patch_mask = self._patches(images["pixel_attention_mask"])
+        b = states.shape[0]
+        crops = patch_mask.shape[0]
         # The perceiver's attention carries a key-padding mask: it runs on XLA's attention (exact with any mask)
         # whatever attention_impl says; the vision tower runs attention_impl on its real patches (see there).
-        kw = dict(remat=c.remat, scan=c.scan_layers)
-        h = self.vision_tower(pix, patch_mask, impl=c.attention_impl, **kw)
-        feats = self.multi_modal_projector(h, patch_mask.reshape(b * n, -1), impl="xla", **kw)
-        return feats.reshape(b, n * feats.shape[1], feats.shape[2])
-
-    def image_embeddings(self, images: dict[str, jax.Array]) -> jax.Array:
-        """[B, N * n_latents, D_text] (`image_features` of the batch's pixels and their mask)."""
-        return self.image_features(images["pixel_values"], images["pixel_attention_mask"])
+        feats = self.multi_modal_projector(states.reshape(crops, -1, states.shape[-1]), patch_mask.reshape(crops, -1),
+                                           impl="xla", remat=self.config.remat, scan=self.config.scan_layers)
+        return feats.reshape(b, -1, feats.shape[2])
 
 
 # ------------------------------------------------------------------------------------------- config.json

@@ -12,6 +12,8 @@ the dict the architecture's image processor makes (here ``{"pixel_values": [B, 3
 state is whatever the architecture needs to carry between steps (here the KV cache). ``image_embeddings(images)``
 gives what the images become inside the model before the decoder reads them, and ``images`` may carry those
 instead (``{IMAGE_EMBEDDINGS: ..., **the inputs named in KEPT_WITH_EMBEDDINGS}``, vlmu_jax/image_embeddings.py).
+``vision_states(images)`` is the vision tower's part of them, before ``project(states, images)``; ``images`` may
+carry those instead (``{VISION_STATES: ..., **the inputs named in KEPT_WITH_STATES}``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS, Architecture, special_token_ids
+from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS, Architecture, project_images, special_token_ids
 from vlmu_jax.models.clip import ClipVisionTower, VisionConfig
 from vlmu_jax.models.hf_names import HFParam, rename, stacked_name_map
 from vlmu_jax.models.layers import Dense, activation, decode_step_impl, last_real
@@ -104,9 +106,8 @@ class LlavaForConditionalGeneration(nnx.Module):
         """Output projection [V, D] (logits = hidden @ W.T); the embedding when tied."""
         return (self.language_model.embed_tokens if self.lm_head is None else self.lm_head)[...]
 
-    def image_features(self, pixel_values: jax.Array) -> jax.Array:
-        """[B, num_image_tokens, D_text]: selected CLIP hidden states (CLS dropped for "default"),
-        projected."""
+    def tower_states(self, pixel_values: jax.Array) -> jax.Array:
+        """[B, num_image_tokens, D_vision * layers]: the selected CLIP hidden states (CLS dropped for "default")."""
         c = self.config
         layers = (
             c.vision_feature_layer if isinstance(c.vision_feature_layer, tuple) else (c.vision_feature_layer,)
@@ -135,17 +136,27 @@ class LlavaForConditionalGeneration(nnx.Module):
             ]
         if c.vision_feature_select_strategy == "default":
             hs = [h[:, 1:] for h in hs]
-        return self.multi_modal_projector(jnp.concatenate(hs, axis=-1))
+        return jnp.concatenate(hs, axis=-1)
 
-    # Image inputs the model reads besides IMAGE_EMBEDDINGS when a batch carries those (Qwen2-VL's positions).
+    # Image inputs the model reads besides IMAGE_EMBEDDINGS (VISION_STATES) when a batch carries those (Qwen2-VL's
+    # positions, Idefics2's patch masks).
     KEPT_WITH_EMBEDDINGS: tuple[str, ...] = ()
+    KEPT_WITH_STATES: tuple[str, ...] = ()
+
+    def vision_states(self, images: dict[str, jax.Array]) -> jax.Array:
+        """[B, N * num_image_tokens, D_vision * layers]: row b's images' tower states in prompt order; pixel_values
+        [B, 3, H, W] (one image per row) or [B, N, 3, H, W] (N images per row)."""
+        pixels = images["pixel_values"]
+        states = self.tower_states(pixels.reshape(-1, *pixels.shape[-3:]))
+        return states.reshape(pixels.shape[0], -1, states.shape[-1])
+
+    def project(self, states: jax.Array, images: dict[str, jax.Array]) -> jax.Array:
+        """[B, N, D_text]: the projector on each tower state (it reads nothing else of the images)."""
+        return self.multi_modal_projector(states)
 
     def image_embeddings(self, images: dict[str, jax.Array]) -> jax.Array:
-        """[B, N, D_text]: row b's image features in the order its image tokens take them; pixel_values
-        [B, 3, H, W] (one image per row) or [B, N, 3, H, W] (N images per row, in prompt order)."""
-        pixels = images["pixel_values"]
-        feats = self.image_features(pixels.reshape(-1, *pixels.shape[-3:]))
-        return feats.reshape(pixels.shape[0], -1, feats.shape[-1])
+        """[B, N, D_text]: row b's image features in the order its image tokens take them."""
+        return project_images(self, images)
 
     def embed(self, input_ids: jax.Array, images: dict[str, jax.Array] | None) -> jax.Array:
         """Token embeddings with row b's k-th image token replaced by row b's k-th image feature: the batch's

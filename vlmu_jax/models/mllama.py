@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlmu_jax.models import decoder_tape
-from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS, Architecture, special_token_ids
+from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS, Architecture, project_images, special_token_ids
 from vlmu_jax.models.hf_names import LEAVES, HFParam, base_params, rename
 from vlmu_jax.models.layers import (
     Dense,
@@ -420,11 +420,12 @@ class MllamaForConditionalGeneration(nnx.Module):
         return self.lm_head[...]
 
     KEPT_WITH_EMBEDDINGS = ("aspect_ratio_ids", "aspect_ratio_mask")  # the cross-attention masks read them
+    KEPT_WITH_STATES = KEPT_WITH_EMBEDDINGS
 
-    def image_embeddings(self, images: dict[str, jax.Array]) -> jax.Array:
-        """Projected vision tokens [B, T * P, D_text] (tile-major): what every cross layer's K/V are made from."""
+    def vision_states(self, images: dict[str, jax.Array]) -> jax.Array:
+        """The vision encoder's output [B, T * P, D_vision] (tile-major; final and intermediate layers' states)."""
         c = self.config
-        feats = self.vision_tower(
+        states = self.vision_tower(
             images["pixel_values"],
             images["aspect_ratio_ids"].reshape(-1),
             images["aspect_ratio_mask"],
@@ -432,8 +433,14 @@ class MllamaForConditionalGeneration(nnx.Module):
             remat=c.remat,
             scan=c.scan_layers,
         )
-        b = feats.shape[0]
-        return self.multi_modal_projector(feats.astype(self.lm_head[...].dtype)).reshape(b, -1, c.text.hidden_size)
+        return states.reshape(states.shape[0], -1, states.shape[-1])
+
+    def project(self, states: jax.Array, images: dict[str, jax.Array]) -> jax.Array:
+        """Projected vision tokens [B, T * P, D_text]: what every cross layer's K/V are made from."""
+        return self.multi_modal_projector(states.astype(self.lm_head[...].dtype))
+
+    def image_embeddings(self, images: dict[str, jax.Array]) -> jax.Array:
+        return project_images(self, images)
 
     def cross_state(self, input_ids: jax.Array, images: dict[str, jax.Array]) -> CrossState:
         p = self.config.vision.num_patches

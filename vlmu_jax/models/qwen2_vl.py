@@ -301,17 +301,18 @@ class QwenVLForConditionalGeneration(LlavaForConditionalGeneration):
         self.lm_head = output_head(t, dtype=dtype, rngs=rngs)
         self.lora_rngs: nnx.Rngs | None = nnx.data(None)
 
-    def image_features(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
-        """[B, N / merge^2, D_text]: each row's merged patches, in the order its image tokens take them."""
+    # the M-RoPE positions (and the tower) read the image grids
+    KEPT_WITH_EMBEDDINGS = ("image_grid_thw",)
+    KEPT_WITH_STATES = ("image_grid_thw",)
+
+    def vision_states(self, images: dict[str, jax.Array]) -> jax.Array:
+        """[B, N, D_vision]: the tower's states of each row's patches (pixel_values) on their grids."""
         c = self.config
-        h = self.vision_tower(pixel_values, image_grid_thw, remat=c.remat, scan=c.scan_layers)
-        return self.multi_modal_projector(h)
+        return self.vision_tower(images["pixel_values"], images["image_grid_thw"], remat=c.remat, scan=c.scan_layers)
 
-    KEPT_WITH_EMBEDDINGS = ("image_grid_thw",)  # the M-RoPE positions read the image grids
-
-    def image_embeddings(self, images: dict[str, jax.Array]) -> jax.Array:
-        """[B, N / merge^2, D_text] (`image_features` of the batch's patches and grids)."""
-        return self.image_features(images["pixel_values"], images["image_grid_thw"])
+    def project(self, states: jax.Array, images: dict[str, jax.Array]) -> jax.Array:
+        """[B, N / merge^2, D_text]: each row's merged patches, in the order its image tokens take them."""
+        return self.multi_modal_projector(states)
 
     def positions(
         self, input_ids: jax.Array, attention_mask: jax.Array, images: dict[str, jax.Array] | None
