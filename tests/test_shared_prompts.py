@@ -130,18 +130,14 @@ def test_vision_states_train_the_projector_as_pixels(root, family) -> None:
     import jax.numpy as jnp
 
     from vlmu_jax.data.batching import collate
-    from vlmu_jax.image_embeddings import _made
+    from vlmu_jax.image_embeddings import stage_image_fn
     from vlmu_jax.models.architecture import VISION_STATES
 
     ws, rows, _ = _rows(root / family, family)
     model = _with_images_seen(ws)
-    states = {}
-
-    def made(ref):
-        if ref not in states:
-            states[ref] = _made(model, [ws.eval_image_fn(ref)], 1, None, VISION_STATES)[0]
-        return states[ref]
-
+    refs = {ref for row in rows[:4] for ref in row.images}
+    made = stage_image_fn(model, ws.eval_image_fn, refs, 10**9, None, 3, VISION_STATES)
+    assert stage_image_fn(model, ws.eval_image_fn, refs, 1, None, 3, VISION_STATES) is None  # over the budget
     pixels = collate(rows[:4], pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.eval_image_fn)
     carried = collate(rows[:4], pad_token_id=ws.tokenizer.pad_token_id, image_fn=made)
     assert "pixel_values" not in carried["images"] and set(carried["images"]) == {VISION_STATES,
