@@ -136,8 +136,10 @@ def test_vision_states_train_the_projector_as_pixels(root, family) -> None:
     ws, rows, _ = _rows(root / family, family)
     model = _with_images_seen(ws)
     refs = {ref for row in rows[:4] for ref in row.images}
-    made = stage_image_fn(model, ws.eval_image_fn, refs, 10**9, None, 3, VISION_STATES)
-    assert stage_image_fn(model, ws.eval_image_fn, refs, 1, None, 3, VISION_STATES) is None  # over the budget
+    made, size = stage_image_fn(model, ws.eval_image_fn, refs, 10**9, None, 3, VISION_STATES)
+    # the images' and the blank's states and what the projector reads beside them
+    assert size == sum(a.nbytes for ref in [None, *refs] for a in made(ref).values())
+    assert stage_image_fn(model, ws.eval_image_fn, refs, size - 1, None, 3, VISION_STATES) == (None, size)
     pixels = collate(rows[:4], pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.eval_image_fn)
     carried = collate(rows[:4], pad_token_id=ws.tokenizer.pad_token_id, image_fn=made)
     assert "pixel_values" not in carried["images"] and set(carried["images"]) == {VISION_STATES,

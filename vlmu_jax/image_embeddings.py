@@ -103,12 +103,13 @@ def same_image_path(a: nnx.Module, b: nnx.Module, key: str) -> bool:
 
 def stage_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.ndarray]], refs: Iterable[Any],
                    max_bytes: int, mesh: Mesh | None, batch_size: int,
-                   key: str) -> Callable[[Any], dict[str, np.ndarray]] | None:
-    """An `image_fn` for a training stage's batches: `key` (a `READ_BY` key) of every image in `refs` and of the
-    text-only blank, made now in `batch_size` images a program, looked up by the batches. Made before the first
-    step because the model trains while its batches are made in other threads. The caller checks that nothing
-    reading `key` trains (`training_cut`) and that one process runs (each host makes its own rows' batches). None
-    when all the images' values exceed `max_bytes` (config <stage>.image_embeddings_mb)."""
+                   key: str) -> tuple[Callable[[Any], dict[str, np.ndarray]] | None, int]:
+    """(An `image_fn` for a training stage's batches, the bytes it holds): `key` (a `READ_BY` key) of every image in
+    `refs` and of the text-only blank, made now in `batch_size` images a program, looked up by the batches. Made
+    before the first step because the model trains while its batches are made in other threads. The caller checks
+    that nothing reading `key` trains (`training_cut`) and that one process runs (each host makes its own rows'
+    batches). (None, the bytes they would take) when those exceed `max_bytes` (config
+    <stage>.image_embeddings_mb): every image's values are the blank's size, so the first program tells."""
     refs = list(dict.fromkeys([None, *refs]))
     shards = batch_shards(mesh)
     n = -(-max(batch_size, 1) // shards) * shards
@@ -116,6 +117,8 @@ def stage_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.nda
     for start in range(0, len(refs), n):
         chunk = refs[start:start + n]
         kept.update(zip(chunk, _made(model, [image_fn(ref) for ref in chunk], n, mesh, key), strict=True))
-        if start == 0 and sum(a.nbytes for a in kept[None].values()) * len(refs) > max_bytes:
-            return None  # every image's features are the blank's size
-    return kept.__getitem__
+        if start == 0:
+            total = sum(a.nbytes for a in kept[None].values()) * len(refs)
+            if total > max_bytes:
+                return None, total
+    return kept.__getitem__, total

@@ -291,15 +291,17 @@ def _with_image_features(ws: Workspace, model: nnx.Module, ref_model: nnx.Module
     budget = stage.image_embeddings_mb * 10**6
     what = "features" if cut == IMAGE_EMBEDDINGS else "vision-tower states"
     if made.get("budget") == budget and made.get("cut") == cut and made["refs"].issuperset(refs):
-        image_fn = made["image_fn"]
+        image_fn, size = made["image_fn"], made["bytes"]
     else:
         with timed(f"{name}: {what} of its {len(refs)} images"):
-            image_fn = stage_image_fn(model, ws.image_fn, refs, budget, ws.mesh, stage.batch_size, cut)
-        made.update(budget=budget, cut=cut, refs=set(refs), image_fn=image_fn)
+            image_fn, size = stage_image_fn(model, ws.image_fn, refs, budget, ws.mesh, stage.batch_size, cut)
+        made.update(budget=budget, cut=cut, refs=set(refs), image_fn=image_fn, bytes=size)
     if image_fn is None:
-        say(f"{name}: its images' {what} exceed image_embeddings_mb: the vision tower runs in every step")
+        say(f"{name}: its images' {what} take {size / 1e6:,.0f} MB, over the stage's image_embeddings_mb "
+            f"({stage.image_embeddings_mb:,}): the vision tower runs in every step")
         return sources
-    say(f"{name}: each image's {what} made once for the stage; its steps leave the vision tower out")
+    say(f"{name}: each image's {what} made once for the stage ({size / 1e6:,.0f} MB of host memory); its steps "
+        "leave the vision tower out")
     return {key: source.with_image_fn(image_fn) for key, source in sources.items()}
 
 
