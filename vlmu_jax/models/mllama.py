@@ -440,6 +440,7 @@ class MllamaForConditionalGeneration(nnx.Module):
         return self.multi_modal_projector(states.astype(self.lm_head[...].dtype))
 
     def image_embeddings(self, images: dict[str, jax.Array]) -> jax.Array:
+        """`project` of the batch's vision states (carried, or made from its pixels)."""
         return project_images(self, images)
 
     def cross_state(self, input_ids: jax.Array, images: dict[str, jax.Array]) -> CrossState:

@@ -301,7 +301,7 @@ class QwenVLForConditionalGeneration(LlavaForConditionalGeneration):
         self.lm_head = output_head(t, dtype=dtype, rngs=rngs)
         self.lora_rngs: nnx.Rngs | None = nnx.data(None)
 
-    # the M-RoPE positions (and the tower) read the image grids
+    # the M-RoPE positions read the image grids
     KEPT_WITH_EMBEDDINGS = ("image_grid_thw",)
     KEPT_WITH_STATES = ("image_grid_thw",)
 
