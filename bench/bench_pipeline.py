@@ -256,8 +256,9 @@ def main() -> None:
     parser.add_argument("--image_max_mb", type=int, default=None,
                         help="config eval.max_batch_image_mb (default: the config's; 0 = no cap)")
     parser.add_argument("--image_embeddings_mb", type=int, default=None,
-                        help="config eval.image_embeddings_mb (default: the config's; 0 = the vision tower in every "
-                             "eval batch instead of each image's features made once)")
+                        help="config eval.image_embeddings_mb and the training stages' (default: the config's; 0 = "
+                             "the vision tower in every batch and step instead of each image made once into its "
+                             "features or tower states)")
     parser.add_argument("--split_images", action="store_true",
                         help="Idefics2: image splitting on in every stage (five crops per image, 320 image tokens)")
     args = parser.parse_args()
@@ -270,7 +271,8 @@ def main() -> None:
     if args.image_max_mb is not None:
         ws.config.eval.max_batch_image_mb = args.image_max_mb
     if args.image_embeddings_mb is not None:
-        ws.config.eval.image_embeddings_mb = args.image_embeddings_mb
+        for stage in ("finetune", "retain_model", "unlearn", "eval"):
+            ws.config[stage].image_embeddings_mb = args.image_embeddings_mb
     if args.split_images:
         with ws.config.unlocked():
             ws.config.model.image_processor_overrides.do_image_splitting = True

@@ -297,10 +297,10 @@ def _with_image_features(ws: Workspace, model: nnx.Module, ref_model: nnx.Module
             image_fn, size = stage_image_fn(model, ws.image_fn, refs, budget, ws.mesh, stage.batch_size, cut)
         made.update(budget=budget, cut=cut, refs=set(refs), image_fn=image_fn, bytes=size)
     if image_fn is None:
-        say(f"{name}: its images' {what} take {size / 1e6:,.0f} MB, over the stage's image_embeddings_mb "
+        say(f"{name}: its images' {what} take {size / 1e6:,.1f} MB, over the stage's image_embeddings_mb "
             f"({stage.image_embeddings_mb:,}): the vision tower runs in every step")
         return sources
-    say(f"{name}: each image's {what} made once for the stage ({size / 1e6:,.0f} MB of host memory); its steps "
+    say(f"{name}: each image's {what} made once for the stage ({size / 1e6:,.1f} MB of host memory); its steps "
         "leave the vision tower out")
     return {key: source.with_image_fn(image_fn) for key, source in sources.items()}
 
