@@ -67,10 +67,11 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     c.tune_vision_tower = False
     c.tune_mm_projector = True
     c.tune_language_model = True
-    # Host memory in MB for the features of every image the stage shows, made once before its first step and carried
-    # by its batches in place of the pixels (vlmu_jax/image_embeddings.py), when neither the vision tower nor the
-    # projector trains (MLLMU-Bench's stages; not FIUBench's, which train the projector) and a reference model
-    # shares them. Over this, or 0: the vision tower runs in every step.
+    # Host memory in MB for every image the stage shows, made once before its first step into what the model reads
+    # past its frozen part and carried by its batches in place of the pixels (vlmu_jax/image_embeddings.py): the
+    # features where neither the vision tower nor the projector trains (MLLMU-Bench's stages), the tower's states
+    # where the projector trains (FIUBench's); only while the vision tower is frozen and a reference model shares
+    # it. Over this, or 0: the vision tower runs in every step.
     c.image_embeddings_mb = 4096
     c.save_every = 100
     c.keep_checkpoints = 2  # 0: no Orbax checkpoints (no resume; the stage's HF folder is its output)

@@ -47,13 +47,14 @@ from vlmu_jax.models.sharding import batch_shards, global_batch
 # Where a batch's images may start inside the model, latest first, and the top-level modules whose params read them
 # (none of which may train while batches carry them): the decoder's image inputs, or the tower's states.
 READ_BY = {IMAGE_EMBEDDINGS: ("vision_tower", "multi_modal_projector"), VISION_STATES: ("vision_tower",)}
-# The model's inputs still read beside each (the model attribute naming them).
-_KEPT = {IMAGE_EMBEDDINGS: "KEPT_WITH_EMBEDDINGS", VISION_STATES: "KEPT_WITH_STATES"}
+# The model's method that makes each, and its attribute naming the image inputs still read beside it.
+_MADE_BY = {IMAGE_EMBEDDINGS: ("image_embeddings", "KEPT_WITH_EMBEDDINGS"),
+            VISION_STATES: ("vision_states", "KEPT_WITH_STATES")}
 
 
 @functools.partial(model_jit, static_argnames=("key",))
 def _image_inputs(model: nnx.Module, images: dict[str, jax.Array], *, key: str) -> jax.Array:
-    return model.image_embeddings(images) if key == IMAGE_EMBEDDINGS else model.vision_states(images)
+    return getattr(model, _MADE_BY[key][0])(images)
 
 
 def _made(model: nnx.Module, inputs: list[dict[str, np.ndarray]], n: int, mesh: Mesh | None,
@@ -63,7 +64,8 @@ def _made(model: nnx.Module, inputs: list[dict[str, np.ndarray]], n: int, mesh: 
     padded = inputs + [inputs[-1]] * (n - len(inputs))
     batch = global_batch({k: np.stack([x[k] for x in padded]) for k in inputs[0]}, mesh)
     made = np.asarray(_image_inputs(model, batch, key=key))
-    return [{key: f, **{k: x[k] for k in getattr(model, _KEPT[key])}} for f, x in zip(made, inputs, strict=False)]
+    kept = getattr(model, _MADE_BY[key][1])
+    return [{key: f, **{k: x[k] for k in kept}} for f, x in zip(made, inputs, strict=False)]
 
 
 def embedded_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.ndarray]], max_bytes: int,

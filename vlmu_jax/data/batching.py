@@ -311,8 +311,8 @@ def _batch_images(rows: Sequence[Encoded], image_fn: Callable[[ImageRef | None],
     """Image inputs stacked per key. A row with one image (or none) gives ``image_fn(ref)``; when some row shows
     several, every row gets the batch's largest count, text-only slots filled with ``image_fn(None)``, joined
     along the processor's image axis: a new one for one-image processors (LLaVA: [B, N, 3, H, W]), the existing
-    one for processors that already give a stack per image (Idefics2: [B, N * n, 3, H, W]) and for image
-    embeddings (vlmu_jax/image_embeddings.py: [B, N * tokens, D])."""
+    one for processors that already give a stack per image (Idefics2: [B, N * n, 3, H, W]) and for images made
+    into features or tower states (vlmu_jax/image_embeddings.py: [B, N * tokens, D])."""
     if all(not row.context_images for row in rows):
         images = [image_fn(row.image) for row in rows]
         return {k: np.stack([im[k] for im in images]) for k in images[0]}

@@ -303,7 +303,7 @@ class QwenVLForConditionalGeneration(LlavaForConditionalGeneration):
 
     # the M-RoPE positions read the image grids
     KEPT_WITH_EMBEDDINGS = ("image_grid_thw",)
-    KEPT_WITH_STATES = ("image_grid_thw",)
+    KEPT_WITH_STATES = KEPT_WITH_EMBEDDINGS
 
     def vision_states(self, images: dict[str, jax.Array]) -> jax.Array:
         """[B, N, D_vision]: the tower's states of each row's patches (pixel_values) on their grids."""
