@@ -253,6 +253,9 @@ def main() -> None:
     parser.add_argument("--eval_only", action="store_true",
                         help="skip training: evaluate the random base model under the three names eval reads "
                              "(finetuned, retain_model, unlearned_<eval_objective>), to time the eval stage alone")
+    parser.add_argument("--train_only", action="store_true",
+                        help="stop after the training stages (to time them alone, e.g. against "
+                             "--image_embeddings_mb 0)")
     parser.add_argument("--image_max_mb", type=int, default=None,
                         help="config eval.max_batch_image_mb (default: the config's; 0 = no cap)")
     parser.add_argument("--image_embeddings_mb", type=int, default=None,
@@ -324,6 +327,9 @@ def main() -> None:
             print(json.dumps({"model": name, "median_step_s": round(float(np.median(steps)), 4),
                               "tokens_per_step": rows[-1]["tokens"]}), flush=True)
 
+    if args.train_only:
+        finish(workdir, results)
+        return
     threading.Thread(target=CallTimer.wait_for_calls, daemon=True).start()
     score = CallTimer(batched.token_logprobs, lambda a, k: int(np.size(a[1])))
     # shared prompts: the prompt positions and every continuation's positions
@@ -351,7 +357,12 @@ def main() -> None:
            **{k: round(v, 2) for k, v in host.seconds.items()})
     print(json.dumps({"first_calls": {"score": score.first_calls() + shared.first_calls(),
                                       "generate": gen.first_calls()}}), flush=True)
-    pipeline.wait_for_writes()  # as runner.run ends: the trained models' folders written in the background
+    finish(workdir, results)
+
+
+def finish(workdir: Path, results: list[dict]) -> None:
+    """As runner.run ends: wait for the trained models' folders written in the background; then the stage rows."""
+    pipeline.wait_for_writes()
     (workdir / "bench_pipeline.json").write_text(json.dumps(results, indent=1))
 
 
