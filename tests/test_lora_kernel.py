@@ -35,7 +35,8 @@ def test_kernel_writes_dropout_keeps_mask_and_its_product(rows, d, rank, rate, p
     want_keep = np.asarray(dropout_keep(rng, x.shape, rate))
     h, keep = lora_kernel.fused_call(x, a, jax.random.key_data(rng).astype(jnp.uint32), rate=rate,
                                      interpret=True, programs=programs)
-    np.testing.assert_array_equal(np.asarray(keep), want_keep)
+    assert keep.dtype == jnp.uint8  # 1 kept, 0 dropped
+    np.testing.assert_array_equal(np.asarray(keep), want_keep.astype(np.uint8))
     exact = exact_product(x, a, jnp.asarray(want_keep), rate)
     assert h.dtype == jnp.bfloat16 and h.shape == (rows, rank)
     # both round an float32 sum to bfloat16: within a bf16 half-ulp of the exact sum, plus float32's error
@@ -61,8 +62,8 @@ def test_what_the_kernel_takes():
 
 def test_kernel_lowers_to_one_triton_call():
     """The GPU lowering, made on this CPU, at LLaVA-7B's LoRA inputs (4 x 704 tokens): one Triton call over 44
-    row blocks x 6 splits writing the float32 partials and the boolean mask; around it only their sum and cast
-    (no select, no Threefry, no gemm of XLA's)."""
+    row blocks x 6 splits writing the float32 partials and the mask as bytes (no boolean inside Triton); around it
+    only their sum and cast (no select, no Threefry, no gemm of XLA's)."""
     for d in (4096, 11008):
         args = (jax.ShapeDtypeStruct((2816, d), jnp.bfloat16), jax.ShapeDtypeStruct((d, 128), jnp.bfloat16),
                 jax.ShapeDtypeStruct((2,), jnp.uint32))
@@ -70,7 +71,7 @@ def test_kernel_lowers_to_one_triton_call():
         calls = [line for line in text.splitlines() if "custom_call @__gpu$xla.gpu.triton" in line]
         assert len(calls) == 1
         assert "grid_x = 44 : i32, grid_y = 6 : i32, grid_z = 1 : i32" in calls[0]
-        assert f"-> (tensor<6x2816x128xf32>, tensor<2816x{d}xi1>)" in calls[0]
+        assert f"-> (tensor<6x2816x128xf32>, tensor<2816x{d}xui8>)" in calls[0]
         around = "\n".join(line for line in text.splitlines() if line not in calls)
         assert not any(op in around for op in ("select", "threefry", "dot_general"))
         assert re.findall(r"stablehlo\.(\w+)", around) == ["constant", "reduce", "add", "convert"]
@@ -130,7 +131,7 @@ def test_compiled_kernel_on_a_gpu():
         rng = jax.random.key(d)
         want_keep = dropout_keep(rng, x.shape, 0.05)
         h, keep = lora_kernel.fused_call(x, a, jax.random.key_data(rng).astype(jnp.uint32), rate=0.05)
-        np.testing.assert_array_equal(np.asarray(keep), np.asarray(want_keep))
+        np.testing.assert_array_equal(np.asarray(keep), np.asarray(want_keep).astype(np.uint8))
         exact = exact_product(x, a, want_keep, 0.05)
         err = np.abs(np.asarray(h, np.float64) - exact)
         assert (err <= 2**-8 * np.abs(exact) + 1e-4).all()

@@ -1,5 +1,5 @@
 """LoRA's dropout and down-product in one kernel (Pallas on Triton, GPU): h = (x * keep / (1 - rate)) @ A with the
-keep mask hashed where x is read, written once for the backward.
+keep mask hashed where x is read, written once (one byte an element, 1 kept / 0 dropped) for the backward.
 
 Why: XLA runs a LoRA input's dropout as three passes before the rank-r product: the mask kernel
 (`dropout_kernel.keep_mask`) writes the mask, a select fusion reads x and the mask and writes the masked input,
@@ -78,12 +78,13 @@ def _kernel(key_ref, x_ref, a_ref, h_ref, keep_ref, *, rows: int, quarter: int, 
         low16 = jnp.uint32(0xFFFF)
         for lane, bits in enumerate((hi & low16, hi >> jnp.uint32(16), lo & low16, lo >> jnp.uint32(16))):
             # bits >= threshold as 1 / 0 without a comparison: bits + 2**16 - threshold reaches 2**16 exactly
-            # then. A boolean on the product's path fails Triton's compile on Hopper: the dot operand's layout
-            # change is hoisted onto it, and shared memory takes no 1-bit elements.
+            # then. No boolean in the kernel: Triton's compile on Hopper fails on one whose layout change goes
+            # through shared memory (no 1-bit elements there), as the dot operand's did (session 30, call 99); so
+            # the mask is stored as uint8 too.
             kept = (bits + jnp.uint32(65536 - threshold)) >> jnp.uint32(16)
             where = (pl.ds(first, block_rows), pl.ds(lane * quarter + c0, block_cols))
             x = plgpu.load(x_ref.at[where], mask=inside, other=0)
-            plgpu.store(keep_ref.at[where], kept.astype(jnp.bool_), mask=inside)
+            plgpu.store(keep_ref.at[where], kept.astype(jnp.uint8), mask=inside)
             # times 1 is exact: the kept inputs are those of jnp.where's form (dropped ones are +-0, not 0)
             masked = (x.astype(jnp.float32) * kept.astype(jnp.float32) / divisor).astype(x.dtype)
             a = a_ref[pl.ds(lane * quarter + c0, block_cols), :]
@@ -103,10 +104,10 @@ def fused_call(x: jax.Array, a: jax.Array, key: jax.Array, *, rate: float, inter
                block_rows: int = BLOCK_ROWS, block_cols: int = BLOCK_COLS, warps: int = WARPS, stages: int = STAGES,
                programs: int = PROGRAMS, groups: int = GROUPS) -> tuple[jax.Array, jax.Array]:
     """(h, keep) for x [rows, d] and A [d, rank] of x's dtype under a raw Threefry key (uint32[2]): h in x's dtype,
-    keep the boolean mask. `interpret` runs it through Pallas's interpreter (CPU tests); the tiling and the number
-    of programs aimed at do not change the mask, only the order the product sums in. `groups` of Threefry's four
-    rounds other than GROUPS give other bits: for `bench/bench_lora_kernel.py` to time whether the kernel waits on its
-    hashing."""
+    keep the mask as uint8 (1 kept; its consumer's select takes the conversion to boolean in). `interpret` runs it
+    through Pallas's interpreter (CPU tests); the tiling and the number of programs aimed at do not change the mask,
+    only the order the product sums in. `groups` of Threefry's four rounds other than GROUPS give other bits: for
+    `bench/bench_lora_kernel.py` to time whether the kernel waits on its hashing."""
     rows, d = x.shape
     quarter, rank = d // 4, a.shape[1]
     if not _tiles(rows, d, block_cols):
@@ -120,7 +121,7 @@ def fused_call(x: jax.Array, a: jax.Array, key: jax.Array, *, rate: float, inter
                           divisor=float(np.asarray(1.0 - rate, x.dtype)), groups=groups),
         grid=(row_blocks, splits),
         out_shape=(jax.ShapeDtypeStruct((splits, rows, rank), jnp.float32),
-                   jax.ShapeDtypeStruct((rows, d), jnp.bool_)),
+                   jax.ShapeDtypeStruct((rows, d), jnp.uint8)),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name="lora_dropout_hidden",
@@ -142,7 +143,7 @@ def _hidden_fwd(x, a, key, rate, mask_name, interpret):
 
 def _hidden_bwd(rate, mask_name, interpret, residuals, dh):
     x, a, keep = residuals
-    _, vjp = jax.vjp(lambda x, a: reference(x, a, keep, rate), x, a)
+    _, vjp = jax.vjp(lambda x, a: reference(x, a, keep.astype(jnp.bool_), rate), x, a)
     return (*vjp(dh), None)
 
 
