@@ -24,7 +24,7 @@ from vlmu_jax.models import lora_kernel
 from vlmu_jax.models.dropout_kernel import keep_mask
 
 RATE, RANK, COPIES = 0.05, 128, 20
-_TILINGS = os.environ.get("LORA_TILINGS", "64,64,4,2,264;64,32,4,3,264;64,64,8,3,528;32,64,4,3,528;64,64,4,3,132")
+_TILINGS = os.environ.get("LORA_TILINGS", "64,32,4,3,264;64,32,4,2,264;64,64,8,2,528;32,64,4,2,528;64,64,4,2,132")
 LORA_TILINGS = tuple(tuple(int(v) for v in t.split(",")) for t in _TILINGS.split(";") if t)
 
 

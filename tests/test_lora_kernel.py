@@ -24,8 +24,8 @@ def exact_product(x: jax.Array, a: jax.Array, keep: jax.Array, rate: float) -> n
 
 
 @pytest.mark.parametrize(("rows", "d", "rank", "rate", "programs"), [
-    (70, 256, 16, 0.05, 8),  # rows not a multiple of 64; one chunk a quarter, no split of K
-    (130, 1024, 32, 0.3, 12),  # three row blocks, K split in four (16 chunks / 4)
+    (128, 256, 16, 0.05, 8),  # one chunk a quarter, no split of K
+    (192, 1024, 32, 0.3, 12),  # three row blocks, K split in four (16 chunks / 4)
     (64, 768, 16, 0.5, 64),  # three chunks a quarter split three ways
 ])
 def test_kernel_writes_dropout_keeps_mask_and_its_product(rows, d, rank, rate, programs):
@@ -39,10 +39,12 @@ def test_kernel_writes_dropout_keeps_mask_and_its_product(rows, d, rank, rate, p
     np.testing.assert_array_equal(np.asarray(keep), want_keep.astype(np.uint8))
     exact = exact_product(x, a, jnp.asarray(want_keep), rate)
     assert h.dtype == jnp.bfloat16 and h.shape == (rows, rank)
-    # both round an float32 sum to bfloat16: within a bf16 half-ulp of the exact sum, plus float32's error
-    for got in (h, lora_kernel.reference(x, a, jnp.asarray(want_keep), rate)):
+    # the kernel rounds its float32 sum to bfloat16 once: within a bf16 half-ulp of the exact sum, plus float32's
+    # error; XLA's gemm (the unfused path) within two ulps, since on a GPU it may split K and round its partial
+    # sums to the output's bfloat16 (call 109 ran these interpreted on an H100)
+    for got, ulps in ((h, 0.5), (lora_kernel.reference(x, a, jnp.asarray(want_keep), rate), 2)):
         err = np.abs(np.asarray(got, np.float64) - exact)
-        assert (err <= 2**-8 * np.abs(exact) + 1e-5).all()
+        assert (err <= ulps * 2**-7 * np.abs(exact) + 1e-5).all(), ulps
 
 
 def test_what_the_kernel_takes():
@@ -51,9 +53,11 @@ def test_what_the_kernel_takes():
     assert lora_kernel.fits((2816, 3072), 16, jnp.float16)  # Phi-3's width
     assert not lora_kernel.fits((4, 704, 4096), 8, bf16)  # rank under the Triton dot's 16
     assert not lora_kernel.fits((4, 704, 4096), 96, bf16)  # not a power of two
+    assert not lora_kernel.fits((4, 704, 4096), 256, bf16)  # its A tiles exceed Hopper's shared memory
     assert not lora_kernel.fits((4, 704, 1000), 16, bf16)  # a quarter of 250 blocks: not whole 64-block chunks
+    assert not lora_kernel.fits((70, 4096), 16, bf16)  # not whole 64-row blocks
     assert not lora_kernel.fits((4, 704, 4096), 16, jnp.float32)
-    assert not lora_kernel.fits((2**22 + 1, 4096), 16, bf16)  # 2**32 Threefry counts or more
+    assert not lora_kernel.fits((2**22 + 64, 4096), 16, bf16)  # 2**32 Threefry counts or more
     # a tiling whose chunks do not tile the quarter is refused, not run over part of it
     x, a = jnp.zeros((64, 11008), bf16), jnp.zeros((11008, 16), bf16)
     with pytest.raises(ValueError, match="four quarters"):
@@ -79,12 +83,12 @@ def test_kernel_lowers_to_one_triton_call():
 
 def projection(rank: int = 16) -> tuple:
     """A rank-16 LoRA projection (256 -> 24) with dropout 0.05 in train mode, bf16, split into (graph, LoRA
-    params, the rest), an input [2, 70, 256] and a dropout key."""
+    params, the rest), an input [2, 64, 256] and a dropout key."""
     dense = Dense(256, 24, axes=(None, None), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
     dense.lora_a = nnx.LoRAParam(0.1 * jax.random.normal(jax.random.key(1), (256, rank)))
     dense.lora_b = nnx.LoRAParam(0.1 * jax.random.normal(jax.random.key(2), (rank, 24)))
     dense.lora_dropout, dense.deterministic = 0.05, False
-    x = jax.random.normal(jax.random.key(3), (2, 70, 256)).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(3), (2, 64, 256)).astype(jnp.bfloat16)
     return (*nnx.split(dense, nnx.LoRAParam, ...), x, jax.random.key(4))
 
 

@@ -33,22 +33,27 @@ from vlmu_jax.models.dropout_kernel import GROUPS, threefry2x32
 BLOCK_ROWS = 64  # rows of x per program
 BLOCK_COLS = 64  # Threefry blocks per step of a program's loop: four [64, 64] tiles of x, one per lane
 WARPS = 4
-STAGES = 3
+# Shared memory: each stage holds four lanes' [BLOCK_ROWS, BLOCK_COLS] tiles of x and [BLOCK_COLS, rank] tiles
+# of A. Three stages at rank 128 asked for 278528 bytes, over Hopper's 232448 (session 31, call 109, H100).
+STAGES = 2
 PROGRAMS = 264  # about two per SM of an H100 / H200 (132): rows are cut into BLOCK_ROWS, then K into splits
-RANKS = (16, 32, 64, 128, 256)  # LoRA ranks the kernel takes (a Triton dot's dims are powers of two, >= 16)
+# LoRA ranks the kernel takes: a Triton dot's dims are powers of two, >= 16; rank 256's A tiles would not fit
+# shared memory at this tiling.
+RANKS = (16, 32, 64, 128)
 
 
-def _tiles(rows: int, d: int, block_cols: int) -> bool:
-    """Whether `rows` x `d` inputs tile into the kernel's chunks: a last axis of four quarters, each a whole number
-    of `block_cols` Threefry blocks, and fewer than 2**32 blocks (their counts are uint32)."""
-    return d % (4 * block_cols) == 0 and rows * (d // 4) < 2**32
+def _tiles(rows: int, d: int, block_rows: int, block_cols: int) -> bool:
+    """Whether `rows` x `d` inputs tile into the kernel's chunks: whole blocks of `block_rows` rows (no masked loads
+    or stores: a mask is a boolean, see `_kernel`), a last axis of four quarters, each a whole number of
+    `block_cols` Threefry blocks, and fewer than 2**32 blocks (their counts are uint32)."""
+    return rows % block_rows == 0 and d % (4 * block_cols) == 0 and rows * (d // 4) < 2**32
 
 
 def fits(shape: tuple[int, ...], rank: int, dtype: jnp.dtype) -> bool:
-    """Whether `dropout_hidden` takes an input of `shape` and a rank-`rank` A: it tiles at the default BLOCK_COLS
-    (`_tiles`), the rank is one the Triton dot takes, and the input is float16 or bfloat16."""
+    """Whether `dropout_hidden` takes an input of `shape` and a rank-`rank` A: it tiles at the default BLOCK_ROWS
+    and BLOCK_COLS (`_tiles`), the rank is one the Triton dot takes, and the input is float16 or bfloat16."""
     *lead, d = shape
-    return (_tiles(math.prod(lead), d, BLOCK_COLS) and rank in RANKS
+    return (_tiles(math.prod(lead), d, BLOCK_ROWS, BLOCK_COLS) and rank in RANKS
             and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
 
 
@@ -58,14 +63,16 @@ def reference(x: jax.Array, a: jax.Array, keep: jax.Array, rate: float) -> jax.A
     return jnp.einsum("...i,ir->...r", masked, a)
 
 
-def _kernel(key_ref, x_ref, a_ref, h_ref, keep_ref, *, rows: int, quarter: int, splits: int, block_rows: int,
+def _kernel(key_ref, x_ref, a_ref, h_ref, keep_ref, *, quarter: int, splits: int, block_rows: int,
             block_cols: int, threshold: int, divisor: float, groups: int) -> None:
     """Program (i, s): rows [i * block_rows, ...) of x; split s of the quarter's blocks, all four lanes. Writes the
-    mask's tiles and split s's float32 partial product [block_rows, rank]."""
+    mask's tiles and split s's float32 partial product [block_rows, rank]. No boolean anywhere: Triton's compile
+    on Hopper fails on one whose layout change goes through shared memory (no 1-bit elements there), as the dot
+    operand's did (session 30, call 99); so whole row blocks only (no load or store masks), the keep mask as 1 / 0
+    arithmetic, stored as uint8."""
     i, s = pl.program_id(0), pl.program_id(1)
     first = i * block_rows
     row = first + jax.lax.broadcasted_iota(jnp.int32, (block_rows, block_cols), 0)
-    inside = row < rows
     chunks = quarter // block_cols
     k0, k1 = key_ref[0], key_ref[1]
 
@@ -77,14 +84,11 @@ def _kernel(key_ref, x_ref, a_ref, h_ref, keep_ref, *, rows: int, quarter: int, 
         hi, lo = threefry2x32(k0, k1, jnp.zeros_like(count), count, groups)
         low16 = jnp.uint32(0xFFFF)
         for lane, bits in enumerate((hi & low16, hi >> jnp.uint32(16), lo & low16, lo >> jnp.uint32(16))):
-            # bits >= threshold as 1 / 0 without a comparison: bits + 2**16 - threshold reaches 2**16 exactly
-            # then. No boolean in the kernel: Triton's compile on Hopper fails on one whose layout change goes
-            # through shared memory (no 1-bit elements there), as the dot operand's did (session 30, call 99); so
-            # the mask is stored as uint8 too.
+            # bits >= threshold as 1 / 0 without a comparison: bits + 2**16 - threshold reaches 2**16 exactly then
             kept = (bits + jnp.uint32(65536 - threshold)) >> jnp.uint32(16)
             where = (pl.ds(first, block_rows), pl.ds(lane * quarter + c0, block_cols))
-            x = plgpu.load(x_ref.at[where], mask=inside, other=0)
-            plgpu.store(keep_ref.at[where], kept.astype(jnp.uint8), mask=inside)
+            x = x_ref[where]
+            keep_ref[where] = kept.astype(jnp.uint8)
             # times 1 is exact: the kept inputs are those of jnp.where's form (dropped ones are +-0, not 0)
             masked = (x.astype(jnp.float32) * kept.astype(jnp.float32) / divisor).astype(x.dtype)
             a = a_ref[pl.ds(lane * quarter + c0, block_cols), :]
@@ -94,8 +98,7 @@ def _kernel(key_ref, x_ref, a_ref, h_ref, keep_ref, *, rows: int, quarter: int, 
     rank = h_ref.shape[-1]
     acc = jax.lax.fori_loop(s * chunks // splits, (s + 1) * chunks // splits, step,
                             jnp.zeros((block_rows, rank), jnp.float32))
-    out_rows = first + jax.lax.broadcasted_iota(jnp.int32, (block_rows, rank), 0)
-    plgpu.store(h_ref.at[s, pl.ds(first, block_rows), :], acc, mask=out_rows < rows)
+    h_ref[s, pl.ds(first, block_rows), :] = acc
 
 
 @functools.partial(jax.jit, static_argnames=("rate", "interpret", "block_rows", "block_cols", "warps", "stages",
@@ -110,13 +113,13 @@ def fused_call(x: jax.Array, a: jax.Array, key: jax.Array, *, rate: float, inter
     `bench/bench_lora_kernel.py` to time whether the kernel waits on its hashing."""
     rows, d = x.shape
     quarter, rank = d // 4, a.shape[1]
-    if not _tiles(rows, d, block_cols):
-        raise ValueError(f"LoRA input [{rows}, {d}]: the kernel needs a width of four quarters of whole "
-                         f"{block_cols}-block chunks and fewer than 2**32 Threefry blocks")
-    chunks, row_blocks = quarter // block_cols, pl.cdiv(rows, block_rows)
+    if not _tiles(rows, d, block_rows, block_cols):
+        raise ValueError(f"LoRA input [{rows}, {d}]: the kernel needs whole {block_rows}-row blocks, a width of four "
+                         f"quarters of whole {block_cols}-block chunks and fewer than 2**32 Threefry blocks")
+    chunks, row_blocks = quarter // block_cols, rows // block_rows
     splits = max(1, min(chunks, programs // row_blocks))  # split K too where rows alone give too few programs
     partial, keep = pl.pallas_call(
-        functools.partial(_kernel, rows=rows, quarter=quarter, splits=splits, block_rows=block_rows,
+        functools.partial(_kernel, quarter=quarter, splits=splits, block_rows=block_rows,
                           block_cols=block_cols, threshold=round(rate * 65536),
                           divisor=float(np.asarray(1.0 - rate, x.dtype)), groups=groups),
         grid=(row_blocks, splits),
