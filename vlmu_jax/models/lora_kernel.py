@@ -31,7 +31,9 @@ from jax.experimental.pallas import triton as plgpu
 from vlmu_jax.models.dropout_kernel import GROUPS, threefry2x32
 
 BLOCK_ROWS = 64  # rows of x per program
-BLOCK_COLS = 64  # Threefry blocks per step of a program's loop: four [64, 64] tiles of x, one per lane
+# Threefry blocks per step of a program's loop: four [64, 32] tiles of x, one per lane. The fastest tiling of
+# bench/bench_lora_kernel.py on an H100 (session 31, call 110): 20-24 % under XLA's path at LLaVA-7B's inputs.
+BLOCK_COLS = 32
 WARPS = 4
 # Shared memory: each stage holds four lanes' [BLOCK_ROWS, BLOCK_COLS] tiles of x and [BLOCK_COLS, rank] tiles
 # of A. Three stages at rank 128 asked for 278528 bytes, over Hopper's 232448 (session 31, call 109, H100).
