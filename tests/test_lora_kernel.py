@@ -64,7 +64,7 @@ def test_what_the_kernel_takes():
     assert lora_kernel.fits((2816, 3072), 16, jnp.float16)  # Phi-3's width
     assert not lora_kernel.fits((4, 704, 4096), 8, bf16)  # rank under the Triton dot's 16
     assert not lora_kernel.fits((4, 704, 4096), 96, bf16)  # not a power of two
-    assert not lora_kernel.fits((4, 704, 4096), 256, bf16)  # its A tiles exceed Hopper's shared memory
+    assert not lora_kernel.fits((4, 704, 4096), 256, bf16)  # not run on a GPU: XLA's path
     assert not lora_kernel.fits((4, 704, 1000), 16, bf16)  # a quarter of 250 blocks: not whole 32-block chunks
     assert not lora_kernel.fits((70, 4096), 16, bf16)  # not whole 64-row blocks
     assert not lora_kernel.fits((4, 704, 4096), 16, jnp.float32)

@@ -36,11 +36,12 @@ BLOCK_ROWS = 64  # rows of x per program
 BLOCK_COLS = 32
 WARPS = 4
 # Shared memory: each stage holds four lanes' [BLOCK_ROWS, BLOCK_COLS] tiles of x and [BLOCK_COLS, rank] tiles
-# of A. Three stages at rank 128 asked for 278528 bytes, over Hopper's 232448 (session 31, call 109, H100).
+# of A. Three stages of [64, 64] tiles at rank 128 asked for 278528 bytes, over Hopper's 232448 (session 31, call
+# 109, H100); at [64, 32] tiles two stages ran faster than three (call 110).
 STAGES = 2
 PROGRAMS = 264  # about two per SM of an H100 / H200 (132): rows are cut into BLOCK_ROWS, then K into splits
-# LoRA ranks the kernel takes: a Triton dot's dims are powers of two, >= 16; rank 256's A tiles would not fit
-# shared memory at this tiling.
+# LoRA ranks the kernel takes: a Triton dot's dims are powers of two, >= 16. Rank 256 (A tiles of twice the shared
+# memory) has not run on a GPU: it keeps XLA's path.
 RANKS = (16, 32, 64, 128)
 
 
