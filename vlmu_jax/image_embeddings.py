@@ -47,9 +47,15 @@ from vlmu_jax.models.sharding import batch_shards, global_batch
 # Where a batch's images may start inside the model, latest first, and the top-level modules whose params read them
 # (none of which may train while batches carry them): the decoder's image inputs, or the tower's states.
 READ_BY = {IMAGE_EMBEDDINGS: ("vision_tower", "multi_modal_projector"), VISION_STATES: ("vision_tower",)}
-# The model's method that makes each, and its attribute naming the image inputs still read beside it.
-_MADE_BY = {IMAGE_EMBEDDINGS: ("image_embeddings", "KEPT_WITH_EMBEDDINGS"),
-            VISION_STATES: ("vision_states", "KEPT_WITH_STATES")}
+# The model's method that makes each, its attribute naming the image inputs still read beside it, and its name in
+# the stages' logs.
+_MADE_BY = {IMAGE_EMBEDDINGS: ("image_embeddings", "KEPT_WITH_EMBEDDINGS", "features"),
+            VISION_STATES: ("vision_states", "KEPT_WITH_STATES", "vision-tower states")}
+
+
+def cut_name(key: str) -> str:
+    """What a `READ_BY` key's values are called in the logs."""
+    return _MADE_BY[key][2]
 
 
 @functools.partial(model_jit, static_argnames=("key",))

@@ -277,8 +277,7 @@ def _with_image_features(ws: Workspace, model: nnx.Module, ref_model: nnx.Module
     reference model (if any) makes the same values and the stage's steps show at least as many rows as there are
     images; else `sources` as they are. `made` holds what an earlier model of the same start folder made (the
     unlearning methods of one stage), taken when it covers these images, else replaced."""
-    from vlmu_jax.image_embeddings import same_image_path, stage_image_fn, training_cut
-    from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS
+    from vlmu_jax.image_embeddings import cut_name, same_image_path, stage_image_fn, training_cut
 
     cut = training_cut(model, trainable)
     # one process only: with several, each host makes its own rows' batches, and the image program needs them all
@@ -289,7 +288,7 @@ def _with_image_features(ws: Workspace, model: nnx.Module, ref_model: nnx.Module
     if 0 < stage.num_steps * stage.batch_size * len(sources) < len(refs):
         return sources  # fewer steps than an epoch: its rows show fewer images than making each one would take
     budget = stage.image_embeddings_mb * 10**6
-    what = "features" if cut == IMAGE_EMBEDDINGS else "vision-tower states"
+    what = cut_name(cut)
     if made.get("budget") == budget and made.get("cut") == cut and made["refs"].issuperset(refs):
         image_fn, size = made["image_fn"], made["bytes"]
     else:

@@ -394,16 +394,19 @@ def _run_steps(step_fn: Callable, state: tuple, fixed: tuple, *, cfg: TrainConfi
     losses: list[float] = []
     bar = progress(total=total, initial=start, desc=workdir.name, unit="step", disable=not (is_main and cfg.progress))
     with RunLog(workdir, start=start, enabled=is_main) as log, bar:
-        def step_batches(step: int) -> tuple[dict[str, dict], dict[str, dict]]:
-            """The step's host batches and their copies on the mesh. Copied here, in the prefetch threads, because
-            the loop waits for each step's loss: copied after it, a batch's transfer left the device idle (an
-            idefics2 split image is 58 MB of float32 pixels, an Mllama image's tower states 98 MB)."""
+        def step_batches(step: int) -> tuple[dict[str, dict], int, int]:
+            """The step's batches copied to the mesh, their real tokens (all hosts) and their length. Copied here,
+            in the prefetch threads, because the loop waits for each step's loss: copied after it, a batch's
+            transfer left the device idle (an idefics2 split image is 58 MB of float32 pixels, an Mllama image's
+            tower states 98 MB). The host arrays are dropped here, once copied."""
             phase, index = plan_step(step, phase_lengths)
             host = {name: sources[name].get(index) for name in phases[phase]}
-            return host, {name: global_batch(b, mesh) for name, b in host.items()}
+            tokens = sum(int(b["attention_mask"].sum()) for b in host.values()) * jax.process_count()
+            seq_len = max(int(b["input_ids"].shape[1]) for b in host.values())
+            return {name: global_batch(b, mesh) for name, b in host.items()}, tokens, seq_len
 
         t0 = time.perf_counter()
-        for step, (host, batches) in enumerate(prefetched(step_batches, range(start, total)), start=start):
+        for step, (batches, tokens, seq_len) in enumerate(prefetched(step_batches, range(start, total)), start=start):
             params, opt_state, rng, loss, aux = step_fn(params, opt_state, rng, *fixed, batches)
             loss = float(loss)
             if not math.isfinite(loss):
@@ -411,7 +414,6 @@ def _run_steps(step_fn: Callable, state: tuple, fixed: tuple, *, cfg: TrainConfi
                 raise FloatingPointError(
                     f"non-finite loss {loss} at step {step}; last good checkpoint: step {ckpt.latest_step()}"
                 )
-            tokens = sum(int(b["attention_mask"].sum()) for b in host.values()) * jax.process_count()
             # Since the last step's checkpoint call: waiting for this step's batch (made ahead while the device
             # ran the last one) + the step to completion (the first at each length compiles).
             elapsed = time.perf_counter() - t0
@@ -421,7 +423,7 @@ def _run_steps(step_fn: Callable, state: tuple, fixed: tuple, *, cfg: TrainConfi
                 "lr": float(schedule(step // cfg.grad_accum)),
                 "step_s": elapsed,
                 "tokens": tokens,
-                "seq_len": max(int(b["input_ids"].shape[1]) for b in host.values()),  # a new one compiles
+                "seq_len": seq_len,  # a new one compiles
                 "tokens_per_s": tokens / elapsed,
                 **{k: float(v) for k, v in aux.items()},
             }
