@@ -78,10 +78,12 @@ def real_checkpoint(family: str):
 
 
 def config(small: bool, steps: int, identities: int, objectives: str, family: str = "llava",
-           benchmark: str = "fiubench", layerwise: str = "auto"):
+           benchmark: str = "fiubench", layerwise: str = "auto", layers: int | None = None):
     c = getattr(presets, benchmark)("ga", template=TEMPLATES[family], model_path="")
     c.model.tiny = True
     c.model.tiny_shape.update(architecture=family, text_model="llama", **(SMALL if small else LLAVA_7B))
+    if layers is not None:
+        c.model.tiny_shape.num_layers = layers
     c.data.synthetic_identities = identities
     c.unlearn.objective = objectives
     for stage in (c.finetune, c.retain_model, c.unlearn):
@@ -237,6 +239,10 @@ def main() -> None:
     parser.add_argument("--family", default="llava", choices=sorted(TEMPLATES),
                         help="llava: LLaVA-1.5-7B's shape; mllama / idefics2: the released 11B / 8b shapes")
     parser.add_argument("--benchmark", default="fiubench", choices=("fiubench", "mllmu"))
+    parser.add_argument("--layers", type=int, default=None,
+                        help="llava: the language model's layers (default 32). FIUBench's full finetune of all 32 "
+                             "with AdamW needs an H200's memory; 16 at the same width and sequence shape fit an "
+                             "H100")
     parser.add_argument("--objectives", default="ga,gd,npo")
     parser.add_argument("--layerwise", default="auto", choices=("auto", "always", "never"),
                         help="the training stages' step layer by layer (config train.layerwise; auto: on GPU)")
@@ -267,7 +273,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     ws = pipeline.Workspace(config(args.small, args.steps, args.identities, args.objectives, args.family,
-                                   args.benchmark, args.layerwise), workdir)
+                                   args.benchmark, args.layerwise, args.layers), workdir)
     if args.family in REAL_SHAPES and not args.small:
         pipeline.tiny_checkpoint = real_checkpoint(args.family)
     ws.config.eval.shared_prompts = not args.whole_rows

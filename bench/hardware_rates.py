@@ -1,0 +1,64 @@
+"""The device's own ceilings, measured in the same call as the benchmarks they are the floor of: the bf16 matmul
+rate (an 8192^3 product on random data, as KINDS.md's figures are) and the device-to-device copy bandwidth (bytes
+read plus written), through JAX.
+
+Why: every "share of the matmul rate" in bench/RESULTS.md divides by one of these. An H100 and an H200 of this
+workplace both measure ~790 TFLOP/s, but their bandwidths differ (3.0 against 4.3 TB/s), and a share against
+another card's rate is not a share. Run from the repo root: `PYTHONPATH=. python bench/hardware_rates.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+N = 8192  # the matmul's side
+COPY_BYTES = 2**32  # 4 GiB copied per call
+REPEATS = 10  # products (copies) per timed program: one call's dispatch is then noise
+
+
+def _median_s(program, *args) -> float:
+    """Median of 5 timed calls after one warm-up (which compiles)."""
+    jax.block_until_ready(program(*args))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(program(*args))
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[2]
+
+
+def matmul_tflops() -> float:
+    """bf16 [N, N] @ [N, N] products, float32 accumulation, REPEATS per program (each on its own left operand, so
+    XLA cannot share them)."""
+    a = jax.random.normal(jax.random.key(0), (REPEATS, N, N), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (N, N), jnp.bfloat16)
+    program = jax.jit(lambda a, b: jnp.einsum("rij,jk->rik", a, b))
+    return REPEATS * 2 * N**3 / _median_s(program, a, b) / 1e12
+
+
+def copy_tbps() -> float:
+    """A 4 GiB array added to a scalar REPEATS times in one program (a memory-bound elementwise pass reads and
+    writes each byte once: what a fusion of the step pays)."""
+    x = jnp.zeros((COPY_BYTES // 2,), jnp.bfloat16)
+
+    def program(x):
+        for _ in range(REPEATS):
+            x = x + jnp.bfloat16(1)
+            x = jax.lax.optimization_barrier(x)  # one pass each, not one fused pass
+        return x
+
+    return REPEATS * 2 * COPY_BYTES / _median_s(jax.jit(program), x) / 1e12
+
+
+def main() -> None:
+    print(json.dumps({"what": "hardware", "device": jax.devices()[0].device_kind,
+                      "bf16_matmul_tflops": round(matmul_tflops(), 1), "copy_tbps": round(copy_tbps(), 2)}),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
