@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from tests.toy_lm import FixedSource, ToyLM, kl_fn, logps_fn, make_batch, sequences
+from vlmu_jax.unlearn import trainer
 from vlmu_jax.unlearn.trainer import TrainConfig, joined_logps, plan_step, train
 
 FORGET, RETAIN = sequences(4, seed=1), sequences(8, seed=2)
@@ -123,6 +124,32 @@ def test_mllmu_kl_min_alternates_forget_and_retain_phases(tmp_path) -> None:
     rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [("forget_nll" in r, "retain_kl" in r) for r in rows] == [(True, False)] * 2 + [(False, True)] * 2
     assert rows[2]["retain_kl"] > 0.0  # the forget phase moved the policy away from the LoRA-off reference
+
+
+def test_step_time_runs_until_the_step_is_done(tmp_path, monkeypatch) -> None:
+    """step_s counts a step until its updated parameters exist, not until its loss does: the layer-by-layer step's
+    loss is ready once its forward is, while its backward and update still run. On a clock that only the fake
+    step moves: 1 s to its loss, 5 s more to its parameters."""
+    clock = [0.0]
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock[0])
+
+    class Updating:
+        """A parameter the step's last program writes."""
+
+        def block_until_ready(self) -> "Updating":
+            clock[0] += 5.0
+            return self
+
+    def step_fn(params, opt_state, rng, batches):
+        clock[0] += 1.0
+        return Updating(), opt_state, rng, np.float32(0.5), {"grad_norm": np.float32(1.0)}
+
+    cfg = TrainConfig(objective="ga", num_steps=2, progress=False, keep_checkpoints=0)
+    trainer._run_steps(step_fn, (None, None, None), (), cfg=cfg, sources={"forget": FixedSource(FORGET, 2)},
+                       phases=[("forget",)], phase_lengths=[2], total=2, schedule=lambda step: 0.0,
+                       workdir=tmp_path, mesh=None)
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step_s"] for r in rows] == [6.0, 6.0]
 
 
 def _event_scalars(folder) -> dict[str, dict[int, float]]:

@@ -408,6 +408,10 @@ def _run_steps(step_fn: Callable, state: tuple, fixed: tuple, *, cfg: TrainConfi
         t0 = time.perf_counter()
         for step, (batches, tokens, seq_len) in enumerate(prefetched(step_batches, range(start, total)), start=start):
             params, opt_state, rng, loss, aux = step_fn(params, opt_state, rng, *fixed, batches)
+            # The whole step done before it is timed: the layer-by-layer step's loss is ready once its forward
+            # is, while its backward and update still run. Timed at the loss, step_s left them out (the
+            # update's wait fell between two steps' clocks: bench/RESULTS.md, session 32).
+            jax.block_until_ready((params, opt_state))
             loss = float(loss)
             if not math.isfinite(loss):
                 ckpt.close()
