@@ -103,11 +103,11 @@ def test_layerwise_step_equals_scanned_step(tmp_path, objective, kw) -> None:
 
 def assert_forms_agree(run_form, build, atol: float | None = None) -> None:
     """`run_form(mode)` scanned and layer by layer: the same losses and trained params (to `atol`), and the model's
-    stacked frozen weights back afterwards, the same bits as a fresh `build()`'s. Default atol: 1e-5, and 1e-4 with
-    the frozen kernels joined (the default), whose other rounding Adam turns into up to ~1e-4 where a gradient is
-    near zero (GD's, with session 28's masks: 9.3e-5 at one of 1024 elements); both far below the ~lr = 5e-3 a
-    wrong gradient moves a param by."""
-    atol = atol or (1e-4 if layerwise.JOIN_FROZEN_KERNELS else 1e-5)
+    stacked frozen weights back afterwards, the same bits as a fresh `build()`'s. Default atol: 1e-5, and 5e-4 with
+    the frozen kernels joined (the default), whose other rounding Adam turns into ~1e-4 where a gradient is near
+    zero (GD's, with session 28's masks: 9.3e-5 at one of 1024 elements; 1.26e-4 on a CPU with AVX-512 bf16
+    instructions, session 32); both far below the ~lr = 5e-3 a wrong gradient moves a param by."""
+    atol = atol or (5e-4 if layerwise.JOIN_FROZEN_KERNELS else 1e-5)
     losses, params, _ = run_form("never")
     lw_losses, lw_params, model = run_form("always")
     np.testing.assert_allclose(lw_losses, losses, rtol=1e-5, atol=1e-5)  # GD's loss can be near 0
