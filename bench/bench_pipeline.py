@@ -271,6 +271,8 @@ def main() -> None:
     parser.add_argument("--split_images", action="store_true",
                         help="Idefics2: image splitting on in every stage (five crops per image, 320 image tokens)")
     args = parser.parse_args()
+    if args.layers is not None and args.family != "llava":
+        parser.error("--layers: llava only (the other families take their released config's layers)")
     workdir = Path(args.workdir)
     ws = pipeline.Workspace(config(args.small, args.steps, args.identities, args.objectives, args.family,
                                    args.benchmark, args.layerwise, args.layers), workdir)

@@ -2,9 +2,10 @@
 rate (an 8192^3 product on random data, as KINDS.md's figures are) and the device-to-device copy bandwidth (bytes
 read plus written), through JAX.
 
-Why: every "share of the matmul rate" in bench/RESULTS.md divides by one of these. An H100 and an H200 of this
-workplace both measure ~790 TFLOP/s, but their bandwidths differ (3.0 against 4.3 TB/s), and a share against
-another card's rate is not a share. Run from the repo root: `PYTHONPATH=. python bench/hardware_rates.py`.
+Why: every "share of the matmul rate" in bench/RESULTS.md divides by one of these, and a share against another
+card's, or another stack's, figure is not a share. KINDS.md gives ~790 TFLOP/s through PyTorch for both an H100 and
+an H200 of this workplace, and 3.0 against 4.3 TB/s; through JAX an H100 gave 728 TFLOP/s and 2.91 TB/s (session
+32). Run from the repo root: `PYTHONPATH=. python bench/hardware_rates.py`.
 """
 
 from __future__ import annotations
