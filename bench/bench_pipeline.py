@@ -240,9 +240,8 @@ def main() -> None:
                         help="llava: LLaVA-1.5-7B's shape; mllama / idefics2: the released 11B / 8b shapes")
     parser.add_argument("--benchmark", default="fiubench", choices=("fiubench", "mllmu"))
     parser.add_argument("--layers", type=int, default=None,
-                        help="llava: the language model's layers (default 32). FIUBench's full finetune of all 32 "
-                             "with AdamW needs an H200's memory; 16 at the same width and sequence shape fit an "
-                             "H100")
+                        help="llava: the language model's layers (default 32): fewer, at the same width and sequence "
+                             "shape, for a card with less memory than the full finetune of 32 needs")
     parser.add_argument("--objectives", default="ga,gd,npo")
     parser.add_argument("--layerwise", default="auto", choices=("auto", "always", "never"),
                         help="the training stages' step layer by layer (config train.layerwise; auto: on GPU)")
