@@ -235,6 +235,12 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--unlearn_steps", type=int, default=None,
+                        help="the unlearn stage's steps (default: --steps), e.g. many steps to time against a short "
+                             "finetune")
+    parser.add_argument("--cold", action="store_true",
+                        help="no persistent compilation cache (config compilation_cache_dir empty): every run "
+                             "compiles what it runs, so two runs' compile and wall times compare")
     parser.add_argument("--identities", type=int, default=400)
     parser.add_argument("--family", default="llava", choices=sorted(TEMPLATES),
                         help="llava: LLaVA-1.5-7B's shape; mllama / idefics2: the released 11B / 8b shapes")
@@ -278,6 +284,10 @@ def main() -> None:
     if args.family in REAL_SHAPES and not args.small:
         pipeline.tiny_checkpoint = real_checkpoint(args.family)
     ws.config.eval.shared_prompts = not args.whole_rows
+    if args.unlearn_steps is not None:
+        ws.config.unlearn.num_steps = args.unlearn_steps
+    if args.cold:
+        ws.config.compilation_cache_dir = ""
     if args.image_max_mb is not None:
         ws.config.eval.max_batch_image_mb = args.image_max_mb
     if args.image_embeddings_mb is not None:
