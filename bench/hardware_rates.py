@@ -11,25 +11,15 @@ an H200 of this workplace, and 3.0 against 4.3 TB/s; through JAX an H100 gave 72
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 
+from bench.bench_jax_llava import timeit
+
 N = 8192  # the matmul's side
 COPY_BYTES = 2**32  # 4 GiB copied per call
 REPEATS = 10  # products (copies) per timed program: one call's dispatch is then noise
-
-
-def _median_s(program, *args) -> float:
-    """Median of 5 timed calls after one warm-up (which compiles)."""
-    jax.block_until_ready(program(*args))
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(program(*args))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[2]
 
 
 def matmul_tflops() -> float:
@@ -38,7 +28,7 @@ def matmul_tflops() -> float:
     a = jax.random.normal(jax.random.key(0), (REPEATS, N, N), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (N, N), jnp.bfloat16)
     program = jax.jit(lambda a, b: jnp.einsum("rij,jk->rik", a, b))
-    return REPEATS * 2 * N**3 / _median_s(program, a, b) / 1e12
+    return REPEATS * 2 * N**3 / timeit(lambda: program(a, b)) / 1e12
 
 
 def copy_tbps() -> float:
@@ -52,7 +42,8 @@ def copy_tbps() -> float:
             x = jax.lax.optimization_barrier(x)  # one pass each, not one fused pass
         return x
 
-    return REPEATS * 2 * COPY_BYTES / _median_s(jax.jit(program), x) / 1e12
+    program = jax.jit(program)
+    return REPEATS * 2 * COPY_BYTES / timeit(lambda: program(x)) / 1e12
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ LORA_HIDDEN = "lora_hidden"  # LoRA's rank-r x @ A (REMAT_POLICIES)
 ATTENTION_INPUT = "attention_input"  # a self-attention's q and k after the rotary, and its v (REMAT_POLICIES)
 # True: on one GPU, a LoRA input's dropout and its product with A run as one kernel where it fits (`lora_kernel`);
 # False: as the mask kernel, XLA's select and a gemm (bench/bench_jax_llava.py times both: `unfused` steps). Off:
-# on an H100 (session 31, call 111, one process) LLaVA-7B's GA step ran 3.5 % faster fused but its NPO step 1.7 %
-# slower, each for +1.2 GB.
+# on an H100 (session 32, calls 112-113, each order once) LLaVA-7B's GA, GD and NPO steps moved under 2 % either way
+# fused, for 1.2-1.5 GB more.
 FUSED_LORA_DROPOUT = False
 
 
