@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from vlmu_jax.models.layers import GatedMLP
+from vlmu_jax.models.layers import GatedMLP, fuse_projections, split_projections
 from vlmu_jax.models.llama import DecoderLM, LlamaAttention
 from vlmu_jax.models.mllama import MllamaTextModel
 
@@ -105,14 +105,14 @@ def swap_in_copies(stack: nnx.Module, n: int) -> tuple[list[nnx.Module], dict[tu
                                                        for p, v in flat]))
               for i in range(n)]
     for module in _joinable(copies):
-        module.fuse_projections(stand_in)
+        fuse_projections(module, stand_in)
     return copies, dropped
 
 
 def swap_back(stack: nnx.Module, copies: list[nnx.Module], dropped: dict[tuple, Sharding]) -> None:
     """Rebuilds each dropped stacked param from the copies, freeing that param's copies before the next one."""
     for module in _joinable(copies):
-        module.split_projections()
+        split_projections(module)
     stacked = variables_of(stack)
     per_layer = [variables_of(copy) for copy in copies]
     for path, sharding in dropped.items():

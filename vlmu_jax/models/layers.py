@@ -87,18 +87,33 @@ class Dense(nnx.Module):
         return checkpoint_name(y, PROJECTION_OUTPUT)
 
 
+class Joining(NamedTuple):
+    """Projections of one module that share their input and may be held as one kernel (`fuse_projections`): the
+    module attribute that holds the joined kernel, the projections' attribute names in joined order, and how a
+    joined kernel (or its output) splits into theirs along the last axis."""
+
+    attr: str
+    names: tuple[str, ...]
+    split: Callable[[jax.Array], Sequence[jax.Array]]
+
+
+def can_join(projections: Sequence[Dense]) -> bool:
+    """Whether `projections`' kernels can be held joined: none has a bias or is spread over several devices (a kernel
+    sharded along its output axis would be resharded by the split)."""
+    return not any(p.bias is not None or len(p.kernel.get_value().sharding.device_set) > 1 for p in projections)
+
+
 def join_kernels(projections: Sequence[Dense], stand_in: Callable[[jax.Array], jax.Array]) -> nnx.Param | None:
     """One kernel holding `projections`' kernels side by side along the output axis, theirs replaced by
-    `stand_in`s; None, with nothing changed, where one has a bias or is spread over several devices. Each
-    projection's LoRA (if any) stays its own: it adds its term to its slice of the joined gemm (`Dense.with_lora`).
+    `stand_in`s; None, with nothing changed, where they cannot join (`can_join`). Each projection's LoRA (if any)
+    stays its own: it adds its term to its slice of the joined gemm (`Dense.with_lora`).
 
     Why: XLA's dot merger joins projections that share their input, and with the weights passed as arguments it
     concatenates them on every call (64 MiB per layer at 7B, 1.1 ms of a 69 ms log-prob call, bench/RESULTS.md
     session 12); a kernel held joined is read in place, and one gemm (one weight read while decoding) does the
-    work of several. A kernel sharded along its output axis would be resharded by the split, so only on one
-    device. Undone by `unjoin_kernels`.
+    work of several. Undone by `unjoin_kernels`.
     """
-    if any(p.bias is not None or len(p.kernel.get_value().sharding.device_set) > 1 for p in projections):
+    if not can_join(projections):
         return None
     kernels = [p.kernel.get_value() for p in projections]
     for p, kernel in zip(projections, kernels, strict=True):
@@ -114,6 +129,22 @@ def unjoin_kernels(projections: Sequence[Dense], joined: nnx.Param | None,
         for p, part in zip(projections, split(joined.get_value()), strict=True):
             p.kernel.set_value(part)
     return nnx.data(None)
+
+
+def fuse_projections(module: nnx.Module, stand_in: Callable[[jax.Array], jax.Array]) -> None:
+    """Hold the projections of `module.joining()` (if any) as one kernel where they can join (`join_kernels`); on
+    fresh layer copies (eval/layer_copies.py). Undone by `split_projections`."""
+    joining = module.joining()
+    if joining is not None:
+        setattr(module, joining.attr, join_kernels([getattr(module, n) for n in joining.names], stand_in))
+
+
+def split_projections(module: nnx.Module) -> None:
+    """Undo `fuse_projections`."""
+    joining = module.joining()
+    if joining is not None:
+        setattr(module, joining.attr, unjoin_kernels([getattr(module, n) for n in joining.names],
+                                                     getattr(module, joining.attr), joining.split))
 
 
 def joined_matmul(x: jax.Array, joined: nnx.Param) -> jax.Array:
@@ -482,26 +513,20 @@ class GatedMLP(nnx.Module):
         self.gate_proj = Dense(d, f, axes=("embed", "mlp"), **kw)
         self.up_proj = Dense(d, f, axes=("embed", "mlp"), **kw)
         self.down_proj = Dense(f, d, axes=("mlp", "embed"), **kw)
-        self.gate_up_kernel: nnx.Param | None = nnx.data(None)  # [gate | up] while joined (fuse_projections)
+        self.gate_up_kernel: nnx.Param | None = nnx.data(None)  # [gate | up] while joined (`joining`)
         self.act = act
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         if self.gate_up_kernel is None:
             gate, up = self.gate_proj(x, fold(rng, 0)), self.up_proj(x, fold(rng, 1))
         else:
-            gate, up = jnp.split(joined_matmul(x, self.gate_up_kernel), 2, axis=-1)
+            gate, up = self.joining().split(joined_matmul(x, self.gate_up_kernel))
             gate, up = self.gate_proj.with_lora(gate, x, fold(rng, 0)), self.up_proj.with_lora(up, x, fold(rng, 1))
         return self.down_proj(activation(self.act)(gate) * up, fold(rng, 2))
 
-    def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:
-        """Hold the gate and up kernels as one [gate | up] kernel (`join_kernels`, where it applies); once, on fresh
-        layer copies (eval/layer_copies.py) or a training stage's frozen layers (unlearn/layerwise.py)."""
-        self.gate_up_kernel = join_kernels((self.gate_proj, self.up_proj), stand_in)
-
-    def split_projections(self) -> None:
-        """Undo fuse_projections."""
-        self.gate_up_kernel = unjoin_kernels((self.gate_proj, self.up_proj), self.gate_up_kernel,
-                                             lambda k: jnp.split(k, 2, axis=-1))
+    def joining(self) -> Joining:
+        """gate and up share their input: held as one [gate | up] kernel while joined (`fuse_projections`)."""
+        return Joining("gate_up_kernel", ("gate_proj", "up_proj"), lambda k: jnp.split(k, 2, axis=-1))
 
 
 class FusedGatedMLP(nnx.Module):

@@ -23,6 +23,7 @@ from vlmu_jax.models.layers import (
     ATTENTION_INPUT,
     Dense,
     GatedMLP,
+    Joining,
     RMSNorm,
     apply_rope,
     attend,
@@ -30,13 +31,11 @@ from vlmu_jax.models.layers import (
     attention_mask,
     cache_written,
     fold,
-    join_kernels,
     joined_matmul,
     remat_call,
     rope_inv_freq,
     rope_parameters,
     run_layers,
-    unjoin_kernels,
 )
 from vlmu_jax.models.sharding import constrain
 
@@ -137,7 +136,7 @@ class LlamaAttention(nnx.Module):
         self.k_proj = Dense(d, c.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
         self.v_proj = Dense(d, c.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
         self.o_proj = Dense(c.num_heads * hd, d, axes=("heads", "embed"), **kw)
-        self.qkv_kernel: nnx.Param | None = nnx.data(None)  # [q | k | v] while fused (fuse_projections)
+        self.qkv_kernel: nnx.Param | None = nnx.data(None)  # [q | k | v] while joined (`joining`)
         self.config = c
 
     def qkv(self, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -148,15 +147,9 @@ class LlamaAttention(nnx.Module):
             return q, k, v
         return self.q_proj(x, fold(rng, 0)), self.k_proj(x, fold(rng, 1)), self.v_proj(x, fold(rng, 2))
 
-    def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:
-        """Hold the q/k/v kernels as one [q | k | v] kernel (`layers.join_kernels`, where it applies); once, on
-        fresh layer copies (eval/layer_copies.py) or a training stage's frozen layers (unlearn/layerwise.py)."""
-        self.qkv_kernel = join_kernels((self.q_proj, self.k_proj, self.v_proj), stand_in)
-
-    def split_projections(self) -> None:
-        """Undo fuse_projections."""
-        self.qkv_kernel = unjoin_kernels((self.q_proj, self.k_proj, self.v_proj), self.qkv_kernel,
-                                         lambda k: split_qkv(k, self.config))
+    def joining(self) -> Joining | None:
+        """q, k and v share their input: held as one [q | k | v] kernel while joined (`layers.fuse_projections`)."""
+        return Joining("qkv_kernel", ("q_proj", "k_proj", "v_proj"), lambda k: split_qkv(k, self.config))
 
     def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """Rotary embedding of q or k [B,T,N,H] at positions [B,T] (M-RoPE overrides it with 3D positions)."""

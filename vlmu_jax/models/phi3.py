@@ -3,7 +3,6 @@ partial rotary and an optional sliding window."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,17 +24,15 @@ class Phi3Attention(LlamaAttention):
         d, hd = c.hidden_size, c.head_dim
         self.qkv_proj = Dense(d, (c.num_heads + 2 * c.num_kv_heads) * hd, axes=("embed", "qkv"), **kw)
         self.o_proj = Dense(c.num_heads * hd, d, axes=("heads", "embed"), **kw)
-        self.qkv_kernel = nnx.data(None)  # never fused (LlamaAttention.fuse_projections)
+        self.qkv_kernel = nnx.data(None)  # never joined (`joining`)
         self.config = c
 
     def qkv(self, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         return split_qkv(self.qkv_proj(x, fold(rng, 0)), self.config)
 
-    def fuse_projections(self, stand_in: Callable[[jax.Array], jax.Array]) -> None:
+    def joining(self) -> None:
         """Nothing to join: q/k/v are one kernel already."""
-
-    def split_projections(self) -> None:
-        """Nothing was joined."""
+        return None
 
 
 def phi3_layer(c: TextConfig, *, stack: tuple[int, ...], dtype, rngs: nnx.Rngs) -> DecoderLayer:

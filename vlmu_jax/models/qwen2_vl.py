@@ -242,7 +242,7 @@ class Qwen2Attention(LlamaAttention):
         self.k_proj = Dense(d, c.num_kv_heads * hd, axes=("embed", "kv_heads"), use_bias=True, **kw)
         self.v_proj = Dense(d, c.num_kv_heads * hd, axes=("embed", "kv_heads"), use_bias=True, **kw)
         self.o_proj = Dense(c.num_heads * hd, d, axes=("heads", "embed"), **kw)
-        self.qkv_kernel = nnx.data(None)  # never fused (LlamaAttention.fuse_projections)
+        self.qkv_kernel = nnx.data(None)  # never joined: the projections have biases (`layers.can_join`)
         self.config = c
         self.axis_of_freq = tuple(int(a) for a in np.repeat(np.arange(len(sections)), sections))
 

@@ -40,7 +40,7 @@ from flax import nnx
 
 from vlmu_jax.eval.layer_copies import decoder_of, restack, stand_in, unstack
 from vlmu_jax.models.decoder_tape import POLICY, REFERENCE, DecoderCall, DecoderInputs, Tape, recording
-from vlmu_jax.models.layers import GatedMLP, remat_policy
+from vlmu_jax.models.layers import GatedMLP, can_join, remat_policy
 from vlmu_jax.models.llama import DecoderLM, LlamaAttention
 from vlmu_jax.models.mllama import CrossAttention, CrossDecoderLayer, MllamaTextModel
 
@@ -136,7 +136,7 @@ def lora_only(model: nnx.Module, params: nnx.State) -> bool:
     return all(isinstance(v, nnx.LoRAParam) or getattr(v, "type", None) is nnx.LoRAParam for _, v in flat)
 
 
-# Whether FrozenLayers holds the frozen q/k/v and gate/up kernels joined (`join_frozen_projections`): one gemm over
+# Whether FrozenLayers holds the frozen q/k/v and gate/up kernels joined (`frozen_joinings`): one gemm over
 # one normed input for q/k/v and one for gate/up, where XLA's dot merger concatenated the kernels and sliced the
 # outputs in every step. Measured on an H200 (bench/RESULTS.md, session 27, call 94), LLaVA-7B's per-layer LoRA
 # steps: GA 0.1798 -> 0.1747 s (with the attention-inputs policy 0.1753 -> 0.1725 s), NPO and GD ~0.8 % faster.
@@ -144,26 +144,26 @@ def lora_only(model: nnx.Module, params: nnx.State) -> bool:
 JOIN_FROZEN_KERNELS = True
 
 
-def join_frozen_projections(model: nnx.Module, trainable: Any) -> list[LlamaAttention | GatedMLP]:
-    """The decoder layers' attentions and gated MLPs whose q/k/v (gate/up) kernels are all frozen, their kernels
-    joined where `layers.join_kernels` applies (`fuse_projections`); undone by `split_projections` on each.
+def frozen_joinings(model: nnx.Module, trainable: Any) -> list[tuple[Path, LlamaAttention | GatedMLP]]:
+    """The decoder layers' attentions and gated MLPs (with their paths) whose q/k/v (gate/up) kernels are all frozen
+    and can be held joined (`layers.Joining`, `layers.can_join`).
 
-    Why (bench/NOTES.md, session 25): with the kernels passed apart, XLA's dot merger concatenates q and k's kernels
-    in every layer call (34 us per 7B layer), slices their outputs apart again, and multiplies the norm's output by
-    its weight once per consumer gemm; a kernel held joined is one gemm over one normed input, each projection's
-    LoRA term added to its slice."""
+    Why joined (bench/NOTES.md, session 25): with the kernels passed apart, XLA's dot merger concatenates q and k's
+    kernels in every layer call (34 us per 7B layer), slices their outputs apart again, and multiplies the norm's
+    output by its weight once per consumer gemm; a kernel held joined is one gemm over one normed input, each
+    projection's LoRA term added to its slice."""
     trained = {tuple(p) for p, _ in nnx.to_flat_state(nnx.split(model, trainable, ...)[1])}
     inside = _under(module_path(model, decoder_of(model).layers))
-    found = [(tuple(path), node) for path, node in nnx.iter_graph(model)
-             if isinstance(node, LlamaAttention | GatedMLP) and inside(tuple(path), None)]
-    joined = []
-    for path, node in found:
-        names = ("q_proj", "k_proj", "v_proj") if isinstance(node, LlamaAttention) else ("gate_proj", "up_proj")
-        if any((*path, name, "kernel") in trained for name in names):
+    found = []
+    for path, node in nnx.iter_graph(model):
+        if not (isinstance(node, LlamaAttention | GatedMLP) and inside(tuple(path), None)):
             continue
-        node.fuse_projections(stand_in)  # a no-op where the kernels cannot join; so is split_projections then
-        joined.append(node)
-    return joined
+        joining = node.joining()
+        if (joining is None or any((*path, name, "kernel") in trained for name in joining.names)
+                or not can_join([getattr(node, name) for name in joining.names])):
+            continue
+        found.append((tuple(path), node))
+    return found
 
 
 class FrozenLayers:
@@ -171,8 +171,14 @@ class FrozenLayers:
     the stack module, for `nnx.merge` beside the trainable slices; held as the leaves of `treedefs[i]`, which
     `LayerProgram` passes to jit), the stacked arrays in the model replaced by zero-size stand-ins until `restore`;
     but for what the model reads outside the layer calls (`Stack.read_outside`), which stays stacked as well. With
-    `JOIN_FROZEN_KERNELS` the frozen q/k/v and gate/up kernels are held joined (`join_frozen_projections`) until
-    `restore`, and the model's graph changes with them: take its graphdefs after this.
+    `JOIN_FROZEN_KERNELS` each layer's frozen q/k/v and gate/up kernels are held joined (`frozen_joinings`) until
+    `restore`, and the model's graph changes with them (the joined kernels' attributes hold stand-ins): take its
+    graphdefs after this.
+
+    Memory: one stacked param at a time is sliced and then freed, so the most this adds is the largest of them; the
+    kernels are joined layer by layer after slicing. Joined as stacks first (sessions 27-32), gate and up were
+    concatenated whole beside themselves: idefics2-8b's LoRA GA step peaked 3.3 GiB higher than with the kernels
+    apart, above HF + PEFT's (bench/RESULTS.md session 33).
 
     Why here and not eval/layer_copies.swap_in_copies: training keeps the trainable layer params stacked (the
     optimizer and the checkpoints see the scanned step's layout), so only what the trainer leaves frozen moves."""
@@ -181,33 +187,50 @@ class FrozenLayers:
         lm = decoder_of(model)
         self.n = lm.config.num_layers
         self.prefix = module_path(model, lm.layers)
-        self._joined = join_frozen_projections(model, trainable) if JOIN_FROZEN_KERNELS else []
-        frozen = nnx.split_state(nnx.split(model, trainable, nnx.RngState, ...)[3], _under(self.prefix), ...)[0]
+        joinings = frozen_joinings(model, trainable) if JOIN_FROZEN_KERNELS else []
         variables = {tuple(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
-        flat = list(nnx.to_flat_state(frozen))
+        stacks = decoder_stacks(model)
+
+        def frozen_flat() -> tuple[list, dict[Path, Stack]]:
+            frozen = nnx.split_state(nnx.split(model, trainable, nnx.RngState, ...)[3], _under(self.prefix), ...)[0]
+            flat = [(tuple(p), v) for p, v in nnx.to_flat_state(frozen)]
+            return flat, {p: next(s for s in stacks if p[: len(s.prefix)] == s.prefix) for p, _ in flat}
+
+        flat, stack_of = frozen_flat()
         self._slices: dict[Path, list[jax.Array]] = {}  # path -> its per-layer arrays, for `restore`
         self._dropped = {}
-        stacks = decoder_stacks(model)
-        stack_of = {tuple(p): next(s for s in stacks if tuple(p[: len(s.prefix)]) == s.prefix) for p, _ in flat}
         for path, _ in flat:  # one param at a time: its stacked value is freed once sliced
-            value = variables[tuple(path)].get_value()
-            n = len(stack_of[tuple(path)].ids)
-            if value.size == 0:  # a joined projection's own kernel (join_frozen_projections): a stand-in everywhere
-                self._slices[tuple(path)] = [value] * n
+            value = variables[path].get_value()
+            self._slices[path] = unstack(value, len(stack_of[path].ids))
+            if stack_of[path].read_outside(path):  # stays stacked too (small: Mllama's K/V projections)
                 continue
-            self._slices[tuple(path)] = unstack(value, n)
-            if stack_of[tuple(path)].read_outside(path):  # stays stacked too (small: Mllama's K/V projections)
-                continue
-            self._dropped[tuple(path)] = (variables[tuple(path)], value.sharding)
-            variables[tuple(path)].set_value(stand_in(value))
+            self._dropped[path] = (variables[path], value.sharding)
+            variables[path].set_value(stand_in(value))
             del value
+        self._joined = [(path, module, self._join(path, module)) for path, module in joinings]
+        flat, stack_of = frozen_flat()  # with the joined kernels' paths
         self.layers: list[list[jax.Array]] = [[] for _ in range(self.n)]
         self.treedefs: list[Any] = [None] * self.n
         for stack in stacks:
-            own = [(tuple(p), v) for p, v in flat if stack_of[tuple(p)] is stack]
+            own = [(p, v) for p, v in flat if stack_of[p] is stack]
             for j, i in enumerate(stack.ids):
                 self.layers[i], self.treedefs[i] = jax.tree.flatten(nnx.from_flat_state([
                     (p[len(stack.prefix):], jax.tree.map(lambda _, p=p, j=j: self._slices[p][j], v)) for p, v in own]))
+
+    def _join(self, path: Path, module: LlamaAttention | GatedMLP) -> Path:
+        """Each layer's slices of `module`'s joining projections' kernels as one joined kernel, under the joined
+        attribute's path (returned), the projections' own slices then zero-size stand-ins; the stacked module's
+        joined attribute a stand-in."""
+        joining = module.joining()
+        parts = [(*path, name, "kernel") for name in joining.names]
+        joined = []
+        for j in range(len(self._slices[parts[0]])):
+            joined.append(jnp.concatenate([self._slices[p][j] for p in parts], axis=-1))
+            for p in parts:
+                self._slices[p][j] = stand_in(self._slices[p][j])
+        setattr(module, joining.attr, nnx.Param(stand_in(joined[0])))
+        self._slices[(*path, joining.attr)] = joined
+        return (*path, joining.attr)
 
     def restore(self) -> None:
         """The stacked arrays rebuilt in the model from the per-layer states (bit for bit), one param at a time,
@@ -218,12 +241,18 @@ class FrozenLayers:
         # per-layer Variables, so their arrays, alive until the collector runs: measured on this CPU, a decoder's
         # slices outlived restore(); on an H200 the pipeline's training stages peaked 12.3 / 24.5 GiB higher
         gc.collect()
+        for path, module, joined_path in self._joined:  # each layer's joined kernel back into its projections' slices
+            joining = module.joining()
+            joined = self._slices.pop(joined_path)
+            for j in range(len(joined)):
+                for name, part in zip(joining.names, joining.split(joined[j]), strict=True):
+                    self._slices[(*path, name, "kernel")][j] = part
+                joined[j] = None
+            setattr(module, joining.attr, nnx.data(None))
+        self._joined = []
         for path, (var, sharding) in self._dropped.items():
             var.set_value(restack(self._slices.pop(path), sharding))
         self._slices.clear()
-        for module in self._joined:
-            module.split_projections()
-        self._joined = []
 
 
 @dataclass(frozen=True)
