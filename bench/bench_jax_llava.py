@@ -52,9 +52,10 @@ GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1").split(","))
 # name (default: layers.dropout_keep, on one GPU its kernel; `ones`: every element kept, a constant XLA folds the
 # masks' selects into, so the difference to the default is what the masks cost the step); objective:remat:MASKS:apart
 # (:joined) holds the frozen q/k/v and gate/up kernels apart (joined) in the per-layer step
-# (layerwise.JOIN_FROZEN_KERNELS; default: its default); objective:remat:MASKS:KERNELS:unfused runs LoRA's dropout
-# and down-product as XLA's mask kernel, select and gemm instead of models/lora_kernel.py's one kernel (on one GPU),
-# objective:remat:MASKS:KERNELS:rows/blocks/warps/stages/programs the kernel with that tiling.
+# (layerwise.JOIN_FROZEN_KERNELS; default: its default); objective:remat:MASKS:KERNELS:fused (:unfused) runs LoRA's
+# dropout and down-product as models/lora_kernel.py's one kernel on one GPU (as XLA's mask kernel, select and gemm;
+# default: layers.FUSED_LORA_DROPOUT's), objective:remat:MASKS:KERNELS:rows/blocks/warps/stages/programs the kernel
+# with that tiling.
 _LORA = lora_remat("llava-1.5")  # what the LLaVA-1.5 presets' LoRA stages run
 STEPS = tuple(tuple(x.split(":")) for x in os.environ.get(
     "STEPS", f"ga:{_LORA},ga:none,gd:{_LORA},npo:{_LORA}").split(",") if x)
@@ -246,7 +247,7 @@ def main() -> None:
                  "ones": lambda rng, shape, rate: jnp.ones(shape, bool)}
         layers.dropout_keep = masks.get(dropout, dropout_keep)
         layerwise.JOIN_FROZEN_KERNELS = {"joined": True, "apart": False}.get(kernels, join_default)
-        layers.FUSED_LORA_DROPOUT = lora != "unfused"
+        layers.FUSED_LORA_DROPOUT = lora == "fused" or "/" in lora or (fused_default and lora != "unfused")
         tiling = dict(zip(("block_rows", "block_cols", "warps", "stages", "programs"), map(int, lora.split("/")),
                           strict=True)) if "/" in lora else {}
         lora_kernel.fused_call = partial(fused_call, **tiling)
@@ -255,7 +256,7 @@ def main() -> None:
                                   layerwise_mode="never" if copies else form)
         print(json.dumps({"what": f"lora_{objective}_step", "remat": remat, "dropout": dropout or "dropout_keep",
                           "frozen_kernels": "joined" if layerwise.JOIN_FROZEN_KERNELS else "apart",
-                          "lora_dropout": lora or "fused",
+                          "lora_dropout": lora if "/" in lora else "fused" if layers.FUSED_LORA_DROPOUT else "unfused",
                           "layer_copies": attached, "layerwise": form,
                           "positions": positions, "B": b,
                           "T": n_img + t_text, "s": r.s,
