@@ -273,6 +273,8 @@ def main() -> None:
                         help="config eval.image_embeddings_mb and the training stages' (default: the config's; 0 = "
                              "the vision tower in every batch and step instead of each image made once into its "
                              "features or tower states)")
+    parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default=None,
+                        help="config model.attention (default: the config's, auto: cuDNN on GPU)")
     parser.add_argument("--split_images", action="store_true",
                         help="Idefics2: image splitting on in every stage (five crops per image, 320 image tokens)")
     args = parser.parse_args()
@@ -290,6 +292,8 @@ def main() -> None:
         ws.config.compilation_cache_dir = ""
     if args.image_max_mb is not None:
         ws.config.eval.max_batch_image_mb = args.image_max_mb
+    if args.attention is not None:
+        ws.config.model.attention = args.attention
     if args.image_embeddings_mb is not None:
         for stage in ("finetune", "retain_model", "unlearn", "eval"):
             ws.config[stage].image_embeddings_mb = args.image_embeddings_mb
