@@ -9,6 +9,13 @@ and with 1 (n = 1601). Run from the repo root: `PYTHONPATH=. python bench/bench_
 `--idefics2`: Idefics2's vision attention (B=4 images x 4900 patches, 16 heads of 72, 37 % of its 7B log-prob time
 at 1.36 ms per layer, about 40 % of the matmul rate) with the head dim zero-padded to 80, 96 and 128 (the scale
 kept at 72^-0.5, so the result is the same): whether cuDNN runs head dim 72 on a slower path than a padded one.
+
+`--idefics2_crops`: Idefics2's vision attention over split images as the tower calls it (`layers.attend` with the
+real patches' counts as key lengths), 5 crops an image (four of 35 x 35 patches, the whole image's 70 x 70) and
+other batches, each against XLA's attention. Why: idefics2-8b's FIUBench-sized eval with splitting stopped in its
+first batch on an H100 with cuDNN attention (calls 120, 122, 123: a cuDNN graph failing to deserialize, inside a
+command-buffer capture or, with cuDNN out of command buffers, a segfault) and ran with XLA's; the program that
+failed holds one cuDNN call, this one at [5, 4900, 16, 72]. Each case prints before it runs, so a crash names it.
 """
 
 from __future__ import annotations
@@ -91,5 +98,29 @@ def head_dim_padding() -> None:
                           "tflops_at_72": 4 * b * h * s * s * d / sec / 1e12, "max_abs_diff_vs_72": diff}), flush=True)
 
 
+def idefics2_crops() -> None:
+    s, h, d = 4900, 16, 72
+    crop, whole = 35 * 35, s
+    for name, lengths in (("one image split", [crop] * 4 + [whole]), ("two images split", ([crop] * 4 + [whole]) * 2),
+                          ("five whole images", [whole] * 5), ("four whole images", [whole] * 4),
+                          ("five crops", [crop] * 5)):
+        b = len(lengths)
+        print(json.dumps({"what": "idefics2_crops", "case": name, "B": b, "starting": True}), flush=True)
+        keys = jax.random.split(jax.random.key(b), 3)
+        q, k, v = (jax.random.normal(x, (b, s, h, d), jnp.bfloat16) for x in keys)
+        n = jnp.asarray(lengths, jnp.int32)
+        try:
+            got = jax.jit(lambda q, k, v, n=n: attend(q, k, v, SeqLengths(keys=n), impl="cudnn"))(q, k, v)
+            got.block_until_ready()
+        except Exception as err:  # noqa: BLE001 - a call cuDNN refuses is the result
+            print(json.dumps({"what": "idefics2_crops", "case": name, "B": b, "error": str(err)[:400]}), flush=True)
+            continue
+        want = jax.jit(lambda q, k, v, n=n: attend(q, k, v, SeqLengths(keys=n), impl="xla"))(q, k, v)
+        diff = jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))
+        print(json.dumps({"what": "idefics2_crops", "case": name, "B": b, "max_abs_diff_vs_xla": float(diff.max()),
+                          "mean_abs_value": float(jnp.abs(want.astype(jnp.float32)).mean())}), flush=True)
+
+
 if __name__ == "__main__":
-    head_dim_padding() if sys.argv[1:] == ["--idefics2"] else main()
+    {"--idefics2": head_dim_padding, "--idefics2_crops": idefics2_crops}.get(
+        (sys.argv[1:] or [""])[0], main)()
