@@ -14,8 +14,10 @@ kept at 72^-0.5, so the result is the same): whether cuDNN runs head dim 72 on a
 real patches' counts as key lengths), 5 crops an image (four of 35 x 35 patches, the whole image's 70 x 70) and
 other batches, each against XLA's attention. Why: idefics2-8b's FIUBench-sized eval with splitting stopped in its
 first batch on an H100 with cuDNN attention (calls 120, 122, 123: a cuDNN graph failing to deserialize, inside a
-command-buffer capture or, with cuDNN out of command buffers, a segfault) and ran with XLA's; the program that
-failed holds one cuDNN call, this one at [5, 4900, 16, 72]. Each case prints before it runs, so a crash names it.
+command-buffer capture or, with cuDNN out of command buffers, a segfault) and ran with XLA's. The one program
+dumped before that run was cut, the features of one split image, holds one cuDNN call: this one at [5, 4900, 16,
+72] (the scoring program's causal prefill is the other cuDNN call of the eval). Each case prints before it runs,
+so a crash names it.
 """
 
 from __future__ import annotations
