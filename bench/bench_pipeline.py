@@ -230,6 +230,18 @@ def train_compute(workdir: Path, names: list[str]) -> tuple[float, float, int]:
     return compute, compile_, tokens
 
 
+def steady_step_times(rows: list[dict]) -> list[float]:
+    """`step_s` of the metrics rows but each row length's first step, which compiles that length's programs (the
+    trainer times a step with its compile). Why: at 2 steps a stage's median was its compile step's and the next's
+    mean (call 119: 8.08 s for a full 7B finetune step)."""
+    seen, steady = set(), []
+    for r in rows:
+        if r["seq_len"] in seen:
+            steady.append(r["step_s"])
+        seen.add(r["seq_len"])
+    return steady
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
@@ -344,9 +356,9 @@ def main() -> None:
             shutil.rmtree(ws.model_dir(names[0]))
         for name in names:  # per model: steady-state step time
             rows = [json.loads(ln) for ln in (workdir / "train" / name / "metrics.jsonl").read_text().splitlines()]
-            steps = [r["step_s"] for r in rows]
-            print(json.dumps({"model": name, "median_step_s": round(float(np.median(steps)), 4),
-                              "tokens_per_step": rows[-1]["tokens"]}), flush=True)
+            steps = steady_step_times(rows)
+            print(json.dumps({"model": name, "median_step_s": round(float(np.median(steps)), 4) if steps else None,
+                              "steady_steps": len(steps), "tokens_per_step": rows[-1]["tokens"]}), flush=True)
 
     if args.train_only:
         finish(workdir, results)
