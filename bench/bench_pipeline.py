@@ -222,7 +222,7 @@ def train_compute(workdir: Path, names: list[str]) -> tuple[float, float, int]:
         rows = [json.loads(ln) for ln in (workdir / "train" / name / "metrics.jsonl").read_text().splitlines()]
         per_step = np.array([r["step_s"] for r in rows])
         # The first step at each bucket length compiles: its time beyond the run's fastest step is compile.
-        first = np.array([r["seq_len"] not in {q["seq_len"] for q in rows[:i]} for i, r in enumerate(rows)])
+        first = np.array(first_at_length(rows))
         fastest = float(per_step.min())
         compute += float(np.where(first, fastest, per_step).sum())
         compile_ += float((per_step - fastest)[first].sum())
@@ -230,16 +230,16 @@ def train_compute(workdir: Path, names: list[str]) -> tuple[float, float, int]:
     return compute, compile_, tokens
 
 
+def first_at_length(rows: list[dict]) -> list[bool]:
+    """Whether each metrics row is its run's first step at its length: the step that compiles that length's
+    programs (the trainer times a step with its compile)."""
+    return [r["seq_len"] not in {q["seq_len"] for q in rows[:i]} for i, r in enumerate(rows)]
+
+
 def steady_step_times(rows: list[dict]) -> list[float]:
-    """`step_s` of the metrics rows but each row length's first step, which compiles that length's programs (the
-    trainer times a step with its compile). Why: at 2 steps a stage's median was its compile step's and the next's
-    mean (call 119: 8.08 s for a full 7B finetune step)."""
-    seen, steady = set(), []
-    for r in rows:
-        if r["seq_len"] in seen:
-            steady.append(r["step_s"])
-        seen.add(r["seq_len"])
-    return steady
+    """`step_s` of the metrics rows but each length's first step (`first_at_length`). Why: at 2 steps a stage's
+    median was its compile step's and the next's mean (call 119: 8.08 s for a full 7B finetune step)."""
+    return [r["step_s"] for r, first in zip(rows, first_at_length(rows), strict=True) if not first]
 
 
 def main() -> None:
