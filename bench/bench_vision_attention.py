@@ -10,13 +10,14 @@ and with 1 (n = 1601). Run from the repo root: `PYTHONPATH=. python bench/bench_
 at 1.36 ms per layer, about 40 % of the matmul rate) with the head dim zero-padded to 80, 96 and 128 (the scale
 kept at 72^-0.5, so the result is the same): whether cuDNN runs head dim 72 on a slower path than a padded one.
 
-`--idefics2_crops`: Idefics2's vision attention over split images as the tower calls it (`layers.attend` with the
+`--idefics2_split`: Idefics2's vision attention over split images as the tower calls it (`layers.attend` with the
 real patches' counts as key lengths), 5 crops an image (four of 35 x 35 patches, the whole image's 70 x 70) and
-other batches, each against XLA's attention. Why: idefics2-8b's FIUBench-sized eval with splitting stopped in its
+other batches, then its decoder's causal prefill of 16 prompts at split images' lengths, each against XLA's
+attention. Why: idefics2-8b's FIUBench-sized eval with splitting stopped in its
 first batch on an H100 with cuDNN attention (calls 120, 122, 123: a cuDNN graph failing to deserialize, inside a
 command-buffer capture or, with cuDNN out of command buffers, a segfault) and ran with XLA's. The one program
 dumped before that run was cut, the features of one split image, holds one cuDNN call: this one at [5, 4900, 16,
-72] (the scoring program's causal prefill is the other cuDNN call of the eval). Each case prints before it runs,
+72]; the scoring program's causal prefill is the other cuDNN call of the eval. Each case prints before it runs,
 so a crash names it.
 """
 
@@ -100,29 +101,39 @@ def head_dim_padding() -> None:
                           "tflops_at_72": 4 * b * h * s * s * d / sec / 1e12, "max_abs_diff_vs_72": diff}), flush=True)
 
 
-def idefics2_crops() -> None:
+def _against_xla(what: str, case: str, q: jax.Array, k: jax.Array, v: jax.Array, **how) -> None:
+    """`layers.attend` on cuDNN against XLA's on the same inputs; prints before it runs, so a crash names its case."""
+    print(json.dumps({"what": what, "case": case, "q": q.shape, "k": k.shape, "starting": True}), flush=True)
+    try:
+        got = jax.jit(lambda q, k, v: attend(q, k, v, impl="cudnn", **how))(q, k, v)
+        got.block_until_ready()
+    except Exception as err:  # noqa: BLE001 - a call cuDNN refuses is the result
+        print(json.dumps({"what": what, "case": case, "error": str(err)[:400]}), flush=True)
+        return
+    want = jax.jit(lambda q, k, v: attend(q, k, v, impl="xla", **how))(q, k, v)
+    diff = jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))
+    print(json.dumps({"what": what, "case": case, "max_abs_diff_vs_xla": float(diff.max()),
+                      "mean_abs_value": float(jnp.abs(want.astype(jnp.float32)).mean())}), flush=True)
+
+
+def idefics2_split() -> None:
+    """The two kinds of cuDNN call idefics2-8b's eval makes with image splitting: the vision tower's over each
+    image's five crops (real patches first, their counts as key lengths), then the decoder's causal prefill of
+    16 prompts (GQA, 32 query and 8 key heads of 128) at the lengths split images give."""
     s, h, d = 4900, 16, 72
-    crop, whole = 35 * 35, s
-    for name, lengths in (("one image split", [crop] * 4 + [whole]), ("two images split", ([crop] * 4 + [whole]) * 2),
-                          ("five whole images", [whole] * 5), ("four whole images", [whole] * 4),
-                          ("five crops", [crop] * 5)):
-        b = len(lengths)
-        print(json.dumps({"what": "idefics2_crops", "case": name, "B": b, "starting": True}), flush=True)
-        keys = jax.random.split(jax.random.key(b), 3)
-        q, k, v = (jax.random.normal(x, (b, s, h, d), jnp.bfloat16) for x in keys)
-        n = jnp.asarray(lengths, jnp.int32)
-        try:
-            got = jax.jit(lambda q, k, v, n=n: attend(q, k, v, SeqLengths(keys=n), impl="cudnn"))(q, k, v)
-            got.block_until_ready()
-        except Exception as err:  # noqa: BLE001 - a call cuDNN refuses is the result
-            print(json.dumps({"what": "idefics2_crops", "case": name, "B": b, "error": str(err)[:400]}), flush=True)
-            continue
-        want = jax.jit(lambda q, k, v, n=n: attend(q, k, v, SeqLengths(keys=n), impl="xla"))(q, k, v)
-        diff = jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))
-        print(json.dumps({"what": "idefics2_crops", "case": name, "B": b, "max_abs_diff_vs_xla": float(diff.max()),
-                          "mean_abs_value": float(jnp.abs(want.astype(jnp.float32)).mean())}), flush=True)
+    crop = 35 * 35
+    for case, lengths in (("one image split", [crop] * 4 + [s]), ("two images split", ([crop] * 4 + [s]) * 2),
+                          ("five whole images", [s] * 5), ("four whole images", [s] * 4), ("five crops", [crop] * 5)):
+        q, k, v = (jax.random.normal(x, (len(lengths), s, h, d), jnp.bfloat16)
+                   for x in jax.random.split(jax.random.key(len(lengths)), 3))
+        _against_xla("idefics2_tower", case, q, k, v, mask=SeqLengths(keys=jnp.asarray(lengths, jnp.int32)))
+    for t in (352, 384, 416, 448, 383):
+        keys = jax.random.split(jax.random.key(t), 3)
+        q = jax.random.normal(keys[0], (16, t, 32, 128), jnp.bfloat16)
+        k, v = (jax.random.normal(x, (16, t, 8, 128), jnp.bfloat16) for x in keys[1:])
+        _against_xla("idefics2_prefill", f"B=16 T={t}", q, k, v, mask=None, causal=True)
 
 
 if __name__ == "__main__":
-    {"--idefics2": head_dim_padding, "--idefics2_crops": idefics2_crops}.get(
+    {"--idefics2": head_dim_padding, "--idefics2_split": idefics2_split}.get(
         (sys.argv[1:] or [""])[0], main)()
