@@ -11,9 +11,10 @@ at 1.36 ms per layer, about 40 % of the matmul rate) with the head dim zero-padd
 kept at 72^-0.5, so the result is the same): whether cuDNN runs head dim 72 on a slower path than a padded one.
 
 `--idefics2_split`: Idefics2's vision attention over split images as the tower calls it (`layers.attend` with the
-real patches' counts as key lengths), 5 crops an image (four of 35 x 35 patches, the whole image's 70 x 70) and
-other batches, then its decoder's causal prefill of 16 prompts at split images' lengths, each against XLA's
-attention. Why: idefics2-8b's FIUBench-sized eval with splitting stopped in its
+real patches' counts as key lengths), first as the failing eval ran it (traced on this CPU at the same geometry:
+one image's 5 crops a call, each 27 x 27 real patches of 70 x 70, the synthetic 64 px pictures resized to 378),
+then other batches; then its decoder's causal prefill of 16 prompts (the eval's: 384 tokens), each against XLA's
+attention. The eval compiled no other cuDNN-eligible attention (its decode steps run the Pallas decode kernel). Why: idefics2-8b's FIUBench-sized eval with splitting stopped in its
 first batch on an H100 with cuDNN attention (calls 120, 122, 123: a cuDNN graph failing to deserialize, inside a
 command-buffer capture or, with cuDNN out of command buffers, a segfault) and ran with XLA's. The one program
 dumped before that run was cut, the features of one split image, holds one cuDNN call: this one at [5, 4900, 16,
@@ -122,12 +123,13 @@ def idefics2_split() -> None:
     16 prompts (GQA, 32 query and 8 key heads of 128) at the lengths split images give."""
     s, h, d = 4900, 16, 72
     crop = 35 * 35
-    for case, lengths in (("one image split", [crop] * 4 + [s]), ("two images split", ([crop] * 4 + [s]) * 2),
-                          ("five whole images", [s] * 5), ("four whole images", [s] * 4), ("five crops", [crop] * 5)):
+    for case, lengths in (("the eval's: one synthetic 64 px image split, 27 x 27 patches each", [27 * 27] * 5),
+                          ("one 980 px image split", [crop] * 4 + [s]), ("two images split", ([crop] * 4 + [s]) * 2),
+                          ("five whole images", [s] * 5), ("four whole images", [s] * 4)):
         q, k, v = (jax.random.normal(x, (len(lengths), s, h, d), jnp.bfloat16)
                    for x in jax.random.split(jax.random.key(len(lengths)), 3))
         _against_xla("idefics2_tower", case, q, k, v, mask=SeqLengths(keys=jnp.asarray(lengths, jnp.int32)))
-    for t in (352, 384, 416, 448, 383):
+    for t in (384, 352, 416, 448, 383):  # 384: the eval's (every prompt of the run in one length)
         keys = jax.random.split(jax.random.key(t), 3)
         q = jax.random.normal(keys[0], (16, t, 32, 128), jnp.bfloat16)
         k, v = (jax.random.normal(x, (16, t, 8, 128), jnp.bfloat16) for x in keys[1:])
