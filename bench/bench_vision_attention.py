@@ -14,12 +14,12 @@ kept at 72^-0.5, so the result is the same): whether cuDNN runs head dim 72 on a
 real patches' counts as key lengths), first as the failing eval ran it (traced on this CPU at the same geometry:
 one image's 5 crops a call, each 27 x 27 real patches of 70 x 70, the synthetic 64 px pictures resized to 378),
 then other batches; then its decoder's causal prefill of 16 prompts (the eval's: 384 tokens), each against XLA's
-attention. The eval compiled no other cuDNN-eligible attention (its decode steps run the Pallas decode kernel). Why: idefics2-8b's FIUBench-sized eval with splitting stopped in its
-first batch on an H100 with cuDNN attention (calls 120, 122, 123: a cuDNN graph failing to deserialize, inside a
-command-buffer capture or, with cuDNN out of command buffers, a segfault) and ran with XLA's. The one program
-dumped before that run was cut, the features of one split image, holds one cuDNN call: this one at [5, 4900, 16,
-72]; the scoring program's causal prefill is the other cuDNN call of the eval. Each case prints before it runs,
-so a crash names it.
+attention. The eval compiled no other cuDNN-eligible attention (its decode steps run the Pallas decode kernel).
+Why: idefics2-8b's FIUBench-sized eval with splitting stopped in its first batch on an H100 with cuDNN attention
+(calls 120, 122, 123: a cuDNN graph failing to deserialize, inside a command-buffer capture or, with cuDNN out of
+command buffers, a segfault) and ran with XLA's. The one program dumped before that run was cut, the features of
+one split image, holds one cuDNN call: the first case here at idefics2-8b's widths, [5, 4900, 16, 72]. Each case
+prints before it runs, so a crash names it.
 """
 
 from __future__ import annotations
