@@ -247,7 +247,7 @@ def main() -> None:
                  "ones": lambda rng, shape, rate: jnp.ones(shape, bool)}
         layers.dropout_keep = masks.get(dropout, dropout_keep)
         layerwise.JOIN_FROZEN_KERNELS = {"joined": True, "apart": False}.get(kernels, join_default)
-        layers.FUSED_LORA_DROPOUT = lora == "fused" or "/" in lora or (fused_default and lora != "unfused")
+        layers.FUSED_LORA_DROPOUT = {"fused": True, "unfused": False}.get(lora, fused_default or "/" in lora)
         tiling = dict(zip(("block_rows", "block_cols", "warps", "stages", "programs"), map(int, lora.split("/")),
                           strict=True)) if "/" in lora else {}
         lora_kernel.fused_call = partial(fused_call, **tiling)

@@ -233,7 +233,12 @@ def train_compute(workdir: Path, names: list[str]) -> tuple[float, float, int]:
 def first_at_length(rows: list[dict]) -> list[bool]:
     """Whether each metrics row is its run's first step at its length: the step that compiles that length's
     programs (the trainer times a step with its compile)."""
-    return [r["seq_len"] not in {q["seq_len"] for q in rows[:i]} for i, r in enumerate(rows)]
+    seen: set[int] = set()
+    first = []
+    for r in rows:
+        first.append(r["seq_len"] not in seen)
+        seen.add(r["seq_len"])
+    return first
 
 
 def steady_step_times(rows: list[dict]) -> list[float]:

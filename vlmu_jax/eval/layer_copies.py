@@ -9,7 +9,7 @@ model and every forward (scores, MIA, generation) runs unrolled over the copies.
 The copies replace the stacked weights rather than sit beside them: each stacked param is copied out and then
 dropped from the model (a zero-size stand-in keeps the model's structure), and on exit the stack is rebuilt from
 the copies the same way, one param at a time. In the copies each attention's q/k/v kernels and each gated MLP's
-gate and up kernels are held joined (`layers.join_kernels`: else XLA concatenates them on every call), and split
+gate and up kernels are held joined (`layers.fuse_projections`: else XLA concatenates them on every call), and split
 again on exit. So evaluating costs the device no more memory than the stacked model does, plus one param in
 flight: held beside the stack, the copies took 30.3 GB for an 8B Idefics2 whose PyTorch twin evaluates in 17.4 GB
 (bench/RESULTS.md, session 4). Taken on GPU only: CPU and TPU scans do not copy the weights the same way.

@@ -69,7 +69,7 @@ class Dense(nnx.Module):
         return self.with_lora(y, x, rng)
 
     def with_lora(self, y: jax.Array, x: jax.Array, rng: jax.Array | None) -> jax.Array:
-        """`y` (x @ kernel + bias, computed here or as this projection's slice of a joined gemm: `join_kernels`)
+        """`y` (x @ kernel + bias, computed here or as this projection's slice of a joined gemm: `fuse_projections`)
         plus the LoRA term of `x`, named as the projection's output for the remat policies."""
         if self.lora_a is not None:
             a = self.lora_a[...].astype(x.dtype)
@@ -96,6 +96,10 @@ class Joining(NamedTuple):
     names: tuple[str, ...]
     split: Callable[[jax.Array], Sequence[jax.Array]]
 
+    def projections(self, module: nnx.Module) -> list[Dense]:
+        """The joining projections of `module`, in joined order."""
+        return [getattr(module, name) for name in self.names]
+
 
 def can_join(projections: Sequence[Dense]) -> bool:
     """Whether `projections`' kernels can be held joined: none has a bias or is spread over several devices (a kernel
@@ -103,48 +107,36 @@ def can_join(projections: Sequence[Dense]) -> bool:
     return not any(p.bias is not None or len(p.kernel.get_value().sharding.device_set) > 1 for p in projections)
 
 
-def join_kernels(projections: Sequence[Dense], stand_in: Callable[[jax.Array], jax.Array]) -> nnx.Param | None:
-    """One kernel holding `projections`' kernels side by side along the output axis, theirs replaced by
-    `stand_in`s; None, with nothing changed, where they cannot join (`can_join`). Each projection's LoRA (if any)
-    stays its own: it adds its term to its slice of the joined gemm (`Dense.with_lora`).
+def fuse_projections(module: nnx.Module, stand_in: Callable[[jax.Array], jax.Array]) -> None:
+    """`module.joining()`'s projections (if any, and where they `can_join`) held as one kernel side by side along the
+    output axis, theirs replaced by `stand_in`s; on fresh layer copies (eval/layer_copies.py). Each projection's
+    LoRA (if any) stays its own: it adds its term to its slice of the joined gemm (`Dense.with_lora`). Undone by
+    `split_projections`.
 
     Why: XLA's dot merger joins projections that share their input, and with the weights passed as arguments it
     concatenates them on every call (64 MiB per layer at 7B, 1.1 ms of a 69 ms log-prob call, bench/RESULTS.md
     session 12); a kernel held joined is read in place, and one gemm (one weight read while decoding) does the
-    work of several. Undone by `unjoin_kernels`.
+    work of several.
     """
-    if not can_join(projections):
-        return None
+    joining = module.joining()
+    if joining is None or not can_join(projections := joining.projections(module)):
+        return
     kernels = [p.kernel.get_value() for p in projections]
     for p, kernel in zip(projections, kernels, strict=True):
         p.kernel.set_value(stand_in(kernel))
-    return nnx.Param(jnp.concatenate(kernels, axis=-1))
-
-
-def unjoin_kernels(projections: Sequence[Dense], joined: nnx.Param | None,
-                   split: Callable[[jax.Array], Sequence[jax.Array]]) -> Any:
-    """Undo `join_kernels`: each projection gets its kernel back from `joined` cut by `split` (nothing to do when
-    `joined` is None). Returns what the module's joined attribute is set to afterwards: None, as nnx data."""
-    if joined is not None:
-        for p, part in zip(projections, split(joined.get_value()), strict=True):
-            p.kernel.set_value(part)
-    return nnx.data(None)
-
-
-def fuse_projections(module: nnx.Module, stand_in: Callable[[jax.Array], jax.Array]) -> None:
-    """Hold the projections of `module.joining()` (if any) as one kernel where they can join (`join_kernels`); on
-    fresh layer copies (eval/layer_copies.py). Undone by `split_projections`."""
-    joining = module.joining()
-    if joining is not None:
-        setattr(module, joining.attr, join_kernels([getattr(module, n) for n in joining.names], stand_in))
+    setattr(module, joining.attr, nnx.Param(jnp.concatenate(kernels, axis=-1)))
 
 
 def split_projections(module: nnx.Module) -> None:
-    """Undo `fuse_projections`."""
+    """Undo `fuse_projections`: each projection gets its kernel back from the joined one (nothing to do where none
+    is held)."""
     joining = module.joining()
-    if joining is not None:
-        setattr(module, joining.attr, unjoin_kernels([getattr(module, n) for n in joining.names],
-                                                     getattr(module, joining.attr), joining.split))
+    joined = None if joining is None else getattr(module, joining.attr)
+    if joined is None:
+        return
+    for p, part in zip(joining.projections(module), joining.split(joined.get_value()), strict=True):
+        p.kernel.set_value(part)
+    setattr(module, joining.attr, nnx.data(None))
 
 
 def joined_matmul(x: jax.Array, joined: nnx.Param) -> jax.Array:

@@ -160,7 +160,7 @@ def frozen_joinings(model: nnx.Module, trainable: Any) -> list[tuple[Path, Llama
             continue
         joining = node.joining()
         if (joining is None or any((*path, name, "kernel") in trained for name in joining.names)
-                or not can_join([getattr(node, name) for name in joining.names])):
+                or not can_join(joining.projections(node))):
             continue
         found.append((tuple(path), node))
     return found
