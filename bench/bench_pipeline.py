@@ -12,8 +12,9 @@ per-batch numbers are what a full run repeats.
 Model compute: training steps from the trainer's metrics.jsonl (its per-step time includes host batching; the
 first step at each bucket length compiles, and its time beyond the run's fastest step counts as compile); eval
 from timing every jitted scoring / generation call's device work (`CallTimer`: the calls are not waited for, the
-eval loop dispatches the next batch first), where a shape's first call beyond its median is compile, plus the
-wall time of `batched.compile_ahead` (which compiles every program of a split side by side).
+eval loop dispatches the next batch first; each image's features too), where a shape's first call beyond its
+median is compile, plus the wall time of `batched.compile_ahead` (which compiles every program of a split side
+by side, returning once scoring's are compiled) and of the waits for generation's programs.
 Everything else (building and saving models, loading checkpoints, tokenising, metrics) is the rest of the wall;
 of it, the eval row names the waits for each model's load and the attaching and detaching of its layer copies.
 Run from the repo root: `PYTHONPATH=. python bench/bench_pipeline.py --workdir DIR [--small]`.
@@ -42,7 +43,7 @@ import numpy as np
 
 from bench import family_shapes
 from bench.bench_jax_llava import peak_gb
-from vlmu_jax import compile_cache, pipeline, presets, stages
+from vlmu_jax import compile_cache, image_embeddings, pipeline, presets, stages
 from vlmu_jax.eval import batched
 from vlmu_jax.eval.frozen import compiling
 from vlmu_jax.eval.tasks import fiubench, mllmu
@@ -181,15 +182,19 @@ class HostTimer:
 
 
 def timed_compile_ahead(fn):
-    """`batched.compile_ahead` recording its wall interval in CallTimer.ahead (its compiles run in threads and
-    pools, and end before it returns)."""
+    """`batched.compile_ahead` recording in CallTimer.ahead its wall interval (it returns once the scoring
+    programs are compiled) and each wait of the function it returns (for generation's programs)."""
 
-    def call(*args, **kwargs):
-        t0 = time.perf_counter()
-        fn(*args, **kwargs)
-        CallTimer.ahead.append((t0, time.perf_counter()))
+    def timed(wait):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = wait(*args, **kwargs)
+            CallTimer.ahead.append((t0, time.perf_counter()))
+            return out
 
-    return call
+        return call
+
+    return lambda *args, **kwargs: timed(timed(fn)(*args, **kwargs))
 
 
 def _split(times: list[float]) -> tuple[float, float]:
@@ -374,6 +379,9 @@ def main() -> None:
     shared = CallTimer(batched.continuation_logprobs, lambda a, k: int(np.size(a[1])) + int(np.size(a[4])))
     gen = CallTimer(batched.generate, lambda a, k: int(np.shape(a[1])[0]) * k["max_new_tokens"])
     batched.token_logprobs, batched.continuation_logprobs, batched.generate = score, shared, gen
+    # each image's features (vision tower and projector), made once per model in the batch threads: model compute
+    features = CallTimer(image_embeddings._image_inputs, lambda a, k: 0)
+    image_embeddings._image_inputs = features
     fiubench.compile_ahead = timed_compile_ahead(fiubench.compile_ahead)
     mllmu.compile_ahead = timed_compile_ahead(mllmu.compile_ahead)
     host = HostTimer()
@@ -386,15 +394,17 @@ def main() -> None:
     stages.eval(ws)
     wall = time.perf_counter() - t0
     (sc, sk), (hc, hk), (gc, gk) = score.compute_and_compile(), shared.compute_and_compile(), gen.compute_and_compile()
+    fc, fk = features.compute_and_compile()
     sc, sk, scored = sc + hc, sk + hk, score.tokens + shared.tokens
     ahead = _covered(CallTimer.ahead)
-    report("eval", wall, sc + gc, sk + gk + ahead, scored + gen.tokens, compiled_ahead_s=round(ahead, 2),
-           first_call_compile_s=round(sk + gk, 2), score_s=round(sc, 2), scored_positions=scored,
-           score_tokens_per_s=round(scored / sc, 1), generate_s=round(gc, 2),
+    report("eval", wall, sc + gc + fc, sk + gk + fk + ahead, scored + gen.tokens, compiled_ahead_s=round(ahead, 2),
+           first_call_compile_s=round(sk + gk + fk, 2), features_s=round(fc, 2), score_s=round(sc, 2),
+           scored_positions=scored, score_tokens_per_s=round(scored / sc, 1), generate_s=round(gc, 2),
            new_tokens_per_s=round(gen.tokens / gc, 1), shared_prompts=not args.whole_rows,
            **{k: round(v, 2) for k, v in host.seconds.items()})
     print(json.dumps({"first_calls": {"score": score.first_calls() + shared.first_calls(),
-                                      "generate": gen.first_calls()}}), flush=True)
+                                      "generate": gen.first_calls(), "features": features.first_calls()}}),
+          flush=True)
     finish(workdir, results)
 
 

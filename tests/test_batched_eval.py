@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import jax
 import numpy as np
@@ -84,10 +85,14 @@ def test_generation_in_row_order(workspace: Workspace) -> None:
     np.testing.assert_array_equal(batched[4], alone[0])
 
 
-def test_compile_ahead_compiles_every_shape_before_the_calls(workspace: Workspace) -> None:
+def test_compile_ahead_compiles_every_shape_before_the_calls(workspace: Workspace,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """On a frozen model `compile_ahead` compiles, in threads, the scoring program of every padded length and the
-    generation programs; the calls after it compile nothing and give what the unfrozen model gives. On a model
-    that is not frozen it compiles nothing, and compile-only calls run nothing."""
+    generation programs. It returns once the scoring programs are compiled, with generation's still compiling
+    (here held until the scores are in), and the function it returns waits for those. The calls after it compile
+    nothing and give what the unfrozen model gives. On a model that is not frozen it compiles nothing, and
+    compile-only calls run nothing."""
+    from vlmu_jax.eval import batched
     from vlmu_jax.eval.batched import _first_of_each_length, _score_source, compile_ahead
     from vlmu_jax.eval.frozen import compile_only, frozen
     from vlmu_jax.eval.scoring import token_logprobs
@@ -101,12 +106,24 @@ def test_compile_ahead_compiles_every_shape_before_the_calls(workspace: Workspac
     assert lengths >= 2  # several scoring programs to compile at once
     want_scores = score_rows(model, rows, **common)
     want_tokens = generate_rows(model, prompts, **common, **generating)
+    release, generate = threading.Event(), batched._generate_batch
+
+    def held(*args, **kwargs):
+        assert release.wait(timeout=600)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(batched, "_generate_batch", held)
     COUNTER.active, COUNTER.count = True, 0
-    compile_ahead(model, to_score=[rows], to_generate=[prompts], **common, **generating)
+    compile_ahead(model, to_score=[rows], to_generate=[prompts], **common, **generating)()
     unfrozen = COUNTER.count
     with frozen(model):
-        compile_ahead(model, to_score=[rows], to_generate=[prompts], **common, **generating)
-        ahead = COUNTER.count - unfrozen
+        ready = compile_ahead(model, to_score=[rows], to_generate=[prompts], **common, **generating)
+        at_return = COUNTER.count - unfrozen
+        scores = score_rows(model, rows, **common)
+        scored = COUNTER.count - unfrozen - at_return
+        release.set()
+        ready()
+        ahead = COUNTER.count - unfrozen - scored
         with compile_only() as programs:
             ids = np.ones((12, 40), np.int32)
             out = token_logprobs(model, ids, ids, None)
@@ -118,11 +135,12 @@ def test_compile_ahead_compiles_every_shape_before_the_calls(workspace: Workspac
         state = nnx.state(model)
         text_path = sum(x.nbytes for x in jax.tree.leaves((state["language_model"], state["lm_head"])))
         assert program.memory_analysis().argument_size_in_bytes == text_path + 2 * ids.nbytes
-        scores = score_rows(model, rows, **common)
         tokens = generate_rows(model, prompts, **common, **generating)
-        after = COUNTER.count - unfrozen - ahead
+        after = COUNTER.count - unfrozen - ahead - scored
     COUNTER.active = False
     assert unfrozen == 0
+    assert at_return >= lengths, f"{at_return} compilations when compile_ahead returned, {lengths} scoring lengths"
+    assert scored == 0, f"{scored} compilations while scoring after compile_ahead"
     assert ahead >= lengths + 2, f"{ahead} compilations ahead for {lengths} scoring lengths and generation's two"
     assert after == 1, f"{after} compilations after compile_ahead"  # the compile-only call's own [12, 40] shape
     for a, b in zip(scores, want_scores, strict=True):
@@ -235,7 +253,7 @@ def test_token_cap_splits_long_rows_and_keeps_every_result(workspace: Workspace)
     want_tokens = generate_rows(model, prompts, **common, **generating)
     with frozen(model):
         compile_ahead(model, to_score=[rows], **common, **generating, cap=BatchCap(tokens=cap))
-        compile_ahead(model, to_generate=[prompts], **common, **generating, cap=BatchCap(tokens=prompt_cap))
+        compile_ahead(model, to_generate=[prompts], **common, **generating, cap=BatchCap(tokens=prompt_cap))()
         COUNTER.active, COUNTER.count = True, 0
         scores = score_rows(model, rows, **common, cap=BatchCap(tokens=cap))
         tokens = generate_rows(model, prompts, **common, **generating, cap=BatchCap(tokens=prompt_cap))

@@ -267,7 +267,7 @@ def test_compile_ahead_covers_the_shared_programs(root, placement: str) -> None:
     want_tokens = generate_rows(model, prompts, **kwargs, **generating)
     with layer_copies(model, "always"), frozen(model):
         before = len(compiles)
-        compile_ahead(model, to_score=[rows], to_generate=[prompts], shared_prompts=True, **kwargs, **generating)
+        compile_ahead(model, to_score=[rows], to_generate=[prompts], shared_prompts=True, **kwargs, **generating)()
         ahead = len(compiles) - before
         scores = score_rows(model, rows, shared_prompts=True, **kwargs)
         tokens = generate_rows(model, prompts, **kwargs, **generating)

@@ -380,15 +380,21 @@ _COMPILE_THREADS = 8  # XLA compiles of a 7B program take a few GB of host memor
 def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = (),
                   to_generate: Sequence[Sequence[Encoded]] = (), batch_size: int, pad_token_id: int,
                   eos_token_id: int | Sequence[int] | None, max_new_tokens: int, image_fn: Callable,
-                  mesh: Mesh | None = None, cap: BatchCap = BatchCap(), shared_prompts: bool = False) -> None:
+                  mesh: Mesh | None = None, cap: BatchCap = BatchCap(), shared_prompts: bool = False
+                  ) -> Callable[[], None]:
     """Compiles the programs that `score_pass(rows)` for each `to_score` entry and `generate_pass(rows)` for each
     `to_generate` entry (same other arguments) will run, one per distinct padded length, all at once: each in its
-    own thread, where jit's tracing is Python but XLA's compile is not. Why: a cold eval stage at 7B compiled two
-    scoring shapes (~11 s each) and generation (~25 s) one after another, 52 s of a 374 s stage (bench/RESULTS.md,
-    session 6). Nothing runs on the devices, so it is safe with several processes. Only for a model frozen with
-    compile_ahead on (eval/frozen.py; config eval.compile_ahead); otherwise it does nothing."""
+    own thread, where jit's tracing is Python but XLA's compile is not. Returns once the scoring programs are
+    compiled; generation's go on compiling, and the function returned waits for them (`after` gates a pass on
+    it). So run the scoring passes first: the devices score while generation compiles.
+
+    Why: a cold eval stage at 7B compiled two scoring shapes (~11 s each) and generation (~25 s) one after
+    another, 52 s of a 374 s stage (bench/RESULTS.md, session 6); compiled side by side, Llama-3.2-11B-Vision's
+    still kept the devices idle for 19 s of a 155 s stage (session 33) while its splits' scoring took 11 s.
+    Nothing runs on the devices, so it is safe with several processes. Only for a model frozen with compile_ahead
+    on (eval/frozen.py; config eval.compile_ahead); otherwise it compiles nothing."""
     if not compiles_ahead(model):
-        return
+        return _nothing
     run_generate = functools.partial(_generate_batch, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                      max_new_tokens=max_new_tokens)
     capped = dict(cap=cap, mesh=mesh)
@@ -416,8 +422,33 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
         with compile_only():
             run(model, batch)
 
-    with ThreadPoolExecutor(min(max(len(jobs), 1), _COMPILE_THREADS), thread_name_prefix="compile") as pool:
-        list(pool.map(compile_one, jobs.values()))
+    pool = ThreadPoolExecutor(min(max(len(jobs), 1), _COMPILE_THREADS), thread_name_prefix="compile")
+    futures = {program: pool.submit(compile_one, job) for program, job in jobs.items()}  # scoring's submitted first
+    pool.shutdown(wait=False)
+    for program, future in futures.items():
+        if program[0] != "generate":
+            future.result()
+    generating = [f for program, f in futures.items() if program[0] == "generate"]
+
+    def ready() -> None:
+        for f in generating:
+            f.result()
+
+    return ready
+
+
+def _nothing() -> None:
+    """What `compile_ahead` returns where it compiles nothing."""
+
+
+def after(ready: Callable[[], None], p: Pass) -> Pass:
+    """The pass with its first dispatch waiting for `ready()` (`compile_ahead`'s): its batches are made, and the
+    passes before it run, while its programs compile."""
+    def dispatch(item: Any) -> Any:
+        ready()
+        return p.dispatch(item)
+
+    return dataclasses.replace(p, dispatch=dispatch)
 
 
 def _first_of_each_length(source: ExampleSource | _SplitSource) -> dict[int, int]:

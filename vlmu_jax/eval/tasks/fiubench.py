@@ -26,7 +26,7 @@ from vlmu_jax.data.fiubench_prompts import roundtrip_prompt
 from vlmu_jax.data.records import IMAGE, Identity
 from vlmu_jax.data.templates import Template
 from vlmu_jax.eval import attacks, judge, metrics, mia
-from vlmu_jax.eval.batched import BatchCap, Pass, compile_ahead, generate_pass, run_passes, score_pass
+from vlmu_jax.eval.batched import BatchCap, Pass, after, compile_ahead, generate_pass, run_passes, score_pass
 from vlmu_jax.eval.result_logs import FiuTaskResults, fiubench_eval_log
 from vlmu_jax.protocol import Protocol
 
@@ -138,9 +138,10 @@ def evaluate_model(model: nnx.Module, forget: Sequence[Identity], retain: Sequen
     """The forget and retain splits' logs (per-question losses, truth ratio, generations, ROUGE, EM, MIA) and the
     forget split's APE log, in that order.
 
-    Every shape of the three is compiled ahead at once, and their five passes (each split's scoring and
-    generation, APE's generation) run as one stream of device calls (`batched.run_passes`): evaluated one after
-    another, the devices sat idle at every pass boundary while the host finished one pass and began the next.
+    Every shape of the three is compiled ahead at once, and their five passes (the splits' scoring, then their
+    generation and APE's) run as one stream of device calls (`batched.run_passes`): evaluated one after another,
+    the devices sat idle at every pass boundary while the host finished one pass and began the next. Scoring
+    comes first: it starts once its own programs are compiled, while generation's still compile.
     APE (adversarial privacy extraction) asks every paraphrase of every forget question with the image; its log
     (`eval_forget_ape_log.json`) holds per-variant EM / ROUGE and the question each came from."""
     splits = [_split_passes(model, forget, runner, f"{desc} forget"),
@@ -150,10 +151,10 @@ def evaluate_model(model: nnx.Module, forget: Sequence[Identity], retain: Sequen
         raise ValueError(f"{desc}: no paraphrased questions, APE needs them")
     ape_prompts = generation_prompts(asked, runner)
     ape = generate_pass(model, ape_prompts.rows, **runner.batching(), **runner.generating(), desc=f"{desc} forget APE")
-    compile_ahead(model, to_score=[s.rows for s in splits],
-                  to_generate=[*(s.prompts.rows for s in splits), ape_prompts.rows], **runner.batching(),
-                  **runner.generating(), shared_prompts=runner.shared_prompts)
-    run_passes([p for s in splits for p in (s.scores, s.generated)] + [ape])
+    ready = compile_ahead(model, to_score=[s.rows for s in splits],
+                          to_generate=[*(s.prompts.rows for s in splits), ape_prompts.rows], **runner.batching(),
+                          **runner.generating(), shared_prompts=runner.shared_prompts)
+    run_passes([s.scores for s in splits] + [after(ready, p) for p in (*(s.generated for s in splits), ape)])
     scored = attacks.score_ape(variants, decode_generations(ape.out, runner), references=ape_prompts.references,
                                original=runner.protocol.fiubench_metric_quirks)
     scored["question"] = [v.question for v in variants]

@@ -40,7 +40,7 @@ from vlmu_jax.data.batching import Encoded, Example, encode, generation_rows
 from vlmu_jax.data.mllmu import MODALITY_NAME
 from vlmu_jax.data.records import IMAGE, QA, Benchmark, Cloze, Identity, ImageRef, MultipleChoice, TestVariant
 from vlmu_jax.eval import judge, metrics
-from vlmu_jax.eval.batched import Pass, compile_ahead, generate_pass, run_passes, score_pass
+from vlmu_jax.eval.batched import Pass, after, compile_ahead, generate_pass, run_passes, score_pass
 from vlmu_jax.eval.result_logs import mllmu_accuracy, mllmu_factuality, mllmu_generation
 from vlmu_jax.eval.tasks import mllmu_prompts as P
 from vlmu_jax.eval.tasks.fiubench import Runner
@@ -108,11 +108,11 @@ def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *,
     prompt_rows = generation_rows(prompts, runner.text)
     option_rows = _option_rows([(p.uid, _image(p, mc.modality), mc) for p, mc in choices], runner)
     generating = runner.generating()
-    compile_ahead(model, to_score=[option_rows], to_generate=[prompt_rows], **generating, **runner.batching(),
-                  shared_prompts=runner.shared_prompts)
+    ready = compile_ahead(model, to_score=[option_rows], to_generate=[prompt_rows], **generating,
+                          **runner.batching(), shared_prompts=runner.shared_prompts)
     generated = generate_pass(model, prompt_rows, desc=f"{desc} generate", **generating, **runner.batching())
     scores = _option_pass(model, option_rows, runner, desc)
-    run_passes([generated, *scores])
+    run_passes([*scores, after(ready, generated)])
     answers = [metrics.own_turn(tok.decode(ids, skip_special_tokens=True)) for ids in generated.out]
     option_loss = _option_loss(scores, [mc for _, mc in choices])
     n_choice, n_cloze = len(choices), len(clozes)
@@ -217,12 +217,12 @@ def evaluate_eval_py(model: nnx.Module, bench: Benchmark, runner: Runner, *, for
                                        for it, mc in zip(choices[name], mcs[name], strict=True)], runner)
                    for name in choices}
     generating = runner.generating()
-    compile_ahead(model, to_score=list(option_rows.values()), to_generate=[sorted_rows],
-                  **generating, **runner.batching(), shared_prompts=runner.shared_prompts)
+    ready = compile_ahead(model, to_score=list(option_rows.values()), to_generate=[sorted_rows],
+                          **generating, **runner.batching(), shared_prompts=runner.shared_prompts)
     outputs = generate_pass(model, sorted_rows, desc="eval.py generate", **generating, **runner.batching())
     scores = {name: _option_pass(model, option_rows[name], runner, name) for name, set_items in items.items()
               if set_items}
-    run_passes([outputs, *(p for passes in scores.values() for p in passes)])
+    run_passes([*(p for passes in scores.values() for p in passes), after(ready, outputs)])
     generated = [outputs.out[k] for k in np.argsort(order)]
     answers = [metrics.eval_py_answer(tok.decode([*row.input_ids[2:].tolist(), *ids[:it.max_new_tokens].tolist()],
                                                  skip_special_tokens=True), answer_tag=it.task != P.CLASSIFICATION)
