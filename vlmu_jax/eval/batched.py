@@ -416,14 +416,16 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
         for length, i in _first_of_each_length(source).items():
             jobs.setdefault(("generate", length), (functools.partial(source.get, i), run_generate))
 
-    def compile_one(job) -> None:
-        inputs, run = job
-        batch = abstract_batch(inputs(), mesh)  # made outside compile_only: `image_fn` may run a program
+    def compile_one(run: Callable, batch: dict) -> None:
         with compile_only():
             run(model, batch)
 
     pool = ThreadPoolExecutor(min(max(len(jobs), 1), _COMPILE_THREADS), thread_name_prefix="compile")
-    futures = {program: pool.submit(compile_one, job) for program, job in jobs.items()}  # scoring's submitted first
+    futures = {}
+    for program, (inputs, run) in jobs.items():  # scoring's submitted first
+        # Each batch is made here, outside compile_only: `image_fn` may run a program (the image features), and
+        # the compile threads launch no device work beside the scoring passes that start before they end.
+        futures[program] = pool.submit(compile_one, run, abstract_batch(inputs(), mesh))
     pool.shutdown(wait=False)
     for program, future in futures.items():
         if program[0] != "generate":
