@@ -8,20 +8,23 @@ accelerator does both at memory speed, one param at a time.
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from vlmu_jax.launches import one_at_a_time
 
-@partial(jax.jit, static_argnames=("transpose", "dtype", "sharding"))
-def relayout(x: jax.Array, transpose: bool, dtype, sharding: Sharding | None) -> jax.Array:
-    """`x` cast to `dtype` (if given) with its last two axes swapped (if `transpose`), placed by `sharding` (if
-    given; else where XLA puts it). A freshly read input is freed as soon as its caller drops it."""
+
+def _relayout(x: jax.Array, transpose: bool, dtype, sharding: Sharding | None) -> jax.Array:
     x = x if dtype is None else x.astype(dtype)
     x = jnp.swapaxes(x, -1, -2) if transpose else x
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+# `x` cast to `dtype` (if given) with its last two axes swapped (if `transpose`), placed by `sharding` (if given;
+# else where XLA puts it). A freshly read input is freed as soon as its caller drops it. Launched from the threads
+# that load a model ahead or write one out beside the running stage: one at a time (vlmu_jax/launches.py).
+relayout = one_at_a_time(jax.jit(_relayout, static_argnames=("transpose", "dtype", "sharding")))
 
 
 def to_stored(x: jax.Array, transpose: bool, dtype) -> jax.Array:

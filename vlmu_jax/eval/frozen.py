@@ -22,6 +22,8 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from vlmu_jax.launches import one_at_a_time
+
 _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its graph split on entry
 _AHEAD: weakref.WeakSet = weakref.WeakSet()  # frozen models whose programs `batched.compile_ahead` compiles
 _MODE = threading.local()  # .compiled: a _CompileOnly while this thread's model_jit calls compile, not run
@@ -134,9 +136,12 @@ def model_jit(fn: Callable[..., Any], *, static_argnames: tuple[str, ...] = (),
     the call may reuse."""
     slow = nnx.jit(fn, static_argnames=static_argnames, donate_argnames=donate_argnames)
 
-    @functools.partial(jax.jit, static_argnums=0, static_argnames=static_argnames, donate_argnames=donate_argnames)
-    def fast(structure: _Structure, leaves: list[jax.Array], *args: Any, **kwargs: Any) -> Any:
+    def merged(structure: _Structure, leaves: list[jax.Array], *args: Any, **kwargs: Any) -> Any:
         return fn(nnx.merge(structure.graphdef, jax.tree.unflatten(structure.treedef, leaves)), *args, **kwargs)
+
+    # launched from the eval's main and batch threads (each image's features): one at a time (vlmu_jax/launches.py)
+    fast = one_at_a_time(jax.jit(merged, static_argnums=0, static_argnames=static_argnames,
+                                 donate_argnames=donate_argnames))
 
     @functools.wraps(fn)
     def call(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlmu_jax.eval.layer_copies import decoder_of, restack, stand_in, unstack
+from vlmu_jax.launches import one_at_a_time
 from vlmu_jax.models.decoder_tape import POLICY, REFERENCE, DecoderCall, DecoderInputs, Tape, recording
 from vlmu_jax.models.layers import GatedMLP, can_join, remat_policy
 from vlmu_jax.models.llama import DecoderLM, LlamaAttention
@@ -317,9 +318,10 @@ class LayerProgram:
         self.call, self.graphdef, self.remat = call, graphdef, remat
         self.param_def, self.rest_def = param_def, rest_def
         self._meta: dict[tuple, tuple] = {}
-        self.forward = jax.jit(self._forward)
-        self.backward = jax.jit(self._backward)
-        self.plain = jax.jit(self._run)
+        # the model's programs: each may warm up a cuDNN graph the first time it runs (vlmu_jax/launches.py)
+        self.forward = one_at_a_time(jax.jit(self._forward))
+        self.backward = one_at_a_time(jax.jit(self._backward))
+        self.plain = one_at_a_time(jax.jit(self._run))
 
     def _run(self, params: list, rest: list, h, diff, fixed, rng):
         layer = nnx.merge(self.graphdef, jax.tree.unflatten(self.param_def, params),
@@ -399,9 +401,9 @@ class LayerwiseStep:
         self._calls: dict[tuple, tuple] = {}  # batches' shapes -> the decoder calls of the loss
         self._prefix_meta: dict[tuple, tuple] = {}  # batches' shapes -> how the collect program's vjp comes apart
         self._sig: tuple = ()
-        self._collect = jax.jit(self._collect_fn)
-        self._replay = jax.jit(self._replay_fn)
-        self._update = jax.jit(self._update_fn, donate_argnums=(0, 1))
+        self._collect = one_at_a_time(jax.jit(self._collect_fn))
+        self._replay = one_at_a_time(jax.jit(self._replay_fn))
+        self._update = one_at_a_time(jax.jit(self._update_fn, donate_argnums=(0, 1)))
         self._slices = jax.jit(self._slices_fn)
         self._reference_slices = jax.jit(self._reference_fn)
 

@@ -16,12 +16,13 @@ n_retain / (n_retain + n_text) batches; and the mask multiplies the gradient bef
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from vlmu_jax.launches import one_at_a_time
 
 EPS = 1e-15
 
@@ -31,12 +32,15 @@ def saliency_mask(forget_fisher: Any, preserve_fisher: Any, threshold: float) ->
     return jax.tree.map(lambda f, p: (f + EPS) / (p + EPS) >= threshold, forget_fisher, preserve_fisher)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _add_squared_grad(loss_fn: Callable[[Any, Any, Any], jax.Array], acc: Any, p: Any, ctx: Any, batch: Any) -> Any:
+def _squared_grad_added(loss_fn: Callable[[Any, Any, Any], jax.Array], acc: Any, p: Any, ctx: Any, batch: Any) -> Any:
     """acc + (d loss_fn / d p)^2 in float32. One jit keyed by `loss_fn`: the forget and preserve passes of one map
     share their compiled programs (a full forward and backward at full weights compiles for seconds)."""
     grads = jax.grad(loss_fn)(p, ctx, batch)
     return jax.tree.map(lambda a, g: a + jnp.square(g.astype(jnp.float32)), acc, grads)
+
+
+# the model's forward and backward: may warm up a cuDNN graph the first time it runs (vlmu_jax/launches.py)
+_add_squared_grad = one_at_a_time(jax.jit(_squared_grad_added, static_argnums=0, donate_argnums=1))
 
 
 def fisher_diagonal(loss_fn: Callable[[Any, Any, Any], jax.Array], params: Any, batches: Iterable[Any],

@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from vlmu_jax.checkpoints.orbax_io import Checkpointer
 from vlmu_jax.data.prefetch import prefetched
+from vlmu_jax.launches import one_at_a_time
 from vlmu_jax.logs import progress
 from vlmu_jax.models.sharding import global_batch
 from vlmu_jax.unlearn import layerwise
@@ -353,8 +354,8 @@ def prepare_step(model: nnx.Module, trainable: Any, obj: Objective, tx, loss: Ca
     if reference is None:  # the model's own arrays are donated to the step: its reference keeps a copy
         ref_other = jax.tree.map(jnp.copy, ref_other)
     if not use_layerwise(layerwise_mode, model, params):
-        step = jax.jit(make_step(make_merge(graphdef, graphdef_eval, obj), loss, obj, tx), donate_argnums=(0, 1, 2),
-                       keep_unused=keep_unused)
+        step = one_at_a_time(jax.jit(make_step(make_merge(graphdef, graphdef_eval, obj), loss, obj, tx),
+                                     donate_argnums=(0, 1, 2), keep_unused=keep_unused))
         return PreparedStep(step, params, rng, (rest, ref_other, ref_rest), [])
     frozen = [layerwise.FrozenLayers(model, trainable)]
     if reference is not None:

@@ -1,0 +1,66 @@
+"""Programs go onto the devices from one host thread at a time: a launch from another thread waits while one is under
+way (vlmu_jax/launches.py says why), for the eval's programs on a frozen model and for the layout casts that the
+load-ahead and writer threads launch."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vlmu_jax.checkpoints.layout import to_model
+from vlmu_jax.eval.frozen import frozen, model_jit
+from vlmu_jax.launches import one_at_a_time
+
+
+def _waits_for_launch(call: Callable[[], jax.Array]) -> jax.Array:
+    """Runs `call` in a thread while another launch is under way (held open until released) and returns its result;
+    asserts that `call` did not return before the other launch ended."""
+    entered, release = threading.Event(), threading.Event()
+    holding = one_at_a_time(lambda: (entered.set(), release.wait(timeout=600)))
+    holder = threading.Thread(target=holding)
+    holder.start()
+    assert entered.wait(timeout=60)
+    done, out = threading.Event(), []
+    worker = threading.Thread(target=lambda: (out.append(call()), done.set()))
+    worker.start()
+    try:
+        assert not done.wait(timeout=1.0), "a launch went ahead while another thread's was under way"
+    finally:
+        release.set()
+        holder.join()
+    assert done.wait(timeout=120)
+    worker.join()
+    return out[0]
+
+
+def test_frozen_model_programs_launch_one_at_a_time() -> None:
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    apply = model_jit(lambda m, x: m(x))
+    x = jnp.arange(8.0).reshape(2, 4)
+    want = model(x)
+    with frozen(model):
+        apply(model, x).block_until_ready()  # compiled before the timed wait
+        got = _waits_for_launch(lambda: apply(model, x))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+def test_layout_casts_launch_one_at_a_time() -> None:
+    stored = jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    to_model(stored, True, jnp.bfloat16, sharding).block_until_ready()  # compiled before the timed wait
+    got = _waits_for_launch(lambda: to_model(stored, True, jnp.bfloat16, sharding))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(stored).T)
+
+
+def test_a_launch_that_launches_does_not_wait_for_itself() -> None:
+    """Re-entrant: a launched function whose tracing launches (a jitted cast inside) runs in one thread."""
+    inner = one_at_a_time(jax.jit(lambda x: x * 2))
+    outer = one_at_a_time(lambda x: inner(x) + 1)
+    assert float(outer(jnp.float32(3.0))) == 7.0
+    assert inner.lower(jnp.float32(1.0)).compile() is not None  # the jitted function's own attributes pass through
