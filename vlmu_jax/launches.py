@@ -21,7 +21,7 @@ from typing import Any
 _LOCK = threading.RLock()  # re-entrant: a launch may trace a function that launches
 
 
-class OneAtATime:
+class _OneAtATime:
     """A jitted function whose calls hold the process's launch lock; its other attributes (`lower`, `trace`, ...)
     are the function's own."""
 
@@ -36,7 +36,6 @@ class OneAtATime:
         return getattr(self._fn, name)
 
 
-def one_at_a_time(fn: Callable[..., Any]) -> OneAtATime:
+def one_at_a_time(fn: Callable[..., Any]) -> _OneAtATime:
     """`fn` (a jitted function) launched while no other thread launches through this module."""
-    return OneAtATime(fn)
-
+    return _OneAtATime(fn)
