@@ -14,7 +14,8 @@ first step at each bucket length compiles, and its time beyond the run's fastest
 from timing every jitted scoring / generation call's device work (`CallTimer`: the calls are not waited for, the
 eval loop dispatches the next batch first; each image's features too), where a shape's first call beyond its
 median is compile, plus the wall time of `batched.compile_ahead` (which compiles every program of a split side
-by side, returning once scoring's are compiled) and of the waits for generation's programs.
+by side, returning once scoring's are compiled) and of the waits for generation's programs, outside the timed
+calls' own device work.
 Everything else (building and saving models, loading checkpoints, tokenising, metrics) is the rest of the wall;
 of it, the eval row names the waits for each model's load and the attaching and detaching of its layer copies.
 Run from the repo root: `PYTHONPATH=. python bench/bench_pipeline.py --workdir DIR [--small]`.
@@ -100,7 +101,8 @@ class CallTimer:
     made, or when the call before it ended if that is later, to when its outputs are ready. Calls that only
     compile (`batched.compile_ahead`'s threads) pass through untimed: `timed_compile_ahead` times that call."""
 
-    ahead: list[tuple[float, float]] = []  # (start, end) of every compile_ahead call
+    ahead: list[tuple[float, float]] = []  # (start, end) of every compile_ahead call and wait for its programs
+    busy: list[tuple[float, float]] = []  # (start, end) of every timed call's device work
     _made: queue.Queue = queue.Queue()  # (timer, key, start, outputs, tokens) of every timed call, in order
     _last_end = 0.0
 
@@ -127,6 +129,7 @@ class CallTimer:
             jax.block_until_ready(out)
             end = time.perf_counter()
             timer.calls[key].append(end - max(t0, cls._last_end))
+            cls.busy.append((max(t0, cls._last_end), end))
             timer.tokens += tokens
             cls._last_end = end
             cls._made.task_done()
@@ -396,7 +399,9 @@ def main() -> None:
     (sc, sk), (hc, hk), (gc, gk) = score.compute_and_compile(), shared.compute_and_compile(), gen.compute_and_compile()
     fc, fk = features.compute_and_compile()
     sc, sk, scored = sc + hc, sk + hk, score.tokens + shared.tokens
-    ahead = _covered(CallTimer.ahead)
+    # compile-ahead's wall outside the timed calls' device work (the image features it makes, the scoring batches
+    # that run while generation's programs compile): those count once, as the calls' own
+    ahead = _covered(CallTimer.ahead + CallTimer.busy) - _covered(CallTimer.busy)
     report("eval", wall, sc + gc + fc, sk + gk + fk + ahead, scored + gen.tokens, compiled_ahead_s=round(ahead, 2),
            first_call_compile_s=round(sk + gk + fk, 2), features_s=round(fc, 2), score_s=round(sc, 2),
            scored_positions=scored, score_tokens_per_s=round(scored / sc, 1), generate_s=round(gc, 2),
