@@ -300,6 +300,9 @@ def main() -> None:
                              "features or tower states)")
     parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default=None,
                         help="config model.attention (default: the config's, auto: cuDNN on GPU)")
+    parser.add_argument("--load_ahead", choices=("auto", "always", "never"), default=None,
+                        help="config eval.load_ahead (default: the config's; never: no model loads in a thread "
+                             "beside the one evaluated)")
     parser.add_argument("--split_images", action="store_true",
                         help="Idefics2: image splitting on in every stage (five crops per image, 320 image tokens)")
     args = parser.parse_args()
@@ -322,6 +325,8 @@ def main() -> None:
     if args.image_embeddings_mb is not None:
         for stage in ("finetune", "retain_model", "unlearn", "eval"):
             ws.config[stage].image_embeddings_mb = args.image_embeddings_mb
+    if args.load_ahead is not None:
+        ws.config.eval.load_ahead = args.load_ahead
     if args.split_images:
         with ws.config.unlocked():
             ws.config.model.image_processor_overrides.do_image_splitting = True
