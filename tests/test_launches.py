@@ -1,20 +1,26 @@
-"""Programs go onto the devices from one host thread at a time: a launch from another thread waits while one is under
-way (vlmu_jax/launches.py says why), for the eval's programs on a frozen model and for the layout casts that the
-load-ahead and writer threads launch."""
+"""Programs and copies go onto the devices from one host thread at a time: a launch or copy from another thread
+waits while one is under way (vlmu_jax/launches.py says why), for the eval's programs on a frozen model, the
+batches the batch threads copy, and what the load-ahead and writer threads copy and cast."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
+from vlmu_jax.checkpoints.hf_import import TensorIndex, _make_array
+from vlmu_jax.checkpoints.in_memory import HostCopy
 from vlmu_jax.checkpoints.layout import to_model
 from vlmu_jax.eval.frozen import frozen, model_jit
 from vlmu_jax.launches import one_at_a_time
+from vlmu_jax.models.sharding import global_batch
 
 
 def _waits_for_launch(call: Callable[[], jax.Array]) -> jax.Array:
@@ -56,6 +62,27 @@ def test_layout_casts_launch_one_at_a_time() -> None:
     got = _waits_for_launch(lambda: to_model(stored, True, jnp.bfloat16, sharding))
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(stored).T)
+
+
+def test_batch_copies_one_at_a_time() -> None:
+    batch = {"ids": np.arange(12, dtype=np.int32).reshape(3, 4)}
+    got = _waits_for_launch(lambda: global_batch(batch, None)["ids"])
+    np.testing.assert_array_equal(np.asarray(got), batch["ids"])
+
+
+def test_checkpoint_params_copy_one_at_a_time(tmp_path: Path) -> None:
+    """A param read from its safetensors file (read first, then copied under the lock; no cast or transpose here,
+    so the copy is the only thing that can wait), and a held param copied back to the devices."""
+    value = np.arange(12, dtype=np.float32).reshape(3, 4)
+    save_file({"w": value}, str(tmp_path / "model.safetensors"))
+    index = TensorIndex(tmp_path)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    plain = SimpleNamespace(stacked=False, swaps=lambda ndim: False)
+    got = _waits_for_launch(lambda: _make_array(index, ["w"], plain, (3, 4), jnp.float32, sharding))
+    np.testing.assert_array_equal(np.asarray(got), value)
+    held = HostCopy.of(jnp.asarray(value))
+    back = _waits_for_launch(lambda: held.on_devices(sharding))
+    np.testing.assert_array_equal(np.asarray(back), value)
 
 
 def test_a_launch_that_launches_does_not_wait_for_itself() -> None:

@@ -30,8 +30,9 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from vlmu_jax.checkpoints.layout import swapped, to_model
+from vlmu_jax.checkpoints.layout import block_key, swapped, to_model
 from vlmu_jax.errors import InputError
+from vlmu_jax.launches import launching
 from vlmu_jax.models.layers import resolve_attention_impl
 from vlmu_jax.models.registry import abstract_model, architecture, hf_name_map
 from vlmu_jax.models.sharding import placement
@@ -279,6 +280,11 @@ def _make_array(
             return one(names[0], idx)
         return np.stack([one(names[i], idx[1:]) for i in range(len(names))[idx[0]]])
 
-    raw = jax.make_array_from_callback(stored, swapped(sharding, len(shape)) if transpose else sharding, callback)
+    target = swapped(sharding, len(shape)) if transpose else sharding
+    # Each distinct block read from the file first, then copied while no other thread launches or copies
+    # (vlmu_jax/launches.py): the eval loads its next model beside the one it evaluates.
+    blocks = {block_key(idx, stored): callback(idx) for idx in target.addressable_devices_indices_map(stored).values()}
+    with launching():
+        raw = jax.make_array_from_callback(stored, target, lambda idx: blocks[block_key(idx, stored)])
     raw.block_until_ready()  # on the devices: the host copies it was made from can go (load_pretrained's budget)
     return to_model(raw, transpose, dtype, sharding)

@@ -45,21 +45,17 @@ from jax.sharding import Mesh, Sharding
 
 from vlmu_jax.checkpoints.hf_export import merged_params, saved_config
 from vlmu_jax.checkpoints.hf_import import runtime_summary
-from vlmu_jax.checkpoints.layout import swapped, to_model, to_stored
+from vlmu_jax.checkpoints.layout import block_key, swapped, to_model, to_stored
+from vlmu_jax.launches import launching
 from vlmu_jax.models.registry import abstract_model, hf_name_map
 from vlmu_jax.models.sharding import placement
-
-
-def _block_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """A shard's index as (start, stop) per axis: the same block on two devices gets the same key."""
-    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
 
 
 def _distinct_shards(x: jax.Array) -> dict[tuple[tuple[int, int], ...], jax.Array]:
     """The data of each distinct block of `x` this process holds (a block replicated over devices once)."""
     distinct = {}
     for shard in x.addressable_shards:
-        distinct.setdefault(_block_key(shard.index, x.shape), shard.data)
+        distinct.setdefault(block_key(shard.index, x.shape), shard.data)
     return distinct
 
 
@@ -112,14 +108,17 @@ class HostCopy:
         """A new array of this value, placed by `sharding` (built where it was, then moved if that differs).
 
         Built in the devices' pinned_host space first where they have one: at 11B a load took 3.9 / 1.9 s so,
-        5.9 / 2.5 s straight from pageable memory, and the pinned pool did not grow (bench/RESULTS.md, call 61)."""
+        5.9 / 2.5 s straight from pageable memory, and the pinned pool did not grow (bench/RESULTS.md, call 61).
+        Copied while no other thread launches or copies (vlmu_jax/launches.py): the eval loads its next model
+        beside the one it evaluates."""
         staged = _staged(self.sharding, sum(b.nbytes for b in self.blocks.values()))
         source = self.sharding.with_memory_kind("pinned_host") if staged else self.sharding
-        x = jax.make_array_from_callback(self.shape, source,
-                                         lambda index: self.blocks[_block_key(index, self.shape)])
-        # may_alias=False: on the CPU backend `x` may share the held blocks' memory, and the trainer donates the
-        # arrays of the model it trains
-        return jax.device_put(x, sharding.with_memory_kind("device"), may_alias=False)
+        with launching():
+            x = jax.make_array_from_callback(self.shape, source,
+                                             lambda index: self.blocks[block_key(index, self.shape)])
+            # may_alias=False: on the CPU backend `x` may share the held blocks' memory, and the trainer donates
+            # the arrays of the model it trains
+            return jax.device_put(x, sharding.with_memory_kind("device"), may_alias=False)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         """The whole value, from a process that holds every block of it (the background writer's case)."""

@@ -27,6 +27,11 @@ def _relayout(x: jax.Array, transpose: bool, dtype, sharding: Sharding | None) -
 relayout = one_at_a_time(jax.jit(_relayout, static_argnames=("transpose", "dtype", "sharding")))
 
 
+def block_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """A shard's index as (start, stop) per axis: the same block on two devices gets the same key."""
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+
+
 def to_stored(x: jax.Array, transpose: bool, dtype) -> jax.Array:
     """A param of the model as an HF folder stores it (cast to `dtype` if given, last two axes swapped if
     `transpose`), converted on its devices; `x` itself when that changes nothing."""

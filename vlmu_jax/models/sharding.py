@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from vlmu_jax.launches import one_at_a_time
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis (or tuple of axes, or None = replicated). First match wins.
@@ -127,12 +129,16 @@ def _batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(_batch_axes(mesh)))
 
 
-def global_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
-    """This host's rows of a batch (a pytree of arrays) -> global arrays split along 'batch' over the mesh."""
+def _placed(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
     if mesh is None:  # device_put, not jnp.asarray: that compiles a copy program per shape (jax 0.10)
         return jax.tree.map(jax.device_put, batch)
     sharding = _batch_sharding(mesh)
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)
+
+
+# This host's rows of a batch (a pytree of arrays) -> global arrays split along 'batch' over the mesh. Copied from
+# the batch threads beside the main thread's programs: one at a time (vlmu_jax/launches.py).
+global_batch = one_at_a_time(_placed)
 
 
 def abstract_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
