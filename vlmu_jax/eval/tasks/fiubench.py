@@ -138,10 +138,15 @@ def evaluate_model(model: nnx.Module, forget: Sequence[Identity], retain: Sequen
     """The forget and retain splits' logs (per-question losses, truth ratio, generations, ROUGE, EM, MIA) and the
     forget split's APE log, in that order.
 
-    Every shape of the three is compiled ahead at once, and their five passes (the splits' scoring, then their
-    generation and APE's) run as one stream of device calls (`batched.run_passes`): evaluated one after another,
-    the devices sat idle at every pass boundary while the host finished one pass and began the next. Scoring
-    comes first: it starts once its own programs are compiled, while generation's still compile.
+    Every shape of the three is compiled ahead at once, and their five passes run as one stream of device calls
+    (`batched.run_passes`): evaluated one after another, the devices sat idle at every pass boundary while the
+    host finished one pass and began the next. Scoring comes first (forget, retain): it starts once its own
+    programs are compiled, while generation's still compile. Then retain's generation, forget's and APE's (forget
+    images): each pass first shows the images its predecessor showed last, so a features cache that holds less
+    than both splits' images makes each image's features at most twice. In the order forget, retain, forget,
+    retain, forget, such a cache made every image's features once per pass (Llama-3.2-11B-Vision at FIUBench's
+    splits, 52 MB an image against the 4 GB default of eval.image_embeddings_mb: 717 features programs for three
+    models, ~240 a model; in this order ~140 a model by the cache's count, bench/RESULTS.md session 34).
     APE (adversarial privacy extraction) asks every paraphrase of every forget question with the image; its log
     (`eval_forget_ape_log.json`) holds per-variant EM / ROUGE and the question each came from."""
     splits = [_split_passes(model, forget, runner, f"{desc} forget"),
@@ -154,7 +159,8 @@ def evaluate_model(model: nnx.Module, forget: Sequence[Identity], retain: Sequen
     ready = compile_ahead(model, to_score=[s.rows for s in splits],
                           to_generate=[*(s.prompts.rows for s in splits), ape_prompts.rows], **runner.batching(),
                           **runner.generating(), shared_prompts=runner.shared_prompts)
-    run_passes([s.scores for s in splits] + [after(ready, p) for p in (*(s.generated for s in splits), ape)])
+    forget, retain = splits
+    run_passes([forget.scores, retain.scores, *(after(ready, p) for p in (retain.generated, forget.generated, ape))])
     scored = attacks.score_ape(variants, decode_generations(ape.out, runner), references=ape_prompts.references,
                                original=runner.protocol.fiubench_metric_quirks)
     scored["question"] = [v.question for v in variants]
