@@ -315,3 +315,37 @@ def test_config_flag_reaches_the_fiubench_split(root) -> None:
     assert len(got) == len(want) > 50
     # Mink++ divides by the variance, whose float32 rounding the parity test above bounds: 1e-3 relative.
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_fiubench_passes_make_each_image_features_at_most_twice(root) -> None:
+    """With a features cache that holds more than either split's images but fewer than both, FIUBench's five passes
+    (forget and retain scoring, then retain's, forget's and APE's generation) make each image's features at most
+    twice: each pass first shows the images the one before it showed last. (Scoring both splits, then generating
+    forget, retain and APE made each forget image's three times: Llama-3.2-11B-Vision's 52 MB features against the
+    4 GB default, bench/RESULTS.md session 34.)"""
+    import dataclasses
+    from collections import Counter
+
+    from vlmu_jax import stages
+    from vlmu_jax.eval.frozen import frozen
+    from vlmu_jax.eval.tasks.fiubench import evaluate_model
+    from vlmu_jax.image_embeddings import embedded_image_fn
+
+    ws, _, _ = _rows(root / "llava", "llava")
+    ws.config.eval.max_new_tokens = 2
+    runner = stages._runner(ws)
+    model = ws.load("base")
+    forget, retain = ws.bench.identities[:2], ws.bench.identities[2:4]
+    made: Counter = Counter()
+
+    def pixels(ref):
+        made[ref] += 1
+        return ws.eval_image_fn(ref)
+
+    with frozen(model, compile_ahead=False):
+        one = sum(a.nbytes for a in embedded_image_fn(model, ws.eval_image_fn, 10**9, None)(forget[0].image).values())
+        embedded = embedded_image_fn(model, pixels, 3 * one + one // 2, None)  # three images' features
+        evaluate_model(model, forget, retain, dataclasses.replace(runner, image_fn=embedded))
+    made.pop(None, None)  # the text-only blank (a batch slot's size)
+    counts = {ref.path.rsplit("/", 1)[-1]: n for ref, n in made.items()}
+    assert set(made) == {ident.image for ident in [*forget, *retain]} and max(counts.values()) == 2, counts
