@@ -10,8 +10,8 @@ writes the new buffer. Idefics2-8b's eval with image splitting stopped so in its
 (bench/RESULTS.md, session 33) while other threads copied and launched: each image's pixels and features in the
 eval's batch threads, and the next model, loaded ahead (its params copied and cast). Those launches and copies,
 and the launches of the programs that may warm up a cuDNN graph (the model's forward and backward in every
-stage), take one lock. A launch or copy returns once it is queued, before it runs, so the lock is held briefly,
-except where a call compiles first.
+stage), take one lock; with it that eval runs on cuDNN (session 34, calls 124 and 126). A launch or copy
+returns once it is queued, before it runs, so the lock is held briefly, except where a call compiles first.
 """
 
 from __future__ import annotations
