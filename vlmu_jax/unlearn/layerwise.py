@@ -208,7 +208,9 @@ class FrozenLayers:
             self._dropped[path] = (variables[path], value.sharding)
             variables[path].set_value(stand_in(value))
             del value
-        self._joined = [(path, module, self._join(path, module)) for path, module in joinings]
+        for path, module in joinings:
+            self._join(path, module)
+        self._joined = joinings
         flat, stack_of = frozen_flat()  # with the joined kernels' paths
         self.layers: list[list[jax.Array]] = [[] for _ in range(self.n)]
         self.treedefs: list[Any] = [None] * self.n
@@ -218,10 +220,10 @@ class FrozenLayers:
                 self.layers[i], self.treedefs[i] = jax.tree.flatten(nnx.from_flat_state([
                     (p[len(stack.prefix):], jax.tree.map(lambda _, p=p, j=j: self._slices[p][j], v)) for p, v in own]))
 
-    def _join(self, path: Path, module: LlamaAttention | GatedMLP) -> Path:
+    def _join(self, path: Path, module: LlamaAttention | GatedMLP) -> None:
         """Each layer's slices of `module`'s joining projections' kernels as one joined kernel, under the joined
-        attribute's path (returned), the projections' own slices then zero-size stand-ins; the stacked module's
-        joined attribute a stand-in."""
+        attribute's path, the projections' own slices then zero-size stand-ins; the stacked module's joined
+        attribute a stand-in."""
         joining = module.joining()
         parts = [(*path, name, "kernel") for name in joining.names]
         joined = []
@@ -231,7 +233,6 @@ class FrozenLayers:
                 self._slices[p][j] = stand_in(self._slices[p][j])
         setattr(module, joining.attr, nnx.Param(stand_in(joined[0])))
         self._slices[(*path, joining.attr)] = joined
-        return (*path, joining.attr)
 
     def restore(self) -> None:
         """The stacked arrays rebuilt in the model from the per-layer states (bit for bit), one param at a time,
@@ -242,9 +243,9 @@ class FrozenLayers:
         # per-layer Variables, so their arrays, alive until the collector runs: measured on this CPU, a decoder's
         # slices outlived restore(); on an H200 the pipeline's training stages peaked 12.3 / 24.5 GiB higher
         gc.collect()
-        for path, module, joined_path in self._joined:  # each layer's joined kernel back into its projections' slices
+        for path, module in self._joined:  # each layer's joined kernel back into its projections' slices
             joining = module.joining()
-            joined = self._slices.pop(joined_path)
+            joined = self._slices.pop((*path, joining.attr))
             for j in range(len(joined)):
                 for name, part in zip(joining.names, joining.split(joined[j]), strict=True):
                     self._slices[(*path, name, "kernel")][j] = part

@@ -159,8 +159,9 @@ def evaluate_model(model: nnx.Module, forget: Sequence[Identity], retain: Sequen
     ready = compile_ahead(model, to_score=[s.rows for s in splits],
                           to_generate=[*(s.prompts.rows for s in splits), ape_prompts.rows], **runner.batching(),
                           **runner.generating(), shared_prompts=runner.shared_prompts)
-    forget, retain = splits
-    run_passes([forget.scores, retain.scores, *(after(ready, p) for p in (retain.generated, forget.generated, ape))])
+    forget_passes, retain_passes = splits
+    run_passes([forget_passes.scores, retain_passes.scores,
+                *(after(ready, p) for p in (retain_passes.generated, forget_passes.generated, ape))])
     scored = attacks.score_ape(variants, decode_generations(ape.out, runner), references=ape_prompts.references,
                                original=runner.protocol.fiubench_metric_quirks)
     scored["question"] = [v.question for v in variants]
