@@ -278,3 +278,36 @@ def test_update_program_reuses_the_collect_programs_vjp(tmp_path, monkeypatch) -
     monkeypatch.setattr(layerwise.LayerwiseStep, "_traced", traced_fn)
     run(tmp_path, "ga", "always", steps=1, lengths=(5, 10, 6, 8))
     assert traced_in_update and not any(traced_in_update)  # collect and replay traced the model, update did not
+
+
+def test_lora_only_step_leaves_out_the_first_layers_input_gradient(tmp_path, monkeypatch) -> None:
+    """With only LoRA training (nothing before the decoder: PEFT's LoRA-only step), the first layer's backward
+    returns its weights' gradients alone, so XLA drops the gemms that only feed its input's cotangent. The step
+    still trains what the scanned step does, and with the projector training (the other tests) the full backward
+    runs for every layer."""
+    calls: list[tuple] = []
+    init = layerwise.LayerProgram.__init__
+
+    def counted_init(self, *args, **kw):
+        init(self, *args, **kw)
+        weights_backward = self.weights_backward
+
+        def counted(*a):
+            calls.append((self, a))
+            return weights_backward(*a)
+
+        counted.lower = weights_backward.lower
+        self.weights_backward = counted
+
+    monkeypatch.setattr(layerwise.LayerProgram, "__init__", counted_init)
+
+    def lora_only():
+        model, _ = tiny_lora_llava()
+        return model, lora.trainable_filter(lora=True)
+
+    sources = {"forget": Rows(1), "retain": Rows(5)}
+    assert_forms_agree(lambda mode: train_run(lora_only, sources, tmp_path, "ga", mode), lora_only)
+    assert len(calls) == 3  # the first layer of each of the 3 steps' one policy call
+    program, args = calls[0]
+    dots = lambda fn: fn.lower(*args).compile().as_text().count(" dot(")  # noqa: E731
+    assert dots(program.weights_backward) < dots(program.backward)
