@@ -348,9 +348,10 @@ class LayerProgram:
 
     def _weights_backward(self, params, rest, h, diff, fixed, rng, residuals, dy):
         """The backward's trainable-param gradients alone, for a decoder's first layer where nothing before the
-        decoder trains: XLA then leaves out the input's cotangent (the dx gemms of the layer's first projections
-        and norm, ~1.2 ms of a LLaVA-7B step per policy call). PyTorch skips it the same way: nothing before the
-        first layer requires a gradient."""
+        decoder trains: XLA then leaves out the input's cotangent (the dx gemms of the layer's q/k/v and gate/up
+        projections and the norms' backward: ~1.2 ms of a LLaVA-7B step per policy call by call 128's trace, not
+        timed apart, bench/NOTES.md session 35). PyTorch skips it the same way: nothing before the first layer
+        requires a gradient."""
         return self._backward(params, rest, h, diff, fixed, rng, residuals, dy)[0]
 
 
