@@ -349,3 +349,45 @@ def test_fiubench_passes_make_each_image_features_at_most_twice(root) -> None:
     made.pop(None, None)  # the text-only blank (a batch slot's size)
     counts = {ref.path.rsplit("/", 1)[-1]: n for ref, n in made.items()}
     assert set(made) == {ident.image for ident in [*forget, *retain]} and max(counts.values()) == 2, counts
+
+
+def test_compile_ahead_compiles_the_features_program_without_running_it(root, monkeypatch) -> None:
+    """Where each image's features are the batches' images (image_embeddings.embedded_image_fn), compile-ahead's
+    sample batches compile the features program beside the scoring and generation programs, with zeros of its
+    outputs' shapes standing for its values: inside compile_ahead no features program runs and none is kept, and
+    the first features made after it compile nothing. The scores after it are the model's own (no zeros leaked
+    into the features cache)."""
+    import threading
+
+    from jax import monitoring
+
+    from vlmu_jax import image_embeddings
+    from vlmu_jax.eval.batched import compile_ahead
+    from vlmu_jax.eval.frozen import compiling, frozen
+
+    ws, rows, _ = _rows(root / "llava", "llava")
+    model = ws.load("base")
+    common = dict(batch_size=5, pad_token_id=ws.tokenizer.pad_token_id)  # a batch size of this test alone
+    want = score_rows(model, rows, image_fn=ws.eval_image_fn, **common)
+    runs, compiles = [], []  # (compile-only?) per features call; the compiling threads' names
+    features = image_embeddings._image_inputs
+
+    def counted(*args, **kwargs):
+        runs.append(compiling())
+        return features(*args, **kwargs)
+
+    monkeypatch.setattr(image_embeddings, "_image_inputs", counted)
+    monitoring.register_event_duration_secs_listener(
+        lambda name, _, **kw: compiles.append(threading.current_thread().name) if "backend_compile" in name else None)
+    with frozen(model, compile_ahead=True):
+        embedded = image_embeddings.embedded_image_fn(model, ws.eval_image_fn, 10**9, None)
+        compile_ahead(model, to_score=[rows], to_generate=[prompt_groups(rows).prompts], image_fn=embedded,
+                      eos_token_id=ws.tokenizer.eos_token_id, max_new_tokens=2, **common)()
+        in_ahead, ahead_compiles = list(runs), len(compiles)
+        got = score_rows(model, rows, image_fn=embedded, **common)
+    assert in_ahead and all(in_ahead)  # the sample batches asked for features, compile-only each time
+    made = runs[len(in_ahead):]
+    assert made and not any(made)  # after it each image's features ran, none kept from compile-ahead
+    assert ahead_compiles >= 2 and compiles[ahead_compiles:] == []  # the passes compiled nothing, features included
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.logps, w.logps, rtol=0, atol=2e-5)

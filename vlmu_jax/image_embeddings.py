@@ -40,9 +40,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from vlmu_jax.data.image_cache import ImageCache
-from vlmu_jax.eval.frozen import is_frozen, model_jit
+from vlmu_jax.eval.frozen import compiling, is_frozen, model_jit
 from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS, VISION_STATES
-from vlmu_jax.models.sharding import batch_shards, global_batch
+from vlmu_jax.models.sharding import abstract_batch, batch_shards, global_batch
 
 # Where a batch's images may start inside the model, latest first, and the top-level modules whose params read them
 # (none of which may train while batches carry them): the decoder's image inputs, or the tower's states.
@@ -66,16 +66,22 @@ def _image_inputs(model: nnx.Module, images: dict[str, jax.Array], *, key: str) 
 def _made(model: nnx.Module, inputs: list[dict[str, np.ndarray]], n: int, mesh: Mesh | None,
           key: str = IMAGE_EMBEDDINGS) -> list[dict[str, np.ndarray]]:
     """Each image's inputs once `key` is made of them (it, and what the model reads beside it), the images run as
-    one program of `n` rows (a multiple of the mesh's batch shards; the last image fills the rest)."""
+    one program of `n` rows (a multiple of the mesh's batch shards; the last image fills the rest). Inside
+    `compile_only` (compile-ahead's sample batches) the program compiles beside the others and zeros of its
+    outputs' shapes stand for the values: nothing runs on the devices."""
     padded = inputs + [inputs[-1]] * (n - len(inputs))
-    batch = global_batch({k: np.stack([x[k] for x in padded]) for k in inputs[0]}, mesh)
-    made = np.asarray(_image_inputs(model, batch, key=key))
+    batch = {k: np.stack([x[k] for x in padded]) for k in inputs[0]}
+    if compiling():
+        shape = _image_inputs(model, abstract_batch(batch, mesh), key=key)
+        made = np.zeros(shape.shape, shape.dtype)
+    else:
+        made = np.asarray(_image_inputs(model, global_batch(batch, mesh), key=key))
     kept = getattr(model, _MADE_BY[key][1])
     return [{key: f, **{k: x[k] for k in kept}} for f, x in zip(made, inputs, strict=False)]
 
 
 def embedded_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.ndarray]], max_bytes: int,
-                      mesh: Mesh | None) -> ImageCache | None:
+                      mesh: Mesh | None) -> Callable[[Any], dict[str, np.ndarray]] | None:
     """An `image_fn` for `model`'s evaluation batches. Each image reference (None: a text-only row's blank) maps
     to `{IMAGE_EMBEDDINGS: [tokens, D]}`, plus the inputs the model still reads beside them
     (`KEPT_WITH_EMBEDDINGS`). The values are made once from `image_fn`'s inputs and kept within `max_bytes` of
@@ -87,7 +93,13 @@ def embedded_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.
     if not is_frozen(model):
         raise ValueError("image embeddings are made in batch threads: evaluate the model inside eval.frozen.frozen")
     shards = batch_shards(mesh)  # one image per batch shard: the program's batch must split over the mesh
-    return ImageCache(lambda ref: _made(model, [image_fn(ref)], shards, mesh)[0], max_bytes)
+
+    def make(ref: Any) -> dict[str, np.ndarray]:
+        return _made(model, [image_fn(ref)], shards, mesh)[0]
+
+    cache = ImageCache(make, max_bytes)
+    # compile-ahead's stand-ins (`_made` inside compile_only) are not the image's features: never kept
+    return lambda ref: make(ref) if compiling() else cache(ref)
 
 
 def training_cut(model: nnx.Module, trainable: nnx.filterlib.Filter) -> str | None:

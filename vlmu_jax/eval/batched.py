@@ -422,10 +422,14 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
 
     pool = ThreadPoolExecutor(min(max(len(jobs), 1), _COMPILE_THREADS), thread_name_prefix="compile")
     futures = {}
-    for program, (inputs, run) in jobs.items():  # scoring's submitted first
-        # Each batch is made here, outside compile_only: `image_fn` may run a program (the image features), and
-        # the compile threads launch no device work beside the scoring passes that start before they end.
-        futures[program] = pool.submit(compile_one, run, abstract_batch(inputs(), mesh))
+    # Each sample batch is made here, inside compile_only: where `image_fn` gives each image's features (a
+    # program: image_embeddings.py), that program compiles beside the others and zeros of its outputs' shapes
+    # stand for them, so nothing runs on the devices (Llama-3.2-11B-Vision's features program compiled for 4.7 s
+    # in its first call, outside these threads, bench/RESULTS.md session 35) and the compile threads launch
+    # nothing beside the scoring passes that start before they end. The block ends once that compile has.
+    with compile_only():
+        for program, (inputs, run) in jobs.items():  # scoring's submitted first
+            futures[program] = pool.submit(compile_one, run, abstract_batch(inputs(), mesh))
     pool.shutdown(wait=False)
     for program, future in futures.items():
         if program[0] != "generate":
