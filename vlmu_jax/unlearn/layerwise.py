@@ -502,13 +502,18 @@ class LayerwiseStep:
         policy = [k for k, c in enumerate(self._calls[self._sig]) if c.role == POLICY]
         return value, aux, new_rng, g_outer, [d_out[k] for k in policy]
 
+    def _before_trains(self) -> bool:
+        """Whether something before the decoder trains for this step's batch shapes: the collect program (traced
+        first) then recorded its vjp. Else nothing needs the first layer's input gradient (`_weights_backward`)."""
+        return self._sig in self._prefix_meta
+
     def _prefix_grads(self, params, rng, rest, ref_other, ref_rest, batches, residuals, kvs, dh0s,
                       dkvs) -> nnx.State | None:
         """The gradients of what runs before the decoder (embeddings, projector, vision tower; and a cross layer's
         k/v projections, which make its K/V there): the collect program's vjp applied to the cotangents of the
         policy's decoder inputs (`kvs`: their K/V, for the zeros of a cross layer a call did not run). None where
         nothing before the decoder trains."""
-        if self._sig not in self._prefix_meta or not dh0s:
+        if not (self._before_trains() and dh0s):
             return None
         vjp = join_residuals(self._prefix_meta[self._sig], residuals,
                              jax.tree.leaves((params, rng, rest, ref_other, ref_rest, batches)))
@@ -575,7 +580,7 @@ class LayerwiseStep:
             self.reference = self._reference_slices(params, ref_other)
         outputs, layer_grads, dh0s, dkvs = [], [], [], []
         inputs, prefix_residuals = collect.out_info
-        need_dh0 = self._sig in self._prefix_meta
+        need_dh0 = self._before_trains()
         residuals: dict[tuple, Any] = {}  # a layer program's signature -> its forward's residuals (shapes)
         for call, inp in zip(calls, inputs, strict=True):
             grads, dkv = [None] * self.n, self._no_dkv(inp)
@@ -644,7 +649,7 @@ class LayerwiseStep:
                                                             batches, outputs)
         del outputs
         layer_grads, dh0s, dkvs = [], [], []
-        need_dh0 = self._sig in self._prefix_meta  # else nothing before the decoder trains: no dh past layer 0
+        need_dh0 = self._before_trains()
         for (inp, runs, residuals), dh in zip(saved, d_out, strict=True):
             grads: list = [None] * self.n
             dkv = self._no_dkv(inp)
