@@ -1,6 +1,7 @@
 """Programs and copies go onto the devices from one host thread at a time: a launch or copy from another thread
 waits while one is under way (vlmu_jax/launches.py says why), for the eval's programs on a frozen model, the
-batches the batch threads copy, and what the load-ahead and writer threads copy and cast."""
+batches the batch threads copy, and what the load-ahead and writer threads copy and cast; a load compiles its casts
+without the lock."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from vlmu_jax.checkpoints.hf_import import TensorIndex, _make_array
-from vlmu_jax.checkpoints.in_memory import HostCopy
+from tests.tiny_models import save_tiny
+from vlmu_jax.checkpoints.hf_export import export_hf
+from vlmu_jax.checkpoints.hf_import import TensorIndex, _make_array, load_pretrained
+from vlmu_jax.checkpoints.in_memory import HostCopy, ModelCache
 from vlmu_jax.checkpoints.layout import to_model
 from vlmu_jax.eval.frozen import frozen, model_jit
-from vlmu_jax.launches import one_at_a_time
+from vlmu_jax.launches import launching, one_at_a_time
 from vlmu_jax.models.sharding import global_batch
 
 
@@ -91,3 +94,39 @@ def test_a_launch_that_launches_does_not_wait_for_itself() -> None:
     outer = one_at_a_time(lambda x: inner(x) + 1)
     assert float(outer(jnp.float32(3.0))) == 7.0
     assert inner.lower(jnp.float32(1.0)).compile() is not None  # the jitted function's own attributes pass through
+
+
+def test_a_cold_load_compiles_its_casts_without_the_launch_lock(tmp_path: Path) -> None:
+    """Every cast / transpose program of a load from a folder, and of a held model's load, compiles in the load's
+    compile threads, none while the loading thread holds the launch lock (where a cold Llama-3.2-11B-Vision load
+    compiled them one after another: layout.compile_to_model), and the loaded params are the folder's."""
+    folder, _ = save_tiny(tmp_path / "src")
+    compiles: list[tuple[str, bool]] = []  # (thread, whether it held the launch lock)
+
+    def on_event(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append((threading.current_thread().name, launching()._is_owned()))
+
+    model = load_pretrained(folder, dtype=jnp.float32)
+    want = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+    cache = ModelCache(capacity=1)  # what a stage holds after writing its model's folder
+    export_hf(model, tmp_path / "out")
+    cache.put(tmp_path / "out", model, dtype=jnp.float32)
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        for load in (lambda: load_pretrained(folder, dtype=jnp.bfloat16),
+                     lambda: cache.load(tmp_path / "out", jnp.bfloat16)):
+            jax.clear_caches()
+            compiles.clear()
+            model = load()
+            assert compiles, "a cold load compiles its casts"
+            assert {(name.split("_")[0], held) for name, held in compiles} == {("load-compile", False)}, compiles
+            got = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+            assert got.keys() == want.keys()
+            for p, v in got.items():
+                assert v.dtype == jnp.bfloat16, p
+                np.testing.assert_array_equal(np.asarray(v, np.float32),
+                                              np.asarray(want[p].astype(jnp.bfloat16), np.float32), err_msg=str(p))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+

@@ -17,7 +17,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from vlmu_jax.checkpoints.layout import block_key, swapped, to_model
+from vlmu_jax.checkpoints.layout import ToModel, block_key, compile_to_model, swapped, to_model
 from vlmu_jax.errors import InputError
 from vlmu_jax.launches import launching
 from vlmu_jax.models.layers import resolve_attention_impl
@@ -236,13 +236,17 @@ def load_pretrained(
     graphdef, state, index, plan = _checked_plan(folder, dtype, options)
     budget = _ByteBudget(_LOAD_HOST_BYTES)
 
-    def make(entry) -> jax.Array:
+    programs = [_to_model_program(index, entry, dtype, mesh) for entry in plan]
+
+    def make(entry, program: ToModel) -> jax.Array:
         var, hp, names, shape = entry
         with budget.hold(sum(index.nbytes(name) for name in names)):
-            return _make_array(index, names, hp, shape, dtype, placement(var, mesh))
+            return _make_array(index, names, hp, shape, dtype, program.sharding, compiled.get(program))
 
-    with ThreadPoolExecutor(_LOAD_THREADS, thread_name_prefix="load") as pool:
-        for (var, *_), value in zip(plan, pool.map(make, plan), strict=True):
+    with ThreadPoolExecutor(_LOAD_THREADS, thread_name_prefix="load-compile") as compiling, \
+            ThreadPoolExecutor(_LOAD_THREADS, thread_name_prefix="load") as pool:
+        compiled = compile_to_model(programs, compiling)
+        for (var, *_), value in zip(plan, pool.map(make, plan, programs), strict=True):
             var.set_value(value)
     model = nnx.merge(graphdef, state)
     logging.info("%s", runtime_summary(model, folder, dtype))
@@ -258,6 +262,15 @@ def runtime_summary(model: nnx.Module, source: str | Path, dtype) -> str:
             f"scan_layers {c.scan_layers}")
 
 
+def _to_model_program(index: TensorIndex, entry, dtype, mesh: Mesh | None) -> ToModel:
+    """The `to_model` program of one entry of `_checked_plan`'s plan."""
+    var, hp, names, shape = entry
+    transpose = hp.swaps(len(shape))
+    stored = shape[:-2] + shape[-2:][::-1] if transpose else shape
+    stored_dtype = np.result_type(*(SAFETENSORS_DTYPES[index.entries[name][1]["dtype"]] for name in names))
+    return ToModel(stored, jnp.dtype(stored_dtype), transpose, jnp.dtype(dtype), placement(var, mesh))
+
+
 def _make_array(
     index: TensorIndex,
     names: list[str],
@@ -265,6 +278,7 @@ def _make_array(
     shape: tuple[int, ...],
     dtype,
     sharding: NamedSharding | SingleDeviceSharding,
+    compiled: Future | None = None,
 ) -> jax.Array:
     """Assemble only the requested shard of a (possibly layer-stacked) param from its HF tensors: read as stored
     (HF layout and dtype, contiguous slices of the memory map), then cast and transposed on the devices
@@ -287,4 +301,6 @@ def _make_array(
     with launching():
         raw = jax.make_array_from_callback(stored, target, lambda idx: blocks[block_key(idx, stored)])
     raw.block_until_ready()  # on the devices: the host copies it was made from can go (load_pretrained's budget)
+    if compiled is not None:  # its program, compiled outside the launch lock (layout.compile_to_model)
+        compiled.result()
     return to_model(raw, transpose, dtype, sharding)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -45,7 +46,7 @@ from jax.sharding import Mesh, Sharding
 
 from vlmu_jax.checkpoints.hf_export import merged_params, saved_config
 from vlmu_jax.checkpoints.hf_import import runtime_summary
-from vlmu_jax.checkpoints.layout import block_key, swapped, to_model, to_stored
+from vlmu_jax.checkpoints.layout import ToModel, block_key, compile_to_model, swapped, to_model, to_stored
 from vlmu_jax.launches import launching
 from vlmu_jax.models.registry import abstract_model, hf_name_map
 from vlmu_jax.models.sharding import placement
@@ -230,11 +231,17 @@ class ModelCache:
         paths = hf_name_map(abstract)
         graphdef, state = nnx.split(abstract)
         flat = dict(nnx.to_flat_state(state))
-        for path, hp in paths.items():
-            var, stored = flat[path], held.params[path]
-            sharding, transpose = placement(var, mesh), hp.swaps(stored.ndim)
-            on_device = stored.on_devices(swapped(sharding, stored.ndim) if transpose else sharding)
-            var.set_value(to_model(on_device, transpose, dtype, sharding))
+        programs = {path: ToModel(tuple(held.params[path].shape), jnp.dtype(held.params[path].dtype),
+                                  hp.swaps(held.params[path].ndim), jnp.dtype(dtype), placement(flat[path], mesh))
+                    for path, hp in paths.items()}
+        with ThreadPoolExecutor(_HostCopier._THREADS, thread_name_prefix="load-compile") as pool:
+            compiled = compile_to_model(programs.values(), pool)
+            for path, p in programs.items():
+                on_device = held.params[path].on_devices(swapped(p.sharding, len(p.shape)) if p.transpose
+                                                         else p.sharding)
+                if p in compiled:
+                    compiled[p].result()
+                flat[path].set_value(to_model(on_device, p.transpose, dtype, p.sharding))
         model = nnx.merge(graphdef, state)
         logging.info("%s, from memory", runtime_summary(model, folder, dtype))
         return model
