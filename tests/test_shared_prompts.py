@@ -354,9 +354,9 @@ def test_fiubench_passes_make_each_image_features_at_most_twice(root) -> None:
 def test_compile_ahead_compiles_the_features_program_without_running_it(root, monkeypatch) -> None:
     """Where each image's features are the batches' images (image_embeddings.embedded_image_fn), compile-ahead's
     sample batches compile the features program beside the scoring and generation programs, with zeros of its
-    outputs' shapes standing for its values: inside compile_ahead no features program runs and none is kept, and
-    the first features made after it compile nothing. The scores after it are the model's own (no zeros leaked
-    into the features cache)."""
+    outputs' shapes standing for its values, which are never kept: each image's features run once (while the
+    scoring program compiles, or in the pass), and the features made after compile-ahead compile nothing. The
+    scores after it are the model's own (no zeros leaked into the features cache)."""
     import threading
 
     from jax import monitoring
@@ -385,9 +385,53 @@ def test_compile_ahead_compiles_the_features_program_without_running_it(root, mo
                       eos_token_id=ws.tokenizer.eos_token_id, max_new_tokens=2, **common)()
         in_ahead, ahead_compiles = list(runs), len(compiles)
         got = score_rows(model, rows, image_fn=embedded, **common)
-    assert in_ahead and all(in_ahead)  # the sample batches asked for features, compile-only each time
-    made = runs[len(in_ahead):]
-    assert made and not any(made)  # after it each image's features ran, none kept from compile-ahead
+    assert in_ahead[0]  # the sample batches asked for features compile-only, before any ran
+    images = {ref for row in rows for ref in row.images}
+    assert runs.count(False) == len(images)  # each image's features ran once, none kept from the compile-only calls
     assert ahead_compiles >= 2 and compiles[ahead_compiles:] == []  # the passes compiled nothing, features included
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.logps, w.logps, rtol=0, atol=2e-5)
+
+
+def test_the_first_pass_images_features_are_made_while_its_program_compiles(root, monkeypatch) -> None:
+    """While compile-ahead waits for the scoring programs, the devices make the first scoring pass's images'
+    features (kept in the features cache), so that pass makes none. Here the scoring program's compile is held until
+    they are all made, so it is seen whatever the CPU's speed; the scores are the model's own."""
+    import threading
+
+    from vlmu_jax import image_embeddings
+    from vlmu_jax.eval import batched
+    from vlmu_jax.eval.frozen import compiling, frozen
+
+    ws, rows, _ = _rows(root / "llava", "llava")
+    model = ws.load("base")
+    common = dict(batch_size=5, pad_token_id=ws.tokenizer.pad_token_id)
+    want = score_rows(model, rows, image_fn=ws.eval_image_fn, **common)
+    images = {ref for row in rows for ref in row.images}
+    made, all_made = [], threading.Event()  # images whose features ran (not compile-only)
+    features, score = image_embeddings._image_inputs, batched._score_batch
+
+    def counted(*args, **kwargs):
+        if not compiling():
+            made.append(threading.current_thread().name)
+            if len(made) == len(images):
+                all_made.set()
+        return features(*args, **kwargs)
+
+    def held(*args, **kwargs):  # the scoring program's compile-only call, in compile-ahead's threads
+        assert all_made.wait(timeout=60), f"{len(made)} of {len(images)} features made while scoring compiled"
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(image_embeddings, "_image_inputs", counted)
+    monkeypatch.setattr(batched, "_score_batch", held)
+    with frozen(model, compile_ahead=True):
+        embedded = image_embeddings.embedded_image_fn(model, ws.eval_image_fn, 10**9, None)
+        batched.compile_ahead(model, to_score=[rows], image_fn=embedded, eos_token_id=ws.tokenizer.eos_token_id,
+                              max_new_tokens=2, **common)()
+        in_ahead = list(made)
+        monkeypatch.setattr(batched, "_score_batch", score)
+        got = score_rows(model, rows, image_fn=embedded, **common)
+    assert len(in_ahead) == len(images) and set(in_ahead) == {threading.main_thread().name}
+    assert made == in_ahead  # the pass made no features: each came from the cache
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g.logps, w.logps, rtol=0, atol=2e-5)
