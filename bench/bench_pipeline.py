@@ -408,6 +408,7 @@ def main() -> None:
     # that run while generation's programs compile): those count once, as the calls' own
     ahead = _covered(CallTimer.ahead + CallTimer.busy) - _covered(CallTimer.busy)
     report("eval", wall, sc + gc + fc, sk + gk + fk + ahead, scored + gen.tokens, compiled_ahead_s=round(ahead, 2),
+           ahead_waits_s=[round(b - a, 2) for a, b in CallTimer.ahead],
            first_call_compile_s=round(sk + gk + fk, 2), features_s=round(fc, 2), score_s=round(sc, 2),
            scored_positions=scored, score_tokens_per_s=round(scored / sc, 1), generate_s=round(gc, 2),
            new_tokens_per_s=round(gen.tokens / gc, 1), shared_prompts=not args.whole_rows,
