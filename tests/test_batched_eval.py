@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 
 import jax
@@ -297,3 +298,28 @@ def test_image_cap_batches_rows_of_many_images_apart(workspace: Workspace) -> No
     common = dict(batch_size=8, pad_token_id=ws.tokenizer.pad_token_id, image_fn=ws.image_fn)
     for a, b in zip(score_rows(model, rows, **common, cap=cap), score_rows(model, rows, **common), strict=True):
         np.testing.assert_allclose(a.logps, b.logps, rtol=0, atol=1e-5)
+
+
+
+def test_eval_stage_tokenises_fiubench_rows_once_for_every_model(workspace: Workspace, monkeypatch) -> None:
+    """The eval stage makes FIUBench's rows and prompts (`fiubench.prepare`) once, in a thread of its own, and
+    evaluates every model on them: two models here, each with its full logs."""
+    from vlmu_jax import stages
+    from vlmu_jax.eval.tasks import fiubench
+
+    config = workspace.config.copy_and_resolve_references()  # the module's workspace keeps its own config
+    base = workspace.base_model
+    config.eval.models, config.eval.reference_model = f"a={base},b={base}", ""
+    ws = Workspace(config, workspace.workdir)
+    made, prepare = [], fiubench.prepare
+
+    def counted(*args, **kwargs):
+        made.append(threading.current_thread().name)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(fiubench, "prepare", counted)
+    stages.eval(ws)
+    assert len(made) == 1 and made[0].startswith("eval-inputs"), made
+    for name in ("a", "b"):
+        logs = json.loads((ws.workdir / "eval_results" / name / "eval_log_aggregated.json").read_text())
+        assert len(logs["eval_forget_log.json"]["avg_gt_loss"]) > 0, name

@@ -291,7 +291,7 @@ def test_config_flag_reaches_the_fiubench_split(root) -> None:
     import dataclasses
 
     from vlmu_jax import stages
-    from vlmu_jax.eval.tasks.fiubench import evaluate_model
+    from vlmu_jax.eval.tasks.fiubench import evaluate_model, prepare
 
     ws, _, _ = _rows(root / "llava", "llava")
     ws.config.eval.max_new_tokens = 2
@@ -299,8 +299,9 @@ def test_config_flag_reaches_the_fiubench_split(root) -> None:
     assert ws.config.eval.shared_prompts and runner.shared_prompts
     model = ws.load("base")
     forget, retain = ws.bench.identities[:2], ws.bench.identities[2:3]
-    shared = evaluate_model(model, forget, retain, runner)
-    whole = evaluate_model(model, forget, retain, dataclasses.replace(runner, shared_prompts=False))
+    inputs = prepare(forget, retain, runner)
+    shared = evaluate_model(model, inputs, runner)
+    whole = evaluate_model(model, inputs, dataclasses.replace(runner, shared_prompts=False))
     assert shared[2] == whole[2] and len(shared[2]["question"]) > 0
 
     def numbers(x) -> list[float]:
@@ -328,7 +329,7 @@ def test_fiubench_passes_make_each_image_features_at_most_twice(root) -> None:
 
     from vlmu_jax import stages
     from vlmu_jax.eval.frozen import frozen
-    from vlmu_jax.eval.tasks.fiubench import evaluate_model
+    from vlmu_jax.eval.tasks.fiubench import evaluate_model, prepare
     from vlmu_jax.image_embeddings import embedded_image_fn
 
     ws, _, _ = _rows(root / "llava", "llava")
@@ -345,7 +346,7 @@ def test_fiubench_passes_make_each_image_features_at_most_twice(root) -> None:
     with frozen(model, compile_ahead=False):
         one = sum(a.nbytes for a in embedded_image_fn(model, ws.eval_image_fn, 10**9, None)(forget[0].image).values())
         embedded = embedded_image_fn(model, pixels, 3 * one + one // 2, None)  # three images' features
-        evaluate_model(model, forget, retain, dataclasses.replace(runner, image_fn=embedded))
+        evaluate_model(model, prepare(forget, retain, runner), dataclasses.replace(runner, image_fn=embedded))
     made.pop(None, None)  # the text-only blank (a batch slot's size)
     counts = {ref.path.rsplit("/", 1)[-1]: n for ref, n in made.items()}
     assert set(made) == {ident.image for ident in [*forget, *retain]} and max(counts.values()) == 2, counts

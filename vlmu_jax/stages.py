@@ -476,15 +476,25 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
     """Per-question logs of every trained model: FIUBench forget/retain/APE, or MLLMU-Bench's four sets; the
     judge's scores when one is configured; MME / POPE (``mme.json`` with the eval tool's per-category files in
     ``mme_eval_tool/``, ``pope.json``) when their paths are set."""
-    from vlmu_jax.eval.tasks.mme import write_eval_tool_results
-    from vlmu_jax.report.aggregate import write_json
-
     sources = _evaluable(ws)  # given checkpoints are checked before any model runs
     base_runner = _runner(ws)
     utility = _utility_inputs(ws)  # read and checked before any model runs
-    judge = None
     todo = {name: path for name, path in sources.items()
             if ws.config.force or not _evaluated(ws.workdir / "eval_results" / name, path)}
+    with ThreadPoolExecutor(1, thread_name_prefix="eval-inputs") as pool:
+        # tokenised once for every model, while the first one loads (host work the devices would wait for)
+        fiubench = ws.config.benchmark == "fiubench" and todo
+        inputs = pool.submit(_fiubench_inputs, ws, base_runner) if fiubench else None
+        _evaluate_each(ws, todo, base_runner, utility, inputs)
+
+
+def _evaluate_each(ws: Workspace, todo: dict[str, Path], base_runner, utility: dict, inputs) -> None:
+    """The eval stage's loop: each model in `todo` loaded (the next one ahead where it fits), evaluated, its results
+    written. `inputs`: FIUBench's tokenised rows (a Future of `fiubench.prepare`'s), None for MLLMU-Bench."""
+    from vlmu_jax.eval.tasks.mme import write_eval_tool_results
+    from vlmu_jax.report.aggregate import write_json
+
+    judge = None
     loads = _loaded_ahead(ws, list(todo.values()))
     for name, path in todo.items():
         out = ws.workdir / "eval_results" / name
@@ -499,7 +509,7 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
                 say(f"eval {name}: decoder weights copied per layer for evaluation, in place of the stack (no "
                     "per-layer copy per forward)")
             runner = _embedding_runner(ws, model, name, base_runner)
-            logs = _fiubench_logs(ws, model, runner, name, judge) if ws.config.benchmark == "fiubench" else \
+            logs = _fiubench_logs(ws, model, runner, inputs.result(), name, judge) if inputs is not None else \
                 _mllmu_logs(ws, model, runner, judge)
             logs.update(_utility_logs(model, runner, utility, name))
         if jax.process_index() == 0:
@@ -618,12 +628,18 @@ def _utility_logs(model: nnx.Module, runner, inputs: dict, name: str) -> dict[st
     return logs
 
 
-def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, name: str, judge=None) -> dict[str, dict]:
+def _fiubench_inputs(ws: Workspace, runner):
+    """FIUBench's tokenised eval rows of the run's forget and retain splits (`fiubench.prepare`)."""
+    from vlmu_jax.eval.tasks.fiubench import prepare
+
+    return prepare(ws.bench.split(_forget_split(ws)), ws.bench.split(ws.config.eval.retain_split), runner)
+
+
+def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, inputs, name: str, judge=None) -> dict[str, dict]:
     from vlmu_jax.eval.tasks.fiubench import add_gpt_scores, evaluate_model
     from vlmu_jax.report.aggregate import APE, FORGET, RETAIN
 
-    forget, retain = ws.bench.split(_forget_split(ws)), ws.bench.split(ws.config.eval.retain_split)
-    forget_log, retain_log, ape = evaluate_model(model, forget, retain, runner, desc=name)
+    forget_log, retain_log, ape = evaluate_model(model, inputs, runner, desc=name)
     logs = {FORGET: forget_log, RETAIN: retain_log}
     if judge is not None:
         client, prompt = judge

@@ -107,36 +107,69 @@ def scoring_examples(identities: Sequence[Identity]) -> tuple[list[Example], int
 
 
 @dataclass(frozen=True)
-class _SplitPasses:
-    """One split's scoring and generation passes and what its log is made from."""
+class _SplitRows:
+    """One split's questions, scoring rows (per question: ground truth, paraphrased, K perturbed) and generation
+    prompts: the same for every model."""
 
     items: list[tuple[Identity, Any]]
     rows: list[Encoded]
     k: int
     prompts: Prompts
+
+
+def _split_rows(identities: Sequence[Identity], runner: Runner) -> _SplitRows:
+    examples, k = scoring_examples(identities)
+    return _SplitRows(_questions(identities), [encode(e, runner.text) for e in examples], k,
+                      generation_prompts(examples[:: 2 + k], runner))
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What FIUBench's eval puts through every model, tokenised: the forget and retain splits' rows and prompts,
+    and APE's variants with their prompts. Made once per eval stage (`prepare`) and given to each model's
+    `evaluate_model`. Why: making them (tokenising ~10k rows at FIUBench's splits) is host work the devices waited
+    for before each model's passes, the same for every model."""
+
+    forget: _SplitRows
+    retain: _SplitRows
+    ape_variants: list[attacks.ApeVariant]
+    ape_prompts: Prompts
+
+
+def prepare(forget: Sequence[Identity], retain: Sequence[Identity], runner: Runner) -> Inputs:
+    """`Inputs` of the forget and retain identities under `runner`'s text config and protocol."""
+    variants, asked = ape_examples(forget, runner.protocol)
+    if not variants:
+        raise ValueError("no paraphrased questions: FIUBench's APE needs them")
+    return Inputs(_split_rows(forget, runner), _split_rows(retain, runner), variants, generation_prompts(asked, runner))
+
+
+@dataclass(frozen=True)
+class _SplitPasses:
+    """One split's scoring and generation passes and what its log is made from."""
+
+    split: _SplitRows
     scores: Pass
     generated: Pass
 
     def log(self, runner: Runner, *, forget: bool) -> dict[str, Any]:
+        s = self.split
         texts = decode_generations(self.generated.out, runner)
-        return _log(self.items, self.rows, self.scores.out, self.prompts, texts, self.k, runner, forget=forget)
+        return _log(s.items, s.rows, self.scores.out, s.prompts, texts, s.k, runner, forget=forget)
 
 
-def _split_passes(model: nnx.Module, identities: Sequence[Identity], runner: Runner, desc: str) -> _SplitPasses:
-    examples, k = scoring_examples(identities)
-    rows = [encode(e, runner.text) for e in examples]
-    prompts = generation_prompts(examples[:: 2 + k], runner)
-    return _SplitPasses(_questions(identities), rows, k, prompts,
-                        score_pass(model, rows, **runner.batching(), shared_prompts=runner.shared_prompts,
+def _split_passes(model: nnx.Module, split: _SplitRows, runner: Runner, desc: str) -> _SplitPasses:
+    return _SplitPasses(split,
+                        score_pass(model, split.rows, **runner.batching(), shared_prompts=runner.shared_prompts,
                                    desc=f"{desc} score"),
-                        generate_pass(model, prompts.rows, **runner.batching(), **runner.generating(),
+                        generate_pass(model, split.prompts.rows, **runner.batching(), **runner.generating(),
                                       desc=f"{desc} generate"))
 
 
-def evaluate_model(model: nnx.Module, forget: Sequence[Identity], retain: Sequence[Identity], runner: Runner, *,
+def evaluate_model(model: nnx.Module, inputs: Inputs, runner: Runner, *,
                    desc: str = "") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The forget and retain splits' logs (per-question losses, truth ratio, generations, ROUGE, EM, MIA) and the
-    forget split's APE log, in that order.
+    forget split's APE log, in that order, of `inputs` (`prepare`'s, under the same runner).
 
     Every shape of the three is compiled ahead at once, and their five passes run as one stream of device calls
     (`batched.run_passes`): evaluated one after another, the devices sat idle at every pass boundary while the
@@ -149,19 +182,17 @@ def evaluate_model(model: nnx.Module, forget: Sequence[Identity], retain: Sequen
     models, ~240 a model; in this order ~140 a model by the cache's count, bench/RESULTS.md session 34).
     APE (adversarial privacy extraction) asks every paraphrase of every forget question with the image; its log
     (`eval_forget_ape_log.json`) holds per-variant EM / ROUGE and the question each came from."""
-    splits = [_split_passes(model, forget, runner, f"{desc} forget"),
-              _split_passes(model, retain, runner, f"{desc} retain")]
-    variants, asked = ape_examples(forget, runner.protocol)
-    if not variants:
-        raise ValueError(f"{desc}: no paraphrased questions, APE needs them")
-    ape_prompts = generation_prompts(asked, runner)
+    splits = [_split_passes(model, inputs.forget, runner, f"{desc} forget"),
+              _split_passes(model, inputs.retain, runner, f"{desc} retain")]
+    ape_prompts = inputs.ape_prompts
     ape = generate_pass(model, ape_prompts.rows, **runner.batching(), **runner.generating(), desc=f"{desc} forget APE")
-    ready = compile_ahead(model, to_score=[s.rows for s in splits],
-                          to_generate=[*(s.prompts.rows for s in splits), ape_prompts.rows], **runner.batching(),
-                          **runner.generating(), shared_prompts=runner.shared_prompts)
+    ready = compile_ahead(model, to_score=[s.split.rows for s in splits],
+                          to_generate=[*(s.split.prompts.rows for s in splits), ape_prompts.rows],
+                          **runner.batching(), **runner.generating(), shared_prompts=runner.shared_prompts)
     forget_passes, retain_passes = splits
     run_passes([forget_passes.scores, retain_passes.scores,
                 *(after(ready, p) for p in (retain_passes.generated, forget_passes.generated, ape))])
+    variants = inputs.ape_variants
     scored = attacks.score_ape(variants, decode_generations(ape.out, runner), references=ape_prompts.references,
                                original=runner.protocol.fiubench_metric_quirks)
     scored["question"] = [v.question for v in variants]
