@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from vlmu_jax.data.image_cache import ImageCache
-from vlmu_jax.eval.frozen import compiling, is_frozen, model_jit
+from vlmu_jax.eval.frozen import CUBLAS_GEMMS, compiling, is_frozen, model_jit
 from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS, VISION_STATES
 from vlmu_jax.models.sharding import abstract_batch, batch_shards, global_batch
 
@@ -58,7 +58,7 @@ def cut_name(key: str) -> str:
     return _MADE_BY[key][2]
 
 
-@functools.partial(model_jit, static_argnames=("key",))
+@functools.partial(model_jit, static_argnames=("key",), compiler_options=CUBLAS_GEMMS)
 def _image_inputs(model: nnx.Module, images: dict[str, jax.Array], *, key: str) -> jax.Array:
     return getattr(model, _MADE_BY[key][0])(images)
 

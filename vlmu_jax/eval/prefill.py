@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from vlmu_jax.eval.frozen import model_jit
+from vlmu_jax.eval.frozen import CUBLAS_GEMMS, model_jit
 from vlmu_jax.eval.layer_copies import decoder_of
 from vlmu_jax.models.llama import SlicedCache, layer_weights
 
@@ -34,7 +34,7 @@ def _is_sliced(x: Any) -> bool:
     return isinstance(x, SlicedCache)
 
 
-@partial(model_jit, static_argnames=("cache_len", "sliced"))
+@partial(model_jit, static_argnames=("cache_len", "sliced"), compiler_options=CUBLAS_GEMMS)
 def prefill(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array,
             images: dict[str, jax.Array] | None, *, cache_len: int, sliced: bool) -> tuple[jax.Array, Any, jax.Array]:
     """`model.prefill` of left-padded prompts [B, P] into a cache of `cache_len` slots: (the last real token's

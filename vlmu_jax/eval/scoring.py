@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmu_jax.eval.frozen import model_jit
+from vlmu_jax.eval.frozen import CUBLAS_GEMMS, model_jit
 from vlmu_jax.eval.prefill import cache_room, prefill, with_layer_weights
 
 
@@ -172,7 +172,7 @@ def continuation_logprobs(
     return _continuations_over_cache(model, h, cache, kv_valid, continuation_ids, continuation_mask, prompt_len=p)
 
 
-@partial(model_jit, static_argnames=("prompt_len",))
+@partial(model_jit, static_argnames=("prompt_len",), compiler_options=CUBLAS_GEMMS)
 def _continuations_over_cache(model: nnx.Module, h: jax.Array, cache, kv_valid: jax.Array,
                               continuation_ids: jax.Array, continuation_mask: jax.Array, *, prompt_len: int
                               ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -206,7 +206,7 @@ def _continuations_over_cache(model: nnx.Module, h: jax.Array, cache, kv_valid: 
     return tuple(o.swapaxes(0, 1) for o in outs)
 
 
-@partial(model_jit, static_argnames=("with_stats", "chunk_size"))
+@partial(model_jit, static_argnames=("with_stats", "chunk_size"), compiler_options=CUBLAS_GEMMS)
 def token_logprobs(
     model: nnx.Module,
     input_ids: jax.Array,
