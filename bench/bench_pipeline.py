@@ -46,7 +46,7 @@ from bench import family_shapes
 from bench.bench_jax_llava import peak_gb
 from vlmu_jax import compile_cache, image_embeddings, pipeline, presets, stages
 from vlmu_jax.eval import batched
-from vlmu_jax.eval.frozen import compiling
+from vlmu_jax.eval.frozen import abstract_calls
 from vlmu_jax.eval.tasks import fiubench, mllmu
 from vlmu_jax.models import tiny
 
@@ -99,7 +99,8 @@ class CallTimer:
     (the eval loop dispatches the next batch before it collects this one). One thread waits for the calls in
     the order they were made, which is the order the device runs them in: a call's time runs from when it was
     made, or when the call before it ended if that is later, to when its outputs are ready. Calls that only
-    compile (`batched.compile_ahead`'s threads) pass through untimed: `timed_compile_ahead` times that call."""
+    compile (`batched.compile_ahead`'s threads) or give shapes pass through untimed: `timed_compile_ahead` times
+    the former."""
 
     ahead: list[tuple[float, float]] = []  # (start, end) of every compile_ahead call and wait for its programs
     busy: list[tuple[float, float]] = []  # (start, end) of every timed call's device work
@@ -112,7 +113,7 @@ class CallTimer:
         self.tokens = 0
 
     def __call__(self, *args, **kwargs):
-        if compiling():  # a compile-only call returns its outputs' shapes before its compile ends
+        if abstract_calls():  # a compile-only or shapes-only call returns its outputs' shapes, runs nothing
             return self.fn(*args, **kwargs)
         t0 = time.perf_counter()
         out = self.fn(*args, **kwargs)
@@ -182,6 +183,31 @@ class HostTimer:
             self.seconds["copies_out_s"] += time.perf_counter() - t1
 
         return layer_copies
+
+
+class CompileSpans:
+    """Every jit trace, MLIR lowering and XLA compile of the process (jax.monitoring's time spans): which program,
+    which thread, when, how long. Why: the eval's first pass waits for compile-ahead, whose wall (18 s at
+    Llama-3.2-11B-Vision's shape, bench/RESULTS.md session 36) is several programs compiling side by side."""
+
+    EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+              "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+              "/jax/core/compile/backend_compile_duration": "compile"}
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, str, str, float, float]] = []  # (what, program, thread, start, end)
+        jax.monitoring.register_event_time_span_listener(self._on_span)
+
+    def _on_span(self, event: str, start: float, end: float, **kwargs) -> None:
+        if event in self.EVENTS:
+            self.spans.append((self.EVENTS[event], str(kwargs.get("fun_name", "?")),
+                               threading.current_thread().name, start, end))
+
+    def before(self, t0: float, seconds: float, min_s: float = 0.2) -> list[dict]:
+        """The spans of at least `min_s` that began within `seconds` of `t0` (time.time()), in start order."""
+        return [{"what": w, "program": p, "thread": th, "start_s": round(a - t0, 2), "s": round(b - a, 2)}
+                for w, p, th, a, b in sorted(self.spans, key=lambda x: x[3])
+                if 0 <= a - t0 <= seconds and b - a >= min_s]
 
 
 def timed_compile_ahead(fn):
@@ -390,6 +416,7 @@ def main() -> None:
     # each image's features (vision tower and projector), made once per model in the batch threads: model compute
     features = CallTimer(image_embeddings._image_inputs, lambda a, k: 0)
     image_embeddings._image_inputs = features
+    spans = CompileSpans()
     fiubench.compile_ahead = timed_compile_ahead(fiubench.compile_ahead)
     mllmu.compile_ahead = timed_compile_ahead(mllmu.compile_ahead)
     host = HostTimer()
@@ -398,7 +425,7 @@ def main() -> None:
     ws.config.eval.retain_split = args.eval_retain
     ws.config.unlearn.objective = args.eval_objective  # and of one unlearned model (plus finetuned, retain_model)
     ws.config.force = True  # evaluated again when the workdir has results (a second run times a warm cache)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     stages.eval(ws)
     wall = time.perf_counter() - t0
     (sc, sk), (hc, hk), (gc, gk) = score.compute_and_compile(), shared.compute_and_compile(), gen.compute_and_compile()
@@ -413,6 +440,8 @@ def main() -> None:
            scored_positions=scored, score_tokens_per_s=round(scored / sc, 1), generate_s=round(gc, 2),
            new_tokens_per_s=round(gen.tokens / gc, 1), shared_prompts=not args.whole_rows,
            **{k: round(v, 2) for k, v in host.seconds.items()})
+    first_ahead = CallTimer.ahead[0][1] - t0 if CallTimer.ahead else wall
+    print(json.dumps({"compiles_before_first_pass": spans.before(started, first_ahead)}), flush=True)
     print(json.dumps({"first_calls": {"score": score.first_calls() + shared.first_calls(),
                                       "generate": gen.first_calls(), "features": features.first_calls()}}),
           flush=True)

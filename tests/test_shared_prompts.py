@@ -436,3 +436,46 @@ def test_the_first_pass_images_features_are_made_while_its_program_compiles(root
     assert made == in_ahead  # the pass made no features: each came from the cache
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g.logps, w.logps, rtol=0, atol=2e-5)
+
+
+def test_a_pass_under_an_image_cap_sizes_its_slots_without_running_the_features(root, monkeypatch) -> None:
+    """A pass under an image cap (eval.max_batch_image_mb) needs one image slot's bytes when it is built: with each
+    image's features as the batches' images, they come from a trace of the features program (`shapes_only`), which
+    neither compiles nor runs it, and the stand-in is not kept. The pass then makes each image's features once and
+    its scores are the model's own."""
+    import threading
+
+    from jax import monitoring
+
+    from vlmu_jax import image_embeddings
+    from vlmu_jax.eval.batched import BatchCap, run_passes, score_pass
+    from vlmu_jax.eval.frozen import abstract_calls, frozen
+
+    ws, rows, _ = _rows(root / "llava", "llava")
+    model = ws.load("base")
+    common = dict(batch_size=5, pad_token_id=ws.tokenizer.pad_token_id)
+    want = score_rows(model, rows, image_fn=ws.eval_image_fn, **common)
+    runs, compiles = [], []  # per features call: whether it ran; the programs compiled
+    features = image_embeddings._image_inputs
+
+    def counted(*args, **kwargs):
+        runs.append(not abstract_calls())
+        return features(*args, **kwargs)
+
+    def on_compile(event: str, start: float, end: float, **kwargs) -> None:
+        if event.endswith("backend_compile_duration"):
+            compiles.append((threading.current_thread().name, kwargs.get("fun_name")))
+
+    monkeypatch.setattr(image_embeddings, "_image_inputs", counted)
+    monitoring.register_event_time_span_listener(on_compile)
+    try:
+        with frozen(model, compile_ahead=False):
+            embedded = image_embeddings.embedded_image_fn(model, ws.eval_image_fn, 10**9, None)
+            scores = score_pass(model, rows, image_fn=embedded, cap=BatchCap(image_bytes=10**9), **common)
+            assert runs == [False] and compiles == []  # the slot's size: one shapes-only call, nothing compiled
+            run_passes([scores])
+    finally:
+        monitoring.unregister_event_time_span_listener(on_compile)
+    assert runs.count(True) == len({ref for row in rows for ref in row.images})  # each image made once, for real
+    for g, w in zip(scores.out, want, strict=True):
+        np.testing.assert_allclose(g.logps, w.logps, rtol=0, atol=2e-5)

@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from vlmu_jax.data.image_cache import ImageCache
-from vlmu_jax.eval.frozen import CUBLAS_GEMMS, compiling, is_frozen, model_jit
+from vlmu_jax.eval.frozen import CUBLAS_GEMMS, abstract_calls, is_frozen, model_jit
 from vlmu_jax.models.architecture import IMAGE_EMBEDDINGS, VISION_STATES
 from vlmu_jax.models.sharding import abstract_batch, batch_shards, global_batch
 
@@ -71,7 +71,7 @@ def _made(model: nnx.Module, inputs: list[dict[str, np.ndarray]], n: int, mesh: 
     outputs' shapes stand for the values: nothing runs on the devices."""
     padded = inputs + [inputs[-1]] * (n - len(inputs))
     batch = {k: np.stack([x[k] for x in padded]) for k in inputs[0]}
-    if compiling():
+    if abstract_calls():
         shape = _image_inputs(model, abstract_batch(batch, mesh), key=key)
         made = np.zeros(shape.shape, shape.dtype)
     else:
@@ -98,8 +98,9 @@ def embedded_image_fn(model: nnx.Module, image_fn: Callable[[Any], dict[str, np.
         return _made(model, [image_fn(ref)], shards, mesh)[0]
 
     cache = ImageCache(make, max_bytes)
-    # compile-ahead's stand-ins (`_made` inside compile_only) are not the image's features: never kept
-    return lambda ref: make(ref) if compiling() else cache(ref)
+    # the stand-ins of compile-ahead and of size queries (`_made` inside compile_only / shapes_only) are not the
+    # image's features: never kept
+    return lambda ref: make(ref) if abstract_calls() else cache(ref)
 
 
 def training_cut(model: nnx.Module, trainable: nnx.filterlib.Filter) -> str | None:

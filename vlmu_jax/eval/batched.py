@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length, row_buckets
 from vlmu_jax.data.prefetch import prefetched
-from vlmu_jax.eval.frozen import compile_only, compiles_ahead
+from vlmu_jax.eval.frozen import compile_only, compiles_ahead, shapes_only
 from vlmu_jax.eval.generate import decode_over_slices, generate
 from vlmu_jax.eval.scoring import continuation_logprobs, token_logprobs
 from vlmu_jax.logs import progress
@@ -173,7 +173,8 @@ def _eval_source(rows: Sequence[Encoded], batch_size: int, pad_token_id: int, im
                              left_pad=left_pad)
     buckets = row_buckets(rows)
     multiple = math.lcm(batch_shards(mesh), jax.process_count())  # the mesh's batch shards and the hosts feeding them
-    slot_bytes = sum(a.nbytes for a in image_fn(None).values()) if cap.image_bytes else 0  # one image slot's inputs
+    with shapes_only():  # one image slot's inputs: their sizes, from a trace (no features program runs)
+        slot_bytes = sum(a.nbytes for a in image_fn(None).values()) if cap.image_bytes else 0
     keys = [(bucket_length(len(r.input_ids), buckets), max(1, len(r.images))) for r in rows]
     sizes = {k: rows_per_batch(k[0], batch_size, cap, multiple, k[1] * slot_bytes) for k in set(keys)}
     small = sorted(k for k, size in sizes.items() if size < batch_size)
