@@ -136,11 +136,11 @@ def shapes_only() -> Iterator[None]:
     programs exist (the bytes of one image's features, `batched._eval_source`'s image cap). Why: asking the
     features of a blank image for that size ran the features program, compiling it first, in the main thread
     before compile-ahead began: 3-5 s of Llama-3.2-11B-Vision's cold eval (bench/RESULTS.md session 36)."""
-    _MODE.shapes = True
+    before, _MODE.shapes = getattr(_MODE, "shapes", False), True
     try:
         yield
     finally:
-        _MODE.shapes = False
+        _MODE.shapes = before
 
 
 def abstract_calls() -> bool:
