@@ -15,7 +15,7 @@ import functools
 import json
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -488,7 +488,7 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         _evaluate_each(ws, todo, base_runner, utility, inputs)
 
 
-def _evaluate_each(ws: Workspace, todo: dict[str, Path], base_runner, utility: dict, inputs) -> None:
+def _evaluate_each(ws: Workspace, todo: dict[str, Path], base_runner, utility: dict, inputs: Future | None) -> None:
     """The eval stage's loop: each model in `todo` loaded (the next one ahead where it fits), evaluated, its results
     written. `inputs`: FIUBench's tokenised rows (a Future of `fiubench.prepare`'s), None for MLLMU-Bench."""
     from vlmu_jax.eval.tasks.mme import write_eval_tool_results
