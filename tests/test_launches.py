@@ -20,7 +20,7 @@ from tests.tiny_models import save_tiny
 from vlmu_jax.checkpoints.hf_export import export_hf
 from vlmu_jax.checkpoints.hf_import import TensorIndex, _make_array, load_pretrained
 from vlmu_jax.checkpoints.in_memory import HostCopy, ModelCache
-from vlmu_jax.checkpoints.layout import to_model
+from vlmu_jax.checkpoints.layout import ToModel, to_model
 from vlmu_jax.eval.frozen import frozen, model_jit
 from vlmu_jax.launches import launching, one_at_a_time
 from vlmu_jax.models.sharding import global_batch
@@ -81,7 +81,8 @@ def test_checkpoint_params_copy_one_at_a_time(tmp_path: Path) -> None:
     index = TensorIndex(tmp_path)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     plain = SimpleNamespace(stacked=False, swaps=lambda ndim: False)
-    got = _waits_for_launch(lambda: _make_array(index, ["w"], plain, (3, 4), jnp.float32, sharding))
+    program = ToModel((3, 4), jnp.dtype(jnp.float32), False, jnp.dtype(jnp.float32), sharding)
+    got = _waits_for_launch(lambda: _make_array(index, ["w"], plain, program))
     np.testing.assert_array_equal(np.asarray(got), value)
     held = HostCopy.of(jnp.asarray(value))
     back = _waits_for_launch(lambda: held.on_devices(sharding))

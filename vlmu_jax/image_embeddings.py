@@ -73,7 +73,7 @@ def _made(model: nnx.Module, inputs: list[dict[str, np.ndarray]], n: int, mesh: 
     batch = {k: np.stack([x[k] for x in padded]) for k in inputs[0]}
     if abstract_calls():
         shape = _image_inputs(model, abstract_batch(batch, mesh), key=key)
-        made = np.zeros(shape.shape, shape.dtype)
+        made = np.broadcast_to(np.zeros((), shape.dtype), shape.shape)  # its shape and bytes, no memory of its own
     else:
         made = np.asarray(_image_inputs(model, global_batch(batch, mesh), key=key))
     kept = getattr(model, _MADE_BY[key][1])

@@ -28,9 +28,9 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh
 
-from vlmu_jax.checkpoints.layout import ToModel, block_key, compile_to_model, swapped, to_model
+from vlmu_jax.checkpoints.layout import ToModel, block_key, compile_to_model, to_model
 from vlmu_jax.errors import InputError
 from vlmu_jax.launches import launching
 from vlmu_jax.models.layers import resolve_attention_impl
@@ -241,7 +241,7 @@ def load_pretrained(
     def make(entry, program: ToModel) -> jax.Array:
         var, hp, names, shape = entry
         with budget.hold(sum(index.nbytes(name) for name in names)):
-            return _make_array(index, names, hp, shape, dtype, program.sharding, compiled.get(program))
+            return _make_array(index, names, hp, program, compiled.get(program))
 
     with ThreadPoolExecutor(_LOAD_THREADS, thread_name_prefix="load-compile") as compiling, \
             ThreadPoolExecutor(_LOAD_THREADS, thread_name_prefix="load") as pool:
@@ -271,20 +271,12 @@ def _to_model_program(index: TensorIndex, entry, dtype, mesh: Mesh | None) -> To
     return ToModel(stored, jnp.dtype(stored_dtype), transpose, jnp.dtype(dtype), placement(var, mesh))
 
 
-def _make_array(
-    index: TensorIndex,
-    names: list[str],
-    hp,
-    shape: tuple[int, ...],
-    dtype,
-    sharding: NamedSharding | SingleDeviceSharding,
-    compiled: Future | None = None,
-) -> jax.Array:
+def _make_array(index: TensorIndex, names: list[str], hp, program: ToModel, compiled: Future | None = None
+                ) -> jax.Array:
     """Assemble only the requested shard of a (possibly layer-stacked) param from its HF tensors: read as stored
-    (HF layout and dtype, contiguous slices of the memory map), then cast and transposed on the devices
-    (checkpoints/layout.py: numpy would do both on one host thread over strided memory)."""
-    transpose = hp.swaps(len(shape))
-    stored = shape[:-2] + shape[-2:][::-1] if transpose else shape
+    (HF layout and dtype, contiguous slices of the memory map), then cast and transposed on the devices by
+    `program` (checkpoints/layout.py: numpy would do both on one host thread over strided memory)."""
+    stored, target = program.shape, program.stored_sharding
 
     def one(name: str, idx: tuple[slice, ...]) -> np.ndarray:
         return np.asarray(index.get(name)[idx])
@@ -294,7 +286,6 @@ def _make_array(
             return one(names[0], idx)
         return np.stack([one(names[i], idx[1:]) for i in range(len(names))[idx[0]]])
 
-    target = swapped(sharding, len(shape)) if transpose else sharding
     # Each distinct block read from the file first, then copied while no other thread launches or copies
     # (vlmu_jax/launches.py): the eval loads its next model beside the one it evaluates.
     blocks = {block_key(idx, stored): callback(idx) for idx in target.addressable_devices_indices_map(stored).values()}
@@ -303,4 +294,4 @@ def _make_array(
     raw.block_until_ready()  # on the devices: the host copies it was made from can go (load_pretrained's budget)
     if compiled is not None:  # its program, compiled outside the launch lock (layout.compile_to_model)
         compiled.result()
-    return to_model(raw, transpose, dtype, sharding)
+    return to_model(raw, program.transpose, program.dtype, program.sharding)

@@ -46,7 +46,7 @@ from jax.sharding import Mesh, Sharding
 
 from vlmu_jax.checkpoints.hf_export import merged_params, saved_config
 from vlmu_jax.checkpoints.hf_import import runtime_summary
-from vlmu_jax.checkpoints.layout import ToModel, block_key, compile_to_model, swapped, to_model, to_stored
+from vlmu_jax.checkpoints.layout import ToModel, block_key, compile_to_model, to_model, to_stored
 from vlmu_jax.launches import launching
 from vlmu_jax.models.registry import abstract_model, hf_name_map
 from vlmu_jax.models.sharding import placement
@@ -237,8 +237,7 @@ class ModelCache:
         with ThreadPoolExecutor(_HostCopier._THREADS, thread_name_prefix="load-compile") as pool:
             compiled = compile_to_model(programs.values(), pool)
             for path, p in programs.items():
-                on_device = held.params[path].on_devices(swapped(p.sharding, len(p.shape)) if p.transpose
-                                                         else p.sharding)
+                on_device = held.params[path].on_devices(p.stored_sharding)
                 if p in compiled:
                     compiled[p].result()
                 flat[path].set_value(to_model(on_device, p.transpose, dtype, p.sharding))

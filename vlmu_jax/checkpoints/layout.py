@@ -67,14 +67,19 @@ class ToModel(NamedTuple):
     dtype: jnp.dtype
     sharding: Sharding
 
+    @property
+    def stored_sharding(self) -> Sharding:
+        """Where the stored param is placed before `to_model`: the model's placement, its last two axes swapped
+        where HF stores it transposed."""
+        return swapped(self.sharding, len(self.shape)) if self.transpose else self.sharding
+
     def needed(self) -> bool:
         """Whether `to_model` runs a program for it (else it returns the stored array)."""
         return _converts(self.stored_dtype, self.transpose, self.dtype)
 
     def compile(self) -> None:
         """Compiles the program into jit's cache, where `to_model`'s call finds it, without the launch lock."""
-        placed = swapped(self.sharding, len(self.shape)) if self.transpose else self.sharding
-        stored = jax.ShapeDtypeStruct(self.shape, jnp.dtype(self.stored_dtype), sharding=placed)
+        stored = jax.ShapeDtypeStruct(self.shape, jnp.dtype(self.stored_dtype), sharding=self.stored_sharding)
         relayout.lower(stored, transpose=self.transpose, dtype=jnp.dtype(self.dtype), sharding=self.sharding).compile()
 
 
