@@ -239,7 +239,7 @@ def load_pretrained(
     programs = [_to_model_program(index, entry, dtype, mesh) for entry in plan]
 
     def make(entry, program: ToModel) -> jax.Array:
-        var, hp, names, shape = entry
+        _, hp, names, _ = entry
         with budget.hold(sum(index.nbytes(name) for name in names)):
             return _make_array(index, names, hp, program, compiled.get(program))
 
