@@ -4,12 +4,17 @@ survives it)."""
 
 from __future__ import annotations
 
+import threading
+import time
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tests.tiny_models import save_tiny, tiny_batch
-from vlmu_jax.checkpoints.hf_import import load_pretrained
-from vlmu_jax.eval.frozen import frozen, model_jit
+from vlmu_jax.checkpoints.hf_import import load_pretrained, placed_shapes, read_hf_config
+from vlmu_jax.eval import frozen as frozen_module
+from vlmu_jax.eval.frozen import compile_only, frozen, model_jit
 
 
 def test_frozen_calls_match_nnx_jit_and_do_not_outlive_the_block(tmp_path):
@@ -44,3 +49,48 @@ def test_frozen_calls_match_nnx_jit_and_do_not_outlive_the_block(tmp_path):
     with frozen(other):
         assert float(call(other, *args, scale=2.0)) == want
     assert len(traces) == traced
+
+
+def test_a_program_another_thread_compiles_is_waited_for_not_compiled_again(tmp_path, monkeypatch):
+    """On one device, a compile-only call for a program whose compile another thread began (a stand-in of the
+    model, shapes only: `stages._compile_on_stand_in`) takes that compile rather than starting its own; the model
+    then runs on the program compiled for its stand-in."""
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    model = load_pretrained(folder)
+    stand_in = placed_shapes(read_hf_config(folder), jnp.float32)
+    batch = tiny_batch([3, 7])
+    args = batch["input_ids"], batch["attention_mask"], batch["images"]
+
+    def last_hidden(m, ids, mask, images):
+        return m(ids, mask, images)[:, -1]
+
+    call = model_jit(last_hidden)
+    go, compiles, compile = threading.Event(), [], jax.stages.Lowered.compile
+
+    def held_compile(self, *a, **kw):
+        compiles.append(threading.current_thread().name)
+        assert go.wait(60)
+        return compile(self, *a, **kw)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", held_compile)
+
+    def on_stand_in():
+        with frozen(stand_in), compile_only():
+            call(stand_in, *args)
+
+    first = threading.Thread(target=on_stand_in)
+    first.start()
+    while not (frozen_module._UNDER_WAY and all(f.done() for f in frozen_module._UNDER_WAY.values())):
+        time.sleep(0.01)  # the stand-in's program is lowered and its compile held
+    with frozen(model):
+        with compile_only() as programs:
+            out = call(model, *args)
+            go.set()
+        first.join()
+        assert compiles == ["compile-only_0"], compiles  # one compile, the stand-in's
+        assert len(programs) == 1
+        got = call(model, *args)
+    assert len(compiles) == 1
+    want = call(model, *args)  # through nnx.jit: the model's own program
+    assert out.shape == want.shape and out.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -10,12 +10,13 @@ import gc
 import weakref
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from tests.tiny_models import EOS, PAD, save_tiny, tiny_batch
-from vlmu_jax.checkpoints.hf_import import load_pretrained
+from vlmu_jax.checkpoints.hf_import import load_pretrained, placed_shapes, read_hf_config
 from vlmu_jax.eval.frozen import frozen
 from vlmu_jax.eval.generate import decode_over_slices, generate
 from vlmu_jax.eval.layer_copies import layer_copies
@@ -156,3 +157,32 @@ def test_lora_step_over_copies_equals_the_scanned_stack(tmp_path):
     assert compared > 10
     np.testing.assert_allclose(np.asarray(model.decoder_lm().layers.mlp.up_proj.lora_b[...]),
                                stacked_b + 1.0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,meshed", [("llama", False), ("llama", True), ("mllama", False)])
+def test_a_stand_in_gets_the_copies_the_model_gets(tmp_path, family, meshed):
+    """A loaded model's stand-in (`hf_import.placed_shapes`: shapes only) with layer copies attached has the
+    model's structure and, leaf for leaf, its shapes, dtypes and placements: the programs compiled for it are
+    the model's (stages._compile_on_stand_in). One device joins q/k/v and gate/up; a mesh keeps them apart."""
+    if family == "mllama":
+        from tests.tiny_mllama import tiny_hf_model
+
+        folder = tmp_path / "m"
+        tiny_hf_model().save_pretrained(folder)
+    else:
+        folder, _ = save_tiny(tmp_path / "m", family)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2) if meshed else None
+    model = load_pretrained(folder, mesh=mesh)
+    stand_in = placed_shapes(read_hf_config(folder), jnp.float32, mesh)
+    splits = []
+    for m in (model, stand_in):
+        with layer_copies(m, "always", restore=False) as attached:
+            assert attached
+        graphdef, state = nnx.split(m)
+        leaves, treedef = jax.tree.flatten(state)
+        splits.append((graphdef, treedef, [(x.shape, x.dtype, x.sharding) for x in leaves]))
+    assert splits[0][0] == splits[1][0] and splits[0][1] == splits[1][1]
+    assert splits[0][2] == splits[1][2]
+    assert any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(stand_in)))
+    joined = model.decoder_lm().layer_copies[0].self_attn.qkv_kernel if family == "llama" else None
+    assert (joined is not None) == (family == "llama" and not meshed)

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -150,14 +151,32 @@ class Workspace:
         loaded onto the mesh; from `models` when a stage of this process saved it there."""
         from vlmu_jax.checkpoints.hf_import import load_pretrained
 
-        path = name if isinstance(name, Path) else self.base_model if name == "base" else self.model_dir(name)
-        m = self.config.model
-        options = {"remat": m.remat, "scan_layers": m.scan_layers, "attention_impl": m.attention}
-        held = self.models.load(path, jnp.dtype(m.dtype), self.mesh, **options)
+        path = self._path(name)
+        held = self.models.load(path, jnp.dtype(self.config.model.dtype), self.mesh, **self._load_options)
         if held is not None:
             return held
         wait_for_writes(path)
-        return load_pretrained(path, dtype=jnp.dtype(m.dtype), mesh=self.mesh, **options)
+        return load_pretrained(path, dtype=jnp.dtype(self.config.model.dtype), mesh=self.mesh, **self._load_options)
+
+    def load_shapes(self, name: str | Path):
+        """What `load(name)` returns, with shapes in their placements for params (hf_import.placed_shapes): nothing
+        is read but config.json (or the held model's)."""
+        from vlmu_jax.checkpoints.hf_import import placed_shapes, read_hf_config
+
+        path = self._path(name)
+        held = self.models.held(path)
+        if held is None:
+            wait_for_writes(path)
+        hf_config = held[0] if held is not None else read_hf_config(path)
+        return placed_shapes(hf_config, jnp.dtype(self.config.model.dtype), self.mesh, **self._load_options)
+
+    def _path(self, name: str | Path) -> Path:
+        return name if isinstance(name, Path) else self.base_model if name == "base" else self.model_dir(name)
+
+    @property
+    def _load_options(self) -> dict[str, Any]:
+        m = self.config.model
+        return {"remat": m.remat, "scan_layers": m.scan_layers, "attention_impl": m.attention}
 
 
 def is_done(folder: Path) -> bool:

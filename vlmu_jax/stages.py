@@ -460,15 +460,17 @@ def _runner(ws: Workspace):
                   cap=BatchCap(ws.config.eval.max_batch_tokens, ws.config.eval.max_batch_image_mb * 10**6))
 
 
-def _embedding_runner(ws: Workspace, model: nnx.Module, name: str, runner):
+def _embedding_runner(ws: Workspace, model: nnx.Module, name: str | None, runner):
     """`runner` with batches that carry each image's features, made once per image for this model
-    (vlmu_jax/image_embeddings.py, config eval.image_embeddings_mb), where that applies; else `runner` itself."""
+    (vlmu_jax/image_embeddings.py, config eval.image_embeddings_mb), where that applies; else `runner` itself.
+    Says so under the model's `name` (None: a stand-in's, says nothing)."""
     from vlmu_jax.image_embeddings import embedded_image_fn
 
     image_fn = embedded_image_fn(model, runner.image_fn, ws.config.eval.image_embeddings_mb * 10**6, ws.mesh)
     if image_fn is None:
         return runner
-    say(f"eval {name}: each image's features computed once and reused by every row that shows it")
+    if name is not None:
+        say(f"eval {name}: each image's features computed once and reused by every row that shows it")
     return dataclasses.replace(runner, image_fn=image_fn)
 
 
@@ -485,7 +487,26 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
         # tokenised once for every model, while the first one loads (host work the devices would wait for)
         fiubench = ws.config.benchmark == "fiubench" and todo
         inputs = pool.submit(_fiubench_inputs, ws, base_runner) if fiubench else None
+        # then the first model's programs compiled on its stand-in, while it loads
+        ahead = pool.submit(_compile_on_stand_in, ws, next(iter(todo.values())), base_runner, inputs) \
+            if fiubench and ws.config.eval.compile_ahead else None
         _evaluate_each(ws, todo, base_runner, utility, inputs)
+        if ahead is not None:
+            ahead.result()  # its errors
+
+
+def _compile_on_stand_in(ws: Workspace, path: Path, base_runner, inputs: Future) -> None:
+    """Compiles the eval programs of the model at `path` on a stand-in of it: its shapes and placements, with the
+    per-layer copies and image features it will be evaluated with (nothing read, nothing run). The model's own
+    compile-ahead, once it is loaded, finds each program compiled or waits for its compile (eval/frozen.py).
+    Why: the first model's programs compiled only once it was loaded, so the devices sat idle for the load and
+    then for the compile: Llama-3.2-11B-Vision's first pass started 16.8 s into the stage, 4.9 s after its load
+    (bench/RESULTS.md session 37)."""
+    from vlmu_jax.eval.tasks.fiubench import compile_programs
+
+    model = ws.load_shapes(path)
+    with layer_copies(model, ws.config.eval.layer_copies, restore=False), frozen(model):
+        compile_programs(model, inputs.result(), _embedding_runner(ws, model, None, base_runner))()
 
 
 def _evaluate_each(ws: Workspace, todo: dict[str, Path], base_runner, utility: dict, inputs: Future | None) -> None:

@@ -253,6 +253,16 @@ def load_pretrained(
     return model
 
 
+def placed_shapes(hf_config: dict[str, Any], dtype, mesh: Mesh | None = None, **options: Any) -> nnx.Module:
+    """The model `load_pretrained` (or `in_memory.ModelCache.load`) builds from a folder of `hf_config`, with shapes
+    in their placements (jax.ShapeDtypeStruct) for its params: what its programs compile for while its weights are
+    read (stages._compile_on_stand_in). Each loaded param is cast to `dtype` and placed by `placement`."""
+    graphdef, state = nnx.split(abstract_model(hf_config, dtype, **options))
+    for _, var in nnx.to_flat_state(state):
+        var.set_value(jax.ShapeDtypeStruct(var.get_value().shape, jnp.dtype(dtype), sharding=placement(var, mesh)))
+    return nnx.merge(graphdef, state)
+
+
 def runtime_summary(model: nnx.Module, source: str | Path, dtype) -> str:
     """One line naming the attention kernel and remat policy a loaded model runs with: the fast path is
     the default, and a run that silently fell back to XLA's attention or to no remat should say so."""

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length, row_buckets
 from vlmu_jax.data.prefetch import prefetched
-from vlmu_jax.eval.frozen import compile_only, compiles_ahead, shapes_only
+from vlmu_jax.eval.frozen import compile_only, compiles_ahead, shapes_only, stands_in
 from vlmu_jax.eval.generate import decode_over_slices, generate
 from vlmu_jax.eval.scoring import continuation_logprobs, token_logprobs
 from vlmu_jax.logs import progress
@@ -388,7 +388,9 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
     own thread, where jit's tracing is Python but XLA's compile is not. Returns once the scoring programs are
     compiled; generation's go on compiling, and the function returned waits for them (`after` gates a pass on
     it). So run the scoring passes first: the devices score while generation compiles. While scoring's compile,
-    the first `to_score` entry's images are made through `image_fn` (`_images_while`).
+    the first `to_score` entry's images are made through `image_fn` (`_images_while`). A program that another
+    thread's compile-ahead is compiling (a stand-in's of the same structure, eval/frozen.stands_in) is waited for,
+    not compiled again.
 
     Why: a cold eval stage at 7B compiled two scoring shapes (~11 s each) and generation (~25 s) one after
     another, 52 s of a 374 s stage (bench/RESULTS.md, session 6); compiled side by side, Llama-3.2-11B-Vision's
@@ -434,7 +436,8 @@ def compile_ahead(model: nnx.Module, *, to_score: Sequence[Sequence[Encoded]] = 
             futures[program] = pool.submit(compile_one, run, abstract_batch(inputs(), mesh))
     pool.shutdown(wait=False)
     scoring = [f for program, f in futures.items() if program[0] != "generate"]
-    _images_while(lambda: not all(f.done() for f in scoring), image_fn, next(filter(None, to_score), ()))
+    if not stands_in(model):  # a stand-in has no features to make
+        _images_while(lambda: not all(f.done() for f in scoring), image_fn, next(filter(None, to_score), ()))
     for f in scoring:
         f.result()
     generating = [f for program, f in futures.items() if program[0] == "generate"]

@@ -79,32 +79,90 @@ def is_frozen(model: nnx.Module) -> bool:
     return model in _FROZEN
 
 
+def stands_in(model: nnx.Module) -> bool:
+    """Whether the model is frozen with shapes (jax.ShapeDtypeStruct) for params: a stand-in whose programs compile
+    before its weights exist (`stages._compile_on_stand_in`); nothing can run on it."""
+    split = _FROZEN.get(model)
+    return split is not None and any(isinstance(x, jax.ShapeDtypeStruct) for x in split[1])
+
+
 def compiles_ahead(model: nnx.Module) -> bool:
     """Whether the model is frozen with `compile_ahead` on."""
     return model in _FROZEN and model in _AHEAD
+
+
+# Compiles under way in `compile_only` blocks on one device, by what they compile for (`_program_key`): the function
+# (x) its arguments' structure, shapes, dtypes and placements -> a Future of (outputs' shapes, the compile's Future).
+# Why: the eval's first model compiles its programs on a stand-in while it loads (stages._compile_on_stand_in), and
+# the model's own compile-ahead then asks for the same programs: it waits for those compiles instead of repeating
+# them. An entry leaves when its compile ends; later calls find the program in jit's caches.
+_UNDER_WAY: dict[tuple, Future] = {}
+_UNDER_WAY_LOCK = threading.Lock()
+
+
+def _program_key(fast: Callable, structure: _Structure, args: tuple) -> tuple | None:
+    """What a `model_jit` program is compiled for, as a dict key (None where an argument cannot be one)."""
+    leaves, treedef = jax.tree.flatten(args)
+    key = (fast, structure, treedef, tuple(
+        (x.shape, x.dtype, getattr(x, "sharding", None), getattr(x, "weak_type", False))
+        if hasattr(x, "shape") and hasattr(x, "dtype") else x for x in leaves))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 class _CompileOnly:
     """One thread's compile-only calls. Each call returns its outputs as abstract values, so that a program whose
     inputs are another's outputs (generation's loop over the prompt pass's cache) is compiled in the same pass; on
     one device the compiles themselves run in a small pool, side by side, since the outputs' placement is known
-    before compiling (on a mesh it is XLA's choice: that compile runs first)."""
+    before compiling (on a mesh it is XLA's choice: that compile runs first), and a program another thread is
+    compiling already is waited for, not compiled again (`_UNDER_WAY`)."""
 
     def __init__(self):
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="compile-only")
         self.programs: list[Future | jax.stages.Compiled] = []
 
-    def compile(self, lowered: jax.stages.Lowered, leaves: list[jax.Array]) -> Any:
-        like = leaves[0].sharding
+    def compile(self, fast: Any, split: tuple[_Structure, list], args: tuple, kwargs: dict) -> Any:
+        like = split[1][0].sharding
         if len(like.device_set) != 1:
-            compiled = lowered.compile()
+            compiled = fast.lower(*split, *args, **kwargs).compile()
             self.programs.append(compiled)
             return compiled.out_info
-        self.programs.append(self.pool.submit(lowered.compile))
-        # On one device every placement is the same; jit keys its programs by a mesh's, where P() stands for all.
-        placed = NamedSharding(like.mesh, PartitionSpec()) if isinstance(like, NamedSharding) else \
-            SingleDeviceSharding(next(iter(like.device_set)))
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), lowered.out_info)
+        key = _program_key(fast, split[0], (split[1], args, kwargs))
+        with _UNDER_WAY_LOCK:
+            under_way = None if key is None else _UNDER_WAY.get(key)
+            if under_way is None and key is not None:
+                claim = _UNDER_WAY[key] = Future()
+        if under_way is not None:
+            out, compiling = under_way.result()
+            self.programs.append(compiling)
+            return out
+        try:
+            lowered = fast.lower(*split, *args, **kwargs)
+            # On one device every placement is the same; jit keys its programs by a mesh's, where P() stands for all.
+            placed = NamedSharding(like.mesh, PartitionSpec()) if isinstance(like, NamedSharding) else \
+                SingleDeviceSharding(next(iter(like.device_set)))
+            out = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), lowered.out_info)
+            compiling = self.pool.submit(lowered.compile)
+        except BaseException as err:
+            if key is not None:
+                _settle(key, claim, exception=err)
+            raise
+        self.programs.append(compiling)
+        if key is not None:
+            compiling.add_done_callback(lambda _: _settle(key))
+            claim.set_result((out, compiling))
+        return out
+
+
+def _settle(key: tuple, claim: Future | None = None, exception: BaseException | None = None) -> None:
+    """The compile for `key` is over (or failed before it began: `claim` gets the error)."""
+    with _UNDER_WAY_LOCK:
+        _UNDER_WAY.pop(key, None)
+    if claim is not None:
+        claim.set_exception(exception)
 
 
 @contextmanager
@@ -182,7 +240,7 @@ def model_jit(fn: Callable[..., Any], *, static_argnames: tuple[str, ...] = (),
         if split is None:
             return slow(model, *args, **kwargs)
         if compiling():
-            return _MODE.compiled.compile(fast.lower(*split, *args, **kwargs), split[1])
+            return _MODE.compiled.compile(fast, split, args, kwargs)
         if abstract_calls():
             return fast.eval_shape(*split, *args, **kwargs)
         return fast(*split, *args, **kwargs)

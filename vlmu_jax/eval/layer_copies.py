@@ -68,6 +68,22 @@ def restack(xs: list[jax.Array], sharding: Sharding) -> jax.Array:
     return jax.lax.with_sharding_constraint(jnp.stack(xs), sharding)
 
 
+@jax.jit
+def join(kernels: list[jax.Array]) -> jax.Array:
+    """Kernels side by side along the output axis: a joined kernel of `layers.fuse_projections`."""
+    return jnp.concatenate(kernels, axis=-1)
+
+
+def _placed(fn, *args):
+    """`fn(*args)` for a jitted `fn`; where the args are shapes (a stand-in model's, `stages._compile_on_stand_in`),
+    the shapes and placements its program gives its outputs, compiling that program for the call on real arrays
+    to find later."""
+    if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(args)):
+        return fn(*args)
+    out = fn.lower(*args).compile().out_info
+    return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding), out)
+
+
 def stand_in(x: jax.Array) -> jax.Array:
     """A zero-size array of `x`'s dtype on `x`'s devices: what a stacked param holds while its copies replace it."""
     sharding = x.sharding
@@ -90,11 +106,12 @@ def _joinable(copies: Iterable[nnx.Module]) -> Iterator[LlamaAttention | GatedML
 def swap_in_copies(stack: nnx.Module, n: int) -> tuple[list[nnx.Module], dict[tuple, Sharding]]:
     """The `n` layers of a stacked layer module as separate modules over per-layer copies of its weights, each
     stacked param dropped from the model once copied; and the placement of every param dropped (for
-    `swap_back`)."""
+    `swap_back`). On a model of shapes (jax.ShapeDtypeStruct params) the copies are shapes too, placed as the
+    copies of real params would be."""
     slices, dropped = {}, {}
     for path, var in variables_of(stack).items():
         value = var.get_value()
-        slices[path] = unstack(value, n)
+        slices[path] = _placed(unstack, value, n)
         if isinstance(var, nnx.Param):
             dropped[path] = value.sharding
             var.set_value(stand_in(value))  # the stacked value is freed once its slices are made
@@ -105,7 +122,7 @@ def swap_in_copies(stack: nnx.Module, n: int) -> tuple[list[nnx.Module], dict[tu
                                                        for p, v in flat]))
               for i in range(n)]
     for module in _joinable(copies):
-        fuse_projections(module, stand_in)
+        fuse_projections(module, stand_in, partial(_placed, join))
     return copies, dropped
 
 

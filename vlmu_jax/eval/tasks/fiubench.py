@@ -166,6 +166,15 @@ def _split_passes(model: nnx.Module, split: _SplitRows, runner: Runner, desc: st
                                       desc=f"{desc} generate"))
 
 
+def compile_programs(model: nnx.Module, inputs: Inputs, runner: Runner) -> Callable[[], None]:
+    """`batched.compile_ahead` of every program `evaluate_model(model, inputs, runner)` runs (scoring's compiled on
+    return, generation's once the function returned has returned): for the model itself, or for a stand-in of it
+    (shapes only) while it loads."""
+    return compile_ahead(model, to_score=[inputs.forget.rows, inputs.retain.rows],
+                         to_generate=[inputs.forget.prompts.rows, inputs.retain.prompts.rows, inputs.ape_prompts.rows],
+                         **runner.batching(), **runner.generating(), shared_prompts=runner.shared_prompts)
+
+
 def evaluate_model(model: nnx.Module, inputs: Inputs, runner: Runner, *,
                    desc: str = "") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The forget and retain splits' logs (per-question losses, truth ratio, generations, ROUGE, EM, MIA) and the
@@ -186,9 +195,7 @@ def evaluate_model(model: nnx.Module, inputs: Inputs, runner: Runner, *,
               _split_passes(model, inputs.retain, runner, f"{desc} retain")]
     ape_prompts = inputs.ape_prompts
     ape = generate_pass(model, ape_prompts.rows, **runner.batching(), **runner.generating(), desc=f"{desc} forget APE")
-    ready = compile_ahead(model, to_score=[s.split.rows for s in splits],
-                          to_generate=[*(s.split.prompts.rows for s in splits), ape_prompts.rows],
-                          **runner.batching(), **runner.generating(), shared_prompts=runner.shared_prompts)
+    ready = compile_programs(model, inputs, runner)
     forget_passes, retain_passes = splits
     run_passes([forget_passes.scores, retain_passes.scores,
                 *(after(ready, p) for p in (retain_passes.generated, forget_passes.generated, ape))])
