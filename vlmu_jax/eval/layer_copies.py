@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from vlmu_jax.launches import launching
 from vlmu_jax.models.layers import GatedMLP, fuse_projections, split_projections
 from vlmu_jax.models.llama import DecoderLM, LlamaAttention
 from vlmu_jax.models.mllama import MllamaTextModel
@@ -85,11 +86,13 @@ def _placed(fn, *args):
 
 
 def stand_in(x: jax.Array) -> jax.Array:
-    """A zero-size array of `x`'s dtype on `x`'s devices: what a stacked param holds while its copies replace it."""
+    """A zero-size array of `x`'s dtype on `x`'s devices: what a stacked param holds while its copies replace it.
+    Copied under the launch lock: a stand-in model's copies are made beside the first model's load and passes."""
     sharding = x.sharding
     if isinstance(sharding, NamedSharding):
         sharding = NamedSharding(sharding.mesh, PartitionSpec())
-    return jax.device_put(np.zeros((0,), x.dtype), sharding)
+    with launching():
+        return jax.device_put(np.zeros((0,), x.dtype), sharding)
 
 
 def variables_of(module: nnx.Module) -> dict[tuple, nnx.Variable]:
