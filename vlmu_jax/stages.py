@@ -483,11 +483,11 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
     utility = _utility_inputs(ws)  # read and checked before any model runs
     todo = {name: path for name, path in sources.items()
             if ws.config.force or not _evaluated(ws.workdir / "eval_results" / name, path)}
-    with ThreadPoolExecutor(1, thread_name_prefix="eval-inputs") as pool:
+    with ThreadPoolExecutor(2, thread_name_prefix="eval-inputs") as pool:
         # tokenised once for every model, while the first one loads (host work the devices would wait for)
         fiubench = ws.config.benchmark == "fiubench" and todo
         inputs = pool.submit(_fiubench_inputs, ws, base_runner) if fiubench else None
-        # then the first model's programs compiled on its stand-in, while it loads
+        # and beside it, the first model's stand-in made; once both are, its programs compile, while it loads
         ahead = pool.submit(_compile_on_stand_in, ws, next(iter(todo.values())), base_runner, inputs) \
             if fiubench and ws.config.eval.compile_ahead else None
         _evaluate_each(ws, todo, base_runner, utility, inputs)

@@ -91,8 +91,8 @@ def compiles_ahead(model: nnx.Module) -> bool:
     return model in _FROZEN and model in _AHEAD
 
 
-# Compiles under way in `compile_only` blocks on one device, by what they compile for (`_program_key`): the function
-# (x) its arguments' structure, shapes, dtypes and placements -> a Future of (outputs' shapes, the compile's Future).
+# Compiles under way in `compile_only` blocks, by what they compile for (`_program_key`: the function and its
+# arguments' structure, shapes, dtypes and placements) -> a Future of (the outputs' shapes, the compile's Future).
 # Why: the eval's first model compiles its programs on a stand-in while it loads (stages._compile_on_stand_in), and
 # the model's own compile-ahead then asks for the same programs: it waits for those compiles instead of repeating
 # them. An entry leaves when its compile ends; later calls find the program in jit's caches.
@@ -117,19 +117,14 @@ class _CompileOnly:
     """One thread's compile-only calls. Each call returns its outputs as abstract values, so that a program whose
     inputs are another's outputs (generation's loop over the prompt pass's cache) is compiled in the same pass; on
     one device the compiles themselves run in a small pool, side by side, since the outputs' placement is known
-    before compiling (on a mesh it is XLA's choice: that compile runs first), and a program another thread is
+    before compiling (on a mesh it is XLA's choice: that compile runs first). A program another thread is
     compiling already is waited for, not compiled again (`_UNDER_WAY`)."""
 
     def __init__(self):
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="compile-only")
-        self.programs: list[Future | jax.stages.Compiled] = []
+        self.programs: list[Future] = []
 
     def compile(self, fast: Any, split: tuple[_Structure, list], args: tuple, kwargs: dict) -> Any:
-        like = split[1][0].sharding
-        if len(like.device_set) != 1:
-            compiled = fast.lower(*split, *args, **kwargs).compile()
-            self.programs.append(compiled)
-            return compiled.out_info
         key = _program_key(fast, split[0], (split[1], args, kwargs))
         with _UNDER_WAY_LOCK:
             under_way = None if key is None else _UNDER_WAY.get(key)
@@ -140,12 +135,7 @@ class _CompileOnly:
             self.programs.append(compiling)
             return out
         try:
-            lowered = fast.lower(*split, *args, **kwargs)
-            # On one device every placement is the same; jit keys its programs by a mesh's, where P() stands for all.
-            placed = NamedSharding(like.mesh, PartitionSpec()) if isinstance(like, NamedSharding) else \
-                SingleDeviceSharding(next(iter(like.device_set)))
-            out = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), lowered.out_info)
-            compiling = self.pool.submit(lowered.compile)
+            out, compiling = self._start(fast.lower(*split, *args, **kwargs), split[1][0].sharding)
         except BaseException as err:
             if key is not None:
                 _settle(key, claim, exception=err)
@@ -155,6 +145,18 @@ class _CompileOnly:
             compiling.add_done_callback(lambda _: _settle(key))
             claim.set_result((out, compiling))
         return out
+
+    def _start(self, lowered: jax.stages.Lowered, like: jax.sharding.Sharding) -> tuple[Any, Future]:
+        """(The outputs' shapes, the compile's Future) of a lowered program."""
+        if len(like.device_set) != 1:
+            done: Future = Future()
+            done.set_result(compiled := lowered.compile())
+            return compiled.out_info, done
+        # On one device every placement is the same; jit keys its programs by a mesh's, where P() stands for all.
+        placed = NamedSharding(like.mesh, PartitionSpec()) if isinstance(like, NamedSharding) else \
+            SingleDeviceSharding(next(iter(like.device_set)))
+        out = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), lowered.out_info)
+        return out, self.pool.submit(lowered.compile)
 
 
 def _settle(key: tuple, claim: Future | None = None, exception: BaseException | None = None) -> None:
@@ -176,7 +178,7 @@ def compile_only() -> Iterator[list[jax.stages.Compiled]]:
     _MODE.compiled = _CompileOnly()
     try:
         yield programs
-        programs.extend(p.result() if isinstance(p, Future) else p for p in _MODE.compiled.programs)
+        programs.extend(p.result() for p in _MODE.compiled.programs)
     finally:
         _MODE.compiled.pool.shutdown(wait=True)
         _MODE.compiled = None
