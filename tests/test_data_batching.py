@@ -12,7 +12,9 @@ from vlmu_jax.data.batching import (
     Example,
     ExampleSource,
     TextConfig,
+    _prompt_only,
     encode,
+    encode_all,
     examples_from,
     generation_rows,
     row_buckets,
@@ -240,3 +242,35 @@ def test_fiubench_generation_prompt_has_two_bos(tok, bench, tmp_path):
     got32 = roundtrip_prompt(ex, cfg32)
     assert got32.prompt == "<s>" + template.prompt(ex.question).removesuffix("\n\n")
     assert got32.reference == "\n\nBorn in Oslo.<|eot_id|>"  # strip(" ") keeps the tag's newlines
+
+
+@pytest.mark.parametrize("original_mask", [False, True])
+def test_rows_tokenised_in_one_call_equal_rows_tokenised_alone(tok, bench, original_mask):
+    """`encode_all` (every distinct text in one tokenizer call) gives each example the ids and labels `encode`
+    gives it alone: rows with and without the image, texts repeated, the original FIUBench mask (which tokenises
+    the instruction apart) and the corrected one; generation prompts the same."""
+    cfg = _cfg(tok, fiubench_original_mask=original_mask)
+    examples = examples_from(bench.identities[:3])
+    examples += [dataclasses.replace(e, image=None) for e in examples[:4]] + examples[:2]
+    assert len({e.image is None for e in examples}) == 2
+    calls = []
+    real = cfg.tokenizer.__call__
+
+    class Counted:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(args[0])
+            return real(*args, **kwargs)
+
+    together = encode_all(examples, dataclasses.replace(cfg, tokenizer=Counted()))
+    assert len(calls) == 1 and isinstance(calls[0], list)
+    assert len(calls[0]) == len(set(calls[0])) < len(examples) * (1 + original_mask)
+    for row, alone in zip(together, (encode(e, cfg) for e in examples), strict=True):
+        assert row.input_ids.tolist() == alone.input_ids.tolist()
+        assert row.labels.tolist() == alone.labels.tolist()
+        assert (row.labels != IGNORE).any()
+    prompts, prompt_cfg = generation_rows(examples, cfg), _prompt_only(cfg)
+    alone = [encode(dataclasses.replace(e, answer=""), prompt_cfg) for e in examples]
+    assert [p.input_ids.tolist() for p in prompts] == [a.input_ids.tolist() for a in alone]

@@ -31,7 +31,7 @@ from vlmu_jax.data.batching import (
     Encoded,
     ExampleSource,
     bucket_length,
-    encode,
+    encode_all,
     examples_from,
     label_slots,
     row_buckets,
@@ -139,7 +139,7 @@ def _rows(ws: Workspace, identities: list[Identity], *, seed: int, idk: tuple[st
     examples = examples_from(identities, idk=idk, seed=seed)
     if text_only:  # the same questions without the identity's image (MMUnlearner's textual knowledge)
         examples = [dataclasses.replace(e, image=None) for e in examples]
-    rows = [encode(e, ws.text_config) for e in examples]
+    rows = encode_all(examples, ws.text_config)
     if not rows:
         raise InputError("a training stream has no examples: check the split names and the data folder")
     return rows

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from vlmu_jax.data.batching import IGNORE, Encoded, Example, TextConfig, encode, generation_rows
+from vlmu_jax.data.batching import IGNORE, Encoded, Example, TextConfig, encode_all, generation_rows
 from vlmu_jax.data.fiubench_prompts import roundtrip_prompt
 from vlmu_jax.data.records import IMAGE, Identity
 from vlmu_jax.data.templates import Template
@@ -119,7 +119,7 @@ class _SplitRows:
 
 def _split_rows(identities: Sequence[Identity], runner: Runner) -> _SplitRows:
     examples, k = scoring_examples(identities)
-    return _SplitRows(_questions(identities), [encode(e, runner.text) for e in examples], k,
+    return _SplitRows(_questions(identities), encode_all(examples, runner.text), k,
                       generation_prompts(examples[:: 2 + k], runner))
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from vlmu_jax.data.batching import Encoded, Example, encode, generation_rows
+from vlmu_jax.data.batching import Encoded, Example, encode_all, generation_rows
 from vlmu_jax.data.mllmu import MODALITY_NAME
 from vlmu_jax.data.records import IMAGE, QA, Benchmark, Cloze, Identity, ImageRef, MultipleChoice, TestVariant
 from vlmu_jax.eval import judge, metrics
@@ -126,8 +126,8 @@ def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *,
 
 def _option_rows(choices: Sequence[tuple[str, ImageRef | None, MultipleChoice]], runner: Runner) -> list[Encoded]:
     """Every option text as the answer to the bare question, in the runner's template, question by question."""
-    return [encode(Example(mc.question, opt, image, uid), runner.text)
-            for uid, image, mc in choices for _, opt in mc.options]
+    return encode_all([Example(mc.question, opt, image, uid) for uid, image, mc in choices for _, opt in mc.options],
+                      runner.text)
 
 
 def _option_pass(model: nnx.Module, rows: Sequence[Encoded], runner: Runner, desc: str) -> list[Pass]:
