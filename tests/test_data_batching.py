@@ -20,7 +20,7 @@ from vlmu_jax.data.batching import (
     row_buckets,
     sequence_buckets,
 )
-from vlmu_jax.data.fiubench_prompts import roundtrip_prompt
+from vlmu_jax.data.fiubench_prompts import roundtrip_prompts
 from vlmu_jax.data.records import ImageRef
 from vlmu_jax.data.templates import (
     TEMPLATES,
@@ -227,7 +227,7 @@ def test_fiubench_generation_prompt_has_two_bos(tok, bench, tmp_path):
     image_id = tok.convert_tokens_to_ids("<image>")
     ex = Example("Where was this person born?", "Born in Oslo.", ImageRef(data=b""))
     prompt = TEMPLATES["llava-1.5"].prompt(ex.question)
-    got = roundtrip_prompt(ex, _cfg(tok))
+    got = roundtrip_prompts([ex], _cfg(tok))[0]
     assert got.prompt == "<s>" + prompt and got.reference == "Born in Oslo."
     body = tok(prompt, add_special_tokens=False)["input_ids"]
     assert got.row.input_ids.tolist() == _expanded([tok.bos_token_id, tok.bos_token_id, *body], image_id)
@@ -239,7 +239,7 @@ def test_fiubench_generation_prompt_has_two_bos(tok, bench, tmp_path):
     train_demo_tokenizer(synthetic.corpus(bench), tmp_path, 600, template)
     tok32 = load_tokenizer(tmp_path)
     cfg32 = TextConfig(tok32, template, tok32.convert_tokens_to_ids(template.image_token), N_IMG)
-    got32 = roundtrip_prompt(ex, cfg32)
+    got32 = roundtrip_prompts([ex], cfg32)[0]
     assert got32.prompt == "<s>" + template.prompt(ex.question).removesuffix("\n\n")
     assert got32.reference == "\n\nBorn in Oslo.<|eot_id|>"  # strip(" ") keeps the tag's newlines
 
@@ -248,7 +248,7 @@ def test_fiubench_generation_prompt_has_two_bos(tok, bench, tmp_path):
 def test_rows_tokenised_in_one_call_equal_rows_tokenised_alone(tok, bench, original_mask):
     """`encode_all` (every distinct text in one tokenizer call) gives each example the ids and labels `encode`
     gives it alone: rows with and without the image, texts repeated, the original FIUBench mask (which tokenises
-    the instruction apart) and the corrected one; generation prompts the same."""
+    the instruction apart) and the corrected one; generation prompts and FIUBench's round-trip prompts the same."""
     cfg = _cfg(tok, fiubench_original_mask=original_mask)
     examples = examples_from(bench.identities[:3])
     examples += [dataclasses.replace(e, image=None) for e in examples[:4]] + examples[:2]
@@ -274,3 +274,10 @@ def test_rows_tokenised_in_one_call_equal_rows_tokenised_alone(tok, bench, origi
     prompts, prompt_cfg = generation_rows(examples, cfg), _prompt_only(cfg)
     alone = [encode(dataclasses.replace(e, answer=""), prompt_cfg) for e in examples]
     assert [p.input_ids.tolist() for p in prompts] == [a.input_ids.tolist() for a in alone]
+    # FIUBench's round-trip prompts (decoded rows, cut at the tag, tokenised again) alike, example by example
+    together = roundtrip_prompts(examples, cfg)
+    for got, e in zip(together, examples, strict=True):
+        one = roundtrip_prompts([e], cfg)[0]
+        assert (got.prompt, got.reference, got.row.input_ids.tolist()) == (one.prompt, one.reference,
+                                                                           one.row.input_ids.tolist())
+    assert len({g.prompt for g in together}) > 1

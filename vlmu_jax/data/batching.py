@@ -227,10 +227,10 @@ def encode(example: Example, cfg: TextConfig) -> Encoded:
     return expand(*text_ids(example, cfg), example, cfg)
 
 
-def encode_all(examples: Sequence[Example], cfg: TextConfig) -> list[Encoded]:
-    """`encode` of each example, every distinct text tokenised in one call. Why: a call per text spent most of its
-    time in the tokenizer's Python wrapper: FIUBench's eval rows at forget10 / retain15 (10,920 calls) took 1.7 s
-    of the 2.3 s of tokenising on this project's CPU, time the eval's first compile waits for; one call runs them
+def text_ids_all(examples: Sequence[Example], cfg: TextConfig) -> list[tuple[list[int], list[bool]]]:
+    """`text_ids` of each example, every distinct text tokenised in one call. Why: a call per text spent most of
+    its time in the tokenizer's Python wrapper: FIUBench's eval rows at forget10 / retain15 (10,920 calls) took 1.7
+    s of the 2.3 s of tokenising on this project's CPU, time the eval's first compile waits for; one call runs them
     in the tokenizer's own threads."""
     texts = list(dict.fromkeys(t for e in examples for t in _texts(e, cfg)[1:] if t is not None))
     if not texts:
@@ -238,7 +238,13 @@ def encode_all(examples: Sequence[Example], cfg: TextConfig) -> list[Encoded]:
     enc = cfg.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     made = {t: (list(ids), [tuple(o) for o in offsets])
             for t, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True)}
-    return [expand(*text_ids(e, cfg, made.__getitem__), e, cfg) for e in examples]
+    return [text_ids(e, cfg, made.__getitem__) for e in examples]
+
+
+def encode_all(examples: Sequence[Example], cfg: TextConfig) -> list[Encoded]:
+    """`encode` of each example, its texts tokenised together (`text_ids_all`)."""
+    return [expand(ids, answer, e, cfg) for e, (ids, answer) in zip(examples, text_ids_all(examples, cfg),
+                                                                      strict=True)]
 
 
 def _round_up(n: int, multiple: int) -> int:

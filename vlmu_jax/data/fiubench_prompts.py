@@ -10,9 +10,10 @@ stripped, is the reference ROUGE scores against: the answer as the tokenizer dec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vlmu_jax.data.batching import Encoded, Example, TextConfig, expand, text_ids
+from vlmu_jax.data.batching import Encoded, Example, TextConfig, expand, text_ids_all
 
 
 @dataclass(frozen=True)
@@ -24,16 +25,19 @@ class GenerationPrompt:
     reference: str  # the decoded answer (generated_text[2], ROUGE's reference)
 
 
-def roundtrip_prompt(example: Example, cfg: TextConfig) -> GenerationPrompt:
-    """The generation prompt of `example` (question AND answer: the answer's ids are what gets decoded)."""
-    ids, _ = text_ids(example, cfg)
-    text = cfg.tokenizer.decode(ids)
+def roundtrip_prompts(examples: Sequence[Example], cfg: TextConfig) -> list[GenerationPrompt]:
+    """The generation prompt of each example (question AND answer: the answer's ids are what gets decoded); the
+    rows tokenised, decoded and the prompts tokenised again in one tokenizer call each (`text_ids_all`'s why)."""
+    rows = text_ids_all(examples, cfg)
+    texts = cfg.tokenizer.batch_decode([ids for ids, _ in rows])
     tag = cfg.template.answer_prefix.replace("\n", "")
-    parts = text.split(tag)
-    if len(parts) < 2:
-        raise ValueError(f"example {example.uid!r}: answer tag {tag!r} not in the decoded row {text!r} (the original "
-                         "fails here too: IndexError in run_generation)")
-    prompt = parts[0].strip(" ") + tag
-    prompt_ids = list(cfg.tokenizer(prompt)["input_ids"])
-    row = expand(prompt_ids, [False] * len(prompt_ids), example, cfg)
-    return GenerationPrompt(row, prompt, parts[1].strip(" "))
+    cut = []
+    for example, text in zip(examples, texts, strict=True):
+        parts = text.split(tag)
+        if len(parts) < 2:
+            raise ValueError(f"example {example.uid!r}: answer tag {tag!r} not in the decoded row {text!r} (the "
+                             "original fails here too: IndexError in run_generation)")
+        cut.append((parts[0].strip(" ") + tag, parts[1].strip(" ")))
+    prompt_ids = cfg.tokenizer([prompt for prompt, _ in cut])["input_ids"] if cut else []
+    return [GenerationPrompt(expand(list(ids), [False] * len(ids), example, cfg), prompt, reference)
+            for example, ids, (prompt, reference) in zip(examples, prompt_ids, cut, strict=True)]

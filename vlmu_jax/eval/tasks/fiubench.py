@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from vlmu_jax.data.batching import IGNORE, Encoded, Example, TextConfig, encode_all, generation_rows
-from vlmu_jax.data.fiubench_prompts import roundtrip_prompt
+from vlmu_jax.data.fiubench_prompts import roundtrip_prompts
 from vlmu_jax.data.records import IMAGE, Identity
 from vlmu_jax.data.templates import Template
 from vlmu_jax.eval import attacks, judge, metrics, mia
@@ -72,7 +72,7 @@ class Prompts:
 def generation_prompts(examples: Sequence[Example], runner: Runner) -> Prompts:
     """Corrected: the template's prompt, one BOS, the answer as reference. Original: run_generation's round trip."""
     if runner.protocol.fiubench_generation_roundtrip:
-        built = [roundtrip_prompt(e, runner.text) for e in examples]
+        built = roundtrip_prompts(examples, runner.text)
         return Prompts([b.row for b in built], [b.prompt for b in built], [b.reference for b in built])
     rows = generation_rows([Example(e.question, "", e.image, e.uid) for e in examples], runner.text)
     return Prompts(rows, [e.question for e in examples], [e.answer for e in examples])
