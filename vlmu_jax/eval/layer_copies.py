@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 
@@ -112,6 +113,11 @@ def swap_in_copies(stack: nnx.Module, n: int) -> tuple[list[nnx.Module], dict[tu
     `swap_back`). On a model of shapes (jax.ShapeDtypeStruct params) the copies are shapes too, placed as the
     copies of real params would be."""
     slices, dropped = {}, {}
+    shapes = {(x.shape, x.dtype, x.sharding): x for x in (v.get_value() for v in variables_of(stack).values())
+              if isinstance(x, jax.ShapeDtypeStruct)}
+    if shapes:  # a stand-in's slicing programs, compiled side by side for `_placed` below to find
+        with ThreadPoolExecutor(8, thread_name_prefix="copies-compile") as pool:
+            list(pool.map(lambda x: unstack.lower(x, n).compile(), shapes.values()))
     for path, var in variables_of(stack).items():
         value = var.get_value()
         slices[path] = _placed(unstack, value, n)
