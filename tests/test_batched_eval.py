@@ -341,9 +341,11 @@ def test_eval_stage_compiles_the_first_models_programs_on_its_stand_in(workspace
     config.mesh.data, config.mesh.fsdp = 4, 2  # the params sharded: their placements are part of each program
     ws = Workspace(config, workspace.workdir)
     compiled: list[tuple[str, str]] = []
+    recording = threading.Event()  # jax.monitoring keeps its listeners: this one records during the stage only
+    recording.set()
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, _, fun_name="", **kw: compiled.append((fun_name, threading.current_thread().name))
-        if event == "/jax/core/compile/backend_compile_duration" else None)
+        if recording.is_set() and event == "/jax/core/compile/backend_compile_duration" else None)
     done, at_load = threading.Event(), []
     on_stand_in, load = stages._compile_on_stand_in, Ws.load
 
@@ -361,7 +363,10 @@ def test_eval_stage_compiles_the_first_models_programs_on_its_stand_in(workspace
 
     monkeypatch.setattr(stages, "_compile_on_stand_in", stand_in_then_done)
     monkeypatch.setattr(Ws, "load", load_once_done)
-    stages.eval(ws)
+    try:
+        stages.eval(ws)
+    finally:
+        recording.clear()
     before, after = compiled[:at_load[0]], compiled[at_load[0]:]
     ahead = {name for name, _ in before}
     assert {"jit(prefill)", "jit(_continuations_over_cache)", "jit(_decode)", "jit(unstack)"} <= ahead
