@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from configs.demo import get_config
+from tests.stand_in_stage import compiles_around_the_first_load, stand_in_config
 from vlmu_jax.data.batching import encode, examples_from, generation_rows
 from vlmu_jax.eval.batched import Pass, generate_pass, generate_rows, run_passes, score_pass, score_rows
 from vlmu_jax.pipeline import Workspace, prepare_base_model, prepare_data
@@ -329,47 +330,10 @@ def test_eval_stage_compiles_the_first_models_programs_on_its_stand_in(workspace
     """The eval stage compiles its first model's programs on a stand-in (shapes and placements, per-layer copies
     and image features included) while the model loads: here the load waits until the stand-in's compiles are
     done, and then the model's own evaluation compiles none of the programs the stand-in compiled, its layer
-    copies' slicing included. The shapes (batch 24, 3 new tokens, fsdp 2) are this test's own: no other test
-    compiled them."""
-    from vlmu_jax import stages
-    from vlmu_jax.pipeline import Workspace as Ws
-
-    config = workspace.config.copy_and_resolve_references()
-    config.eval.models, config.eval.reference_model = f"standin={workspace.base_model}", ""
-    config.eval.layer_copies, config.eval.compile_ahead = "always", True
-    config.eval.batch_size, config.eval.max_new_tokens = 24, 3
-    config.mesh.data, config.mesh.fsdp = 4, 2  # the params sharded: their placements are part of each program
-    ws = Workspace(config, workspace.workdir)
-    compiled: list[tuple[str, str]] = []
-    recording = threading.Event()  # jax.monitoring keeps its listeners: this one records during the stage only
-    recording.set()
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, _, fun_name="", **kw: compiled.append((fun_name, threading.current_thread().name))
-        if recording.is_set() and event == "/jax/core/compile/backend_compile_duration" else None)
-    done, at_load = threading.Event(), []
-    on_stand_in, load = stages._compile_on_stand_in, Ws.load
-
-    def stand_in_then_done(*args):
-        try:
-            on_stand_in(*args)
-        finally:
-            done.set()
-
-    def load_once_done(self, name):
-        assert done.wait(600)
-        model = load(self, name)
-        at_load.append(len(compiled))
-        return model
-
-    monkeypatch.setattr(stages, "_compile_on_stand_in", stand_in_then_done)
-    monkeypatch.setattr(Ws, "load", load_once_done)
-    try:
-        stages.eval(ws)
-    finally:
-        recording.clear()
-    before, after = compiled[:at_load[0]], compiled[at_load[0]:]
-    ahead = {name for name, _ in before}
+    copies' slicing included (FIUBench; MLLMU-Bench in test_mllmu_eval.py)."""
+    ws = Workspace(stand_in_config(workspace.config, str(workspace.base_model), 24), workspace.workdir)
+    ahead, after = compiles_around_the_first_load(ws, monkeypatch)
     assert {"jit(prefill)", "jit(_continuations_over_cache)", "jit(_decode)", "jit(unstack)"} <= ahead
-    assert not [name for name, _ in after if name in ahead], after
+    assert not [name for name in after if name in ahead], after
     logs = json.loads((ws.workdir / "eval_results" / "standin" / "eval_log_aggregated.json").read_text())
     assert len(logs["eval_forget_log.json"]["generated_text"]) > 0

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from configs.demo import get_config
+from tests.stand_in_stage import compiles_around_the_first_load, stand_in_config
 from vlmu_jax.data.batching import Example, generation_rows
 from vlmu_jax.data.records import IMAGE, TEXT, Cloze, MultipleChoice
 from vlmu_jax.eval import metrics
@@ -49,7 +52,8 @@ def test_question_texts_as_eval_py() -> None:
 def test_evaluate_mllmu(workspace: Workspace) -> None:
     ws = workspace
     bench = ws.bench
-    results = task.evaluate_mllmu(ws.load("base"), bench, _runner(ws), forget_ratio=RATIO)
+    runner = _runner(ws)
+    results = task.evaluate_mllmu(ws.load("base"), task.mllmu_inputs(bench, runner, forget_ratio=RATIO), runner)
     assert list(results) == list(task.SET_NAMES.values())
     sets = task.mllmu_sets(bench, forget_ratio=RATIO)
     forget_uids = {i.uid for i in bench.split(f"forget_{RATIO}")}
@@ -99,3 +103,22 @@ def test_evaluate_mllmu(workspace: Workspace) -> None:
     gen = [r for r in res["predictions"]["generation"] if r["question type"] == "Image_Textual"]
     bleu = sum(metrics.sentence_bleu(r["ground_truth"], r["generated_answer"]) for r in gen) / len(gen)
     assert res["generation"]["Average BLEU (Image_Textual)"] == pytest.approx(bleu)
+
+
+@pytest.mark.parametrize("protocol,batch_size", [("corrected", 40), ("original", 32)])
+def test_eval_stage_compiles_the_first_models_programs_on_its_stand_in(workspace: Workspace, monkeypatch,
+                                                                       protocol: str, batch_size: int) -> None:
+    """MLLMU-Bench's eval stage, either protocol (eval.py's prompts: `evaluate_eval_py`; one question at a time:
+    `evaluate_mllmu`), compiles its first model's programs on a stand-in while it loads: held until those compiles
+    are done, the model's own evaluation compiles none of them (as FIUBench's, test_batched_eval.py). Each protocol
+    at its own batch size, so each compiles its own programs (the layer copies' slicing, the same model's, compiles
+    in the first one)."""
+    config = stand_in_config(workspace.config, str(workspace.base_model), batch_size)
+    config.protocol = protocol
+    ws = Workspace(config, workspace.workdir)
+    ahead, after = compiles_around_the_first_load(ws, monkeypatch)
+    assert {"jit(prefill)", "jit(_continuations_over_cache)", "jit(_decode)"} <= ahead, ahead
+    assert not [name for name in after if name in ahead], after
+    results = json.loads((ws.workdir / "eval_results" / "standin" / "final_evaluation_results.json").read_text())
+    assert results["protocol"]["eval_py_prompts"] == (protocol == "original")
+    assert set(task.SET_NAMES.values()) <= set(results)

@@ -483,13 +483,14 @@ def eval(ws: Workspace) -> None:  # noqa: A001 - the stage is called eval in con
     utility = _utility_inputs(ws)  # read and checked before any model runs
     todo = {name: path for name, path in sources.items()
             if ws.config.force or not _evaluated(ws.workdir / "eval_results" / name, path)}
+    if not todo:
+        return
     with ThreadPoolExecutor(2, thread_name_prefix="eval-inputs") as pool:
         # tokenised once for every model, while the first one loads (host work the devices would wait for)
-        fiubench = ws.config.benchmark == "fiubench" and todo
-        inputs = pool.submit(_fiubench_inputs, ws, base_runner) if fiubench else None
+        inputs = pool.submit(_eval_inputs, ws, base_runner)
         # and beside it, the first model's stand-in made; once both are, its programs compile, while it loads
         ahead = pool.submit(_compile_on_stand_in, ws, next(iter(todo.values())), base_runner, inputs) \
-            if fiubench and ws.config.eval.compile_ahead else None
+            if ws.config.eval.compile_ahead else None
         _evaluate_each(ws, todo, base_runner, utility, inputs)
         if ahead is not None:
             ahead.result()  # its errors
@@ -502,16 +503,17 @@ def _compile_on_stand_in(ws: Workspace, path: Path, base_runner, inputs: Future)
     Why: the first model's programs compiled only once it was loaded, so the devices sat idle for the load and
     then for the compile: Llama-3.2-11B-Vision's first pass started 16.8 s into the stage, 4.9 s after its load
     (bench/RESULTS.md session 37)."""
-    from vlmu_jax.eval.tasks.fiubench import compile_programs
+    from vlmu_jax.eval.tasks import fiubench, mllmu
 
+    compile_programs = fiubench.compile_programs if ws.config.benchmark == "fiubench" else mllmu.compile_programs
     model = ws.load_shapes(path)
     with layer_copies(model, ws.config.eval.layer_copies, restore=False), frozen(model):
         compile_programs(model, inputs.result(), _embedding_runner(ws, model, None, base_runner))()
 
 
-def _evaluate_each(ws: Workspace, todo: dict[str, Path], base_runner, utility: dict, inputs: Future | None) -> None:
+def _evaluate_each(ws: Workspace, todo: dict[str, Path], base_runner, utility: dict, inputs: Future) -> None:
     """The eval stage's loop: each model in `todo` loaded (the next one ahead where it fits), evaluated, its results
-    written. `inputs`: FIUBench's tokenised rows (a Future of `fiubench.prepare`'s), None for MLLMU-Bench."""
+    written. `inputs`: a Future of the benchmark's tokenised rows (`_eval_inputs`)."""
     from vlmu_jax.eval.tasks.mme import write_eval_tool_results
     from vlmu_jax.report.aggregate import write_json
 
@@ -530,8 +532,8 @@ def _evaluate_each(ws: Workspace, todo: dict[str, Path], base_runner, utility: d
                 say(f"eval {name}: decoder weights copied per layer for evaluation, in place of the stack (no "
                     "per-layer copy per forward)")
             runner = _embedding_runner(ws, model, name, base_runner)
-            logs = _fiubench_logs(ws, model, runner, inputs.result(), name, judge) if inputs is not None else \
-                _mllmu_logs(ws, model, runner, judge)
+            logs = _fiubench_logs(ws, model, runner, inputs.result(), name, judge) \
+                if ws.config.benchmark == "fiubench" else _mllmu_logs(ws, model, runner, inputs.result(), judge)
             logs.update(_utility_logs(model, runner, utility, name))
         if jax.process_index() == 0:
             for file, log in logs.items():
@@ -649,11 +651,23 @@ def _utility_logs(model: nnx.Module, runner, inputs: dict, name: str) -> dict[st
     return logs
 
 
-def _fiubench_inputs(ws: Workspace, runner):
-    """FIUBench's tokenised eval rows of the run's forget and retain splits (`fiubench.prepare`)."""
-    from vlmu_jax.eval.tasks.fiubench import prepare
+def _eval_inputs(ws: Workspace, runner):
+    """The benchmark's tokenised eval rows, the same for every model: FIUBench's forget and retain splits
+    (`fiubench.prepare`), or MLLMU-Bench's sets as eval.py builds them (`mllmu.eval_py_inputs`, protocol original,
+    where eval.py has a path for the model family) or one question at a time (`mllmu.mllmu_inputs`)."""
+    from vlmu_jax.eval.tasks import fiubench, mllmu
+    from vlmu_jax.eval.tasks.mllmu_prompts import FAMILIES
 
-    return prepare(ws.bench.split(_forget_split(ws)), ws.bench.split(ws.config.eval.retain_split), runner)
+    c = ws.config
+    if c.benchmark == "fiubench":
+        return fiubench.prepare(ws.bench.split(_forget_split(ws)), ws.bench.split(c.eval.retain_split), runner)
+    family = ws.hf_config.get("model_type", "")
+    if ws.protocol.mllmu_eval_py and family not in FAMILIES:
+        logging.warning("MLLMU-Bench's eval.py has no path for %s models (LLaVA and Idefics2 only): evaluating with "
+                        "the corrected protocol's prompts", family)
+    if ws.protocol.mllmu_eval_py and family in FAMILIES:
+        return mllmu.eval_py_inputs(ws.bench, runner, forget_ratio=c.data.forget_ratio, family=family, seed=c.seed)
+    return mllmu.mllmu_inputs(ws.bench, runner, forget_ratio=c.data.forget_ratio, seed=c.seed)
 
 
 def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, inputs, name: str, judge=None) -> dict[str, dict]:
@@ -674,24 +688,18 @@ def _fiubench_logs(ws: Workspace, model: nnx.Module, runner, inputs, name: str, 
     return {**logs, APE: ape, "eval_log_aggregated.json": logs}
 
 
-def _mllmu_logs(ws: Workspace, model: nnx.Module, runner, judge=None) -> dict[str, dict]:
-    from vlmu_jax.eval.tasks.mllmu import PROTOCOL_KEY, add_factuality, evaluate_eval_py, evaluate_mllmu
-    from vlmu_jax.eval.tasks.mllmu_prompts import FAMILIES
+def _mllmu_logs(ws: Workspace, model: nnx.Module, runner, inputs, judge=None) -> dict[str, dict]:
+    from vlmu_jax.eval.tasks.mllmu import PROTOCOL_KEY, EvalPyInputs, add_factuality, evaluate_eval_py, evaluate_mllmu
 
-    c, draws, family = ws.config, None, ws.hf_config.get("model_type", "")
-    eval_py = ws.protocol.mllmu_eval_py and family in FAMILIES
-    if ws.protocol.mllmu_eval_py and not eval_py:
-        logging.warning("MLLMU-Bench's eval.py has no path for %s models (LLaVA and Idefics2 only): evaluating with "
-                        "the corrected protocol's prompts", family)
+    eval_py, draws = isinstance(inputs, EvalPyInputs), None
     if eval_py:
-        results, draws = evaluate_eval_py(model, ws.bench, runner, forget_ratio=c.data.forget_ratio, family=family,
-                                          seed=c.seed)
+        results, draws = evaluate_eval_py(model, inputs, runner)
     else:
-        results = evaluate_mllmu(model, ws.bench, runner, forget_ratio=c.data.forget_ratio, seed=c.seed)
+        results = evaluate_mllmu(model, inputs, runner)
     if judge is not None:
         add_factuality(results, *judge)
     predictions = {s: r.pop("predictions") for s, r in results.items()}
-    record = {"name": ws.protocol.name, "seed": c.seed, "eval_py_prompts": eval_py,
+    record = {"name": ws.protocol.name, "seed": ws.config.seed, "eval_py_prompts": eval_py,
               **({"few_shot_ids": draws} if draws is not None else {})}
     return {"final_evaluation_results.json": {**results, PROTOCOL_KEY: record}, "predictions.json": predictions}
 

@@ -29,7 +29,7 @@ run as one stream of device calls (``batched.run_passes``), and prompts are neve
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,9 +92,19 @@ def _image(person: Person, modality: str) -> ImageRef | None:
     return person.image if modality == IMAGE else None
 
 
-def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *, desc: str = "") -> dict[str, Any]:
-    """``fill_in_the_blank`` / ``classification`` / ``generation`` (eval.py keys), ``classification_likelihood``
-    (same keys as classification) and ``predictions`` (per-item records, in set order)."""
+@dataclass(frozen=True)
+class SetInputs:
+    """One set's items and tokenised rows (protocol ``corrected``): the same for every model."""
+
+    choices: list[tuple[Person, MultipleChoice]]
+    clozes: list[tuple[Person, Cloze]]
+    gens: list[tuple[Person, QA]]
+    prompt_rows: list[Encoded]  # classification, cloze, generation prompts, in that order
+    option_rows: list[Encoded]  # every option of every classification question
+
+
+def set_inputs(people: Sequence[Person], runner: Runner, *, desc: str = "") -> SetInputs:
+    """`SetInputs` of a set's people under `runner`'s text config."""
     choices = [(p, mc) for p in people for mc in p.choices]
     clozes = [(p, c) for p in people for c in p.cloze]
     gens = [(p, qa) for p in people for qa in p.generation]
@@ -104,16 +114,21 @@ def evaluate_set(model: nnx.Module, people: Sequence[Person], runner: Runner, *,
                + [Example(P.cloze_prompt(c), "", _image(p, c.modality), p.uid) for p, c in clozes]
                + [Example(P.generation_prompt(qa.question, qa.modality), "", _image(p, qa.modality), p.uid)
                   for p, qa in gens])
-    tok = runner.tokenizer
-    prompt_rows = generation_rows(prompts, runner.text)
-    option_rows = _option_rows([(p.uid, _image(p, mc.modality), mc) for p, mc in choices], runner)
-    generating = runner.generating()
-    ready = compile_ahead(model, to_score=[option_rows], to_generate=[prompt_rows], **generating,
+    return SetInputs(choices, clozes, gens, generation_rows(prompts, runner.text),
+                     _option_rows([(p.uid, _image(p, mc.modality), mc) for p, mc in choices], runner))
+
+
+def evaluate_set(model: nnx.Module, inputs: SetInputs, runner: Runner, *, desc: str = "") -> dict[str, Any]:
+    """``fill_in_the_blank`` / ``classification`` / ``generation`` (eval.py keys), ``classification_likelihood``
+    (same keys as classification) and ``predictions`` (per-item records, in set order)."""
+    tok, generating = runner.tokenizer, runner.generating()
+    ready = compile_ahead(model, to_score=[inputs.option_rows], to_generate=[inputs.prompt_rows], **generating,
                           **runner.batching(), shared_prompts=runner.shared_prompts)
-    generated = generate_pass(model, prompt_rows, desc=f"{desc} generate", **generating, **runner.batching())
-    scores = _option_pass(model, option_rows, runner, desc)
+    generated = generate_pass(model, inputs.prompt_rows, desc=f"{desc} generate", **generating, **runner.batching())
+    scores = _option_pass(model, inputs.option_rows, runner, desc)
     run_passes([*scores, after(ready, generated)])
     answers = [metrics.own_turn(tok.decode(ids, skip_special_tokens=True)) for ids in generated.out]
+    choices, clozes, gens = inputs.choices, inputs.clozes, inputs.gens
     option_loss = _option_loss(scores, [mc for _, mc in choices])
     n_choice, n_cloze = len(choices), len(clozes)
     choice_rows = [_choice_row(p.uid, mc, a, loss) for (p, mc), a, loss in
@@ -194,36 +209,53 @@ def mllmu_sets(bench: Benchmark, *, forget_ratio: int, seed: int = 0) -> dict[st
     }
 
 
-def evaluate_eval_py(model: nnx.Module, bench: Benchmark, runner: Runner, *, forget_ratio: int, family: str,
-                     seed: int = 0) -> tuple[dict[str, dict], dict[str, list[str]]]:
-    """Every set as eval.py's ``main`` evaluates it (protocol ``original``): its prompts through the model's image
-    markup, one generation per prompt cut to eval.py's ``max_new_tokens``, the answer cut from the decoded prompt +
-    generation. Returns (``SET_NAMES[set] -> results``, the few-shot IDs drawn per "set/task")."""
+@dataclass(frozen=True)
+class EvalPyInputs:
+    """eval.py's items of every set and their tokenised rows (protocol ``original``): the same for every model."""
+
+    items: dict[str, list]  # set -> its items (`mllmu_prompts.eval_py_items`)
+    draws: dict[str, list[str]]  # the few-shot IDs drawn per "set/task"
+    rows: list[Encoded]  # every item's prompt, in set order
+    order: list[int]  # `rows` sorted by image count and length: generation's batches
+    mcs: dict[str, list[MultipleChoice]]  # each set's classification items
+    option_rows: dict[str, list[Encoded]]  # and their options' rows
+
+
+def eval_py_inputs(bench: Benchmark, runner: Runner, *, forget_ratio: int, family: str,
+                   seed: int = 0) -> EvalPyInputs:
+    """`EvalPyInputs`: the prompts through the model family's image markup, in the runner's tokenizer."""
     items, draws = P.eval_py_items(bench, forget_ratio=forget_ratio, family=family, seed=seed)
-    flat = [it for set_items in items.values() for it in set_items]
     text = runner.text
     raw = dataclasses.replace(text, template=text.template.raw())
     examples = [Example(it.prompt.replace(P.IMAGE_MARKER, text.template.image_markup), "",
-                        it.images[-1] if it.images else None, it.uid, it.images[:-1]) for it in flat]
+                        it.images[-1] if it.images else None, it.uid, it.images[:-1])
+                for set_items in items.values() for it in set_items]
     rows = generation_rows(examples, raw)
-    tok = runner.tokenizer
     # Batches of rows alike in image count and length: few compiled shapes, little padding, few blank images.
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i].images), len(rows[i].input_ids)))
-    sorted_rows = [rows[i] for i in order]
     choices = {name: [it for it in set_items if it.task == P.CLASSIFICATION] for name, set_items in items.items()}
     mcs = {name: [MultipleChoice(it.question, it.options, it.gold, it.modality) for it in c]
            for name, c in choices.items()}
     option_rows = {name: _option_rows([(it.uid, it.images[-1] if it.images else None, mc)
                                        for it, mc in zip(choices[name], mcs[name], strict=True)], runner)
                    for name in choices}
-    generating = runner.generating()
-    ready = compile_ahead(model, to_score=list(option_rows.values()), to_generate=[sorted_rows],
-                          **generating, **runner.batching(), shared_prompts=runner.shared_prompts)
-    outputs = generate_pass(model, sorted_rows, desc="eval.py generate", **generating, **runner.batching())
-    scores = {name: _option_pass(model, option_rows[name], runner, name) for name, set_items in items.items()
+    return EvalPyInputs(items, draws, rows, order, mcs, option_rows)
+
+
+def evaluate_eval_py(model: nnx.Module, inputs: EvalPyInputs,
+                     runner: Runner) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """Every set as eval.py's ``main`` evaluates it (protocol ``original``): one generation per prompt cut to
+    eval.py's ``max_new_tokens``, the answer cut from the decoded prompt + generation. Returns (``SET_NAMES[set]
+    -> results``, the few-shot IDs drawn per "set/task")."""
+    items, rows, tok, generating = inputs.items, inputs.rows, runner.tokenizer, runner.generating()
+    ready = compile_programs(model, inputs, runner)
+    outputs = generate_pass(model, [rows[i] for i in inputs.order], desc="eval.py generate", **generating,
+                            **runner.batching())
+    scores = {name: _option_pass(model, inputs.option_rows[name], runner, name) for name, set_items in items.items()
               if set_items}
     run_passes([*(p for passes in scores.values() for p in passes), after(ready, outputs)])
-    generated = [outputs.out[k] for k in np.argsort(order)]
+    generated = [outputs.out[k] for k in np.argsort(inputs.order)]
+    flat = [it for set_items in items.values() for it in set_items]
     answers = [metrics.eval_py_answer(tok.decode([*row.input_ids[2:].tolist(), *ids[:it.max_new_tokens].tolist()],
                                                  skip_special_tokens=True), answer_tag=it.task != P.CLASSIFICATION)
                for it, row, ids in zip(flat, rows, generated, strict=True)]
@@ -232,33 +264,49 @@ def evaluate_eval_py(model: nnx.Module, bench: Benchmark, runner: Runner, *, for
     for name, set_items in items.items():
         if not set_items:
             continue
-        option_loss = _option_loss(scores[name], mcs[name])
+        mcs = inputs.mcs[name]
+        choices = [it for it in set_items if it.task == P.CLASSIFICATION]
+        option_loss = _option_loss(scores[name], mcs)
         out[SET_NAMES[name]] = _aggregate(
-            [_choice_row(it.uid, mc, by_item[id(it)], loss) for it, mc, loss in zip(choices[name], mcs[name],
-                                                                                   option_loss, strict=True)],
+            [_choice_row(it.uid, mc, by_item[id(it)], loss) for it, mc, loss in zip(choices, mcs, option_loss,
+                                                                                   strict=True)],
             [_cloze_row(it.uid, Cloze(it.question, it.gold, it.modality), by_item[id(it)])
              for it in set_items if it.task == P.CLOZE],
             [_generation_row(it.uid, QA(it.question, it.gold, modality=it.modality), by_item[id(it)])
              for it in set_items if it.task == P.GENERATION])
-    return out, draws
+    return out, inputs.draws
 
 
-def evaluate_mllmu(model: nnx.Module, bench: Benchmark, runner: Runner, *, forget_ratio: int,
-                   seed: int = 0) -> dict[str, dict]:
+def mllmu_inputs(bench: Benchmark, runner: Runner, *, forget_ratio: int, seed: int = 0) -> dict[str, SetInputs]:
+    """Each set's `SetInputs` (protocol ``corrected``), sets the benchmark does not have left out."""
+    return {name: set_inputs(people, runner, desc=name)
+            for name, people in mllmu_sets(bench, forget_ratio=forget_ratio, seed=seed).items() if people}
+
+
+def evaluate_mllmu(model: nnx.Module, inputs: dict[str, SetInputs], runner: Runner) -> dict[str, dict]:
     """eval.py's ``final_evaluation_results.json`` content: ``SET_NAMES[set] -> {task -> metrics}`` (protocol
-    ``corrected``; ``evaluate_eval_py`` is ``original``).
+    ``corrected``; ``evaluate_eval_py`` is ``original``), of `mllmu_inputs`' sets.
 
     Each set holds ``fill_in_the_blank`` (``image_textual_accuracy`` / ``pure_text_accuracy``),
     ``classification`` (``Image-Textual Question Accuracy`` / ``Pure Text Question Accuracy``), both in
     percent as eval.py, ``generation`` (``Average ROUGE-1/2/L (<Type>)``, ``Average BLEU (<Type>)``), plus the
-    additions ``classification_likelihood`` and ``predictions``. Sets the benchmark does not have (no
-    Test_Set / Retain_Set folder) are left out.
+    additions ``classification_likelihood`` and ``predictions``.
     """
-    out = {}
-    for name, people in mllmu_sets(bench, forget_ratio=forget_ratio, seed=seed).items():
-        if people:
-            out[SET_NAMES[name]] = evaluate_set(model, people, runner, desc=name)
-    return out
+    return {SET_NAMES[name]: evaluate_set(model, set_in, runner, desc=name) for name, set_in in inputs.items()}
+
+
+def compile_programs(model: nnx.Module, inputs: EvalPyInputs | dict[str, SetInputs],
+                     runner: Runner) -> Callable[[], None]:
+    """`batched.compile_ahead` of every program `evaluate_eval_py` / `evaluate_mllmu` runs on `inputs` (scoring's
+    compiled on return, generation's once the function returned has returned): for the model itself, or for a
+    stand-in of it (shapes only) while it loads."""
+    if isinstance(inputs, EvalPyInputs):
+        to_score, to_generate = list(inputs.option_rows.values()), [[inputs.rows[i] for i in inputs.order]]
+    else:
+        to_score = [s.option_rows for s in inputs.values()]
+        to_generate = [s.prompt_rows for s in inputs.values()]
+    return compile_ahead(model, to_score=to_score, to_generate=to_generate, **runner.generating(),
+                         **runner.batching(), shared_prompts=runner.shared_prompts)
 
 
 def add_factuality(results: dict[str, dict], client: judge.JudgeClient,
