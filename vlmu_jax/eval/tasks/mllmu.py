@@ -220,6 +220,11 @@ class EvalPyInputs:
     mcs: dict[str, list[MultipleChoice]]  # each set's classification items
     option_rows: dict[str, list[Encoded]]  # and their options' rows
 
+    @property
+    def generated_rows(self) -> list[Encoded]:
+        """`rows` in generation's order (`order`)."""
+        return [self.rows[i] for i in self.order]
+
 
 def eval_py_inputs(bench: Benchmark, runner: Runner, *, forget_ratio: int, family: str,
                    seed: int = 0) -> EvalPyInputs:
@@ -249,7 +254,7 @@ def evaluate_eval_py(model: nnx.Module, inputs: EvalPyInputs,
     -> results``, the few-shot IDs drawn per "set/task")."""
     items, rows, tok, generating = inputs.items, inputs.rows, runner.tokenizer, runner.generating()
     ready = compile_programs(model, inputs, runner)
-    outputs = generate_pass(model, [rows[i] for i in inputs.order], desc="eval.py generate", **generating,
+    outputs = generate_pass(model, inputs.generated_rows, desc="eval.py generate", **generating,
                             **runner.batching())
     scores = {name: _option_pass(model, inputs.option_rows[name], runner, name) for name, set_items in items.items()
               if set_items}
@@ -301,7 +306,7 @@ def compile_programs(model: nnx.Module, inputs: EvalPyInputs | dict[str, SetInpu
     compiled on return, generation's once the function returned has returned): for the model itself, or for a
     stand-in of it (shapes only) while it loads."""
     if isinstance(inputs, EvalPyInputs):
-        to_score, to_generate = list(inputs.option_rows.values()), [[inputs.rows[i] for i in inputs.order]]
+        to_score, to_generate = list(inputs.option_rows.values()), [inputs.generated_rows]
     else:
         to_score = [s.option_rows for s in inputs.values()]
         to_generate = [s.prompt_rows for s in inputs.values()]
