@@ -38,10 +38,10 @@ from vlmu_jax.models.lora_kernel import fused_call
 from vlmu_jax.models.registry import init_model, set_options
 from vlmu_jax.presets import lora_remat
 from vlmu_jax.stages import logps_fn
-from vlmu_jax.unlearn import layerwise
+from vlmu_jax.unlearn import layerwise, reference_pass
 from vlmu_jax.unlearn.objectives import get_objective
 from vlmu_jax.unlearn.optim import make_optimizer
-from vlmu_jax.unlearn.trainer import TrainConfig, make_loss, prepare_step
+from vlmu_jax.unlearn.trainer import TrainConfig, make_loss, prepare_step, reference_forward
 
 # Extra batch sizes for greedy generation (the issue asks for B=16 and B=64 besides the anchor's B=4).
 # GEN_SCAN=1,0 also times the unrolled decoder (slower on the H200, bench/NOTES.md).
@@ -55,10 +55,11 @@ GEN_SCAN = tuple(x == "1" for x in os.environ.get("GEN_SCAN", "1").split(","))
 # (layerwise.JOIN_FROZEN_KERNELS; default: its default); objective:remat:MASKS:KERNELS:fused (:unfused) runs LoRA's
 # dropout and down-product as models/lora_kernel.py's one kernel on one GPU (as XLA's mask kernel, select and gemm;
 # default: layers.FUSED_LORA_DROPOUT's), objective:remat:MASKS:KERNELS:rows/blocks/warps/stages/programs the kernel
-# with that tiling.
+# with that tiling. objective@once (npo@once, dpo@once): the reference's log-probs made before the steps
+# (unlearn/reference_pass.py, `reference_logps`), its one batch's forward timed as reference_pass_s.
 _LORA = lora_remat("llava-1.5")  # what the LLaVA-1.5 presets' LoRA stages run
 STEPS = tuple(tuple(x.split(":")) for x in os.environ.get(
-    "STEPS", f"ga:{_LORA},ga:none,gd:{_LORA},npo:{_LORA}").split(",") if x)
+    "STEPS", f"ga:{_LORA},ga:none,gd:{_LORA},npo:{_LORA},npo@once:{_LORA}").split(",") if x)
 # Which workloads run (WORK=logprob,steps for the flag and layout experiments); SCAN=0 runs log-probs and the
 # steps with the layers unrolled instead of scanned.
 WORK = set(os.environ.get("WORK", "logprob,steps,generate").split(","))
@@ -261,7 +262,7 @@ def main() -> None:
                           "positions": positions, "B": b,
                           "T": n_img + t_text, "s": r.s,
                           "compile_s": r.compile_s, "samples_per_s": b / r.s, "max_mem_gb": r.process_peak_gb,
-                          "step_peak_gb": r.step_peak_gb}), flush=True)
+                          "step_peak_gb": r.step_peak_gb, "reference_pass_s": r.reference_pass_s}), flush=True)
     layers.dropout_keep, layerwise.JOIN_FROZEN_KERNELS = dropout_keep, join_default
     layers.FUSED_LORA_DROPOUT, lora_kernel.fused_call = fused_default, fused_call
     if "generate" not in WORK:
@@ -372,6 +373,7 @@ class StepTiming(NamedTuple):
     process_peak_gb: float | None
     step_peak_gb: float | None
     compile_s: float
+    reference_pass_s: float | None  # objective@once: one batch's reference forward, made before the steps
 
 
 def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict,
@@ -382,14 +384,27 @@ def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict
     (`never`: the scanned step, one program; `always`: layer by layer, unlearn/layerwise.py), whose compile_s is
     then its first call (every program compiled and run once) and whose step peak is not counted (None)."""
     set_options(model, remat=remat)
+    objective, _, reference = objective.partition("@")
     cfg = TrainConfig(objective=objective, lr=1e-5, weight_decay=0.01)
     obj = get_objective(objective)
+    streams = {name: batch for phase in obj.phases for name in phase} | {s: batch for s in obj.optional}
+    ref_pass_s = None
+    if reference == "once":  # the reference's log-probs made before the step (unlearn/reference_pass.py)
+        forward = reference_forward(model, trainable, logps_fn)
+        ref_pass_s = timeit(lambda: forward(batch)[0])
+        logps, mask = (np.asarray(x) for x in forward(batch))
+        del forward  # it holds the stacked frozen weights, which the per-layer step replaces
+        cached = reference_pass.cacheable(obj)
+        obj = reference_pass.without_reference(obj, cached)
+        values = np.zeros(logps.shape, np.float32)
+        for row, (lp, m) in enumerate(zip(logps, mask.astype(bool), strict=True)):
+            values[row, : m.sum()] = lp[m]
+        streams |= {name: {**batch, reference_pass.REF_VALUES: jnp.asarray(values)} for name in cached}
     tx, _ = make_optimizer(lr=cfg.lr, total_steps=100, weight_decay=cfg.weight_decay)
     # keep_unused: every argument stays a parameter of the program (jit drops unused ones, e.g. GA's reference),
     # so XLA's argument size counts each passed array, and the arrays passed twice are subtracted below.
     prepared = prepare_step(model, trainable, obj, tx, make_loss(obj, cfg, logps_fn, None),
                             layerwise_mode=layerwise_mode, keep_unused=True)
-    streams = {name: batch for phase in obj.phases for name in phase} | {s: batch for s in obj.optional}
     state = [prepared.params, jax.jit(tx.init)(prepared.params), prepared.rng]
     # (rest, ref_other, ref_rest, grad_mask): the reference is the model itself with LoRA zeroed, no saliency
     fixed = (*prepared.fixed, nnx.State({}), streams)
@@ -420,7 +435,7 @@ def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict
     prepared.restore()
     nnx.update(model, state[0], state[2])  # the model's own LoRA and RNG arrays were donated to the first step
     model.eval()
-    return StepTiming(s, peak_gb(), step_gb, compile_s)
+    return StepTiming(s, peak_gb(), step_gb, compile_s, ref_pass_s)
 
 
 if __name__ == "__main__":

@@ -310,6 +310,9 @@ def main() -> None:
     parser.add_argument("--drop_base_weights", action="store_true",
                         help="delete the random base model's weight files once the finetune stage has read them "
                              "(the tokenizer and processor stay): an 8B-11B run's four folders fill the disk")
+    parser.add_argument("--reference_logps", choices=("auto", "once", "per_step"), default=None,
+                        help="the unlearn stage's reference log-probs (config unlearn.reference_logps; default: the "
+                             "config's, auto)")
     parser.add_argument("--eval_objective", default="npo")
     parser.add_argument("--eval_forget", default="forget1",
                         help="forget split the eval stage scores (FIUBench's own: forget10; forget1 fits a lease)")
@@ -347,6 +350,8 @@ def main() -> None:
     ws.config.eval.shared_prompts = not args.whole_rows
     if args.unlearn_steps is not None:
         ws.config.unlearn.num_steps = args.unlearn_steps
+    if args.reference_logps is not None:
+        ws.config.unlearn.reference_logps = args.reference_logps
     if args.cold:
         ws.config.compilation_cache_dir = ""
     if args.image_max_mb is not None:

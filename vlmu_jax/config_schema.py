@@ -14,6 +14,7 @@ import ml_collections
 from vlmu_jax import compile_cache, model_sources
 from vlmu_jax.models.layers import REMAT_POLICIES
 from vlmu_jax.protocol import resolve as resolve_protocol
+from vlmu_jax.unlearn.reference_pass import MODES as REFERENCE_MODES
 
 STAGES = ("finetune", "unlearn", "eval", "export", "report")
 TRAIN_STAGES = ("finetune", "retain_model", "unlearn")  # the config sections made by train_config
@@ -64,6 +65,11 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     # for a LoRA stage of LLaVA, Idefics2, Qwen2-VL or Mllama (-7 to -13 % per step at 7B-11B, bench/RESULTS.md
     # sessions 22-23); always (a full finetune too); never (one scanned program).
     c.layerwise = "auto"
+    # NPO's and DPO's reference log-probs (vlmu_jax.unlearn.reference_pass): "once" = one forward pass over the
+    # reference streams' rows before the first step, whose values every step then reads (no reference model in
+    # the step); "per_step" = a reference forward inside every step, as the originals; "auto" = once where a
+    # stream's steps read its rows more than once (FIUBench's 5 epochs), else per step.
+    c.reference_logps = "auto"
     c.tune_vision_tower = False
     c.tune_mm_projector = True
     c.tune_language_model = True
@@ -260,6 +266,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in TRAIN_STAGES:
         if config[name].layerwise not in LAYER_COPIES:
             raise ValueError(f"config.{name}.layerwise must be one of {LAYER_COPIES}, got {config[name].layerwise!r}")
+        if config[name].reference_logps not in REFERENCE_MODES:
+            raise ValueError(f"config.{name}.reference_logps must be one of {REFERENCE_MODES}, got "
+                             f"{config[name].reference_logps!r}")
     if config.model.keep_in_memory < 0:
         raise ValueError(f"config.model.keep_in_memory must be >= 0 (models held), got {config.model.keep_in_memory}")
     if not 0 <= config.data.single_length_max_padding:

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from vlmu_jax.checkpoints.hf_import import SAFETENSORS_DTYPES
 from vlmu_jax.checkpoints.layout import to_stored
+from vlmu_jax.models import sharding
 from vlmu_jax.models.registry import abstract_model, hf_name_map
 
 if TYPE_CHECKING:
@@ -46,11 +46,6 @@ def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
 
 def _bytes(t: np.ndarray) -> memoryview:
     return np.ascontiguousarray(t).reshape(-1).view(np.uint8).data  # the bytes as they are, no copy
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    """Full value on this host (gathered across processes when sharded over several)."""
-    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
 def merged_kernel(flat: dict[tuple, nnx.Variable], path: tuple[str, ...], scale: float) -> jax.Array:
@@ -98,7 +93,7 @@ class _Param(NamedTuple):
     def on_host(self, dtype) -> list[np.ndarray]:
         """Its HF tensors on this host, each contiguous (a row of a C-contiguous array): cast and transposed on
         its devices where the folder needs it, then copied over (a held value is copied out as it is)."""
-        host = _host(to_stored(self.value, self.transpose, dtype))
+        host = sharding.on_host(to_stored(self.value, self.transpose, dtype))
         return list(host) if self.stacked else [host]
 
 

@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, bucket_length, row_buckets
@@ -27,7 +26,7 @@ from vlmu_jax.eval.frozen import compile_only, compiles_ahead, shapes_only, stan
 from vlmu_jax.eval.generate import decode_over_slices, generate
 from vlmu_jax.eval.scoring import continuation_logprobs, token_logprobs
 from vlmu_jax.logs import progress
-from vlmu_jax.models.sharding import abstract_batch, batch_shards, global_batch
+from vlmu_jax.models.sharding import abstract_batch, batch_shards, global_batch, on_host
 
 
 @dataclass(frozen=True)
@@ -87,13 +86,6 @@ def run_passes(passes: Sequence[Pass]) -> None:
             pending = (p, batch, out)
     if pending is not None:
         pending[0].collect(pending[1], pending[2])
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-    """A global array as a full numpy array on every host."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @dataclass(frozen=True)
@@ -292,7 +284,7 @@ def _shared_pass(model: nnx.Module, rows: Sequence[Encoded], groups: PromptGroup
 
     def collect(item: tuple[int, tuple], arrays: tuple) -> None:
         _, (_, idx, fresh) = item
-        logps, mu, var = (_gather(a) for a in arrays)
+        logps, mu, var = (on_host(a) for a in arrays)
         for j in np.flatnonzero(fresh):
             start = len(groups.prompts[idx[j]].input_ids)
             for v, r in enumerate(groups.members[idx[j]]):
@@ -329,8 +321,8 @@ def score_pass(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int, p
     def collect(item: tuple, result: tuple) -> None:
         _, idx, fresh = item
         labels, arrays = result
-        logps, mu, var = (_gather(a) for a in arrays)
-        answer = _gather(labels)[:, 1:] != IGNORE
+        logps, mu, var = (on_host(a) for a in arrays)
+        answer = on_host(labels)[:, 1:] != IGNORE
         for r in np.flatnonzero(fresh):
             m = answer[r]
             out[idx[r]] = AnswerScores(logps[r][m], mu[r][m], var[r][m])
@@ -359,7 +351,7 @@ def generate_pass(model: nnx.Module, rows: Sequence[Encoded], *, batch_size: int
 
     def collect(item: tuple, new: jax.Array) -> None:
         _, idx, fresh = item
-        tokens = _gather(new)
+        tokens = on_host(new)
         for r in np.flatnonzero(fresh):
             seq = tokens[r].tolist()
             stop = next((k for k, t in enumerate(seq) if t in eos), len(seq))

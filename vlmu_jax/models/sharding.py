@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from vlmu_jax.launches import one_at_a_time
@@ -139,6 +140,12 @@ def _placed(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
 # This host's rows of a batch (a pytree of arrays) -> global arrays split along 'batch' over the mesh. Copied from
 # the batch threads beside the main thread's programs: one at a time (vlmu_jax/launches.py).
 global_batch = one_at_a_time(_placed)
+
+
+def on_host(x: jax.Array) -> np.ndarray:
+    """`x`'s full value as a numpy array on this host (gathered from the other processes where it is sharded over
+    them): a pass's outputs, indexed by its batches' global row indices."""
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
 def abstract_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:

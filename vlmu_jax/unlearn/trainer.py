@@ -37,7 +37,7 @@ from vlmu_jax.data.prefetch import prefetched
 from vlmu_jax.launches import one_at_a_time
 from vlmu_jax.logs import progress
 from vlmu_jax.models.sharding import global_batch
-from vlmu_jax.unlearn import layerwise
+from vlmu_jax.unlearn import layerwise, reference_pass
 from vlmu_jax.unlearn.objectives import Objective, StreamLogps, get_objective, token_mean_nll
 from vlmu_jax.unlearn.optim import make_optimizer
 from vlmu_jax.unlearn.run_log import RunLog
@@ -90,6 +90,7 @@ class TrainConfig:
     hidden_layer: int = 7
     saliency_threshold: float = 1.0
     layerwise: str = "auto"  # the step layer by layer: auto | always | never (use_layerwise)
+    reference_logps: str = "auto"  # the reference's log-probs once per row: auto | once | per_step (reference_pass)
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrainConfig:
@@ -192,16 +193,20 @@ def make_loss(obj: Objective, cfg: TrainConfig, logps_fn, kl_fn, vocab_fn=None, 
     ref_streams = set(obj.ref_streams)
 
     def loss(model, ref_model, batches):
+        # Streams whose batches carry their reference log-probs (made once before the first step, reference_pass)
+        made = {n: b[reference_pass.REF_VALUES] for n, b in batches.items() if reference_pass.REF_VALUES in b}
+        batches = {n: {k: v for k, v in b.items() if k != reference_pass.REF_VALUES} for n, b in batches.items()}
         # `step_length`: the longest real row over all of the step's streams, the length FIUBench's collator pads
         # a step's forget and retain rows to (its KL term averages over that many positions, see stages.kl_fn).
         step_length = jnp.max(jnp.stack([jnp.max(jnp.sum(b["attention_mask"], axis=-1))
                                          for b in batches.values()]))
         own = joined_logps(model, batches, step_length, logps_fn, join=logps_only)
-        refs = jax.lax.stop_gradient(joined_logps(
-            ref_model, {n: b for n, b in batches.items() if n in ref_streams}, step_length, logps_fn,
-            join=logps_only))
+        refs = {n: reference_pass.placed(values, own[n][1]) for n, values in made.items()}
+        refs |= {n: logps for n, (logps, _) in jax.lax.stop_gradient(joined_logps(
+            ref_model, {n: b for n, b in batches.items() if n in ref_streams and n not in made}, step_length,
+            logps_fn, join=logps_only)).items()}
         streams = {n: _stream_logps(n, obj, cfg, model, ref_model, {**b, "step_length": step_length}, own[n],
-                                   refs[n][0] if n in refs else None, kl_fn, vocab_fn, hidden_fn)
+                                   refs.get(n), kl_fn, vocab_fn, hidden_fn)
                    for n, b in batches.items()}
         return obj.fn(streams, cfg)
 
@@ -445,6 +450,48 @@ def _run_steps(step_fn: Callable, state: tuple, fixed: tuple, *, cfg: TrainConfi
     return params, opt_state, rng, losses
 
 
+def reference_forward(model: nnx.Module, trainable: Any, logps_fn: LogpsFn,
+                      reference: nnx.Module | None = None) -> reference_pass.Forward:
+    """The step's reference model as one jitted forward, `batch -> logps_fn(reference, batch)`: `model` (or
+    `reference`, the same graph) in eval mode with its LoRA adapters zeroed, as `make_merge` builds it. Taken
+    before the first step, while the trainable non-LoRA params still hold their initial values (also on resume:
+    the checkpoint is restored later)."""
+    _, graphdef_eval, params, rng, rest = _split_for_training(model, trainable)
+    if reference is not None:
+        _, params, rng, rest = nnx.split(reference, trainable, nnx.RngState, ...)
+
+    @jax.jit
+    def forward(params, rng, rest, batch):
+        other = nnx.split_state(params, nnx.LoRAParam, ...)[1]
+        return logps_fn(nnx.merge(graphdef_eval, reference_params(params, other), rng, rest), batch)
+
+    run = one_at_a_time(forward)
+    return lambda batch: run(params, rng, rest, batch)
+
+
+def _reference_once(model, trainable, obj: Objective, cfg: TrainConfig, sources: Mapping[str, BatchSource],
+                    phases: list[tuple[str, ...]], total: int, logps_fn: LogpsFn, mesh: Mesh | None,
+                    reference: nnx.Module | None, name: str):
+    """(sources, objective, reference) for the step: where `cfg.reference_logps` makes a stream's reference
+    log-probs once (unlearn/reference_pass.py), that stream's source gives them with its batches and the objective
+    no longer asks the step for them; the separate reference model is then dropped from the step if nothing else
+    of it is read."""
+    lengths = [len(sources[p[0]]) for p in phases]
+    reads = {n: sum(n in phases[plan_step(s, lengths)[0]] for s in range(total)) for n in reference_pass.cacheable(obj)}
+    names = reference_pass.streams_to_cache(cfg.reference_logps, obj, sources, reads)
+    if not names:
+        return sources, obj, reference
+    forward = reference_forward(model, trainable, logps_fn, reference)
+    show = jax.process_index() == 0 and cfg.progress
+    start = time.perf_counter()
+    sources = {**sources, **{n: reference_pass.WithReference(sources[n], reference_pass.collect(
+        forward, sources[n], mesh, desc=f"{name}: reference log-probs ({n})", show=show)) for n in names}}
+    logging.info("%s: the reference's log-probs of streams %s made once (%.1f s); the steps run no reference pass "
+                 "for them", name, list(names), time.perf_counter() - start)
+    obj = reference_pass.without_reference(obj, names)
+    return sources, obj, reference if obj.ref_streams or obj.kl_streams else None
+
+
 def train(
     model: nnx.Module,
     cfg: TrainConfig,
@@ -504,6 +551,8 @@ def train(
         _, params, rng, rest = nnx.split(model, trainable, nnx.RngState, ...)
         grad_mask = _saliency(obj, cfg, graphdef_eval, params, rng, rest, sources, logps_fn, mesh,
                               show=jax.process_index() == 0 and cfg.progress)
+    sources, obj, reference = _reference_once(model, trainable, obj, cfg, sources, phases, total, logps_fn, mesh,
+                                              reference, Path(workdir).name)
     prepared = prepare_step(model, trainable, obj, tx, make_loss(obj, cfg, logps_fn, kl_fn, vocab_fn, hidden_fn),
                             layerwise_mode=cfg.layerwise, reference=reference)
     logging.info("%s: the train step runs %s", Path(workdir).name,
