@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from vlmu_jax.checkpoints.orbax_io import Checkpointer
 from vlmu_jax.data.prefetch import prefetched
 from vlmu_jax.launches import one_at_a_time
-from vlmu_jax.logs import progress
+from vlmu_jax.logs import progress, say
 from vlmu_jax.models.sharding import global_batch
 from vlmu_jax.unlearn import layerwise, reference_pass
 from vlmu_jax.unlearn.objectives import Objective, StreamLogps, get_objective, token_mean_nll
@@ -486,8 +486,8 @@ def _reference_once(model, trainable, obj: Objective, cfg: TrainConfig, sources:
     start = time.perf_counter()
     sources = {**sources, **{n: reference_pass.WithReference(sources[n], reference_pass.collect(
         forward, sources[n], mesh, desc=f"{name}: reference log-probs ({n})", show=show)) for n in names}}
-    logging.info("%s: the reference's log-probs of streams %s made once (%.1f s); the steps run no reference pass "
-                 "for them", name, list(names), time.perf_counter() - start)
+    say(f"{name}: the reference's log-probs of streams {list(names)} made once ({time.perf_counter() - start:.1f} s); "
+        "the steps run no reference pass for them")
     obj = reference_pass.without_reference(obj, names)
     return sources, obj, reference if obj.ref_streams or obj.kl_streams else None
 
