@@ -103,6 +103,8 @@ class WithReference:
         return len(self.source)
 
     def __getattr__(self, name: str) -> Any:  # global_indices, host_indices, padded_length, rows: the source's
+        if name == "source":  # not set yet (a copy being made): no recursion through this method
+            raise AttributeError(name)
         return getattr(self.source, name)
 
     def get(self, index: int) -> dict[str, Any]:

@@ -6,8 +6,10 @@ so only the trainable state and its optimizer moments are ever updated or copied
 for KL/NPO/DPO is the same graphdef merged with the LoRA parameters zeroed (no copy); trainable
 non-LoRA parameters (full finetune, tuned projector) are kept as a frozen copy of their initial values
 only when the objective needs a reference. A run may instead name a separate reference model of the same
-graph (MLLMU-Bench's NPO oracle), whose weights then sit beside the model's. Data position is a pure
-function of the step, so a resume restores (params, opt_state, rng, step) and replays the identical trajectory.
+graph (MLLMU-Bench's NPO oracle), whose weights then sit beside the model's. Reference log-probs that an
+objective reads alone (NPO, DPO) may instead be made once per row before the first step (reference_pass). Data
+position is a pure function of the step, so a resume restores (params, opt_state, rng, step) and replays the
+identical trajectory.
 On GPU a LoRA stage of a decoder of stacked layers runs the same step layer by layer instead (`prepare_step`,
 unlearn/layerwise.py), over the same params, optimizer state and checkpoints.
 """
@@ -520,7 +522,9 @@ def train(
     hidden_fn: traceable `(model, batch, layer) -> (hidden [B,T,D], mask [B,T])`, the output of decoder
       layer `layer` and labels != -100, for objectives with `hidden_streams` (rmu).
     Objectives with `masked_streams` (mmunlearner) first take one pass over their forget and preserve
-    sources for the saliency mask, at the starting parameters (also on resume).
+    sources for the saliency mask, at the starting parameters (also on resume). NPO's and DPO's reference
+    log-probs are made in one pass before the first step where `cfg.reference_logps` says so
+    (unlearn/reference_pass.py; sources that name each batch's rows, as data/batching.ExampleSource does).
     Writes `workdir/metrics.jsonl` (one line per micro-step) and TensorBoard events beside it (`RunLog`); the
     progress bar is named after `workdir`. Raises FloatingPointError on a
     non-finite loss, after the last good checkpoint is committed.
