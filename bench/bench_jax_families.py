@@ -22,6 +22,8 @@ from flax import nnx
 
 from bench.bench_jax_llava import compiled_ahead, peak_gb, timeit, unlearn_step_time
 from bench.family_shapes import FAMILIES, batch
+from vlmu_jax import device_memory
+from vlmu_jax.config_schema import base_config
 from vlmu_jax.data.batching import IGNORE, label_index, label_slots
 from vlmu_jax.eval.frozen import frozen
 from vlmu_jax.eval.generate import generate
@@ -90,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--family", choices=sorted(FAMILIES), required=True)
     args = parser.parse_args()
+    device_memory.configure(base_config().device_memory_fraction)  # the pipeline's GPU pool
     b, t_text = int(os.environ.get("B", 4)), int(os.environ.get("T", 128))
     t0 = time.perf_counter()
     # Eager init: op by op, each parameter shape compiles once (one jitted init of a full-size Mllama, before its

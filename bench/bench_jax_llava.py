@@ -26,6 +26,8 @@ import numpy as np
 from flax import nnx
 
 from bench.bench_dropout import hashed, materialised, philox, xla_keep
+from vlmu_jax import device_memory
+from vlmu_jax.config_schema import base_config
 from vlmu_jax.data.batching import IGNORE, label_index, label_slots
 from vlmu_jax.eval.frozen import compile_only, frozen
 from vlmu_jax.eval.generate import generate
@@ -199,6 +201,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--remat", default="none")
     args = parser.parse_args()
+    device_memory.configure(base_config().device_memory_fraction)  # the pipeline's GPU pool
     b, t_text, n_img = int(os.environ.get("B", 4)), int(os.environ.get("T", 128)), 576
     t0 = time.perf_counter()
     model = init_model(hf_config(args.small), seed=0, dtype=jnp.bfloat16, remat=args.remat)

@@ -44,7 +44,7 @@ import numpy as np
 
 from bench import family_shapes
 from bench.bench_jax_llava import peak_gb
-from vlmu_jax import compile_cache, image_embeddings, pipeline, presets, stages
+from vlmu_jax import compile_cache, device_memory, image_embeddings, pipeline, presets, stages
 from vlmu_jax.eval import batched
 from vlmu_jax.eval.frozen import abstract_calls, stands_in
 from vlmu_jax.eval.tasks import fiubench, mllmu
@@ -343,8 +343,10 @@ def main() -> None:
     if args.layers is not None and args.family != "llava":
         parser.error("--layers: llava only (the other families take their released config's layers)")
     workdir = Path(args.workdir)
-    ws = pipeline.Workspace(config(args.small, args.steps, args.identities, args.objectives, args.family,
-                                   args.benchmark, args.layerwise, args.layers), workdir)
+    run_config = config(args.small, args.steps, args.identities, args.objectives, args.family, args.benchmark,
+                        args.layerwise, args.layers)
+    device_memory.configure(run_config.device_memory_fraction)  # as the CLI: before the backend starts
+    ws = pipeline.Workspace(run_config, workdir)
     if args.family in REAL_SHAPES and not args.small:
         pipeline.tiny_checkpoint = real_checkpoint(args.family)
     ws.config.eval.shared_prompts = not args.whole_rows

@@ -31,6 +31,10 @@ def _run(args: list[str], workdir: Path, entry: list[str] | None = None) -> subp
          "config.eval.layer_copies must be one of ('auto', 'always', 'never'), got 'yes'"),
         (["--config", "configs/demo.py", "--config.finetune.layerwise=on"],
          "config.finetune.layerwise must be one of ('auto', 'always', 'never'), got 'on'"),
+        (["--config", "configs/demo.py", "--config.unlearn.reference_logps=always"],
+         "config.unlearn.reference_logps must be one of ('auto', 'once', 'per_step'), got 'always'"),
+        (["--config", "configs/demo.py", "--config.device_memory_fraction=1.5"],
+         "config.device_memory_fraction must be in (0, 1], got 1.5"),
         (["--config", "configs/demo.py", "--config.unlearn.remat=some"],
          "config.unlearn.remat must be one of ['dots_and_dropout_saveable', 'dots_attention_dropout_saveable', "
          "'dots_attention_inputs_dropout_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable', "

@@ -62,6 +62,8 @@ def test_demo_writes_everything(demo: Path) -> None:
     assert config["data"]["single_length_max_padding"] == 0.25 and config["model"]["keep_in_memory"] == 2
     env = json.loads((demo / "environment.json").read_text())
     assert env["packages"]["jax"] and env["devices"]
+    # XLA's GPU pool as config.device_memory_fraction set it, or as this environment already did
+    assert env["xla_python_client_mem_fraction"] == os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
     # Each eval folder as FIUBench's aggregate_eval_stat.py reads it: the aggregated file holds exactly the forget
     # and retain logs (it reads every entry as one of them), each with the keys get_model_utility and
     # get_forget_quality index (gpt: [] when no judge ran, as evaluate_util writes it); APE has its own file.

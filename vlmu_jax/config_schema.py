@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Persistent XLA compilation cache (vlmu_jax.compile_cache), resolved here so config.json records the folder;
     # empty = off.
     c.compilation_cache_dir = compile_cache.default_dir()
+    # Share of each GPU's memory XLA's allocator takes (vlmu_jax.device_memory; JAX's own default is 0.75, under
+    # which FIUBench's DPO at LLaVA-1.5-7B's shape does not fit an 80 GB card). The environment's
+    # XLA_PYTHON_CLIENT_MEM_FRACTION, when set, wins.
+    c.device_memory_fraction = 0.9
 
     c.data = ml_collections.ConfigDict()
     c.data.root = ""  # FIUBench folder (full.json, split.json, images) or the MLLMU-Bench folder
@@ -274,6 +278,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 <= config.data.single_length_max_padding:
         raise ValueError(f"config.data.single_length_max_padding must be >= 0 (a fraction of a stream's positions), "
                          f"got {config.data.single_length_max_padding}")
+    if not 0 < config.device_memory_fraction <= 1:
+        raise ValueError(f"config.device_memory_fraction must be in (0, 1], got {config.device_memory_fraction}")
     _validate_eval(config.eval)
     source = config.export.from_checkpoint
     if source not in ("", "latest") and not source.isdigit():

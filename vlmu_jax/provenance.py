@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 import vlmu_jax
+from vlmu_jax import device_memory
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy", "scipy")
 
@@ -57,6 +58,7 @@ def environment() -> dict[str, Any]:
         "devices": [str(d) for d in devices],
         "device_kind": devices[0].device_kind if devices else None,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_python_client_mem_fraction": os.environ.get(device_memory.ENV),
     }
 
 

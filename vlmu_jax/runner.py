@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from vlmu_jax import compile_cache, logs, pipeline, provenance, stages
+from vlmu_jax import compile_cache, device_memory, logs, pipeline, provenance, stages
 from vlmu_jax.config_schema import stage_list
 from vlmu_jax.errors import InputError
 
@@ -29,6 +29,7 @@ def check_writable(workdir: Path) -> None:
 def run(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Runs the configured stages in order, one line each with its duration; finished ones are skipped unless
     config.force."""
+    device_memory.configure(config.device_memory_fraction)  # before provenance.write's device query
     check_writable(workdir)
     names = stage_list(config)
     logs.say(f"{config.name}: {config.benchmark}, stages {', '.join(names)} -> {workdir}")
