@@ -3,7 +3,7 @@
 The values must be the ones the step's own reference pass makes, at the right rows after each epoch's reshuffle and
 at the right positions of each batch's layout, so that a run that makes them once trains as a run that makes them
 in every step: the same losses and params, scanned and layer by layer, with the model's own LoRA-off reference and
-with a separate reference model, and after a resume.
+with a separate reference model, and after a resume (on a mesh of two processes: tests/test_pipeline_runs.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flax import nnx
 from tests.test_layerwise import tiny_lora_llava
 from tests.tiny_models import BOS, IMAGE_SIZE, IMAGE_TOKEN, NUM_IMAGE_TOKENS, PAD
 from vlmu_jax.data.batching import IGNORE, Encoded, ExampleSource, label_slots
-from vlmu_jax.models.sharding import global_batch, make_mesh
+from vlmu_jax.models.sharding import global_batch
 from vlmu_jax.stages import logps_fn
 from vlmu_jax.unlearn import reference_pass
 from vlmu_jax.unlearn.objectives import get_objective
@@ -86,11 +86,11 @@ def image_fn(ref: str) -> dict[str, np.ndarray]:
     return {"pixel_values": np.random.RandomState(seed).randn(3, IMAGE_SIZE, IMAGE_SIZE).astype(np.float32)}
 
 
-def sources(*names: str, slots: bool = True, batch: int = BATCH) -> dict[str, ExampleSource]:
+def sources(*names: str, slots: bool = True) -> dict[str, ExampleSource]:
     """Shuffled streams (each epoch another order) of `rows`, with their label positions or without."""
     made = {name: rows(seed) for seed, name in enumerate(names, start=1)}
     every = [r.labels for rs in made.values() for r in rs]
-    return {name: ExampleSource(rs, global_batch_size=batch, pad_token_id=PAD, image_fn=image_fn, seed=seed,
+    return {name: ExampleSource(rs, global_batch_size=BATCH, pad_token_id=PAD, image_fn=image_fn, seed=seed,
                                 shuffle=True, label_slots=label_slots(every) if slots else None, process_index=0,
                                 process_count=1)
             for seed, (name, rs) in enumerate(made.items(), start=7)}
@@ -130,12 +130,12 @@ def test_the_loss_reads_the_values_and_runs_no_reference(slots) -> None:
 
 
 def run(tmp, objective: str, mode: str, how: str, *, reference: bool = False, names=("forget", "retain"),
-        steps: int = EPOCHS * ROWS // BATCH, mesh=None, batch: int = BATCH, **kw):
+        steps: int = EPOCHS * ROWS // BATCH, **kw):
     """`steps` (default: EPOCHS epochs) of `objective` on the tiny LoRA LLaVA over shuffled `sources`, the
     reference's log-probs made `how` (once / per_step), the step `mode` (layerwise never / always); with
     `reference`, a separate reference model (its own random LoRA, which the reference zeroes, and another
     projector). Returns the losses and the trained params."""
-    model, trainable = tiny_lora_llava(mesh)
+    model, trainable = tiny_lora_llava()
     ref_model = None
     if reference:
         ref_model, _ = tiny_lora_llava()
@@ -144,8 +144,8 @@ def run(tmp, objective: str, mode: str, how: str, *, reference: bool = False, na
     cfg = TrainConfig(objective=objective, lr=5e-3, num_steps=steps, progress=False, layerwise=mode,
                       async_checkpoints=False, weight_decay=0.01, reference_logps=how, **kw)
     workdir = tmp / f"{objective}-{mode}-{how}-{reference}"
-    res = train(model, cfg, sources=sources(*names, batch=batch), logps_fn=logps_fn, trainable=trainable,
-                workdir=workdir, reference=ref_model, mesh=mesh)
+    res = train(model, cfg, sources=sources(*names), logps_fn=logps_fn, trainable=trainable, workdir=workdir,
+                reference=ref_model)
     return res.losses, nnx.state(model, trainable), workdir
 
 
@@ -162,14 +162,6 @@ def test_npo_with_values_made_once_trains_as_with_a_reference_pass_per_step(tmp_
     """NPO with a retain term over two reshuffled epochs, LoRA dropout on and the projector training: the same
     losses and params whether the reference's log-probs are made once or in every step."""
     assert_same_run(run(tmp_path, "npo", mode, "once"), run(tmp_path, "npo", mode, "per_step"))
-
-
-def test_on_a_mesh(tmp_path) -> None:
-    """On 8 fake CPU devices (data=2, fsdp=2, tensor=2), rows split over four batch shards: the values are
-    gathered from the shards in the rows' order."""
-    mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    kw = dict(mesh=mesh, batch=4, steps=EPOCHS * 2)
-    assert_same_run(run(tmp_path, "npo", "never", "once", **kw), run(tmp_path, "npo", "never", "per_step", **kw))
 
 
 def test_dpo_and_a_separate_reference_model(tmp_path) -> None:

@@ -186,8 +186,13 @@ def is_done(folder: Path) -> bool:
 
 
 def mark_done(folder: Path) -> None:
+    """Process 0 writes `folder`'s DONE marker; with several processes every one of them calls this and waits for
+    it. Why: a process that went on first read the folder as unfinished. After the unlearn stage, process 1 left
+    the unlearned model out of its eval while process 0 evaluated it, and process 0 then waited in that model's
+    collectives until the job aborted (tests/test_pipeline_runs.py, session 38)."""
     if jax.process_index() == 0:
         (folder / DONE).write_text("ok\n")
+    _sync(f"done {folder.name}")
 
 
 def clear_done(folder: Path) -> None:
@@ -233,8 +238,7 @@ def prepare_data(ws: Workspace) -> None:
             shutil.rmtree(ws.data_root, ignore_errors=True)
             synthetic.write(ws.data_root, ws.config.benchmark, c.synthetic_identities, c.synthetic_seed,
                             c.synthetic_image_size)
-            mark_done(ws.data_root)
-        _sync("data")
+        mark_done(ws.data_root)
 
 
 def prepare_base_model(ws: Workspace) -> None:
@@ -266,7 +270,6 @@ def _write_tiny_base_model(ws: Workspace) -> None:
     model = init_model(hf_config, seed=ws.config.seed, dtype=jnp.dtype(ws.config.model.dtype), mesh=ws.mesh)
     export_hf(model, out)
     mark_done(out)
-    _sync("base model")
 
 
 def _sync(what: str) -> None:
