@@ -399,9 +399,8 @@ def unlearn_step_time(model: nnx.Module, objective: str, remat: str, batch: dict
         del forward  # it holds the stacked frozen weights, which the per-layer step replaces
         cached = reference_pass.cacheable(obj)
         obj = reference_pass.without_reference(obj, cached)
-        values = np.zeros(logps.shape, np.float32)
-        for row, (lp, m) in enumerate(zip(logps, mask.astype(bool), strict=True)):
-            values[row, : m.sum()] = lp[m]
+        values = reference_pass.packed([lp[m] for lp, m in zip(logps, mask.astype(bool), strict=True)],
+                                       logps.shape[1])
         streams |= {name: {**batch, reference_pass.REF_VALUES: jnp.asarray(values)} for name in cached}
     tx, _ = make_optimizer(lr=cfg.lr, total_steps=100, weight_decay=cfg.weight_decay)
     # keep_unused: every argument stays a parameter of the program (jit drops unused ones, e.g. GA's reference),

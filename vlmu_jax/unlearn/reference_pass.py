@@ -16,7 +16,7 @@ a stream's steps read its rows more than once (more than one epoch of its batche
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -109,13 +109,17 @@ class WithReference:
 
     def get(self, index: int) -> dict[str, Any]:
         batch = self.source.get(index)
-        rows = self.source.host_indices(index)
         width = batch["label_index"].shape[1] if "label_index" in batch else batch["input_ids"].shape[1] - 1
-        out = np.zeros((len(rows), width), np.float32)
-        for k, row in enumerate(rows):
-            v = self.values[int(row)]
-            out[k, : len(v)] = v
-        return {**batch, REF_VALUES: out}
+        return {**batch, REF_VALUES: packed([self.values[int(r)] for r in self.source.host_indices(index)], width)}
+
+
+def packed(values: Sequence[np.ndarray], width: int) -> np.ndarray:
+    """Rows' values (each its scored positions' in order) as a batch's `REF_VALUES`: [rows, width], zero after
+    each row's own."""
+    out = np.zeros((len(values), width), np.float32)
+    for k, v in enumerate(values):
+        out[k, : len(v)] = v
+    return out
 
 
 def placed(values: jax.Array, mask: jax.Array) -> jax.Array:

@@ -458,9 +458,7 @@ def reference_forward(model: nnx.Module, trainable: Any, logps_fn: LogpsFn,
     `reference`, the same graph) in eval mode with its LoRA adapters zeroed, as `make_merge` builds it. Taken
     before the first step, while the trainable non-LoRA params still hold their initial values (also on resume:
     the checkpoint is restored later)."""
-    _, graphdef_eval, params, rng, rest = _split_for_training(model, trainable)
-    if reference is not None:
-        _, params, rng, rest = nnx.split(reference, trainable, nnx.RngState, ...)
+    _, graphdef_eval, params, rng, rest = _split_for_training(model if reference is None else reference, trainable)
 
     @jax.jit
     def forward(params, rng, rest, batch):

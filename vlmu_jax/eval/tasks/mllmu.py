@@ -118,12 +118,12 @@ def set_inputs(people: Sequence[Person], runner: Runner, *, desc: str = "") -> S
                      _option_rows([(p.uid, _image(p, mc.modality), mc) for p, mc in choices], runner))
 
 
-def evaluate_set(model: nnx.Module, inputs: SetInputs, runner: Runner, *, desc: str = "") -> dict[str, Any]:
+def evaluate_set(model: nnx.Module, inputs: SetInputs, runner: Runner, ready: Callable[[], None], *,
+                 desc: str = "") -> dict[str, Any]:
     """``fill_in_the_blank`` / ``classification`` / ``generation`` (eval.py keys), ``classification_likelihood``
-    (same keys as classification) and ``predictions`` (per-item records, in set order)."""
+    (same keys as classification) and ``predictions`` (per-item records, in set order). `ready`: the wait for
+    generation's programs (`compile_programs`)."""
     tok, generating = runner.tokenizer, runner.generating()
-    ready = compile_ahead(model, to_score=[inputs.option_rows], to_generate=[inputs.prompt_rows], **generating,
-                          **runner.batching(), shared_prompts=runner.shared_prompts)
     generated = generate_pass(model, inputs.prompt_rows, desc=f"{desc} generate", **generating, **runner.batching())
     scores = _option_pass(model, inputs.option_rows, runner, desc)
     run_passes([*scores, after(ready, generated)])
@@ -297,7 +297,8 @@ def evaluate_mllmu(model: nnx.Module, inputs: dict[str, SetInputs], runner: Runn
     percent as eval.py, ``generation`` (``Average ROUGE-1/2/L (<Type>)``, ``Average BLEU (<Type>)``), plus the
     additions ``classification_likelihood`` and ``predictions``.
     """
-    return {SET_NAMES[name]: evaluate_set(model, set_in, runner, desc=name) for name, set_in in inputs.items()}
+    ready = compile_programs(model, inputs, runner)  # every set's programs at once
+    return {SET_NAMES[name]: evaluate_set(model, set_in, runner, ready, desc=name) for name, set_in in inputs.items()}
 
 
 def compile_programs(model: nnx.Module, inputs: EvalPyInputs | dict[str, SetInputs],
